@@ -1,0 +1,381 @@
+"""The `pipeline` command: parse arguments, build a config, call one library function, render.
+
+Every failure the user can fix arrives as a `PipelineError` and is printed as one sentence;
+`pipeline --debug …` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import pyarrow as pa
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.errors import PipelineError
+from pipeline.store import DEFAULT_STORE, Store
+
+app = typer.Typer(
+    help="Embedding-cache pipeline for detectors of diffusion-generated images: ingest image "
+    "collections, encode them once with CLIP into Parquet shards, query everything with SQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+catalog_app = typer.Typer(help="Maintain the DuckDB catalog.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[
+    Path, typer.Option("--store", help="Store directory (created on first ingest).", envvar="PIPELINE_STORE")
+]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except PipelineError as exc:
+        root = click.get_current_context().find_root()
+        if (root.obj or {}).get("debug"):
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: everything written so far is kept; run again to resume.")
+        raise typer.Exit(130) from None
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        unit = task.fields.get("unit", "it")
+        return Text(f"{task.speed or 0:,.1f} {unit}/s", style="cyan")
+
+
+class RichReporter:
+    """Progress bars for the library's `Reporter` protocol."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, task: str, total: int, unit: str) -> None:
+        self.tasks[task] = self.progress.add_task(task, total=total, unit=unit)
+
+    def advance(self, task: str, n: int) -> None:
+        self.progress.advance(self.tasks[task], n)
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50) -> None:
+    view = Table(title=title, header_style="bold", title_justify="left")
+    for name in table.column_names:
+        view.add_column(name, overflow="fold")
+    for row in table.slice(0, max_rows).to_pylist():
+        view.add_row(*(_cell(v) for v in row.values()))
+    out.print(view)
+    if table.num_rows > max_rows:
+        out.print(f"[dim]… {table.num_rows - max_rows} more rows (use --format csv --output FILE)[/]")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 6:
+        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:4])
+        return f"[{head}, … ({len(value)} values)]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "NULL" if value is None else str(value)
+
+
+def _parse_splits(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise PipelineError(f"--splits {text!r} must be three numbers like 0.8,0.1,0.1.") from None
+    if len(parts) != 3:
+        raise PipelineError(f"--splits {text!r} must be three numbers like 0.8,0.1,0.1.")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="The source: a file or directory, per --format.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="d3 | folder | webdataset | manifest")],
+    store: StoreOpt = DEFAULT_STORE,
+    real_images: Annotated[
+        Path | None,
+        typer.Option(help="d3: downloaded LAION images (folder or img2dataset output), matched by id or URL."),
+    ] = None,
+    generator: Annotated[
+        str | None, typer.Option(help="webdataset: generator of every image ('real' for photographs).")
+    ] = None,
+    label_map: Annotated[
+        Path | None, typer.Option(help="webdataset: CSV with key,label,generator per key.")
+    ] = None,
+    generators: Annotated[
+        str, typer.Option(help="d3 webdataset form: names of gen_0..gen_3, comma-separated.")
+    ] = "sd-1.4,sd-2.1,sd-xl,deepfloyd-if",
+    group_by: Annotated[str, typer.Option(help="folder: split unit, 'stem' (same file name) or 'image'.")] = "stem",
+    splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    split_seed: Annotated[str, typer.Option(help="Salt of the split hash.")] = "0",
+) -> None:
+    """Add the images of SOURCE (with captions, labels, generators) to the store as samples.
+
+    Images are identified by the SHA-256 of their bytes: ingesting the same image twice adds it
+    once. Unreadable inputs and D3 rows whose real image is missing are counted, recorded in the
+    quarantine table, and reported.
+    """
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import ingest as run
+
+    with _errors():
+        config = IngestConfig(
+            source=source,
+            format=format,
+            store=Store(store),
+            real_images=real_images,
+            generator=generator,
+            label_map=label_map,
+            generators=tuple(g.strip() for g in generators.split(",")),
+            group_by=group_by,
+            split_fractions=_parse_splits(splits),
+            split_seed=split_seed,
+        )
+        with Progress(TextColumn("[bold]ingest"), MofNCompleteColumn(), _Rate(), console=err) as bar:
+            task = bar.add_task("ingest", total=None, unit="img")
+            result = run(config, progress=lambda n: bar.advance(task, n))
+    out.print(
+        f"[green]ingested[/] {result.added} new samples "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_split.items())) or 'none'}); "
+        f"{result.already_in_store} already in the store, {result.duplicates_in_source} duplicates in the source."
+    )
+    for reason, count in sorted(result.problems.items()):
+        out.print(f"[yellow]quarantined[/] {count} × {reason} (see: pipeline sql \"SELECT * FROM quarantine\")")
+
+
+@app.command()
+def encode(
+    model: Annotated[str, typer.Option(help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, Tiny-ViT-16.")],
+    pretrained: Annotated[
+        str | None,
+        typer.Option(help="open_clip tag (openai, laion2b_s34b_b79k, …) or a local checkpoint file. "
+                     "Omit for random weights (testing only)."),
+    ] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (fp16 on GPU only)")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (0: decode in this process).")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored vector type: float16 | float32.")] = "float16",
+    shard_rows: Annotated[int, typer.Option(help="Vectors per Parquet shard (the unit of resume).")] = 4096,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are quarantined.")] = 64_000_000,
+    seed: Annotated[int, typer.Option(help="Seed of random weights (when --pretrained is omitted).")] = 0,
+    retry_quarantined: Annotated[bool, typer.Option(help="Try quarantined images again.")] = False,
+) -> None:
+    """Encode every image and text not yet cached for this model; a second run does no work.
+
+    Vectors are L2-normalised and stored per content hash, so an image or a prompt shared by many
+    samples is encoded once. Safe to kill at any moment: run it again to resume.
+    """
+    from pipeline.clip import ModelSpec
+    from pipeline.encode import EncodeConfig, default_workers
+    from pipeline.encode import encode as run
+
+    with _errors():
+        config = EncodeConfig(
+            store=Store(store),
+            model=ModelSpec(model, pretrained, seed),
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+            dtype=dtype,
+            shard_rows=shard_rows,
+            max_pixels=max_pixels,
+            retry_quarantined=retry_quarantined,
+        )
+        with RichReporter() as reporter:
+            result = run(config, reporter)
+    _print_encode_result(result)
+
+
+def _print_encode_result(result: Any) -> None:
+    if result.random_weights:
+        out.print("[bold yellow]RANDOM WEIGHTS[/]: no pretrained checkpoint was given; these vectors "
+                  "carry no meaning beyond testing the pipeline.")
+    if result.nothing_to_do:
+        out.print(f"[green]nothing to encode[/]: every image and text is cached for {result.model_key} "
+                  "(0 forward passes).")
+        return
+    out.print(
+        f"[green]encoded[/] {result.images_encoded} images and {result.texts_encoded} texts with "
+        f"{result.model_key} on {result.device} ({result.images_per_second:,.1f} img/s); "
+        f"{len(result.shards)} shards written."
+    )
+    for reason, count in sorted(result.quarantined.items()):
+        out.print(f"[yellow]quarantined[/] {count} × {reason}")
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT over samples, embeddings, quarantine, runs, scores.")],
+    store: StoreOpt = DEFAULT_STORE,
+    format: Annotated[str, typer.Option("--format", help="table | csv | json | parquet")] = "table",
+    output: Annotated[Path | None, typer.Option(help="File to write (required unless --format table).")] = None,
+    max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+) -> None:
+    """Run a read-only SQL query over the store's views and print or export the result."""
+    from pipeline.sql import export, run_query
+
+    with _errors():
+        if format != "table" and output is None:
+            raise PipelineError(f"--format {format} writes a file: give --output FILE.")
+        table = run_query(Store(store), query)
+        if output is not None:
+            path = export(table, output, "parquet" if format == "table" else format)
+            out.print(f"[green]wrote[/] {table.num_rows} rows to {path}")
+            return
+    render_table(table, max_rows=max_rows)
+
+
+@app.command()
+def status(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Counts by split, label and generator; per model, encoded vs pending."""
+    from pipeline.status import status as run
+
+    with _errors():
+        if not Store(store).exists():
+            raise PipelineError(f"No store at {store}: run `pipeline ingest` or `pipeline demo` first.")
+        result = run(Store(store))
+    show_status(result)
+
+
+def show_status(result: Any) -> None:
+    out.print(f"[bold]{result.samples}[/] samples")
+    render_table(result.by_split_label_generator, "samples by split, label, generator")
+    if result.quarantine_by_reason.num_rows:
+        render_table(result.quarantine_by_reason, "quarantine")
+    view = Table(title="embeddings by model", header_style="bold", title_justify="left")
+    for col in ("model_key", "weights", "images encoded", "images pending", "texts encoded", "texts pending"):
+        view.add_column(col)
+    for m in result.models:
+        weights = "[yellow]random[/]" if m.random_weights else "pretrained"
+        view.add_row(m.model_key, weights, str(m.images_encoded), str(m.images_pending),
+                     str(m.texts_encoded), str(m.texts_pending))
+    out.print(view)
+
+
+@app.command()
+def models() -> None:
+    """List the open_clip architectures and pretrained tags known here (weights need a network)."""
+    import open_clip
+
+    from pipeline.clip import register_configs
+
+    register_configs()
+    tags: dict[str, list[str]] = {}
+    for name, tag in open_clip.list_pretrained():
+        tags.setdefault(name, []).append(tag)
+    view = Table(header_style="bold")
+    view.add_column("architecture")
+    view.add_column("pretrained tags")
+    for name in open_clip.list_models():
+        view.add_row(name, ", ".join(tags.get(name, [])) or "[dim](random weights / local checkpoint)[/]")
+    out.print(view)
+
+
+DEMO_QUERIES = (
+    ("samples per generator and split",
+     "SELECT generator, split, count(*) AS n FROM samples GROUP BY ALL ORDER BY generator, split"),
+    ("why inputs were quarantined",
+     "SELECT stage, reason, count(*) AS n, any_value(detail) AS example FROM quarantine GROUP BY ALL"),
+    ("each sample with its image and text vectors (first rows)",
+     "SELECT s.generator, s.label, left(s.text, 40) AS text, len(i.vector) AS image_dim, "
+     "len(t.vector) AS text_dim FROM samples s "
+     "JOIN embeddings i ON i.modality = 'image' AND i.content_hash = s.sample_id "
+     "JOIN embeddings t ON t.modality = 'text' AND t.content_hash = s.text_hash LIMIT 5"),
+)
+
+
+@app.command()
+def demo(
+    root: Annotated[Path, typer.Option(help="Where the synthetic data and the store go.")] = Path("data/demo"),
+    rows: Annotated[int, typer.Option(help="D3 rows to synthesise (each gives 4 generated + 1 real).")] = 40,
+    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 1,
+) -> None:
+    """Run the whole cache offline: synthesise D3-layout data, ingest, encode twice, query.
+
+    The data are synthetic and the CLIP model (Tiny-ViT-16) has random weights: the point is to
+    show the pipeline working end to end, not meaningful embeddings.
+    """
+    from pipeline.demo import DemoConfig, run_demo
+    from pipeline.sql import run_query
+
+    out.rule("[bold]pipeline demo")
+    out.print("[bold yellow]Synthetic data, random weights.[/] The images are drawn by numpy and the "
+              "CLIP model is a tiny open_clip config with random weights; nothing here is a real result.")
+    with _errors():
+        with RichReporter() as reporter:
+            result = run_demo(DemoConfig(root=root, rows=rows, workers=workers), reporter)
+    ing = result.ingested
+    out.print(f"[green]ingest[/]: {ing.added} samples from {result.data.rows} D3 rows; "
+              f"quarantined {dict(ing.problems)} (a D3 row without its LAION image is reported, not dropped).")
+    out.print("[green]encode, first run[/]:", end=" ")
+    _print_encode_result(result.encoded)
+    out.print("[green]encode, second run[/]:", end=" ")
+    _print_encode_result(result.encoded_again)
+    with _errors():
+        show_status(__import__("pipeline.status", fromlist=["status"]).status(result.store))
+        for title, query in DEMO_QUERIES:
+            out.print(f"[dim]$ pipeline sql --store {result.store.root} \"{query}\"[/]")
+            render_table(run_query(result.store, query), title)
+    out.print(f"Store: {result.store.root}  (try: pipeline sql --store {result.store.root} \"SELECT * FROM samples LIMIT 5\")")
+
+
+@catalog_app.command("rebuild")
+def catalog_rebuild(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Recreate catalog.duckdb from the Parquet files (they are the truth)."""
+    from pipeline import catalog
+
+    with _errors():
+        result = catalog.rebuild(Store(store))
+    out.print(f"[green]rebuilt[/] the catalog from {result.added} shards.")
+
+
+def main() -> None:
+    app(prog_name="pipeline")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

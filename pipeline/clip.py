@@ -1,0 +1,145 @@
+"""Loading an open_clip model the normal way, and naming what it produces (the model key).
+
+`--pretrained` takes an open_clip tag (`openai`, `laion2b_s34b_b79k`, …), a local checkpoint
+file, or nothing: then the weights are random (seeded) and every output says so. Small configs
+shipped in `model_configs/` (e.g. `Tiny-ViT-16`) are registered with open_clip on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.store import safe_name
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # open_clip architecture (or hf-hub:org/repo)
+    pretrained: str | None = None  # tag, checkpoint path, or None for random weights
+    seed: int = 0  # initialises random weights
+
+    @property
+    def random_weights(self) -> bool:
+        return not self.pretrained
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    model_key: str
+    info: dict[str, Any]  # what model.json records: architecture, weights, preprocessing, dim
+
+
+def register_configs() -> None:
+    import open_clip
+
+    if "Tiny-ViT-16" not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Create the model, its eval transform and tokenizer; compute the model key."""
+    import open_clip
+
+    register_configs()
+    known = spec.name.startswith(("hf-hub:", "local-dir:")) or spec.name in open_clip.list_models()
+    if not known:
+        raise PipelineError(
+            f"Unknown open_clip model {spec.name!r}; `pipeline models` lists the architectures."
+        )
+    weights = _weights_id(spec)
+    pretrained = spec.pretrained
+    if pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser())
+    torch.manual_seed(spec.seed)
+    try:
+        with _quiet_root_logger():  # open_clip warns about random init; we label it ourselves
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device=device
+            )
+    except RuntimeError as exc:
+        raise PipelineError(f"Could not load {spec.name} weights {spec.pretrained!r}: {exc}") from exc
+    except Exception as exc:  # hub/network failures come in many types; all mean the same here
+        if "hf" in type(exc).__module__ or "connect" in str(exc).lower() or "url" in str(exc).lower():
+            raise PipelineError(
+                f"Could not fetch pretrained weights {spec.pretrained!r} for {spec.name} "
+                f"(no network or hub?): give a local checkpoint file with --pretrained PATH."
+            ) from exc
+        raise
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    pp["image_size"] = _image_size(model)
+    dim = _embed_dim(model, device)
+    pp_digest = hashlib.sha256(json.dumps(pp, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    model_key = safe_name(f"{spec.name}__{weights}__pp{pp_digest}")
+    info = {
+        "model_key": model_key,
+        "architecture": spec.name,
+        "pretrained": spec.pretrained,
+        "weights": weights,
+        "random_weights": spec.random_weights,
+        "seed": spec.seed if spec.random_weights else None,
+        "preprocess": pp,
+        "dim": dim,
+        "open_clip_version": open_clip.__version__,
+    }
+    return LoadedModel(model, preprocess, tokenizer, model_key, info)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _weights_id(spec: ModelSpec) -> str:
+    if not spec.pretrained:
+        return f"{RANDOM}-seed{spec.seed}"
+    path = Path(spec.pretrained).expanduser()
+    if path.is_file():
+        return f"ckpt-{_file_digest(path)[:12]}"
+    if spec.pretrained.startswith(("/", ".", "~")) or spec.pretrained.endswith((".pt", ".bin", ".safetensors")):
+        raise PipelineError(f"Checkpoint file {spec.pretrained} does not exist.")
+    return spec.pretrained
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _image_size(model: Any) -> Any:
+    size = getattr(model.visual, "image_size", None)
+    return list(size) if isinstance(size, (tuple, list)) else size
+
+
+def _embed_dim(model: Any, device: torch.device) -> int:
+    dim = getattr(model.visual, "output_dim", None)
+    if isinstance(dim, int):
+        return dim
+    with torch.no_grad():
+        return int(model.encode_text(torch.zeros(1, 77, dtype=torch.long, device=device)).shape[-1])

@@ -1,0 +1,49 @@
+"""`pipeline demo`: the whole cache on synthetic D3 data with a tiny random-weight CLIP, offline.
+
+Returns the results of each stage so the CLI can render them (and tests can check them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.clip import ModelSpec
+from pipeline.encode import EncodeConfig, EncodeResult, encode
+from pipeline.ingest import IngestConfig, IngestResult, ingest
+from pipeline.progress import Reporter
+from pipeline.store import Store
+from pipeline.synthetic import SyntheticD3, make_d3
+
+DEMO_MODEL = "Tiny-ViT-16"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    root: Path = Path("data/demo")
+    rows: int = 40
+    model: str = DEMO_MODEL
+    workers: int = 1
+    fresh: bool = True
+
+
+@dataclass
+class DemoResult:
+    data: SyntheticD3
+    store: Store
+    ingested: IngestResult
+    encoded: EncodeResult
+    encoded_again: EncodeResult
+
+
+def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
+    if config.fresh and config.root.exists():
+        shutil.rmtree(config.root)
+    data = make_d3(config.root / "source", rows=config.rows)
+    store = Store(config.root / "store")
+    ingested = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    encode_config = EncodeConfig(store, ModelSpec(config.model), workers=config.workers, batch_size=32)
+    encoded = encode(encode_config, reporter)
+    encoded_again = encode(encode_config, reporter)
+    return DemoResult(data, store, ingested, encoded, encoded_again)

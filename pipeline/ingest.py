@@ -1,0 +1,203 @@
+"""Stage `ingest`: turn a source (D3, folder, webdataset, manifest) into sample rows.
+
+`sample_id` is the SHA-256 of the image bytes, so re-ingesting adds nothing. The split comes from
+hashing the group key, so related images (a real photo and the images generated from its caption)
+always share one. Inputs that cannot become samples are written to quarantine with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline import catalog
+from pipeline.atomic import write_parquet
+from pipeline.errors import PipelineError
+from pipeline.sources.common import Candidate, Item, Problem
+from pipeline.sources.d3 import DEFAULT_GENERATORS, iter_d3
+from pipeline.sources.folder import GROUP_BY, iter_folder
+from pipeline.sources.manifest import iter_manifest
+from pipeline.sources.webdataset import iter_webdataset
+from pipeline.store import Store
+from schemas import QUARANTINE, SAMPLES
+
+FORMATS = ("d3", "folder", "webdataset", "manifest")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: Path
+    format: str
+    store: Store
+    real_images: Path | None = None
+    generator: str | None = None
+    label_map: Path | None = None
+    generators: tuple[str, ...] = DEFAULT_GENERATORS
+    group_by: str = "stem"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: str = "0"
+    shard_rows: int = 50_000
+
+
+@dataclass
+class IngestResult:
+    added: int = 0
+    already_in_store: int = 0
+    duplicates_in_source: int = 0
+    problems: Counter[str] = field(default_factory=Counter)
+    shards: list[Path] = field(default_factory=list)
+    by_split: Counter[str] = field(default_factory=Counter)
+
+
+def ingest(config: IngestConfig, progress: Callable[[int], None] | None = None) -> IngestResult:
+    """Read the source, add samples the store lacks, quarantine what cannot be read."""
+    _validate(config)
+    catalog.reconcile(config.store)
+    seen = _existing_ids(config.store)
+    known_problems = _existing_problems(config.store)
+    result = IngestResult()
+    samples: list[dict] = []
+    problems: list[dict] = []
+    now = datetime.now(timezone.utc)
+    for item in _items(config):
+        if progress:
+            progress(1)
+        if isinstance(item, Problem):
+            result.problems[item.reason] += 1
+            key = _problem_key(item.reason, item.location.uri, item.location.member, item.location.row)
+            if key not in known_problems:
+                known_problems.add(key)
+                problems.append(_problem_row(item, now))
+        else:
+            row = _sample_row(item, config, now)
+            if row["sample_id"] in seen:
+                if seen[row["sample_id"]]:
+                    result.already_in_store += 1
+                else:
+                    result.duplicates_in_source += 1
+                continue
+            seen[row["sample_id"]] = False
+            samples.append(row)
+            result.by_split[row["split"]] += 1
+        if len(samples) >= config.shard_rows:
+            _flush(config.store, samples, problems, result)
+    _flush(config.store, samples, problems, result)
+    result.added = sum(result.by_split.values())
+    return result
+
+
+def assign_split(group_key: str, fractions: tuple[float, ...], seed: str) -> str:
+    """Deterministic split from a hash of the group key: same key, same split, on any machine."""
+    digest = hashlib.sha256(f"{seed}\x00{group_key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
+        edge += fraction
+        if u < edge:
+            return name
+    return SPLIT_NAMES[-1]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _validate(config: IngestConfig) -> None:
+    if config.format not in FORMATS:
+        raise PipelineError(f"--format must be one of {', '.join(FORMATS)}, not {config.format!r}.")
+    if not config.source.exists():
+        raise PipelineError(f"Source {config.source} does not exist.")
+    if config.group_by not in GROUP_BY:
+        raise PipelineError(f"--group-by must be one of {', '.join(GROUP_BY)}.")
+    fractions = config.split_fractions
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise PipelineError("--splits needs three non-negative fractions (train,val,test) summing to 1.")
+
+
+def _items(config: IngestConfig) -> Iterator[Item]:
+    if config.format == "d3":
+        return iter_d3(config.source, config.real_images, config.generators)
+    if config.format == "folder":
+        return iter_folder(config.source, config.group_by)
+    if config.format == "webdataset":
+        return iter_webdataset(config.source, config.generator, config.label_map)
+    return iter_manifest(config.source)
+
+
+def _existing_ids(store: Store) -> dict[str, bool]:
+    """sample_id → True for samples already in the store (False marks ones seen in this run)."""
+    if not catalog.shard_paths(store, "samples"):
+        return {}
+    ids = catalog.query(store, "SELECT sample_id FROM samples").column(0).to_pylist()
+    return dict.fromkeys(ids, True)
+
+
+def _existing_problems(store: Store) -> set[tuple]:
+    if not catalog.shard_paths(store, "quarantine"):
+        return set()
+    rows = catalog.query(
+        store,
+        "SELECT reason, source_uri, source_member, source_row FROM quarantine WHERE stage = 'ingest'",
+    ).to_pylist()
+    return {_problem_key(*r.values()) for r in rows}
+
+
+def _problem_key(reason: str, uri: str, member: str | None, row: int | None) -> tuple:
+    return (reason, uri, member, row)
+
+
+def _sample_row(item: Candidate, config: IngestConfig, now: datetime) -> dict:
+    sample_id = hashlib.sha256(item.data).hexdigest()
+    group = item.group_key or f"image:{sample_id}"
+    loc = item.location
+    return {
+        "sample_id": sample_id,
+        "label": item.label,
+        "generator": item.generator,
+        "split": item.split or assign_split(group, config.split_fractions, config.split_seed),
+        "group_key": group,
+        "text": item.text,
+        "text_hash": text_hash(item.text) if item.text else None,
+        "source_format": config.format,
+        "source_uri": loc.uri,
+        "source_member": loc.member,
+        "source_row": loc.row,
+        "byte_offset": loc.offset,
+        "byte_length": loc.length if loc.length is not None else len(item.data),
+        "ingested_at": now,
+    }
+
+
+def _problem_row(problem: Problem, now: datetime) -> dict:
+    loc = problem.location
+    return {
+        "content_hash": None,
+        "stage": "ingest",
+        "reason": problem.reason,
+        "detail": problem.detail,
+        "source_uri": loc.uri,
+        "source_member": loc.member,
+        "source_row": loc.row,
+        "recorded_at": now,
+    }
+
+
+def _flush(store: Store, samples: list[dict], problems: list[dict], result: IngestResult) -> None:
+    written = []
+    if problems:
+        table = pa.Table.from_pylist(problems, schema=QUARANTINE)
+        written.append(write_parquet(table, store.new_shard(store.dataset_dir("quarantine"), "ingest")))
+    if samples:
+        table = pa.Table.from_pylist(samples, schema=SAMPLES)
+        written.append(write_parquet(table, store.new_shard(store.dataset_dir("samples"), "samples")))
+    catalog.commit(store, written)
+    result.shards.extend(written)
+    samples.clear()
+    problems.clear()

@@ -1,0 +1,75 @@
+"""`pipeline status`: what the store holds — counts by split, label, generator and model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipeline import catalog
+from pipeline.store import Store
+
+
+@dataclass
+class ModelStatus:
+    model_key: str
+    random_weights: bool | None
+    images_encoded: int
+    images_pending: int
+    texts_encoded: int
+    texts_pending: int
+
+
+@dataclass
+class StoreStatus:
+    samples: int
+    by_split_label_generator: pa.Table
+    quarantine_by_reason: pa.Table
+    models: list[ModelStatus] = field(default_factory=list)
+
+
+def status(store: Store) -> StoreStatus:
+    catalog.reconcile(store)
+    q = lambda sql, params=None: catalog.query(store, sql, params)  # noqa: E731
+    samples = q("SELECT count(*) FROM samples").column(0)[0].as_py()
+    groups = q(
+        "SELECT split, label, generator, count(*) AS samples FROM samples "
+        "GROUP BY ALL ORDER BY split, label, generator"
+    )
+    quarantine = q(
+        "SELECT stage, reason, count(*) AS inputs FROM quarantine GROUP BY ALL ORDER BY stage, reason"
+    )
+    models = []
+    images_total = q(
+        "SELECT count(DISTINCT sample_id) FROM samples WHERE source_format NOT LIKE 'features:%'"
+    ).column(0)[0].as_py()
+    texts_total = q("SELECT count(DISTINCT text_hash) FROM samples").column(0)[0].as_py()
+    for key in catalog.model_keys(store):
+        counts = q(
+            """
+            SELECT
+              count(DISTINCT e.content_hash) FILTER (WHERE e.modality = 'image' AND s.sample_id IS NOT NULL),
+              (SELECT count(DISTINCT content_hash) FROM embeddings
+                 WHERE model_key = ? AND modality = 'text'
+                   AND content_hash IN (SELECT text_hash FROM samples)),
+              (SELECT count(DISTINCT q.content_hash) FROM quarantine q WHERE q.stage = 'decode')
+            FROM embeddings e LEFT JOIN samples s ON s.sample_id = e.content_hash
+            WHERE e.model_key = ?
+            """,
+            [key, key],
+        ).to_pylist()[0]
+        images, texts, bad = counts.values()
+        info_path = store.embeddings_dir(key) / "model.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        models.append(
+            ModelStatus(
+                model_key=key,
+                random_weights=info.get("random_weights"),
+                images_encoded=images,
+                images_pending=max(0, images_total - images - bad),
+                texts_encoded=texts,
+                texts_pending=max(0, texts_total - texts),
+            )
+        )
+    return StoreStatus(samples, groups, quarantine, models)

@@ -1,0 +1,31 @@
+"""Every table of the store, declared once (pyarrow schemas) with the version stamped into each file."""
+
+from schemas.tables import (
+    EMBEDDING_DTYPES,
+    MODALITIES,
+    QUARANTINE,
+    RUNS,
+    SAMPLES,
+    SCHEMA_VERSION,
+    SCORES,
+    TABLES,
+    embeddings_schema,
+    schema_problem,
+    stamp,
+    table_of,
+)
+
+__all__ = [
+    "EMBEDDING_DTYPES",
+    "MODALITIES",
+    "QUARANTINE",
+    "RUNS",
+    "SAMPLES",
+    "SCHEMA_VERSION",
+    "SCORES",
+    "TABLES",
+    "embeddings_schema",
+    "schema_problem",
+    "stamp",
+    "table_of",
+]

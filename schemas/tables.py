@@ -1,0 +1,140 @@
+"""Column declarations for samples, embeddings, quarantine, runs and scores.
+
+Nothing else in the project spells a column list: code derives names and types from these schemas.
+Each schema carries two metadata keys, written into every Parquet file: the table's name and
+`SCHEMA_VERSION`. A reader meeting another version stops (see `schema_problem`).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+_KEY_TABLE = b"pipeline.table"
+_KEY_VERSION = b"pipeline.schema_version"
+
+MODALITIES = ("image", "text")
+EMBEDDING_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def stamp(name: str, schema: pa.Schema) -> pa.Schema:
+    """Attach the table name and schema version to a schema's metadata."""
+    meta = dict(schema.metadata or {})
+    meta.update({_KEY_TABLE: name.encode(), _KEY_VERSION: str(SCHEMA_VERSION).encode()})
+    return schema.with_metadata(meta)
+
+
+_UTC_MS = pa.timestamp("ms", tz="UTC")
+
+SAMPLES = stamp(
+    "samples",
+    pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),  # sha256 of the image bytes
+            pa.field("label", pa.int8(), nullable=False),  # 0 real, 1 generated
+            pa.field("generator", pa.string(), nullable=False),  # "real" for label 0
+            pa.field("split", pa.string(), nullable=False),  # train | val | test
+            pa.field("group_key", pa.string(), nullable=False),  # split unit (D3: prompt row)
+            pa.field("text", pa.string()),  # caption (real) or prompt (generated)
+            pa.field("text_hash", pa.string()),  # sha256 of the text's UTF-8 bytes
+            pa.field("source_format", pa.string(), nullable=False),
+            pa.field("source_uri", pa.string(), nullable=False),  # file the bytes live in
+            pa.field("source_member", pa.string()),  # tar member or Parquet column
+            pa.field("source_row", pa.int64()),  # row inside a Parquet/HDF5 source
+            pa.field("byte_offset", pa.int64()),  # start of the bytes inside a tar
+            pa.field("byte_length", pa.int64()),
+            pa.field("ingested_at", _UTC_MS, nullable=False),
+        ]
+    ),
+)
+
+QUARANTINE = stamp(
+    "quarantine",
+    pa.schema(
+        [
+            pa.field("content_hash", pa.string()),  # image sha256 when the bytes were readable
+            pa.field("stage", pa.string(), nullable=False),  # ingest | decode
+            pa.field("reason", pa.string(), nullable=False),  # short code, e.g. truncated
+            pa.field("detail", pa.string(), nullable=False),  # the full message
+            pa.field("source_uri", pa.string(), nullable=False),
+            pa.field("source_member", pa.string()),
+            pa.field("source_row", pa.int64()),
+            pa.field("recorded_at", _UTC_MS, nullable=False),
+        ]
+    ),
+)
+
+RUNS = stamp(
+    "runs",
+    pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("config_hash", pa.string(), nullable=False),
+            pa.field("model_key", pa.string(), nullable=False),
+            pa.field("config_json", pa.string(), nullable=False),
+            pa.field("metrics_json", pa.string(), nullable=False),
+            pa.field("checkpoint", pa.string()),
+            pa.field("created_at", _UTC_MS, nullable=False),
+        ]
+    ),
+)
+
+SCORES = stamp(
+    "scores",
+    pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("label", pa.int8(), nullable=False),
+            pa.field("generator", pa.string(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),  # probability of "generated"
+        ]
+    ),
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "samples": SAMPLES,
+    "quarantine": QUARANTINE,
+    "runs": RUNS,
+    "scores": SCORES,
+}
+
+
+def embeddings_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """Embedding rows of one model: vectors of `dim` values stored as float16 or float32."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, not {dtype!r}")
+    return stamp(
+        "embeddings",
+        pa.schema(
+            [
+                pa.field("model_key", pa.string(), nullable=False),
+                pa.field("modality", pa.string(), nullable=False),  # image | text
+                pa.field("content_hash", pa.string(), nullable=False),
+                pa.field("vector", pa.list_(EMBEDDING_DTYPES[dtype], dim), nullable=False),
+            ]
+        ),
+    )
+
+
+def table_of(metadata: dict[bytes, bytes] | None) -> str | None:
+    """The table name stamped in a file's metadata, if any."""
+    return (metadata or {}).get(_KEY_TABLE, b"").decode() or None
+
+
+def schema_problem(metadata: dict[bytes, bytes] | None, expected_table: str, where: str) -> str | None:
+    """A sentence saying why a file with this metadata cannot be read as `expected_table`, or None."""
+    meta = metadata or {}
+    table = meta.get(_KEY_TABLE, b"").decode()
+    version = meta.get(_KEY_VERSION, b"").decode()
+    if not table or not version:
+        return f"{where} carries no pipeline schema stamp; it was not written by this pipeline."
+    if table != expected_table:
+        return f"{where} holds the '{table}' table, not '{expected_table}'."
+    if version != str(SCHEMA_VERSION):
+        return (
+            f"{where} was written with schema version {version} of '{table}', but this pipeline "
+            f"reads version {SCHEMA_VERSION}; use a pipeline release that matches the store."
+        )
+    return None
