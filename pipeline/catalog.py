@@ -115,7 +115,7 @@ def shard_paths(store: Store, dataset: str, model_key: str | None = None) -> lis
 def query(store: Store, sql: str, params: list[object] | None = None) -> pa.Table:
     """Run a read-only query against the catalog and return an Arrow table."""
     with connect(store, read_only=True) as con:
-        return arrow_table(con.execute(sql, params or []))
+        return con.sql(sql, params=params or None).to_arrow_table()
 
 
 def model_keys(store: Store) -> list[str]:
@@ -128,12 +128,6 @@ def model_keys(store: Store) -> list[str]:
             "SELECT DISTINCT model_key FROM shards WHERE dataset = 'embeddings' ORDER BY 1"
         ).fetchall()
     return [r[0] for r in rows]
-
-
-def arrow_table(result: duckdb.DuckDBPyConnection) -> pa.Table:
-    """The executed statement's result as Arrow (DuckDB 2 renamed fetch_arrow_table)."""
-    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-    return fetch()
 
 
 # --- private -------------------------------------------------------------------------------

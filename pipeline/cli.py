@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import pyarrow as pa
 import typer
 from rich.console import Console
@@ -49,12 +48,11 @@ def _root(
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def _errors(ctx: typer.Context) -> Iterator[None]:
     try:
         yield
     except PipelineError as exc:
-        root = click.get_current_context().find_root()
-        if (root.obj or {}).get("debug"):
+        if (ctx.find_root().obj or {}).get("debug"):
             raise
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -130,6 +128,7 @@ def _parse_splits(text: str) -> tuple[float, float, float]:
 
 @app.command()
 def ingest(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="The source: a file or directory, per --format.")],
     format: Annotated[str, typer.Option("--format", "-f", help="d3 | folder | webdataset | manifest")],
     store: StoreOpt = DEFAULT_STORE,
@@ -159,7 +158,7 @@ def ingest(
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run
 
-    with _errors():
+    with _errors(ctx):
         config = IngestConfig(
             source=source,
             format=format,
@@ -186,6 +185,7 @@ def ingest(
 
 @app.command()
 def encode(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, Tiny-ViT-16.")],
     pretrained: Annotated[
         str | None,
@@ -212,7 +212,7 @@ def encode(
     from pipeline.encode import EncodeConfig, default_workers
     from pipeline.encode import encode as run
 
-    with _errors():
+    with _errors(ctx):
         config = EncodeConfig(
             store=Store(store),
             model=ModelSpec(model, pretrained, seed),
@@ -249,6 +249,7 @@ def _print_encode_result(result: Any) -> None:
 
 @app.command()
 def sql(
+    ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="One SELECT over samples, embeddings, quarantine, runs, scores.")],
     store: StoreOpt = DEFAULT_STORE,
     format: Annotated[str, typer.Option("--format", help="table | csv | json | parquet")] = "table",
@@ -258,7 +259,7 @@ def sql(
     """Run a read-only SQL query over the store's views and print or export the result."""
     from pipeline.sql import export, run_query
 
-    with _errors():
+    with _errors(ctx):
         if format != "table" and output is None:
             raise PipelineError(f"--format {format} writes a file: give --output FILE.")
         table = run_query(Store(store), query)
@@ -270,11 +271,11 @@ def sql(
 
 
 @app.command()
-def status(store: StoreOpt = DEFAULT_STORE) -> None:
+def status(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
     """Counts by split, label and generator; per model, encoded vs pending."""
     from pipeline.status import status as run
 
-    with _errors():
+    with _errors(ctx):
         if not Store(store).exists():
             raise PipelineError(f"No store at {store}: run `pipeline ingest` or `pipeline demo` first.")
         result = run(Store(store))
@@ -330,6 +331,7 @@ DEMO_QUERIES = (
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     root: Annotated[Path, typer.Option(help="Where the synthetic data and the store go.")] = Path("data/demo"),
     rows: Annotated[int, typer.Option(help="D3 rows to synthesise (each gives 4 generated + 1 real).")] = 40,
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 1,
@@ -345,7 +347,7 @@ def demo(
     out.rule("[bold]pipeline demo")
     out.print("[bold yellow]Synthetic data, random weights.[/] The images are drawn by numpy and the "
               "CLIP model is a tiny open_clip config with random weights; nothing here is a real result.")
-    with _errors():
+    with _errors(ctx):
         with RichReporter() as reporter:
             result = run_demo(DemoConfig(root=root, rows=rows, workers=workers), reporter)
     ing = result.ingested
@@ -355,7 +357,7 @@ def demo(
     _print_encode_result(result.encoded)
     out.print("[green]encode, second run[/]:", end=" ")
     _print_encode_result(result.encoded_again)
-    with _errors():
+    with _errors(ctx):
         show_status(__import__("pipeline.status", fromlist=["status"]).status(result.store))
         for title, query in DEMO_QUERIES:
             out.print(f"[dim]$ pipeline sql --store {result.store.root} \"{query}\"[/]")
@@ -364,11 +366,11 @@ def demo(
 
 
 @catalog_app.command("rebuild")
-def catalog_rebuild(store: StoreOpt = DEFAULT_STORE) -> None:
+def catalog_rebuild(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
     """Recreate catalog.duckdb from the Parquet files (they are the truth)."""
     from pipeline import catalog
 
-    with _errors():
+    with _errors(ctx):
         result = catalog.rebuild(Store(store))
     out.print(f"[green]rebuilt[/] the catalog from {result.added} shards.")
 

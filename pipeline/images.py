@@ -77,5 +77,5 @@ def _deep_grey_to_rgb(img: Image.Image) -> Image.Image:
         arr = (arr - lo) / (hi - lo or 1.0) * 255.0
     else:
         arr = arr / 257.0  # 0..65535 → 0..255; PIL's own convert would clip at 255 instead
-    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     return grey.convert("RGB")

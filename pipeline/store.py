@@ -19,6 +19,9 @@ DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores")
 class Store:
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     @property
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"

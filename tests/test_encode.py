@@ -1,0 +1,213 @@
+"""The cache: a second encode does no forward pass; kills lose nothing; hostile inputs are quarantined."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import catalog
+from pipeline.clip import ModelSpec, load
+from pipeline.encode import Encoder, encode, encode_rows, pending_images
+from pipeline.errors import PipelineError
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.store import Store
+from pipeline.synthetic import SyntheticD3, make_d3
+from tests.conftest import TINY, encode_config, jpeg
+
+
+def _count(store: Store, sql: str) -> int:
+    return catalog.query(store, sql).column(0)[0].as_py()
+
+
+def test_second_encode_does_no_forward_pass(d3_store: Store) -> None:
+    first = encode(encode_config(d3_store))
+    samples = _count(d3_store, "SELECT count(*) FROM samples")
+    texts = _count(d3_store, "SELECT count(DISTINCT text_hash) FROM samples")
+    assert first.images_encoded == samples - 1  # one truncated image is quarantined
+    assert first.quarantined == {"truncated": 1}
+    assert first.texts_encoded == texts == 12 + 11  # each prompt once for its four images
+    assert first.image_forward_passes > 0 and first.random_weights
+
+    second = encode(encode_config(d3_store))
+    assert second.nothing_to_do
+    assert second.image_forward_passes == second.text_forward_passes == 0
+    assert _count(d3_store, "SELECT count(*) FROM embeddings") == samples - 1 + texts
+
+
+def test_new_samples_cost_only_their_own_encoding(d3_store: Store, tmp_path: Path) -> None:
+    encode(encode_config(d3_store))
+    root = tmp_path / "more"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "x.jpg").write_bytes(jpeg((1, 99, 1)))
+    (root / "real" / "x.txt").write_text("a brand new caption")
+    ingest(IngestConfig(root, "folder", d3_store))
+    again = encode(encode_config(d3_store))
+    assert (again.images_encoded, again.texts_encoded) == (1, 1)
+    assert again.image_forward_passes == again.text_forward_passes == 1
+
+
+def test_vectors_are_unit_norm_float16_fixed_size_lists(d3_store: Store) -> None:
+    result = encode(encode_config(d3_store))
+    shard = next(p for p in result.shards if p.name.startswith("image-"))
+    table = pq.read_table(shard)
+    assert table.schema.field("vector").type == pa.list_(pa.float16(), 64)
+    vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
+
+
+def test_float32_storage_and_dtype_conflict(d3_store: Store) -> None:
+    encode(encode_config(d3_store, dtype="float32"))
+    with pytest.raises(PipelineError, match="holds float32 vectors"):
+        encode(encode_config(d3_store, dtype="float16"))
+
+
+def test_encode_rows_is_a_pure_unit_of_work(d3_store: Store) -> None:
+    loaded = load(ModelSpec(TINY), torch.device("cpu"))
+    encoder = Encoder(loaded, torch.device("cpu"), "fp32")
+    rows = pending_images(d3_store, loaded.model_key)[:8]
+    emb1, bad1 = encode_rows(rows, encoder)
+    emb2, _ = encode_rows(rows, encoder)
+    assert emb1.equals(emb2)
+    assert emb1.num_rows + bad1.num_rows == 8
+    # the runner produces the same vectors as the unit of work
+    encode(encode_config(d3_store))
+    stored = catalog.query(
+        d3_store, "SELECT content_hash, vector FROM embeddings WHERE modality = 'image'"
+    ).to_pylist()
+    by_hash = {r["content_hash"]: r["vector"] for r in stored}
+    for h, v in zip(emb1.column("content_hash").to_pylist(), emb1.column("vector").to_pylist(), strict=True):
+        assert np.allclose(by_hash[h], np.asarray(v, np.float32), atol=1e-3)
+
+
+def test_hostile_inputs_are_quarantined_and_the_run_completes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "hostile"
+    gen = root / "somegen"
+    gen.mkdir(parents=True)
+    (gen / "ok.jpg").write_bytes(jpeg())
+    (gen / "empty.jpg").write_bytes(b"")
+    (gen / "text.png").write_bytes(b"I am a text file with an image suffix")
+    (gen / "trunc.jpg").write_bytes(jpeg((9, 9, 200), size=64)[:300])
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(gen / "huge.png")
+    Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(gen / "cmyk.jpg")
+    Image.new("LA", (20, 20), (10, 100)).save(gen / "la.png")
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(root, "folder", store))
+    result = encode(encode_config(store, max_pixels=200 * 200))
+    assert result.images_encoded == 3  # ok, cmyk, la
+    assert result.quarantined == {"empty": 1, "not_an_image": 1, "truncated": 1, "too_many_pixels": 1}
+    reasons = catalog.query(store, "SELECT reason, detail FROM quarantine ORDER BY reason").to_pylist()
+    assert [r["reason"] for r in reasons] == ["empty", "not_an_image", "too_many_pixels", "truncated"]
+    assert "300x300" in reasons[2]["detail"]
+    # quarantined inputs are not retried on every run, unless asked
+    assert encode(encode_config(store, max_pixels=200 * 200)).nothing_to_do
+    retry = encode(encode_config(store, retry_quarantined=True))  # default pixel limit admits huge.png
+    assert retry.images_encoded == 1
+
+
+def test_resume_after_kill_between_shard_write_and_catalog_update(
+    d3_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_commit = catalog.commit
+    calls = {"n": 0}
+
+    def dying_commit(store: Store, files: list) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the shard is renamed into place, the catalog never hears of it
+            raise KeyboardInterrupt("simulated kill")
+        real_commit(store, files)
+
+    monkeypatch.setattr(catalog, "commit", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        encode(encode_config(d3_store, shard_rows=8, batch_size=8))
+    monkeypatch.setattr(catalog, "commit", real_commit)
+    encode(encode_config(d3_store, shard_rows=8, batch_size=8))
+    _assert_complete_without_duplicates(d3_store)
+
+
+def _assert_complete_without_duplicates(store: Store) -> None:
+    catalog.reconcile(store)
+    samples = _count(store, "SELECT count(*) FROM samples")
+    rows = _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'image'")
+    distinct = _count(store, "SELECT count(DISTINCT content_hash) FROM embeddings WHERE modality = 'image'")
+    bad = _count(store, "SELECT count(DISTINCT content_hash) FROM quarantine WHERE stage = 'decode'")
+    assert rows == distinct == samples - bad
+    assert not list(store.root.rglob("*.tmp"))
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import pipeline.atomic as atomic
+    from pipeline.clip import ModelSpec
+    from pipeline.encode import EncodeConfig, encode
+    from pipeline.store import Store
+    real_replace = os.replace
+    def slow_replace(a, b):  # widen the window in which a temp file exists
+        time.sleep(0.15)
+        real_replace(a, b)
+    atomic.os.replace = slow_replace
+    encode(EncodeConfig(Store(sys.argv[1]), ModelSpec("Tiny-ViT-16"), workers=1, batch_size=4, shard_rows=4))
+    print("FINISHED")
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after_shards", [1, 4])
+def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, kill_after_shards: int) -> None:
+    data = make_d3(tmp_path / "src", rows=16, size=32)
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store.root)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shard_dir = store.root / "embeddings"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(shard_dir.rglob("image-*.parquet"))) >= kill_after_shards:
+            break
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "the encode finished before it could be killed: " + proc.stderr.read().decode()[-500:]
+    encode(encode_config(store))
+    _assert_complete_without_duplicates(store)
+
+
+def test_workers_decode_in_other_processes(d3: SyntheticD3, d3_store: Store) -> None:
+    result = encode(encode_config(d3_store, workers=2))
+    assert result.images_encoded == _count(d3_store, "SELECT count(*) FROM samples") - 1
+
+
+def test_bad_arguments_are_sentences(d3_store: Store) -> None:
+    with pytest.raises(PipelineError, match="fp16 needs a GPU"):
+        encode(encode_config(d3_store, precision="fp16", device="cpu"))
+    with pytest.raises(PipelineError, match="--precision must be one of"):
+        encode(encode_config(d3_store, precision="int4"))
+    with pytest.raises(PipelineError, match="Unknown open_clip model"):
+        encode(encode_config(d3_store).__class__(d3_store, ModelSpec("No-Such-Model"), workers=0))
+    with pytest.raises(PipelineError, match="does not exist"):
+        encode(encode_config(d3_store).__class__(d3_store, ModelSpec(TINY, "/nope/ckpt.pt"), workers=0))
+
+
+def test_local_checkpoint_is_loaded_and_keyed_by_digest(d3_store: Store, tmp_path: Path) -> None:
+    loaded = load(ModelSpec(TINY, seed=7), torch.device("cpu"))
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(loaded.model.state_dict(), ckpt)
+    from_file = load(ModelSpec(TINY, str(ckpt)), torch.device("cpu"))
+    assert "__ckpt-" in from_file.model_key and not from_file.info["random_weights"]
+    for a, b in zip(loaded.model.state_dict().values(), from_file.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,193 @@
+"""Every source format; dedup by content; group-consistent splits; missing inputs reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import catalog
+from pipeline.errors import PipelineError
+from pipeline.ingest import IngestConfig, assign_split, ingest
+from pipeline.store import Store
+from pipeline.synthetic import SyntheticD3, make_d3
+from tests.conftest import jpeg
+
+
+def _samples(store: Store) -> list[dict]:
+    return catalog.query(store, "SELECT * FROM samples ORDER BY sample_id").to_pylist()
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_d3_parquet_gives_four_generated_and_one_real_per_row(d3: SyntheticD3, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    result = ingest(IngestConfig(d3.parquet, "d3", store, real_images=d3.real_images))
+    rows = _samples(store)
+    assert result.added == len(rows) == 12 * 4 + 11  # the last row's real image is missing
+    assert result.problems == {"real_image_missing": 1}
+    missing = catalog.query(store, "SELECT * FROM quarantine").to_pylist()
+    assert [m["reason"] for m in missing] == ["real_image_missing"] and "000011" in missing[0]["detail"]
+    real = [r for r in rows if r["label"] == 0]
+    assert {r["generator"] for r in real} == {"real"}
+    assert all(r["text"].startswith("Photo of") for r in real)  # original caption
+    fake = [r for r in rows if r["label"] == 1]
+    assert len({r["generator"] for r in fake}) == 4
+    assert all("artstation" in r["text"] for r in fake)  # generation prompt
+    # one group per D3 row, and every member of a group in one split
+    by_group: dict[str, set[str]] = {}
+    for r in rows:
+        by_group.setdefault(r["group_key"], set()).add(r["split"])
+    assert len(by_group) == 12 and all(len(s) == 1 for s in by_group.values())
+
+
+def test_reingesting_adds_nothing_and_records_no_new_problems(d3: SyntheticD3, d3_store: Store) -> None:
+    before = _samples(d3_store)
+    again = ingest(IngestConfig(d3.parquet, "d3", d3_store, real_images=d3.real_images))
+    assert again.added == 0 and again.already_in_store == len(before)
+    assert _samples(d3_store) == before
+    assert catalog.query(d3_store, "SELECT count(*) FROM quarantine").column(0)[0].as_py() == 1
+
+
+def test_d3_real_images_matched_by_url_in_img2dataset_tar(tmp_path: Path) -> None:
+    data = make_d3(tmp_path / "src", rows=3, size=32, missing_real=0, broken_generated=0)
+    members = {}
+    for i, path in enumerate(sorted(data.real_images.glob("*.jpg"))):
+        key = f"{i:09d}"  # img2dataset keys do not match D3 ids: the URL must
+        members[f"00000/{key}.jpg"] = path.read_bytes()
+        members[f"00000/{key}.json"] = json.dumps({"url": f"https://example.invalid/laion/{path.stem}.jpg"}).encode()
+    tar = _tar(tmp_path / "laion.tar", members)
+    store = Store(tmp_path / "store")
+    result = ingest(IngestConfig(data.parquet, "d3", store, real_images=tar))
+    assert result.problems == {} and result.by_split.total() == 15
+    real = catalog.query(store, "SELECT * FROM samples WHERE label = 0").to_pylist()
+    assert len(real) == 3 and all(r["byte_offset"] is not None for r in real)
+
+
+def test_d3_with_img_url_column(tmp_path: Path) -> None:
+    data = make_d3(tmp_path / "src", rows=2, size=32, missing_real=0, broken_generated=0)
+    table = pq.read_table(data.parquet).rename_columns(
+        [("img_url" if c == "url" else c) for c in pq.read_schema(data.parquet).names]
+    )
+    pq.write_table(table, data.parquet)
+    result = ingest(IngestConfig(data.parquet, "d3", Store(tmp_path / "s"), real_images=data.real_images))
+    assert result.added == 10
+
+
+def test_d3_parquet_missing_columns_is_one_sentence(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["1"]}), bad)
+    with pytest.raises(PipelineError, match="not in the D3 layout: it lacks image_gen0"):
+        ingest(IngestConfig(bad, "d3", Store(tmp_path / "s")))
+
+
+def test_d3_webdataset_form(tmp_path: Path) -> None:
+    members = {}
+    for k, key in enumerate(["a1", "a2"]):
+        members[f"{key}.real.jpg"] = jpeg((10 + k, 20, 30))
+        for g in range(4):
+            members[f"{key}.gen_{g}.jpg"] = jpeg((100 + 10 * g + k, 50, 50))
+        members[f"{key}.caption.txt"] = f"caption {key}".encode()
+        members[f"{key}.url.txt"] = f"https://x/{key}".encode()
+    tar = _tar(tmp_path / "d3-000.tar", members)
+    store = Store(tmp_path / "store")
+    result = ingest(IngestConfig(tar, "d3", store))
+    assert result.added == 10
+    rows = _samples(store)
+    assert {r["generator"] for r in rows} == {"real", "sd-1.4", "sd-2.1", "sd-xl", "deepfloyd-if"}
+    assert {r["text"] for r in rows} == {"caption a1", "caption a2"}
+    assert len({(r["group_key"], r["split"]) for r in rows}) == 2
+
+
+def test_folder_with_sidecars_and_captions_csv(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    (root / "sdxl").mkdir()
+    (root / "real" / "0001.jpg").write_bytes(jpeg((1, 2, 3)))
+    (root / "real" / "0001.txt").write_text("a sidecar caption\n")
+    (root / "sdxl" / "0001.png").write_bytes(jpeg((200, 2, 3), fmt="PNG"))
+    (root / "sdxl" / "0002.png").write_bytes(jpeg((220, 2, 3), fmt="PNG"))
+    (root / "captions.csv").write_text("path,caption\nsdxl/0001.png,csv caption one\n")
+    store = Store(tmp_path / "store")
+    assert ingest(IngestConfig(root, "folder", store)).added == 3
+    rows = {Path(r["source_uri"]).relative_to(root.resolve()).as_posix(): r for r in _samples(store)}
+    assert rows["real/0001.jpg"]["text"] == "a sidecar caption" and rows["real/0001.jpg"]["label"] == 0
+    assert rows["sdxl/0001.png"]["text"] == "csv caption one" and rows["sdxl/0001.png"]["generator"] == "sdxl"
+    assert rows["sdxl/0002.png"]["text"] is None
+    assert rows["real/0001.jpg"]["split"] == rows["sdxl/0001.png"]["split"]  # grouped by stem
+
+
+def test_webdataset_with_generator_flag_and_label_map(tmp_path: Path) -> None:
+    tar = _tar(
+        tmp_path / "00000.tar",
+        {
+            "000000001.jpg": jpeg((1, 1, 1)), "000000001.txt": b"first", "000000001.json": b"{}",
+            "000000002.png": jpeg((2, 2, 2), fmt="PNG"), "000000002.txt": b"second",
+            "000000003.json": b"{}",  # a failed download: metadata only
+        },
+    )
+    store = Store(tmp_path / "store")
+    assert ingest(IngestConfig(tar, "webdataset", store, generator="real")).added == 2
+    assert {(r["label"], r["text"]) for r in _samples(store)} == {(0, "first"), (0, "second")}
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("key,label,generator\n000000002,1,sdxl\n")
+    store2 = Store(tmp_path / "store2")
+    result = ingest(IngestConfig(tar, "webdataset", store2, label_map=labels))
+    assert result.added == 1 and result.problems == {"unlabelled": 1}
+    assert _samples(store2)[0]["generator"] == "sdxl"
+    with pytest.raises(PipelineError, match="--generator"):
+        ingest(IngestConfig(tar, "webdataset", Store(tmp_path / "s3")))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_manifest_csv_and_parquet(tmp_path: Path, suffix: str) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg((5, 5, 5)))
+    (tmp_path / "b.jpg").write_bytes(jpeg((250, 5, 5)))
+    table = pa.table({
+        "path": ["a.jpg", "b.jpg", "gone.jpg"],
+        "caption": ["cap a", "cap b", "cap c"],
+        "label": ["real", "1", "1"],
+        "generator": ["real", "midjourney", "midjourney"],
+        "split": ["test", None, None],
+        "group": ["g1", "g1", "g2"],
+    })
+    manifest = tmp_path / f"m{suffix}"
+    if suffix == ".csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, manifest)
+    else:
+        pq.write_table(table, manifest)
+    store = Store(tmp_path / "store")
+    result = ingest(IngestConfig(manifest, "manifest", store))
+    assert result.added == 2 and result.problems == {"unreadable": 1}
+    rows = {r["text"]: r for r in _samples(store)}
+    assert rows["cap a"]["split"] == "test" and rows["cap a"]["label"] == 0
+    assert rows["cap b"]["generator"] == "midjourney" and rows["cap b"]["group_key"] == "group:g1"
+
+
+def test_split_is_deterministic_and_follows_fractions() -> None:
+    keys = [f"k{i}" for i in range(4000)]
+    splits = [assign_split(k, (0.8, 0.1, 0.1), "0") for k in keys]
+    assert splits == [assign_split(k, (0.8, 0.1, 0.1), "0") for k in keys]
+    share = splits.count("train") / len(keys)
+    assert 0.77 < share < 0.83
+    assert assign_split("k1", (0.0, 0.0, 1.0), "0") == "test"
+
+
+def test_bad_split_fractions_rejected(d3: SyntheticD3, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="summing to 1"):
+        ingest(IngestConfig(d3.parquet, "d3", Store(tmp_path / "s"), split_fractions=(0.5, 0.1, 0.1)))

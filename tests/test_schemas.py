@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import catalog
+from pipeline.errors import PipelineError
+from pipeline.store import Store
+from schemas import SAMPLES, SCHEMA_VERSION, embeddings_schema, schema_problem
+
+
+def test_every_written_shard_carries_table_and_version(d3_store: Store) -> None:
+    for path in catalog.shard_paths(d3_store, "samples"):
+        meta = pq.read_schema(path).metadata
+        assert meta[b"pipeline.table"] == b"samples"
+        assert meta[b"pipeline.schema_version"] == str(SCHEMA_VERSION).encode()
+        assert pq.read_schema(path).names == SAMPLES.names
+
+
+def test_reader_refuses_an_unknown_schema_version(d3_store: Store, tmp_path: Path) -> None:
+    shard = catalog.shard_paths(d3_store, "samples")[0]
+    table = pq.read_table(shard)
+    meta = dict(table.schema.metadata)
+    meta[b"pipeline.schema_version"] = b"99"
+    future = d3_store.dataset_dir("samples") / "future.parquet"
+    pq.write_table(table.replace_schema_metadata(meta), future)
+    with pytest.raises(PipelineError, match="schema version 99 of 'samples'.*reads version 1"):
+        catalog.reconcile(d3_store)
+
+
+def test_schema_problem_names_foreign_files() -> None:
+    assert "no pipeline schema stamp" in schema_problem(None, "samples", "x.parquet")
+    assert schema_problem(SAMPLES.metadata, "samples", "x") is None
+
+
+def test_embeddings_schema_is_fixed_size_list_of_the_chosen_type() -> None:
+    schema = embeddings_schema(768, "float16")
+    assert schema.field("vector").type == pa.list_(pa.float16(), 768)
+    assert embeddings_schema(4, "float32").field("vector").type == pa.list_(pa.float32(), 4)
+    with pytest.raises(ValueError):
+        embeddings_schema(4, "int8")

@@ -1,0 +1,49 @@
+"""`pipeline sql` reads and exports; it refuses anything that writes."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.sql import export, run_query
+from pipeline.store import Store
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM samples",
+        "DROP VIEW samples",
+        "CREATE TABLE x AS SELECT 1",
+        "INSERT INTO shards VALUES ('a', 'b', NULL, 1, now())",
+        "COPY samples TO 'out.csv'",
+        "ATTACH 'other.duckdb'",
+        "SELECT 1; DROP VIEW samples",
+    ],
+)
+def test_writes_are_refused(d3_store: Store, query: str) -> None:
+    with pytest.raises(PipelineError, match="read-only|exactly one statement"):
+        run_query(d3_store, query)
+    assert run_query(d3_store, "SELECT count(*) AS n FROM samples").column(0)[0].as_py() > 0
+
+
+def test_errors_are_sentences(d3_store: Store) -> None:
+    with pytest.raises(PipelineError, match="does not exist"):
+        run_query(d3_store, "SELECT * FROM nope")
+    with pytest.raises(PipelineError, match="does not parse"):
+        run_query(d3_store, "SELEKT 1")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_export_formats(d3_store: Store, tmp_path: Path, fmt: str) -> None:
+    table = run_query(d3_store, "SELECT label, count(*) AS n FROM samples GROUP BY 1 ORDER BY 1")
+    path = export(table, tmp_path / f"out.{fmt}", fmt)
+    if fmt == "parquet":
+        assert pq.read_table(path).to_pylist() == table.to_pylist()
+    elif fmt == "json":
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert rows == table.to_pylist()
+    else:
+        assert path.read_text().splitlines() == ['"label","n"', "0,11", "1,48"]
