@@ -288,13 +288,42 @@ def show_status(result: Any) -> None:
     if result.quarantine_by_reason.num_rows:
         render_table(result.quarantine_by_reason, "quarantine")
     view = Table(title="embeddings by model", header_style="bold", title_justify="left")
-    for col in ("model_key", "weights", "images encoded", "images pending", "texts encoded", "texts pending"):
-        view.add_column(col)
+    view.add_column("model_key", overflow="fold")
+    for col in ("weights", "images done", "pending", "texts done", "pending"):
+        view.add_column(col, justify="right")
     for m in result.models:
         weights = "[yellow]random[/]" if m.random_weights else "pretrained"
         view.add_row(m.model_key, weights, str(m.images_encoded), str(m.images_pending),
                      str(m.texts_encoded), str(m.texts_pending))
     out.print(view)
+
+
+@app.command("import-features")
+def import_features(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help="Folder (or file) of precomputed features.")],
+    layout: Annotated[str, typer.Option(help="h5 (reference code's NNNN.h5) | clip-retrieval")],
+    model_key: Annotated[str, typer.Option(help="Name of the model that made them, e.g. ViT-L-14__openai.")],
+    store: StoreOpt = DEFAULT_STORE,
+    generators: Annotated[str, typer.Option(help="h5: names of image_gen0..3, comma-separated.")]
+    = "sd-1.4,sd-2.1,sd-xl,deepfloyd-if",
+    generator: Annotated[str | None, typer.Option(help="clip-retrieval without a label column: the "
+                                                  "generator of every image ('real' for photographs).")] = None,
+    splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+) -> None:
+    """Import CLIP features computed elsewhere, as samples plus embeddings, without re-encoding."""
+    from pipeline.import_features import ImportConfig
+    from pipeline.import_features import import_features as run
+
+    with _errors(ctx):
+        config = ImportConfig(
+            source=source, layout=layout, store=Store(store), model_key=model_key,
+            generators=tuple(g.strip() for g in generators.split(",")), generator=generator,
+            split_fractions=_parse_splits(splits),
+        )
+        result = run(config)
+    out.print(f"[green]imported[/] {result.samples_added} samples and {result.vectors_added} vectors "
+              f"as {result.model_key}; {result.already_present} samples were already present.")
 
 
 @app.command()

@@ -1,0 +1,49 @@
+"""The CLI drives the library; errors are one sentence, never a traceback."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.synthetic import make_d3
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_demo_runs_end_to_end_and_labels_random_weights(tmp_path: Path) -> None:
+    code, out = _run("demo", "--root", str(tmp_path / "demo"), "--rows", "6", "--workers", "0")
+    assert code == 0, out
+    assert "random weights" in out.lower() and "synthetic" in out.lower()
+    assert "nothing to encode" in out and "0 forward passes" in out
+    assert "real_image_missing" in out
+
+
+def test_ingest_encode_status_sql(tmp_path: Path) -> None:
+    data = make_d3(tmp_path / "src", rows=5, size=32)
+    store = str(tmp_path / "store")
+    code, out = _run("ingest", str(data.parquet), "--format", "d3", "--real-images",
+                     str(data.real_images), "--store", store)
+    assert code == 0 and "ingested 24 new samples" in out, out
+    code, out = _run("encode", "--model", "Tiny-ViT-16", "--store", store, "--workers", "0")
+    assert code == 0 and "encoded 23 images" in out and "RANDOM WEIGHTS" in out, out
+    code, out = _run("status", "--store", store)
+    assert code == 0 and "Tiny-ViT-16" in out and "truncated" in out, out
+    code, out = _run("sql", "SELECT count(*) AS n FROM embeddings WHERE modality = 'image'", "--store", store)
+    assert code == 0 and "23" in out
+    csv = tmp_path / "o.csv"
+    code, out = _run("sql", "SELECT label FROM samples", "--store", store, "--format", "csv", "--output", str(csv))
+    assert code == 0 and len(csv.read_text().splitlines()) == 25
+
+
+def test_errors_are_one_sentence_without_traceback(tmp_path: Path) -> None:
+    code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"))
+    assert code == 2 and out.startswith("error: No store at") and "Traceback" not in out
+    code, out = _run("ingest", str(tmp_path), "--format", "nope", "--store", str(tmp_path / "s"))
+    assert code == 2 and "--format must be one of" in out and "Traceback" not in out
+    code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"), "--format", "csv")
+    assert code == 2 and "--output" in out

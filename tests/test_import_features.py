@@ -1,0 +1,69 @@
+"""Precomputed features come in without re-encoding, from both supported layouts."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import catalog
+from pipeline.errors import PipelineError
+from pipeline.import_features import ImportConfig, import_features
+from pipeline.store import Store
+from tests.conftest import jpeg
+
+
+def _count(store: Store, sql: str) -> int:
+    return catalog.query(store, sql).column(0)[0].as_py()
+
+
+def test_reference_h5_layout(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(0)
+    src = tmp_path / "h5"
+    src.mkdir()
+    for f in range(2):
+        with h5py.File(src / f"{f:04d}.h5", "w") as h:
+            for name in ["real", "image_gen0", "image_gen1", "image_gen2", "image_gen3"]:
+                h[name] = rng.normal(size=(3, 8)).astype(np.float32)
+            h["original_prompt"] = rng.normal(size=(3, 8)).astype(np.float32)
+            h["positive_prompt"] = rng.normal(size=(3, 8)).astype(np.float32)
+    store = Store(tmp_path / "store")
+    result = import_features(ImportConfig(src, "h5", store, "ViT-L-14__openai__imported"))
+    assert result.samples_added == 2 * 3 * 5
+    assert _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'image'") == 30
+    # one real caption + one prompt per row: 12 text vectors, shared by the 4 generated images
+    assert _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'text'") == 12
+    joined = _count(store, "SELECT count(*) FROM samples s JOIN embeddings e ON e.content_hash = s.text_hash")
+    assert joined == 30
+    norms = catalog.query(store, "SELECT list_dot_product(vector, vector) FROM embeddings").column(0).to_pylist()
+    assert np.allclose(norms, 1.0, atol=3e-3)
+    splits = catalog.query(store, "SELECT group_key, count(DISTINCT split) FROM samples GROUP BY 1").to_pylist()
+    assert len(splits) == 6 and all(list(r.values())[1] == 1 for r in splits)
+    again = import_features(ImportConfig(src, "h5", store, "ViT-L-14__openai__imported"))
+    assert again.samples_added == again.vectors_added == 0
+
+
+def test_clip_retrieval_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cr"
+    for sub in ("img_emb", "text_emb", "metadata", "images"):
+        (root / sub).mkdir(parents=True)
+    (root / "images" / "a.jpg").write_bytes(jpeg((3, 3, 3)))
+    np.save(root / "img_emb" / "img_emb_0.npy", rng.normal(size=(2, 16)).astype(np.float16))
+    np.save(root / "text_emb" / "text_emb_0.npy", rng.normal(size=(2, 16)).astype(np.float16))
+    pq.write_table(pa.table({"image_path": ["images/a.jpg", "gone/b.jpg"], "caption": ["cap a", "cap b"]}),
+                   root / "metadata" / "metadata_0.parquet")
+    store = Store(tmp_path / "store")
+    with pytest.raises(PipelineError, match="--generator"):
+        import_features(ImportConfig(root, "clip-retrieval", store, "ViT-B-32__laion"))
+    result = import_features(ImportConfig(root, "clip-retrieval", store, "ViT-B-32__laion", generator="real"))
+    assert result.samples_added == 2 and result.vectors_added == 4
+    rows = {r["text"]: r for r in catalog.query(store, "SELECT * FROM samples").to_pylist()}
+    import hashlib
+
+    assert rows["cap a"]["sample_id"] == hashlib.sha256(jpeg((3, 3, 3))).hexdigest()
+    assert rows["cap a"]["source_format"] == "clip-retrieval"  # still encodable by other models
+    assert rows["cap b"]["source_format"] == "features:clip-retrieval"
+    assert rows["cap b"]["text_hash"] == hashlib.sha256(b"cap b").hexdigest()
