@@ -24,7 +24,7 @@ class DemoConfig:
     root: Path = Path("data/demo")
     rows: int = 40
     model: str = DEMO_MODEL
-    workers: int = 1
+    workers: int | None = None
     fresh: bool = True
 
 
