@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 PARQUET_COMPRESSION = "zstd"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -6,7 +6,6 @@ Every failure the user can fix arrives as a `PipelineError` and is printed as on
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -373,6 +372,7 @@ def demo(
     """
     from pipeline.demo import DemoConfig, run_demo
     from pipeline.sql import run_query
+    from pipeline.status import status as store_status
 
     out.rule("[bold]pipeline demo")
     out.print("[bold yellow]Synthetic data, random weights.[/] The images are drawn by numpy and the "
@@ -388,11 +388,12 @@ def demo(
     out.print("[green]encode, second run[/]:", end=" ")
     _print_encode_result(result.encoded_again)
     with _errors(ctx):
-        show_status(__import__("pipeline.status", fromlist=["status"]).status(result.store))
+        show_status(store_status(result.store))
         for title, query in DEMO_QUERIES:
             out.print(f"[dim]$ pipeline sql --store {result.store.root} \"{query}\"[/]")
             render_table(run_query(result.store, query), title)
-    out.print(f"Store: {result.store.root}  (try: pipeline sql --store {result.store.root} \"SELECT * FROM samples LIMIT 5\")")
+    example = "SELECT * FROM samples LIMIT 5"
+    out.print(f"Store: {result.store.root}  (try: pipeline sql --store {result.store.root} \"{example}\")")
 
 
 @catalog_app.command("rebuild")
@@ -410,4 +411,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -344,7 +344,7 @@ def _decoded_batches(rows: list[dict[str, Any]], encoder: Encoder, config: Encod
     yield from loader
 
 
-def _identity(batch: DecodedBatch) -> DecodedBatch:
+def _identity(batch: Any) -> Any:
     return batch
 
 

@@ -182,20 +182,21 @@ def _clip_retrieval_chunks(config: ImportConfig) -> Iterator[_Chunk]:
         if not (len(meta) == len(img_v) == len(txt_v)):
             raise PipelineError(f"Shard {i}: {len(meta)} metadata rows, {len(img_v)} image and "
                                 f"{len(txt_v)} text vectors; they must match.")
-        samples, img_h, txt_h = [], [], []
+        samples: list[dict[str, Any]] = []
+        img_h, txt_h = [], []
         for row, ivec, tvec in zip(meta, img_v, txt_v, strict=True):
             label, generator = _label(row, config.generator, meta_file)
             image_path = Path(row["image_path"]) if row.get("image_path") else None
             if image_path is not None and not image_path.is_absolute():
                 image_path = root / image_path
-            readable = image_path is not None and image_path.is_file()
-            ih = hashlib.sha256(image_path.read_bytes()).hexdigest() if readable else vector_hash("image", ivec)
+            readable = image_path if image_path is not None and image_path.is_file() else None
+            ih = hashlib.sha256(readable.read_bytes()).hexdigest() if readable else vector_hash("image", ivec)
             caption = row.get("caption")
             th = text_hash(caption) if caption else vector_hash("text", tvec)
             group = f"image:{ih}"
             split = assign_split(group, config.split_fractions, config.split_seed)
             fmt = "clip-retrieval" if readable else "features:clip-retrieval"
-            uri = str(image_path.resolve()) if readable else str(meta_file.resolve())
+            uri = str(readable.resolve()) if readable else str(meta_file.resolve())
             samples.append(_sample(ih, label, generator, split, group, caption, th, fmt, uri,
                                    None if readable else "image_path", None if readable else len(samples), now))
             img_h.append(ih)

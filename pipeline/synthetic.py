@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -57,7 +58,7 @@ def make_d3(
     for i in range(rows):
         row_id = f"{i:06d}"
         subject = f"{_OBJECTS[i % len(_OBJECTS)]} {_PLACES[(i // len(_OBJECTS)) % len(_PLACES)]}"
-        record = {
+        record: dict[str, Any] = {
             "id": row_id,
             "original_prompt": f"Photo of {subject}, taken by user {int(rng.integers(1000, 9999))}",
             "positive_prompt": f"{subject}, highly detailed, trending on artstation, 8k",
