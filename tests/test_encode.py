@@ -211,3 +211,14 @@ def test_local_checkpoint_is_loaded_and_keyed_by_digest(d3_store: Store, tmp_pat
     assert "__ckpt-" in from_file.model_key and not from_file.info["random_weights"]
     for a, b in zip(loaded.model.state_dict().values(), from_file.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_each_model_key_has_its_own_cache(d3_store: Store) -> None:
+    first = encode(encode_config(d3_store))
+    other = encode(encode_config(d3_store).__class__(d3_store, ModelSpec(TINY, seed=1), workers=0))
+    assert other.model_key != first.model_key and other.images_encoded == first.images_encoded
+    per_key = catalog.query(
+        d3_store, "SELECT model_key, count(*) AS n FROM embeddings GROUP BY 1 ORDER BY 1"
+    ).to_pylist()
+    assert [r["n"] for r in per_key] == [first.images_encoded + first.texts_encoded] * 2
+    assert sorted(catalog.model_keys(d3_store)) == sorted([first.model_key, other.model_key])
