@@ -1,4 +1,4 @@
-"""The detector of Santosh et al. (2024): models, losses, optimisers, metrics — plain torch.
+"""The detector of Santosh et al. (2024): MLP, CVaR + AUC losses, SAM, metrics, the fit loop.
 
-Importable without DuckDB or open_clip; it knows tensors, not files. (Built under the trainer issue.)
+Plain torch: importable without DuckDB or open_clip; it knows tensors, not files.
 """
