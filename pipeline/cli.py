@@ -326,6 +326,142 @@ def import_features(
               f"as {result.model_key}; {result.already_present} samples were already present.")
 
 
+def _train_overrides(**flags: Any) -> dict[str, Any]:
+    """CLI flags that were given (not None), as flat config keys."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _base_config(config: Path | None) -> dict[str, Any]:
+    import tomllib
+
+    if config is None:
+        return {}
+    try:
+        return tomllib.loads(config.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PipelineError(f"Cannot read {config}: {exc}") from exc
+
+
+def _random_banner(random_weights: bool | None) -> None:
+    if random_weights:
+        out.print("[bold yellow]RANDOM-WEIGHT EMBEDDINGS[/]: the features come from a CLIP with random "
+                  "weights; these metrics test the pipeline, they say nothing about CLIP.")
+
+
+@app.command("train")
+def train_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="TOML file of options (flags below override it).")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
+    features: Annotated[str | None, typer.Option(help="image | text | image+text")] = None,
+    pairing: Annotated[str | None, typer.Option(help="as-ingested | shared (one text per real image and "
+                                                "its generated siblings: removes caption shortcuts)")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    cvar: Annotated[bool | None, typer.Option("--cvar/--no-cvar", help="CVaR loss (level --cvar-alpha).")] = None,
+    cvar_alpha: Annotated[float | None, typer.Option()] = None,
+    auc: Annotated[bool | None, typer.Option("--auc/--no-auc", help="AUC loss, weight 1 − --auc-gamma.")] = None,
+    auc_gamma: Annotated[float | None, typer.Option()] = None,
+    sam: Annotated[bool | None, typer.Option("--sam/--no-sam", help="SAM optimiser (radius --sam-rho).")] = None,
+    sam_rho: Annotated[float | None, typer.Option()] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 autocast for the MLP.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
+) -> None:
+    """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
+
+    Defaults are the paper's: image+text features, CVaR α 0.8, AUC η 0.6 p 2 γ 0.5, SAM ρ 0.05,
+    AdamW lr 1e-3, batch 2048, 32 epochs. The best validation epoch is kept.
+    """
+    from pipeline.train import TrainConfig
+    from pipeline.train import train as run
+
+    with _errors(ctx):
+        options = {**_base_config(config), **_train_overrides(
+            model_key=model_key, features=features, pairing=pairing, epochs=epochs, batch_size=batch_size,
+            lr=lr, cvar=cvar, cvar_alpha=cvar_alpha, auc=auc, auc_gamma=auc_gamma, sam=sam, sam_rho=sam_rho,
+            bf16=bf16, seed=seed, name=name)}
+        train_config = TrainConfig.from_dict(options)
+        result = run(Store(store), train_config, on_epoch=lambda r: err.print(
+            f"epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val auc {r.get('val_auc', float('nan')):.4f}"))
+    _random_banner(result.random_weights)
+    test = result.metrics["test"]
+    out.print(f"[green]run[/] {result.run_id}: best epoch {result.metrics['best_epoch']}, "
+              f"val AUC {result.metrics['val'].get('auc', float('nan')):.4f}, "
+              f"test AUC {test.get('auc', float('nan')):.4f}, AP {test.get('ap', float('nan')):.4f}, "
+              f"accuracy {test.get('accuracy', float('nan')):.4f}")
+    for gen, value in test.get("auc_by_generator", {}).items():
+        out.print(f"  {gen}: test AUC {value:.4f}")
+    out.print(f'[dim]scores: pipeline sql "SELECT * FROM scores WHERE run_id = \'{result.run_id}\' LIMIT 10"[/]')
+
+
+@app.command("sweep")
+def sweep_cmd(
+    ctx: typer.Context,
+    grid: Annotated[Path, typer.Option(help="TOML with [base] and [grid] (crossed lists) or [[runs]].")],
+    store: StoreOpt = DEFAULT_STORE,
+    jobs: Annotated[int, typer.Option(help="Runs in parallel (processes).")] = 1,
+) -> None:
+    """Train many configs over the same cached features; configs already run are skipped."""
+    from pipeline.sweep import grid_configs, sweep
+
+    with _errors(ctx):
+        result = sweep(Store(store), grid_configs(grid), jobs)
+    view = Table(title="sweep", header_style="bold", title_justify="left")
+    for col in ("run_id", "options", "status", "val AUC", "test AUC"):
+        view.add_column(col)
+    for row in result.rows:
+        opts = ", ".join(f"{k}={v}" for k, v in row.overrides.items())
+        view.add_row(row.run_id, opts, "skipped (exists)" if row.skipped else "trained",
+                     _cell(row.val_auc), _cell(row.test_auc))
+    out.print(view)
+    out.print(f"open_clip imported by this sweep: {'yes' if result.open_clip_imported else 'no'}")
+
+
+@app.command("experiment")
+def experiment_cmd(
+    ctx: typer.Context,
+    table: Annotated[str, typer.Argument(help="table1 | table2")],
+    store: StoreOpt = DEFAULT_STORE,
+    model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML of base options for every row.")] = None,
+    pairing: Annotated[str | None, typer.Option(help="as-ingested | shared")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Reproduce the paper's Table 1 (baselines vs method, + text-only) or Table 2 (ablation)."""
+    from pipeline.experiment import TABLES, run_experiment
+
+    with _errors(ctx):
+        if table not in TABLES:
+            raise PipelineError(f"Unknown experiment {table!r}: choose table1 or table2.")
+        base = {**_base_config(config), **_train_overrides(
+            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size)}
+        result = run_experiment(Store(store), table, base, on_row=lambda label, run: err.print(
+            f"{label}: {'reused' if run.skipped else 'trained'} {run.run_id}"))
+    from rich.markdown import Markdown
+
+    out.print(Markdown(result.markdown))
+    out.print(f"[green]wrote[/] {result.path}")
+
+
+@app.command("score")
+def score_cmd(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The run whose detector scores the samples.")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Score every encoded sample that this run has not scored yet (e.g. newly ingested ones)."""
+    from pipeline.score import score
+
+    with _errors(ctx):
+        result = score(Store(store), run)
+    out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
+              f"({result.already_scored} already had a score).")
+
+
 @app.command()
 def models() -> None:
     """List the open_clip architectures and pretrained tags known here (weights need a network)."""

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def decode_batch(
 ) -> DecodedBatch:
     """Read and preprocess a batch of sample rows; undecodable ones become quarantine rows."""
     tensors, hashes, failures = [], [], []
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for row in rows:
         loc = Location.from_row(row)
         try:

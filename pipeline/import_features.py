@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def _h5_chunks(config: ImportConfig) -> Iterator[_Chunk]:
     if not files:
         raise PipelineError(f"{config.source} holds no .h5 files.")
     image_sets = ["real"] + [f"image_gen{k}" for k in range(4)]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for path in files:
         with h5py.File(path, "r") as f:
             missing = [d for d in image_sets + ["original_prompt", "positive_prompt"] if d not in f]
@@ -169,7 +169,7 @@ def _clip_retrieval_chunks(config: ImportConfig) -> Iterator[_Chunk]:
     img_files = sorted((root / "img_emb").glob("*.npy"), key=_index)
     if not img_files:
         raise PipelineError(f"{root} has no img_emb/*.npy: not a clip-retrieval output folder.")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for img_file in img_files:
         i = _index(img_file)
         meta_file = root / "metadata" / f"metadata_{i}.parquet"

@@ -11,7 +11,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -65,7 +65,7 @@ def ingest(config: IngestConfig, progress: Callable[[int], None] | None = None) 
     result = IngestResult()
     samples: list[dict] = []
     problems: list[dict] = []
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for item in _items(config):
         if progress:
             progress(1)

@@ -69,8 +69,12 @@ RUNS = stamp(
     pa.schema(
         [
             pa.field("run_id", pa.string(), nullable=False),
-            pa.field("config_hash", pa.string(), nullable=False),
+            pa.field("name", pa.string()),  # a label for people; not part of the config hash
+            pa.field("config_hash", pa.string(), nullable=False),  # config + data fingerprint
             pa.field("model_key", pa.string(), nullable=False),
+            pa.field("features", pa.string(), nullable=False),  # image | text | image+text
+            pa.field("val_auc", pa.float64()),
+            pa.field("test_auc", pa.float64()),
             pa.field("config_json", pa.string(), nullable=False),
             pa.field("metrics_json", pa.string(), nullable=False),
             pa.field("checkpoint", pa.string()),

@@ -42,3 +42,44 @@ def d3_store(tmp_path: Path, d3: SyntheticD3) -> Store:
     store = Store(tmp_path / "store")
     ingest(IngestConfig(d3.parquet, "d3", store, real_images=d3.real_images))
     return store
+
+
+def planted_store(
+    root: Path,
+    rows: int = 400,
+    dim: int = 16,
+    signal: float = 1.0,
+    shuffle_labels: bool = False,
+    text_shortcut: float = 0.0,
+    seed: int = 0,
+    file_name: str = "0000.h5",
+) -> Store:
+    """A store of imported features (reference HDF5 layout) with a planted image signal.
+
+    Generated image vectors are shifted by `signal` along a fixed direction; `shuffle_labels`
+    redistributes all image vectors at random over real/generated (no signal left);
+    `text_shortcut` shifts the prompts' vectors away from the captions'.
+    """
+    import h5py
+
+    from pipeline.import_features import ImportConfig, import_features
+
+    rng = np.random.default_rng(seed)
+    direction = np.random.default_rng(99).normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    real = rng.normal(size=(rows, dim))
+    gens = [rng.normal(size=(rows, dim)) + signal * direction for _ in range(4)]
+    if shuffle_labels:
+        pool = np.concatenate([real, *gens])[rng.permutation(5 * rows)]
+        real, gens = pool[:rows], [pool[(k + 1) * rows:(k + 2) * rows] for k in range(4)]
+    src = root / "h5"
+    src.mkdir(parents=True, exist_ok=True)
+    with h5py.File(src / file_name, "w") as f:
+        f["real"] = real.astype(np.float32)
+        for k, g in enumerate(gens):
+            f[f"image_gen{k}"] = g.astype(np.float32)
+        f["original_prompt"] = rng.normal(size=(rows, dim)).astype(np.float32)
+        f["positive_prompt"] = (rng.normal(size=(rows, dim)) + text_shortcut * direction[::-1]).astype(np.float32)
+    store = Store(root / "store")
+    import_features(ImportConfig(src / file_name, "h5", store, "planted"))
+    return store

@@ -124,7 +124,8 @@ def fit(
                   for k, v in val.items() if not isinstance(v, dict)}}
         result.history.append(record)
         val_auc = val.get("auc", float("nan"))
-        if result.best_epoch < 0 or (not math.isnan(val_auc) and val_auc > result.best_val_auc):
+        if math.isnan(val_auc) or result.best_epoch < 0 or val_auc > result.best_val_auc:
+            # no validation signal (empty split): the latest weights are the best we know
             result.best_epoch, result.best_val_auc = epoch, val_auc
             result.best_state = copy.deepcopy(model.state_dict())
         if on_epoch:

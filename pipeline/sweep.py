@@ -1,0 +1,101 @@
+"""Stage `sweep`: many training configs over the same cached features; CLIP is never loaded.
+
+A grid file (TOML) has `[base]` options for every run, and either `[grid]` (lists of values,
+crossed) or `[[runs]]` (one table per run). Configs whose hash (config + data) already has a run
+are skipped, so a sweep that was interrupted resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import catalog
+from pipeline.errors import PipelineError
+from pipeline.features import feature_table, resolve_model_key
+from pipeline.store import Store
+from pipeline.train import TrainConfig, train
+
+
+@dataclass
+class SweepRow:
+    run_id: str
+    name: str | None
+    skipped: bool
+    val_auc: float | None
+    test_auc: float | None
+    overrides: dict[str, Any]
+
+
+@dataclass
+class SweepResult:
+    rows: list[SweepRow] = field(default_factory=list)
+    open_clip_imported: bool = False
+
+
+def grid_configs(grid_file: Path) -> list[dict[str, Any]]:
+    try:
+        spec = tomllib.loads(grid_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PipelineError(f"Cannot read grid {grid_file}: {exc}") from exc
+    return expand(spec)
+
+
+def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """[base] + either the Cartesian product of [grid] or the listed [[runs]] (flat option dicts)."""
+    base = spec.get("base", {})
+    grid, runs = spec.get("grid"), spec.get("runs")
+    if (grid is None) == (runs is None):
+        raise PipelineError("A grid file needs either a [grid] table or [[runs]] entries (one of them).")
+    if grid is not None:
+        keys = sorted(grid)
+        values = [v if isinstance(v, list) else [v] for v in (grid[k] for k in keys)]
+        overrides = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+    else:
+        overrides = list(runs or [])
+    configs = [{**base, **o, "__overrides__": o} for o in overrides]
+    for c in configs:  # validate every config before running any
+        TrainConfig.from_dict({k: v for k, v in c.items() if k != "__overrides__"})
+    return configs
+
+
+def sweep(store: Store, configs: list[dict[str, Any]], jobs: int = 1) -> SweepResult:
+    if jobs < 1:
+        raise PipelineError("--jobs must be at least 1.")
+    catalog.reconcile(store)
+    # build each feature table once, here, so parallel jobs never race to build it
+    for c in configs:
+        cfg = TrainConfig.from_dict({k: v for k, v in c.items() if k != "__overrides__"})
+        feature_table(store, resolve_model_key(store, cfg.model_key), cfg.pairing)
+    if jobs == 1:
+        rows = [_run_one(store.root, c, threads=None) for c in configs]
+    else:
+        threads = max(1, (os.cpu_count() or 2) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            rows = list(pool.map(_run_one, [store.root] * len(configs), configs, [threads] * len(configs)))
+    return SweepResult(rows, open_clip_imported="open_clip" in sys.modules)
+
+
+def _run_one(root: Path, flat: dict[str, Any], threads: int | None) -> SweepRow:
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = flat.get("__overrides__", {})
+    config = TrainConfig.from_dict({k: v for k, v in flat.items() if k != "__overrides__"})
+    result = train(Store(root), config, skip_existing=True)
+    return SweepRow(
+        run_id=result.run_id,
+        name=config.name,
+        skipped=result.skipped,
+        val_auc=result.metrics.get("val", {}).get("auc"),
+        test_auc=result.metrics.get("test", {}).get("auc"),
+        overrides=overrides,
+    )
