@@ -15,6 +15,7 @@ from pipeline.ingest import IngestConfig, IngestResult, ingest
 from pipeline.progress import Reporter
 from pipeline.store import Store
 from pipeline.synthetic import SyntheticD3, make_d3
+from pipeline.train import TrainConfig, TrainResult, train
 
 DEMO_MODEL = "Tiny-ViT-16"
 
@@ -22,7 +23,7 @@ DEMO_MODEL = "Tiny-ViT-16"
 @dataclass(frozen=True)
 class DemoConfig:
     root: Path = Path("data/demo")
-    rows: int = 40
+    rows: int = 100
     model: str = DEMO_MODEL
     workers: int | None = None
     fresh: bool = True
@@ -35,6 +36,7 @@ class DemoResult:
     ingested: IngestResult
     encoded: EncodeResult
     encoded_again: EncodeResult
+    trained: TrainResult
 
 
 def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
@@ -46,4 +48,6 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult
     encode_config = EncodeConfig(store, ModelSpec(config.model), workers=config.workers, batch_size=32)
     encoded = encode(encode_config, reporter)
     encoded_again = encode(encode_config, reporter)
-    return DemoResult(data, store, ingested, encoded, encoded_again)
+    # the paper's method on the cached features; small data, so a few epochs with a higher lr
+    trained = train(store, TrainConfig.from_dict({"epochs": 8, "batch_size": 64, "lr": 1e-2, "name": "demo"}))
+    return DemoResult(data, store, ingested, encoded, encoded_again, trained)

@@ -47,3 +47,31 @@ def test_errors_are_one_sentence_without_traceback(tmp_path: Path) -> None:
     assert code == 2 and "--format must be one of" in out and "Traceback" not in out
     code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"), "--format", "csv")
     assert code == 2 and "--output" in out
+
+
+def test_train_sweep_experiment_score_from_the_cli(tmp_path: Path) -> None:
+    from tests.conftest import planted_store
+
+    store = str(planted_store(tmp_path, rows=200, dim=8, signal=4.0).root)
+    fast = ["--epochs", "2", "--batch-size", "128", "--store", store]
+    code, out = _run("train", *fast, "--features", "image", "--no-sam", "--name", "cli")
+    assert code == 0 and "test AUC" in out, out
+    run_id = out.split("run ", 1)[1].split(":", 1)[0].strip()
+    code, out = _run("sql", "SELECT name, features FROM runs", "--store", store, "--format", "json",
+                     "--output", str(tmp_path / "runs.json"))
+    assert code == 0 and '"name": "cli"' in (tmp_path / "runs.json").read_text()
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[base]\nepochs = 1\nbatch_size = 128\n[[runs]]\nsam = false\n[[runs]]\nsam = true\n")
+    code, out = _run("sweep", "--grid", str(grid), "--store", store)
+    assert code == 0 and out.count("trained") == 2 and "open_clip imported by this sweep:" in out, out
+    # (whether it says no is proven in a fresh process: test_train.py; here the demo test imported it)
+    code, out = _run("sweep", "--grid", str(grid), "--store", store)
+    assert code == 0 and out.count("skipped (exists)") == 2
+    code, out = _run("experiment", "table1", *fast)
+    assert code == 0 and "Text only" in out and "wrote" in out, out
+    code, out = _run("score", "--run", run_id, "--store", store)
+    assert code == 0 and "scored 0 samples" in out, out
+    code, out = _run("train", *fast, "--cvar-alpha", "2")
+    assert code == 2 and "--cvar-alpha" in out and "Traceback" not in out
+    code, out = _run("score", "--run", "nope", "--store", store)
+    assert code == 2 and "No run 'nope'" in out
