@@ -118,6 +118,14 @@ def query(store: Store, sql: str, params: list[object] | None = None) -> pa.Tabl
         return con.sql(sql, params=params or None).to_arrow_table()
 
 
+def query_with(store: Store, sql: str, tables: dict[str, pa.Table], params: list[object] | None = None) -> pa.Table:
+    """`query` with Arrow tables registered under the given names for the duration of the query."""
+    with connect(store, read_only=True) as con:
+        for name, table in tables.items():
+            con.register(name, table)
+        return con.sql(sql, params=params or None).to_arrow_table()
+
+
 def model_keys(store: Store) -> list[str]:
     if not store.catalog_path.exists():
         return []

@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 catalog_app = typer.Typer(help="Maintain the DuckDB catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+index_app = typer.Typer(help="FAISS indexes over cached vectors.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 out = Console()
 err = Console(stderr=True)
 
@@ -253,19 +255,26 @@ def sql(
     query: Annotated[str, typer.Argument(help="One SELECT over samples, embeddings, quarantine, runs, scores.")],
     store: StoreOpt = DEFAULT_STORE,
     format: Annotated[str, typer.Option("--format", help="table | csv | json | parquet")] = "table",
-    output: Annotated[Path | None, typer.Option(help="File to write (required unless --format table).")] = None,
+    output: Annotated[Path | None, typer.Option(help="File to write (parquet needs one; csv and json "
+                                                "without one go to stdout).")] = None,
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
-    """Run a read-only SQL query over the store's views and print or export the result."""
-    from pipeline.sql import export, run_query
+    """Run a read-only SQL query over the store's views (samples, embeddings, quarantine, runs, scores,
+    indexes, leaks) and print or export the result."""
+    from pipeline.sql import EXPORT_FORMATS, export, run_query, to_text
 
     with _errors(ctx):
-        if format != "table" and output is None:
-            raise PipelineError(f"--format {format} writes a file: give --output FILE.")
+        if format != "table" and format not in EXPORT_FORMATS:
+            raise PipelineError(f"--format must be table or one of {', '.join(EXPORT_FORMATS)}.")
+        if format == "parquet" and output is None:
+            raise PipelineError("--format parquet writes a file: give --output FILE.")
         table = run_query(Store(store), query)
         if output is not None:
             path = export(table, output, "parquet" if format == "table" else format)
-            out.print(f"[green]wrote[/] {table.num_rows} rows to {path}")
+            err.print(f"[green]wrote[/] {table.num_rows} rows to {path}")
+            return
+        if format != "table":
+            typer.echo(to_text(table, format), nl=False)
             return
     render_table(table, max_rows=max_rows)
 
@@ -368,6 +377,12 @@ def train_cmd(
     sam_rho: Annotated[float | None, typer.Option()] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 autocast for the MLP.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    detector: Annotated[str | None, typer.Option(help="mlp (the paper's) | knn (vote of the nearest "
+                                                 "training samples, k chosen on val)")] = None,
+    exclude_leaks: Annotated[bool | None, typer.Option(
+        "--exclude-leaks/--keep-leaks", help="Leave val/test samples with a near-duplicate in an earlier split "
+        "out of the metrics (needs `pipeline leaks`).")] = None,
+    leak_threshold: Annotated[float | None, typer.Option(help="Cosine similarity of a near-duplicate.")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
 ) -> None:
     """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
@@ -382,13 +397,16 @@ def train_cmd(
         options = {**_base_config(config), **_train_overrides(
             model_key=model_key, features=features, pairing=pairing, epochs=epochs, batch_size=batch_size,
             lr=lr, cvar=cvar, cvar_alpha=cvar_alpha, auc=auc, auc_gamma=auc_gamma, sam=sam, sam_rho=sam_rho,
-            bf16=bf16, seed=seed, name=name)}
+            bf16=bf16, seed=seed, detector=detector, exclude_leaks=exclude_leaks, leak_threshold=leak_threshold,
+            name=name)}
         train_config = TrainConfig.from_dict(options)
         result = run(Store(store), train_config, on_epoch=lambda r: err.print(
             f"epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val auc {r.get('val_auc', float('nan')):.4f}"))
     _random_banner(result.random_weights)
     test = result.metrics["test"]
-    out.print(f"[green]run[/] {result.run_id}: best epoch {result.metrics['best_epoch']}, "
+    chosen = (f"k = {result.metrics['k']}" if "k" in result.metrics
+              else f"best epoch {result.metrics.get('best_epoch')}")
+    out.print(f"[green]run[/] {result.run_id}: {chosen}, "
               f"val AUC {result.metrics['val'].get('auc', float('nan')):.4f}, "
               f"test AUC {test.get('auc', float('nan')):.4f}, AP {test.get('ap', float('nan')):.4f}, "
               f"accuracy {test.get('accuracy', float('nan')):.4f}")
@@ -430,21 +448,26 @@ def experiment_cmd(
     pairing: Annotated[str | None, typer.Option(help="as-ingested | shared")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
+    exclude_leaks: Annotated[bool | None, typer.Option(
+        "--exclude-leaks/--keep-leaks", help="Leave leaking val/test samples out of every row's metrics.")] = None,
 ) -> None:
-    """Reproduce the paper's Table 1 (baselines vs method, + text-only) or Table 2 (ablation)."""
+    """Reproduce the paper's Table 1 (baselines vs method, + text-only, + kNN) or Table 2 (ablation).
+
+    Writes the table as Markdown and as an HTML page with its bars under STORE/reports/.
+    """
     from pipeline.experiment import TABLES, run_experiment
 
     with _errors(ctx):
         if table not in TABLES:
             raise PipelineError(f"Unknown experiment {table!r}: choose table1 or table2.")
         base = {**_base_config(config), **_train_overrides(
-            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size)}
+            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks)}
         result = run_experiment(Store(store), table, base, on_row=lambda label, run: err.print(
             f"{label}: {'reused' if run.skipped else 'trained'} {run.run_id}"))
     from rich.markdown import Markdown
 
     out.print(Markdown(result.markdown))
-    out.print(f"[green]wrote[/] {result.path}")
+    out.print(f"[green]wrote[/] {result.path} and {result.page}")
 
 
 @app.command("score")
@@ -460,6 +483,134 @@ def score_cmd(
         result = score(Store(store), run)
     out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
               f"({result.already_scored} already had a score).")
+
+
+@index_app.command("build")
+def index_build(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
+    kind: Annotated[str, typer.Option(help="auto (flat below 100k vectors, else ivf) | flat | ivf | hnsw")] = "auto",
+    vectors: Annotated[str, typer.Option(help="image | text")] = "image",
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 4·√n).")] = None,
+    target_recall: Annotated[float, typer.Option(help="Approximate kinds widen their search to reach this "
+                                                 "recall@10 against exact search.")] = 0.95,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the embeddings did not change.")] = False,
+) -> None:
+    """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
+    from pipeline.index import IndexConfig, build_index
+
+    with _errors(ctx):
+        if not 0 < target_recall <= 1:
+            raise PipelineError("--target-recall must lie in (0, 1].")
+        with RichReporter() as reporter:
+            info = build_index(IndexConfig(Store(store), model_key, kind, vectors, nlist,
+                                           target_recall=target_recall, force=force), reporter)
+    verb = "built" if info.built else "up to date (embeddings unchanged), reused"
+    out.print(f"[green]{verb}[/] {info.kind} index {info.index_id}: {info.vectors:,} × {info.dim} "
+              f"{info.modality} vectors of {info.model_key}, params {info.params}, {info.build_seconds:.2f} s")
+    if info.kind != "flat":
+        tried = ", ".join(f"{b}: {r:.3f}" for b, r in info.recall_by_breadth.items())
+        by = f" (by search breadth {tried})" if tried else ""
+        out.print(f"recall@10 against exact search: {info.recall_at_10:.4f}{by}")
+
+
+@app.command()
+def neighbors(
+    ctx: typer.Context,
+    sample_id: Annotated[str | None, typer.Option(help="A sample in the store (a unique prefix will do).")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image file, encoded now with the store's model.")] = None,
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    store: StoreOpt = DEFAULT_STORE,
+    model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="Show this run's score of each neighbour.")] = None,
+    vectors: Annotated[str, typer.Option(help="image | text")] = "image",
+) -> None:
+    """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
+    from pipeline.neighbors import NeighborQuery
+    from pipeline.neighbors import neighbors as find
+
+    with _errors(ctx):
+        result = find(NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors))
+    _random_banner(result.random_weights)
+    render_table(result.rows, title=f"{k} nearest {vectors} neighbours of {result.query} "
+                                    f"({result.index_kind} index, {result.model_key})")
+
+
+@app.command()
+def leaks(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which two images are "
+                                             "near-duplicates.")] = 0.95,
+    k: Annotated[int, typer.Option("-k", help="Neighbours examined per val/test image.")] = 10,
+    exact: Annotated[bool, typer.Option(help="Search exhaustively (flat) whatever the store's size.")] = False,
+) -> None:
+    """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
+    from pipeline.leaks import LeakConfig, find_leaks
+
+    with _errors(ctx):
+        with RichReporter() as reporter:
+            result = find_leaks(LeakConfig(Store(store), model_key, threshold, k, exact), reporter)
+    _random_banner(_model_random(Store(store), result.model_key))
+    approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
+        f"{result.recall_at_10:.3f}; --exact searches exhaustively)"
+    out.print(f"searched {result.queries:,} val/test images at similarity ≥ {threshold}{approx}: "
+              f"{result.pairs.num_rows:,} cross-split pairs")
+    if result.by_split_pair.num_rows:
+        render_table(result.by_split_pair, title="pairs per split pair")
+    out.print(f'[dim]pipeline sql "SELECT * FROM leaks WHERE threshold = {threshold} ORDER BY similarity DESC"; '
+              "train/experiment/report take --exclude-leaks[/]")
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The run to report.")],
+    store: StoreOpt = DEFAULT_STORE,
+    output: Annotated[Path | None, typer.Option(help="Directory (default STORE/reports/run-RUN).")] = None,
+    split: Annotated[str, typer.Option(help="Which split the figures show.")] = "test",
+    threshold: Annotated[float, typer.Option(help="Score threshold of the confusion matrix.")] = 0.5,
+    exclude_leaks: Annotated[bool, typer.Option(help="Leave leaking samples out (needs `pipeline leaks`).")] = False,
+) -> None:
+    """A static HTML page + PNGs of a run: ROC, AUC per generator, score histograms, confusion matrix."""
+    from pipeline.report import run_report
+
+    with _errors(ctx):
+        result = run_report(Store(store), run, output, split, threshold, exclude_leaks)
+    out.print(f"[green]wrote[/] {result.page} with {', '.join(f.name for f in result.files)}")
+
+
+@app.command()
+def landscape(
+    ctx: typer.Context,
+    run: Annotated[list[str], typer.Option("--run", help="A run; give --run twice to compare (e.g. SAM vs not).")],
+    store: StoreOpt = DEFAULT_STORE,
+    dims: Annotated[int, typer.Option(help="1: a curve; 2: a contour plot.")] = 1,
+    steps: Annotated[int | None, typer.Option(help="Points per axis (default 41 for 1-D, 17 for 2-D).")] = None,
+    span: Annotated[float, typer.Option(help="Coordinates run over [-span, span].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random directions.")] = 0,
+    output: Annotated[Path | None, typer.Option(help="PNG path (default under STORE/reports/).")] = None,
+) -> None:
+    """Loss around trained weights along filter-normalised random directions (Li et al. 2018; Figure 3)."""
+    from pipeline.landscape import LandscapeConfig
+    from pipeline.landscape import landscape as draw
+
+    with _errors(ctx):
+        result = draw(LandscapeConfig(Store(store), tuple(run), dims, steps, span, seed, output))
+    for s in result.surfaces:
+        rec = "–" if s.recorded_eval_loss is None else f"{s.recorded_eval_loss:.6f}"
+        out.print(f"{s.label}: loss at the trained weights {s.centre_loss:.6f} (run recorded {rec}); "
+                  f"range {s.losses.min():.4f} … {s.losses.max():.4f}")
+    out.print(f"[green]wrote[/] {result.png} and {result.data}")
+
+
+def _model_random(store: Store, model_key: str) -> bool | None:
+    import json
+
+    path = store.embeddings_dir(model_key) / "model.json"
+    return json.loads(path.read_text()).get("random_weights") if path.exists() else None
 
 
 @app.command()

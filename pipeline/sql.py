@@ -5,12 +5,13 @@ Only SELECT-like statements run (checked by DuckDB's own parser), on a read-only
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import catalog
@@ -44,10 +45,23 @@ def export(table: pa.Table, path: Path, fmt: str) -> Path:
         raise PipelineError(f"--format must be table or one of {', '.join(EXPORT_FORMATS)}.")
     if fmt == "parquet":
         return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-    if fmt == "csv":
-        return atomic_write(path, lambda tmp: pacsv.write_csv(_flat(table), tmp))
-    lines = "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist())
-    return atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    text = to_text(table, fmt)
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def to_text(table: pa.Table, fmt: str) -> str:
+    """CSV (with a header) or JSON lines."""
+    if fmt == "csv":  # quoted only where needed, so one column pipes straight into a shell
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        flat = _flat(table)
+        writer.writerow(flat.column_names)
+        for batch in flat.to_batches(65536):
+            writer.writerows(zip(*(c.to_pylist() for c in batch.columns), strict=True))
+        return buf.getvalue()
+    if fmt == "json":
+        return "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist())
+    raise PipelineError(f"--format {fmt} cannot be printed: give --output FILE.")
 
 
 def _flat(table: pa.Table) -> pa.Table:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_STORE = Path("data/store")
-DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores")
+DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", "leaks")
 
 
 @dataclass(frozen=True)

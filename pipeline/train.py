@@ -34,6 +34,8 @@ from trainer.fit import FitConfig, build_model, fit, predict
 from trainer.metrics import summary
 
 SPLITS = ("train", "val", "test")
+DETECTORS = ("mlp", "knn")
+EVAL_ROWS = 2048  # the fixed evaluation set: the first rows of the val split in table order
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class TrainConfig:
     batch_size: int = 2048
     shuffle_buffer: int = 65536
     seed: int = 0
+    detector: str = "mlp"  # mlp: the paper's detector | knn: vote of the nearest training samples
+    exclude_leaks: bool = False  # drop val/test samples with a near-duplicate in an earlier split
+    leak_threshold: float = 0.95  # cosine similarity that counts as a near-duplicate
     fit: FitConfig = field(default_factory=FitConfig)
     name: str | None = None
 
@@ -85,11 +90,13 @@ class TrainResult:
     skipped: bool = False  # a run with the same config hash already existed
 
 
-def config_hash(config: TrainConfig, model_key: str, table: FeatureTable) -> str:
+def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None) -> str:
     flat = config.flat()
     flat.pop("name")
     flat["model_key"] = model_key
     flat["data"] = table.fingerprint
+    if leak_scan:
+        flat["leak_scan"] = leak_scan
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -110,11 +117,96 @@ def train(
     catalog.reconcile(store)
     model_key = resolve_model_key(store, config.model_key)
     table = feature_table(store, model_key, config.pairing)
-    chash = config_hash(config, model_key, table)
+    excluded, leak_scan = _leaks(store, model_key, config)
+    chash = config_hash(config, model_key, table, leak_scan)
     random_weights = _random_weights(store, model_key)
     if skip_existing and (found := existing_run(store, chash)):
         return TrainResult(found, chash, model_key, random_weights, _run_metrics(store, found), skipped=True)
 
+    if config.detector == "knn":
+        scores, extra, state = _fit_knn(table, config, excluded)
+    else:
+        scores, extra, state = _fit_mlp(table, config, excluded, on_epoch)
+    metrics = {
+        "model_key": model_key,
+        "random_weights": random_weights,
+        "detector": config.detector,
+        "features": config.features,
+        "pairing": config.pairing,
+        **extra,
+        **{split: _summarise(scores, split, excluded) for split in SPLITS},
+        "excluded_leaks": {split: int(np.sum((scores.split == split) & np.isin(scores.sample_id, list(excluded))))
+                           for split in ("val", "test")} if config.exclude_leaks else None,
+    }
+    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
+    _write_run(store, run_id, chash, config, model_key, metrics, state, scores)
+    return TrainResult(run_id, chash, model_key, random_weights, metrics)
+
+
+def load_run(store: Store, run_id: str) -> tuple[TrainConfig, torch.nn.Module, dict[str, Any]]:
+    """A trained detector back from its run directory: config, model (eval mode), metrics."""
+    config, metrics = load_run_record(store, run_id)
+    run_dir = store.run_dir(run_id)
+    if config.detector != "mlp":
+        raise PipelineError(f"Run {run_id} is a {config.detector} detector; it keeps no weights to load.")
+    state = load_file(str(run_dir / "model.safetensors"))
+    in_dim = state["body.0.weight"].shape[1] if "body.0.weight" in state else state["head.weight"].shape[1]
+    model = build_model(in_dim, config.fit)
+    model.load_state_dict(state)
+    model.eval()
+    return config, model, metrics
+
+
+def load_run_record(store: Store, run_id: str) -> tuple[TrainConfig, dict[str, Any]]:
+    """A run's config and metrics (any detector)."""
+    run_dir = store.run_dir(run_id)
+    if not (run_dir / "run.parquet").exists():
+        raise PipelineError(
+            f"No run {run_id!r} in {store.root}; `pipeline sql \"SELECT run_id FROM runs\"` lists them."
+        )
+    flat = json.loads((run_dir / "config.json").read_text())
+    return TrainConfig.from_dict(flat), json.loads((run_dir / "metrics.json").read_text())
+
+
+def evaluation_set(table: FeatureTable, features: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The fixed set a run's evaluation loss (and its loss landscape) is computed on.
+
+    The first `EVAL_ROWS` rows of the val split in the feature table's fixed order (the test split
+    when val is empty).
+    """
+    for split in ("val", "test"):
+        xs, ys, n = [], [], 0
+        for b in FeatureLoader(table, (split,), LoaderConfig(features, 4096)).epoch(0):
+            xs.append(b.x[: EVAL_ROWS - n])
+            ys.append(b.y[: EVAL_ROWS - n])
+            n += len(xs[-1])
+            if n >= EVAL_ROWS:
+                break
+        if n:
+            return torch.cat(xs), torch.cat(ys), split
+    raise PipelineError("The store has no val or test samples to evaluate on.")
+
+
+@torch.no_grad()
+def evaluation_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fit_config: FitConfig) -> float:
+    """The run's objective (as configured) on one evaluation set, weights in eval mode."""
+    model.eval()
+    return float(fit_config.loss(model(x).float(), y))
+
+
+# --- private -------------------------------------------------------------------------------
+
+
+def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str], str | None]:
+    if not config.exclude_leaks:
+        return set(), None
+    from pipeline.leaks import leaking_ids
+
+    return leaking_ids(store, model_key, config.leak_threshold)
+
+
+def _fit_mlp(table: FeatureTable, config: TrainConfig, excluded: set[str],
+             on_epoch: Callable[[dict[str, Any]], None] | None) -> tuple[_Scores, dict[str, Any], dict]:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     loaders = {
@@ -129,49 +221,39 @@ def train(
         return ((b.x, b.y) for b in loaders["train"].epoch(epoch))
 
     def validate(m: torch.nn.Module) -> dict[str, Any]:
-        return _evaluate(m, loaders["val"], config.fit)
+        s = _scores(m, loaders["val"], config.fit)
+        return _summarise(s, "val", excluded) if s.label.size else {"auc": float("nan"), "n": 0}
 
     fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
     all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192))
     scores = _scores(model, all_splits, config.fit)
-    metrics = {
-        "model_key": model_key,
-        "random_weights": random_weights,
-        "features": config.features,
-        "pairing": config.pairing,
+    x, y, eval_split = evaluation_set(table, config.features)
+    extra = {
         "best_epoch": fitted.best_epoch,
         "history": fitted.history,
-        **{split: _summarise(scores, split) for split in SPLITS},
+        "eval_loss": evaluation_loss(model, x, y, config.fit),
+        "eval_set": {"split": eval_split, "rows": int(len(y))},
         "skipped_missing_text": all_splits.skipped_missing_text,
     }
-    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
-    _write_run(store, run_id, chash, config, model_key, metrics, fitted.best_state, scores)
-    return TrainResult(run_id, chash, model_key, random_weights, metrics)
+    return scores, extra, fitted.best_state
 
 
-def load_run(store: Store, run_id: str) -> tuple[TrainConfig, torch.nn.Module, dict[str, Any]]:
-    """A trained detector back from its run directory: config, model (eval mode), metrics."""
-    run_dir = store.run_dir(run_id)
-    if not (run_dir / "config.json").exists():
-        raise PipelineError(
-            f"No run {run_id!r} in {store.root}; `pipeline sql \"SELECT run_id FROM runs\"` lists them."
-        )
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    state = load_file(str(run_dir / "model.safetensors"))
-    in_dim = state["body.0.weight"].shape[1] if "body.0.weight" in state else state["head.weight"].shape[1]
-    model = build_model(in_dim, config.fit)
-    model.load_state_dict(state)
-    model.eval()
-    return config, model, metrics
+def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str]) -> tuple[_Scores, dict[str, Any], None]:
+    from pipeline.knn import knn_scores
 
-
-# --- private -------------------------------------------------------------------------------
+    cols, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed)
+    scores = _Scores(cols["sample_id"], cols["split"], cols["label"], cols["generator"], fitted.scores)
+    extra = {"k": fitted.k, "val_auc_by_k": fitted.val_auc_by_k, "index": fitted.index_params}
+    return scores, extra, None
 
 
 def _validate(config: TrainConfig) -> None:
     fit = config.fit
+    if config.detector not in DETECTORS:
+        raise PipelineError(f"--detector must be one of {', '.join(DETECTORS)}.")
+    if not 0 < config.leak_threshold <= 1:
+        raise PipelineError("--leak-threshold must lie in (0, 1].")
     if config.batch_size < 2:
         raise PipelineError("--batch-size must be at least 2 (BatchNorm needs two samples).")
     if fit.epochs < 1:
@@ -193,13 +275,6 @@ class _Scores:
     score: np.ndarray
 
 
-def _evaluate(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig) -> dict[str, Any]:
-    s = _scores(model, loader, fit_config)
-    if s.label.size == 0:
-        return {"auc": float("nan"), "n": 0}
-    return summary(s.label, s.score, s.generator)
-
-
 def _scores(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig) -> _Scores:
     batches = list(loader.epoch(0))
     probs = predict(model, (b.x for b in batches), fit_config)
@@ -207,23 +282,27 @@ def _scores(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig
     return _Scores(cat("sample_id"), cat("split"), cat("y"), cat("generator"), probs)
 
 
-def _summarise(s: _Scores, split: str) -> dict[str, Any]:
+def _summarise(s: _Scores, split: str, excluded: set[str] | None = None) -> dict[str, Any]:
     mask = s.split == split
+    if excluded:
+        mask &= ~np.isin(s.sample_id, list(excluded))
     if not mask.any():
         return {"n": 0}
     return summary(s.label[mask], s.score[mask], s.generator[mask])
 
 
 def _write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model_key: str,
-               metrics: dict[str, Any], state: dict[str, torch.Tensor], s: _Scores) -> None:
+               metrics: dict[str, Any], state: dict[str, torch.Tensor] | None, s: _Scores) -> None:
     run_dir = store.run_dir(run_id)
     flat = config.flat()
     flat["model_key"] = model_key
     write_text(run_dir / "config.json", json.dumps(flat, indent=2, default=str))
     write_text(run_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
-    checkpoint = run_dir / "model.safetensors"
-    atomic_write(checkpoint, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                                                  metadata={"run_id": run_id, "config_hash": chash}))
+    checkpoint: Path | None = None
+    if state is not None:
+        checkpoint = run_dir / "model.safetensors"
+        atomic_write(checkpoint, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                                                      metadata={"run_id": run_id, "config_hash": chash}))
     scores = pa.table({
         "run_id": pa.array([run_id] * len(s.score), pa.string()),
         "sample_id": pa.array(s.sample_id.astype(str), pa.string()),
@@ -237,7 +316,8 @@ def _write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model
         "run_id": run_id, "name": config.name, "config_hash": chash, "model_key": model_key,
         "features": config.features, "val_auc": _num(metrics["val"].get("auc")),
         "test_auc": _num(metrics["test"].get("auc")), "config_json": json.dumps(flat, default=str),
-        "metrics_json": json.dumps(_jsonable(metrics)), "checkpoint": store.relative(checkpoint),
+        "metrics_json": json.dumps(_jsonable(metrics)),
+        "checkpoint": store.relative(checkpoint) if checkpoint else None,
         "created_at": datetime.now(UTC),
     }], schema=RUNS)
     # the run row last: a run is visible only once its checkpoint and scores are on disk

@@ -2,6 +2,8 @@
 
 from schemas.tables import (
     EMBEDDING_DTYPES,
+    INDEXES,
+    LEAKS,
     MODALITIES,
     QUARANTINE,
     RUNS,
@@ -17,6 +19,8 @@ from schemas.tables import (
 
 __all__ = [
     "EMBEDDING_DTYPES",
+    "INDEXES",
+    "LEAKS",
     "MODALITIES",
     "QUARANTINE",
     "RUNS",

@@ -97,11 +97,51 @@ SCORES = stamp(
     ),
 )
 
+INDEXES = stamp(
+    "indexes",
+    pa.schema(
+        [
+            pa.field("index_id", pa.string(), nullable=False),  # <modality>-<kind>-<fingerprint>
+            pa.field("model_key", pa.string(), nullable=False),
+            pa.field("modality", pa.string(), nullable=False),  # image | text
+            pa.field("kind", pa.string(), nullable=False),  # flat | ivf | hnsw
+            pa.field("params_json", pa.string(), nullable=False),  # nlist, nprobe, M, efSearch, …
+            pa.field("vectors", pa.int64(), nullable=False),
+            pa.field("dim", pa.int32(), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),  # of the embedding shards indexed
+            pa.field("recall_at_10", pa.float64()),  # against exact search; 1 for flat
+            pa.field("build_seconds", pa.float64(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),  # the index file, relative to the store
+            pa.field("created_at", _UTC_MS, nullable=False),
+        ]
+    ),
+)
+
+LEAKS = stamp(
+    "leaks",
+    pa.schema(
+        [
+            pa.field("model_key", pa.string(), nullable=False),
+            pa.field("modality", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),  # exact (same bytes) | near (similarity)
+            pa.field("sample_a", pa.string(), nullable=False),  # the member in the earlier split
+            pa.field("split_a", pa.string(), nullable=False),
+            pa.field("sample_b", pa.string(), nullable=False),  # the member in the later split
+            pa.field("split_b", pa.string(), nullable=False),
+            pa.field("similarity", pa.float32(), nullable=False),
+            pa.field("threshold", pa.float32(), nullable=False),
+            pa.field("detected_at", _UTC_MS, nullable=False),
+        ]
+    ),
+)
+
 TABLES: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
     "runs": RUNS,
     "scores": SCORES,
+    "indexes": INDEXES,
+    "leaks": LEAKS,
 }
 
 

@@ -63,3 +63,25 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
     return ((ends - counts + 1 + ends) / 2.0)[inverse]
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold, from (0, 0) to (1, 1)."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    s, y = np.asarray(scores)[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]
+    tp = np.cumsum(y)[last]
+    fp = (last + 1) - tp
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+def confusion(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """[[true real, real called generated], [generated called real, true generated]]."""
+    labels = np.asarray(labels).astype(bool)
+    called = np.asarray(probabilities) > threshold
+    return np.array([[np.sum(~labels & ~called), np.sum(~labels & called)],
+                     [np.sum(labels & ~called), np.sum(labels & called)]], dtype=np.int64)

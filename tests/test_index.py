@@ -1,0 +1,153 @@
+"""FAISS indexes, neighbours and split leaks on synthetic stores with planted duplicates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import catalog
+from pipeline.encode import encode
+from pipeline.errors import PipelineError
+from pipeline.index import IndexConfig, build_index, open_index
+from pipeline.ingest import IngestConfig, assign_split, ingest
+from pipeline.leaks import LeakConfig, find_leaks, leaking_ids
+from pipeline.neighbors import NeighborQuery, neighbors
+from pipeline.store import Store
+from pipeline.train import TrainConfig, train
+from pipeline.vectors import load_vectors, shards_of
+from tests.conftest import encode_config, jpeg, planted_store
+
+DIM = 32
+
+
+def leaky_store(root: Path, rows: int = 300, leaks: int = 3, seed: int = 0,
+                file_name: str = "0000.h5") -> tuple[Store, list[tuple[int, int]]]:
+    """Reference-layout features whose test rows j copy (plus tiny noise) the real image of train rows i."""
+    import h5py
+
+    from pipeline.import_features import ImportConfig, import_features
+
+    rng = np.random.default_rng(seed)
+    stem = Path(file_name).stem
+    split = [assign_split(f"h5:{stem}:{i}", (0.8, 0.1, 0.1), "0") for i in range(rows)]
+    train_rows = [i for i, s in enumerate(split) if s == "train"]
+    test_rows = [i for i, s in enumerate(split) if s == "test"]
+    pairs = list(zip(train_rows[:leaks], test_rows[:leaks], strict=True))
+    real = rng.normal(size=(rows, DIM))
+    for i, j in pairs:
+        real[j] = real[i] + rng.normal(0, 1e-3, DIM)
+    src = root / "h5"
+    src.mkdir(parents=True, exist_ok=True)
+    with h5py.File(src / file_name, "w") as f:
+        f["real"] = real.astype(np.float32)
+        for k in range(4):
+            f[f"image_gen{k}"] = (rng.normal(size=(rows, DIM)) + 0.8).astype(np.float32)
+        f["original_prompt"] = rng.normal(size=(rows, DIM)).astype(np.float32)
+        f["positive_prompt"] = rng.normal(size=(rows, DIM)).astype(np.float32)
+    store = Store(root / "store")
+    import_features(ImportConfig(src / file_name, "h5", store, "leaky"))
+    return store, pairs
+
+
+def _real_id(store: Store, row: int) -> str:
+    return catalog.query(store, "SELECT sample_id FROM samples WHERE label = 0 AND group_key = ?",
+                         [f"h5:0000:{row}"]).column(0)[0].as_py()
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_recall_against_exact_search(tmp_path: Path, kind: str) -> None:
+    store = planted_store(tmp_path, rows=800, dim=DIM)
+    info = build_index(IndexConfig(store, kind=kind, target_recall=0.95, recall_queries=400))
+    assert info.kind == kind and info.vectors == 4000
+    assert info.recall_at_10 is not None and info.recall_at_10 >= 0.95
+    # measure it independently, as it is used (neighbours of stored samples, themselves excluded):
+    # approximate top-10 against numpy's exact top-10 for other sampled vectors
+    index = open_index(store, None, kind=kind)
+    vecs = load_vectors(shards_of(store, info.model_key, "image"))
+    own = np.random.default_rng(5).choice(len(vecs.ids), 300, replace=False)
+    exact = np.argsort(-(vecs.matrix[own] @ vecs.matrix.T), axis=1)[:, 1:11]
+    found = index.search(vecs.matrix[own], 11)[1]
+    id_of = {h: r for r, h in enumerate(vecs.ids)}
+    found_rows = np.vectorize(lambda r: id_of[index.ids[r]])(found)
+    recall = np.mean([len(set(b) & (set(a) - {me})) / 10 for a, b, me in zip(found_rows, exact, own, strict=True)])
+    assert recall >= 0.9
+
+
+def test_flat_index_is_exact_and_rebuilt_only_when_embeddings_change(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=100, dim=DIM)
+    first = build_index(IndexConfig(store))
+    assert first.kind == "flat" and first.recall_at_10 == 1.0 and first.built
+    assert not build_index(IndexConfig(store)).built  # same embeddings: reused
+    planted_store(tmp_path, rows=50, dim=DIM, seed=3, file_name="0001.h5")  # more vectors, same store
+    second = build_index(IndexConfig(store))
+    assert second.built and second.vectors == 750 and second.index_id != first.index_id
+    assert not first.directory.exists()
+    rows = catalog.query(store, "SELECT index_id, vectors, kind FROM indexes").to_pylist()
+    assert rows == [{"index_id": second.index_id, "vectors": 750, "kind": "flat"}]
+
+
+def test_neighbours_of_a_sample_put_its_planted_duplicate_first(tmp_path: Path) -> None:
+    store, pairs = leaky_store(tmp_path)
+    i, j = pairs[0]
+    result = neighbors(NeighborQuery(store, sample_id=_real_id(store, j)[:12], k=5))
+    top = result.rows.to_pylist()[0]
+    assert top["sample_id"] == _real_id(store, i)
+    assert top["split"] == "train" and top["similarity"] > 0.99
+    assert result.rows.num_rows == 5 and _real_id(store, j) not in result.rows.column("sample_id").to_pylist()
+    with pytest.raises(PipelineError, match="imported"):
+        neighbors(NeighborQuery(store, image=tmp_path / "x.jpg"))
+    with pytest.raises(PipelineError, match="exactly one"):
+        neighbors(NeighborQuery(store))
+
+
+def test_neighbours_of_an_image_file_encode_it_with_the_store_model(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240)]
+    for n, c in enumerate(colours):
+        (root / "real").mkdir(parents=True, exist_ok=True)
+        (root / "real" / f"{n}.png").write_bytes(jpeg(c, size=64, fmt="PNG"))
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(root, "folder", store))
+    encode(encode_config(store, dtype="float32"))
+    query = root / "real" / "3.png"
+    result = neighbors(NeighborQuery(store, image=query, k=3))
+    top = result.rows.to_pylist()[0]
+    assert result.random_weights is True
+    assert top["sample_id"] == __import__("hashlib").sha256(query.read_bytes()).hexdigest()
+    assert top["similarity"] > 0.999
+
+
+def test_leaks_finds_planted_cross_split_duplicates_and_none_in_a_clean_store(tmp_path: Path) -> None:
+    store, pairs = leaky_store(tmp_path / "leaky")
+    result = find_leaks(LeakConfig(store, threshold=0.95))
+    found = {(r["sample_a"], r["sample_b"]) for r in result.pairs.to_pylist()}
+    assert found == {(_real_id(store, i), _real_id(store, j)) for i, j in pairs}
+    assert result.by_split_pair.to_pylist() == [
+        {"split_a": "train", "split_b": "test", "kind": "near", "pairs": 3, "samples_b": 3}]
+    assert catalog.query(store, "SELECT count(*) FROM leaks").column(0)[0].as_py() == 3
+    find_leaks(LeakConfig(store, threshold=0.95))  # a re-scan replaces the previous one
+    assert catalog.query(store, "SELECT count(*) FROM leaks").column(0)[0].as_py() == 3
+
+    clean = planted_store(tmp_path / "clean", rows=300, dim=DIM)
+    assert find_leaks(LeakConfig(clean, threshold=0.95)).pairs.num_rows == 0
+
+
+def test_training_can_exclude_leaking_test_samples(tmp_path: Path) -> None:
+    store, pairs = leaky_store(tmp_path)
+    config = {"epochs": 1, "batch_size": 256, "exclude_leaks": True}
+    with pytest.raises(PipelineError, match="pipeline leaks"):
+        train(store, TrainConfig.from_dict(config))
+    find_leaks(LeakConfig(store, threshold=0.95))
+    ids, _ = leaking_ids(store, "leaky", 0.95)
+    assert ids == {_real_id(store, j) for _, j in pairs}
+    kept = train(store, TrainConfig.from_dict({**config, "exclude_leaks": False}))
+    dropped = train(store, TrainConfig.from_dict(config))
+    assert dropped.metrics["excluded_leaks"] == {"val": 0, "test": 3}
+    assert dropped.metrics["test"]["n"] == kept.metrics["test"]["n"] - 3
+    assert dropped.config_hash != kept.config_hash
+    # new embeddings make the scan stale: refuse rather than exclude the wrong samples
+    leaky_store(tmp_path, rows=20, leaks=0, seed=4, file_name="0001.h5")
+    with pytest.raises(PipelineError, match="changed since"):
+        leaking_ids(store, "leaky", 0.95)

@@ -1,0 +1,116 @@
+"""Reports (HTML + PNG), the loss landscape and the kNN detector, on planted-signal stores."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.experiment import run_experiment
+from pipeline.features import feature_table
+from pipeline.landscape import LandscapeConfig, filter_normalised_direction, landscape, surface
+from pipeline.report import DPI, FIG_SIZE, run_report
+from pipeline.score import score
+from pipeline.store import Store
+from pipeline.train import TrainConfig, evaluation_loss, evaluation_set, load_run, train
+from tests.conftest import planted_store
+
+FAST = {"epochs": 3, "batch_size": 128, "lr": 1e-2}
+PNG_SIZE = (int(FIG_SIZE[0] * DPI), int(FIG_SIZE[1] * DPI))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return planted_store(tmp_path_factory.mktemp("planted"), rows=300, signal=2.5)
+
+
+def _referenced_files_exist(page: Path) -> list[str]:
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.read_text())
+    assert refs, "the page shows no figure"
+    for ref in refs:
+        assert not re.match(r"[a-z]+:", ref), f"{ref} is not a local file"
+        assert (page.parent / ref).is_file(), f"{ref} does not exist"
+    return refs
+
+
+def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(planted: Store, tmp_path: Path) -> None:
+    run = train(planted, TrainConfig.from_dict(FAST))
+    result = run_report(planted, run.run_id, tmp_path / "report")
+    names = {f.name for f in result.files}
+    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png"}
+    for f in result.files:
+        with Image.open(f) as img:
+            img.load()
+            assert img.size == PNG_SIZE and img.format == "PNG"
+    assert set(_referenced_files_exist(result.page)) == names
+    text = result.page.read_text()
+    assert run.run_id in text and "RANDOM" not in text  # imported features: no random-weights claim
+    with pytest.raises(PipelineError, match="no scores"):
+        run_report(planted, run.run_id, tmp_path / "r2", split="nope")
+
+
+def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
+    result = run_experiment(planted, "table1", {"epochs": 2, "batch_size": 256, "lr": 1e-2})
+    labels = [label for label, _ in result.rows]
+    assert any(label.startswith("kNN") for label in labels) and len(labels) == 5
+    knn, text_only = dict(result.rows)[labels[-1]], dict(result.rows)[labels[-2]]
+    assert knn.metrics["detector"] == "knn"
+    assert knn.metrics["test"]["auc"] > 0.8 > text_only.metrics["test"]["auc"] + 0.2  # the signal is in the images
+    assert result.page.exists() and result.path.exists()
+    assert _referenced_files_exist(result.page) == ["auc.png"]
+    with pytest.raises(PipelineError, match="keeps no weights"):
+        score(planted, knn.run_id)
+
+
+def test_knn_on_shuffled_labels_stays_near_chance(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=300, signal=2.5, shuffle_labels=True)
+    run = train(store, TrainConfig.from_dict({"detector": "knn", "features": "image"}))
+    assert abs(run.metrics["test"]["auc"] - 0.5) < 0.15
+
+
+def test_landscape_centre_equals_the_run_evaluation_loss(planted: Store, tmp_path: Path) -> None:
+    run = train(planted, TrainConfig.from_dict({**FAST, "name": "with SAM"}))
+    result = landscape(LandscapeConfig(planted, (run.run_id,), dims=1, steps=5, output=tmp_path / "l.png"))
+    s = result.surfaces[0]
+    assert s.centre_loss == pytest.approx(run.metrics["eval_loss"], abs=1e-6)
+    assert s.losses.shape == (5,) and np.all(np.isfinite(s.losses))
+    assert s.losses.max() > s.centre_loss  # moving away from trained weights costs something
+    # and independently of the recorded number: the objective on the fixed evaluation set
+    config, model, _ = load_run(planted, run.run_id)
+    x, y, _ = evaluation_set(feature_table(planted, "planted", config.pairing), config.features)
+    assert s.centre_loss == pytest.approx(evaluation_loss(model, x, y, config.fit), abs=1e-6)
+    with Image.open(result.png) as img:
+        assert img.size == PNG_SIZE
+
+
+def test_landscape_of_two_runs_in_2d(planted: Store, tmp_path: Path) -> None:
+    a = train(planted, TrainConfig.from_dict({**FAST, "sam": True}))
+    b = train(planted, TrainConfig.from_dict({**FAST, "sam": False}))
+    result = landscape(LandscapeConfig(planted, (a.run_id, b.run_id), dims=2, steps=3, output=tmp_path / "l2.png"))
+    assert [s.losses.shape for s in result.surfaces] == [(3, 3), (3, 3)]
+    with Image.open(result.png) as img:
+        assert img.size == (2 * PNG_SIZE[0], PNG_SIZE[1])
+    with pytest.raises(PipelineError, match="--dims"):
+        landscape(LandscapeConfig(planted, (a.run_id,), dims=3))
+
+
+def test_filter_normalised_directions_and_weights_restored() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
+    d = filter_normalised_direction(model, torch.Generator().manual_seed(0))
+    for p, dp in zip(model.parameters(), d, strict=True):
+        if p.dim() == 1:
+            assert torch.count_nonzero(dp) == 0
+        else:
+            assert torch.allclose(dp.norm(dim=1), p.detach().norm(dim=1), atol=1e-6)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    out = surface(model, x, y, lambda m, xs, ys: float(m(xs).sum()), [d], np.array([-1.0, 0.0, 1.0]))
+    with torch.no_grad():
+        assert out[1] == pytest.approx(float(model(x).sum()), abs=1e-5)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
