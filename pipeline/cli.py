@@ -108,6 +108,15 @@ def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50) 
         out.print(f"[dim]… {table.num_rows - max_rows} more rows (use --format csv --output FILE)[/]")
 
 
+def _short_ids(table: pa.Table, width: int = 16) -> pa.Table:
+    """Sample ids cut to a prefix that `--sample-id` still accepts, so tables fit a terminal."""
+    if "sample_id" not in table.column_names:
+        return table
+    i = table.column_names.index("sample_id")
+    short = pa.array([None if v is None else v[:width] for v in table.column(i).to_pylist()], pa.string())
+    return table.set_column(i, "sample_id", short)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, list) and len(value) > 6:
         head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:4])
@@ -533,7 +542,7 @@ def neighbors(
     with _errors(ctx):
         result = find(NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors))
     _random_banner(result.random_weights)
-    render_table(result.rows, title=f"{k} nearest {vectors} neighbours of {result.query} "
+    render_table(_short_ids(result.rows), title=f"{k} nearest {vectors} neighbours of {result.query} "
                                     f"({result.index_kind} index, {result.model_key})")
 
 
@@ -553,7 +562,7 @@ def leaks(
     with _errors(ctx):
         with RichReporter() as reporter:
             result = find_leaks(LeakConfig(Store(store), model_key, threshold, k, exact), reporter)
-    _random_banner(_model_random(Store(store), result.model_key))
+    _random_banner(Store(store).model_info(result.model_key).get("random_weights"))
     approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
         f"{result.recall_at_10:.3f}; --exact searches exhaustively)"
     out.print(f"searched {result.queries:,} val/test images at similarity ≥ {threshold}{approx}: "
@@ -604,13 +613,6 @@ def landscape(
         out.print(f"{s.label}: loss at the trained weights {s.centre_loss:.6f} (run recorded {rec}); "
                   f"range {s.losses.min():.4f} … {s.losses.max():.4f}")
     out.print(f"[green]wrote[/] {result.png} and {result.data}")
-
-
-def _model_random(store: Store, model_key: str) -> bool | None:
-    import json
-
-    path = store.embeddings_dir(model_key) / "model.json"
-    return json.loads(path.read_text()).get("random_weights") if path.exists() else None
 
 
 @app.command()
@@ -687,6 +689,11 @@ def demo(
         for title, query in DEMO_QUERIES:
             out.print(f"[dim]$ pipeline sql --store {result.store.root} \"{query}\"[/]")
             render_table(run_query(result.store, query), title)
+    nb = result.neighbours
+    out.print(f"[dim]$ pipeline neighbors --store {result.store.root} --sample-id {nb.query[:12]} -k 3 "
+              f"--run {run.run_id}[/]")
+    render_table(_short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)")
+    out.print(f"[green]report[/]: {result.report.page} (ROC, AUC per generator, score histograms, confusion)")
     example = "SELECT * FROM samples LIMIT 5"
     out.print(f"Store: {result.store.root}  (try: pipeline sql --store {result.store.root} \"{example}\")")
 

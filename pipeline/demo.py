@@ -9,10 +9,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import catalog
 from pipeline.clip import ModelSpec
 from pipeline.encode import EncodeConfig, EncodeResult, encode
 from pipeline.ingest import IngestConfig, IngestResult, ingest
+from pipeline.neighbors import NeighborQuery, NeighborResult, neighbors
 from pipeline.progress import Reporter
+from pipeline.report import ReportResult, run_report
 from pipeline.store import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 from pipeline.train import TrainConfig, TrainResult, train
@@ -37,6 +40,8 @@ class DemoResult:
     encoded: EncodeResult
     encoded_again: EncodeResult
     trained: TrainResult
+    report: ReportResult
+    neighbours: NeighborResult
 
 
 def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
@@ -50,4 +55,8 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult
     encoded_again = encode(encode_config, reporter)
     # the paper's method on the cached features; small data, so a few epochs with a higher lr
     trained = train(store, TrainConfig.from_dict({"epochs": 8, "batch_size": 64, "lr": 1e-2, "name": "demo"}))
-    return DemoResult(data, store, ingested, encoded, encoded_again, trained)
+    report = run_report(store, trained.run_id)
+    first_test = catalog.query(store, "SELECT sample_id FROM scores WHERE split = 'test' ORDER BY sample_id LIMIT 1")
+    neighbours = neighbors(NeighborQuery(store, sample_id=first_test.column(0)[0].as_py(), k=3,
+                                         run_id=trained.run_id))
+    return DemoResult(data, store, ingested, encoded, encoded_again, trained, report, neighbours)

@@ -12,8 +12,6 @@ image and its generated siblings carry the same text: text alone can then not te
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from pipeline import catalog
 from pipeline.atomic import atomic_write
 from pipeline.errors import PipelineError
 from pipeline.store import Store
-from schemas import SCHEMA_VERSION
+from pipeline.vectors import fingerprint as shards_fingerprint
 
 PAIRINGS = ("as-ingested", "shared")
 ROW_GROUP_ROWS = 4096
@@ -64,19 +62,12 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested") ->
     texts = [p for p in vectors if p.name.startswith("text-")]
     if not images:
         raise PipelineError(f"No image embeddings for {model_key}: run `pipeline encode` first.")
-    fingerprint = _fingerprint(store, samples + vectors, pairing)
+    fingerprint = shards_fingerprint(store, samples + vectors, pairing)
     path = store.root / "cache" / "features" / model_key / f"{pairing}-{fingerprint}.parquet"
     dim = _dim(images[0])
     if not path.exists():
         _build(store, path, images, texts, pairing, dim)
     return FeatureTable(path, model_key, pairing, fingerprint, dim)
-
-
-def _fingerprint(store: Store, shards: list[Path], pairing: str) -> str:
-    h = hashlib.sha256(json.dumps([SCHEMA_VERSION, pairing]).encode())
-    for p in sorted(store.relative(s) for s in shards):
-        h.update(p.encode() + b"\n")
-    return h.hexdigest()[:16]
 
 
 def _dim(shard: Path) -> int:

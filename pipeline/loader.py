@@ -18,6 +18,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.features import FeatureTable
+from pipeline.vectors import matrix
 
 FEATURE_SETS = ("image", "text", "image+text")
 
@@ -100,7 +101,7 @@ class FeatureLoader:
         return part.filter(mask)
 
     def _batch(self, rows: pa.Table) -> Batch:
-        parts = [_matrix(rows.column(c)) for c in ("image", "text") if c in rows.column_names]
+        parts = [matrix(rows.column(c)) for c in ("image", "text") if c in rows.column_names]
         x = torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
         return Batch(
             x=x,
@@ -120,9 +121,3 @@ class FeatureLoader:
             if stats is None or not stats.has_min_max or any(stats.min <= s <= stats.max for s in splits):
                 keep.append(g)
         return keep
-
-
-def _matrix(col: pa.ChunkedArray) -> np.ndarray:
-    arr = col.combine_chunks()
-    dim = arr.type.list_size
-    return arr.flatten().to_numpy().astype(np.float32).reshape(-1, dim)  # float16 on disk, float32 out

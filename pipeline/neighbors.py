@@ -8,7 +8,6 @@ given a run, its scores.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def neighbors(q: NeighborQuery) -> NeighborResult:
         assert q.image is not None
         own, vector, label = None, encode_image_file(q.store, model_key, q.image), str(q.image)
     rows = _neighbours(q, index, vector, own)
-    info = _model_info(q.store, model_key)
+    info = q.store.model_info(model_key)
     return NeighborResult(label, model_key, index.info.kind, info.get("random_weights"), rows)
 
 
@@ -71,7 +70,7 @@ def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
     from pipeline.encode import Encoder
     from pipeline.images import UndecodableImage, decode_rgb
 
-    info = _model_info(store, model_key)
+    info = store.model_info(model_key)
     if not info.get("architecture"):
         raise PipelineError(
             f"The vectors of {model_key} were imported, so the model that made them is unknown and an "
@@ -97,11 +96,6 @@ def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
 
 
 # --- private -------------------------------------------------------------------------------
-
-
-def _model_info(store: Store, model_key: str) -> dict:
-    path = store.embeddings_dir(model_key) / "model.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _stored_vector(store: Store, model_key: str, modality: str, sample_id: str) -> tuple[str, np.ndarray]:
@@ -141,7 +135,7 @@ def _neighbours(q: NeighborQuery, index: OpenIndex, vector: np.ndarray, own: str
     score_join = "LEFT JOIN scores sc ON sc.sample_id = s.sample_id AND sc.run_id = ?" if q.run_id else ""
     sql = f"""
         SELECT n.rank, s.sample_id, round(n.similarity, 4) AS similarity, s.label, s.generator, s.split,
-               {score}, left(s.text, 60) AS text
+               {score}, left(s.text, 40) AS text
         FROM found n
         LEFT JOIN (SELECT DISTINCT ON ({key}) * FROM samples) s ON s.{key} = n.content_hash
         {score_join}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -60,8 +59,7 @@ def status(store: Store) -> StoreStatus:
             [key, key],
         ).to_pylist()[0]
         images, texts, bad = counts.values()
-        info_path = store.embeddings_dir(key) / "model.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info = store.model_info(key)
         models.append(
             ModelStatus(
                 model_key=key,

@@ -5,11 +5,13 @@ A store is a self-describing, movable directory. Paths kept in the catalog are r
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_STORE = Path("data/store")
 DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", "leaks")
@@ -31,6 +33,11 @@ class Store:
 
     def embeddings_dir(self, model_key: str) -> Path:
         return self.root / "embeddings" / model_key
+
+    def model_info(self, model_key: str) -> dict[str, Any]:
+        """What `encode` recorded about a model key (architecture, weights, random_weights, dim…); {} if imported."""
+        path = self.embeddings_dir(model_key) / "model.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id

@@ -119,7 +119,7 @@ def train(
     table = feature_table(store, model_key, config.pairing)
     excluded, leak_scan = _leaks(store, model_key, config)
     chash = config_hash(config, model_key, table, leak_scan)
-    random_weights = _random_weights(store, model_key)
+    random_weights = store.model_info(model_key).get("random_weights")
     if skip_existing and (found := existing_run(store, chash)):
         return TrainResult(found, chash, model_key, random_weights, _run_metrics(store, found), skipped=True)
 
@@ -327,11 +327,6 @@ def _write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model
 def _run_metrics(store: Store, run_id: str) -> dict[str, Any]:
     path = store.run_dir(run_id) / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _random_weights(store: Store, model_key: str) -> bool | None:
-    path = store.embeddings_dir(model_key) / "model.json"
-    return json.loads(path.read_text()).get("random_weights") if path.exists() else None
 
 
 def _num(value: Any) -> float | None:

@@ -45,7 +45,7 @@ def test_errors_are_one_sentence_without_traceback(tmp_path: Path) -> None:
     assert code == 2 and out.startswith("error: No store at") and "Traceback" not in out
     code, out = _run("ingest", str(tmp_path), "--format", "nope", "--store", str(tmp_path / "s"))
     assert code == 2 and "--format must be one of" in out and "Traceback" not in out
-    code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"), "--format", "csv")
+    code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"), "--format", "parquet")
     assert code == 2 and "--output" in out
 
 
@@ -75,3 +75,32 @@ def test_train_sweep_experiment_score_from_the_cli(tmp_path: Path) -> None:
     assert code == 2 and "--cvar-alpha" in out and "Traceback" not in out
     code, out = _run("score", "--run", "nope", "--store", store)
     assert code == 2 and "No run 'nope'" in out
+
+
+def test_index_neighbors_leaks_report_landscape_from_the_cli(tmp_path: Path) -> None:
+    from tests.test_index import leaky_store
+
+    store_obj, _ = leaky_store(tmp_path, rows=120, leaks=2)
+    store = ["--store", str(store_obj.root)]
+    code, out = _run("index", "build", *store, "--kind", "ivf")
+    assert code == 0 and "built ivf index" in out and "recall@10 against exact search" in out, out
+    code, out = _run("index", "build", *store, "--kind", "ivf")
+    assert code == 0 and "reused" in out, out
+    code, out = _run("leaks", *store, "--threshold", "0.95")
+    assert code == 0 and "2 cross-split pairs" in out, out
+    code, out = _run("sql", "SELECT sample_b FROM leaks", *store, "--format", "csv")
+    assert code == 0 and out.splitlines()[0] == "sample_b" and len(out.splitlines()) == 3, out
+    leaking = out.splitlines()[1]
+    code, out = _run("neighbors", *store, "--sample-id", leaking[:10], "-k", "2")
+    assert code == 0 and "2 nearest image neighbours" in out, out
+    code, out = _run("train", *store, "--epochs", "2", "--batch-size", "128", "--exclude-leaks", "--name", "x")
+    assert code == 0 and "test AUC" in out, out
+    run_id = out.split("run ", 1)[1].split(":", 1)[0].strip()
+    code, out = _run("report", *store, "--run", run_id, "--output", str(tmp_path / "rep"), "--exclude-leaks")
+    assert code == 0 and (tmp_path / "rep" / "index.html").exists(), out
+    code, out = _run("landscape", *store, "--run", run_id, "--steps", "3", "--output", str(tmp_path / "l.png"))
+    assert code == 0 and "loss at the trained weights" in out and (tmp_path / "l.png").exists(), out
+    code, out = _run("neighbors", *store)
+    assert code == 2 and "exactly one" in out and "Traceback" not in out
+    code, out = _run("index", "build", *store, "--kind", "annoy")
+    assert code == 2 and "--kind must be one of" in out

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.sql import export, run_query
+from pipeline.sql import export, run_query, to_text
 from pipeline.store import Store
 
 
@@ -46,4 +46,12 @@ def test_export_formats(d3_store: Store, tmp_path: Path, fmt: str) -> None:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert rows == table.to_pylist()
     else:
-        assert path.read_text().splitlines() == ['"label","n"', "0,11", "1,48"]
+        assert path.read_text().splitlines() == ["label,n", "0,11", "1,48"]
+
+
+def test_csv_quotes_only_where_needed_and_round_trips(d3_store: Store) -> None:
+    import csv
+
+    table = run_query(d3_store, "SELECT 'a, \"quoted\" text' AS t, 1 AS n, NULL::VARCHAR AS missing")
+    text = to_text(table, "csv")
+    assert list(csv.reader(text.splitlines())) == [["t", "n", "missing"], ['a, "quoted" text', "1", ""]]
