@@ -658,7 +658,7 @@ def demo(
     rows: Annotated[int, typer.Option(help="D3 rows to synthesise (each gives 4 generated + 1 real).")] = 100,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default as in encode).")] = None,
 ) -> None:
-    """Run everything offline: synthesise D3-layout data, ingest, encode twice, train, query.
+    """Run everything offline: synthesise D3-layout data, ingest, encode twice, train, neighbours, report, SQL.
 
     The data are synthetic and the CLIP model (Tiny-ViT-16) has random weights: the point is to
     show the pipeline working end to end, not meaningful embeddings.

@@ -117,7 +117,8 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
     reporter.start("index", n, "vectors")
     index, params = _make(kind, vecs.matrix, config, faiss)
     _add(index, vecs.matrix, reporter)
-    recall, by_breadth = None, {}
+    recall: float | None = None
+    by_breadth: dict[int, float] = {}
     if kind == "flat":
         recall = 1.0
     else:

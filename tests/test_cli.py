@@ -104,3 +104,8 @@ def test_index_neighbors_leaks_report_landscape_from_the_cli(tmp_path: Path) -> 
     assert code == 2 and "exactly one" in out and "Traceback" not in out
     code, out = _run("index", "build", *store, "--kind", "annoy")
     assert code == 2 and "--kind must be one of" in out
+
+
+def test_models_lists_architectures_with_their_pretrained_tags() -> None:
+    code, out = _run("models")
+    assert code == 0 and "Tiny-ViT-16" in out and "ViT-B-32" in out and "openai" in out, out
