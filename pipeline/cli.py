@@ -220,10 +220,12 @@ def encode(
     samples is encoded once. Safe to kill at any moment: run it again to resume.
     """
     from pipeline.clip import ModelSpec
-    from pipeline.encode import EncodeConfig
+    from pipeline.encode import EncodeConfig, resolve_device
     from pipeline.encode import encode as run
 
     with _errors(ctx):
+        if precision == "bf16":
+            _warn_bf16(resolve_device(device))
         config = EncodeConfig(
             store=Store(store),
             model=ModelSpec(model, pretrained, seed),
@@ -360,6 +362,13 @@ def _base_config(config: Path | None) -> dict[str, Any]:
         raise PipelineError(f"Cannot read {config}: {exc}") from exc
 
 
+def _warn_bf16(device: Any) -> None:
+    from pipeline.encode import BF16_EMULATED, cpu_bf16_native
+
+    if device.type == "cpu" and not cpu_bf16_native():
+        err.print(f"[bold yellow]warning[/]: {BF16_EMULATED}; consider fp32.")
+
+
 def _random_banner(random_weights: bool | None) -> None:
     if random_weights:
         out.print("[bold yellow]RANDOM-WEIGHT EMBEDDINGS[/]: the features come from a CLIP with random "
@@ -409,6 +418,10 @@ def train_cmd(
             bf16=bf16, seed=seed, detector=detector, exclude_leaks=exclude_leaks, leak_threshold=leak_threshold,
             name=name)}
         train_config = TrainConfig.from_dict(options)
+        if train_config.fit.bf16:
+            import torch
+
+            _warn_bf16(torch.device("cpu"))
         result = run(Store(store), train_config, on_epoch=lambda r: err.print(
             f"epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val auc {r.get('val_auc', float('nan')):.4f}"))
     _random_banner(result.random_weights)
