@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.features import resolve_model_key
 from pipeline.index import OpenIndex, open_index
 from pipeline.store import Store
+from pipeline.vectors import normalise
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _stored_vector(store: Store, model_key: str, modality: str, sample_id: str) 
     if not vec.num_rows or content_hash is None:
         raise PipelineError(f"Sample {found[0]['sample_id']} has no {modality} vector for {model_key} yet: "
                             "run `pipeline encode`.")
-    return content_hash, np.asarray(vec.column(0)[0].as_py(), np.float32)
+    return content_hash, normalise(np.asarray(vec.column(0)[0].as_py(), np.float32)[None])[0]
 
 
 def _neighbours(q: NeighborQuery, index: OpenIndex, vector: np.ndarray, own: str | None) -> pa.Table:

@@ -24,7 +24,7 @@ from schemas import MODALITIES, SCHEMA_VERSION
 @dataclass
 class Vectors:
     ids: np.ndarray  # content hashes (object array of str), row i names matrix row i
-    matrix: np.ndarray  # float32 [n, dim], L2-normalised
+    matrix: np.ndarray  # float32 [n, dim], L2-normalised (again, after float16 storage)
 
 
 def shards_of(store: Store, model_key: str, modality: str) -> list[Path]:
@@ -61,7 +61,8 @@ def load_vectors(shards: list[Path]) -> Vectors:
     if len(first) < len(all_ids):
         keep = np.sort(first)
         all_ids, all_mat = all_ids[keep], all_mat[keep]
-    return Vectors(all_ids, np.ascontiguousarray(all_mat))
+    # float16 storage leaves norms off 1 by ~1e-4; renormalise so cosine similarities stay ≤ 1
+    return Vectors(all_ids, np.ascontiguousarray(normalise(all_mat)))
 
 
 def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

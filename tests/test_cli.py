@@ -109,3 +109,13 @@ def test_index_neighbors_leaks_report_landscape_from_the_cli(tmp_path: Path) -> 
 def test_models_lists_architectures_with_their_pretrained_tags() -> None:
     code, out = _run("models")
     assert code == 0 and "Tiny-ViT-16" in out and "ViT-B-32" in out and "openai" in out, out
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path) -> None:
+    from pipeline.encode import cpu_bf16_native
+    from tests.conftest import planted_store
+
+    store = str(planted_store(tmp_path, rows=60, dim=8).root)
+    code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "64", "--bf16")
+    assert code == 0, out
+    assert ("no native bf16" in out) == (not cpu_bf16_native())
