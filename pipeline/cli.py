@@ -316,6 +316,8 @@ def show_status(result: Any) -> None:
         view.add_row(m.model_key, weights, str(m.images_encoded), str(m.images_pending),
                      str(m.texts_encoded), str(m.texts_pending))
     out.print(view)
+    if result.derived is not None and result.derived.num_rows:
+        render_table(result.derived, "runs (best test AUC), indexes (vectors, recall@10), leak scans")
 
 
 @app.command("import-features")
@@ -620,7 +622,8 @@ def landscape(
     from pipeline.landscape import landscape as draw
 
     with _errors(ctx):
-        result = draw(LandscapeConfig(Store(store), tuple(run), dims, steps, span, seed, output))
+        with RichReporter() as reporter:
+            result = draw(LandscapeConfig(Store(store), tuple(run), dims, steps, span, seed, output), reporter)
     for s in result.surfaces:
         rec = "–" if s.recorded_eval_loss is None else f"{s.recorded_eval_loss:.6f}"
         out.print(f"{s.label}: loss at the trained weights {s.centre_loss:.6f} (run recorded {rec}); "

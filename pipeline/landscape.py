@@ -21,6 +21,7 @@ from pipeline import catalog
 from pipeline.atomic import write_text
 from pipeline.errors import PipelineError
 from pipeline.features import feature_table
+from pipeline.progress import Reporter, Silent
 from pipeline.report import DPI, FIG_SIZE, figure, save_png
 from pipeline.store import Store
 from pipeline.train import evaluation_loss, evaluation_set, load_run
@@ -71,7 +72,7 @@ def filter_normalised_direction(model: torch.nn.Module, generator: torch.Generat
 
 @torch.no_grad()
 def surface(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of: object,
-            directions: list[list[torch.Tensor]], coords: np.ndarray) -> np.ndarray:
+            directions: list[list[torch.Tensor]], coords: np.ndarray, reporter: Reporter | None = None) -> np.ndarray:
     """Loss at θ + Σ cᵢ dᵢ for every point of the grid `coords`^len(directions)."""
     params = list(model.parameters())
     origin = [p.detach().clone() for p in params]
@@ -84,13 +85,15 @@ def surface(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of: o
                 for c, d in zip((coords[i] for i in idx), ds, strict=True):
                     p.add_(d, alpha=float(c))
             out[idx] = loss_of(model, x, y)  # type: ignore[operator]
+            if reporter:
+                reporter.advance("landscape", 1)
     finally:
         for p, o in zip(params, origin, strict=True):
             p.copy_(o)
     return out
 
 
-def landscape(config: LandscapeConfig) -> LandscapeResult:
+def landscape(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeResult:
     if config.dims not in (1, 2):
         raise PipelineError("--dims must be 1 or 2.")
     if not 1 <= len(config.runs) <= 2:
@@ -104,6 +107,8 @@ def landscape(config: LandscapeConfig) -> LandscapeResult:
     coords = np.linspace(-config.span, config.span, steps)
     surfaces = []
     random_weights = False
+    reporter = reporter or Silent()
+    reporter.start("landscape", len(config.runs) * steps**config.dims, "points")
     for run_id in config.runs:
         run_config, model, metrics = load_run(config.store, run_id)
         table = feature_table(config.store, metrics["model_key"], run_config.pairing)
@@ -114,7 +119,7 @@ def landscape(config: LandscapeConfig) -> LandscapeResult:
         def loss_of(m: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor, fc=run_config.fit) -> float:
             return evaluation_loss(m, xs, ys, fc)
 
-        losses = surface(model, x, y, loss_of, directions, coords)
+        losses = surface(model, x, y, loss_of, directions, coords, reporter)
         centre = float(losses[(steps // 2,) * config.dims])
         label = run_config.name or ("SAM" if run_config.fit.sam else "no SAM")
         surfaces.append(RunSurface(run_id, f"{label} ({run_id[-13:]})", losses, centre, metrics.get("eval_loss")))

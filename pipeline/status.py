@@ -26,6 +26,7 @@ class StoreStatus:
     by_split_label_generator: pa.Table
     quarantine_by_reason: pa.Table
     models: list[ModelStatus] = field(default_factory=list)
+    derived: pa.Table | None = None  # runs, indexes and leak scans per model
 
 
 def status(store: Store) -> StoreStatus:
@@ -70,4 +71,15 @@ def status(store: Store) -> StoreStatus:
                 texts_pending=max(0, texts_total - texts),
             )
         )
-    return StoreStatus(samples, groups, quarantine, models)
+    derived = q(
+        """
+        SELECT model_key, 'runs' AS what, count(*) AS n, round(max(test_auc), 4) AS best FROM runs GROUP BY ALL
+        UNION ALL
+        SELECT model_key, 'index ' || modality || ' ' || kind, max(vectors), round(max(recall_at_10), 4)
+        FROM indexes GROUP BY ALL
+        UNION ALL
+        SELECT model_key, 'leak pairs at ' || threshold::DECIMAL(6, 4), count(*), NULL FROM leaks GROUP BY ALL
+        ORDER BY 1, 2
+        """
+    )
+    return StoreStatus(samples, groups, quarantine, models, derived)
