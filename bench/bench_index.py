@@ -7,7 +7,7 @@ stored vectors. Queries are 1000 new vectors near stored ones (as a newly encode
 be); their recall@10 is measured against the flat index in the same run, and flat search's
 GFLOP/s against the machine's fp32 matrix-product rate measured here too.
 
-    python bench/bench_index.py [--rows 1000000] [--kinds flat,ivf,hnsw]
+    python bench/bench_index.py [--rows 1000000] [--kinds flat,ivf,hnsw] [--noise 0.03]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DIM = 768
 KEY = "synthetic-768"
 
 
-def make_store(root: Path, rows: int, seed: int = 0) -> tuple[Store, np.ndarray]:
+def make_store(root: Path, rows: int, noise: float = 0.03, seed: int = 0) -> tuple[Store, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(1000, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -40,13 +40,13 @@ def make_store(root: Path, rows: int, seed: int = 0) -> tuple[Store, np.ndarray]
     shards = []
     for start in range(0, rows, 100_000):
         n = min(100_000, rows - start)
-        x = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.03, (n, DIM)).astype(np.float32)
+        x = centres[rng.integers(0, len(centres), n)] + rng.normal(0, noise, (n, DIM)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         hashes = [f"{i:064x}" for i in range(start, start + n)]
         shards.append(write_parquet(embeddings_table(KEY, "image", hashes, x, "float16"),
                                     store.new_shard(directory, "image")))
     catalog.commit(store, shards)
-    queries = centres[rng.integers(0, len(centres), 1000)] + rng.normal(0, 0.03, (1000, DIM)).astype(np.float32)
+    queries = centres[rng.integers(0, len(centres), 1000)] + rng.normal(0, noise, (1000, DIM)).astype(np.float32)
     return store, queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
 
@@ -64,14 +64,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--kinds", default="flat,ivf,hnsw")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--noise", type=float, default=0.03,
+                        help="σ around the 1000 centres: larger means overlapping clusters, a harder index")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     peak = matmul_gflops()
     print(f"fp32 matrix product, 4096²: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        store, queries = make_store(Path(tmp), args.rows)
-        print(f"store: {args.rows:,} × {DIM} float16 vectors written in {time.perf_counter() - t:.1f} s")
+        store, queries = make_store(Path(tmp), args.rows, args.noise)
+        print(f"store: {args.rows:,} × {DIM} float16 vectors (noise σ {args.noise}) written in "
+              f"{time.perf_counter() - t:.1f} s")
         truth = None
         print(f"{'kind':<5} {'build s':>8} {'params':<44} {'recall@10 stored':>16} "
               f"{'recall@10 new':>13} {'queries/s':>10}")
