@@ -88,6 +88,10 @@ def to_markdown(result: ExperimentResult) -> str:
     if result.rows:
         run0 = result.rows[0][1]
         lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.get('pairing')}`.", ""]
+        excluded = run0.metrics.get("excluded_leaks")
+        if excluded:
+            lines += [f"Leaking samples left out of the metrics (near-duplicates of an earlier split): "
+                      f"{excluded.get('val', 0)} val, {excluded.get('test', 0)} test.", ""]
     lines.append("| Method | " + " | ".join(gens) + " | Overall | run |")
     lines.append("|---|" + "---:|" * (len(gens) + 1) + "---|")
     for label, run in result.rows:
