@@ -151,3 +151,15 @@ def test_training_can_exclude_leaking_test_samples(tmp_path: Path) -> None:
     leaky_store(tmp_path, rows=20, leaks=0, seed=4, file_name="0001.h5")
     with pytest.raises(PipelineError, match="changed since"):
         leaking_ids(store, "leaky", 0.95)
+
+
+def test_text_index_finds_samples_sharing_a_prompt(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=60, dim=DIM)
+    info = build_index(IndexConfig(store, modality="text"))
+    assert info.modality == "text" and info.vectors == 120  # 60 captions + 60 prompts
+    generated = catalog.query(store, "SELECT sample_id, text_hash FROM samples WHERE label = 1 LIMIT 1").to_pylist()[0]
+    result = neighbors(NeighborQuery(store, sample_id=generated["sample_id"], k=3, modality="text"))
+    assert result.rows.num_rows == 3  # the query's own text is excluded, so its siblings' prompt is not listed
+    hashes = catalog.query(store, "SELECT DISTINCT text_hash FROM samples WHERE sample_id IN (SELECT unnest(?))",
+                           [result.rows.column("sample_id").to_pylist()]).column(0).to_pylist()
+    assert generated["text_hash"] not in hashes
