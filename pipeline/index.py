@@ -94,7 +94,8 @@ def resolve_kind(kind: str, n: int) -> str:
     return kind
 
 
-def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexInfo:
+def build_index(config: IndexConfig, reporter: Reporter | None = None, vectors: Vectors | None = None) -> IndexInfo:
+    """Build (or find up to date) the index; `vectors`, if the caller already loaded them, saves a read."""
     import faiss
 
     reporter = reporter or Silent()
@@ -112,7 +113,7 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
         return info
 
     started = time.perf_counter()
-    vecs = load_vectors(shards)
+    vecs = vectors if vectors is not None and vectors.source == tuple(shards) else load_vectors(shards)
     n, dim = vecs.matrix.shape
     reporter.start("index", n, "vectors")
     index, params = _make(kind, vecs.matrix, config, faiss)
@@ -144,11 +145,11 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
 
 
 def open_index(store: Store, model_key: str | None, modality: str = "image", kind: str = "auto",
-               reporter: Reporter | None = None) -> OpenIndex:
+               reporter: Reporter | None = None, vectors: Vectors | None = None) -> OpenIndex:
     """The index of the current embeddings (built first if there is none)."""
     import faiss
 
-    info = build_index(IndexConfig(store, model_key, kind=kind, modality=modality), reporter)
+    info = build_index(IndexConfig(store, model_key, kind=kind, modality=modality), reporter, vectors)
     index = faiss.read_index(str(info.directory / "index.faiss"))
     _apply_breadth(index, info.kind, info.params, faiss)
     ids = feather.read_table(str(info.directory / "ids.arrow")).column(0).to_numpy(zero_copy_only=False)

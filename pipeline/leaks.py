@@ -67,10 +67,10 @@ def find_leaks(config: LeakConfig, reporter: Reporter | None = None) -> LeakResu
     model_key = resolve_model_key(store, config.model_key)
     shards = shards_of(store, model_key, "image")
     fp = fingerprint(store, shards)
-    index = open_index(store, model_key, "image", "flat" if config.exact_search else "auto", reporter)
+    vecs = load_vectors(shards)
+    index = open_index(store, model_key, "image", "flat" if config.exact_search else "auto", reporter, vecs)
     splits = catalog.query(store, "SELECT DISTINCT ON (sample_id) sample_id, split FROM samples")
     split_of = dict(zip(splits.column(0).to_pylist(), splits.column(1).to_pylist(), strict=True))
-    vecs = load_vectors(shards)
     is_query = np.array([SPLIT_ORDER.get(split_of.get(i, ""), 0) > 0 for i in vecs.ids])
     q_ids, q_mat = vecs.ids[is_query], vecs.matrix[is_query]
     reporter.start("leaks", len(q_ids), "images")

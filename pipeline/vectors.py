@@ -25,6 +25,7 @@ from schemas import MODALITIES, SCHEMA_VERSION
 class Vectors:
     ids: np.ndarray  # content hashes (object array of str), row i names matrix row i
     matrix: np.ndarray  # float32 [n, dim], L2-normalised (again, after float16 storage)
+    source: tuple[Path, ...] = ()  # the shards they were read from
 
 
 def shards_of(store: Store, model_key: str, modality: str) -> list[Path]:
@@ -62,7 +63,7 @@ def load_vectors(shards: list[Path]) -> Vectors:
         keep = np.sort(first)
         all_ids, all_mat = all_ids[keep], all_mat[keep]
     # float16 storage leaves norms off 1 by ~1e-4; renormalise so cosine similarities stay ≤ 1
-    return Vectors(all_ids, np.ascontiguousarray(normalise(all_mat)))
+    return Vectors(all_ids, np.ascontiguousarray(normalise(all_mat)), tuple(shards))
 
 
 def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
