@@ -12,7 +12,7 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -66,13 +66,13 @@ def run_report(store: Store, run_id: str, output: Path | None = None, split: str
     directory = output or store.root / "reports" / f"run-{run_id}"
     result = ReportResult(directory)
     rw = metrics.get("random_weights")
+    stats = summary(y, p, gens, threshold)
+    per_gen = cast(dict[str, float], stats["auc_by_generator"])
     result.files.append(_roc(directory / "roc.png", y, p, gens, split, rw))
-    per_gen = {g: roc_auc(y[~y | (gens == g)], p[~y | (gens == g)]) for g in sorted(set(gens[y].tolist()))}
-    result.files.append(_bars(directory / "auc_by_generator.png", {**per_gen, "overall": roc_auc(y, p)},
+    result.files.append(_bars(directory / "auc_by_generator.png", {**per_gen, "overall": cast(float, stats["auc"])},
                               f"{split} ROC AUC per generator (each against all real)", rw))
     result.files.append(_histograms(directory / "scores.png", y, p, gens, split, rw))
     result.files.append(_confusion(directory / "confusion.png", confusion(y, p, threshold), threshold, rw))
-    stats = summary(y, p, gens, threshold)
     body = [
         f"<h1>Run <code>{_e(run_id)}</code></h1>",
         _banner(metrics.get("random_weights")),
