@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.clip import ModelSpec, load
-from pipeline.encode import BF16_EMULATED, EncodeConfig, Encoder, cpu_bf16_native, default_workers, encode
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.store import Store
+from pipeline.encoding.clip import ModelSpec, load
+from pipeline.stages.encode import BF16_EMULATED, EncodeConfig, Encoder, cpu_bf16_native, default_workers, encode
+from pipeline.stages.ingest import IngestConfig, ingest
+from pipeline.store.layout import Store
 
 GFLOP_PER_IMAGE = 8.8  # ViT-B-32 image tower at 224 px
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import catalog
-from pipeline.atomic import write_parquet
-from pipeline.encode import embeddings_table
-from pipeline.index import IndexConfig, build_index, open_index, recall_at
-from pipeline.store import Store
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
+from pipeline.stages.encode import embeddings_table
+from pipeline.features.index import IndexConfig, build_index, open_index, recall_at
+from pipeline.store.layout import Store
 
 DIM = 768
 KEY = "synthetic-768"

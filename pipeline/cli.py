@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.errors import PipelineError
-from pipeline.store import DEFAULT_STORE, Store
+from pipeline.store.layout import DEFAULT_STORE, Store
 
 app = typer.Typer(
     help="Embedding-cache pipeline for detectors of diffusion-generated images: ingest image "
@@ -165,8 +165,8 @@ def ingest(
     once. Unreadable inputs and D3 rows whose real image is missing are counted, recorded in the
     quarantine table, and reported.
     """
-    from pipeline.ingest import IngestConfig
-    from pipeline.ingest import ingest as run
+    from pipeline.stages.ingest import IngestConfig
+    from pipeline.stages.ingest import ingest as run
 
     with _errors(ctx):
         config = IngestConfig(
@@ -219,9 +219,9 @@ def encode(
     Vectors are L2-normalised and stored per content hash, so an image or a prompt shared by many
     samples is encoded once. Safe to kill at any moment: run it again to resume.
     """
-    from pipeline.clip import ModelSpec
-    from pipeline.encode import EncodeConfig, resolve_device
-    from pipeline.encode import encode as run
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.stages.encode import EncodeConfig, resolve_device
+    from pipeline.stages.encode import encode as run
 
     with _errors(ctx):
         if precision == "bf16":
@@ -272,7 +272,7 @@ def sql(
 ) -> None:
     """Run a read-only SQL query over the store's views (samples, embeddings, quarantine, runs, scores,
     indexes, leaks) and print or export the result."""
-    from pipeline.sql import EXPORT_FORMATS, export, run_query, to_text
+    from pipeline.stages.sql import EXPORT_FORMATS, export, run_query, to_text
 
     with _errors(ctx):
         if format != "table" and format not in EXPORT_FORMATS:
@@ -293,7 +293,7 @@ def sql(
 @app.command()
 def status(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
     """Counts by split, label and generator; per model, encoded vs pending."""
-    from pipeline.status import status as run
+    from pipeline.stages.status import status as run
 
     with _errors(ctx):
         if not Store(store).exists():
@@ -334,8 +334,8 @@ def import_features(
     splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
 ) -> None:
     """Import CLIP features computed elsewhere, as samples plus embeddings, without re-encoding."""
-    from pipeline.import_features import ImportConfig
-    from pipeline.import_features import import_features as run
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import import_features as run
 
     with _errors(ctx):
         config = ImportConfig(
@@ -365,7 +365,7 @@ def _base_config(config: Path | None) -> dict[str, Any]:
 
 
 def _warn_bf16(device: Any) -> None:
-    from pipeline.encode import BF16_EMULATED, cpu_bf16_native
+    from pipeline.stages.encode import BF16_EMULATED, cpu_bf16_native
 
     if device.type == "cpu" and not cpu_bf16_native():
         err.print(f"[bold yellow]warning[/]: {BF16_EMULATED}; consider fp32.")
@@ -410,8 +410,8 @@ def train_cmd(
     Defaults are the paper's: image+text features, CVaR α 0.8, AUC η 0.6 p 2 γ 0.5, SAM ρ 0.05,
     AdamW lr 1e-3, batch 2048, 32 epochs. The best validation epoch is kept.
     """
-    from pipeline.train import TrainConfig
-    from pipeline.train import train as run
+    from pipeline.stages.train import TrainConfig
+    from pipeline.stages.train import train as run
 
     with _errors(ctx):
         options = {**_base_config(config), **_train_overrides(
@@ -447,7 +447,7 @@ def sweep_cmd(
     jobs: Annotated[int, typer.Option(help="Runs in parallel (processes).")] = 1,
 ) -> None:
     """Train many configs over the same cached features; configs already run are skipped."""
-    from pipeline.sweep import grid_configs, sweep
+    from pipeline.stages.sweep import grid_configs, sweep
 
     with _errors(ctx):
         result = sweep(Store(store), grid_configs(grid), jobs)
@@ -479,7 +479,7 @@ def experiment_cmd(
 
     Writes the table as Markdown and as an HTML page with its bars under STORE/reports/.
     """
-    from pipeline.experiment import TABLES, run_experiment
+    from pipeline.stages.experiment import TABLES, run_experiment
 
     with _errors(ctx):
         if table not in TABLES:
@@ -501,7 +501,7 @@ def score_cmd(
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Score every encoded sample that this run has not scored yet (e.g. newly ingested ones)."""
-    from pipeline.score import score
+    from pipeline.stages.score import score
 
     with _errors(ctx):
         result = score(Store(store), run)
@@ -522,7 +522,7 @@ def index_build(
     force: Annotated[bool, typer.Option(help="Rebuild even if the embeddings did not change.")] = False,
 ) -> None:
     """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
-    from pipeline.index import IndexConfig, build_index
+    from pipeline.features.index import IndexConfig, build_index
 
     with _errors(ctx):
         if not 0 < target_recall <= 1:
@@ -551,8 +551,8 @@ def neighbors(
     vectors: Annotated[str, typer.Option(help="image | text")] = "image",
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
-    from pipeline.neighbors import NeighborQuery
-    from pipeline.neighbors import neighbors as find
+    from pipeline.stages.neighbors import NeighborQuery
+    from pipeline.stages.neighbors import neighbors as find
 
     with _errors(ctx):
         result = find(NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors))
@@ -572,7 +572,7 @@ def leaks(
     exact: Annotated[bool, typer.Option(help="Search exhaustively (flat) whatever the store's size.")] = False,
 ) -> None:
     """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
-    from pipeline.leaks import LeakConfig, find_leaks
+    from pipeline.stages.leaks import LeakConfig, find_leaks
 
     with _errors(ctx):
         with RichReporter() as reporter:
@@ -599,7 +599,7 @@ def report(
     exclude_leaks: Annotated[bool, typer.Option(help="Leave leaking samples out (needs `pipeline leaks`).")] = False,
 ) -> None:
     """A static HTML page + PNGs of a run: ROC, AUC per generator, score histograms, confusion matrix."""
-    from pipeline.report import run_report
+    from pipeline.stages.report import run_report
 
     with _errors(ctx):
         result = run_report(Store(store), run, output, split, threshold, exclude_leaks)
@@ -618,8 +618,8 @@ def landscape(
     output: Annotated[Path | None, typer.Option(help="PNG path (default under STORE/reports/).")] = None,
 ) -> None:
     """Loss around trained weights along filter-normalised random directions (Li et al. 2018; Figure 3)."""
-    from pipeline.landscape import LandscapeConfig
-    from pipeline.landscape import landscape as draw
+    from pipeline.stages.landscape import LandscapeConfig
+    from pipeline.stages.landscape import landscape as draw
 
     with _errors(ctx):
         with RichReporter() as reporter:
@@ -636,7 +636,7 @@ def models() -> None:
     """List the open_clip architectures and pretrained tags known here (weights need a network)."""
     import open_clip
 
-    from pipeline.clip import register_configs
+    from pipeline.encoding.clip import register_configs
 
     register_configs()
     tags: dict[str, list[str]] = {}
@@ -679,9 +679,9 @@ def demo(
     The data are synthetic and the CLIP model (Tiny-ViT-16) has random weights: the point is to
     show the pipeline working end to end, not meaningful embeddings.
     """
-    from pipeline.demo import DemoConfig, run_demo
-    from pipeline.sql import run_query
-    from pipeline.status import status as store_status
+    from pipeline.stages.demo import DemoConfig, run_demo
+    from pipeline.stages.sql import run_query
+    from pipeline.stages.status import status as store_status
 
     out.rule("[bold]pipeline demo")
     out.print("[bold yellow]Synthetic data, random weights.[/] The images are drawn by numpy and the "
@@ -717,7 +717,7 @@ def demo(
 @catalog_app.command("rebuild")
 def catalog_rebuild(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
     """Recreate catalog.duckdb from the Parquet files (they are the truth)."""
-    from pipeline import catalog
+    from pipeline.store import catalog
 
     with _errors(ctx):
         result = catalog.rebuild(Store(store))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.clip import ModelSpec
-from pipeline.encode import EncodeConfig
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.store import Store
+from pipeline.encoding.clip import ModelSpec
+from pipeline.stages.encode import EncodeConfig
+from pipeline.stages.ingest import IngestConfig, ingest
+from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 
 TINY = "Tiny-ViT-16"  # small open_clip config, random weights
@@ -62,7 +62,7 @@ def planted_store(
     """
     import h5py
 
-    from pipeline.import_features import ImportConfig, import_features
+    from pipeline.stages.import_features import ImportConfig, import_features
 
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=dim)

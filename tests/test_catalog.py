@@ -3,9 +3,9 @@
 import shutil
 from pathlib import Path
 
-from pipeline import catalog
-from pipeline.encode import encode
-from pipeline.store import Store
+from pipeline.store import catalog
+from pipeline.stages.encode import encode
+from pipeline.store.layout import Store
 from tests.conftest import encode_config
 
 COUNTS = (

@@ -112,7 +112,7 @@ def test_models_lists_architectures_with_their_pretrained_tags() -> None:
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path) -> None:
-    from pipeline.encode import cpu_bf16_native
+    from pipeline.stages.encode import cpu_bf16_native
     from tests.conftest import planted_store
 
     store = str(planted_store(tmp_path, rows=60, dim=8).root)

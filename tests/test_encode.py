@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import catalog
-from pipeline.clip import ModelSpec, load
-from pipeline.encode import Encoder, encode, encode_rows, pending_images
+from pipeline.store import catalog
+from pipeline.encoding.clip import ModelSpec, load
+from pipeline.stages.encode import Encoder, encode, encode_rows, pending_images
 from pipeline.errors import PipelineError
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.store import Store
+from pipeline.stages.ingest import IngestConfig, ingest
+from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 from tests.conftest import TINY, encode_config, jpeg
 
@@ -150,10 +150,10 @@ def _assert_complete_without_duplicates(store: Store) -> None:
 _KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
-    import pipeline.atomic as atomic
-    from pipeline.clip import ModelSpec
-    from pipeline.encode import EncodeConfig, encode
-    from pipeline.store import Store
+    import pipeline.store.atomic as atomic
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.stages.encode import EncodeConfig, encode
+    from pipeline.store.layout import Store
     real_replace = os.replace
     def slow_replace(a, b):  # widen the window in which a temp file exists
         time.sleep(0.15)

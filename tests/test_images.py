@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import UndecodableImage, decode_rgb
+from pipeline.sources.images import UndecodableImage, decode_rgb
 
 
 def _bytes(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import catalog
-from pipeline.encode import encode
+from pipeline.store import catalog
+from pipeline.stages.encode import encode
 from pipeline.errors import PipelineError
-from pipeline.index import IndexConfig, build_index, open_index
-from pipeline.ingest import IngestConfig, assign_split, ingest
-from pipeline.leaks import LeakConfig, find_leaks, leaking_ids
-from pipeline.neighbors import NeighborQuery, neighbors
-from pipeline.store import Store
-from pipeline.train import TrainConfig, train
-from pipeline.vectors import load_vectors, shards_of
+from pipeline.features.index import IndexConfig, build_index, open_index
+from pipeline.stages.ingest import IngestConfig, assign_split, ingest
+from pipeline.stages.leaks import LeakConfig, find_leaks, leaking_ids
+from pipeline.stages.neighbors import NeighborQuery, neighbors
+from pipeline.store.layout import Store
+from pipeline.stages.train import TrainConfig, train
+from pipeline.features.vectors import load_vectors, shards_of
 from tests.conftest import encode_config, jpeg, planted_store
 
 DIM = 32
@@ -27,7 +27,7 @@ def leaky_store(root: Path, rows: int = 300, leaks: int = 3, seed: int = 0,
     """Reference-layout features whose test rows j copy (plus tiny noise) the real image of train rows i."""
     import h5py
 
-    from pipeline.import_features import ImportConfig, import_features
+    from pipeline.stages.import_features import ImportConfig, import_features
 
     rng = np.random.default_rng(seed)
     stem = Path(file_name).stem

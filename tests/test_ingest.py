@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.ingest import IngestConfig, assign_split, ingest
-from pipeline.store import Store
+from pipeline.stages.ingest import IngestConfig, assign_split, ingest
+from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 from tests.conftest import jpeg
 

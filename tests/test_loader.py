@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.features import feature_table
-from pipeline.loader import FeatureLoader, LoaderConfig
+from pipeline.features.view import feature_table
+from pipeline.features.loader import FeatureLoader, LoaderConfig
 from tests.conftest import planted_store
 
 

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.experiment import run_experiment
-from pipeline.features import feature_table
-from pipeline.landscape import LandscapeConfig, filter_normalised_direction, landscape, surface
-from pipeline.report import DPI, FIG_SIZE, run_report
-from pipeline.score import score
-from pipeline.store import Store
-from pipeline.train import TrainConfig, evaluation_loss, evaluation_set, load_run, train
+from pipeline.stages.experiment import run_experiment
+from pipeline.features.view import feature_table
+from pipeline.stages.landscape import LandscapeConfig, filter_normalised_direction, landscape, surface
+from pipeline.stages.report import DPI, FIG_SIZE, run_report
+from pipeline.stages.score import score
+from pipeline.store.layout import Store
+from pipeline.stages.train import TrainConfig, evaluation_loss, evaluation_set, load_run, train
 from tests.conftest import planted_store
 
 FAST = {"epochs": 3, "batch_size": 128, "lr": 1e-2}

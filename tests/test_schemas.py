@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.store import Store
+from pipeline.store.layout import Store
 from schemas import SAMPLES, SCHEMA_VERSION, embeddings_schema, schema_problem
 
 

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.sql import export, run_query, to_text
-from pipeline.store import Store
+from pipeline.stages.sql import export, run_query, to_text
+from pipeline.store.layout import Store
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.experiment import run_experiment
-from pipeline.score import score
-from pipeline.store import Store
-from pipeline.sweep import expand, sweep
-from pipeline.train import TrainConfig, load_run, train
+from pipeline.stages.experiment import run_experiment
+from pipeline.stages.score import score
+from pipeline.store.layout import Store
+from pipeline.stages.sweep import expand, sweep
+from pipeline.stages.train import TrainConfig, load_run, train
 from tests.conftest import planted_store
 
 # tiny stores give few steps: a higher lr than the paper's 1e-3 lets 6 epochs converge
@@ -72,8 +72,8 @@ def test_sweep_skips_configs_already_run_and_never_imports_open_clip(planted: St
     grid = tmp_path / "grid.toml"
     grid.write_text('[base]\nepochs = 2\nbatch_size = 256\n[grid]\nsam = [true, false]\nlr = [0.001]\n')
     script = (
-        "import sys; from pathlib import Path; from pipeline.sweep import grid_configs, sweep; "
-        "from pipeline.store import Store; "
+        "import sys; from pathlib import Path; from pipeline.stages.sweep import grid_configs, sweep; "
+        "from pipeline.store.layout import Store; "
         "r = sweep(Store(Path(sys.argv[1])), grid_configs(Path(sys.argv[2])), jobs=2); "
         "print([row.skipped for row in r.rows]); print('open_clip' in sys.modules)"
     )

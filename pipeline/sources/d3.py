@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.locations import Location, LocationReader
+from pipeline.sources.locations import Location, LocationReader
 from pipeline.sources.common import (
     REAL,
     Candidate,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.locations import Location
+from pipeline.sources.locations import Location
 from pipeline.sources.common import (
     REAL,
     Candidate,

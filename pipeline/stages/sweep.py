@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.features import feature_table, resolve_model_key
-from pipeline.store import Store
-from pipeline.train import TrainConfig, train
+from pipeline.features.view import feature_table, resolve_model_key
+from pipeline.store.layout import Store
+from pipeline.stages.train import TrainConfig, train
 
 
 @dataclass

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import catalog
-from pipeline.atomic import write_parquet
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
 from pipeline.errors import PipelineError
-from pipeline.features import feature_table
-from pipeline.loader import FeatureLoader, LoaderConfig
-from pipeline.store import Store
-from pipeline.train import SPLITS, load_run
+from pipeline.features.view import feature_table
+from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.store.layout import Store
+from pipeline.stages.train import SPLITS, load_run
 from schemas import SCORES
 from trainer.fit import predict
 

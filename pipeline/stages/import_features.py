@@ -25,14 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import catalog
-from pipeline.atomic import write_parquet, write_text
-from pipeline.encode import embeddings_table
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet, write_text
+from pipeline.stages.encode import embeddings_table
 from pipeline.errors import PipelineError
-from pipeline.ingest import assign_split, text_hash
+from pipeline.stages.ingest import assign_split, text_hash
 from pipeline.sources.d3 import DEFAULT_GENERATORS
 from pipeline.sources.webdataset import parse_label
-from pipeline.store import Store, safe_name
+from pipeline.store.layout import Store, safe_name
 from schemas import SAMPLES
 
 LAYOUTS = ("h5", "clip-retrieval")

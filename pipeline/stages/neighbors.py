@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.features import resolve_model_key
-from pipeline.index import OpenIndex, open_index
-from pipeline.store import Store
-from pipeline.vectors import normalise
+from pipeline.features.view import resolve_model_key
+from pipeline.features.index import OpenIndex, open_index
+from pipeline.store.layout import Store
+from pipeline.features.vectors import normalise
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
     """One image file → the L2-normalised vector the store's model gives it (CPU, fp32)."""
     import torch
 
-    from pipeline.clip import ModelSpec, load
-    from pipeline.encode import Encoder
-    from pipeline.images import UndecodableImage, decode_rgb
+    from pipeline.encoding.clip import ModelSpec, load
+    from pipeline.stages.encode import Encoder
+    from pipeline.sources.images import UndecodableImage, decode_rgb
 
     info = store.model_info(model_key)
     if not info.get("architecture"):

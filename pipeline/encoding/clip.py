@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.store import safe_name
+from pipeline.store.layout import safe_name
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM = "random"

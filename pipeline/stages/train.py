@@ -23,12 +23,12 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import catalog
-from pipeline.atomic import atomic_write, write_parquet, write_text
+from pipeline.store import catalog
+from pipeline.store.atomic import atomic_write, write_parquet, write_text
 from pipeline.errors import PipelineError
-from pipeline.features import FeatureTable, feature_table, resolve_model_key
-from pipeline.loader import FeatureLoader, LoaderConfig
-from pipeline.store import Store
+from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
+from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.store.layout import Store
 from schemas import RUNS, SCORES
 from trainer.fit import FitConfig, build_model, fit, predict
 from trainer.metrics import summary
@@ -200,7 +200,7 @@ def evaluation_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fi
 def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str], str | None]:
     if not config.exclude_leaks:
         return set(), None
-    from pipeline.leaks import leaking_ids
+    from pipeline.stages.leaks import leaking_ids
 
     return leaking_ids(store, model_key, config.leak_threshold)
 
@@ -240,7 +240,7 @@ def _fit_mlp(table: FeatureTable, config: TrainConfig, excluded: set[str],
 
 
 def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str]) -> tuple[_Scores, dict[str, Any], None]:
-    from pipeline.knn import knn_scores
+    from pipeline.features.knn import knn_scores
 
     cols, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed)
     scores = _Scores(cols["sample_id"], cols["split"], cols["label"], cols["generator"], fitted.scores)

@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from pipeline import catalog
-from pipeline.atomic import atomic_write, write_parquet
+from pipeline.store import catalog
+from pipeline.store.atomic import atomic_write, write_parquet
 from pipeline.errors import PipelineError
-from pipeline.features import resolve_model_key
-from pipeline.progress import Reporter, Silent
-from pipeline.store import Store
-from pipeline.vectors import Vectors, count_rows, fingerprint, load_vectors, shards_of
+from pipeline.features.view import resolve_model_key
+from pipeline.reporting import Reporter, Silent
+from pipeline.store.layout import Store
+from pipeline.features.vectors import Vectors, count_rows, fingerprint, load_vectors, shards_of
 from schemas import INDEXES
 
 KINDS = ("auto", "flat", "ivf", "hnsw")

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from pipeline import catalog
-from pipeline.atomic import atomic_write, write_text
+from pipeline.store import catalog
+from pipeline.store.atomic import atomic_write, write_text
 from pipeline.errors import PipelineError
-from pipeline.store import Store
-from pipeline.train import load_run_record
+from pipeline.store.layout import Store
+from pipeline.stages.train import load_run_record
 from trainer.metrics import confusion, roc_auc, roc_curve, summary
 
 if TYPE_CHECKING:
-    from pipeline.experiment import ExperimentResult
+    from pipeline.stages.experiment import ExperimentResult
 
 FIG_SIZE = (6.4, 4.8)  # inches; at DPI 100 every PNG is 640 × 480 pixels
 DPI = 100
@@ -54,7 +54,7 @@ def run_report(store: Store, run_id: str, output: Path | None = None, split: str
         raise PipelineError(f"Run {run_id} has no scores in the {split!r} split.")
     excluded_note = ""
     if exclude_leaks:
-        from pipeline.leaks import leaking_ids
+        from pipeline.stages.leaks import leaking_ids
 
         leaking, _ = leaking_ids(store, metrics["model_key"], config.leak_threshold)
         keep = ~np.isin(scores.column("sample_id").to_numpy(zero_copy_only=False), list(leaking))
@@ -95,7 +95,7 @@ def run_report(store: Store, run_id: str, output: Path | None = None, split: str
 
 
 def experiment_report(result: ExperimentResult, directory: Path) -> ReportResult:
-    from pipeline.experiment import generator_columns
+    from pipeline.stages.experiment import generator_columns
 
     gens = generator_columns(result)
     out = ReportResult(directory)

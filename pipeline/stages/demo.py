@@ -9,16 +9,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import catalog
-from pipeline.clip import ModelSpec
-from pipeline.encode import EncodeConfig, EncodeResult, encode
-from pipeline.ingest import IngestConfig, IngestResult, ingest
-from pipeline.neighbors import NeighborQuery, NeighborResult, neighbors
-from pipeline.progress import Reporter
-from pipeline.report import ReportResult, run_report
-from pipeline.store import Store
+from pipeline.store import catalog
+from pipeline.encoding.clip import ModelSpec
+from pipeline.stages.encode import EncodeConfig, EncodeResult, encode
+from pipeline.stages.ingest import IngestConfig, IngestResult, ingest
+from pipeline.stages.neighbors import NeighborQuery, NeighborResult, neighbors
+from pipeline.reporting import Reporter
+from pipeline.stages.report import ReportResult, run_report
+from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
-from pipeline.train import TrainConfig, TrainResult, train
+from pipeline.stages.train import TrainConfig, TrainResult, train
 
 DEMO_MODEL = "Tiny-ViT-16"
 

@@ -20,9 +20,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import remove_stale_temps
+from pipeline.store.atomic import remove_stale_temps
 from pipeline.errors import PipelineError
-from pipeline.store import DATASETS, Store
+from pipeline.store.layout import DATASETS, Store
 from schemas import TABLES, schema_problem, table_of
 
 _LOCK_WAIT_S = 60.0

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import catalog
-from pipeline.atomic import write_parquet
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
 from pipeline.errors import PipelineError
 from pipeline.sources.common import Candidate, Item, Problem
 from pipeline.sources.d3 import DEFAULT_GENERATORS, iter_d3
 from pipeline.sources.folder import GROUP_BY, iter_folder
 from pipeline.sources.manifest import iter_manifest
 from pipeline.sources.webdataset import iter_webdataset
-from pipeline.store import Store
+from pipeline.store.layout import Store
 from schemas import QUARANTINE, SAMPLES
 
 FORMATS = ("d3", "folder", "webdataset", "manifest")

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.atomic import write_text
-from pipeline.report import experiment_report
-from pipeline.store import Store
-from pipeline.train import TrainConfig, TrainResult, train
+from pipeline.store.atomic import write_text
+from pipeline.stages.report import experiment_report
+from pipeline.store.layout import Store
+from pipeline.stages.train import TrainConfig, TrainResult, train
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
 TABLES = ("table1", "table2")

@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import catalog
-from pipeline.atomic import write_parquet
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
 from pipeline.errors import PipelineError
-from pipeline.features import resolve_model_key
-from pipeline.index import open_index
-from pipeline.progress import Reporter, Silent
-from pipeline.store import Store
-from pipeline.vectors import fingerprint, load_vectors, shards_of
+from pipeline.features.view import resolve_model_key
+from pipeline.features.index import open_index
+from pipeline.reporting import Reporter, Silent
+from pipeline.store.layout import Store
+from pipeline.features.vectors import fingerprint, load_vectors, shards_of
 from schemas import LEAKS
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}

@@ -14,10 +14,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import catalog
-from pipeline.atomic import atomic_write
+from pipeline.store import catalog
+from pipeline.store.atomic import atomic_write
 from pipeline.errors import PipelineError
-from pipeline.store import Store
+from pipeline.store.layout import Store
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
 _ALLOWED = {"SELECT", "EXPLAIN"}

@@ -25,14 +25,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import catalog
-from pipeline.atomic import write_parquet, write_text
-from pipeline.clip import LoadedModel, ModelSpec, load
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet, write_text
+from pipeline.encoding.clip import LoadedModel, ModelSpec, load
 from pipeline.errors import PipelineError
-from pipeline.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
-from pipeline.locations import Location, LocationReader
-from pipeline.progress import Reporter, Silent
-from pipeline.store import Store
+from pipeline.sources.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
+from pipeline.sources.locations import Location, LocationReader
+from pipeline.reporting import Reporter, Silent
+from pipeline.store.layout import Store
 from schemas import EMBEDDING_DTYPES, QUARANTINE, embeddings_schema
 
 PRECISIONS = ("fp32", "bf16", "fp16")

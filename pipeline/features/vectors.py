@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import catalog
+from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.store import Store
+from pipeline.store.layout import Store
 from schemas import MODALITIES, SCHEMA_VERSION
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline import catalog
-from pipeline.store import Store
+from pipeline.store import catalog
+from pipeline.store.layout import Store
 
 
 @dataclass

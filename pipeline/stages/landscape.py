@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import catalog
-from pipeline.atomic import write_text
+from pipeline.store import catalog
+from pipeline.store.atomic import write_text
 from pipeline.errors import PipelineError
-from pipeline.features import feature_table
-from pipeline.progress import Reporter, Silent
-from pipeline.report import DPI, FIG_SIZE, figure, save_png
-from pipeline.store import Store
-from pipeline.train import evaluation_loss, evaluation_set, load_run
+from pipeline.features.view import feature_table
+from pipeline.reporting import Reporter, Silent
+from pipeline.stages.report import DPI, FIG_SIZE, figure, save_png
+from pipeline.store.layout import Store
+from pipeline.stages.train import evaluation_loss, evaluation_set, load_run
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""CLIP models (loading, model keys) and the encode unit of work."""

@@ -1,0 +1,1 @@
+"""Presentation: terminal tables, figures and HTML pages. No stage renders; the CLI and reports call these."""

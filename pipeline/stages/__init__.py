@@ -1,0 +1,1 @@
+"""One module per stage, each `run(config, reporter) -> Result`; stages never print."""
