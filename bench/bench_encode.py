@@ -22,8 +22,10 @@ import torch
 from PIL import Image
 
 from pipeline.encoding.clip import ModelSpec, load
-from pipeline.stages.encode import BF16_EMULATED, EncodeConfig, Encoder, cpu_bf16_native, default_workers, encode
-from pipeline.stages.ingest import IngestConfig, ingest
+from pipeline.stages.encode import BF16_EMULATED, EncodeConfig, Encoder, cpu_bf16_native, default_workers
+from pipeline.stages.encode import run as encode
+from pipeline.stages.ingest import IngestConfig
+from pipeline.stages.ingest import run as ingest
 from pipeline.store.layout import Store
 
 GFLOP_PER_IMAGE = 8.8  # ViT-B-32 image tower at 224 px

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.features.index import IndexConfig, open_index, recall_at
+from pipeline.stages.encode import embeddings_table
+from pipeline.stages.index import run as build_index
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
-from pipeline.stages.encode import embeddings_table
-from pipeline.features.index import IndexConfig, build_index, open_index, recall_at
 from pipeline.store.layout import Store
+from pipeline.store.lock import writing
 
 DIM = 768
 KEY = "synthetic-768"
@@ -45,7 +47,8 @@ def make_store(root: Path, rows: int, noise: float = 0.03, seed: int = 0) -> tup
         hashes = [f"{i:064x}" for i in range(start, start + n)]
         shards.append(write_parquet(embeddings_table(KEY, "image", hashes, x, "float16"),
                                     store.new_shard(directory, "image")))
-    catalog.commit(store, shards)
+    with writing(store):
+        catalog.commit(store, shards)
     queries = centres[rng.integers(0, len(centres), 1000)] + rng.normal(0, noise, (1000, DIM)).astype(np.float32)
     return store, queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
@@ -80,7 +83,8 @@ def main() -> None:
               f"{'recall@10 new':>13} {'queries/s':>10}")
         for kind in args.kinds.split(","):
             info = build_index(IndexConfig(store, KEY, kind=kind, recall_queries=1000))
-            index = open_index(store, KEY, kind=kind)
+            with writing(store):  # reuses the index just built
+                index = open_index(store, KEY, kind=kind)
             index.search(queries[:10], args.k)  # warm
             t = time.perf_counter()
             _, found = index.search(queries, args.k)

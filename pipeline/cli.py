@@ -11,14 +11,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import pyarrow as pa
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from pipeline.errors import PipelineError
+from pipeline.present.terminal import (
+    RichReporter,
+    cell,
+    err,
+    out,
+    print_encode_result,
+    random_banner,
+    render_table,
+    short_ids,
+    show_status,
+)
 from pipeline.store.layout import DEFAULT_STORE, Store
 
 app = typer.Typer(
@@ -32,8 +39,6 @@ catalog_app = typer.Typer(help="Maintain the DuckDB catalog.", no_args_is_help=T
 app.add_typer(catalog_app, name="catalog")
 index_app = typer.Typer(help="FAISS indexes over cached vectors.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
-out = Console()
-err = Console(stderr=True)
 
 StoreOpt = Annotated[
     Path, typer.Option("--store", help="Store directory (created on first ingest).", envvar="PIPELINE_STORE")
@@ -60,70 +65,6 @@ def _errors(ctx: typer.Context) -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: everything written so far is kept; run again to resume.")
         raise typer.Exit(130) from None
-
-
-class _Rate(ProgressColumn):
-    def render(self, task: Any) -> Text:
-        unit = task.fields.get("unit", "it")
-        return Text(f"{task.speed or 0:,.1f} {unit}/s", style="cyan")
-
-
-class RichReporter:
-    """Progress bars for the library's `Reporter` protocol."""
-
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description:<8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _Rate(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=False,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def start(self, task: str, total: int, unit: str) -> None:
-        self.tasks[task] = self.progress.add_task(task, total=total, unit=unit)
-
-    def advance(self, task: str, n: int) -> None:
-        self.progress.advance(self.tasks[task], n)
-
-    def __enter__(self) -> RichReporter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-
-def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50) -> None:
-    view = Table(title=title, header_style="bold", title_justify="left")
-    for name in table.column_names:
-        view.add_column(name, overflow="fold")
-    for row in table.slice(0, max_rows).to_pylist():
-        view.add_row(*(_cell(v) for v in row.values()))
-    out.print(view)
-    if table.num_rows > max_rows:
-        out.print(f"[dim]… {table.num_rows - max_rows} more rows (use --format csv --output FILE)[/]")
-
-
-def _short_ids(table: pa.Table, width: int = 16) -> pa.Table:
-    """Sample ids cut to a prefix that `--sample-id` still accepts, so tables fit a terminal."""
-    if "sample_id" not in table.column_names:
-        return table
-    i = table.column_names.index("sample_id")
-    short = pa.array([None if v is None else v[:width] for v in table.column(i).to_pylist()], pa.string())
-    return table.set_column(i, "sample_id", short)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, list) and len(value) > 6:
-        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:4])
-        return f"[{head}, … ({len(value)} values)]"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "NULL" if value is None else str(value)
 
 
 def _parse_splits(text: str) -> tuple[float, float, float]:
@@ -165,8 +106,7 @@ def ingest(
     once. Unreadable inputs and D3 rows whose real image is missing are counted, recorded in the
     quarantine table, and reported.
     """
-    from pipeline.stages.ingest import IngestConfig
-    from pipeline.stages.ingest import ingest as run
+    from pipeline.stages.ingest import IngestConfig, run
 
     with _errors(ctx):
         config = IngestConfig(
@@ -181,9 +121,8 @@ def ingest(
             split_fractions=_parse_splits(splits),
             split_seed=split_seed,
         )
-        with Progress(TextColumn("[bold]ingest"), MofNCompleteColumn(), _Rate(), console=err) as bar:
-            task = bar.add_task("ingest", total=None, unit="img")
-            result = run(config, progress=lambda n: bar.advance(task, n))
+        with RichReporter() as reporter:
+            result = run(config, reporter)
     out.print(
         f"[green]ingested[/] {result.added} new samples "
         f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_split.items())) or 'none'}); "
@@ -220,8 +159,7 @@ def encode(
     samples is encoded once. Safe to kill at any moment: run it again to resume.
     """
     from pipeline.encoding.clip import ModelSpec
-    from pipeline.stages.encode import EncodeConfig, resolve_device
-    from pipeline.stages.encode import encode as run
+    from pipeline.stages.encode import EncodeConfig, resolve_device, run
 
     with _errors(ctx):
         if precision == "bf16":
@@ -240,24 +178,7 @@ def encode(
         )
         with RichReporter() as reporter:
             result = run(config, reporter)
-    _print_encode_result(result)
-
-
-def _print_encode_result(result: Any) -> None:
-    if result.random_weights:
-        out.print("[bold yellow]RANDOM WEIGHTS[/]: no pretrained checkpoint was given; these vectors "
-                  "carry no meaning beyond testing the pipeline.")
-    if result.nothing_to_do:
-        out.print(f"[green]nothing to encode[/]: every image and text is cached for {result.model_key} "
-                  "(0 forward passes).")
-        return
-    out.print(
-        f"[green]encoded[/] {result.images_encoded} images and {result.texts_encoded} texts with "
-        f"{result.model_key} on {result.device} ({result.images_per_second:,.1f} img/s); "
-        f"{len(result.shards)} shards written."
-    )
-    for reason, count in sorted(result.quarantined.items()):
-        out.print(f"[yellow]quarantined[/] {count} × {reason}")
+    print_encode_result(result)
 
 
 @app.command()
@@ -293,31 +214,11 @@ def sql(
 @app.command()
 def status(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
     """Counts by split, label and generator; per model, encoded vs pending."""
-    from pipeline.stages.status import status as run
+    from pipeline.stages.status import StatusConfig, run
 
     with _errors(ctx):
-        if not Store(store).exists():
-            raise PipelineError(f"No store at {store}: run `pipeline ingest` or `pipeline demo` first.")
-        result = run(Store(store))
+        result = run(StatusConfig(Store(store)))
     show_status(result)
-
-
-def show_status(result: Any) -> None:
-    out.print(f"[bold]{result.samples}[/] samples")
-    render_table(result.by_split_label_generator, "samples by split, label, generator")
-    if result.quarantine_by_reason.num_rows:
-        render_table(result.quarantine_by_reason, "quarantine")
-    view = Table(title="embeddings by model", header_style="bold", title_justify="left")
-    view.add_column("model_key", overflow="fold")
-    for col in ("weights", "images done", "pending", "texts done", "pending"):
-        view.add_column(col, justify="right")
-    for m in result.models:
-        weights = "[yellow]random[/]" if m.random_weights else "pretrained"
-        view.add_row(m.model_key, weights, str(m.images_encoded), str(m.images_pending),
-                     str(m.texts_encoded), str(m.texts_pending))
-    out.print(view)
-    if result.derived is not None and result.derived.num_rows:
-        render_table(result.derived, "runs (best test AUC), indexes (vectors, recall@10), leak scans")
 
 
 @app.command("import-features")
@@ -334,8 +235,7 @@ def import_features(
     splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
 ) -> None:
     """Import CLIP features computed elsewhere, as samples plus embeddings, without re-encoding."""
-    from pipeline.stages.import_features import ImportConfig
-    from pipeline.stages.import_features import import_features as run
+    from pipeline.stages.import_features import ImportConfig, run
 
     with _errors(ctx):
         config = ImportConfig(
@@ -343,7 +243,8 @@ def import_features(
             generators=tuple(g.strip() for g in generators.split(",")), generator=generator,
             split_fractions=_parse_splits(splits),
         )
-        result = run(config)
+        with RichReporter() as reporter:
+            result = run(config, reporter)
     out.print(f"[green]imported[/] {result.samples_added} samples and {result.vectors_added} vectors "
               f"as {result.model_key}; {result.already_present} samples were already present.")
 
@@ -369,12 +270,6 @@ def _warn_bf16(device: Any) -> None:
 
     if device.type == "cpu" and not cpu_bf16_native():
         err.print(f"[bold yellow]warning[/]: {BF16_EMULATED}; consider fp32.")
-
-
-def _random_banner(random_weights: bool | None) -> None:
-    if random_weights:
-        out.print("[bold yellow]RANDOM-WEIGHT EMBEDDINGS[/]: the features come from a CLIP with random "
-                  "weights; these metrics test the pipeline, they say nothing about CLIP.")
 
 
 @app.command("train")
@@ -410,8 +305,8 @@ def train_cmd(
     Defaults are the paper's: image+text features, CVaR α 0.8, AUC η 0.6 p 2 γ 0.5, SAM ρ 0.05,
     AdamW lr 1e-3, batch 2048, 32 epochs. The best validation epoch is kept.
     """
-    from pipeline.stages.train import TrainConfig
-    from pipeline.stages.train import train as run
+    from pipeline.runs import TrainConfig
+    from pipeline.stages.train import TrainJob, run
 
     with _errors(ctx):
         options = {**_base_config(config), **_train_overrides(
@@ -424,9 +319,9 @@ def train_cmd(
             import torch
 
             _warn_bf16(torch.device("cpu"))
-        result = run(Store(store), train_config, on_epoch=lambda r: err.print(
-            f"epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val auc {r.get('val_auc', float('nan')):.4f}"))
-    _random_banner(result.random_weights)
+        with RichReporter() as reporter:
+            result = run(TrainJob(Store(store), train_config), reporter)
+    random_banner(result.random_weights)
     test = result.metrics["test"]
     chosen = (f"k = {result.metrics['k']}" if "k" in result.metrics
               else f"best epoch {result.metrics.get('best_epoch')}")
@@ -447,17 +342,19 @@ def sweep_cmd(
     jobs: Annotated[int, typer.Option(help="Runs in parallel (processes).")] = 1,
 ) -> None:
     """Train many configs over the same cached features; configs already run are skipped."""
-    from pipeline.stages.sweep import grid_configs, sweep
+    from pipeline.stages.sweep import SweepConfig, grid_configs, run
 
     with _errors(ctx):
-        result = sweep(Store(store), grid_configs(grid), jobs)
+        config = SweepConfig(Store(store), tuple(grid_configs(grid)), jobs)
+        with RichReporter() as reporter:
+            result = run(config, reporter)
     view = Table(title="sweep", header_style="bold", title_justify="left")
     for col in ("run_id", "options", "status", "val AUC", "test AUC"):
         view.add_column(col)
     for row in result.rows:
         opts = ", ".join(f"{k}={v}" for k, v in row.overrides.items())
         view.add_row(row.run_id, opts, "skipped (exists)" if row.skipped else "trained",
-                     _cell(row.val_auc), _cell(row.test_auc))
+                     cell(row.val_auc), cell(row.test_auc))
     out.print(view)
     out.print(f"open_clip imported by this sweep: {'yes' if result.open_clip_imported else 'no'}")
 
@@ -479,15 +376,15 @@ def experiment_cmd(
 
     Writes the table as Markdown and as an HTML page with its bars under STORE/reports/.
     """
-    from pipeline.stages.experiment import TABLES, run_experiment
+    from pipeline.stages.experiment import TABLES, ExperimentConfig, run
 
     with _errors(ctx):
         if table not in TABLES:
             raise PipelineError(f"Unknown experiment {table!r}: choose table1 or table2.")
         base = {**_base_config(config), **_train_overrides(
             model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks)}
-        result = run_experiment(Store(store), table, base, on_row=lambda label, run: err.print(
-            f"{label}: {'reused' if run.skipped else 'trained'} {run.run_id}"))
+        with RichReporter() as reporter:
+            result = run(ExperimentConfig(Store(store), table, base), reporter)  # type: ignore[arg-type]
     from rich.markdown import Markdown
 
     out.print(Markdown(result.markdown))
@@ -501,10 +398,12 @@ def score_cmd(
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Score every encoded sample that this run has not scored yet (e.g. newly ingested ones)."""
-    from pipeline.stages.score import score
+    from pipeline.stages.score import ScoreConfig
+    from pipeline.stages.score import run as score
 
     with _errors(ctx):
-        result = score(Store(store), run)
+        with RichReporter() as reporter:
+            result = score(ScoreConfig(Store(store), run), reporter)
     out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
               f"({result.already_scored} already had a score).")
 
@@ -522,14 +421,14 @@ def index_build(
     force: Annotated[bool, typer.Option(help="Rebuild even if the embeddings did not change.")] = False,
 ) -> None:
     """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
-    from pipeline.features.index import IndexConfig, build_index
+    from pipeline.stages.index import IndexConfig, run
 
     with _errors(ctx):
         if not 0 < target_recall <= 1:
             raise PipelineError("--target-recall must lie in (0, 1].")
         with RichReporter() as reporter:
-            info = build_index(IndexConfig(Store(store), model_key, kind, vectors, nlist,
-                                           target_recall=target_recall, force=force), reporter)
+            info = run(IndexConfig(Store(store), model_key, kind, vectors, nlist,  # type: ignore[arg-type]
+                                   target_recall=target_recall, force=force), reporter)
     verb = "built" if info.built else "up to date (embeddings unchanged), reused"
     out.print(f"[green]{verb}[/] {info.kind} index {info.index_id}: {info.vectors:,} × {info.dim} "
               f"{info.modality} vectors of {info.model_key}, params {info.params}, {info.build_seconds:.2f} s")
@@ -552,12 +451,14 @@ def neighbors(
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
     from pipeline.stages.neighbors import NeighborQuery
-    from pipeline.stages.neighbors import neighbors as find
+    from pipeline.stages.neighbors import run as find
 
     with _errors(ctx):
-        result = find(NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors))
-    _random_banner(result.random_weights)
-    render_table(_short_ids(result.rows), title=f"{k} nearest {vectors} neighbours of {result.query} "
+        query = NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors)  # type: ignore[arg-type]
+        with RichReporter() as reporter:
+            result = find(query, reporter)
+    random_banner(result.random_weights)
+    render_table(short_ids(result.rows), title=f"{k} nearest {vectors} neighbours of {result.query} "
                                     f"({result.index_kind} index, {result.model_key})")
 
 
@@ -572,12 +473,12 @@ def leaks(
     exact: Annotated[bool, typer.Option(help="Search exhaustively (flat) whatever the store's size.")] = False,
 ) -> None:
     """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
-    from pipeline.stages.leaks import LeakConfig, find_leaks
+    from pipeline.stages.leaks import LeakConfig, run
 
     with _errors(ctx):
         with RichReporter() as reporter:
-            result = find_leaks(LeakConfig(Store(store), model_key, threshold, k, exact), reporter)
-    _random_banner(Store(store).model_info(result.model_key).get("random_weights"))
+            result = run(LeakConfig(Store(store), model_key, threshold, k, exact), reporter)
+    random_banner(Store(store).model_info(result.model_key).get("random_weights"))
     approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
         f"{result.recall_at_10:.3f}; --exact searches exhaustively)"
     out.print(f"searched {result.queries:,} val/test images at similarity ≥ {threshold}{approx}: "
@@ -599,10 +500,12 @@ def report(
     exclude_leaks: Annotated[bool, typer.Option(help="Leave leaking samples out (needs `pipeline leaks`).")] = False,
 ) -> None:
     """A static HTML page + PNGs of a run: ROC, AUC per generator, score histograms, confusion matrix."""
-    from pipeline.stages.report import run_report
+    from pipeline.stages.report import ReportConfig
+    from pipeline.stages.report import run as write_report
 
     with _errors(ctx):
-        result = run_report(Store(store), run, output, split, threshold, exclude_leaks)
+        config = ReportConfig(Store(store), run, output, split, threshold, exclude_leaks)  # type: ignore[arg-type]
+        result = write_report(config)
     out.print(f"[green]wrote[/] {result.page} with {', '.join(f.name for f in result.files)}")
 
 
@@ -619,11 +522,12 @@ def landscape(
 ) -> None:
     """Loss around trained weights along filter-normalised random directions (Li et al. 2018; Figure 3)."""
     from pipeline.stages.landscape import LandscapeConfig
-    from pipeline.stages.landscape import landscape as draw
+    from pipeline.stages.landscape import run as draw
 
     with _errors(ctx):
         with RichReporter() as reporter:
-            result = draw(LandscapeConfig(Store(store), tuple(run), dims, steps, span, seed, output), reporter)
+            config = LandscapeConfig(Store(store), tuple(run), dims, steps, span, seed, output)  # type: ignore[arg-type]
+            result = draw(config, reporter)
     for s in result.surfaces:
         rec = "–" if s.recorded_eval_loss is None else f"{s.recorded_eval_loss:.6f}"
         out.print(f"{s.label}: loss at the trained weights {s.centre_loss:.6f} (run recorded {rec}); "
@@ -679,9 +583,11 @@ def demo(
     The data are synthetic and the CLIP model (Tiny-ViT-16) has random weights: the point is to
     show the pipeline working end to end, not meaningful embeddings.
     """
-    from pipeline.stages.demo import DemoConfig, run_demo
+    from pipeline.stages.demo import DemoConfig
+    from pipeline.stages.demo import run as run_demo
     from pipeline.stages.sql import run_query
-    from pipeline.stages.status import status as store_status
+    from pipeline.stages.status import StatusConfig
+    from pipeline.stages.status import run as store_status
 
     out.rule("[bold]pipeline demo")
     out.print("[bold yellow]Synthetic data, random weights.[/] The images are drawn by numpy and the "
@@ -693,22 +599,22 @@ def demo(
     out.print(f"[green]ingest[/]: {ing.added} samples from {result.data.rows} D3 rows; "
               f"quarantined {dict(ing.problems)} (a D3 row without its LAION image is reported, not dropped).")
     out.print("[green]encode, first run[/]:", end=" ")
-    _print_encode_result(result.encoded)
+    print_encode_result(result.encoded)
     out.print("[green]encode, second run[/]:", end=" ")
-    _print_encode_result(result.encoded_again)
+    print_encode_result(result.encoded_again)
     run = result.trained
     out.print(f"[green]train[/] (CVaR + AUC + SAM on image+text, from the cache, no CLIP call): run {run.run_id}, "
               f"test AUC {run.metrics['test'].get('auc', float('nan')):.3f} "
               "[yellow](random-weight CLIP on synthetic images: a pipeline check, not a result)[/]")
     with _errors(ctx):
-        show_status(store_status(result.store))
+        show_status(store_status(StatusConfig(result.store)))
         for title, query in DEMO_QUERIES:
             out.print(f"[dim]$ pipeline sql --store {result.store.root} \"{query}\"[/]")
             render_table(run_query(result.store, query), title)
     nb = result.neighbours
     out.print(f"[dim]$ pipeline neighbors --store {result.store.root} --sample-id {nb.query[:12]} -k 3 "
               f"--run {run.run_id}[/]")
-    render_table(_short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)")
+    render_table(short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)")
     out.print(f"[green]report[/]: {result.report.page} (ROC, AUC per generator, score histograms, confusion)")
     example = "SELECT * FROM samples LIMIT 5"
     out.print(f"Store: {result.store.root}  (try: pipeline sql --store {result.store.root} \"{example}\")")
@@ -717,10 +623,10 @@ def demo(
 @catalog_app.command("rebuild")
 def catalog_rebuild(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
     """Recreate catalog.duckdb from the Parquet files (they are the truth)."""
-    from pipeline.store import catalog
+    from pipeline.stages.catalog import RebuildConfig, run
 
     with _errors(ctx):
-        result = catalog.rebuild(Store(store))
+        result = run(RebuildConfig(Store(store)))
     out.print(f"[green]rebuilt[/] the catalog from {result.added} shards.")
 
 

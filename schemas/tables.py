@@ -7,13 +7,17 @@ Each schema carries two metadata keys, written into every Parquet file: the tabl
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: nullable columns may be added; files of version 1 still read (missing columns NULL)
+READABLE_VERSIONS = (1, 2)
 _KEY_TABLE = b"pipeline.table"
 _KEY_VERSION = b"pipeline.schema_version"
 
 MODALITIES = ("image", "text")
+SPLITS = ("train", "val", "test")  # the only split names; ordered: a later split must not leak into an earlier
 EMBEDDING_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -162,6 +166,29 @@ def embeddings_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     )
 
 
+def feature_view_schema(dim: int) -> pa.Schema:
+    """The training view of one model: a sample with its label, split, generator and vectors."""
+    return stamp(
+        "feature_view",
+        pa.schema(
+            [
+                pa.field("sample_id", pa.string(), nullable=False),
+                pa.field("split", pa.string(), nullable=False),
+                pa.field("label", pa.int8(), nullable=False),
+                pa.field("generator", pa.string(), nullable=False),
+                pa.field("image", pa.list_(pa.float16(), dim)),
+                pa.field("text", pa.list_(pa.float16(), dim)),
+            ]
+        ),
+    )
+
+
+INDEX_IDS = stamp(
+    "index_ids",
+    pa.schema([pa.field("content_hash", pa.string(), nullable=False)]),  # row i of a FAISS index
+)
+
+
 def table_of(metadata: dict[bytes, bytes] | None) -> str | None:
     """The table name stamped in a file's metadata, if any."""
     return (metadata or {}).get(_KEY_TABLE, b"").decode() or None
@@ -176,9 +203,42 @@ def schema_problem(metadata: dict[bytes, bytes] | None, expected_table: str, whe
         return f"{where} carries no pipeline schema stamp; it was not written by this pipeline."
     if table != expected_table:
         return f"{where} holds the '{table}' table, not '{expected_table}'."
-    if version != str(SCHEMA_VERSION):
+    if version not in {str(v) for v in READABLE_VERSIONS}:
         return (
             f"{where} was written with schema version {version} of '{table}', but this pipeline "
             f"reads version {SCHEMA_VERSION}; use a pipeline release that matches the store."
         )
     return None
+
+
+def from_rows(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
+    """A table of `schema` from row dicts. A key the schema lacks (a misspelt column) is an error,
+    and so is a missing non-nullable column; omitted nullable columns are NULL."""
+    if rows:
+        _check_names(schema, set().union(*rows))
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def from_columns(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
+    """A table of `schema` from named columns (arrays or lists), with the same checks as `from_rows`."""
+    _check_names(schema, set(columns))
+    n = max((len(v) for v in columns.values()), default=0)
+    arrays = []
+    for field in schema:
+        value = columns.get(field.name)
+        if value is None:
+            arrays.append(pa.nulls(n, field.type))
+        elif isinstance(value, pa.ChunkedArray | pa.Array):
+            arrays.append(value if value.type == field.type else value.cast(field.type))
+        else:
+            arrays.append(pa.array(value, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _check_names(schema: pa.Schema, given: set[str]) -> None:
+    unknown = sorted(given - set(schema.names))
+    if unknown:
+        raise KeyError(f"{table_of(schema.metadata) or 'table'} has no column(s) {', '.join(unknown)}")
+    missing = sorted(f.name for f in schema if not f.nullable and f.name not in given)
+    if missing:
+        raise KeyError(f"{table_of(schema.metadata) or 'table'} needs column(s) {', '.join(missing)}")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline.encoding.clip import ModelSpec
 from pipeline.stages.encode import EncodeConfig
-from pipeline.stages.ingest import IngestConfig, ingest
+from pipeline.stages.ingest import IngestConfig
+from pipeline.stages.ingest import run as ingest
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 
@@ -62,7 +63,8 @@ def planted_store(
     """
     import h5py
 
-    from pipeline.stages.import_features import ImportConfig, import_features
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import run as import_features
 
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=dim)
@@ -83,3 +85,20 @@ def planted_store(
     store = Store(root / "store")
     import_features(ImportConfig(src / file_name, "h5", store, "planted"))
     return store
+
+
+# --- the stages as tests call them: positional store + config, as before the stage contract ---
+
+
+def train_run(store: Store, config: object, skip_existing: bool = False) -> object:
+    from pipeline.stages import train
+    from pipeline.stages.train import TrainJob
+
+    return train.run(TrainJob(store, config, skip_existing))  # type: ignore[arg-type]
+
+
+def locked(store: Store) -> object:
+    """The store's writer lock, for tests that change the catalog directly."""
+    from pipeline.store.lock import writing
+
+    return writing(store)

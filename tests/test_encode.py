@@ -16,14 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.store import catalog
 from pipeline.encoding.clip import ModelSpec, load
-from pipeline.stages.encode import Encoder, encode, encode_rows, pending_images
 from pipeline.errors import PipelineError
-from pipeline.stages.ingest import IngestConfig, ingest
+from pipeline.stages.encode import Encoder, encode_rows, pending_images
+from pipeline.stages.encode import run as encode
+from pipeline.stages.ingest import IngestConfig
+from pipeline.stages.ingest import run as ingest
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
-from tests.conftest import TINY, encode_config, jpeg
+from tests.conftest import TINY, encode_config, jpeg, locked
 
 
 def _count(store: Store, sql: str) -> int:
@@ -138,7 +140,8 @@ def test_resume_after_kill_between_shard_write_and_catalog_update(
 
 
 def _assert_complete_without_duplicates(store: Store) -> None:
-    catalog.reconcile(store)
+    with locked(store):
+        catalog.reconcile(store)
     samples = _count(store, "SELECT count(*) FROM samples")
     rows = _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'image'")
     distinct = _count(store, "SELECT count(DISTINCT content_hash) FROM embeddings WHERE modality = 'image'")
@@ -152,7 +155,7 @@ _KILL_SCRIPT = textwrap.dedent(
     import os, sys, time
     import pipeline.store.atomic as atomic
     from pipeline.encoding.clip import ModelSpec
-    from pipeline.stages.encode import EncodeConfig, encode
+    from pipeline.stages.encode import EncodeConfig, run as encode
     from pipeline.store.layout import Store
     real_replace = os.replace
     def slow_replace(a, b):  # widen the window in which a temp file exists

@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.stages.import_features import ImportConfig, import_features
+from pipeline.stages.import_features import ImportConfig
+from pipeline.stages.import_features import run as import_features
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import jpeg
 

@@ -7,17 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.store import catalog
-from pipeline.stages.encode import encode
 from pipeline.errors import PipelineError
-from pipeline.features.index import IndexConfig, build_index, open_index
-from pipeline.stages.ingest import IngestConfig, assign_split, ingest
-from pipeline.stages.leaks import LeakConfig, find_leaks, leaking_ids
-from pipeline.stages.neighbors import NeighborQuery, neighbors
-from pipeline.store.layout import Store
-from pipeline.stages.train import TrainConfig, train
+from pipeline.features.index import IndexConfig, open_index
 from pipeline.features.vectors import load_vectors, shards_of
+from pipeline.runs import TrainConfig
+from pipeline.stages.encode import run as encode
+from pipeline.stages.index import run as build_index
+from pipeline.stages.ingest import IngestConfig, assign_split
+from pipeline.stages.ingest import run as ingest
+from pipeline.stages.leaks import LeakConfig, leaking_ids
+from pipeline.stages.leaks import run as find_leaks
+from pipeline.stages.neighbors import NeighborQuery
+from pipeline.stages.neighbors import run as neighbors
+from pipeline.store import catalog
+from pipeline.store.layout import Store
 from tests.conftest import encode_config, jpeg, planted_store
+from tests.conftest import train_run as train
 
 DIM = 32
 
@@ -27,7 +32,8 @@ def leaky_store(root: Path, rows: int = 300, leaks: int = 3, seed: int = 0,
     """Reference-layout features whose test rows j copy (plus tiny noise) the real image of train rows i."""
     import h5py
 
-    from pipeline.stages.import_features import ImportConfig, import_features
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import run as import_features
 
     rng = np.random.default_rng(seed)
     stem = Path(file_name).stem

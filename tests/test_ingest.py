@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.stages.ingest import IngestConfig, assign_split, ingest
+from pipeline.stages.ingest import IngestConfig, assign_split
+from pipeline.stages.ingest import run as ingest
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 from tests.conftest import jpeg

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.features.view import feature_table
 from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.features.view import feature_table
+from pipeline.store import catalog
 from tests.conftest import planted_store
 
 

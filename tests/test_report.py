@@ -11,14 +11,20 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.stages.experiment import run_experiment
 from pipeline.features.view import feature_table
-from pipeline.stages.landscape import LandscapeConfig, filter_normalised_direction, landscape, surface
-from pipeline.stages.report import DPI, FIG_SIZE, run_report
-from pipeline.stages.score import score
+from pipeline.present.figures import DPI, FIG_SIZE
+from pipeline.runs import TrainConfig, evaluation_loss, evaluation_set, load_run
+from pipeline.stages.experiment import ExperimentConfig
+from pipeline.stages.experiment import run as run_exp
+from pipeline.stages.landscape import LandscapeConfig, filter_normalised_direction, surface
+from pipeline.stages.landscape import run as landscape
+from pipeline.stages.report import ReportConfig
+from pipeline.stages.report import run as write_report
+from pipeline.stages.score import ScoreConfig
+from pipeline.stages.score import run as run_score
 from pipeline.store.layout import Store
-from pipeline.stages.train import TrainConfig, evaluation_loss, evaluation_set, load_run, train
 from tests.conftest import planted_store
+from tests.conftest import train_run as train
 
 FAST = {"epochs": 3, "batch_size": 128, "lr": 1e-2}
 PNG_SIZE = (int(FIG_SIZE[0] * DPI), int(FIG_SIZE[1] * DPI))
@@ -40,7 +46,7 @@ def _referenced_files_exist(page: Path) -> list[str]:
 
 def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(planted: Store, tmp_path: Path) -> None:
     run = train(planted, TrainConfig.from_dict(FAST))
-    result = run_report(planted, run.run_id, tmp_path / "report")
+    result = write_report(ReportConfig(planted, run.run_id, tmp_path / "report"))
     names = {f.name for f in result.files}
     assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png"}
     for f in result.files:
@@ -50,12 +56,12 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     assert set(_referenced_files_exist(result.page)) == names
     text = result.page.read_text()
     assert run.run_id in text and "RANDOM" not in text  # imported features: no random-weights claim
-    with pytest.raises(PipelineError, match="no scores"):
-        run_report(planted, run.run_id, tmp_path / "r2", split="nope")
+    with pytest.raises(PipelineError, match="--split must be one of train, val, test"):
+        write_report(ReportConfig(planted, run.run_id, tmp_path / "r2", split="nope"))
 
 
 def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
-    result = run_experiment(planted, "table1", {"epochs": 2, "batch_size": 256, "lr": 1e-2})
+    result = run_exp(ExperimentConfig(planted, "table1", {"epochs": 2, "batch_size": 256, "lr": 1e-2}))
     labels = [label for label, _ in result.rows]
     assert any(label.startswith("kNN") for label in labels) and len(labels) == 5
     knn, text_only = dict(result.rows)[labels[-1]], dict(result.rows)[labels[-2]]
@@ -64,7 +70,7 @@ def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
     assert result.page.exists() and result.path.exists()
     assert _referenced_files_exist(result.page) == ["auc.png"]
     with pytest.raises(PipelineError, match="keeps no weights"):
-        score(planted, knn.run_id)
+        run_score(ScoreConfig(planted, knn.run_id))
 
 
 def test_knn_on_shuffled_labels_stays_near_chance(tmp_path: Path) -> None:

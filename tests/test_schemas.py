@@ -4,10 +4,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import catalog
 from pipeline.errors import PipelineError
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from schemas import SAMPLES, SCHEMA_VERSION, embeddings_schema, schema_problem
+from tests.conftest import locked
 
 
 def test_every_written_shard_carries_table_and_version(d3_store: Store) -> None:
@@ -25,7 +26,7 @@ def test_reader_refuses_an_unknown_schema_version(d3_store: Store, tmp_path: Pat
     meta[b"pipeline.schema_version"] = b"99"
     future = d3_store.dataset_dir("samples") / "future.parquet"
     pq.write_table(table.replace_schema_metadata(meta), future)
-    with pytest.raises(PipelineError, match="schema version 99 of 'samples'.*reads version 1"):
+    with pytest.raises(PipelineError, match="schema version 99 of 'samples'.*reads version 2"), locked(d3_store):
         catalog.reconcile(d3_store)
 
 

@@ -8,14 +8,18 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from pipeline.store import catalog
 from pipeline.errors import PipelineError
-from pipeline.stages.experiment import run_experiment
-from pipeline.stages.score import score
+from pipeline.runs import TrainConfig, load_run
+from pipeline.stages.experiment import ExperimentConfig
+from pipeline.stages.experiment import run as run_exp
+from pipeline.stages.score import ScoreConfig
+from pipeline.stages.score import run as run_score
+from pipeline.stages.sweep import SweepConfig, expand
+from pipeline.stages.sweep import run as run_sweep
+from pipeline.store import catalog
 from pipeline.store.layout import Store
-from pipeline.stages.sweep import expand, sweep
-from pipeline.stages.train import TrainConfig, load_run, train
 from tests.conftest import planted_store
+from tests.conftest import train_run as train
 
 # tiny stores give few steps: a higher lr than the paper's 1e-3 lets 6 epochs converge
 FAST = {"epochs": 6, "batch_size": 128, "lr": 1e-2}
@@ -72,16 +76,17 @@ def test_sweep_skips_configs_already_run_and_never_imports_open_clip(planted: St
     grid = tmp_path / "grid.toml"
     grid.write_text('[base]\nepochs = 2\nbatch_size = 256\n[grid]\nsam = [true, false]\nlr = [0.001]\n')
     script = (
-        "import sys; from pathlib import Path; from pipeline.stages.sweep import grid_configs, sweep; "
+        "import sys; from pathlib import Path; from pipeline.stages.sweep import SweepConfig, grid_configs, run; "
         "from pipeline.store.layout import Store; "
-        "r = sweep(Store(Path(sys.argv[1])), grid_configs(Path(sys.argv[2])), jobs=2); "
+        "r = run(SweepConfig(Store(Path(sys.argv[1])), tuple(grid_configs(Path(sys.argv[2]))), jobs=2)); "
         "print([row.skipped for row in r.rows]); print('open_clip' in sys.modules)"
     )
     root = str(Path(__file__).resolve().parents[1])
     first = subprocess.run([sys.executable, "-c", script, str(planted.root), str(grid)], capture_output=True,
                            text=True, cwd=root, check=True)
     assert first.stdout.split() == ["[False,", "False]", "False"], first.stderr
-    again = sweep(planted, expand({"base": {"epochs": 2, "batch_size": 256}, "grid": {"sam": [True, False]}}))
+    grid_spec = {"base": {"epochs": 2, "batch_size": 256}, "grid": {"sam": [True, False]}}
+    again = run_sweep(SweepConfig(planted, tuple(expand(grid_spec))))
     assert [r.skipped for r in again.rows] == [True, True]
     assert catalog.query(planted, "SELECT count(DISTINCT config_hash) FROM runs").column(0)[0].as_py() >= 2
 
@@ -94,7 +99,7 @@ def test_grid_errors_are_sentences() -> None:
 
 
 def test_experiment_table2_has_every_combination(planted: Store) -> None:
-    result = run_experiment(planted, "table2", {"epochs": 1, "batch_size": 512})
+    result = run_exp(ExperimentConfig(planted, "table2", {"epochs": 1, "batch_size": 512}))
     labels = [label for label, _ in result.rows]
     assert len(labels) == 8 and labels[0] == "BCE" and labels[-1] == "BCE + CVaR + AUC + SAM"
     assert result.path.exists() and "| BCE + CVaR |" in result.markdown
@@ -104,9 +109,9 @@ def test_experiment_table2_has_every_combination(planted: Store) -> None:
 def test_score_adds_only_new_samples(tmp_path: Path) -> None:
     store = planted_store(tmp_path, rows=100, dim=8)
     run = train(store, _config(features="image", epochs=1))
-    assert score(store, run.run_id).scored == 0
+    assert run_score(ScoreConfig(store, run.run_id)).scored == 0
     planted_store(tmp_path, rows=20, dim=8, seed=5, file_name="0001.h5")
-    result = score(store, run.run_id)
+    result = run_score(ScoreConfig(store, run.run_id))
     assert result.scored == 100 and result.already_scored == 500
     total = catalog.query(store, "SELECT count(DISTINCT sample_id) FROM scores").column(0)[0].as_py()
     assert total == 600

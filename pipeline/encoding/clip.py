@@ -66,9 +66,10 @@ def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
     pretrained = spec.pretrained
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser())
-    torch.manual_seed(spec.seed)
     try:
-        with _quiet_root_logger():  # open_clip warns about random init; we label it ourselves
+        # random weights come from torch's global generator: seed a forked copy, restored after
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+            torch.manual_seed(spec.seed)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name, pretrained=pretrained, device=device
             )
@@ -102,15 +103,23 @@ def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
     return LoadedModel(model, preprocess, tokenizer, model_key, info)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns through the root logger that no weights were loaded; we label random weights ourselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pretrained weights" not in record.getMessage().lower()
+
+
 @contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def _quiet_open_clip() -> Iterator[None]:
+    # A filter on the root logger for the duration of model creation only; its level is untouched.
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    drop = _DropRandomInitWarning()
+    root.addFilter(drop)
     try:
         yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(drop)
 
 
 def _weights_id(spec: ModelSpec) -> str:

@@ -20,40 +20,46 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from pipeline.store import catalog
-from pipeline.store.atomic import atomic_write, write_parquet
+from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
+from pipeline.features.vectors import Vectors, count_rows, fingerprint, load_vectors, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
+from pipeline.store import catalog
+from pipeline.store.atomic import atomic_write, write_parquet
 from pipeline.store.layout import Store
-from pipeline.features.vectors import Vectors, count_rows, fingerprint, load_vectors, shards_of
-from schemas import INDEXES
+from schemas import INDEX_IDS, INDEXES, from_columns, from_rows
 
-KINDS = ("auto", "flat", "ivf", "hnsw")
+Kind = Literal["auto", "flat", "ivf", "hnsw"]
+KINDS: tuple[str, ...] = get_args(Kind)
 EXACT_BELOW = 100_000
 RECALL_K = 10
-_IDS_SCHEMA = pa.schema([("content_hash", pa.string())])
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(Validated):
     store: Store
     model_key: str | None = None
-    kind: str = "auto"
-    modality: str = "image"
+    kind: Kind = "auto"
+    modality: Literal["image", "text"] = "image"
     nlist: int | None = None  # IVF lists; default ≈ 4·√n
     hnsw_m: int = 32
     target_recall: float = 0.95
     recall_queries: int = 1000
     force: bool = False  # rebuild even if an index of these embeddings exists
     seed: int = 0
+    wait: bool = True  # wait for another writer of the store instead of stopping
+
+    def check(self) -> None:
+        within(self, "target_recall", 0, 1, low_open=True)
+        at_least(self, "nlist", 1)
+        at_least(self, "recall_queries", 1)
 
 
 @dataclass
@@ -95,12 +101,13 @@ def resolve_kind(kind: str, n: int) -> str:
 
 
 def build_index(config: IndexConfig, reporter: Reporter | None = None, vectors: Vectors | None = None) -> IndexInfo:
-    """Build (or find up to date) the index; `vectors`, if the caller already loaded them, saves a read."""
+    """Build (or find up to date) the index; `vectors`, if the caller already loaded them, saves a read.
+
+    The caller holds the store's writer lock (`pipeline.store.lock.writing`)."""
     import faiss
 
     reporter = reporter or Silent()
     store = config.store
-    catalog.reconcile(store)
     model_key = resolve_model_key(store, config.model_key)
     shards = shards_of(store, model_key, config.modality)
     kind = resolve_kind(config.kind, count_rows(shards))
@@ -129,16 +136,16 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None, vectors: 
     if directory.exists():
         shutil.rmtree(directory)
     atomic_write(directory / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
-    ids = pa.table({"content_hash": pa.array(vecs.ids.astype(str))}, schema=_IDS_SCHEMA)
+    ids = from_columns(INDEX_IDS, {"content_hash": vecs.ids.astype(str)})
     atomic_write(directory / "ids.arrow", lambda tmp: feather.write_feather(ids, str(tmp)))
     info = IndexInfo(index_id, model_key, config.modality, kind, params, n, dim, fp, recall, seconds,
                      directory, True, by_breadth)
-    record = pa.Table.from_pylist([{
+    record = from_rows(INDEXES, [{
         "index_id": index_id, "model_key": model_key, "modality": config.modality, "kind": kind,
         "params_json": json.dumps(params), "vectors": n, "dim": dim, "fingerprint": fp,
         "recall_at_10": recall, "build_seconds": seconds, "path": store.relative(directory / "index.faiss"),
         "created_at": datetime.now(UTC),
-    }], schema=INDEXES)
+    }])
     catalog.commit(store, [write_parquet(record, directory / "index.parquet")])
     _drop_superseded(store, directory, f"{config.modality}-{kind}-")
     return info
@@ -161,7 +168,7 @@ def in_memory_index(matrix: np.ndarray, kind: str = "auto", seed: int = 0) -> tu
     import faiss
 
     kind = resolve_kind(kind, matrix.shape[0])
-    config = IndexConfig(Store(Path(".")), kind=kind, seed=seed)
+    config = IndexConfig(Store(Path(".")), kind=kind, seed=seed)  # type: ignore[arg-type]
     index, params = _make(kind, matrix, config, faiss)
     _add(index, matrix, Silent())
     if kind != "flat":
@@ -229,11 +236,11 @@ def _add(index: Any, matrix: np.ndarray, reporter: Reporter, chunk: int = 65536)
 def _drop_superseded(store: Store, current: Path, prefix: str) -> None:
     """Indexes of older embeddings (same modality and kind) leave the store and the catalog."""
     stale = [d for d in current.parent.iterdir() if d.is_dir() and d.name.startswith(prefix) and d != current]
+    if stale:
+        catalog.forget(store, [d / "index.parquet" for d in stale])
     for d in stale:
         (d / "index.parquet").unlink(missing_ok=True)  # first, so a crash leaves no visible record
         shutil.rmtree(d)
-    if stale:
-        catalog.reconcile(store)
 
 
 def _breadths(kind: str, params: dict[str, Any]) -> list[int]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.features.view import FeatureTable
 from pipeline.features.index import in_memory_index
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.vectors import normalise
+from pipeline.features.view import FeatureTable
 from trainer.metrics import roc_auc
 
 KS = (1, 5, 10, 25, 50)

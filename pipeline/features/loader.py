@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.features.view import FeatureTable
 from pipeline.features.vectors import matrix
+from pipeline.features.view import FeatureTable
 
 FEATURE_SETS = ("image", "text", "image+text")
 

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store import catalog
 from pipeline.errors import PipelineError
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from schemas import MODALITIES, SCHEMA_VERSION
 

@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
+from pipeline.features.vectors import fingerprint as shards_fingerprint
 from pipeline.store import catalog
 from pipeline.store.atomic import atomic_write
-from pipeline.errors import PipelineError
 from pipeline.store.layout import Store
-from pipeline.features.vectors import fingerprint as shards_fingerprint
 
 PAIRINGS = ("as-ingested", "shared")
 ROW_GROUP_ROWS = 4096

@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.sources.locations import Location, LocationReader
 from pipeline.sources.common import (
     REAL,
     Candidate,
@@ -30,6 +29,7 @@ from pipeline.sources.common import (
     tar_member_bytes,
     tar_text,
 )
+from pipeline.sources.locations import Location, LocationReader
 
 NUM_GENERATED = 4
 DEFAULT_GENERATORS = ("sd-1.4", "sd-2.1", "sd-xl", "deepfloyd-if")

@@ -28,7 +28,9 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     """Decode `data` to an RGB image, or raise `UndecodableImage` naming why it cannot be."""
     if not data:
         raise UndecodableImage("empty", "zero bytes")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, not decode half-grey
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide PIL switch someone else turned on
+        raise UndecodableImage("corrupt", "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; "
+                               "truncated files would decode half-grey, so nothing is decoded")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.sources.locations import Location
 from pipeline.sources.common import (
     REAL,
     Candidate,
@@ -23,6 +22,7 @@ from pipeline.sources.common import (
     tar_member_bytes,
     tar_text,
 )
+from pipeline.sources.locations import Location
 
 
 def iter_webdataset(source: Path, generator: str | None, label_map: Path | None) -> Iterator[Item]:

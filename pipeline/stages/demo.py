@@ -9,16 +9,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.store import catalog
 from pipeline.encoding.clip import ModelSpec
-from pipeline.stages.encode import EncodeConfig, EncodeResult, encode
-from pipeline.stages.ingest import IngestConfig, IngestResult, ingest
-from pipeline.stages.neighbors import NeighborQuery, NeighborResult, neighbors
-from pipeline.reporting import Reporter
-from pipeline.stages.report import ReportResult, run_report
+from pipeline.reporting import Reporter, Silent
+from pipeline.runs import TrainConfig
+from pipeline.stages import encode, ingest, neighbors, report, train
+from pipeline.stages.encode import EncodeConfig, EncodeResult
+from pipeline.stages.ingest import IngestConfig, IngestResult
+from pipeline.stages.neighbors import NeighborQuery, NeighborResult
+from pipeline.stages.report import ReportConfig, ReportResult
+from pipeline.stages.train import TrainJob, TrainResult
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
-from pipeline.stages.train import TrainConfig, TrainResult, train
 
 DEMO_MODEL = "Tiny-ViT-16"
 
@@ -44,19 +46,21 @@ class DemoResult:
     neighbours: NeighborResult
 
 
-def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
+def run(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
+    reporter = reporter or Silent()
     if config.fresh and config.root.exists():
         shutil.rmtree(config.root)
     data = make_d3(config.root / "source", rows=config.rows)
     store = Store(config.root / "store")
-    ingested = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    ingested = ingest.run(IngestConfig(data.parquet, "d3", store, real_images=data.real_images), reporter)
     encode_config = EncodeConfig(store, ModelSpec(config.model), workers=config.workers, batch_size=32)
-    encoded = encode(encode_config, reporter)
-    encoded_again = encode(encode_config, reporter)
+    encoded = encode.run(encode_config, reporter)
+    encoded_again = encode.run(encode_config, reporter)
     # the paper's method on the cached features; small data, so a few epochs with a higher lr
-    trained = train(store, TrainConfig.from_dict({"epochs": 8, "batch_size": 64, "lr": 1e-2, "name": "demo"}))
-    report = run_report(store, trained.run_id)
+    config_ = TrainConfig.from_dict({"epochs": 8, "batch_size": 64, "lr": 1e-2, "name": "demo"})
+    trained = train.run(TrainJob(store, config_), reporter)
+    page = report.run(ReportConfig(store, trained.run_id), reporter)
     first_test = catalog.query(store, "SELECT sample_id FROM scores WHERE split = 'test' ORDER BY sample_id LIMIT 1")
-    neighbours = neighbors(NeighborQuery(store, sample_id=first_test.column(0)[0].as_py(), k=3,
-                                         run_id=trained.run_id))
-    return DemoResult(data, store, ingested, encoded, encoded_again, trained, report, neighbours)
+    neighbours = neighbors.run(NeighborQuery(store, sample_id=first_test.column(0)[0].as_py(), k=3,
+                                             run_id=trained.run_id), reporter)
+    return DemoResult(data, store, ingested, encoded, encoded_again, trained, page, neighbours)

@@ -10,7 +10,6 @@ the unwritten buffer; the next run starts from what is on disk.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -19,24 +18,29 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet, write_text
+from pipeline.config import Validated, at_least
 from pipeline.encoding.clip import LoadedModel, ModelSpec, load
 from pipeline.errors import PipelineError
+from pipeline.features.vectors import normalise
+from pipeline.reporting import Reporter, Silent
 from pipeline.sources.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
 from pipeline.sources.locations import Location, LocationReader
-from pipeline.reporting import Reporter, Silent
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
-from schemas import EMBEDDING_DTYPES, QUARANTINE, embeddings_schema
+from pipeline.store.lock import writing
+from schemas import QUARANTINE, embeddings_schema, from_rows
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEVICES: tuple[str, ...] = get_args(Device)
 _LOCATION_COLUMNS = "source_uri, source_member, source_row, byte_offset, byte_length"
 
 
@@ -55,18 +59,25 @@ def default_workers(device: torch.device) -> int:
 
 
 @dataclass(frozen=True)
-class EncodeConfig:
+class EncodeConfig(Validated):
     store: Store
     model: ModelSpec
-    device: str = "auto"
-    precision: str = "fp32"
+    device: Device = "auto"
+    precision: Precision = "fp32"
     batch_size: int = 64
     workers: int | None = None  # None: default_workers(device)
-    dtype: str = "float16"
+    dtype: Literal["float16", "float32"] = "float16"
     shard_rows: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
     text_batch_size: int = 256
     retry_quarantined: bool = False
+    wait: bool = True  # wait for another writer of the store instead of stopping
+
+    def check(self) -> None:
+        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels"):
+            at_least(self, name, 1)
+        if self.workers is not None and self.workers < 0:
+            raise PipelineError("--workers must be 0 (decode in the main process) or more.")
 
 
 @dataclass
@@ -182,21 +193,25 @@ def encode_rows(
         else np.zeros((0, encoder.loaded.info["dim"]), np.float32)
     )
     table = embeddings_table(encoder.loaded.model_key, "image", batch.hashes, vectors, dtype)
-    return table, pa.Table.from_pylist(batch.failures, schema=QUARANTINE)
+    return table, from_rows(QUARANTINE, batch.failures)
 
 
-def encode(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
+def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
     """Encode every pending text and image of the store with one model; return what was done."""
     reporter = reporter or Silent()
-    _validate(config)
     store = config.store
     if not store.exists():
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` first.")
-    catalog.reconcile(store)
+    with writing(store, reporter, config.wait):
+        return _encode(config, reporter)
+
+
+def _encode(config: EncodeConfig, reporter: Reporter) -> EncodeResult:
+    store = config.store
     device = resolve_device(config.device)
     loaded = load(config.model, device)
     encoder = Encoder(loaded, device, config.precision)
-    _record_model(store, loaded, config.dtype)
+    store.record_model(loaded.model_key, {**loaded.info, "dtype": config.dtype})
     result = EncodeResult(loaded.model_key, config.model.random_weights, str(device))
     _encode_texts(config, encoder, result, reporter)
     _encode_images(config, encoder, result, reporter)
@@ -264,34 +279,6 @@ def pending_images(store: Store, model_key: str, retry_quarantined: bool = False
 
 
 # --- the runner ------------------------------------------------------------------------------
-
-
-def _validate(config: EncodeConfig) -> None:
-    if config.precision not in PRECISIONS:
-        raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}.")
-    if config.device not in DEVICES:
-        raise PipelineError(f"--device must be one of {', '.join(DEVICES)}.")
-    if config.dtype not in EMBEDDING_DTYPES:
-        raise PipelineError(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}.")
-    for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels"):
-        if getattr(config, name) < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1.")
-    if config.workers is not None and config.workers < 0:
-        raise PipelineError("--workers must be 0 (decode in the main process) or more.")
-
-
-def _record_model(store: Store, loaded: LoadedModel, dtype: str) -> None:
-    path = store.embeddings_dir(loaded.model_key) / "model.json"
-    info = {**loaded.info, "dtype": dtype}
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("dtype") != dtype or old.get("dim") != info["dim"]:
-            raise PipelineError(
-                f"The store holds {old.get('dtype')} vectors of dim {old.get('dim')} for "
-                f"{loaded.model_key}; encode with --dtype {old.get('dtype')} or use another store."
-            )
-        return
-    write_text(path, json.dumps(info, indent=2, default=str))
 
 
 def _encode_texts(config: EncodeConfig, encoder: Encoder, result: EncodeResult, reporter: Reporter) -> None:
@@ -392,7 +379,7 @@ class _ShardWriter:
         store = self.config.store
         written: list[Path] = []
         if self.failures:  # first: a kill after this leaves them skipped, not lost
-            table = pa.Table.from_pylist(self.failures, schema=QUARANTINE)
+            table = from_rows(QUARANTINE, self.failures)
             written.append(write_parquet(table, store.new_shard(store.dataset_dir("quarantine"), "decode")))
         if self.hashes:
             vectors = np.concatenate(self.vectors)
@@ -406,8 +393,7 @@ class _ShardWriter:
 
 
 def _normalised(features: torch.Tensor) -> np.ndarray:
-    features = torch.nn.functional.normalize(features.float(), dim=-1)
-    return features.cpu().numpy()
+    return normalise(features.float().cpu().numpy())
 
 
 def _quarantine_row(row: dict[str, Any], reason: str, detail: str, now: datetime) -> dict[str, Any]:

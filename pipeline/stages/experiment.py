@@ -10,15 +10,20 @@ generator against all real test images) and overall. Runs that already exist are
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+from pipeline.config import Validated
+from pipeline.present import figures, html
+from pipeline.reporting import Reporter, Silent
+from pipeline.runs import TrainConfig
+from pipeline.stages import train
+from pipeline.stages.report import ReportResult
+from pipeline.stages.train import TrainJob, TrainResult
 from pipeline.store.atomic import write_text
-from pipeline.stages.report import experiment_report
 from pipeline.store.layout import Store
-from pipeline.stages.train import TrainConfig, TrainResult, train
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
 TABLES = ("table1", "table2")
@@ -49,25 +54,32 @@ def rows_for(table: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def run_experiment(
-    store: Store,
-    table: str,
-    base: dict[str, Any],
-    on_row: Callable[[str, TrainResult], None] | None = None,
-) -> ExperimentResult:
+@dataclass(frozen=True)
+class ExperimentConfig(Validated):
+    store: Store
+    table: Literal["table1", "table2"]
+    base: dict[str, Any] = field(default_factory=dict)  # training options every row shares
+
+
+def run(config: ExperimentConfig, reporter: Reporter | None = None) -> ExperimentResult:
+    """Train (or reuse) every row's run, then write the table as Markdown and HTML."""
+    reporter = reporter or Silent()
+    store, table = config.store, config.table
     result = ExperimentResult(table)
-    for label, options in rows_for(table):
-        config = TrainConfig.from_dict({**base, **options, "name": f"{table}: {label}"})
-        run = train(store, config, skip_existing=True)
-        result.rows.append((label, run))
-        if on_row:
-            on_row(label, run)
+    rows = rows_for(table)
+    reporter.start(table, len(rows), "runs")
+    for label, options in rows:
+        train_config = TrainConfig.from_dict({**config.base, **options, "name": f"{table}: {label}"})
+        trained = train.run(TrainJob(store, train_config, skip_existing=True), reporter)
+        result.rows.append((label, trained))
+        reporter.event("row", {"label": label, "run_id": trained.run_id, "skipped": trained.skipped})
+        reporter.advance(table, 1)
     result.markdown = to_markdown(result)
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     key = result.rows[0][1].model_key if result.rows else "none"
     directory = store.root / "reports" / f"{table}-{key}-{stamp}"
     result.path = write_text(directory / "table.md", result.markdown)
-    result.page = experiment_report(result, directory).page
+    result.page = _page(result, directory).page
     return result
 
 
@@ -103,3 +115,25 @@ def to_markdown(result: ExperimentResult) -> str:
 
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{100 * float(value):.2f}"
+
+
+def _page(result: ExperimentResult, directory: Path) -> ReportResult:
+    gens = generator_columns(result)
+    out = ReportResult(directory)
+    values = {
+        label: [run.metrics.get("test", {}).get("auc_by_generator", {}).get(g) for g in gens]
+        + [run.metrics.get("test", {}).get("auc")]
+        for label, run in result.rows
+    }
+    random = any(run.random_weights for _, run in result.rows)
+    out.files.append(figures.grouped_bars(directory / "auc.png", values, [*gens, "overall"],
+                                          f"{result.table}: test ROC AUC", random))
+    rows = [[label, *(html.pct(v) for v in values[label]), f"<code>{html.e(run.run_id)}</code>"]
+            for label, run in result.rows]
+    body = [
+        f"<h1>{html.e(result.table)}</h1>", html.banner(random),
+        '<div class="side">' + html.table(["method", *gens, "overall", "run"], rows, escape_last=False)
+        + f'<img src="{out.files[0].name}" alt="bars"></div>',
+    ]
+    write_text(out.page, html.page(result.table, body))
+    return out

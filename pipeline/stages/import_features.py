@@ -13,42 +13,50 @@ Vectors are L2-normalised on import, as `encode` stores them. Re-importing adds 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet, write_text
-from pipeline.stages.encode import embeddings_table
+from pipeline.config import Validated
 from pipeline.errors import PipelineError
-from pipeline.stages.ingest import assign_split, text_hash
+from pipeline.features.vectors import normalise
+from pipeline.reporting import Reporter, Silent
 from pipeline.sources.d3 import DEFAULT_GENERATORS
 from pipeline.sources.webdataset import parse_label
+from pipeline.stages.encode import embeddings_table
+from pipeline.stages.ingest import assign_split, text_hash
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store, safe_name
-from schemas import SAMPLES
+from pipeline.store.lock import writing
+from schemas import SAMPLES, from_rows
 
-LAYOUTS = ("h5", "clip-retrieval")
+Layout = Literal["h5", "clip-retrieval"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
 @dataclass(frozen=True)
-class ImportConfig:
+class ImportConfig(Validated):
     source: Path
-    layout: str
+    layout: Layout
     store: Store
     model_key: str  # names the model that produced the features, e.g. ViT-L-14__openai__imported
     generators: tuple[str, ...] = DEFAULT_GENERATORS
     generator: str | None = None  # clip-retrieval: the whole source's generator ('real' → label 0)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: str = "0"
-    dtype: str = "float16"
+    dtype: Literal["float16", "float32"] = "float16"
+    wait: bool = True
+
+    def check(self) -> None:
+        if not self.source.exists():
+            raise PipelineError(f"Source {self.source} does not exist.")
 
 
 @dataclass
@@ -71,14 +79,16 @@ class _Chunk:
     text_vectors: np.ndarray
 
 
-def import_features(config: ImportConfig) -> ImportResult:
-    if config.layout not in LAYOUTS:
-        raise PipelineError(f"--layout must be one of {', '.join(LAYOUTS)}.")
-    if not config.source.exists():
-        raise PipelineError(f"Source {config.source} does not exist.")
+def run(config: ImportConfig, reporter: Reporter | None = None) -> ImportResult:
+    """Add the source's samples and vectors the store lacks, one shard set per source file."""
+    reporter = reporter or Silent()
+    with writing(config.store, reporter, config.wait):
+        return _import(config, reporter)
+
+
+def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
     key = safe_name(config.model_key)
     store = config.store
-    catalog.reconcile(store)
     have_samples = set(_column(store, "SELECT sample_id FROM samples"))
     have_vectors = set(
         _column(store, "SELECT modality || ':' || content_hash FROM embeddings WHERE model_key = ?", [key])
@@ -99,12 +109,12 @@ def import_features(config: ImportConfig) -> ImportResult:
             keep = _first_new(hashes, modality, have_vectors)
             if keep:
                 table = embeddings_table(
-                    key, modality, [hashes[i] for i in keep], _unit(vectors[keep]), config.dtype
+                    key, modality, [hashes[i] for i in keep], normalise(vectors[keep]), config.dtype
                 )
                 written.append(write_parquet(table, store.new_shard(store.embeddings_dir(key), modality)))
                 result.vectors_added += len(keep)
         if new_samples:
-            table = pa.Table.from_pylist(new_samples, schema=SAMPLES)
+            table = from_rows(SAMPLES, new_samples)
             written.append(write_parquet(table, store.new_shard(store.dataset_dir("samples"), "imported")))
             result.samples_added += len(new_samples)
         catalog.commit(store, written)
@@ -116,7 +126,7 @@ def import_features(config: ImportConfig) -> ImportResult:
 
 def vector_hash(modality: str, vector: np.ndarray) -> str:
     """Content hash of a vector with no image or text behind it (float32 bytes, L2-normalised)."""
-    unit = _unit(vector[None, :])[0].astype("<f4")
+    unit = normalise(vector[None, :])[0].astype("<f4")
     return hashlib.sha256(modality.encode() + b"\x00" + unit.tobytes()).hexdigest()
 
 
@@ -236,11 +246,6 @@ def _first_new(hashes: list[str], modality: str, have: set[str]) -> list[int]:
     return keep
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms == 0, 1, norms)
-
-
 def _name(names: tuple[str, ...], k: int) -> str:
     return names[k] if k < len(names) else f"gen{k}"
 
@@ -255,11 +260,8 @@ def _column(store: Store, sql: str, params: list[object] | None = None) -> list[
 
 
 def _record_model(store: Store, key: str, dim: int, config: ImportConfig) -> None:
-    path = store.embeddings_dir(key) / "model.json"
-    if path.exists():
-        return
     info = {
         "model_key": key, "imported": True, "layout": config.layout, "source": str(config.source),
         "random_weights": None, "dim": dim, "dtype": config.dtype, "normalised_on_import": True,
     }
-    write_text(path, json.dumps(info, indent=2))
+    store.record_model(key, info)

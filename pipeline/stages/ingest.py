@@ -9,41 +9,52 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, get_args
 
-import pyarrow as pa
-
-from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet
+from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
+from pipeline.reporting import Reporter, Silent
 from pipeline.sources.common import Candidate, Item, Problem
 from pipeline.sources.d3 import DEFAULT_GENERATORS, iter_d3
-from pipeline.sources.folder import GROUP_BY, iter_folder
+from pipeline.sources.folder import iter_folder
 from pipeline.sources.manifest import iter_manifest
 from pipeline.sources.webdataset import iter_webdataset
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
-from schemas import QUARANTINE, SAMPLES
+from pipeline.store.lock import writing
+from schemas import QUARANTINE, SAMPLES, SPLITS, from_rows
 
-FORMATS = ("d3", "folder", "webdataset", "manifest")
-SPLIT_NAMES = ("train", "val", "test")
+Format = Literal["d3", "folder", "webdataset", "manifest"]
+FORMATS: tuple[str, ...] = get_args(Format)
 
 
 @dataclass(frozen=True)
-class IngestConfig:
+class IngestConfig(Validated):
     source: Path
-    format: str
+    format: Format
     store: Store
     real_images: Path | None = None
     generator: str | None = None
     label_map: Path | None = None
     generators: tuple[str, ...] = DEFAULT_GENERATORS
-    group_by: str = "stem"
+    group_by: Literal["stem", "image"] = "stem"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: str = "0"
     shard_rows: int = 50_000
+    wait: bool = True  # wait for another writer of the store instead of stopping
+
+    def check(self) -> None:
+        if not self.source.exists():
+            raise PipelineError(f"Source {self.source} does not exist.")
+        fractions = self.split_fractions
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise PipelineError("--splits needs three non-negative fractions (train,val,test) summing to 1.")
+        at_least(self, "shard_rows", 1)
 
 
 @dataclass
@@ -56,10 +67,15 @@ class IngestResult:
     by_split: Counter[str] = field(default_factory=Counter)
 
 
-def ingest(config: IngestConfig, progress: Callable[[int], None] | None = None) -> IngestResult:
+def run(config: IngestConfig, reporter: Reporter | None = None) -> IngestResult:
     """Read the source, add samples the store lacks, quarantine what cannot be read."""
-    _validate(config)
-    catalog.reconcile(config.store)
+    reporter = reporter or Silent()
+    with writing(config.store, reporter, config.wait):
+        return _ingest(config, reporter)
+
+
+def _ingest(config: IngestConfig, reporter: Reporter) -> IngestResult:
+    reporter.start("ingest", None, "img")
     seen = _existing_ids(config.store)
     known_problems = _existing_problems(config.store)
     result = IngestResult()
@@ -67,8 +83,7 @@ def ingest(config: IngestConfig, progress: Callable[[int], None] | None = None) 
     problems: list[dict] = []
     now = datetime.now(UTC)
     for item in _items(config):
-        if progress:
-            progress(1)
+        reporter.advance("ingest", 1)
         if isinstance(item, Problem):
             result.problems[item.reason] += 1
             key = _problem_key(item.reason, item.location.uri, item.location.member, item.location.row)
@@ -98,27 +113,15 @@ def assign_split(group_key: str, fractions: tuple[float, ...], seed: str) -> str
     digest = hashlib.sha256(f"{seed}\x00{group_key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     edge = 0.0
-    for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
+    for name, fraction in zip(SPLITS, fractions, strict=True):
         edge += fraction
         if u < edge:
             return name
-    return SPLIT_NAMES[-1]
+    return SPLITS[-1]
 
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _validate(config: IngestConfig) -> None:
-    if config.format not in FORMATS:
-        raise PipelineError(f"--format must be one of {', '.join(FORMATS)}, not {config.format!r}.")
-    if not config.source.exists():
-        raise PipelineError(f"Source {config.source} does not exist.")
-    if config.group_by not in GROUP_BY:
-        raise PipelineError(f"--group-by must be one of {', '.join(GROUP_BY)}.")
-    fractions = config.split_fractions
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise PipelineError("--splits needs three non-negative fractions (train,val,test) summing to 1.")
 
 
 def _items(config: IngestConfig) -> Iterator[Item]:
@@ -192,10 +195,10 @@ def _problem_row(problem: Problem, now: datetime) -> dict:
 def _flush(store: Store, samples: list[dict], problems: list[dict], result: IngestResult) -> None:
     written = []
     if problems:
-        table = pa.Table.from_pylist(problems, schema=QUARANTINE)
+        table = from_rows(QUARANTINE, problems)
         written.append(write_parquet(table, store.new_shard(store.dataset_dir("quarantine"), "ingest")))
     if samples:
-        table = pa.Table.from_pylist(samples, schema=SAMPLES)
+        table = from_rows(SAMPLES, samples)
         written.append(write_parquet(table, store.new_shard(store.dataset_dir("samples"), "samples")))
     catalog.commit(store, written)
     result.shards.extend(written)

@@ -13,29 +13,37 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.store import catalog
-from pipeline.store.atomic import write_text
+from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.features.view import feature_table
+from pipeline.present.figures import DPI, FIG_SIZE, figure, save_png
 from pipeline.reporting import Reporter, Silent
-from pipeline.stages.report import DPI, FIG_SIZE, figure, save_png
+from pipeline.runs import evaluation_loss, evaluation_set, load_run
+from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
-from pipeline.stages.train import evaluation_loss, evaluation_set, load_run
 
 
 @dataclass(frozen=True)
-class LandscapeConfig:
+class LandscapeConfig(Validated):
     store: Store
     runs: tuple[str, ...]
-    dims: int = 1
+    dims: Literal[1, 2] = 1
     steps: int | None = None  # points per axis; default 41 (1-D) or 17 (2-D)
     span: float = 1.0  # coordinates run over [-span, span]
     seed: int = 0
     output: Path | None = None
+
+    def check(self) -> None:
+        if not 1 <= len(self.runs) <= 2:
+            raise PipelineError("Give one or two --run options.")
+        at_least(self, "steps", 3)
+        if self.span <= 0:
+            raise PipelineError("--span must be positive.")
 
 
 @dataclass
@@ -93,17 +101,8 @@ def surface(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of: o
     return out
 
 
-def landscape(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeResult:
-    if config.dims not in (1, 2):
-        raise PipelineError("--dims must be 1 or 2.")
-    if not 1 <= len(config.runs) <= 2:
-        raise PipelineError("Give one or two --run options.")
+def run(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeResult:
     steps = config.steps or (41 if config.dims == 1 else 17)
-    if steps < 3:
-        raise PipelineError("--steps must be at least 3.")
-    if config.span <= 0:
-        raise PipelineError("--span must be positive.")
-    catalog.reconcile(config.store)
     coords = np.linspace(-config.span, config.span, steps)
     surfaces = []
     random_weights = False
@@ -146,10 +145,10 @@ def _plot(path: Path, coords: np.ndarray, surfaces: list[RunSurface], dims: int,
         ax.legend(fontsize=7)
         save_png(fig, path, random_weights)
         return
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, len(surfaces), figsize=FIG_SIZE if len(surfaces) == 1 else (12.8, 4.8), dpi=DPI,
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=FIG_SIZE if len(surfaces) == 1 else (12.8, 4.8), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(surfaces), squeeze=False)
     low, high = min(s.losses.min() for s in surfaces), max(s.losses.max() for s in surfaces)
     # geometric levels: the basin near the trained weights gets as many lines as the walls
     levels = np.geomspace(low, high, 16) if low > 0 else np.linspace(low, high, 16)

@@ -21,29 +21,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import Validated, at_least, within
+from pipeline.errors import PipelineError
+from pipeline.features.index import open_index
+from pipeline.features.vectors import fingerprint, load_vectors, shards_of
+from pipeline.features.view import resolve_model_key
+from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
-from pipeline.errors import PipelineError
-from pipeline.features.view import resolve_model_key
-from pipeline.features.index import open_index
-from pipeline.reporting import Reporter, Silent
 from pipeline.store.layout import Store
-from pipeline.features.vectors import fingerprint, load_vectors, shards_of
-from schemas import LEAKS
+from pipeline.store.lock import writing
+from schemas import LEAKS, SPLITS, from_rows
 
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+SPLIT_ORDER = {split: i for i, split in enumerate(SPLITS)}
 DEFAULT_THRESHOLD = 0.95
 _META_THRESHOLD = b"pipeline.leak_threshold"
 _META_FINGERPRINT = b"pipeline.embeddings_fingerprint"
 
 
 @dataclass(frozen=True)
-class LeakConfig:
+class LeakConfig(Validated):
     store: Store
     model_key: str | None = None
     threshold: float = DEFAULT_THRESHOLD
     k: int = 10  # neighbours examined per evaluation image
     exact_search: bool = False  # search with a flat index whatever the store's size
+    wait: bool = True
+
+    def check(self) -> None:
+        within(self, "threshold", 0, 1, low_open=True)
+        at_least(self, "k", 1)
 
 
 @dataclass
@@ -58,12 +65,15 @@ class LeakResult:
     path: Path
 
 
-def find_leaks(config: LeakConfig, reporter: Reporter | None = None) -> LeakResult:
+def run(config: LeakConfig, reporter: Reporter | None = None) -> LeakResult:
+    """Scan every val/test image for near-duplicates in an earlier split; replace the scan at this threshold."""
     reporter = reporter or Silent()
-    if not 0.0 < config.threshold <= 1.0:
-        raise PipelineError("--threshold must lie in (0, 1].")
+    with writing(config.store, reporter, config.wait):
+        return _find_leaks(config, reporter)
+
+
+def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     store = config.store
-    catalog.reconcile(store)
     model_key = resolve_model_key(store, config.model_key)
     shards = shards_of(store, model_key, "image")
     fp = fingerprint(store, shards)
@@ -91,7 +101,7 @@ def find_leaks(config: LeakConfig, reporter: Reporter | None = None) -> LeakResu
     rows_out = [_pair("near", a, b, split_of, sim, model_key, config.threshold, now) for (a, b), sim in found.items()]
     rows_out += [_pair("exact", sid, sid, splits, 1.0, model_key, config.threshold, now)
                  for sid, splits in _exact_duplicates(store)]
-    pairs = pa.Table.from_pylist(rows_out, schema=LEAKS).sort_by([("similarity", "descending")])
+    pairs = from_rows(LEAKS, rows_out).sort_by([("similarity", "descending")])
     path = _write(store, model_key, config.threshold, fp, pairs)
     counts = catalog.query_with(
         store,
@@ -161,8 +171,8 @@ def _write(store: Store, model_key: str, threshold: float, fp: str, pairs: pa.Ta
     path = write_parquet(pairs.replace_schema_metadata(meta), directory / f"{prefix}{fp}.parquet")
     catalog.commit(store, [path])
     stale = [p for p in directory.glob(f"{prefix}*.parquet") if p != path]
+    if stale:
+        catalog.forget(store, stale)
     for p in stale:
         p.unlink()
-    if stale:
-        catalog.reconcile(store)
     return path

@@ -10,27 +10,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import catalog
+from pipeline.config import Validated
 from pipeline.errors import PipelineError
-from pipeline.features.view import resolve_model_key
 from pipeline.features.index import OpenIndex, open_index
-from pipeline.store.layout import Store
 from pipeline.features.vectors import normalise
+from pipeline.features.view import resolve_model_key
+from pipeline.reporting import Reporter, Silent
+from pipeline.store import catalog
+from pipeline.store.layout import Store
+from pipeline.store.lock import writing
 
 
 @dataclass(frozen=True)
-class NeighborQuery:
+class NeighborQuery(Validated):
     store: Store
     sample_id: str | None = None
     image: Path | None = None
     k: int = 10
     model_key: str | None = None
     run_id: str | None = None
-    modality: str = "image"
+    modality: Literal["image", "text"] = "image"
+    wait: bool = True
+
+    def check(self) -> None:
+        if (self.sample_id is None) == (self.image is None):
+            raise PipelineError("Give exactly one of --sample-id ID or --image FILE.")
+        if self.k < 1:
+            raise PipelineError("-k must be at least 1.")
 
 
 @dataclass
@@ -42,12 +53,14 @@ class NeighborResult:
     rows: pa.Table
 
 
-def neighbors(q: NeighborQuery) -> NeighborResult:
-    if (q.sample_id is None) == (q.image is None):
-        raise PipelineError("Give exactly one of --sample-id ID or --image FILE.")
-    if q.k < 1:
-        raise PipelineError("-k must be at least 1.")
-    catalog.reconcile(q.store)
+def run(q: NeighborQuery, reporter: Reporter | None = None) -> NeighborResult:
+    """Top-k neighbours of a stored sample or an image file (builds the index first if there is none)."""
+    reporter = reporter or Silent()
+    with writing(q.store, reporter, q.wait):  # the index may need building
+        return _query(q)
+
+
+def _query(q: NeighborQuery) -> NeighborResult:
     model_key = resolve_model_key(q.store, q.model_key)
     if q.run_id and not catalog.query(q.store, "SELECT 1 FROM runs WHERE run_id = ?", [q.run_id]).num_rows:
         raise PipelineError(f"No run {q.run_id!r}; `pipeline sql \"SELECT run_id FROM runs\"` lists them.")
@@ -68,8 +81,8 @@ def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
     import torch
 
     from pipeline.encoding.clip import ModelSpec, load
-    from pipeline.stages.encode import Encoder
     from pipeline.sources.images import UndecodableImage, decode_rgb
+    from pipeline.stages.encode import Encoder
 
     info = store.model_info(model_key)
     if not info.get("architecture"):

@@ -6,18 +6,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet
+from pipeline.config import Validated
 from pipeline.errors import PipelineError
-from pipeline.features.view import feature_table
 from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.features.view import feature_table
+from pipeline.reporting import Reporter, Silent
+from pipeline.runs import Scores, load_run, write_scores
+from pipeline.store import catalog
 from pipeline.store.layout import Store
-from pipeline.stages.train import SPLITS, load_run
-from schemas import SCORES
+from pipeline.store.lock import writing
+from schemas import SPLITS
 from trainer.fit import predict
+
+
+@dataclass(frozen=True)
+class ScoreConfig(Validated):
+    store: Store
+    run_id: str
+    wait: bool = True
 
 
 @dataclass
@@ -27,8 +35,10 @@ class ScoreResult:
     already_scored: int
 
 
-def score(store: Store, run_id: str) -> ScoreResult:
-    catalog.reconcile(store)
+def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
+    """Score every encoded sample the run has not scored yet; one new score shard."""
+    reporter = reporter or Silent()
+    store, run_id = cfg.store, cfg.run_id
     config, model, metrics = load_run(store, run_id)
     model_key = metrics["model_key"]
     if model_key not in catalog.model_keys(store):
@@ -48,17 +58,10 @@ def score(store: Store, run_id: str) -> ScoreResult:
         gens.append(batch.generator[keep])
     if not ids:
         return ScoreResult(run_id, 0, len(done))
-    n = sum(len(i) for i in ids)
-    out = pa.table({
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "sample_id": pa.array(np.concatenate(ids).astype(str)),
-        "split": pa.array(np.concatenate(splits).astype(str)),
-        "label": pa.array(np.concatenate(labels).astype(np.int8)),
-        "generator": pa.array(np.concatenate(gens).astype(str)),
-        "score": pa.array(np.concatenate(probs).astype(np.float32)),
-    }, schema=SCORES)
+    scores = Scores(np.concatenate(ids), np.concatenate(splits), np.concatenate(labels), np.concatenate(gens),
+                    np.concatenate(probs))
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    path = write_parquet(out, store.dataset_dir("scores") / f"{run_id}-scored-{stamp}.parquet")
-    catalog.commit(store, [path])
-    return ScoreResult(run_id, n, len(done))
+    with writing(store, reporter, cfg.wait):
+        catalog.commit(store, [write_scores(store, run_id, scores, f"scored-{stamp}")])
+    return ScoreResult(run_id, len(scores.score), len(done))
 

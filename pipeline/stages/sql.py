@@ -8,19 +8,33 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import Validated
+from pipeline.errors import PipelineError
+from pipeline.reporting import Reporter
 from pipeline.store import catalog
 from pipeline.store.atomic import atomic_write
-from pipeline.errors import PipelineError
 from pipeline.store.layout import Store
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
 _ALLOWED = {"SELECT", "EXPLAIN"}
+
+
+@dataclass(frozen=True)
+class SqlConfig(Validated):
+    store: Store
+    query: str
+
+
+def run(config: SqlConfig, reporter: Reporter | None = None) -> pa.Table:
+    """Run one read-only query and return its result; anything that writes is refused."""
+    return run_query(config.store, config.query)
 
 
 def run_query(store: Store, sql: str) -> pa.Table:

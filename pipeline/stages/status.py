@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from pipeline.config import Validated
+from pipeline.errors import PipelineError
+from pipeline.reporting import Reporter
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 
@@ -29,8 +32,18 @@ class StoreStatus:
     derived: pa.Table | None = None  # runs, indexes and leak scans per model
 
 
-def status(store: Store) -> StoreStatus:
-    catalog.reconcile(store)
+@dataclass(frozen=True)
+class StatusConfig(Validated):
+    store: Store
+
+    def check(self) -> None:
+        if not self.store.exists():
+            raise PipelineError(f"No store at {self.store.root}: run `pipeline ingest` or `pipeline demo` first.")
+
+
+def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
+    """What the store holds; reads only (never waits for a writer, never changes the catalog)."""
+    store = config.store
     q = lambda sql, params=None: catalog.query(store, sql, params)  # noqa: E731
     samples = q("SELECT count(*) FROM samples").column(0)[0].as_py()
     groups = q(

@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
-from pipeline.store import catalog
+from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.features.view import feature_table, resolve_model_key
+from pipeline.reporting import Reporter, Silent
+from pipeline.runs import TrainConfig
+from pipeline.stages import train
+from pipeline.stages.train import TrainJob
 from pipeline.store.layout import Store
-from pipeline.stages.train import TrainConfig, train
 
 
 @dataclass
@@ -68,16 +71,30 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return configs
 
 
-def sweep(store: Store, configs: list[dict[str, Any]], jobs: int = 1) -> SweepResult:
-    if jobs < 1:
-        raise PipelineError("--jobs must be at least 1.")
-    catalog.reconcile(store)
+@dataclass(frozen=True)
+class SweepConfig(Validated):
+    store: Store
+    configs: tuple[dict[str, Any], ...]  # flat option dicts, as `expand` gives them
+    jobs: int = 1
+
+    def check(self) -> None:
+        at_least(self, "jobs", 1)
+
+
+def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
+    """Train every config not trained yet; `jobs` > 1 trains in parallel processes (CLIP never loaded)."""
+    reporter = reporter or Silent()
+    store, configs, jobs = config.store, list(config.configs), config.jobs
+    reporter.start("sweep", len(configs), "runs")
     # build each feature table once, here, so parallel jobs never race to build it
     for c in configs:
         cfg = TrainConfig.from_dict({k: v for k, v in c.items() if k != "__overrides__"})
         feature_table(store, resolve_model_key(store, cfg.model_key), cfg.pairing)
     if jobs == 1:
-        rows = [_run_one(store.root, c, threads=None) for c in configs]
+        rows = []
+        for c in configs:
+            rows.append(_run_one(store.root, c, threads=None))
+            reporter.advance("sweep", 1)
     else:
         threads = max(1, (os.cpu_count() or 2) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
@@ -90,7 +107,7 @@ def _run_one(root: Path, flat: dict[str, Any], threads: int | None) -> SweepRow:
         torch.set_num_threads(threads)
     overrides = flat.get("__overrides__", {})
     config = TrainConfig.from_dict({k: v for k, v in flat.items() if k != "__overrides__"})
-    result = train(Store(root), config, skip_existing=True)
+    result = train.run(TrainJob(Store(root), config, skip_existing=True))
     return SweepRow(
         run_id=result.run_id,
         name=config.name,

@@ -1,15 +1,18 @@
 """The DuckDB catalog: a table of shard files and SQL views over them.
 
 The Parquet files are the truth. The catalog records which files exist (table `shards`) and
-defines the views `samples`, `embeddings`, `quarantine`, `runs`, `scores` over them. `commit` is
-the one function that changes it; `reconcile` re-derives it from the files on disk, so a run
-killed between a rename and its catalog update loses nothing.
+defines the views `samples`, `embeddings`, `quarantine`, `runs`, `scores` over them. `commit`
+(and `commit_staged`, `forget`) are the only functions that change it, and only the holder of the
+store's writer lock (`pipeline.store.lock.writing`) may call them; `reconcile` re-derives it from
+the files on disk once per writing invocation, so a run killed between a rename and its catalog
+update loses nothing.
 
 Connections are short-lived (open, act, close) so a long encode never locks out `pipeline sql`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,8 +23,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.atomic import remove_stale_temps
 from pipeline.errors import PipelineError
+from pipeline.store.atomic import remove_stale_temps
 from pipeline.store.layout import DATASETS, Store
 from schemas import TABLES, schema_problem, table_of
 
@@ -56,6 +59,7 @@ def connect(store: Store, read_only: bool = False) -> Iterator[duckdb.DuckDBPyCo
 
 def commit(store: Store, files: Iterable[Path]) -> None:
     """Record newly renamed-into-place shard files and refresh the views. Idempotent."""
+    _require_lock(store)
     rows = [_describe_shard(store, Path(f)) for f in files]
     with connect(store) as con:
         con.execute(_SHARDS_DDL)
@@ -67,16 +71,39 @@ def commit(store: Store, files: Iterable[Path]) -> None:
         _refresh_views(con)
 
 
+def commit_staged(store: Store, staged: Iterable[Path]) -> list[Path]:
+    """Move complete shards from the staging area to their places and record them in one update."""
+    _require_lock(store)
+    finals = [_unstage(store, Path(p)) for p in staged]
+    commit(store, finals)
+    return finals
+
+
+def forget(store: Store, files: Iterable[Path]) -> None:
+    """Drop deleted (or about to be deleted) shard files from the catalog and refresh the views."""
+    _require_lock(store)
+    rels = [(store.relative(Path(f)) if Path(f).is_absolute() else str(f),) for f in files]
+    with connect(store) as con:
+        con.execute(_SHARDS_DDL)
+        if rels:
+            con.executemany("DELETE FROM shards WHERE path = ?", rels)
+        _refresh_views(con)
+
+
 @dataclass(frozen=True)
 class Reconciled:
     added: int
     dropped: int
     temps_removed: int
+    adopted: int = 0
 
 
 def reconcile(store: Store) -> Reconciled:
-    """Make the catalog match the files on disk: register orphans, forget vanished files."""
+    """Make the catalog match the files on disk: adopt staged shards, register orphans, forget vanished files."""
+    _require_lock(store)
     temps = sum(remove_stale_temps(store.dataset_dir(d)) for d in DATASETS)
+    temps += remove_stale_temps(store.staging_dir)
+    adopted = [_unstage(store, p) for p in _staged_files(store)]
     on_disk = {store.relative(p): p for p in _shard_files(store)}
     with connect(store) as con:
         con.execute(_SHARDS_DDL)
@@ -86,14 +113,17 @@ def reconcile(store: Store) -> Reconciled:
             con.executemany("DELETE FROM shards WHERE path = ?", [(g,) for g in gone])
     new = [on_disk[p] for p in sorted(on_disk.keys() - known)]
     commit(store, new)
-    return Reconciled(added=len(new), dropped=len(gone), temps_removed=temps)
+    return Reconciled(added=len(new), dropped=len(gone), temps_removed=temps, adopted=len(adopted))
 
 
 def rebuild(store: Store) -> Reconciled:
-    """Throw the catalog away and derive it again from the Parquet files."""
-    store.catalog_path.unlink(missing_ok=True)
-    Path(str(store.catalog_path) + ".wal").unlink(missing_ok=True)
-    return reconcile(store)
+    """Throw the catalog away and derive it again from the Parquet files (under the writer lock)."""
+    from pipeline.store.lock import writing
+
+    with writing(store):
+        store.catalog_path.unlink(missing_ok=True)
+        Path(str(store.catalog_path) + ".wal").unlink(missing_ok=True)
+        return reconcile(store)
 
 
 def shard_paths(store: Store, dataset: str, model_key: str | None = None) -> list[Path]:
@@ -152,6 +182,26 @@ def _open_with_retry(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
                     f"Cannot open the catalog {path}: {exc}".rstrip(".") + "."
                 ) from exc
             time.sleep(0.2)
+
+
+def _require_lock(store: Store) -> None:
+    from pipeline.store.lock import holds
+
+    if not holds(store):
+        raise RuntimeError(f"catalog change outside the writer lock of {store.root}: wrap it in lock.writing(store)")
+
+
+def _staged_files(store: Store) -> list[Path]:
+    if not store.staging_dir.exists():
+        return []
+    return sorted(p for p in store.staging_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _unstage(store: Store, staged: Path) -> Path:
+    final = store.root / staged.resolve().relative_to(store.staging_dir.resolve())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    return final
 
 
 def _has_shards_table(con: duckdb.DuckDBPyConnection) -> bool:

@@ -28,6 +28,19 @@ class Store:
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where workers put complete shards for the lock holder to commit (same layout as the store)."""
+        return self.root / "staging"
+
+    def staged(self, final: Path) -> Path:
+        """The staging path of a shard whose final place in the store is `final`."""
+        return self.staging_dir / Path(final).resolve().relative_to(self.root.resolve())
+
     def dataset_dir(self, dataset: str) -> Path:
         return self.root / dataset
 
@@ -35,9 +48,25 @@ class Store:
         return self.root / "embeddings" / model_key
 
     def model_info(self, model_key: str) -> dict[str, Any]:
-        """What `encode` recorded about a model key (architecture, weights, random_weights, dim…); {} if imported."""
+        """What `encode` or `import-features` recorded about a model key (architecture, weights, dim…)."""
         path = self.embeddings_dir(model_key) / "model.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+    def record_model(self, model_key: str, info: dict[str, Any]) -> None:
+        """Write model.json once; later writers must agree on the stored vectors' dtype and dim."""
+        from pipeline.errors import PipelineError
+        from pipeline.store.atomic import write_text
+
+        old = self.model_info(model_key)
+        if old:
+            if old.get("dtype") != info.get("dtype") or old.get("dim") != info.get("dim"):
+                raise PipelineError(
+                    f"The store holds {old.get('dtype')} vectors of dim {old.get('dim')} for {model_key}, "
+                    f"not {info.get('dtype')} of dim {info.get('dim')}; use --dtype {old.get('dtype')} "
+                    "or another store."
+                )
+            return
+        write_text(self.embeddings_dir(model_key) / "model.json", json.dumps(info, indent=2, default=str))
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id

@@ -1,0 +1,65 @@
+"""Static HTML pages: one stylesheet, escaped cells, tables of metrics, the random-weights banner."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+
+RANDOM_NOTE = ("Embeddings from a CLIP with RANDOM weights (and, in the demo, synthetic images): these "
+               "figures test the pipeline; they are not results about CLIP.")
+
+
+
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child{text-align:left}.warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em}
+.figs img{width:48%;margin:1%}.side{display:flex;gap:1em;align-items:flex-start}.side img{width:50%}
+pre{background:#f7f7f7;padding:.6em;overflow:auto}"""
+
+
+def page(title: str, body: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def banner(random_weights: Any) -> str:
+    return f'<p class="warn">{RANDOM_NOTE}</p>' if random_weights else ""
+
+
+def table(header: list[str], rows: list[list[Any]], escape_last: bool = True) -> str:
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{v if (not escape_last and i == len(r) - 1) else e(v)}</td>" for i, v in enumerate(r))
+        + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def metric_row(name: str, m: dict[str, Any]) -> list[Any]:
+    return [name, m.get("n"), pct(m.get("auc")), pct(m.get("ap")), pct(m.get("accuracy"))]
+
+
+def history(metrics: dict[str, Any]) -> str:
+    history = metrics.get("history") or []
+    if not history:
+        by_k = metrics.get("val_auc_by_k")
+        return table(["k", "val AUC"], [[k, pct(v)] for k, v in by_k.items()]) if by_k else "<p>none</p>"
+    cols = [c for c in ("epoch", "train_loss", "lr", "val_auc", "val_ap") if c in history[0]]
+    return table(cols, [[num(h.get(c)) for c in cols] for h in history])
+
+
+def e(value: Any) -> str:
+    return html.escape("–" if value is None else str(value))
+
+
+def pct(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * float(value):.2f}"
+
+
+def num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else e(value)
+
+
+def short(name: str) -> str:
+    return name.split("/")[-1][:28]

@@ -1,0 +1,255 @@
+"""A run in the store: its definition (`TrainConfig`), its record on disk, and how to load it back.
+
+A run is its config (and hash, which includes the fingerprint of the data it saw), its metrics,
+the weights of its best validation epoch (safetensors) and one score per sample. `write_run` is the
+one writer of all of it; `load_run` / `load_run_record` read it back for scoring, reports and
+landscapes. Stages that make runs (`train`, `sweep`, `experiment`) and stages that read them
+(`score`, `report`, `landscape`) meet here instead of importing each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import Validated, at_least, within
+from pipeline.errors import PipelineError
+from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.features.view import FeatureTable
+from pipeline.store import catalog
+from pipeline.store.atomic import atomic_write, write_parquet, write_text
+from pipeline.store.layout import Store
+from schemas import RUNS, SCORES, from_columns, from_rows
+from trainer.fit import FitConfig, build_model
+
+EVAL_ROWS = 2048  # the fixed evaluation set: the first rows of the val split in table order
+
+
+@dataclass(frozen=True)
+class TrainConfig(Validated):
+    """Everything that defines a run. `name` is a label only; every other field enters the hash."""
+
+    model_key: str | None = None
+    features: Literal["image", "text", "image+text"] = "image+text"
+    pairing: Literal["as-ingested", "shared"] = "as-ingested"
+    batch_size: int = 2048
+    shuffle_buffer: int = 65536
+    seed: int = 0
+    detector: Literal["mlp", "knn"] = "mlp"  # mlp: the paper's detector | knn: vote of the nearest training samples
+    exclude_leaks: bool = False  # drop val/test samples with a near-duplicate in an earlier split
+    leak_threshold: float = 0.95  # cosine similarity that counts as a near-duplicate
+    fit: FitConfig = field(default_factory=FitConfig)
+    name: str | None = None
+
+    def check(self) -> None:
+        within(self, "leak_threshold", 0, 1, low_open=True)
+        if self.batch_size < 2:
+            raise PipelineError("--batch-size must be at least 2 (BatchNorm needs two samples).")
+        at_least(self, "shuffle_buffer", 1)
+        fit = self.fit
+        at_least(fit, "epochs", 1)
+        within(fit, "cvar_alpha", 0, 1, low_open=True)
+        within(fit, "auc_gamma", 0, 1)
+        within(fit, "auc_eta", 0, 1, low_open=True)
+        if fit.auc_p <= 1:
+            raise PipelineError(f"--auc-p must be above 1, not {fit.auc_p}.")
+        if fit.lr <= 0:
+            raise PipelineError(f"--lr must be above 0, not {fit.lr}.")
+        at_least(fit, "weight_decay", 0)
+        at_least(fit, "sam_rho", 0)
+        within(fit, "dropout", 0, 1, high_open=True)
+        at_least(fit, "depth", 0)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> TrainConfig:
+        """Flat keys (as in TOML): TrainConfig fields and FitConfig fields side by side."""
+        own = {f.name for f in dataclasses.fields(TrainConfig)} - {"fit"}
+        fit_fields = {f.name for f in dataclasses.fields(FitConfig)}
+        unknown = sorted(set(data) - own - fit_fields)
+        if unknown:
+            raise PipelineError(f"Unknown training option(s): {', '.join(unknown)}.")
+        fit_kwargs: dict[str, Any] = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in fit_fields
+        }
+        _check_types(data)
+        return TrainConfig(fit=FitConfig(**fit_kwargs), **{k: v for k, v in data.items() if k in own})
+
+    @staticmethod
+    def from_toml(path: Path) -> TrainConfig:
+        try:
+            return TrainConfig.from_dict(tomllib.loads(path.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PipelineError(f"Cannot read {path}: {exc}") from exc
+
+    def flat(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "fit"}
+        out.update(dataclasses.asdict(self.fit))
+        return out
+
+
+def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None) -> str:
+    flat = config.flat()
+    flat.pop("name")
+    flat["model_key"] = model_key
+    flat["data"] = table.fingerprint
+    if leak_scan:
+        flat["leak_scan"] = leak_scan
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def existing_run(store: Store, chash: str) -> str | None:
+    if not catalog.shard_paths(store, "runs"):
+        return None
+    rows = catalog.query(store, "SELECT run_id FROM runs WHERE config_hash = ? ORDER BY created_at", [chash])
+    return rows.column(0)[0].as_py() if rows.num_rows else None
+
+
+def load_run(store: Store, run_id: str) -> tuple[TrainConfig, torch.nn.Module, dict[str, Any]]:
+    """A trained detector back from its run directory: config, model (eval mode), metrics."""
+    config, metrics = load_run_record(store, run_id)
+    run_dir = store.run_dir(run_id)
+    if config.detector != "mlp":
+        raise PipelineError(f"Run {run_id} is a {config.detector} detector; it keeps no weights to load.")
+    state = load_file(str(run_dir / "model.safetensors"))
+    in_dim = state["body.0.weight"].shape[1] if "body.0.weight" in state else state["head.weight"].shape[1]
+    model = build_model(in_dim, config.fit)
+    model.load_state_dict(state)
+    model.eval()
+    return config, model, metrics
+
+
+def load_run_record(store: Store, run_id: str) -> tuple[TrainConfig, dict[str, Any]]:
+    """A run's config and metrics (any detector)."""
+    run_dir = store.run_dir(run_id)
+    if not (run_dir / "run.parquet").exists():
+        raise PipelineError(
+            f"No run {run_id!r} in {store.root}; `pipeline sql \"SELECT run_id FROM runs\"` lists them."
+        )
+    flat = json.loads((run_dir / "config.json").read_text())
+    return TrainConfig.from_dict(flat), json.loads((run_dir / "metrics.json").read_text())
+
+
+def evaluation_set(table: FeatureTable, features: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The fixed set a run's evaluation loss (and its loss landscape) is computed on.
+
+    The first `EVAL_ROWS` rows of the val split in the feature table's fixed order (the test split
+    when val is empty).
+    """
+    for split in ("val", "test"):
+        xs, ys, n = [], [], 0
+        for b in FeatureLoader(table, (split,), LoaderConfig(features, 4096)).epoch(0):
+            xs.append(b.x[: EVAL_ROWS - n])
+            ys.append(b.y[: EVAL_ROWS - n])
+            n += len(xs[-1])
+            if n >= EVAL_ROWS:
+                break
+        if n:
+            return torch.cat(xs), torch.cat(ys), split
+    raise PipelineError("The store has no val or test samples to evaluate on.")
+
+
+@torch.no_grad()
+def evaluation_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fit_config: FitConfig) -> float:
+    """The run's objective (as configured) on one evaluation set, weights in eval mode."""
+    model.eval()
+    return float(fit_config.loss(model(x).float(), y))
+
+
+# --- private -------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """One score per sample (the probability of "generated"), with what metrics group by."""
+
+    sample_id: np.ndarray
+    split: np.ndarray
+    label: np.ndarray
+    generator: np.ndarray
+    score: np.ndarray
+
+
+def write_scores(store: Store, run_id: str, s: Scores, part: str | None = None) -> Path:
+    """The one writer of score shards: scores/<run_id>[-<part>].parquet (committed by the caller)."""
+    table = from_columns(SCORES, {
+        "run_id": [run_id] * len(s.score),
+        "sample_id": s.sample_id.astype(str),
+        "split": s.split.astype(str),
+        "label": s.label.astype(np.int8),
+        "generator": s.generator.astype(str),
+        "score": s.score.astype(np.float32),
+    })
+    name = f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet"
+    return write_parquet(table, store.dataset_dir("scores") / name)
+
+
+
+
+def write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model_key: str,
+               metrics: dict[str, Any], state: dict[str, torch.Tensor] | None, s: Scores) -> None:
+    run_dir = store.run_dir(run_id)
+    flat = config.flat()
+    flat["model_key"] = model_key
+    write_text(run_dir / "config.json", json.dumps(flat, indent=2, default=str))
+    write_text(run_dir / "metrics.json", json.dumps(jsonable(metrics), indent=2))
+    checkpoint: Path | None = None
+    if state is not None:
+        checkpoint = run_dir / "model.safetensors"
+        atomic_write(checkpoint, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                                                      metadata={"run_id": run_id, "config_hash": chash}))
+    scores_path = write_scores(store, run_id, s)
+    run_row = from_rows(RUNS, [{
+        "run_id": run_id, "name": config.name, "config_hash": chash, "model_key": model_key,
+        "features": config.features, "val_auc": num(metrics["val"].get("auc")),
+        "test_auc": num(metrics["test"].get("auc")), "config_json": json.dumps(flat, default=str),
+        "metrics_json": json.dumps(jsonable(metrics)),
+        "checkpoint": store.relative(checkpoint) if checkpoint else None,
+        "created_at": datetime.now(UTC),
+    }])
+    # the run row last: a run is visible only once its checkpoint and scores are on disk
+    catalog.commit(store, [scores_path, write_parquet(run_row, run_dir / "run.parquet")])
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """TOML values of the wrong type get a sentence, not a TypeError deep in the trainer."""
+    defaults = {**TrainConfig().flat()}
+    for key, value in data.items():
+        default = defaults.get(key)
+        if default is None or value is None:
+            continue
+        want: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
+        if isinstance(default, tuple):
+            want = (list, tuple)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, want):
+            raise PipelineError(f"Training option {key} must be {type(default).__name__}, not {value!r}.")
+
+
+def run_metrics(store: Store, run_id: str) -> dict[str, Any]:
+    path = store.run_dir(run_id) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def num(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
