@@ -161,7 +161,26 @@ def embeddings_schema(dim: int, dtype: str = "float16") -> pa.Schema:
                 pa.field("modality", pa.string(), nullable=False),  # image | text
                 pa.field("content_hash", pa.string(), nullable=False),
                 pa.field("vector", pa.list_(EMBEDDING_DTYPES[dtype], dim), nullable=False),
+                pa.field("norm", pa.float32()),  # the L2 norm before normalisation (NULL: unknown)
             ]
+        ),
+    )
+
+
+def encoded_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """What an encode unit of work returns per input row: a vector and its norm, or why there is none.
+
+    Rows with a vector become `embeddings` rows, rows with a reason become `quarantine` rows; the
+    location columns say where a failed input lives. Not stored: the units' common output.
+    """
+    stored = embeddings_schema(dim, dtype)
+    return stamp(
+        "encoded",
+        pa.schema(
+            [stored.field(n) for n in ("model_key", "modality", "content_hash")]
+            + [stored.field("vector").with_nullable(True), stored.field("norm")]
+            + [QUARANTINE.field(n).with_nullable(True) for n in ("reason", "detail", "source_uri")]
+            + [QUARANTINE.field(n) for n in ("source_member", "source_row")]
         ),
     )
 
