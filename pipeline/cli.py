@@ -111,13 +111,13 @@ def ingest(
     with _errors(ctx):
         config = IngestConfig(
             source=source,
-            format=format,
+            format=format,  # type: ignore[arg-type]  # checked by the config, with a sentence
             store=Store(store),
             real_images=real_images,
             generator=generator,
             label_map=label_map,
             generators=tuple(g.strip() for g in generators.split(",")),
-            group_by=group_by,
+            group_by=group_by,  # type: ignore[arg-type]
             split_fractions=_parse_splits(splits),
             split_seed=split_seed,
         )
@@ -167,11 +167,11 @@ def encode(
         config = EncodeConfig(
             store=Store(store),
             model=ModelSpec(model, pretrained, seed),
-            device=device,
-            precision=precision,
+            device=device,  # type: ignore[arg-type]  # checked by the config, with a sentence
+            precision=precision,  # type: ignore[arg-type]
             batch_size=batch_size,
             workers=workers,
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]
             shard_rows=shard_rows,
             max_pixels=max_pixels,
             retry_quarantined=retry_quarantined,
@@ -239,7 +239,7 @@ def import_features(
 
     with _errors(ctx):
         config = ImportConfig(
-            source=source, layout=layout, store=Store(store), model_key=model_key,
+            source=source, layout=layout, store=Store(store), model_key=model_key,  # type: ignore[arg-type]
             generators=tuple(g.strip() for g in generators.split(",")), generator=generator,
             split_fractions=_parse_splits(splits),
         )
