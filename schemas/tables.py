@@ -37,6 +37,7 @@ SAMPLES = stamp(
             pa.field("sample_id", pa.string(), nullable=False),  # sha256 of the image bytes
             pa.field("label", pa.int8(), nullable=False),  # 0 real, 1 generated
             pa.field("generator", pa.string(), nullable=False),  # "real" for label 0
+            pa.field("generator_original", pa.string()),  # the name the source gave (canonical above)
             pa.field("split", pa.string(), nullable=False),  # train | val | test
             pa.field("group_key", pa.string(), nullable=False),  # split unit (D3: prompt row)
             pa.field("text", pa.string()),  # caption (real) or prompt (generated)
@@ -48,6 +49,8 @@ SAMPLES = stamp(
             pa.field("byte_offset", pa.int64()),  # start of the bytes inside a tar
             pa.field("byte_length", pa.int64()),
             pa.field("ingested_at", _UTC_MS, nullable=False),
+            pa.field("derived_from", pa.string()),  # `pipeline perturb`: the sample_id perturbed
+            pa.field("perturbation", pa.string()),  # `pipeline perturb`: the operation, e.g. jpeg:75
         ]
     ),
 )
@@ -139,6 +142,38 @@ LEAKS = stamp(
     ),
 )
 
+METRICS = stamp(
+    "metrics",
+    pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("generator", pa.string(), nullable=False),  # "all", or one generator with every real sample
+            pa.field("metric", pa.string(), nullable=False),  # auc | ap | acc | eer | tpr_at_fpr_1 | …
+            pa.field("value", pa.float64()),
+            pa.field("lo", pa.float64()),  # 95% group-bootstrap interval
+            pa.field("hi", pa.float64()),
+            pa.field("n", pa.int64(), nullable=False),  # samples behind the value
+        ]
+    ),
+)
+
+SOURCES = stamp(
+    "sources",
+    pa.schema(
+        [  # ingest's ledger: one row per unit read (a file, or a manifest row), so unchanged ones are skipped
+            pa.field("source_uri", pa.string(), nullable=False),
+            pa.field("size", pa.int64(), nullable=False),  # -1 when the file could not be stat-ed
+            pa.field("mtime_ns", pa.int64(), nullable=False),
+            pa.field("fingerprint", pa.string()),  # Parquet footer digest: the same file after a copy
+            pa.field("extra", pa.string()),  # must match too: a manifest row's values, a sidecar caption
+            pa.field("options_digest", pa.string(), nullable=False),  # ingest options that shape the rows
+            pa.field("items", pa.int64(), nullable=False),  # samples and problems the unit gave
+            pa.field("recorded_at", _UTC_MS, nullable=False),
+        ]
+    ),
+)
+
 TABLES: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
@@ -146,6 +181,8 @@ TABLES: dict[str, pa.Schema] = {
     "scores": SCORES,
     "indexes": INDEXES,
     "leaks": LEAKS,
+    "metrics": METRICS,
+    "sources": SOURCES,
 }
 
 
