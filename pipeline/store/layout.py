@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_STORE = Path("data/store")
-DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", "leaks", "metrics")
+DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", "leaks", "metrics", "sources")
 
 
 @dataclass(frozen=True)
