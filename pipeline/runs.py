@@ -29,7 +29,7 @@ from pipeline.features.view import FeatureTable
 from pipeline.store import catalog
 from pipeline.store.atomic import atomic_write, write_parquet, write_text
 from pipeline.store.layout import Store
-from schemas import RUNS, SCORES, from_columns, from_rows
+from schemas import METRICS, RUNS, SCORES, from_columns, from_rows
 from trainer.fit import FitConfig, build_model
 
 EVAL_ROWS = 2048  # the fixed evaluation set: the first rows of the val split in table order
@@ -217,7 +217,25 @@ def write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model_
         "created_at": datetime.now(UTC),
     }])
     # the run row last: a run is visible only once its checkpoint and scores are on disk
-    catalog.commit(store, [scores_path, write_parquet(run_row, run_dir / "run.parquet")])
+    metrics_path = write_parquet(from_rows(METRICS, metric_rows(run_id, metrics)),
+                                 store.dataset_dir("metrics") / f"{run_id}.parquet")
+    catalog.commit(store, [scores_path, metrics_path, write_parquet(run_row, run_dir / "run.parquet")])
+
+
+def metric_rows(run_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `metrics` table's rows of a run: every split x generator x metric with its interval and n."""
+    rows = []
+    for split in ("train", "val", "test"):
+        summary = metrics.get(split) or {}
+        for generator, by_metric in (summary.get("intervals") or {}).items():
+            for metric, e in by_metric.items():
+                rows.append({"run_id": run_id, "split": split, "generator": generator, "metric": metric,
+                             "value": num(e["value"]), "lo": num(e["lo"]), "hi": num(e["hi"]), "n": e["n"]})
+        chosen = summary.get("at_val_threshold") or {}
+        for metric, e in (chosen.get("metrics") or {}).items():
+            rows.append({"run_id": run_id, "split": split, "generator": "all", "metric": f"{metric}_at_val_threshold",
+                         "value": num(e["value"]), "lo": num(e["lo"]), "hi": num(e["hi"]), "n": e["n"]})
+    return rows
 
 
 def _check_types(data: dict[str, Any]) -> None:

@@ -31,11 +31,12 @@ from pipeline.runs import (
     run_metrics,
     write_run,
 )
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
 from schemas import SPLITS
 from trainer.fit import FitConfig, build_model, fit, predict
-from trainer.metrics import summary
+from trainer.metrics import choose_threshold, evaluate, evaluate_by_generator, summary
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         "features": config.features,
         "pairing": config.pairing,
         **extra,
-        **{split: _summarise(scores, split, excluded) for split in SPLITS},
+        **_summaries(store, scores, excluded, config.seed),
         "excluded_leaks": {split: int(np.sum((scores.split == split) & np.isin(scores.sample_id, list(excluded))))
                            for split in ("val", "test")} if config.exclude_leaks else None,
     }
@@ -168,11 +169,66 @@ def _scores(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig
 
 
 def _summarise(s: Scores, split: str, excluded: set[str] | None = None) -> dict[str, Any]:
-    mask = s.split == split
-    if excluded:
-        mask &= ~np.isin(s.sample_id, list(excluded))
+    mask = _split_mask(s, split, excluded)
     if not mask.any():
         return {"n": 0}
     return summary(s.label[mask], s.score[mask], s.generator[mask])
+
+
+N_BOOT = 1000  # bootstrap replicates per interval ...
+BOOT_CELLS = 200_000_000  # ... fewer (down to MIN_BOOT) when replicates x samples would pass this
+MIN_BOOT = 200
+
+
+def _summaries(store: Store, s: Scores, excluded: set[str], seed: int) -> dict[str, dict[str, Any]]:
+    """Each split's summary plus every metric per generator with a 95% group-bootstrap interval.
+
+    Groups come from the samples' `group_key` (a real image and the images generated from its
+    caption are resampled together). The train split gets values without intervals (it is not a
+    result, and it is the largest). A threshold chosen on val (Youden's J) is applied to test.
+    """
+    groups = _group_keys(store, s.sample_id)
+    out: dict[str, dict[str, Any]] = {}
+    for i, split in enumerate(SPLITS):
+        mask = _split_mask(s, split, excluded)
+        if not mask.any():
+            out[split] = {"n": 0}
+            continue
+        y, p, g, grp = s.label[mask], s.score[mask], s.generator[mask], groups[mask]
+        n_boot = 0 if split == "train" else max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // int(mask.sum())))
+        rng = np.random.default_rng([seed, i])
+        out[split] = summary(y, p, g)
+        by_gen = evaluate_by_generator(y, p, g, grp, 0.5, rng, n_boot)
+        out[split]["intervals"] = {gen: {m: e.as_dict() for m, e in d.items()} for gen, d in by_gen.items()}
+        out[split]["bootstrap"] = {"replicates": n_boot, "level": 0.95, "unit": "group_key", "seed": [seed, i]}
+    val, test = _split_mask(s, "val", excluded), _split_mask(s, "test", excluded)
+    if val.any() and test.any():
+        threshold = choose_threshold(s.label[val], s.score[val])
+        chosen = evaluate(s.label[test], s.score[test], groups[test], threshold,
+                          np.random.default_rng([seed, len(SPLITS)]), out["test"]["bootstrap"]["replicates"])
+        out["test"]["at_val_threshold"] = {
+            "threshold": threshold,
+            "metrics": {m: chosen[m].as_dict() for m in ("acc", "real_acc", "fake_acc", "balanced_acc")}}
+    return out
+
+
+def _split_mask(s: Scores, split: str, excluded: set[str] | None) -> np.ndarray:
+    mask = s.split == split
+    if excluded:
+        mask &= ~np.isin(s.sample_id, list(excluded))
+    return mask
+
+
+def _group_keys(store: Store, sample_ids: np.ndarray) -> np.ndarray:
+    """Each sample's `group_key` (its own id when the samples table has none for it)."""
+    import pyarrow as pa
+
+    ids = pa.table({"sample_id": pa.array(sample_ids.astype(str)), "i": pa.array(np.arange(len(sample_ids)))})
+    found = catalog.query_with(
+        store, "SELECT ids.i, samples.group_key FROM ids JOIN samples USING (sample_id)", {"ids": ids})
+    groups = sample_ids.astype(object).copy()
+    if found.num_rows:
+        groups[found.column("i").to_numpy()] = found.column("group_key").to_numpy(zero_copy_only=False)
+    return groups.astype(str)
 
 
