@@ -190,17 +190,22 @@ def sql(
     output: Annotated[Path | None, typer.Option(help="File to write (parquet needs one; csv and json "
                                                 "without one go to stdout).")] = None,
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+    allow_files: Annotated[bool, typer.Option("--allow-files", help="Let a plain SELECT read files "
+                                              "outside the store too (still nothing can be written).")] = False,
 ) -> None:
     """Run a read-only SQL query over the store's views (samples, embeddings, quarantine, runs, scores,
-    indexes, leaks) and print or export the result."""
-    from pipeline.stages.sql import EXPORT_FORMATS, export, run_query, to_text
+    indexes, leaks) and print or export the result. Nothing the query says can write a file or reach
+    the network."""
+    from pipeline.stages.sql import EXPORT_FORMATS, check_output, export, run_query, to_text
 
     with _errors(ctx):
         if format != "table" and format not in EXPORT_FORMATS:
             raise PipelineError(f"--format must be table or one of {', '.join(EXPORT_FORMATS)}.")
         if format == "parquet" and output is None:
             raise PipelineError("--format parquet writes a file: give --output FILE.")
-        table = run_query(Store(store), query)
+        if output is not None:
+            check_output(Store(store), output)
+        table = run_query(Store(store), query, allow_files)
         if output is not None:
             path = export(table, output, "parquet" if format == "table" else format)
             err.print(f"[green]wrote[/] {table.num_rows} rows to {path}")

@@ -1,6 +1,11 @@
-"""`pipeline sql`: read-only SQL over the catalog's views, with export to CSV, JSON or Parquet.
+"""`pipeline sql`: SQL over the store's tables that cannot change anything, by construction.
 
-Only SELECT-like statements run (checked by DuckDB's own parser), on a read-only connection.
+The query runs in an in-memory DuckDB whose tables are Arrow datasets over the committed shards,
+opened with file access, extension installing/loading and configuration changes switched off.
+Whatever the statement (EXPLAIN ANALYZE COPY included), DuckDB itself refuses to touch a file or
+the network; the worst a query can do is change its own throw-away in-memory database.
+`--allow-files` lets a plain SELECT read files outside the store as well. Results go to the
+terminal or, with `--output`, to a file outside the store.
 """
 
 from __future__ import annotations
@@ -8,11 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.config import Validated
@@ -21,6 +29,7 @@ from pipeline.reporting import Reporter
 from pipeline.store import catalog
 from pipeline.store.atomic import atomic_write
 from pipeline.store.layout import Store
+from schemas import TABLES
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
 _ALLOWED = {"SELECT", "EXPLAIN"}
@@ -30,15 +39,16 @@ _ALLOWED = {"SELECT", "EXPLAIN"}
 class SqlConfig(Validated):
     store: Store
     query: str
+    allow_files: bool = False  # let a plain SELECT read files outside the store
 
 
 def run(config: SqlConfig, reporter: Reporter | None = None) -> pa.Table:
-    """Run one read-only query and return its result; anything that writes is refused."""
-    return run_query(config.store, config.query)
+    """Run one query that cannot write or fetch anything and return its result."""
+    return run_query(config.store, config.query, config.allow_files)
 
 
-def run_query(store: Store, sql: str) -> pa.Table:
-    """Run one read-only query and return its result; anything that writes is refused."""
+def run_query(store: Store, sql: str, allow_files: bool = False) -> pa.Table:
+    """Run one query over the store's tables and return its result."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -46,21 +56,69 @@ def run_query(store: Store, sql: str) -> pa.Table:
     if len(statements) != 1:
         raise PipelineError(f"Give exactly one statement, not {len(statements)}.")
     kind = statements[0].type.name
-    if kind not in _ALLOWED:
-        raise PipelineError(f"`pipeline sql` is read-only: a {kind} statement is not allowed.")
+    # A courtesy, not the guarantee: the sandbox below is what makes writing impossible.
+    if kind not in (_ALLOWED if not allow_files else {"SELECT"}):
+        what = "a plain SELECT" if allow_files else "SELECT or EXPLAIN"
+        raise PipelineError(f"`pipeline sql` is read-only: a {kind} statement is not allowed, only {what}.")
+    catalog.require_store(store)
+    manifest = catalog.read_manifest(store)
+    catalog.check_shards(store, manifest)
+    con = sandbox(allow_files)
     try:
-        return catalog.query(store, sql)
+        _register(con, store, manifest)
+        return con.sql(sql).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise PipelineError(
+            "`pipeline sql` reads only the store's tables: "
+            f"{_first_line(exc).removeprefix('Permission Error: ')}"
+            + ("" if allow_files else " (pass --allow-files to let a SELECT read other files)")
+            + "."
+        ) from exc
     except duckdb.Error as exc:
-        raise PipelineError(f"The query failed: {_first_line(exc)}") from exc
+        raise PipelineError(f"The query failed: {_first_line(exc)}.") from exc
+    finally:
+        con.close()
+
+
+def sandbox(allow_files: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can reach no file and no network, and cannot be reconfigured."""
+    spill = Path(tempfile.gettempdir()) / f"pipeline-sql-{os.getpid()}"
+    return duckdb.connect(":memory:", config={
+        "enable_external_access": allow_files,
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "allow_community_extensions": False,
+        "allow_unsigned_extensions": False,
+        "temp_directory": str(spill),
+        "lock_configuration": True,
+    })
+
+
+def check_output(store: Store, path: Path) -> None:
+    """Refuse an export path inside the store, a directory, or a folder that cannot be written."""
+    target = path.expanduser().resolve()
+    root = store.root.expanduser().resolve()
+    if target == root or root in target.parents:
+        raise PipelineError(f"--output {path} is inside the store {store.root}; write the result elsewhere.")
+    if target.is_dir():
+        raise PipelineError(f"--output {path} is a directory; give a file name.")
+    parent = target.parent
+    if not parent.is_dir():
+        raise PipelineError(f"--output {path}: the folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise PipelineError(f"--output {path} cannot be written (permission denied).")
 
 
 def export(table: pa.Table, path: Path, fmt: str) -> Path:
     if fmt not in EXPORT_FORMATS:
         raise PipelineError(f"--format must be table or one of {', '.join(EXPORT_FORMATS)}.")
-    if fmt == "parquet":
-        return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-    text = to_text(table, fmt)
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    try:
+        if fmt == "parquet":
+            return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        text = to_text(table, fmt)
+        return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        raise PipelineError(f"--output {path} cannot be written ({exc.strerror or exc}).") from exc
 
 
 def to_text(table: pa.Table, fmt: str) -> str:
@@ -78,6 +136,30 @@ def to_text(table: pa.Table, fmt: str) -> str:
     raise PipelineError(f"--format {fmt} cannot be printed: give --output FILE.")
 
 
+def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: catalog.Manifest) -> None:
+    """Each table as an Arrow dataset over its committed shards: DuckDB reads through Arrow, never
+    opening a file itself. Files lacking newer columns read them as NULL (the declared schema)."""
+    root = store.root.resolve()
+    for name, schema in TABLES.items():
+        paths = [str(root / s.path) for s in manifest.of(name)]
+        con.register(f"_{name}", ds.dataset(paths, schema=schema, format="parquet") if paths else schema.empty_table())
+        con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
+    hidden = (" WHERE sample_id NOT IN (SELECT content_hash FROM quarantine "
+              "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL)") if manifest.of("quarantine") else ""
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM samples_all{hidden}")
+    parts = []
+    for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
+        paths = [str(root / s.path) for s in manifest.of("embeddings", key)]
+        newest = pq.read_schema(paths[-1])  # shards named by time: the newest has every column
+        con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format="parquet"))
+        norm = "norm" if "norm" in newest.names else "NULL::FLOAT AS norm"
+        parts.append(f"SELECT model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector, {norm} "
+                     f"FROM _embeddings_{i}")
+    empty = ("SELECT NULL::VARCHAR AS model_key, NULL::VARCHAR AS modality, NULL::VARCHAR AS content_hash, "
+             "NULL::FLOAT[] AS vector, NULL::FLOAT AS norm WHERE false")
+    con.execute(f"CREATE VIEW embeddings AS {' UNION ALL '.join(parts) or empty}")
+
+
 def _flat(table: pa.Table) -> pa.Table:
     """CSV has no lists: vectors become JSON text."""
     cols = []
@@ -89,4 +171,4 @@ def _flat(table: pa.Table) -> pa.Table:
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0].rstrip(".") + "."
+    return str(exc).strip().splitlines()[0].rstrip(".")

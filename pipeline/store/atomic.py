@@ -1,12 +1,17 @@
 """The one way files reach disk: write to a hidden temp file beside the target, fsync, rename.
 
 Readers (and the catalog) only ever see complete files, whatever moment a process is killed at.
-Temp names start with '.' and end in '.tmp', so no glob over '*.parquet' can pick them up.
+Temp names start with '.' and end in '.tmp', so no glob over '*.parquet' can pick them up, and
+they carry their owner (host and pid): `remove_stale_temps` deletes only those of dead processes,
+never a file another live process is still writing.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PARQUET_COMPRESSION = "zstd"
+# A temp file of a process on another host cannot be checked for life; after this long it is dead.
+FOREIGN_TEMP_MAX_AGE_S = 24 * 3600.0
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tmp$")
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{_host()}~{os.getpid()}~{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -48,13 +56,57 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def remove_stale_temps(directory: Path) -> int:
-    """Delete temp files left by a killed writer; returns how many were removed."""
+    """Delete temp files left by dead writers under `directory`; returns how many were removed.
+
+    A temp of a live process on this host is kept; one of another host is kept for a day;
+    an untagged one (written before temps carried owners) is a dead writer's.
+    """
     if not directory.exists():
         return 0
-    stale = list(directory.rglob(".*.tmp"))
-    for tmp in stale:
+    removed = 0
+    for tmp in directory.rglob(".*.tmp"):
+        if temp_owner_alive(tmp):
+            continue
         tmp.unlink(missing_ok=True)
-    return len(stale)
+        removed += 1
+    return removed
+
+
+def temp_owner_alive(tmp: Path) -> bool:
+    """Whether the process that named this temp file may still be writing it."""
+    match = _TEMP.match(tmp.name)
+    if match is None:
+        return False
+    if match["host"] != _host():
+        try:
+            return time.time() - tmp.stat().st_mtime < FOREIGN_TEMP_MAX_AGE_S
+        except OSError:
+            return False
+    return pid_alive(int(match["pid"]))
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 
 
 def _fsync_dir(directory: Path) -> None:

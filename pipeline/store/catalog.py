@@ -1,93 +1,73 @@
-"""The DuckDB catalog: a table of shard files and SQL views over them.
+"""The catalog: which shard files are committed, and SQL views over them.
 
-The Parquet files are the truth. The catalog records which files exist (table `shards`) and
-defines the views `samples`, `embeddings`, `quarantine`, `runs`, `scores` over them. `commit`
-(and `commit_staged`, `forget`) are the only functions that change it, and only the holder of the
-store's writer lock (`pipeline.store.lock.writing`) may call them; `reconcile` re-derives it from
-the files on disk once per writing invocation, so a run killed between a rename and its catalog
-update loses nothing.
+The Parquet files are the truth. The writer (the one process holding the store's lock, see
+`pipeline.store.lock`) records each committed shard in `manifest.json`, replaced atomically, so a
+commit is one rename. Readers build their views from the manifest in an in-memory DuckDB: they
+never open a database file another process writes, so they never wait and never see half a commit.
+`catalog.duckdb` is a convenience copy for people who open the store with their own DuckDB; it is
+rebuilt beside the old one and swapped in.
 
-Connections are short-lived (open, act, close) so a long encode never locks out `pipeline sql`.
+A committed shard whose size or modification time changed since its commit, or that no longer
+reads, is *damaged*: reading stages stop with a sentence naming it and `pipeline verify --repair`.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import time
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.store.atomic import remove_stale_temps
+from pipeline.store.atomic import atomic_write, remove_stale_temps, write_text
 from pipeline.store.layout import DATASETS, Store
-from schemas import TABLES, schema_problem, table_of
+from schemas import TABLES, schema_problem
 
-_LOCK_WAIT_S = 60.0
-_SHARDS_DDL = """
-CREATE TABLE IF NOT EXISTS shards (
-    path VARCHAR PRIMARY KEY,      -- relative to the store root
-    dataset VARCHAR NOT NULL,      -- samples | embeddings | quarantine | runs | scores
-    model_key VARCHAR,             -- embeddings only
-    num_rows BIGINT NOT NULL,
-    registered_at TIMESTAMPTZ NOT NULL DEFAULT now()
-)
-"""
+MANIFEST_FORMAT = 1
+REPAIR = "run `pipeline verify --repair` to move it aside"
 
 
-@contextmanager
-def connect(store: Store, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A connection whose relative paths resolve inside the store; waits while another writes."""
-    if read_only and not store.catalog_path.exists():
-        raise PipelineError(
-            f"No store at {store.root}: run `pipeline ingest` (or `pipeline demo`) first, "
-            "or point --store at an existing store."
+@dataclass(frozen=True)
+class Shard:
+    """One committed file as the manifest records it."""
+
+    path: str  # relative to the store root
+    dataset: str
+    model_key: str | None
+    num_rows: int
+    size: int
+    mtime_ns: int
+    columns: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "model_key": self.model_key, "num_rows": self.num_rows,
+                "size": self.size, "mtime_ns": self.mtime_ns, "columns": list(self.columns)}
+
+    @staticmethod
+    def from_json(path: str, data: dict[str, Any]) -> Shard:
+        return Shard(path, data["dataset"], data.get("model_key"), int(data["num_rows"]),
+                     int(data.get("size", -1)), int(data.get("mtime_ns", -1)), tuple(data.get("columns") or ()))
+
+
+@dataclass
+class Manifest:
+    shards: dict[str, Shard] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)  # relative path → why it is not in the views
+
+    def of(self, dataset: str, model_key: str | None = None) -> list[Shard]:
+        return sorted(
+            (s for s in self.shards.values()
+             if s.dataset == dataset and (model_key is None or s.model_key == model_key)),
+            key=lambda s: s.path,
         )
-    store.root.mkdir(parents=True, exist_ok=True)
-    con = _open_with_retry(store.catalog_path, read_only)
-    try:
-        con.execute(f"SET file_search_path = '{_sql_str(str(store.root.resolve()))}'")
-        yield con
-    finally:
-        con.close()
-
-
-def commit(store: Store, files: Iterable[Path]) -> None:
-    """Record newly renamed-into-place shard files and refresh the views. Idempotent."""
-    _require_lock(store)
-    rows = [_describe_shard(store, Path(f)) for f in files]
-    with connect(store) as con:
-        con.execute(_SHARDS_DDL)
-        if rows:
-            con.executemany(
-                "INSERT OR IGNORE INTO shards (path, dataset, model_key, num_rows) VALUES (?, ?, ?, ?)",
-                rows,
-            )
-        _refresh_views(con)
-
-
-def commit_staged(store: Store, staged: Iterable[Path]) -> list[Path]:
-    """Move complete shards from the staging area to their places and record them in one update."""
-    _require_lock(store)
-    finals = [_unstage(store, Path(p)) for p in staged]
-    commit(store, finals)
-    return finals
-
-
-def forget(store: Store, files: Iterable[Path]) -> None:
-    """Drop deleted (or about to be deleted) shard files from the catalog and refresh the views."""
-    _require_lock(store)
-    rels = [(store.relative(Path(f)) if Path(f).is_absolute() else str(f),) for f in files]
-    with connect(store) as con:
-        con.execute(_SHARDS_DDL)
-        if rels:
-            con.executemany("DELETE FROM shards WHERE path = ?", rels)
-        _refresh_views(con)
 
 
 @dataclass(frozen=True)
@@ -96,92 +76,286 @@ class Reconciled:
     dropped: int
     temps_removed: int
     adopted: int = 0
+    swept: int = 0
+    ignored: tuple[str, ...] = ()  # files on disk that are not valid shards (see `pipeline verify`)
 
 
-def reconcile(store: Store) -> Reconciled:
-    """Make the catalog match the files on disk: adopt staged shards, register orphans, forget vanished files."""
-    _require_lock(store)
-    temps = sum(remove_stale_temps(store.dataset_dir(d)) for d in DATASETS)
-    temps += remove_stale_temps(store.staging_dir)
-    adopted = [_unstage(store, p) for p in _staged_files(store)]
-    on_disk = {store.relative(p): p for p in _shard_files(store)}
-    with connect(store) as con:
-        con.execute(_SHARDS_DDL)
-        known = {r[0] for r in con.execute("SELECT path FROM shards").fetchall()}
-        gone = sorted(known - on_disk.keys())
-        if gone:
-            con.executemany("DELETE FROM shards WHERE path = ?", [(g,) for g in gone])
-    new = [on_disk[p] for p in sorted(on_disk.keys() - known)]
-    commit(store, new)
-    return Reconciled(added=len(new), dropped=len(gone), temps_removed=temps, adopted=len(adopted))
+# --- reading --------------------------------------------------------------------------------
 
 
-def rebuild(store: Store) -> Reconciled:
-    """Throw the catalog away and derive it again from the Parquet files (under the writer lock)."""
-    from pipeline.store.lock import writing
+def read_manifest(store: Store) -> Manifest:
+    """The committed shard list; a store written before manifests existed is read from its catalog."""
+    path = store.manifest_path
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PipelineError(
+                f"The store's manifest {path} is unreadable ({exc}); run `pipeline catalog rebuild`."
+            ) from exc
+        if data.get("format") != MANIFEST_FORMAT:
+            raise PipelineError(
+                f"The store's manifest {path} has format {data.get('format')!r}, but this pipeline reads "
+                f"format {MANIFEST_FORMAT}; use a pipeline release that matches the store."
+            )
+        shards = {p: Shard.from_json(p, d) for p, d in data.get("shards", {}).items()}
+        return Manifest(shards, dict(data.get("damaged", {})))
+    if store.catalog_path.exists():
+        return _legacy_manifest(store)
+    return Manifest()
 
-    with writing(store):
-        store.catalog_path.unlink(missing_ok=True)
-        Path(str(store.catalog_path) + ".wal").unlink(missing_ok=True)
-        return reconcile(store)
+
+def exists(store: Store) -> bool:
+    return store.manifest_path.exists() or store.catalog_path.exists()
+
+
+def require_store(store: Store) -> None:
+    """Stop with a sentence when `store` is not a store (missing, or a file)."""
+    if store.root.exists() and not store.root.is_dir():
+        raise PipelineError(f"--store {store.root} is a file, not a store directory.")
+    if not exists(store):
+        raise PipelineError(
+            f"No store at {store.root}: run `pipeline ingest` (or `pipeline demo`) first, "
+            "or point --store at an existing store."
+        )
+
+
+def check_shards(store: Store, manifest: Manifest, datasets: Iterable[str] | None = None) -> None:
+    """Stop with one sentence if a committed shard was damaged or replaced since its commit.
+
+    Files that were never committed (a stray copy, a damaged file a rebuild left out) are not in
+    the views and stop nothing; `pipeline verify` lists them."""
+    wanted = set(datasets) if datasets is not None else None
+    for shard in manifest.shards.values():
+        if wanted is not None and shard.dataset not in wanted:
+            continue
+        problem = _stat_problem(store, shard)
+        if problem:
+            raise PipelineError(f"Shard {shard.path} is damaged ({problem}); {REPAIR}.")
+
+
+@contextmanager
+def connect(store: Store, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB with the views `samples`, `embeddings`, … over the committed shards.
+
+    It never opens a file another process writes, so it never waits. (`read_only` is kept for
+    callers of the old API: every connection is a reader; writers change the store via `commit`.)
+    """
+    if store.root.exists() and not store.root.is_dir():
+        raise PipelineError(f"--store {store.root} is a file, not a store directory.")
+    if read_only and not exists(store):
+        require_store(store)
+    manifest = read_manifest(store)
+    check_shards(store, manifest)
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"SET file_search_path = '{_sql_str(str(store.root.resolve()))}'")
+        _define_views(con, store, manifest, absolute=True)
+        yield con
+    except duckdb.Error as exc:
+        raise _read_error(store, manifest, exc) from exc
+    finally:
+        con.close()
 
 
 def shard_paths(store: Store, dataset: str, model_key: str | None = None) -> list[Path]:
-    """Absolute paths of a dataset's registered shards (optionally of one model), in name order."""
-    if not store.catalog_path.exists():
+    """Absolute paths of a dataset's committed shards (optionally of one model), in name order."""
+    if not exists(store):
         return []
-    with connect(store, read_only=True) as con:
-        if not _has_shards_table(con):
-            return []
-        sql = "SELECT path FROM shards WHERE dataset = ?"
-        params: list[object] = [dataset]
-        if model_key is not None:
-            sql += " AND model_key = ?"
-            params.append(model_key)
-        paths = [r[0] for r in con.execute(sql + " ORDER BY path", params).fetchall()]
-    return [store.root / p for p in paths]
+    manifest = read_manifest(store)
+    shards = manifest.of(dataset, model_key)
+    for shard in shards:
+        problem = _stat_problem(store, shard)
+        if problem:
+            raise PipelineError(f"Shard {shard.path} is damaged ({problem}); {REPAIR}.")
+    return [store.root / s.path for s in shards]
 
 
 def query(store: Store, sql: str, params: list[object] | None = None) -> pa.Table:
-    """Run a read-only query against the catalog and return an Arrow table."""
-    with connect(store, read_only=True) as con:
+    """Run a query against the views and return an Arrow table."""
+    with connect(store) as con:
         return con.sql(sql, params=params or None).to_arrow_table()
 
 
 def query_with(store: Store, sql: str, tables: dict[str, pa.Table], params: list[object] | None = None) -> pa.Table:
     """`query` with Arrow tables registered under the given names for the duration of the query."""
-    with connect(store, read_only=True) as con:
+    with connect(store) as con:
         for name, table in tables.items():
             con.register(name, table)
         return con.sql(sql, params=params or None).to_arrow_table()
 
 
 def model_keys(store: Store) -> list[str]:
-    if not store.catalog_path.exists():
+    if not exists(store):
         return []
-    with connect(store, read_only=True) as con:
-        if not _has_shards_table(con):
-            return []
-        rows = con.execute(
-            "SELECT DISTINCT model_key FROM shards WHERE dataset = 'embeddings' ORDER BY 1"
-        ).fetchall()
-    return [r[0] for r in rows]
+    return sorted({s.model_key for s in read_manifest(store).of("embeddings") if s.model_key})
 
 
-# --- private -------------------------------------------------------------------------------
+# --- writing (only the holder of the store's writer lock) -----------------------------------
 
 
-def _open_with_retry(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    deadline = time.monotonic() + _LOCK_WAIT_S
-    while True:
+def commit(store: Store, files: Iterable[Path]) -> None:
+    """Record shard files already renamed into place, in one atomic manifest update. Idempotent.
+    Only the holder of the store's writer lock may call it."""
+    _require_lock(store)
+    manifest = read_manifest(store)
+    for path in (Path(f) for f in files):
+        shard = describe(store, path)
+        if isinstance(shard, str):
+            raise PipelineError(shard)
+        manifest.shards[shard.path] = shard
+        manifest.damaged.pop(shard.path, None)
+    _write_manifest(store, manifest)
+
+
+def commit_staged(store: Store, staged: Iterable[Path]) -> list[Path]:
+    """Move complete shards written by workers under `STORE/staging/` (see `Store.staged`) into
+    place and record them in one manifest update."""
+    _require_lock(store)
+    finals = [_unstage(store, Path(p)) for p in staged]
+    commit(store, finals)
+    return finals
+
+
+def forget(store: Store, files: Iterable[Path | str]) -> None:
+    """Drop shards from the manifest (files deleted, or moved aside by `pipeline verify --repair`)."""
+    _require_lock(store)
+    manifest = read_manifest(store)
+    for f in files:
+        rel = store.relative(Path(f)) if Path(f).is_absolute() else Path(f).as_posix()
+        manifest.shards.pop(rel, None)
+        manifest.damaged.pop(rel, None)
+    _write_manifest(store, manifest)
+
+
+def reconcile(store: Store) -> Reconciled:
+    """Make the manifest match the files: sweep dead writers' temps, adopt staged and orphan shards,
+    drop vanished ones, sweep scores of runs that never committed. Runs when the lock is taken."""
+    _require_lock(store)
+    return _reconcile(store)
+
+
+def rebuild(store: Store) -> Reconciled:
+    """Derive the manifest and `catalog.duckdb` again from the Parquet files, beside the old ones,
+    and swap them in; damaged files are left out (and listed) so healthy tables stay queryable."""
+    from pipeline.store.lock import writing
+
+    with writing(store, reconcile=False):
+        result = _reconcile(store, trust_manifest=False)
+        write_catalog_file(store)
+        return result
+
+
+def write_catalog_file(store: Store) -> None:
+    """Write `catalog.duckdb` (table `shards`, views with store-relative paths) beside, then swap."""
+    manifest = read_manifest(store)
+
+    def build(tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect(str(tmp))
         try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise PipelineError(
-                    f"Cannot open the catalog {path}: {exc}".rstrip(".") + "."
-                ) from exc
-            time.sleep(0.2)
+            con.execute(f"SET file_search_path = '{_sql_str(str(store.root.resolve()))}'")
+            con.execute(
+                "CREATE TABLE shards (path VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, "
+                "model_key VARCHAR, num_rows BIGINT NOT NULL)"
+            )
+            rows = [(s.path, s.dataset, s.model_key, s.num_rows) for s in manifest.shards.values()]
+            if rows:
+                con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?)", rows)
+            _define_views(con, store, manifest, absolute=False)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+
+    atomic_write(store.catalog_path, build)
+    Path(str(store.catalog_path) + ".wal").unlink(missing_ok=True)
+
+
+def describe(store: Store, path: Path) -> Shard | str:
+    """The manifest entry of a shard file, or a sentence saying why it cannot be one (footer only)."""
+    rel = store.relative(path)
+    try:
+        st = path.stat()
+        meta = pq.read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same to the user
+        return f"Shard {rel} is not a readable Parquet file ({_first_line(exc)}); {REPAIR}."
+    arrow_schema = meta.schema.to_arrow_schema()
+    stamped = arrow_schema.metadata
+    dataset = rel.split("/", 1)[0]
+    problem = schema_problem(stamped, dataset, f"Shard {rel}")
+    if problem:
+        return problem.rstrip(".") + f"; {REPAIR}."
+    model_key = path.parent.name if dataset == "embeddings" else None
+    return Shard(rel, dataset, model_key, meta.num_rows, st.st_size, st.st_mtime_ns,
+                 tuple(arrow_schema.names))
+
+
+# --- private --------------------------------------------------------------------------------
+
+
+def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
+    temps = remove_stale_temps(store.root)
+    manifest = read_manifest(store) if trust_manifest else Manifest()
+    adopted = 0
+    for staged in _staged_files(store):
+        final = store.root / staged.relative_to(store.staging_dir)
+        if isinstance(describe(store, staged), str):
+            continue  # left for `pipeline verify`, which lists it
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+        adopted += 1
+    swept = _sweep_uncommitted_runs(store, manifest)
+    on_disk = {store.relative(p): p for p in shard_files(store)}
+    gone = sorted(set(manifest.shards) - on_disk.keys())
+    for rel in gone:
+        del manifest.shards[rel]
+    added = 0
+    ignored: list[str] = []
+    for rel, path in sorted(on_disk.items()):
+        known = manifest.shards.get(rel)
+        if known is not None and known.size >= 0 and not _stat_problem(store, known, footer=False):
+            continue
+        shard = describe(store, path)
+        if isinstance(shard, str) or (known is not None and known.num_rows != shard.num_rows):
+            # A committed shard that changed stays committed, so every reader names it until
+            # `pipeline verify --repair`; a file never committed is left out of the views.
+            if known is None:
+                manifest.damaged[rel] = shard if isinstance(shard, str) else "row count changed"
+                ignored.append(rel)
+            continue
+        manifest.damaged.pop(rel, None)
+        if known is None:
+            added += 1
+        manifest.shards[rel] = shard
+    for rel in list(manifest.damaged):
+        if rel not in on_disk:
+            del manifest.damaged[rel]
+    _write_manifest(store, manifest)
+    return Reconciled(added=added, dropped=len(gone), temps_removed=temps, adopted=adopted,
+                      swept=swept, ignored=tuple(ignored))
+
+
+def _sweep_uncommitted_runs(store: Store, manifest: Manifest) -> int:
+    """A run is committed when its `run.parquet` is (written last); score shards
+    (`scores/<run_id>[-<part>].parquet`) and folders of any other run are a killed writer's ghosts."""
+    runs_dir, scores_dir = store.dataset_dir("runs"), store.dataset_dir("scores")
+    committed = {p.parent.name for p in runs_dir.glob("*/run.parquet")} if runs_dir.exists() else set()
+    swept = 0
+    if scores_dir.exists():
+        for scores in scores_dir.glob("*.parquet"):
+            stem = scores.stem
+            prefixes = {stem} | {stem[:i] for i, ch in enumerate(stem) if ch == "-"}
+            if not prefixes & committed:
+                scores.unlink(missing_ok=True)
+                manifest.shards.pop(store.relative(scores), None)
+                swept += 1
+    if runs_dir.exists():
+        for run in runs_dir.iterdir():
+            if run.is_dir() and run.name not in committed:
+                shutil.rmtree(run, ignore_errors=True)
+                swept += 1
+    return swept
 
 
 def _require_lock(store: Store) -> None:
@@ -191,79 +365,147 @@ def _require_lock(store: Store) -> None:
         raise RuntimeError(f"catalog change outside the writer lock of {store.root}: wrap it in lock.writing(store)")
 
 
-def _staged_files(store: Store) -> list[Path]:
-    if not store.staging_dir.exists():
-        return []
-    return sorted(p for p in store.staging_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
 def _unstage(store: Store, staged: Path) -> Path:
-    final = store.root / staged.resolve().relative_to(store.staging_dir.resolve())
+    try:
+        rel = staged.resolve().relative_to(store.staging_dir.resolve())
+    except ValueError as exc:
+        raise PipelineError(f"{staged} is not under {store.staging_dir}; only staged files can be committed.") from exc
+    final = store.root / rel
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, final)
     return final
 
 
-def _has_shards_table(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'shards'"
-        ).fetchone()[0]  # type: ignore[index]
-    )
+def _staged_files(store: Store) -> list[Path]:
+    if not store.staging_dir.exists():
+        return []
+    return sorted(p for p in store.staging_dir.rglob("*.parquet") if not p.name.startswith("."))
 
 
-def _shard_files(store: Store) -> list[Path]:
+def _write_manifest(store: Store, manifest: Manifest) -> None:
+    data = {
+        "format": MANIFEST_FORMAT,
+        "shards": {p: s.to_json() for p, s in sorted(manifest.shards.items())},
+        "damaged": dict(sorted(manifest.damaged.items())),
+    }
+    write_text(store.manifest_path, json.dumps(data, indent=0, separators=(",", ":")))
+
+
+def _legacy_manifest(store: Store) -> Manifest:
+    """Stores from before the manifest: read the shard list from `catalog.duckdb` once."""
+    try:
+        con = duckdb.connect(str(store.catalog_path), read_only=True)
+    except duckdb.Error as exc:
+        raise PipelineError(
+            f"The catalog {store.catalog_path} cannot be opened ({_first_line(exc)}); "
+            "run `pipeline catalog rebuild`."
+        ) from exc
+    try:
+        rows = con.execute("SELECT path, dataset, model_key, num_rows FROM shards").fetchall()
+    except duckdb.Error:
+        rows = []
+    finally:
+        con.close()
+    shards = {}
+    for p, d, m, n in rows:
+        described = describe(store, store.root / p)
+        columns = described.columns if isinstance(described, Shard) else ()
+        shards[p] = Shard(p, d, m, int(n), -1, -1, columns)
+    return Manifest(shards)
+
+
+def _stat_problem(store: Store, shard: Shard, footer: bool = True) -> str | None:
+    """Why a committed shard cannot be trusted any more, or None. Cheap: a stat, and a footer read
+    only when the stat changed (a store copied without keeping times is still fine)."""
+    path = store.root / shard.path
+    try:
+        st = path.stat()
+    except OSError:
+        return "the file is missing"
+    if shard.size < 0 or (st.st_size == shard.size and st.st_mtime_ns == shard.mtime_ns):
+        return None
+    if st.st_size != shard.size:
+        return f"its size changed from {shard.size} to {st.st_size} bytes since it was committed"
+    if not footer:
+        return "it was modified since it was committed"
+    described = describe(store, path)
+    if isinstance(described, str):
+        return described.split(" (", 1)[-1].split(";")[0].rstrip(")") if "(" in described else "unreadable"
+    if described.num_rows != shard.num_rows:
+        return f"it holds {described.num_rows} rows, not the {shard.num_rows} committed"
+    return None
+
+
+def _read_error(store: Store, manifest: Manifest, exc: duckdb.Error) -> Exception:
+    """A DuckDB error while reading: name the shard if one is to blame, else pass the error on."""
+    text = str(exc)
+    for rel in manifest.shards:
+        if rel in text:
+            return PipelineError(f"Shard {rel} is damaged ({_first_line(exc).rstrip('.')}); {REPAIR}.")
+    return exc
+
+
+def shard_files(store: Store) -> list[Path]:
     files: list[Path] = []
     for dataset in DATASETS:
-        files.extend(p for p in store.dataset_dir(dataset).rglob("*.parquet") if not p.name.startswith("."))
+        directory = store.dataset_dir(dataset)
+        if directory.exists():
+            files.extend(p for p in directory.rglob("*.parquet") if not p.name.startswith("."))
     return files
 
 
-def _describe_shard(store: Store, path: Path) -> tuple[str, str, str | None, int]:
-    rel = store.relative(path)
-    try:
-        meta = pq.read_metadata(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same to the user
-        raise PipelineError(f"Shard {rel} is not a readable Parquet file ({exc}).") from exc
-    stamped = meta.schema.to_arrow_schema().metadata
-    dataset = table_of(stamped) or rel.split("/", 1)[0]
-    problem = schema_problem(stamped, dataset, f"Shard {rel}")
-    if problem:
-        raise PipelineError(problem)
-    model_key = path.parent.name if dataset == "embeddings" else None
-    return rel, dataset, model_key, meta.num_rows
-
-
-def _refresh_views(con: duckdb.DuckDBPyConnection) -> None:
-    files: dict[str, list[tuple[str, str | None]]] = {d: [] for d in DATASETS}
-    for path, dataset, model_key in con.execute(
-        "SELECT path, dataset, model_key FROM shards ORDER BY path"
-    ).fetchall():
-        files.setdefault(dataset, []).append((path, model_key))
+def _define_views(con: duckdb.DuckDBPyConnection, store: Store, manifest: Manifest, absolute: bool) -> None:
+    root = store.root.resolve()
     for dataset, schema in TABLES.items():
-        paths = [p for p, _ in files[dataset]]
-        body = f"SELECT * FROM {_read(paths)}" if paths else _empty_select(con, schema)
-        con.execute(f"CREATE OR REPLACE VIEW {dataset} AS {body}")
-    con.execute(f"CREATE OR REPLACE VIEW embeddings AS {_embeddings_select(files['embeddings'])}")
+        shards = manifest.of(dataset)
+        paths = [str(root / s.path) if absolute else s.path for s in shards]
+        body = _select(con, schema, paths, shards) if paths else _empty_select(con, schema)
+        name = "samples_all" if dataset == "samples" else dataset
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+    # The same bytes under two labels are used as neither (ingest quarantines them as label_conflict).
+    hidden = (" WHERE sample_id NOT IN (SELECT content_hash FROM quarantine "
+              "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL)") if manifest.of("quarantine") else ""
+    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT * FROM samples_all{hidden}")
+    con.execute(f"CREATE OR REPLACE VIEW embeddings AS {_embeddings_select(manifest, root, absolute)}")
 
 
-def _embeddings_select(files: list[tuple[str, str | None]]) -> str:
+def _select(con: duckdb.DuckDBPyConnection, schema: pa.Schema, paths: list[str], shards: list[Shard]) -> str:
+    """The declared columns in order; a column no file has yet (an older store) comes back NULL.
+    Files written with fewer columns are read by name (`union_by_name`), which costs a footer read
+    per file at each query, so only when the files differ."""
+    column_sets = {s.columns or tuple(schema.names) for s in shards}
+    present = set().union(*column_sets)
+    rel = con.from_arrow(schema.empty_table())
+    cols = []
+    for name, dtype in zip(rel.columns, rel.dtypes, strict=True):
+        cols.append(f'"{name}"' if name in present else f'NULL::{dtype} AS "{name}"')
+    return f"SELECT {', '.join(cols)} FROM {_read(paths, by_name=len(column_sets) > 1)}"
+
+
+def _embeddings_select(manifest: Manifest, root: Path, absolute: bool) -> str:
     # Models differ in dimension; casting to FLOAT[] lets one view hold every model's vectors.
-    cols = "model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector"
-    by_model: dict[str | None, list[str]] = {}
-    for path, key in files:
-        by_model.setdefault(key, []).append(path)
+    by_model: dict[str | None, list[Shard]] = {}
+    for s in manifest.of("embeddings"):
+        by_model.setdefault(s.model_key, []).append(s)
     if not by_model:
         return (
             "SELECT NULL::VARCHAR AS model_key, NULL::VARCHAR AS modality, "
-            "NULL::VARCHAR AS content_hash, NULL::FLOAT[] AS vector WHERE false"
+            "NULL::VARCHAR AS content_hash, NULL::FLOAT[] AS vector, NULL::FLOAT AS norm WHERE false"
         )
-    return " UNION ALL ".join(f"SELECT {cols} FROM {_read(paths)}" for paths in by_model.values())
+    parts = []
+    for shards in by_model.values():
+        column_sets = {s.columns for s in shards}
+        has_norm = any("norm" in cols or not cols for cols in column_sets)
+        norm = "norm" if has_norm else "NULL::FLOAT AS norm"
+        paths = [str(root / s.path) if absolute else s.path for s in shards]
+        parts.append(f"SELECT model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector, {norm} "
+                     f"FROM {_read(paths, by_name=len(column_sets) > 1)}")
+    return " UNION ALL ".join(parts)
 
 
-def _read(paths: list[str]) -> str:
+def _read(paths: list[str], by_name: bool = False) -> str:
     listed = ", ".join(f"'{_sql_str(p)}'" for p in paths)
-    return f"read_parquet([{listed}])"
+    return f"read_parquet([{listed}]{', union_by_name = true' if by_name else ''})"
 
 
 def _empty_select(con: duckdb.DuckDBPyConnection, schema: pa.Schema) -> str:
@@ -276,3 +518,8 @@ def _empty_select(con: duckdb.DuckDBPyConnection, schema: pa.Schema) -> str:
 
 def _sql_str(text: str) -> str:
     return text.replace("'", "''")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")

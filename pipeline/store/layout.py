@@ -29,6 +29,11 @@ class Store:
         return self.root / "catalog.duckdb"
 
     @property
+    def manifest_path(self) -> Path:
+        """The committed shard list, replaced atomically by the writer on every commit."""
+        return self.root / "manifest.json"
+
+    @property
     def lock_path(self) -> Path:
         return self.root / ".lock"
 
@@ -79,7 +84,7 @@ class Store:
         return path.resolve().relative_to(self.root.resolve()).as_posix()
 
     def exists(self) -> bool:
-        return self.catalog_path.exists()
+        return self.root.is_dir() and (self.manifest_path.exists() or self.catalog_path.exists())
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
