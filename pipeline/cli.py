@@ -95,10 +95,16 @@ def ingest(
     ] = None,
     generators: Annotated[
         str, typer.Option(help="d3 webdataset form: names of gen_0..gen_3, comma-separated.")
-    ] = "sd-1.4,sd-2.1,sd-xl,deepfloyd-if",
+    ] = "deepfloyd-if,sd-1.4,sd-2.1,sd-xl",
     group_by: Annotated[str, typer.Option(help="folder: split unit, 'stem' (same file name) or 'image'.")] = "stem",
-    splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    splits: Annotated[str, typer.Option(help="train,val,test fractions, or 'source' to keep the split the "
+                                        "source declares (D3's train/validation/test files or keys, a "
+                                        "manifest's split column).")] = "0.8,0.1,0.1",
     split_seed: Annotated[str, typer.Option(help="Salt of the split hash.")] = "0",
+    max_bytes: Annotated[int, typer.Option(help="Largest image file read; larger ones are quarantined as "
+                                           "too_large without being read.")] = 64 * 1024 * 1024,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for another process writing to the "
+                                       "store, or stop at once.")] = True,
 ) -> None:
     """Add the images of SOURCE (with captions, labels, generators) to the store as samples.
 
@@ -118,16 +124,26 @@ def ingest(
             label_map=label_map,
             generators=tuple(g.strip() for g in generators.split(",")),
             group_by=group_by,  # type: ignore[arg-type]
-            split_fractions=_parse_splits(splits),
+            split_fractions=(0.8, 0.1, 0.1) if splits.strip() == "source" else _parse_splits(splits),
+            splits_from="source" if splits.strip() == "source" else "hash",
             split_seed=split_seed,
+            max_bytes=max_bytes,
+            wait=wait,
         )
         with RichReporter() as reporter:
             result = run(config, reporter)
     out.print(
         f"[green]ingested[/] {result.added} new samples "
         f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_split.items())) or 'none'}); "
-        f"{result.already_in_store} already in the store, {result.duplicates_in_source} duplicates in the source."
+        f"{result.already_in_store} already in the store, {result.duplicates_in_source} duplicates in the source; "
+        f"{result.units_skipped} source files unchanged since the last ingest (not read)."
     )
+    if result.missing_captions:
+        out.print(f"[yellow]{result.missing_captions} new samples have no caption[/]: image+text training "
+                  "leaves them out.")
+    if result.label_conflicts:
+        out.print(f"[yellow]{result.label_conflicts} images appear under two labels[/] and are used as neither "
+                  "(quarantined as label_conflict).")
     for reason, count in sorted(result.problems.items()):
         out.print(f"[yellow]quarantined[/] {count} × {reason} (see: pipeline sql \"SELECT * FROM quarantine\")")
 

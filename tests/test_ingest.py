@@ -57,9 +57,79 @@ def test_d3_parquet_gives_four_generated_and_one_real_per_row(d3: SyntheticD3, t
 def test_reingesting_adds_nothing_and_records_no_new_problems(d3: SyntheticD3, d3_store: Store) -> None:
     before = _samples(d3_store)
     again = ingest(IngestConfig(d3.parquet, "d3", d3_store, real_images=d3.real_images))
-    assert again.added == 0 and again.already_in_store == len(before)
+    assert again.added == 0 and again.units_skipped == 1 and again.units_read == 0  # not even opened
+    # other options (a split salt) decide other rows: the file is read again, and still adds nothing
+    reread = ingest(IngestConfig(d3.parquet, "d3", d3_store, real_images=d3.real_images, split_seed="1"))
+    assert reread.units_read == 1 and reread.added == 0 and reread.already_in_store == len(before)
     assert _samples(d3_store) == before
     assert catalog.query(d3_store, "SELECT count(*) FROM quarantine").column(0)[0].as_py() == 1
+
+
+def test_an_unchanged_source_is_skipped_even_after_a_copy(d3: SyntheticD3, d3_store: Store) -> None:
+    import os
+    import shutil
+
+    copy = d3.parquet.with_name("copy.parquet")
+    shutil.copyfile(d3.parquet, copy)
+    os.replace(copy, d3.parquet)  # same bytes, new inode and modification time: the footer digest matches
+    again = ingest(IngestConfig(d3.parquet, "d3", d3_store, real_images=d3.real_images))
+    assert again.units_skipped == 1 and again.units_read == 0
+
+
+def test_a_grown_folder_costs_only_its_new_files(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    (root / "sdxl").mkdir()
+    for i in range(4):
+        (root / "real" / f"{i}.jpg").write_bytes(jpeg((10 * i, 2, 3)))
+        (root / "sdxl" / f"{i}.png").write_bytes(jpeg((10 * i, 200, 3), fmt="PNG"))
+    store = Store(tmp_path / "store")
+    assert ingest(IngestConfig(root, "folder", store)).added == 8
+    (root / "sdxl" / "9.png").write_bytes(jpeg((99, 99, 99), fmt="PNG"))
+    grown = ingest(IngestConfig(root, "folder", store))
+    assert (grown.units_read, grown.units_skipped, grown.added) == (1, 8, 1)
+    (root / "real" / "0.txt").write_text("a caption written later")  # a changed sidecar: that image again
+    again = ingest(IngestConfig(root, "folder", store))
+    assert (again.units_read, again.already_in_store) == (1, 1)
+
+
+def test_d3_generator_names_are_canonical_and_the_original_kept(d3_store: Store) -> None:
+    rows = catalog.query(d3_store, "SELECT DISTINCT generator, generator_original FROM samples "
+                                   "WHERE label = 1 ORDER BY 1").to_pylist()
+    assert [r["generator"] for r in rows] == ["deepfloyd-if", "sd-1.4", "sd-2.1", "sd-xl"]
+    assert {r["generator_original"] for r in rows} == {
+        "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1-base",
+        "stabilityai/stable-diffusion-xl-base-1.0", "DeepFloyd/IF-I-M-v1.0"}
+
+
+def test_d3_webdataset_and_parquet_forms_agree(tmp_path: Path) -> None:
+    """The same D3 row in both forms: one group key, and gen_k named as the Parquet's model_gen{k}."""
+    data = make_d3(tmp_path / "src", rows=2, size=32, missing_real=0, broken_generated=0)
+    table = pq.read_table(data.parquet).to_pylist()
+    members = {}
+    for row in table:
+        key = f"elsa_v2__validation__{row['id']}"
+        for k in range(4):
+            members[f"{key}.gen_{k}.png"] = row[f"image_gen{k}"]["bytes"]
+        members[f"{key}.real.jpg"] = (data.real_images / f"{row['id']}.jpg").read_bytes()
+        members[f"{key}.caption.txt"] = row["original_prompt"].encode()
+    tar = _tar(tmp_path / "elsa_v2-0000.tar", members)
+    from_parquet, from_tar = Store(tmp_path / "p"), Store(tmp_path / "w")
+    ingest(IngestConfig(data.parquet, "d3", from_parquet, real_images=data.real_images))
+    order = tuple(table[0][f"model_gen{k}"] for k in range(4))  # HF ids: mapped to canonical names
+    ingest(IngestConfig(tar, "d3", from_tar, splits_from="source", generators=order))
+    sql = "SELECT sample_id, generator, group_key FROM samples ORDER BY sample_id"
+    assert catalog.query(from_parquet, sql).to_pylist() == catalog.query(from_tar, sql).to_pylist()
+    assert set(catalog.query(from_tar, "SELECT DISTINCT split FROM samples").column(0).to_pylist()) == {"val"}
+
+
+def test_splits_source_keeps_d3_file_splits(tmp_path: Path) -> None:
+    data = make_d3(tmp_path / "src", rows=4, size=32, missing_real=0, broken_generated=0)
+    (tmp_path / "d3" / "test").mkdir(parents=True)
+    data.parquet.rename(tmp_path / "d3" / "test" / "0000.parquet")
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(tmp_path / "d3", "d3", store, real_images=data.real_images, splits_from="source"))
+    assert catalog.query(store, "SELECT DISTINCT split FROM samples").column(0).to_pylist() == ["test"]
 
 
 def test_d3_real_images_matched_by_url_in_img2dataset_tar(tmp_path: Path) -> None:
@@ -108,6 +178,8 @@ def test_d3_webdataset_form(tmp_path: Path) -> None:
     assert result.added == 10
     rows = _samples(store)
     assert {r["generator"] for r in rows} == {"real", "sd-1.4", "sd-2.1", "sd-xl", "deepfloyd-if"}
+    gen0 = catalog.query(store, "SELECT generator FROM samples WHERE source_member LIKE '%gen_0%'").column(0)
+    assert set(gen0.to_pylist()) == {"deepfloyd-if"}  # D3's model_gen0 is DeepFloyd/IF-I-M-v1.0
     assert {r["text"] for r in rows} == {"caption a1", "caption a2"}
     assert len({(r["group_key"], r["split"]) for r in rows}) == 2
 
@@ -125,7 +197,8 @@ def test_folder_with_sidecars_and_captions_csv(tmp_path: Path) -> None:
     assert ingest(IngestConfig(root, "folder", store)).added == 3
     rows = {Path(r["source_uri"]).relative_to(root.resolve()).as_posix(): r for r in _samples(store)}
     assert rows["real/0001.jpg"]["text"] == "a sidecar caption" and rows["real/0001.jpg"]["label"] == 0
-    assert rows["sdxl/0001.png"]["text"] == "csv caption one" and rows["sdxl/0001.png"]["generator"] == "sdxl"
+    assert rows["sdxl/0001.png"]["text"] == "csv caption one" and rows["sdxl/0001.png"]["generator"] == "sd-xl"
+    assert rows["sdxl/0001.png"]["generator_original"] == "sdxl"
     assert rows["sdxl/0002.png"]["text"] is None
     assert rows["real/0001.jpg"]["split"] == rows["sdxl/0001.png"]["split"]  # grouped by stem
 
@@ -148,7 +221,7 @@ def test_webdataset_with_generator_flag_and_label_map(tmp_path: Path) -> None:
     store2 = Store(tmp_path / "store2")
     result = ingest(IngestConfig(tar, "webdataset", store2, label_map=labels))
     assert result.added == 1 and result.problems == {"unlabelled": 1}
-    assert _samples(store2)[0]["generator"] == "sdxl"
+    assert _samples(store2)[0]["generator"] == "sd-xl"
     with pytest.raises(PipelineError, match="--generator"):
         ingest(IngestConfig(tar, "webdataset", Store(tmp_path / "s3")))
 

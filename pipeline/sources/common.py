@@ -1,31 +1,63 @@
-"""What every source adapter yields, and the helpers they share (tar scanning, real-image lookup)."""
+"""What every source adapter yields, and the helpers they share (safe reading, tar scanning,
+real-image lookup).
+
+A source is read as *units* (a file: a Parquet file, a tar, an image; or a manifest row), each with
+the facts that say whether it changed since it was ingested (size, modification time, and for
+Parquet a digest of its footer). Ingest skips units it has already read with the same options and
+reads only the rest. A unit yields *items*: candidates (an image, hashed while streamed, never held
+whole) or problems (an input that cannot become a sample, with a reason code).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from pipeline.errors import PipelineError
 from pipeline.sources.locations import Location
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REAL = "real"
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # far above any real image; a 6 GB "image" is a mistake
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing a source is read in: a file, or a row of a manifest naming a file."""
+
+    path: Path
+    size: int = -1  # -1: cannot be stat-ed (missing); such a unit is re-reported only if it changes
+    mtime_ns: int = -1
+    fingerprint: str | None = None  # Parquet footer digest: the same file even if its mtime changed
+    extra: str | None = None  # must match too: a manifest row's values, an image's sidecar caption
+    payload: Any = None  # the adapter's own data for this unit
+
+    @property
+    def uri(self) -> str:
+        return str(self.path.resolve())
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One image found in a source, with its bytes (read once, to hash them)."""
+    """One image found in a source: its content hash and size (computed while streaming it)."""
 
-    data: bytes
+    sample_id: str  # sha256 of the bytes
+    size: int
     location: Location
     label: int
     generator: str
     group_key: str
     text: str | None
-    split: str | None = None  # a split given by the source wins over the hashed one
+    split: str | None = None  # a split declared by the source (used with --splits source)
+    generator_original: str | None = None  # the name the source gave, before `canonical`
 
 
 @dataclass(frozen=True)
@@ -35,21 +67,112 @@ class Problem:
     reason: str
     detail: str
     location: Location
+    content_hash: str | None = None
 
 
 Item = Candidate | Problem
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What ingest refuses to read: files over `max_bytes` (reason `too_large`)."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def stat_unit(path: Path, fingerprint: str | None = None, extra: str | None = None,
+              payload: Any = None) -> Unit:
+    try:
+        st = path.stat()
+    except OSError:
+        return Unit(path, -1, -1, fingerprint, extra, payload)
+    return Unit(path, st.st_size, st.st_mtime_ns, fingerprint, extra, payload)
 
 
 def is_image(path: Path | str) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def read_file(path: Path) -> tuple[bytes, Location] | Problem:
+def sha256_stream(f: IO[bytes], limit: int) -> tuple[str, int] | None:
+    """Hash a stream chunk by chunk; None if it holds more than `limit` bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := f.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+        digest.update(chunk)
+    return digest.hexdigest(), size
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: Path, limits: Limits) -> tuple[str, int, Location] | Problem:
+    """Hash a regular file by streaming it; anything else (device, FIFO, directory, too large,
+    unreadable) becomes a problem without reading it."""
     loc = Location(uri=str(path.resolve()))
     try:
-        return path.read_bytes(), loc
+        st = os.stat(path)
     except OSError as exc:
         return Problem("unreadable", f"{path}: {exc.strerror or exc}", loc)
+    if not stat.S_ISREG(st.st_mode):
+        return Problem("not_a_regular_file", f"{path} is a {_kind(st.st_mode)}, not a regular file", loc)
+    if st.st_size > limits.max_bytes:
+        return Problem("too_large", f"{path} holds {st.st_size} bytes, over --max-bytes {limits.max_bytes}", loc)
+    try:
+        with open(path, "rb") as f:
+            hashed = sha256_stream(f, limits.max_bytes)
+    except OSError as exc:
+        return Problem("unreadable", f"{path}: {exc.strerror or exc}", loc)
+    if hashed is None:
+        return Problem("too_large", f"{path} grew over --max-bytes {limits.max_bytes} while read", loc)
+    return hashed[0], hashed[1], loc
+
+
+def hash_location(loc: Location, limits: Limits) -> tuple[str, int] | Problem:
+    """Hash the bytes at a file or tar-member location (offset and length) by streaming them."""
+    if loc.offset is None:
+        hashed = hash_file(Path(loc.uri), limits)
+        return hashed if isinstance(hashed, Problem) else (hashed[0], hashed[1])
+    length = loc.length if loc.length is not None else 0
+    if length > limits.max_bytes:
+        return Problem("too_large", f"{loc.uri} member {loc.member} holds {length} bytes, over --max-bytes "
+                       f"{limits.max_bytes}", loc)
+    try:
+        with open(loc.uri, "rb") as f:
+            f.seek(loc.offset)
+            hashed = sha256_stream(_Bounded(f, length), limits.max_bytes)
+    except OSError as exc:
+        return Problem("unreadable", f"{loc.uri}: {exc.strerror or exc}", loc)
+    assert hashed is not None
+    return hashed
+
+
+def parquet_fingerprint(path: Path) -> str | None:
+    """A digest of a Parquet file's footer (schema, row groups, statistics): same digest, same file
+    for ingest's purposes, even after a copy that changed its modification time."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            if end < 12:
+                return None
+            f.seek(end - 8)
+            tail = f.read(8)
+            if tail[4:] != b"PAR1":
+                return None
+            length = int.from_bytes(tail[:4], "little")
+            f.seek(max(0, end - 8 - length))
+            footer = f.read(length)
+    except OSError:
+        return None
+    return hashlib.sha256(footer + end.to_bytes(8, "little")).hexdigest()
+
+
+def row_fingerprint(row: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -75,22 +198,30 @@ def iter_tar_entries(path: Path) -> Iterator[tuple[tarfile.TarFile, TarEntry]]:
         raise PipelineError(f"{path} is not a readable tar archive ({exc}).") from exc
     with tf:
         current: TarEntry | None = None
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, suffix = split_key(member.name)
-            if current is None or key != current.key:
-                if current is not None:
-                    yield tf, current
-                current = TarEntry(key)
-            current.members[suffix.lower()] = member
+        try:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, suffix = split_key(member.name)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield tf, current
+                    current = TarEntry(key)
+                current.members[suffix.lower()] = member
+        except (tarfile.TarError, OSError) as exc:
+            raise PipelineError(f"{path} is damaged after {current.key if current else 'its start'} ({exc}).") from exc
         if current is not None:
             yield tf, current
 
 
-def tar_member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+def tar_member_hash(tf: tarfile.TarFile, member: tarfile.TarInfo, limits: Limits) -> tuple[str, int] | None:
+    """Stream-hash a tar member; None if it is over the size limit (not read)."""
+    if member.size > limits.max_bytes:
+        return None
     f = tf.extractfile(member)
-    return f.read() if f is not None else b""
+    if f is None:
+        return hash_bytes(b""), 0
+    return sha256_stream(f, limits.max_bytes)
 
 
 def tar_location(path: Path, member: tarfile.TarInfo) -> Location:
@@ -99,11 +230,13 @@ def tar_location(path: Path, member: tarfile.TarInfo) -> Location:
     )
 
 
-def tar_text(tf: tarfile.TarFile, entry: TarEntry, suffix: str) -> str | None:
+def tar_text(tf: tarfile.TarFile, entry: TarEntry, suffix: str, limit: int = 1 << 20) -> str | None:
     member = entry.members.get(suffix)
     if member is None:
         return None
-    return tar_member_bytes(tf, member).decode("utf-8", errors="replace").strip()
+    f = tf.extractfile(member)
+    raw = f.read(limit) if f is not None else b""
+    return raw.decode("utf-8", errors="replace").strip()
 
 
 def image_member(entry: TarEntry, name: str = "") -> tarfile.TarInfo | None:
@@ -113,6 +246,17 @@ def image_member(entry: TarEntry, name: str = "") -> tarfile.TarInfo | None:
         if base == name and f".{ext}" in IMAGE_SUFFIXES:
             return member
     return None
+
+
+def tar_candidate_or_problem(
+    tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, limits: Limits
+) -> tuple[str, int, Location] | Problem:
+    loc = tar_location(tar, member)
+    hashed = tar_member_hash(tf, member, limits)
+    if hashed is None:
+        return Problem("too_large", f"{tar.name} member {member.name} holds {member.size} bytes, over "
+                       f"--max-bytes {limits.max_bytes}", loc)
+    return hashed[0], hashed[1], loc
 
 
 class RealImageIndex:
@@ -137,6 +281,8 @@ class RealImageIndex:
                 url = _url_from_sidecar(path.with_suffix(".json"))
                 if url:
                     self.by_url.setdefault(url, loc)
+        # Counted once: `len()` and truth tests run per D3 row, so they must not rebuild anything.
+        self._size = len({*self.by_key.values(), *self.by_url.values()})
 
     def find(self, row_id: str | None, url: str | None) -> Location | None:
         if row_id is not None and str(row_id) in self.by_key:
@@ -146,7 +292,10 @@ class RealImageIndex:
         return None
 
     def __len__(self) -> int:
-        return len({*self.by_key.values(), *self.by_url.values()})
+        return self._size
+
+    def __bool__(self) -> bool:
+        return True  # an index exists even when it found nothing; `find` says what it has
 
     def _index_tar(self, path: Path) -> None:
         for tf, entry in iter_tar_entries(path):
@@ -157,13 +306,58 @@ class RealImageIndex:
             self.by_key.setdefault(entry.key.rpartition("/")[2], loc)
             meta = entry.members.get("json")
             if meta is not None:
-                url = _url_from_json(tar_member_bytes(tf, meta))
+                f = tf.extractfile(meta)
+                url = _url_from_json(f.read(1 << 20) if f is not None else b"")
                 if url:
                     self.by_url.setdefault(url, loc)
 
 
+def directory_fingerprint(root: Path) -> str:
+    """A digest of a tree's file names, sizes and modification times (no file is read)."""
+    digest = hashlib.sha256()
+    if root.is_file():
+        st = root.stat()
+        digest.update(f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            digest.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class _Bounded:
+    """At most `length` bytes of a file object, read from where it stands."""
+
+    def __init__(self, f: IO[bytes], length: int) -> None:
+        self._f, self._left = f, length
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
 def _url_from_sidecar(path: Path) -> str | None:
-    return _url_from_json(path.read_bytes()) if path.exists() else None
+    try:
+        return _url_from_json(path.read_bytes()[: 1 << 20]) if path.is_file() else None
+    except OSError:
+        return None
 
 
 def _url_from_json(raw: bytes) -> str | None:

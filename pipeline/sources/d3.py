@@ -1,16 +1,22 @@
 """ELSA D3: Parquet export (one row → 4 generated + 1 real sample) or its webdataset form.
 
 Parquet columns: `id`, `original_prompt`, `positive_prompt`, `url` (or `img_url`), and for
-k = 0..3 `image_gen{k}` (Hugging Face image struct {bytes, path}) and `model_gen{k}`. Generated
+k = 0..3 `image_gen{k}` (Hugging Face image struct {bytes, path}) and `model_gen{k}`, the name of
+the generator of that column (the truth about which generator made which image). Generated
 samples get the prompt, the real one its original caption; all five share the group `d3:<id>`, so
 they always fall into one split. The real image comes from `--real-images`, matched by id or URL.
 
-Webdataset form: `KEY.real.jpg`, `KEY.gen_0.jpg` … `KEY.gen_3.jpg`, `KEY.caption.txt`,
-`KEY.url.txt` (and optionally `KEY.prompt.txt` for the generation prompt).
+Webdataset form (as written by D3's own `wds_creation.py`): key `<dataset>__<split>__<id>`, members
+`KEY.real.jpg`, `KEY.gen_0.jpg` … `KEY.gen_3.jpg`, `KEY.caption.txt`, `KEY.url.txt` (optionally
+`KEY.prompt.txt`). It carries no generator names: `gen_k` is the image of the Parquet row's
+`image_gen{k}`, so `--generators` must list the Parquet `model_gen0..3` order. The same D3 row gets
+the group `d3:<id>` in both forms, and its declared split is `<split>` (Parquet: the file's folder
+or name, `train`/`validation`/`test`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,124 +27,186 @@ from pipeline.sources.common import (
     REAL,
     Candidate,
     Item,
+    Limits,
     Problem,
     RealImageIndex,
+    Unit,
+    directory_fingerprint,
+    hash_bytes,
+    hash_location,
     image_member,
     iter_tar_entries,
-    tar_location,
-    tar_member_bytes,
+    parquet_fingerprint,
+    stat_unit,
+    tar_candidate_or_problem,
     tar_text,
 )
-from pipeline.sources.locations import Location, LocationReader
+from pipeline.sources.generators import canonical
+from pipeline.sources.locations import Location
 
 NUM_GENERATED = 4
-DEFAULT_GENERATORS = ("sd-1.4", "sd-2.1", "sd-xl", "deepfloyd-if")
+# D3 stores `DeepFloyd/IF-I-M-v1.0` in model_gen0 (a webdataset record's gen_0 is byte-identical to
+# the Parquet row's image_gen0). Only gen_0 was checked against real D3 bytes; when a store holds both
+# forms, ingest compares every gen_k with the Parquet sample of the same bytes and reports mismatches.
+DEFAULT_GENERATORS = ("deepfloyd-if", "sd-1.4", "sd-2.1", "sd-xl")
 _URL_COLUMNS = ("url", "img_url")
+_SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
+                "test": "test", "testing": "test"}
+_SPLIT_IN_NAME = re.compile(r"(?:^|[^a-z])(train|training|validation|valid|val|test|testing)(?:[^a-z]|$)")
 
 
-def iter_d3(
-    source: Path,
-    real_images: Path | None,
-    generators: tuple[str, ...] = DEFAULT_GENERATORS,
-) -> Iterator[Item]:
-    tars = [source] if source.suffix == ".tar" else sorted(source.glob("**/*.tar")) if source.is_dir() else []
-    if tars:
-        for tar in tars:
-            yield from _iter_webdataset(tar, generators)
-        return
-    files = [source] if source.is_file() else sorted(source.glob("**/*.parquet"))
-    if not files:
-        raise PipelineError(f"{source} holds no D3 Parquet files or webdataset tars.")
-    index = RealImageIndex(real_images) if real_images else None
-    for path in files:
-        yield from _iter_parquet(path, index)
+class D3Source:
+    def __init__(self, source: Path, real_images: Path | None, generators: tuple[str, ...],
+                 limits: Limits) -> None:
+        self.source = source
+        self.real_images = real_images
+        self.generators = tuple(canonical(g) for g in generators)
+        self.limits = limits
+        self._index: RealImageIndex | None = None
+        tars = [source] if source.suffix == ".tar" else sorted(source.glob("**/*.tar")) if source.is_dir() else []
+        self.tars = tars
+        self.files = [] if tars else ([source] if source.is_file() else sorted(source.glob("**/*.parquet")))
+        if not tars and not self.files:
+            raise PipelineError(f"{source} holds no D3 Parquet files or webdataset tars.")
 
+    def options(self) -> dict[str, object]:
+        real = None
+        if self.real_images is not None and not self.tars:
+            real = [str(self.real_images.resolve()), directory_fingerprint(self.real_images)]
+        return {"generators": list(self.generators) if self.tars else None, "real_images": real}
 
-def _iter_parquet(path: Path, index: RealImageIndex | None) -> Iterator[Item]:
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
-    url_col = next((c for c in _URL_COLUMNS if c in names), None)
-    required = {"id", "original_prompt", "positive_prompt"} | {
-        f"{p}{k}" for k in range(NUM_GENERATED) for p in ("image_gen", "model_gen")
-    }
-    missing = sorted(required - names)
-    if missing or url_col is None:
-        need = missing + ([] if url_col else ["url (or img_url)"])
-        raise PipelineError(f"{path} is not in the D3 layout: it lacks {', '.join(need)}.")
-    uri = str(path.resolve())
-    row_base = 0
-    for batch in pf.iter_batches(batch_size=64):
-        rows = batch.to_pylist()
-        for i, row in enumerate(rows):
-            global_row = row_base + i
-            group = f"d3:{row['id']}"
-            for k in range(NUM_GENERATED):
-                column = f"image_gen{k}"
-                loc = Location(uri=uri, member=column, row=global_row)
-                cell = row[column] or {}
-                data = cell.get("bytes") or b""
-                if not data and cell.get("path"):
-                    try:
-                        data = (path.parent / cell["path"]).read_bytes()
-                    except OSError as exc:
-                        yield Problem("unreadable", f"row {row['id']} {column}: {exc}", loc)
-                        continue
-                yield Candidate(
-                    data=data,
-                    location=loc,
-                    label=1,
-                    generator=str(row[f"model_gen{k}"] or f"gen{k}"),
-                    group_key=group,
-                    text=row["positive_prompt"],
-                )
-            yield from _real_sample(row, url_col, group, index, uri, global_row)
-        row_base += len(rows)
+    def units(self) -> Iterator[Unit]:
+        for tar in self.tars:
+            yield stat_unit(tar)
+        for path in self.files:
+            yield stat_unit(path, parquet_fingerprint(path))
 
+    def items(self, unit: Unit) -> Iterator[Item]:
+        if unit.path.suffix == ".tar":
+            yield from self._webdataset(unit.path)
+        else:
+            yield from self._parquet(unit.path)
 
-def _real_sample(
-    row: dict, url_col: str, group: str, index: RealImageIndex | None, uri: str, global_row: int
-) -> Iterator[Item]:
-    url = row.get(url_col)
-    loc = index.find(row["id"], url) if index else None
-    if loc is None:
-        why = "no --real-images given" if index is None else "not found in --real-images"
-        yield Problem(
-            "real_image_missing",
-            f"row {row['id']}: real image {url or '(no url)'} {why}",
-            Location(uri=uri, member=url_col, row=global_row),
-        )
-        return
-    try:
-        data = LocationReader().read(loc)
-    except OSError as exc:
-        yield Problem("unreadable", f"row {row['id']}: {exc}", loc)
-        return
-    yield Candidate(data, loc, 0, REAL, group, row["original_prompt"])
+    # --- Parquet form ---
 
+    def _parquet(self, path: Path) -> Iterator[Item]:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # noqa: BLE001 - a JPEG given as --format d3, a truncated file, …
+            raise PipelineError(f"{path} is not a readable Parquet file, so not D3 ({_first_line(exc)}).") from exc
+        names = set(pf.schema_arrow.names)
+        url_col = next((c for c in _URL_COLUMNS if c in names), None)
+        required = {"id", "original_prompt", "positive_prompt"} | {
+            f"{p}{k}" for k in range(NUM_GENERATED) for p in ("image_gen", "model_gen")
+        }
+        missing = sorted(required - names)
+        if missing or url_col is None:
+            need = missing + ([] if url_col else ["url (or img_url)"])
+            raise PipelineError(f"{path} is not in the D3 layout: it lacks {', '.join(need)}.")
+        index = self._real_index()
+        split = split_from_path(path)
+        uri = str(path.resolve())
+        row_base = 0
+        for batch in pf.iter_batches(batch_size=64):
+            rows = batch.to_pylist()
+            for i, row in enumerate(rows):
+                global_row = row_base + i
+                group = f"d3:{row['id']}"
+                for k in range(NUM_GENERATED):
+                    yield self._generated(path, uri, row, k, global_row, group, split)
+                yield from self._real_sample(row, url_col, group, index, uri, global_row, split)
+            row_base += len(rows)
 
-def _iter_webdataset(tar: Path, generators: tuple[str, ...]) -> Iterator[Item]:
-    for tf, entry in iter_tar_entries(tar):
-        caption = tar_text(tf, entry, "caption.txt")
-        prompt = tar_text(tf, entry, "prompt.txt") or caption
-        group = f"d3:{entry.key.rpartition('/')[2]}"
-        slots = [("real", 0, REAL, caption)] + [
-            (f"gen_{k}", 1, generators[k] if k < len(generators) else f"gen{k}", prompt)
-            for k in range(NUM_GENERATED)
-        ]
-        for name, label, generator, text in slots:
-            member = image_member(entry, name)
-            if member is None:
-                yield Problem(
-                    "real_image_missing" if label == 0 else "image_missing",
-                    f"key {entry.key}: no {name} image in {tar.name}",
-                    Location(uri=str(tar.resolve()), member=f"{entry.key}.{name}"),
-                )
-                continue
-            yield Candidate(
-                data=tar_member_bytes(tf, member),
-                location=tar_location(tar, member),
-                label=label,
-                generator=generator,
-                group_key=group,
-                text=text,
+    def _generated(self, path: Path, uri: str, row: dict, k: int, global_row: int, group: str,
+                   split: str | None) -> Item:
+        column = f"image_gen{k}"
+        loc = Location(uri=uri, member=column, row=global_row)
+        cell = row[column] or {}
+        data = cell.get("bytes") or b""
+        original = str(row[f"model_gen{k}"] or f"gen{k}")
+        if not data and cell.get("path"):
+            hashed = hash_location(Location(uri=str((path.parent / cell["path"]).resolve())), self.limits)
+            if isinstance(hashed, Problem):
+                return Problem(hashed.reason, f"row {row['id']} {column}: {hashed.detail}", loc)
+            sample_id, size = hashed
+        else:
+            if len(data) > self.limits.max_bytes:
+                return Problem("too_large", f"row {row['id']} {column} holds {len(data)} bytes, over "
+                               f"--max-bytes {self.limits.max_bytes}", loc)
+            sample_id, size = hash_bytes(data), len(data)
+        return Candidate(sample_id, size, loc, 1, canonical(original), group, row["positive_prompt"],
+                         split, original)
+
+    def _real_index(self) -> RealImageIndex | None:
+        if self.real_images is not None and self._index is None:
+            self._index = RealImageIndex(self.real_images)
+        return self._index
+
+    def _real_sample(self, row: dict, url_col: str, group: str, index: RealImageIndex | None, uri: str,
+                     global_row: int, split: str | None) -> Iterator[Item]:
+        url = row.get(url_col)
+        loc = index.find(row["id"], url) if index is not None else None
+        if loc is None:
+            why = "no --real-images given" if index is None else "not found in --real-images"
+            yield Problem(
+                "real_image_missing",
+                f"row {row['id']}: real image {url or '(no url)'} {why}",
+                Location(uri=uri, member=url_col, row=global_row),
             )
+            return
+        hashed = hash_location(loc, self.limits)
+        if isinstance(hashed, Problem):
+            yield Problem(hashed.reason, f"row {row['id']}: {hashed.detail}", loc)
+            return
+        yield Candidate(hashed[0], hashed[1], loc, 0, REAL, group, row["original_prompt"], split, None)
+
+    # --- webdataset form ---
+
+    def _webdataset(self, tar: Path) -> Iterator[Item]:
+        for tf, entry in iter_tar_entries(tar):
+            caption = tar_text(tf, entry, "caption.txt")
+            prompt = tar_text(tf, entry, "prompt.txt") or caption
+            row_id, split = parse_key(entry.key.rpartition("/")[2])
+            group = f"d3:{row_id}"
+            slots = [("real", 0, REAL, caption)] + [
+                (f"gen_{k}", 1, self.generators[k] if k < len(self.generators) else f"gen{k}", prompt)
+                for k in range(NUM_GENERATED)
+            ]
+            for name, label, generator, text in slots:
+                member = image_member(entry, name)
+                if member is None:
+                    yield Problem(
+                        "real_image_missing" if label == 0 else "image_missing",
+                        f"key {entry.key}: no {name} image in {tar.name}",
+                        Location(uri=str(tar.resolve()), member=f"{entry.key}.{name}"),
+                    )
+                    continue
+                got = tar_candidate_or_problem(tar, tf, member, self.limits)
+                if isinstance(got, Problem):
+                    yield got
+                    continue
+                sample_id, size, loc = got
+                yield Candidate(sample_id, size, loc, label, generator, group, text, split,
+                                None if label == 0 else name)
+
+
+def parse_key(key: str) -> tuple[str, str | None]:
+    """`elsa_v2__train__<id>` → (`<id>`, `train`); a bare `<id>` → (`<id>`, None)."""
+    parts = key.split("__")
+    if len(parts) >= 3:
+        return parts[-1], _SPLIT_NAMES.get(parts[-2].lower())
+    return parts[-1], None
+
+
+def split_from_path(path: Path) -> str | None:
+    """The split a D3 Parquet file declares by its name or folder (`validation-0000….parquet`, `test/`)."""
+    for part in (path.stem, path.parent.name):
+        match = _SPLIT_IN_NAME.search(part.lower())
+        if match:
+            return _SPLIT_NAMES[match.group(1)]
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")

@@ -3,55 +3,87 @@
 Captions come from a sidecar `.txt` with the image's stem, or from `root/captions.csv`
 (columns `path` relative to root, or `file`/`filename`, and `caption`). Group key: the file stem
 (`--group-by stem`, so `real/0001.jpg` and `sdxl/0001.png` share a split) or the image itself.
+Each image file is one unit: a grown folder costs only its new files.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.sources.common import REAL, Candidate, Item, is_image, read_file
+from pipeline.sources.common import REAL, Candidate, Item, Limits, Unit, hash_file, is_image, stat_unit
+from pipeline.sources.generators import canonical
 
 GROUP_BY = ("stem", "image")
 
 
-def iter_folder(root: Path, group_by: str = "stem") -> Iterator[Item]:
-    if not root.is_dir():
-        raise PipelineError(f"{root} is not a directory of class folders (real/, <generator>/).")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise PipelineError(f"{root} has no class folders; expected real/ and one per generator.")
-    captions = _captions_csv(root)
-    for class_dir in classes:
-        label = 0 if class_dir.name.lower() == REAL else 1
-        generator = REAL if label == 0 else class_dir.name
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image(p)):
-            read = read_file(path)
-            if not isinstance(read, tuple):
-                yield read
-                continue
-            data, loc = read
-            rel = path.relative_to(root).as_posix()
-            text = captions.get(rel) or captions.get(path.name) or _sidecar(path)
-            group = f"stem:{path.stem}" if group_by == "stem" else ""
-            yield Candidate(data, loc, label, generator, group, text)
+class FolderSource:
+    def __init__(self, root: Path, group_by: str, limits: Limits) -> None:
+        if not root.is_dir():
+            raise PipelineError(f"{root} is not a directory of class folders (real/, <generator>/).")
+        self.classes = sorted(p for p in root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise PipelineError(f"{root} has no class folders; expected real/ and one per generator.")
+        self.root, self.group_by, self.limits = root, group_by, limits
+        self.captions = _captions_csv(root)
+
+    def options(self) -> dict[str, object]:
+        csv_path = self.root / "captions.csv"
+        digest = hashlib.sha256(csv_path.read_bytes()).hexdigest() if csv_path.is_file() else None
+        return {"group_by": self.group_by, "captions_csv": digest}
+
+    def units(self) -> Iterator[Unit]:
+        for class_dir in self.classes:
+            for path in sorted(p for p in class_dir.rglob("*") if is_image(p) and not p.is_dir()):
+                txt = path.with_suffix(".txt")
+                yield stat_unit(path, extra=_sidecar_digest(txt), payload=class_dir.name)
+
+    def items(self, unit: Unit) -> Iterator[Item]:
+        class_name = str(unit.payload)
+        label = 0 if class_name.lower() == REAL else 1
+        hashed = hash_file(unit.path, self.limits)
+        if not isinstance(hashed, tuple):
+            yield hashed
+            return
+        sample_id, size, loc = hashed
+        rel = unit.path.relative_to(self.root).as_posix()
+        text = self.captions.get(rel) or self.captions.get(unit.path.name) or _sidecar(unit.path)
+        group = f"stem:{unit.path.stem}" if self.group_by == "stem" else ""
+        generator = REAL if label == 0 else canonical(class_name)
+        yield Candidate(sample_id, size, loc, label, generator, group, text, None,
+                        None if label == 0 else class_name)
 
 
 def _sidecar(path: Path) -> str | None:
     txt = path.with_suffix(".txt")
-    return txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else None
+    try:
+        return txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
+    except OSError:
+        return None
+
+
+def _sidecar_digest(txt: Path) -> str | None:
+    """A changed sidecar caption makes its image a changed unit."""
+    try:
+        return hashlib.sha256(txt.read_bytes()[: 1 << 20]).hexdigest() if txt.is_file() else None
+    except OSError:
+        return None
 
 
 def _captions_csv(root: Path) -> dict[str, str]:
     path = root / "captions.csv"
     if not path.exists():
         return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        key = next((k for k in ("path", "file", "filename") if k in fields), None)
-        if key is None or "caption" not in fields:
-            raise PipelineError(f"{path} needs a 'caption' column and one of path, file, filename.")
-        return {row[key]: row["caption"] for row in reader}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = set(reader.fieldnames or [])
+            key = next((k for k in ("path", "file", "filename") if k in fields), None)
+            if key is None or "caption" not in fields:
+                raise PipelineError(f"{path} needs a 'caption' column and one of path, file, filename.")
+            return {row[key]: row["caption"] for row in reader}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{path} is not a readable UTF-8 CSV file ({exc}).") from exc

@@ -2,11 +2,13 @@
 
 Label and generator come from `--generator NAME` (`real` → label 0) for the whole source, or from
 a mapping file (CSV with columns `key`, `label`, `generator`), which wins where it names a key.
+Each tar is one unit.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,60 +17,78 @@ from pipeline.sources.common import (
     REAL,
     Candidate,
     Item,
+    Limits,
     Problem,
+    Unit,
     image_member,
     iter_tar_entries,
-    tar_location,
-    tar_member_bytes,
+    stat_unit,
+    tar_candidate_or_problem,
     tar_text,
 )
+from pipeline.sources.generators import canonical
 from pipeline.sources.locations import Location
 
 
-def iter_webdataset(source: Path, generator: str | None, label_map: Path | None) -> Iterator[Item]:
-    tars = [source] if source.is_file() else sorted(source.glob("**/*.tar"))
-    if not tars:
-        raise PipelineError(f"{source} holds no .tar shards.")
-    mapping = _read_label_map(label_map) if label_map else {}
-    if generator is None and not mapping:
-        raise PipelineError("webdataset sources need --generator NAME (or 'real') or --label-map FILE.")
-    for tar in tars:
+class WebdatasetSource:
+    def __init__(self, source: Path, generator: str | None, label_map: Path | None, limits: Limits) -> None:
+        self.tars = [source] if source.is_file() else sorted(source.glob("**/*.tar"))
+        if not self.tars:
+            raise PipelineError(f"{source} holds no .tar shards.")
+        self.mapping = _read_label_map(label_map) if label_map else {}
+        if generator is None and not self.mapping:
+            raise PipelineError("webdataset sources need --generator NAME (or 'real') or --label-map FILE.")
+        self.generator, self.label_map, self.limits = generator, label_map, limits
+
+    def options(self) -> dict[str, object]:
+        digest = hashlib.sha256(self.label_map.read_bytes()).hexdigest() if self.label_map else None
+        return {"generator": self.generator, "label_map": digest}
+
+    def units(self) -> Iterator[Unit]:
+        for tar in self.tars:
+            yield stat_unit(tar)
+
+    def items(self, unit: Unit) -> Iterator[Item]:
+        tar = unit.path
         for tf, entry in iter_tar_entries(tar):
             member = image_member(entry)
             if member is None:
                 continue  # a key with only metadata (img2dataset keeps failed downloads' json)
             short_key = entry.key.rpartition("/")[2]
-            label_gen = mapping.get(short_key) or mapping.get(entry.key)
+            label_gen = self.mapping.get(short_key) or self.mapping.get(entry.key)
             if label_gen is None:
-                if generator is None:
+                if self.generator is None:
                     yield Problem(
                         "unlabelled",
                         f"key {entry.key} is not in the label map",
                         Location(uri=str(tar.resolve()), member=member.name),
                     )
                     continue
-                label_gen = (0 if generator.lower() == REAL else 1, generator)
+                label_gen = (0 if self.generator.lower() == REAL else 1, self.generator)
             label, gen = label_gen
-            yield Candidate(
-                data=tar_member_bytes(tf, member),
-                location=tar_location(tar, member),
-                label=label,
-                generator=gen,
-                group_key=f"key:{short_key}",
-                text=tar_text(tf, entry, "txt"),
-            )
+            got = tar_candidate_or_problem(tar, tf, member, self.limits)
+            if isinstance(got, Problem):
+                yield got
+                continue
+            sample_id, size, loc = got
+            yield Candidate(sample_id, size, loc, label, REAL if label == 0 else canonical(gen),
+                            f"key:{short_key}", tar_text(tf, entry, "txt"), None,
+                            None if label == 0 else gen)
 
 
 def _read_label_map(path: Path) -> dict[str, tuple[int, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"key", "label"} <= set(reader.fieldnames or []):
-            raise PipelineError(f"{path} needs columns key, label (and optionally generator).")
-        out: dict[str, tuple[int, str]] = {}
-        for row in reader:
-            label = parse_label(row["label"], f"{path} key {row['key']}")
-            out[row["key"]] = (label, row.get("generator") or (REAL if label == 0 else "generated"))
-        return out
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"key", "label"} <= set(reader.fieldnames or []):
+                raise PipelineError(f"{path} needs columns key, label (and optionally generator).")
+            out: dict[str, tuple[int, str]] = {}
+            for row in reader:
+                label = parse_label(row["label"], f"{path} key {row['key']}")
+                out[row["key"]] = (label, row.get("generator") or (REAL if label == 0 else "generated"))
+            return out
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"--label-map {path} is not a readable UTF-8 CSV file ({exc}).") from exc
 
 
 def parse_label(value: object, where: str) -> int:

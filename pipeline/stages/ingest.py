@@ -1,36 +1,48 @@
 """Stage `ingest`: turn a source (D3, folder, webdataset, manifest) into sample rows.
 
-`sample_id` is the SHA-256 of the image bytes, so re-ingesting adds nothing. The split comes from
-hashing the group key, so related images (a real photo and the images generated from its caption)
-always share one. Inputs that cannot become samples are written to quarantine with a reason.
+`sample_id` is the SHA-256 of the image bytes (hashed while streaming, never held whole), so
+re-ingesting adds nothing. The split comes from hashing the group key, so related images (a real
+photo and the images generated from its caption) always share one; `--splits source` keeps the
+split the source declares instead. Inputs that cannot become samples are quarantined with a reason,
+and so are the same bytes given two labels (`label_conflict`, both sources named).
+
+Bookkeeping works in bounded chunks: each unit of the source (a file, or a manifest row) is checked
+against the `sources` ledger with a DuckDB anti-join and skipped when it was read before, unchanged
+and with the same options; new rows are de-duplicated against the store with an anti-join per chunk,
+so memory does not grow with the store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, Protocol, get_args
+
+import pyarrow as pa
 
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
-from pipeline.sources.common import Candidate, Item, Problem
-from pipeline.sources.d3 import DEFAULT_GENERATORS, iter_d3
-from pipeline.sources.folder import iter_folder
-from pipeline.sources.manifest import iter_manifest
-from pipeline.sources.webdataset import iter_webdataset
+from pipeline.sources.common import DEFAULT_MAX_BYTES, Candidate, Item, Limits, Problem, Unit
+from pipeline.sources.d3 import DEFAULT_GENERATORS, D3Source
+from pipeline.sources.folder import FolderSource
+from pipeline.sources.manifest import ManifestSource
+from pipeline.sources.webdataset import WebdatasetSource
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
-from schemas import QUARANTINE, SAMPLES, SPLITS, from_rows
+from schemas import QUARANTINE, SAMPLES, SOURCES, SPLITS, from_rows
 
 Format = Literal["d3", "folder", "webdataset", "manifest"]
 FORMATS: tuple[str, ...] = get_args(Format)
+_UNIT_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,8 @@ class IngestConfig(Validated):
     group_by: Literal["stem", "image"] = "stem"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: str = "0"
+    splits_from: Literal["hash", "source"] = "hash"  # `--splits source`: keep the source's own splits
+    max_bytes: int = DEFAULT_MAX_BYTES
     shard_rows: int = 50_000
     wait: bool = True  # wait for another writer of the store instead of stopping
 
@@ -53,8 +67,12 @@ class IngestConfig(Validated):
             raise PipelineError(f"Source {self.source} does not exist.")
         fractions = self.split_fractions
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise PipelineError("--splits needs three non-negative fractions (train,val,test) summing to 1.")
+            raise PipelineError("--splits needs three non-negative fractions (train,val,test) summing to 1, "
+                                "or the word source.")
+        if len(self.generators) != 4:
+            raise PipelineError(f"--generators needs 4 names (D3's gen_0..gen_3), not {len(self.generators)}.")
         at_least(self, "shard_rows", 1)
+        at_least(self, "max_bytes", 1)
 
 
 @dataclass
@@ -62,50 +80,39 @@ class IngestResult:
     added: int = 0
     already_in_store: int = 0
     duplicates_in_source: int = 0
+    label_conflicts: int = 0
+    missing_captions: int = 0  # added samples whose caption is missing or empty
+    units_read: int = 0
+    units_skipped: int = 0  # read before, unchanged, same options: not opened again
     problems: Counter[str] = field(default_factory=Counter)
     shards: list[Path] = field(default_factory=list)
     by_split: Counter[str] = field(default_factory=Counter)
+    split_from_source: int = 0  # with --splits source: samples whose split the source declared
+
+
+class Source(Protocol):
+    def options(self) -> dict[str, object]: ...
+    def units(self) -> Iterator[Unit]: ...
+    def items(self, unit: Unit) -> Iterator[Item]: ...
 
 
 def run(config: IngestConfig, reporter: Reporter | None = None) -> IngestResult:
     """Read the source, add samples the store lacks, quarantine what cannot be read."""
     reporter = reporter or Silent()
+    source = open_source(config)  # a source that cannot be read stops before the store is touched
     with writing(config.store, reporter, config.wait):
-        return _ingest(config, reporter)
+        return _ingest(config, source, reporter)
 
 
-def _ingest(config: IngestConfig, reporter: Reporter) -> IngestResult:
-    reporter.start("ingest", None, "img")
-    seen = _existing_ids(config.store)
-    known_problems = _existing_problems(config.store)
-    result = IngestResult()
-    samples: list[dict] = []
-    problems: list[dict] = []
-    now = datetime.now(UTC)
-    for item in _items(config):
-        reporter.advance("ingest", 1)
-        if isinstance(item, Problem):
-            result.problems[item.reason] += 1
-            key = _problem_key(item.reason, item.location.uri, item.location.member, item.location.row)
-            if key not in known_problems:
-                known_problems.add(key)
-                problems.append(_problem_row(item, now))
-        else:
-            row = _sample_row(item, config, now)
-            if row["sample_id"] in seen:
-                if seen[row["sample_id"]]:
-                    result.already_in_store += 1
-                else:
-                    result.duplicates_in_source += 1
-                continue
-            seen[row["sample_id"]] = False
-            samples.append(row)
-            result.by_split[row["split"]] += 1
-        if len(samples) >= config.shard_rows:
-            _flush(config.store, samples, problems, result)
-    _flush(config.store, samples, problems, result)
-    result.added = sum(result.by_split.values())
-    return result
+def open_source(config: IngestConfig) -> Source:
+    limits = Limits(config.max_bytes)
+    if config.format == "d3":
+        return D3Source(config.source, config.real_images, config.generators, limits)
+    if config.format == "folder":
+        return FolderSource(config.source, config.group_by, limits)
+    if config.format == "webdataset":
+        return WebdatasetSource(config.source, config.generator, config.label_map, limits)
+    return ManifestSource(config.source, limits)
 
 
 def assign_split(group_key: str, fractions: tuple[float, ...], seed: str) -> str:
@@ -124,47 +131,220 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _items(config: IngestConfig) -> Iterator[Item]:
-    if config.format == "d3":
-        return iter_d3(config.source, config.real_images, config.generators)
-    if config.format == "folder":
-        return iter_folder(config.source, config.group_by)
-    if config.format == "webdataset":
-        return iter_webdataset(config.source, config.generator, config.label_map)
-    return iter_manifest(config.source)
+# --- the loop -------------------------------------------------------------------------------
 
 
-def _existing_ids(store: Store) -> dict[str, bool]:
-    """sample_id → True for samples already in the store (False marks ones seen in this run)."""
-    if not catalog.shard_paths(store, "samples"):
-        return {}
-    ids = catalog.query(store, "SELECT sample_id FROM samples").column(0).to_pylist()
-    return dict.fromkeys(ids, True)
+@dataclass
+class _Pending:
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    units: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _existing_problems(store: Store) -> set[tuple]:
-    if not catalog.shard_paths(store, "quarantine"):
-        return set()
-    rows = catalog.query(
-        store,
-        "SELECT reason, source_uri, source_member, source_row FROM quarantine WHERE stage = 'ingest'",
-    ).to_pylist()
-    return {_problem_key(*r.values()) for r in rows}
+def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestResult:
+    reporter.start("ingest", None, "img")
+    digest = _options_digest(config, source)
+    now = datetime.now(UTC)
+    result = IngestResult()
+    pending = _Pending()
+    for chunk in _chunks(source.units(), _UNIT_CHUNK):
+        todo = _unread(config.store, chunk, digest)
+        result.units_skipped += len(chunk) - len(todo)
+        for unit in todo:
+            items = 0
+            for item in source.items(unit):
+                items += 1
+                reporter.advance("ingest", 1)
+                if isinstance(item, Problem):
+                    pending.problems.append(_problem_row(item, now))
+                else:
+                    pending.samples.append(_sample_row(item, config, now))
+                if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
+                    _flush(config.store, pending, result, now)
+            pending.units.append(_unit_row(unit, digest, items, now))
+            result.units_read += 1
+            if len(pending.units) >= config.shard_rows:
+                _flush(config.store, pending, result, now)
+    _flush(config.store, pending, result, now)
+    result.added = sum(result.by_split.values())
+    return result
 
 
-def _problem_key(reason: str, uri: str, member: str | None, row: int | None) -> tuple:
-    return (reason, uri, member, row)
+def _chunks(units: Iterable[Unit], size: int) -> Iterator[list[Unit]]:
+    it = iter(units)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
-def _sample_row(item: Candidate, config: IngestConfig, now: datetime) -> dict:
-    sample_id = hashlib.sha256(item.data).hexdigest()
-    group = item.group_key or f"image:{sample_id}"
+def _options_digest(config: IngestConfig, source: Source) -> str:
+    """What, besides a unit's bytes, decides the rows it becomes: a change means read it again."""
+    options = {
+        "format": config.format,
+        "source": source.options(),
+        "splits": list(config.split_fractions) if config.splits_from == "hash" else "source",
+        "split_seed": config.split_seed,
+        "max_bytes": config.max_bytes,
+    }
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _unread(store: Store, units: list[Unit], digest: str) -> list[Unit]:
+    """The units the ledger does not hold as read, unchanged, with these options (one anti-join)."""
+    if not units or not catalog.shard_paths(store, "sources"):
+        return units
+    table = pa.table({
+        "i": pa.array(range(len(units)), pa.int64()),
+        "source_uri": [u.uri for u in units],
+        "size": pa.array([u.size for u in units], pa.int64()),
+        "mtime_ns": pa.array([u.mtime_ns for u in units], pa.int64()),
+        "fingerprint": pa.array([u.fingerprint for u in units], pa.string()),
+        "extra": pa.array([u.extra for u in units], pa.string()),
+    })
+    left = catalog.query_with(store, """
+        SELECT u.i FROM u
+        WHERE NOT EXISTS (
+            SELECT 1 FROM sources s
+            WHERE s.source_uri = u.source_uri AND s.options_digest = ?
+              AND s.extra IS NOT DISTINCT FROM u.extra
+              AND ((s.size = u.size AND s.mtime_ns = u.mtime_ns)
+                   OR (u.fingerprint IS NOT NULL AND s.fingerprint = u.fingerprint)))
+        ORDER BY u.i
+    """, {"u": table}, [digest]).column(0).to_pylist()
+    return [units[i] for i in left]
+
+
+def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime) -> None:
+    """De-duplicate the chunk against itself and the store, then write and commit it at once:
+    samples, quarantine and the ledger rows of units finished (ledger last, so a kill re-reads)."""
+    if not (pending.samples or pending.problems or pending.units):
+        return
+    samples, problems = _classify(store, pending.samples, now, result)
+    problems = _new_problems(store, pending.problems + problems, result)
+    written = []
+    if samples:
+        written.append(write_parquet(from_rows(SAMPLES, samples),
+                                     store.new_shard(store.dataset_dir("samples"), "samples")))
+    if problems:
+        written.append(write_parquet(from_rows(QUARANTINE, problems),
+                                     store.new_shard(store.dataset_dir("quarantine"), "ingest")))
+    if pending.units:
+        written.append(write_parquet(from_rows(SOURCES, pending.units),
+                                     store.new_shard(store.dataset_dir("sources"), "sources")))
+    if written:
+        catalog.commit(store, written)
+    result.shards.extend(p for p in written if p.parent.name == "samples")
+    pending.samples.clear()
+    pending.problems.clear()
+    pending.units.clear()
+
+
+def _classify(store: Store, rows: list[dict[str, Any]], now: datetime,
+              result: IngestResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a chunk into new samples and label conflicts; count duplicates. One query per chunk."""
+    if not rows:
+        return [], []
+    chunk = pa.table({
+        "i": pa.array(range(len(rows)), pa.int64()),
+        "sample_id": [r["sample_id"] for r in rows],
+        "label": pa.array([r["label"] for r in rows], pa.int8()),
+    })
+    has_samples = bool(catalog.shard_paths(store, "samples"))
+    stored = """
+        LEFT JOIN (SELECT sample_id, any_value(label) AS label, any_value(source_uri) AS uri,
+                          any_value(source_member) AS member, bool_or(ingested_at = ?) AS this_run
+                   FROM samples_all WHERE sample_id IN (SELECT sample_id FROM c) GROUP BY sample_id) s
+        USING (sample_id)
+    """ if has_samples else "LEFT JOIN (SELECT NULL::VARCHAR AS sample_id, NULL::TINYINT AS label, " \
+        "NULL::VARCHAR AS uri, NULL::VARCHAR AS member, NULL::BOOLEAN AS this_run) s USING (sample_id)"
+    table = catalog.query_with(store, f"""
+        SELECT c.i, row_number() OVER (PARTITION BY c.sample_id ORDER BY c.i) = 1 AS first,
+               count(DISTINCT c.label) OVER (PARTITION BY c.sample_id) AS labels,
+               s.label AS stored_label, s.uri AS stored_uri, s.member AS stored_member, s.this_run
+        FROM c {stored}
+        ORDER BY c.i
+    """, {"c": chunk}, [now] if has_samples else None)
+    new: list[dict[str, Any]] = []
+    conflicts: list[dict[str, Any]] = []
+    first_of: dict[str, dict[str, Any]] = {}
+    for info in table.to_pylist():
+        row = rows[info["i"]]
+        if info["stored_label"] is not None:
+            if info["stored_label"] == row["label"] and info["labels"] == 1:
+                if info["this_run"]:
+                    result.duplicates_in_source += 1
+                else:
+                    result.already_in_store += 1
+                continue
+            other = _where(info["stored_uri"], info["stored_member"], None)
+            conflicts.append(_conflict_row(row, other, int(info["stored_label"]), now))
+            continue
+        if info["labels"] > 1:
+            twin = first_of.setdefault(row["sample_id"], row)
+            if twin is not row:
+                conflicts.append(_conflict_row(row, _where(twin["source_uri"], twin["source_member"],
+                                                           twin["source_row"]), int(twin["label"]), now))
+                conflicts.append(_conflict_row(twin, _where(row["source_uri"], row["source_member"],
+                                                            row["source_row"]), int(row["label"]), now))
+            continue
+        if not info["first"]:
+            result.duplicates_in_source += 1
+            continue
+        new.append(row)
+        result.by_split[row["split"]] += 1
+        if not row["text"]:
+            result.missing_captions += 1
+    result.label_conflicts += len({c["content_hash"] for c in conflicts})
+    return new, conflicts
+
+
+def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult) -> list[dict[str, Any]]:
+    """Problems not yet in quarantine (same reason, same place): a rerun records nothing twice."""
+    for r in rows:
+        result.problems[r["reason"]] += 1
+    if not rows:
+        return []
+    keys = pa.table({
+        "i": pa.array(range(len(rows)), pa.int64()),
+        "reason": [r["reason"] for r in rows],
+        "source_uri": [r["source_uri"] for r in rows],
+        "source_member": pa.array([r["source_member"] for r in rows], pa.string()),
+        "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),
+    })
+    if catalog.shard_paths(store, "quarantine"):
+        keep = catalog.query_with(store, """
+            SELECT i FROM (SELECT *, row_number() OVER (PARTITION BY reason, source_uri, source_member,
+                                                        source_row ORDER BY i) AS k FROM p) p
+            WHERE k = 1 AND NOT EXISTS (
+                SELECT 1 FROM quarantine q WHERE q.stage = 'ingest' AND q.reason = p.reason
+                  AND q.source_uri = p.source_uri AND q.source_member IS NOT DISTINCT FROM p.source_member
+                  AND q.source_row IS NOT DISTINCT FROM p.source_row)
+            ORDER BY i
+        """, {"p": keys}).column(0).to_pylist()
+        return [rows[i] for i in keep]
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for r in rows:
+        key = (r["reason"], r["source_uri"], r["source_member"], r["source_row"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+def _sample_row(item: Candidate, config: IngestConfig, now: datetime) -> dict[str, Any]:
+    group = item.group_key or f"image:{item.sample_id}"
     loc = item.location
+    declared = item.split if config.splits_from == "source" else None
     return {
-        "sample_id": sample_id,
+        "sample_id": item.sample_id,
         "label": item.label,
         "generator": item.generator,
-        "split": item.split or assign_split(group, config.split_fractions, config.split_seed),
+        "generator_original": item.generator_original,
+        "split": declared or _manifest_split(item, config) or assign_split(group, config.split_fractions,
+                                                                          config.split_seed),
         "group_key": group,
         "text": item.text,
         "text_hash": text_hash(item.text) if item.text else None,
@@ -173,15 +353,20 @@ def _sample_row(item: Candidate, config: IngestConfig, now: datetime) -> dict:
         "source_member": loc.member,
         "source_row": loc.row,
         "byte_offset": loc.offset,
-        "byte_length": loc.length if loc.length is not None else len(item.data),
+        "byte_length": loc.length if loc.length is not None else item.size,
         "ingested_at": now,
     }
 
 
-def _problem_row(problem: Problem, now: datetime) -> dict:
+def _manifest_split(item: Candidate, config: IngestConfig) -> str | None:
+    # a manifest's split column has always been kept; D3's declared splits need --splits source
+    return item.split if config.format == "manifest" else None
+
+
+def _problem_row(problem: Problem, now: datetime) -> dict[str, Any]:
     loc = problem.location
     return {
-        "content_hash": None,
+        "content_hash": problem.content_hash,
         "stage": "ingest",
         "reason": problem.reason,
         "detail": problem.detail,
@@ -192,15 +377,40 @@ def _problem_row(problem: Problem, now: datetime) -> dict:
     }
 
 
-def _flush(store: Store, samples: list[dict], problems: list[dict], result: IngestResult) -> None:
-    written = []
-    if problems:
-        table = from_rows(QUARANTINE, problems)
-        written.append(write_parquet(table, store.new_shard(store.dataset_dir("quarantine"), "ingest")))
-    if samples:
-        table = from_rows(SAMPLES, samples)
-        written.append(write_parquet(table, store.new_shard(store.dataset_dir("samples"), "samples")))
-    catalog.commit(store, written)
-    result.shards.extend(written)
-    samples.clear()
-    problems.clear()
+def _conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetime) -> dict[str, Any]:
+    here = _where(row["source_uri"], row["source_member"], row["source_row"])
+    names = {0: "real", 1: "generated"}
+    detail = (f"the same bytes are labelled {names[int(row['label'])]} ({row['generator']}) at {here} "
+              f"and {names[other_label]} at {other}; neither copy is used")
+    return {
+        "content_hash": row["sample_id"],
+        "stage": "ingest",
+        "reason": "label_conflict",
+        "detail": detail,
+        "source_uri": row["source_uri"],
+        "source_member": row["source_member"],
+        "source_row": row["source_row"],
+        "recorded_at": now,
+    }
+
+
+def _unit_row(unit: Unit, digest: str, items: int, now: datetime) -> dict[str, Any]:
+    return {
+        "source_uri": unit.uri,
+        "size": unit.size,
+        "mtime_ns": unit.mtime_ns,
+        "fingerprint": unit.fingerprint,
+        "extra": unit.extra,
+        "options_digest": digest,
+        "items": items,
+        "recorded_at": now,
+    }
+
+
+def _where(uri: str | None, member: str | None, row: int | None) -> str:
+    text = str(uri)
+    if member:
+        text += f" [{member}]"
+    if row is not None:
+        text += f" row {row}"
+    return text
