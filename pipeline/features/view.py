@@ -52,8 +52,13 @@ def resolve_model_key(store: Store, model_key: str | None) -> str:
     return model_key
 
 
-def feature_table(store: Store, model_key: str, pairing: str = "as-ingested") -> FeatureTable:
-    """The (possibly cached) joined feature file for this model and pairing."""
+def feature_table(store: Store, model_key: str, pairing: str = "as-ingested",
+                  perturbation: str | None = None) -> FeatureTable:
+    """The (possibly cached) joined feature file for this model and pairing.
+
+    Samples derived by `pipeline perturb` are left out, unless `perturbation` (e.g. "jpeg:75") asks
+    for the samples derived by that operation only.
+    """
     if pairing not in PAIRINGS:
         raise PipelineError(f"--pairing must be one of {', '.join(PAIRINGS)}.")
     samples = catalog.shard_paths(store, "samples")
@@ -62,11 +67,12 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested") ->
     texts = [p for p in vectors if p.name.startswith("text-")]
     if not images:
         raise PipelineError(f"No image embeddings for {model_key}: run `pipeline encode` first.")
-    fingerprint = shards_fingerprint(store, samples + vectors, pairing)
+    salt = pairing if perturbation is None else f"{pairing}|{perturbation}"
+    fingerprint = shards_fingerprint(store, samples + vectors, salt)
     path = store.root / "cache" / "features" / model_key / f"{pairing}-{fingerprint}.parquet"
     dim = _dim(images[0])
     if not path.exists():
-        _build(store, path, images, texts, pairing, dim)
+        _build(store, path, images, texts, pairing, dim, perturbation)
     return FeatureTable(path, model_key, pairing, fingerprint, dim)
 
 
@@ -74,7 +80,10 @@ def _dim(shard: Path) -> int:
     return pq.read_schema(shard).field("vector").type.list_size
 
 
-def _build(store: Store, path: Path, images: list[Path], texts: list[Path], pairing: str, dim: int) -> None:
+def _build(store: Store, path: Path, images: list[Path], texts: list[Path], pairing: str, dim: int,
+           perturbation: str | None = None) -> None:
+    derived = ("derived_from IS NULL" if perturbation is None
+               else "perturbation = '" + perturbation.replace("'", "''") + "'")
     text_key = "text_hash" if pairing == "as-ingested" else "shared_text_hash"
     image_list = _sql_list(store, images)
     text_join = (
@@ -85,7 +94,7 @@ def _build(store: Store, path: Path, images: list[Path], texts: list[Path], pair
     sql = f"""
         WITH s AS (
             SELECT DISTINCT ON (sample_id) sample_id, split, label, generator, group_key, text_hash
-            FROM samples
+            FROM samples WHERE {derived}
         ), p AS (
             SELECT *, coalesce(
                 any_value(text_hash) FILTER (WHERE label = 1) OVER (PARTITION BY group_key),
