@@ -337,18 +337,20 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
 
 
 def _sweep_uncommitted_runs(store: Store, manifest: Manifest) -> int:
-    """A run is committed when its `run.parquet` is (written last); score shards
-    (`scores/<run_id>[-<part>].parquet`) and folders of any other run are a killed writer's ghosts."""
-    runs_dir, scores_dir = store.dataset_dir("runs"), store.dataset_dir("scores")
+    """A run is committed when its `run.parquet` is (written last); score and metric shards
+    (`scores|metrics/<run_id>[-<part>].parquet`) and folders of any other run are a killed writer's ghosts."""
+    runs_dir = store.dataset_dir("runs")
     committed = {p.parent.name for p in runs_dir.glob("*/run.parquet")} if runs_dir.exists() else set()
     swept = 0
-    if scores_dir.exists():
-        for scores in scores_dir.glob("*.parquet"):
+    for per_run in (store.dataset_dir("scores"), store.dataset_dir("metrics")):
+        if not per_run.exists():
+            continue
+        for scores in per_run.glob("*.parquet"):
             stem = scores.stem
             prefixes = {stem} | {stem[:i] for i, ch in enumerate(stem) if ch == "-"}
             if not prefixes & committed:
-                scores.unlink(missing_ok=True)
                 manifest.shards.pop(store.relative(scores), None)
+                scores.unlink(missing_ok=True)
                 swept += 1
     if runs_dir.exists():
         for run in runs_dir.iterdir():
