@@ -642,13 +642,57 @@ def demo(
 
 
 @catalog_app.command("rebuild")
-def catalog_rebuild(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
-    """Recreate catalog.duckdb from the Parquet files (they are the truth)."""
+def catalog_rebuild(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for another writer, or stop at once.")] = True,
+) -> None:
+    """Recreate the manifest and catalog.duckdb from the Parquet files (they are the truth)."""
     from pipeline.stages.catalog import RebuildConfig, run
 
     with _errors(ctx):
-        result = run(RebuildConfig(Store(store)))
+        with RichReporter() as reporter:
+            result = run(RebuildConfig(Store(store), wait), reporter)
     out.print(f"[green]rebuilt[/] the catalog from {result.added} shards.")
+    for rel in result.ignored:
+        out.print(f"[yellow]left out[/] {rel}: it is not a readable shard of this pipeline; "
+                  "`pipeline verify` says why and `pipeline verify --repair` moves it aside.")
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    repair: Annotated[bool, typer.Option("--repair", help="Move damaged shards to STORE/damaged/ and make "
+                                         "what they held pending again.")] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="With --repair: wait for another writer, "
+                                       "or stop at once.")] = True,
+) -> None:
+    """Read every shard in full (pages, schema stamp, table, row counts) and list what is damaged."""
+    from pipeline.stages.verify import VerifyConfig, run
+
+    with _errors(ctx):
+        with RichReporter() as reporter:
+            result = run(VerifyConfig(Store(store), repair, wait), reporter)
+    out.print(f"checked {result.shards_checked} shards, {result.rows_checked} rows.")
+    if result.healthy:
+        out.print("[green]no damage found[/]")
+        return
+    import pyarrow as pa
+
+    render_table(pa.table({
+        "shard": [d.path for d in result.damaged],
+        "in views": ["yes" if d.committed else "no" for d in result.damaged],
+        "problem": [d.problem for d in result.damaged],
+        "rows": [d.rows for d in result.damaged],
+        "then": [d.remedy for d in result.damaged],
+    }), title="damaged shards")
+    if repair:
+        out.print(f"[green]moved[/] {len(result.repaired)} files to {Path(store) / 'damaged'}; rerun the stages "
+                  "named above to restore what they held.")
+    else:
+        out.print("run `pipeline verify --repair` to move them aside.")
+        raise typer.Exit(1)
 
 
 def main() -> None:

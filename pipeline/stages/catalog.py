@@ -1,4 +1,5 @@
-"""Stage `catalog rebuild`: derive catalog.duckdb again from the Parquet files (they are the truth)."""
+"""Stage `catalog rebuild`: derive the manifest and catalog.duckdb again from the Parquet files
+(they are the truth), beside the old ones, then swap them in; a damaged file is left out and named."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from pipeline.store.layout import Store
 @dataclass(frozen=True)
 class RebuildConfig(Validated):
     store: Store
+    wait: bool = True  # wait for another writer of the store instead of stopping
 
     def check(self) -> None:
+        if self.store.root.exists() and not self.store.root.is_dir():
+            raise PipelineError(f"--store {self.store.root} is a file, not a store directory.")
         if not self.store.root.is_dir():
             raise PipelineError(f"No store at {self.store.root}: nothing to rebuild.")
 
 
 def run(config: RebuildConfig, reporter: Reporter | None = None) -> catalog.Reconciled:
-    return catalog.rebuild(config.store)
+    return catalog.rebuild(config.store, reporter, config.wait)

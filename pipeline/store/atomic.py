@@ -41,9 +41,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 def write_parquet(table: pa.Table, path: Path) -> Path:
-    """Write `table` (whose schema carries the pipeline stamp) as one Parquet file, atomically."""
+    """Write `table` (whose schema carries the pipeline stamp) as one Parquet file, atomically.
+    Pages carry CRC checksums, so `pipeline verify` finds a flipped bit even in uncompressed data."""
     return atomic_write(
-        path, lambda tmp: pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
+        path, lambda tmp: pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, write_page_checksum=True)
     )
 
 

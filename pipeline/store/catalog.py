@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.reporting import Reporter
 from pipeline.store.atomic import atomic_write, remove_stale_temps, write_text
 from pipeline.store.layout import DATASETS, Store
 from schemas import TABLES, schema_problem
@@ -235,12 +236,12 @@ def reconcile(store: Store) -> Reconciled:
     return _reconcile(store)
 
 
-def rebuild(store: Store) -> Reconciled:
+def rebuild(store: Store, reporter: Reporter | None = None, wait: bool = True) -> Reconciled:
     """Derive the manifest and `catalog.duckdb` again from the Parquet files, beside the old ones,
     and swap them in; damaged files are left out (and listed) so healthy tables stay queryable."""
     from pipeline.store.lock import writing
 
-    with writing(store, reconcile=False):
+    with writing(store, reporter, wait, reconcile=False):
         result = _reconcile(store, trust_manifest=False)
         write_catalog_file(store)
         return result
@@ -275,17 +276,25 @@ def write_catalog_file(store: Store) -> None:
 def describe(store: Store, path: Path) -> Shard | str:
     """The manifest entry of a shard file, or a sentence saying why it cannot be one (footer only)."""
     rel = store.relative(path)
+    found = _footer(store, path)
+    if isinstance(found, str):
+        return f"Shard {rel} is damaged ({found}); {REPAIR}."
+    return found
+
+
+def _footer(store: Store, path: Path) -> Shard | str:
+    """The shard as its footer describes it, or why the footer rules it out (a short clause)."""
+    rel = store.relative(path)
     try:
         st = path.stat()
         meta = pq.read_metadata(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same to the user
-        return f"Shard {rel} is not a readable Parquet file ({_first_line(exc)}); {REPAIR}."
+        return f"not a readable Parquet file: {_first_line(exc)}"
     arrow_schema = meta.schema.to_arrow_schema()
-    stamped = arrow_schema.metadata
     dataset = rel.split("/", 1)[0]
-    problem = schema_problem(stamped, dataset, f"Shard {rel}")
+    problem = schema_problem(arrow_schema.metadata, dataset, "it")
     if problem:
-        return problem.rstrip(".") + f"; {REPAIR}."
+        return problem.split("; use a pipeline release")[0].rstrip(".")
     model_key = path.parent.name if dataset == "embeddings" else None
     return Shard(rel, dataset, model_key, meta.num_rows, st.st_size, st.st_mtime_ns,
                  tuple(arrow_schema.names))
@@ -426,15 +435,15 @@ def _stat_problem(store: Store, shard: Shard, footer: bool = True) -> str | None
         return "the file is missing"
     if shard.size < 0 or (st.st_size == shard.size and st.st_mtime_ns == shard.mtime_ns):
         return None
-    if st.st_size != shard.size:
-        return f"its size changed from {shard.size} to {st.st_size} bytes since it was committed"
     if not footer:
         return "it was modified since it was committed"
-    described = describe(store, path)
+    described = _footer(store, path)
     if isinstance(described, str):
-        return described.split(" (", 1)[-1].split(";")[0].rstrip(")") if "(" in described else "unreadable"
+        return described
     if described.num_rows != shard.num_rows:
         return f"it holds {described.num_rows} rows, not the {shard.num_rows} committed"
+    if st.st_size != shard.size:
+        return f"its size changed from {shard.size} to {st.st_size} bytes since it was committed"
     return None
 
 

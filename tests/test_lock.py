@@ -1,0 +1,133 @@
+"""One writer per store: a second writer waits or stops with a sentence, readers never wait,
+two real processes writing at once double nothing, and only dead writers' temp files are swept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.stages import ingest
+from pipeline.store import catalog, lock
+from pipeline.store.atomic import remove_stale_temps
+from pipeline.store.layout import Store
+from pipeline.synthetic import SyntheticD3
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.store.layout import Store
+from pipeline.store.lock import writing
+with writing(Store(Path(sys.argv[1]))):
+    print("HELD", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+INGEST = """
+import sys
+from pathlib import Path
+from pipeline.stages.ingest import IngestConfig, run
+from pipeline.store.layout import Store
+r = run(IngestConfig(Path(sys.argv[2]), "d3", Store(Path(sys.argv[1])), real_images=Path(sys.argv[3]), shard_rows=7))
+print("ADDED", r.added, flush=True)
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _hold(store: Store, seconds: float) -> subprocess.Popen[str]:
+    p = _python(HOLD, str(store.root), str(seconds))
+    assert p.stdout is not None and p.stdout.readline().strip() == "HELD"
+    return p
+
+
+def test_second_writer_stops_with_a_sentence_naming_the_holder(d3_store: Store, d3: SyntheticD3) -> None:
+    holder = _hold(d3_store, 30)
+    try:
+        with pytest.raises(PipelineError, match=rf"Another process \(pid {holder.pid} on .*--wait"):
+            ingest.run(ingest.IngestConfig(d3.parquet, "d3", d3_store, real_images=d3.real_images, wait=False))
+        # readers never wait for the writer
+        started = time.monotonic()
+        assert catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py() == 59
+        assert time.monotonic() - started < 20  # generous: only that it did not block for the holder
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+def test_second_writer_waits_then_proceeds(d3_store: Store, d3: SyntheticD3) -> None:
+    holder = _hold(d3_store, 1.5)
+    notes: list[str] = []
+
+    class Notes:
+        def start(self, *a: object, **k: object) -> None: ...
+        def advance(self, *a: object, **k: object) -> None: ...
+        def note(self, text: str) -> None:
+            notes.append(text)
+        def event(self, *a: object, **k: object) -> None: ...
+
+    result = ingest.run(ingest.IngestConfig(d3.parquet, "d3", d3_store, real_images=d3.real_images),
+                        Notes())  # type: ignore[arg-type]
+    holder.communicate()
+    assert result.added == 0
+    assert any(f"pid {holder.pid}" in n and "waiting" in n for n in notes)
+
+
+def test_two_ingests_at_once_double_nothing(tmp_path: Path, d3: SyntheticD3) -> None:
+    store = Store(tmp_path / "s")
+    procs = [_python(INGEST, str(store.root), str(d3.parquet), str(d3.real_images)) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    added = sorted(int(o[0].split()[-1]) for o in outs)
+    assert added == [0, 59]
+    row = catalog.query(store, "SELECT count(*) AS n, count(DISTINCT sample_id) AS d FROM samples").to_pylist()[0]
+    assert row == {"n": 59, "d": 59}
+
+
+def test_the_lock_is_reentrant_and_released(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with lock.writing(store):
+        with lock.writing(store):
+            assert lock.holds(store)
+        assert lock.holds(store)
+    assert not lock.holds(store)
+    assert lock.holder(store) is None
+
+
+def test_only_dead_writers_temps_are_swept(tmp_path: Path) -> None:
+    directory = tmp_path / "samples"
+    directory.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = lock.owner().rpartition(":")[0]
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in host)[:40]
+    live_tmp = directory / f".samples-1.parquet.{host}~{sleeper.pid}~0123abcd.tmp"
+    dead_tmp = directory / f".samples-2.parquet.{host}~{dead.pid}~0123abcd.tmp"
+    old_style = directory / ".samples-3.parquet.0123abcd.tmp"
+    for p in (live_tmp, dead_tmp, old_style):
+        p.write_bytes(b"half")
+    try:
+        assert remove_stale_temps(tmp_path) == 2
+        assert live_tmp.exists() and not dead_tmp.exists() and not old_style.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_stale_temps(tmp_path) == 1
+
+
+def test_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    path.write_text("not a store")
+    with pytest.raises(PipelineError, match="is a file, not a store directory"):
+        with lock.writing(Store(path)):
+            pass
