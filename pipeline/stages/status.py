@@ -30,6 +30,7 @@ class StoreStatus:
     quarantine_by_reason: pa.Table
     models: list[ModelStatus] = field(default_factory=list)
     derived: pa.Table | None = None  # runs, indexes and leak scans per model
+    missing_captions: int = 0  # samples whose caption is missing or empty: image+text training leaves them out
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class StatusConfig(Validated):
     store: Store
 
     def check(self) -> None:
+        if self.store.root.is_file():
+            raise PipelineError(f"--store {self.store.root} is a file, not a store directory.")
         if not self.store.exists():
             raise PipelineError(f"No store at {self.store.root}: run `pipeline ingest` or `pipeline demo` first.")
 
@@ -95,4 +98,5 @@ def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
         ORDER BY 1, 2
         """
     )
-    return StoreStatus(samples, groups, quarantine, models, derived)
+    no_caption = q("SELECT count(*) FROM samples WHERE text IS NULL OR trim(text) = ''").column(0)[0].as_py()
+    return StoreStatus(samples, groups, quarantine, models, derived, no_caption)

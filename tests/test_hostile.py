@@ -1,0 +1,189 @@
+"""Hostile inputs, driven through the CLI: each is refused or quarantined with one sentence (exit 2),
+never a traceback, and nothing in the store changes behind the user's back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.store import catalog
+from pipeline.store.layout import Store
+from pipeline.synthetic import SyntheticD3
+from tests.conftest import jpeg
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+def _count(store: Store, table: str = "samples") -> int:
+    return catalog.query(store, f"SELECT count(*) FROM {table}").column(0)[0].as_py()
+
+
+@pytest.mark.parametrize("query", [
+    "EXPLAIN ANALYZE COPY (SELECT * FROM samples WHERE split='test') TO '{shard}' (FORMAT parquet)",
+    "EXPLAIN ANALYZE INSTALL httpfs",
+    "SELECT * FROM 'https://example.invalid/x.parquet'",
+    "SELECT * FROM read_csv('{outside}')",
+    "SELECT * FROM '{shard}'",
+    "COPY samples TO '{outside}.out'",
+    "EXPLAIN ANALYZE ATTACH '{store}/x.duckdb'",
+])
+def test_sql_cannot_write_fetch_or_read_other_files(d3_store: Store, tmp_path: Path, query: str) -> None:
+    shard = catalog.shard_paths(d3_store, "samples")[0]
+    before = shard.read_bytes()
+    outside = tmp_path / "outside.csv"
+    outside.write_text("a,b\n1,2\n")
+    code, out = _run("sql", query.format(shard=shard, outside=outside, store=d3_store.root),
+                     "--store", str(d3_store.root))
+    assert code == 2 and out.startswith("error:"), out
+    assert shard.read_bytes() == before and _count(d3_store) == 59
+    assert not Path(f"{outside}.out").exists() and not (d3_store.root / "x.duckdb").exists()
+
+
+def test_allow_files_reads_outside_files_but_still_writes_nothing(d3_store: Store, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.csv"
+    outside.write_text("a,b\n1,2\n")
+    code, out = _run("sql", f"SELECT sum(a) AS s FROM read_csv('{outside}')", "--store", str(d3_store.root),
+                     "--allow-files", "--format", "csv")
+    assert code == 0 and out.split() == ["s", "1"], out
+    code, out = _run("sql", f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp_path}/w.csv'", "--store",
+                     str(d3_store.root), "--allow-files")
+    assert code == 2 and "read-only" in out and not (tmp_path / "w.csv").exists()
+
+
+@pytest.mark.parametrize("target", ["catalog.duckdb", "samples/new.parquet", "manifest.json", "."])
+def test_sql_output_inside_the_store_is_refused(d3_store: Store, target: str) -> None:
+    path = d3_store.root / target
+    code, out = _run("sql", "SELECT 1 AS one", "--store", str(d3_store.root), "--format", "csv",
+                     "--output", str(path))
+    assert code == 2 and ("inside the store" in out or "is a directory" in out), out
+    assert _count(d3_store) == 59 and not (d3_store.root / "samples" / "new.parquet").exists()
+
+
+def test_sql_output_to_a_directory_or_missing_folder(d3_store: Store, tmp_path: Path) -> None:
+    code, out = _run("sql", "SELECT 1", "--store", str(d3_store.root), "--output", str(tmp_path))
+    assert code == 2 and "is a directory" in out
+    code, out = _run("sql", "SELECT 1", "--store", str(d3_store.root), "--output", str(tmp_path / "no" / "x.csv"),
+                     "--format", "csv")
+    assert code == 2 and "does not exist" in out
+
+
+def _manifest(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "m.csv"
+    path.write_text("path,caption,label,generator\n" + "".join(r + "\n" for r in rows))
+    return path
+
+
+def test_devices_fifos_and_huge_files_are_quarantined_unread(tmp_path: Path) -> None:
+    (tmp_path / "ok.jpg").write_bytes(jpeg((1, 2, 3)))
+    sparse = tmp_path / "sparse.jpg"
+    with open(sparse, "wb") as f:
+        f.truncate(6 * 1024**3)  # 6 GB that occupy no disk: reading it would take minutes and memory
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # reading a FIFO with no writer would block forever
+    manifest = _manifest(tmp_path, ["ok.jpg,a,0,real", "/dev/zero,b,1,x", f"{fifo},c,1,x", f"{sparse},d,1,x",
+                                    f"{tmp_path},e,1,x"])
+    store = tmp_path / "store"
+    code, out = _run("ingest", str(manifest), "--format", "manifest", "--store", str(store))
+    assert code == 0 and "ingested 1 new samples" in out, out
+    reasons = catalog.query(Store(store), "SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 1")
+    assert reasons.to_pylist() == [{"reason": "not_a_regular_file", "n": 3}, {"reason": "too_large", "n": 1}]
+
+
+def test_max_bytes_is_a_flag(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg((1, 2, 3), size=64))
+    manifest = _manifest(tmp_path, ["a.jpg,cap,1,sdxl"])
+    code, out = _run("ingest", str(manifest), "--format", "manifest", "--store", str(tmp_path / "s"),
+                     "--max-bytes", "100")
+    assert code == 0 and "1 × too_large" in out, out
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff\xfe binary \x00\x01" * 50, b"path;caption\nx;y\n",
+                                     b'path,caption,label,generator\n"unclosed,x,1,y\n'])
+def test_malformed_manifests_are_one_sentence(tmp_path: Path, content: bytes) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(content)
+    code, out = _run("ingest", str(manifest), "--format", "manifest", "--store", str(tmp_path / "s"))
+    assert code == 2 and out.startswith("error:") and str(manifest) in out, out
+    assert not (tmp_path / "s").exists() or _count(Store(tmp_path / "s")) == 0
+
+
+def test_a_jpeg_given_as_d3_is_one_sentence(tmp_path: Path) -> None:
+    image = tmp_path / "photo.parquet"
+    image.write_bytes(jpeg((1, 2, 3)))
+    code, out = _run("ingest", str(image), "--format", "d3", "--store", str(tmp_path / "s"))
+    assert code == 2 and "not a readable Parquet file" in out, out
+
+
+def test_a_store_path_that_is_a_file(tmp_path: Path, d3: SyntheticD3) -> None:
+    path = tmp_path / "file"
+    path.write_text("x")
+    for args in (["ingest", str(d3.parquet), "--format", "d3"], ["status"], ["sql", "SELECT 1"],
+                 ["verify"], ["catalog", "rebuild"]):
+        code, out = _run(*args, "--store", str(path))
+        assert code == 2 and "is a file" in out, (args, out)
+    assert path.read_text() == "x"
+
+
+def test_commands_on_a_missing_store_refuse_and_create_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    for args in (["sql", "SELECT 1"], ["verify"], ["train"]):
+        code, out = _run(*args, "--store", str(missing))
+        assert code == 2 and "No store" in out, (args, out)
+    assert not missing.exists()
+
+
+def test_same_bytes_under_two_labels_are_used_as_neither(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    (root / "sdxl").mkdir()
+    same = jpeg((9, 9, 9))
+    (root / "real" / "a.jpg").write_bytes(same)
+    (root / "sdxl" / "b.jpg").write_bytes(same)
+    (root / "sdxl" / "c.jpg").write_bytes(jpeg((200, 9, 9)))
+    store = tmp_path / "store"
+    code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
+    assert code == 0 and "1 images appear under two labels" in out, out
+    s = Store(store)
+    conflicts = catalog.query(s, "SELECT detail FROM quarantine WHERE reason = 'label_conflict'").column(0)
+    assert len(conflicts) == 2 and all("a.jpg" in d and "b.jpg" in d for d in conflicts.to_pylist())
+    assert _count(s) == 1  # only c.jpg; the conflicted bytes are in no split
+    # a later copy under a third name conflicts with nothing new and adds nothing
+    (root / "sdxl" / "d.jpg").write_bytes(same)
+    code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
+    assert code == 0 and _count(s) == 1
+
+
+def test_a_later_conflict_hides_the_sample_already_in_the_store(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    same = jpeg((9, 9, 9))
+    (root / "real" / "a.jpg").write_bytes(same)
+    store = tmp_path / "store"
+    _run("ingest", str(root), "--format", "folder", "--store", str(store))
+    assert _count(Store(store)) == 1
+    (root / "sdxl").mkdir()
+    (root / "sdxl" / "a.jpg").write_bytes(same)
+    code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
+    assert code == 0 and "two labels" in out
+    assert _count(Store(store)) == 0
+
+
+def test_missing_and_empty_captions_are_counted(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg((1, 2, 3)))
+    (tmp_path / "b.jpg").write_bytes(jpeg((3, 2, 1)))
+    (tmp_path / "c.jpg").write_bytes(jpeg((3, 200, 1)))
+    manifest = _manifest(tmp_path, ["a.jpg,,0,real", 'b.jpg,"",1,sdxl', "c.jpg,a caption,1,sdxl"])
+    code, out = _run("ingest", str(manifest), "--format", "manifest", "--store", str(tmp_path / "s"))
+    assert code == 0 and "2 new samples have no caption" in out, out
+    code, out = _run("status", "--store", str(tmp_path / "s"))
+    assert code == 0 and "2 samples have no caption" in out, out
