@@ -1,0 +1,204 @@
+"""SIGKILL soak: kill ingest, encode, train, index build and catalog rebuild at random moments,
+rerun, and check the store against an uninterrupted run: nothing lost, nothing doubled, vectors
+bit-identical.
+
+    python bench/bench_kill.py --kills 20 [--stages ingest,encode,train,index,rebuild] [--seed 0]
+
+Each stage runs in a child process on a copy of a tiny store made just before that stage. The child
+imports everything, prints START, and runs the stage; the parent kills it with SIGKILL after a random
+delay drawn over the stage's measured working time (so kills land in the work, not in imports), then
+reruns the stage to completion in a fresh child and compares. Not a test: it takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHILD = r"""
+import sys, json
+from pathlib import Path
+stage, store_dir, parquet, real = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+from pipeline.store.layout import Store
+store = Store(store_dir)
+if stage == "ingest":
+    from pipeline.stages import ingest
+    cfg = ingest.IngestConfig(parquet, "d3", store, real_images=real, shard_rows=8)
+    run = lambda: ingest.run(cfg)
+elif stage == "encode":
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.stages import encode
+    cfg = encode.EncodeConfig(store, ModelSpec("Tiny-ViT-16"), workers=0, batch_size=4, shard_rows=8)
+    run = lambda: encode.run(cfg)
+elif stage == "train":
+    from pipeline.runs import TrainConfig
+    from pipeline.stages import train
+    cfg = train.TrainJob(store, TrainConfig.from_dict({"epochs": 2, "batch_size": 16}), skip_existing=True)
+    run = lambda: train.run(cfg)
+elif stage == "index":
+    from pipeline.stages import index
+    cfg = index.IndexConfig(store)
+    run = lambda: index.run(cfg)
+elif stage == "rebuild":
+    from pipeline.store import catalog
+    run = lambda: catalog.rebuild(store)
+print("START", flush=True)
+run()
+print("DONE", flush=True)
+"""
+
+STAGES = ("ingest", "encode", "train", "index", "rebuild")
+
+
+def child(stage: str, store: Path, src: tuple[Path, Path]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", CHILD, stage, str(store), *map(str, src)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def run_to_end(stage: str, store: Path, src: tuple[Path, Path]) -> float:
+    """Run a stage in a child to completion; seconds from START to DONE."""
+    p = child(stage, store, src)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    t0 = time.monotonic()
+    out, err = p.communicate()
+    if p.returncode != 0 or "DONE" not in out:
+        raise SystemExit(f"{stage} failed ({p.returncode}): {line}{out}\n{err[-3000:]}")
+    return time.monotonic() - t0
+
+
+def kill_at_random(stage: str, store: Path, src: tuple[Path, Path], delay: float) -> bool:
+    """Start the stage, SIGKILL it `delay` s after START; True if it was still running then."""
+    p = child(stage, store, src)
+    assert p.stdout is not None
+    p.stdout.readline()  # START
+    time.sleep(delay)
+    alive = p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    return alive
+
+
+def snapshot(store_dir: Path) -> dict[str, object]:
+    """Counts, duplicates and a digest of every vector and score: what must match the reference."""
+    from pipeline.store import catalog
+    from pipeline.store.layout import Store
+
+    store = Store(store_dir)
+
+    def one(sql: str) -> object:
+        return catalog.query(store, sql).to_pylist()[0]
+
+    snap: dict[str, object] = {
+        "samples": one("SELECT count(*) AS n, count(*) - count(DISTINCT sample_id) AS doubled FROM samples"),
+        "quarantine": one("SELECT count(*) AS n, count(*) - count(DISTINCT (reason, source_uri, "
+                          "source_member, source_row)) AS doubled FROM quarantine"),
+        "embeddings": one("SELECT count(*) AS n, count(*) - count(DISTINCT (model_key, modality, content_hash)) "
+                          "AS doubled FROM embeddings"),
+        "runs": one("SELECT count(*) AS n, count(*) - count(DISTINCT config_hash) AS doubled FROM runs"),
+        "scores": one("SELECT count(*) AS n, count(*) - count(DISTINCT (run_id, sample_id)) AS doubled, "
+                      "count(*) FILTER (WHERE run_id NOT IN (SELECT run_id FROM runs)) AS orphans FROM scores"),
+        "indexes": one("SELECT count(*) AS n, count(*) - count(DISTINCT index_id) AS doubled FROM indexes"),
+    }
+    vectors = catalog.query(store, "SELECT modality, content_hash, vector FROM embeddings ORDER BY 1, 2")
+    snap["vector_digest"] = hashlib.sha256(json.dumps(vectors.to_pylist()).encode()).hexdigest()[:16]
+    scores = catalog.query(store, "SELECT sample_id, score FROM scores ORDER BY 1")
+    snap["score_digest"] = hashlib.sha256(json.dumps(scores.to_pylist()).encode()).hexdigest()[:16]
+    leftovers = [p.name for p in store_dir.rglob(".*.tmp")]
+    snap["temps_left"] = len(leftovers)
+    return snap
+
+
+def compare(ref: dict[str, object], got: dict[str, object]) -> tuple[int, int, list[str]]:
+    """(rows lost, rows doubled, other differences)."""
+    lost = doubled = 0
+    diffs = []
+    for key in ("samples", "quarantine", "embeddings", "runs", "scores", "indexes"):
+        r, g = ref[key], got[key]
+        assert isinstance(r, dict) and isinstance(g, dict)
+        lost += max(0, r["n"] - g["n"])
+        doubled += g["doubled"] + max(0, g["n"] - r["n"]) + g.get("orphans", 0)
+    for key in ("vector_digest", "score_digest", "temps_left"):
+        if ref[key] != got[key]:
+            diffs.append(f"{key}: {ref[key]} → {got[key]}")
+    return lost, doubled, diffs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=6, help="D3 rows of the tiny source (5 images each)")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    from pipeline.synthetic import make_d3
+
+    work = Path(tempfile.mkdtemp(prefix="bench-kill-"))
+    data = make_d3(work / "src", rows=args.rows, size=32)
+    src = (data.parquet, data.real_images)
+    # reference chain: one uninterrupted run of every stage, keeping the store before each
+    before: dict[str, Path] = {}
+    ref_store = work / "ref"
+    timings: dict[str, float] = {}
+    for stage in ("ingest", "encode", "train", "index", "rebuild"):
+        before[stage] = work / f"before-{stage}"
+        if ref_store.exists():
+            shutil.copytree(ref_store, before[stage])
+        timings[stage] = run_to_end(stage, ref_store, src)
+    reference: dict[str, dict[str, object]] = {}
+    for stage in STAGES:  # the reference after each stage alone, from that stage's starting store
+        done = work / f"ref-{stage}"
+        if before[stage].exists():
+            shutil.copytree(before[stage], done)
+        run_to_end(stage, done, src)
+        reference[stage] = snapshot(done)
+    print(f"work dir {work}; stage working times (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    print(f"{'stage':8} {'kills':>5} {'mid-run':>7} {'survived':>8} {'lost':>5} {'doubled':>7}  other")
+    total = {"kills": 0, "lost": 0, "doubled": 0}
+    for stage in args.stages.split(","):
+        killed_mid = survived = lost = doubled = 0
+        other: list[str] = []
+        for i in range(args.kills):
+            store = work / f"kill-{stage}-{i}"
+            if before[stage].exists():
+                shutil.copytree(before[stage], store)
+            delay = rng.uniform(0, timings[stage] * 1.1)
+            killed_mid += kill_at_random(stage, store, src, delay)
+            if stage == "rebuild":  # the store must read at once, before anything repairs it
+                try:
+                    snapshot(store)
+                except Exception as exc:  # noqa: BLE001 - any failure to read is a finding
+                    other.append(f"kill {i}: unreadable after kill: {exc}")
+            run_to_end(stage, store, src)
+            lo, do, diffs = compare(reference[stage], snapshot(store))
+            lost += lo
+            doubled += do
+            other.extend(f"kill {i} at {delay:.2f}s: {d}" for d in diffs)
+            survived += lo == 0 and do == 0 and not diffs
+            shutil.rmtree(store, ignore_errors=True)
+        total["kills"] += args.kills
+        total["lost"] += lost
+        total["doubled"] += doubled
+        print(f"{stage:8} {args.kills:5d} {killed_mid:7d} {survived:8d} {lost:5d} {doubled:7d}  "
+              f"{'; '.join(other[:3]) or '-'}", flush=True)
+    print(f"total: {total['kills']} kills, {total['lost']} rows lost, {total['doubled']} rows doubled")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
