@@ -66,6 +66,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
     if not store.exists():
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` and `pipeline encode` first.")
     model_key = resolve_model_key(store, config.model_key)
+    _check_generators(store, config)
     table = feature_table(store, model_key, config.pairing)
     excluded, leak_scan = _leaks(store, model_key, config)
     chash = config_hash(config, model_key, table, leak_scan)
@@ -124,11 +125,21 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     }
     model = build_model(loaders["train"].in_dim, config.fit)
 
+    only = config.train_generators  # None: every generator
+
     def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return ((b.x, b.y) for b in loaders["train"].epoch(epoch))
+        for b in loaders["train"].epoch(epoch):
+            if only is None:
+                yield b.x, b.y
+                continue
+            keep = torch.from_numpy(_seen(b.y.numpy(), b.generator, only))
+            if int(keep.sum()) >= 2:  # BatchNorm needs two rows
+                yield b.x[keep], b.y[keep]
 
     def validate(m: torch.nn.Module) -> dict[str, Any]:
         s = _scores(m, loaders["val"], config.fit)
+        if only is not None:
+            s = _subset(s, _seen(s.label, s.generator, only))
         return _summarise(s, "val", excluded) if s.label.size else {"auc": float("nan"), "n": 0}
 
     reporter.start("epochs", config.fit.epochs, "epochs")
@@ -168,6 +179,27 @@ def _scores(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig
     return Scores(cat("sample_id"), cat("split"), cat("y"), cat("generator"), probs)
 
 
+def _seen(labels: np.ndarray, generators: np.ndarray, only: tuple[str, ...]) -> np.ndarray:
+    """Rows a run restricted to `only` may learn from: every real image and those generators' images."""
+    return (np.asarray(labels) == 0) | np.isin(np.asarray(generators).astype(str), list(only))
+
+
+def _subset(s: Scores, mask: np.ndarray) -> Scores:
+    return Scores(s.sample_id[mask], s.split[mask], s.label[mask], s.generator[mask], s.score[mask])
+
+
+def _check_generators(store: Store, config: TrainConfig) -> None:
+    if config.train_generators is None:
+        return
+    if config.detector != "mlp":
+        raise PipelineError("--train-generators works with the mlp detector only.")
+    known = set(catalog.query(store, "SELECT DISTINCT generator FROM samples WHERE label = 1").column(0).to_pylist())
+    unknown = sorted(set(config.train_generators) - known)
+    if unknown or not config.train_generators:
+        raise PipelineError(f"Unknown generator(s) {', '.join(unknown) or '(none given)'}; the store has: "
+                            f"{', '.join(sorted(known))}.")
+
+
 def _summarise(s: Scores, split: str, excluded: set[str] | None = None) -> dict[str, Any]:
     mask = _split_mask(s, split, excluded)
     if not mask.any():
@@ -187,7 +219,7 @@ def _summaries(store: Store, s: Scores, excluded: set[str], seed: int) -> dict[s
     caption are resampled together). The train split gets values without intervals (it is not a
     result, and it is the largest). A threshold chosen on val (Youden's J) is applied to test.
     """
-    groups = _group_keys(store, s.sample_id)
+    groups = group_keys(store, s.sample_id)
     out: dict[str, dict[str, Any]] = {}
     for i, split in enumerate(SPLITS):
         mask = _split_mask(s, split, excluded)
@@ -219,7 +251,7 @@ def _split_mask(s: Scores, split: str, excluded: set[str] | None) -> np.ndarray:
     return mask
 
 
-def _group_keys(store: Store, sample_ids: np.ndarray) -> np.ndarray:
+def group_keys(store: Store, sample_ids: np.ndarray) -> np.ndarray:
     """Each sample's `group_key` (its own id when the samples table has none for it)."""
     import pyarrow as pa
 
