@@ -102,3 +102,132 @@ def confusion(path: Path, matrix: np.ndarray, threshold: float, random_weights: 
     ax.set_xticks([0, 1], ["called real", "called generated"])
     ax.set_yticks([0, 1], ["real", "generated"])
     return save_png(fig, path, random_weights)
+
+
+# --- figures with intervals ----------------------------------------------------------------------
+
+Cell = dict[str, Any]  # {value, lo, hi, n}; lo/hi None when the run predates intervals
+
+
+def auc_axis_limits(cells: list[Cell | None]) -> tuple[float, float]:
+    """A y-range that shows the differences: from a little below the lowest interval end to 1."""
+    lows = [c["lo"] if c.get("lo") is not None else c["value"] for c in cells if c and c.get("value") is not None]
+    if not lows:
+        return 0.0, 1.0
+    low = min(lows)
+    bottom = max(0.0, np.floor((low - 0.05) * 20) / 20)  # a multiple of 0.05
+    return (bottom if bottom < 0.95 else 0.9), 1.0
+
+
+def grouped_bars_ci(path: Path, values: dict[str, list[Cell | None]], columns: list[str], title: str,
+                    random_weights: Any = False) -> Path:
+    """One group of bars per column (generator), one bar per row (method), 95% intervals as error bars."""
+    fig, ax = figure(title)
+    width = 0.8 / max(1, len(values))
+    x = np.arange(len(columns))
+    for i, (label, cells) in enumerate(values.items()):
+        v = np.array([c["value"] if c and c.get("value") is not None else np.nan for c in cells])
+        lo = np.array([c["lo"] if c and c.get("lo") is not None else np.nan for c in cells])
+        hi = np.array([c["hi"] if c and c.get("hi") is not None else np.nan for c in cells])
+        err = np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0).clip(min=0)
+        ax.bar(x + i * width, np.nan_to_num(v), width, yerr=err, capsize=2, label=label,
+               error_kw={"elinewidth": 0.8, "ecolor": "black"})
+    ax.set_xticks(x + 0.4 - width / 2, [short(c) if c != "all" else "overall" for c in columns],
+                  rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(*auc_axis_limits([c for cells in values.values() for c in cells]))
+    ax.set_ylabel("test ROC AUC (bars: 95% interval)")
+    ax.grid(axis="y", lw=0.4, alpha=0.5)
+    ax.legend(fontsize=6, loc="lower left", framealpha=0.9)
+    return save_png(fig, path, random_weights)
+
+
+def heatmap(path: Path, values: dict[str, list[Cell | None]], columns: list[str], title: str,
+            random_weights: Any = False) -> Path:
+    """Rows x columns of AUC, each cell annotated with its value and interval."""
+    fig, ax = figure(title)
+    matrix = np.array([[c["value"] if c and c.get("value") is not None else np.nan for c in cells]
+                       for cells in values.values()])
+    image = ax.imshow(matrix, cmap="viridis", vmin=max(0.0, float(np.nanmin(matrix)) - 0.02) if matrix.size else 0,
+                      vmax=1.0, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="test ROC AUC")
+    for (i, j), v in np.ndenumerate(matrix):
+        if np.isnan(v):
+            continue
+        cell = list(values.values())[i][j] or {}
+        text = f"{100 * v:.1f}"
+        if cell.get("lo") is not None and cell.get("hi") is not None:
+            text += f"\n[{100 * cell['lo']:.0f}, {100 * cell['hi']:.0f}]"
+        bright = v > np.nanmin(matrix) + 0.6 * (1.0 - np.nanmin(matrix))
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if bright else "white")
+    ax.set_xticks(range(len(columns)), [short(c) if c != "all" else "overall" for c in columns],
+                  rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(len(values)), [short(r) for r in values], fontsize=8)
+    ax.set_xlabel("tested on")
+    return save_png(fig, path, random_weights)
+
+
+def robustness(path: Path, curves: dict[str, dict[str, list[tuple[float, Cell]]]], random_weights: Any = False) -> Path:
+    """A panel per operation: test AUC (with 95% intervals) against strength, a line per generator."""
+    from matplotlib.figure import Figure
+
+    ops = [op for op in curves if op != "none"]
+    fig = Figure(figsize=(max(FIG_SIZE[0], 3.2 * len(ops)), FIG_SIZE[1]), dpi=DPI)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(ops)), sharey=True))
+    clean = curves.get("none", {})
+    cells = [c for op in curves.values() for pts in op.values() for _, c in pts]
+    for ax, op in zip(axes, ops, strict=False):
+        for gen, points in sorted(curves[op].items(), key=lambda kv: kv[0] != "all"):
+            points = sorted(points, key=lambda p: p[0])
+            xs = np.array([p[0] for p in points])
+            v = np.array([p[1]["value"] if p[1]["value"] is not None else np.nan for p in points])
+            lo = np.array([p[1]["lo"] if p[1].get("lo") is not None else np.nan for p in points])
+            hi = np.array([p[1]["hi"] if p[1].get("hi") is not None else np.nan for p in points])
+            style = {"color": "black", "lw": 2} if gen == "all" else {"lw": 1}
+            ax.errorbar(xs, v, yerr=np.nan_to_num(np.vstack([v - lo, hi - v])).clip(min=0), marker="o", ms=3,
+                        capsize=2, label="overall" if gen == "all" else short(gen), **style)
+            if gen == "all" and "all" in clean:
+                ax.axhline(clean["all"][0][1]["value"], color="grey", ls=":", lw=1, label="unperturbed")
+        ax.set_title(op, fontsize=10)
+        ax.set_xlabel({"jpeg": "JPEG quality", "resize": "scale", "blur": "sigma (px)", "crop": "kept fraction",
+                       "noise": "sigma / 255"}.get(op, "strength"), fontsize=8)
+        if op in ("jpeg", "resize", "crop"):
+            ax.invert_xaxis()  # stronger to the right
+        ax.grid(lw=0.4, alpha=0.5)
+    axes[0].set_ylabel("test ROC AUC")
+    axes[0].set_ylim(*auc_axis_limits(cells))
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("AUC under perturbation (stronger to the right)", fontsize=10)
+    return save_png(fig, path, random_weights)
+
+
+def learning_curve(path: Path, history: list[dict[str, Any]], best_epoch: Any, random_weights: Any = False) -> Path:
+    """Training loss and validation AUC per epoch; the kept epoch marked."""
+    fig, ax = figure("Learning curve")
+    epochs = [h.get("epoch") for h in history]
+    ax.plot(epochs, [h.get("train_loss") for h in history], color="tab:red", marker="o", ms=3, label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:red")
+    other = ax.twinx()
+    val = [h.get("val_auc") for h in history]
+    other.plot(epochs, [np.nan if v is None else v for v in val], color="tab:blue", marker="s", ms=3,
+               label="val AUC")
+    other.set_ylabel("val ROC AUC", color="tab:blue")
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", ls=":", lw=1)
+        ax.annotate("kept", (best_epoch, ax.get_ylim()[1]), fontsize=7, ha="left", va="top", color="grey")
+    return save_png(fig, path, random_weights)
+
+
+def thumbnail_png(data: bytes, size: int = 160) -> bytes:
+    """A small PNG of an image's original bytes, for the error gallery."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.sources.images import decode_rgb
+
+    image = decode_rgb(data)
+    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -1,41 +1,68 @@
-"""`pipeline experiment table1|table2`: the paper's tables as ordinary runs on any store.
+"""`pipeline experiment`: the paper's tables and the evaluations the field expects, as ordinary runs.
 
-Table 1: Baseline 1 (image features, BCE), Baseline 2 (image+text, BCE), the method (image+text,
-CVaR + AUC + SAM), plus a text-only row that exposes caption/prompt shortcuts and a kNN-vote
-row (a cheap baseline the paper lacks). Table 2: every
-combination of CVaR, AUC loss and SAM on image+text. Cells are test ROC AUC per generator (each
-generator against all real test images) and overall. Runs that already exist are reused.
+- table1: Baseline 1 (image features, BCE), Baseline 2 (image+text, BCE), the method (image+text,
+  CVaR + AUC + SAM), a text-only row that exposes caption/prompt shortcuts and a kNN-vote row (a
+  cheap baseline the paper lacks); beside it the shortcut alarms (text, file format).
+- table2: every combination of CVaR, AUC loss and SAM on image+text.
+- generalization: train on one generator's images (with every real image), test on each generator;
+  then leave one generator out. A matrix of test AUC with intervals and a heat map.
+- robustness: a trained run scores the perturbed copies of its test samples (`pipeline perturb`),
+  AUC per perturbation x generator with intervals, and a figure of AUC against strength.
+
+Cells are test ROC AUC (each generator against all real test images, and overall) with the 95%
+group-bootstrap interval of the run; with `seeds` > 1 also mean ± sd over seeds. Runs that already
+exist are reused.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import Validated
+import numpy as np
+
+from pipeline import shortcuts
+from pipeline.config import Validated, at_least
+from pipeline.errors import PipelineError
+from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import TrainConfig
+from pipeline.runs import TrainConfig, load_run
 from pipeline.stages import train
 from pipeline.stages.report import ReportResult
 from pipeline.stages.train import TrainJob, TrainResult
+from pipeline.store import catalog
 from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
+from trainer.fit import predict
+from trainer.metrics import evaluate_by_generator
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
-TABLES = ("table1", "table2")
+TABLES = ("table1", "table2", "generalization", "robustness")
+TEXT_ROW = "Text only, BCE (shortcut check)"
+METHOD_ROW = "Method: image+text, CVaR+AUC+SAM"
+Cell = dict[str, Any]  # {value, lo, hi, n}
 
 
 @dataclass
 class ExperimentResult:
     table: str
-    rows: list[tuple[str, TrainResult]] = field(default_factory=list)
+    rows: list[tuple[str, TrainResult]] = field(default_factory=list)  # first seed's run of each row
+    seed_runs: dict[str, list[TrainResult]] = field(default_factory=dict)  # every seed's run of each row
+    columns: list[str] = field(default_factory=list)
+    cells: dict[str, list[Cell | None]] = field(default_factory=dict)  # row -> a cell per column
+    curves: dict[str, dict[str, list[tuple[float, Cell]]]] = field(default_factory=dict)  # robustness
+    alarms: list[str] = field(default_factory=list)  # shortcut sentences
+    notes: list[str] = field(default_factory=list)  # other sentences (format probe, what is missing)
+    seconds: float = 0.0
     markdown: str = ""
     path: Any = None  # the Markdown table
-    page: Any = None  # the HTML page with the table beside its bars
+    page: Any = None  # the HTML page with the table beside its figure
 
 
 def rows_for(table: str) -> list[tuple[str, dict[str, Any]]]:
@@ -43,8 +70,8 @@ def rows_for(table: str) -> list[tuple[str, dict[str, Any]]]:
         return [
             ("Baseline 1: image, BCE", {"features": "image", **BCE_ONLY}),
             ("Baseline 2: image+text, BCE", {"features": "image+text", **BCE_ONLY}),
-            ("Method: image+text, CVaR+AUC+SAM", {"features": "image+text", "cvar": True, "auc": True, "sam": True}),
-            ("Text only, BCE (shortcut check)", {"features": "text", **BCE_ONLY}),
+            (METHOD_ROW, {"features": "image+text", "cvar": True, "auc": True, "sam": True}),
+            (TEXT_ROW, {"features": "text", **BCE_ONLY}),
             ("kNN vote: image+text (extra baseline)", {"features": "image+text", "detector": "knn"}),
         ]
     rows = []
@@ -57,83 +84,261 @@ def rows_for(table: str) -> list[tuple[str, dict[str, Any]]]:
 @dataclass(frozen=True)
 class ExperimentConfig(Validated):
     store: Store
-    table: Literal["table1", "table2"]
+    table: Literal["table1", "table2", "generalization", "robustness"]
     base: dict[str, Any] = field(default_factory=dict)  # training options every row shares
+    seeds: int = 1  # table1/table2/generalization: runs per row with seeds base, base+1, …
+    run_id: str | None = None  # robustness: the trained run that scores the perturbed samples
+    format_probe: bool = True  # table1: also probe file format / JPEG quality / size
+
+    def check(self) -> None:
+        at_least(self, "seeds", 1)
+        if self.table == "robustness" and not self.run_id:
+            raise PipelineError("experiment robustness needs --run RUN (the detector to test).")
 
 
 def run(config: ExperimentConfig, reporter: Reporter | None = None) -> ExperimentResult:
-    """Train (or reuse) every row's run, then write the table as Markdown and HTML."""
+    """Train (or reuse) every row's runs, then write the table as Markdown and an HTML page."""
     reporter = reporter or Silent()
-    store, table = config.store, config.table
-    result = ExperimentResult(table)
-    rows = rows_for(table)
-    reporter.start(table, len(rows), "runs")
-    for label, options in rows:
-        train_config = TrainConfig.from_dict({**config.base, **options, "name": f"{table}: {label}"})
-        trained = train.run(TrainJob(store, train_config, skip_existing=True), reporter)
-        result.rows.append((label, trained))
-        reporter.event("row", {"label": label, "run_id": trained.run_id, "skipped": trained.skipped})
-        reporter.advance(table, 1)
+    started = time.perf_counter()
+    if config.table == "robustness":
+        result = _robustness(config, reporter)
+    elif config.table == "generalization":
+        result = _generalization(config, reporter)
+    else:
+        result = _paper_table(config, reporter)
+    result.seconds = time.perf_counter() - started
     result.markdown = to_markdown(result)
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    key = result.rows[0][1].model_key if result.rows else "none"
-    directory = store.root / "reports" / f"{table}-{key}-{stamp}"
+    key = result.rows[0][1].model_key if result.rows else (config.run_id or "none")
+    directory = config.store.root / "reports" / f"{config.table}-{key}-{stamp}"
     result.path = write_text(directory / "table.md", result.markdown)
     result.page = _page(result, directory).page
     return result
 
 
-def generator_columns(result: ExperimentResult) -> list[str]:
+# --- table1 / table2 -------------------------------------------------------------------------
+
+
+def _paper_table(config: ExperimentConfig, reporter: Reporter) -> ExperimentResult:
+    result = ExperimentResult(config.table)
+    for label, options in rows_for(config.table):
+        result.seed_runs[label] = _train_seeds(config, {**options, "name": f"{config.table}: {label}"},
+                                               label, reporter)
+        result.rows.append((label, result.seed_runs[label][0]))
+    result.columns = [*_generators(result), "all"]
+    for label, run in result.rows:
+        result.cells[label] = [_auc(run, g) for g in result.columns]
+    if config.table == "table1":
+        runs = dict(result.rows)
+        alarm = shortcuts.text_alarm(runs[TEXT_ROW].metrics.get("test", {}), runs[METHOD_ROW].metrics.get("test", {}))
+        if alarm:
+            result.alarms.append(alarm)
+        if config.format_probe:
+            probe = shortcuts.format_probe(config.store, seed=int(config.base.get("seed", 0)))
+            if probe.alarm:
+                result.alarms.append(probe.alarm)
+            result.notes.append(probe.sentence())
+    return result
+
+
+def _train_seeds(config: ExperimentConfig, options: dict[str, Any], label: str,
+                 reporter: Reporter) -> list[TrainResult]:
+    first = int(config.base.get("seed", 0))
+    runs = []
+    for seed in range(first, first + config.seeds):
+        train_config = TrainConfig.from_dict({**config.base, **options, "seed": seed})
+        trained = train.run(TrainJob(config.store, train_config, skip_existing=True), reporter)
+        reporter.event("row", {"label": f"{label} (seed {seed})" if config.seeds > 1 else label,
+                               "run_id": trained.run_id, "skipped": trained.skipped})
+        runs.append(trained)
+    return runs
+
+
+# --- generalization ----------------------------------------------------------------------------
+
+
+def _generalization(config: ExperimentConfig, reporter: Reporter) -> ExperimentResult:
+    """Rows: trained on one generator; trained on all but one; trained on all. Columns: test generator."""
+    result = ExperimentResult("generalization")
+    gens = sorted(catalog.query(config.store, "SELECT DISTINCT generator FROM samples WHERE label = 1")
+                  .column(0).to_pylist())
+    if len(gens) < 2:
+        raise PipelineError(f"Generalisation needs at least two generators; the store has {len(gens)}.")
+    plan: list[tuple[str, tuple[str, ...] | None]] = [(f"train on {html.short(g)}", (g,)) for g in gens]
+    if len(gens) > 2:
+        plan += [(f"all but {html.short(g)}", tuple(h for h in gens if h != g)) for g in gens]
+    plan.append(("all generators", None))
+    base = {"features": "image", **config.base}  # the question is about images; text may carry a shortcut
+    for label, only in plan:
+        options = {"train_generators": list(only) if only else None, "name": f"generalization: {label}"}
+        result.seed_runs[label] = _train_seeds(config, {**base, **options}, label, reporter)
+        result.rows.append((label, result.seed_runs[label][0]))
+    result.columns = [*gens, "all"]
+    for label, run in result.rows:
+        result.cells[label] = [_auc(run, g) for g in result.columns]
+    result.notes.append("Rows name the generators a run was trained on (always with every real image); "
+                        "cells are test AUC of each generator against all real test images. "
+                        "Cells of generators a row never saw show how far the detector generalises.")
+    return result
+
+
+# --- robustness ----------------------------------------------------------------------------------
+
+
+def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResult:
+    """The run scores its test split and each perturbation's derived test samples; AUC with intervals."""
+    store, run_id = config.store, config.run_id or ""
+    train_config, model, metrics = load_run(store, run_id)
+    model_key = metrics["model_key"]
+    counts = catalog.query(store, (
+        "SELECT s.perturbation, count(*) AS n, count(e.content_hash) AS encoded FROM samples s "
+        "LEFT JOIN (SELECT DISTINCT content_hash FROM embeddings WHERE model_key = ? AND modality = 'image') e "
+        "ON e.content_hash = s.sample_id WHERE s.split = 'test' AND s.perturbation IS NOT NULL "
+        "GROUP BY 1 ORDER BY 1"), [model_key]).to_pylist()
+    if not counts:
+        raise PipelineError("No perturbed test samples: run `pipeline perturb --splits test --ops jpeg:90,75,50 "
+                            "resize:0.5` and then `pipeline encode` first.")
+    result = ExperimentResult("robustness")
+    missing = [f"{c['perturbation']} ({c['n'] - c['encoded']} of {c['n']})" for c in counts if c["encoded"] < c["n"]]
+    if missing:
+        result.notes.append("Derived samples not encoded yet are left out: " + ", ".join(missing)
+                            + "; run `pipeline encode` (it encodes only the new images).")
+    run = TrainResult(run_id, "", model_key, metrics.get("random_weights"), metrics, skipped=True)
+    names = [None, *(c["perturbation"] for c in counts if c["encoded"])]
+    rng = np.random.default_rng(train_config.seed)
+    evaluated: dict[str, dict[str, Cell]] = {}
+    reporter.start("robustness", len(names), "perturbations")
+    for name in names:
+        table = feature_table(store, model_key, train_config.pairing, name)
+        batches = list(FeatureLoader(table, ("test",), LoaderConfig(train_config.features, 8192)).epoch(0))
+        reporter.advance("robustness", 1)
+        if not batches:
+            continue
+        scores = predict(model, (b.x for b in batches), train_config.fit)
+        ids = np.concatenate([b.sample_id for b in batches])
+        labels = np.concatenate([b.y.numpy() for b in batches])
+        gens = np.concatenate([b.generator for b in batches])
+        by_gen = evaluate_by_generator(labels, scores, gens, train.group_keys(store, ids), 0.5, rng, train.N_BOOT)
+        evaluated[name or "none"] = {g: d["auc"].as_dict() for g, d in by_gen.items()}
+    result.columns = sorted({g for cells in evaluated.values() for g in cells} - {"all"}) + ["all"]
+    for label, cells in evaluated.items():
+        result.rows.append((label, run))
+        result.cells[label] = [cells.get(g) for g in result.columns]
+    for label, cells in evaluated.items():
+        if label == "none":
+            continue
+        op, _, strength = label.partition(":")
+        for g, cell in cells.items():
+            result.curves.setdefault(op, {}).setdefault(g, []).append((float(strength), cell))
+    if "none" in evaluated:
+        result.curves["none"] = {g: [(0.0, c)] for g, c in evaluated["none"].items()}
+    result.notes.append(f"Run `{run_id}` ({train_config.features}, pairing {train_config.pairing}) scores the "
+                        "test split as ingested (row none) and each perturbation's copies of it; AUC × 100 "
+                        "[95% group-bootstrap interval].")
+    return result
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _generators(result: ExperimentResult) -> list[str]:
     gens: set[str] = set()
     for _, run in result.rows:
         gens.update(run.metrics.get("test", {}).get("auc_by_generator", {}))
     return sorted(gens)
 
 
+def generator_columns(result: ExperimentResult) -> list[str]:
+    return [c for c in result.columns if c != "all"] if result.columns else _generators(result)
+
+
+def _auc(run: TrainResult, generator: str) -> Cell | None:
+    test = run.metrics.get("test", {})
+    cell = shortcuts.auc_cell(test, generator)
+    if cell is not None:
+        return cell
+    value = test.get("auc") if generator == "all" else test.get("auc_by_generator", {}).get(generator)
+    return None if value is None else {"value": value, "lo": None, "hi": None, "n": test.get("n")}
+
+
+def seed_spread(result: ExperimentResult, label: str, column: int) -> tuple[float, float] | None:
+    """Mean and sample sd over seeds of one cell (None with a single seed)."""
+    runs = result.seed_runs.get(label, [])
+    if len(runs) < 2:
+        return None
+    values = [c["value"] for r in runs if (c := _auc(r, result.columns[column])) and c["value"] is not None]
+    if len(values) < 2:
+        return None
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def cell_text(result: ExperimentResult, label: str, column: int) -> str:
+    cell = result.cells[label][column]
+    if cell is None or cell.get("value") is None:
+        return "–"
+    text = _pct(cell["value"])
+    if cell.get("lo") is not None and cell.get("hi") is not None:
+        text += f" [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
+    spread = seed_spread(result, label, column)
+    if spread:
+        text += f"; {_pct(spread[0])} ± {_pct(spread[1])}"
+    return text
+
+
 def to_markdown(result: ExperimentResult) -> str:
-    gens = generator_columns(result)
     random = any(run.random_weights for _, run in result.rows)
+    seeds = max((len(v) for v in result.seed_runs.values()), default=1)
     lines = [f"# {result.table}: test ROC AUC per generator and overall", ""]
     if random:
         lines += ["**Embeddings from a CLIP with RANDOM weights: these numbers test the pipeline, "
                   "they are not results about CLIP.**", ""]
+    lines += [f"**{a}**" for a in result.alarms] + ([""] if result.alarms else [])
     if result.rows:
         run0 = result.rows[0][1]
-        lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.get('pairing')}`.", ""]
+        lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.get('pairing')}`. Cells: AUC × 100 "
+                  "[95% group-bootstrap interval of the first seed]"
+                  + (f"; mean ± sd over {seeds} seeds." if seeds > 1 else "."), ""]
         excluded = run0.metrics.get("excluded_leaks")
         if excluded:
             lines += [f"Leaking samples left out of the metrics (near-duplicates of an earlier split): "
                       f"{excluded.get('val', 0)} val, {excluded.get('test', 0)} test.", ""]
-    lines.append("| Method | " + " | ".join(gens) + " | Overall | run |")
-    lines.append("|---|" + "---:|" * (len(gens) + 1) + "---|")
+    lines += [n for note in result.notes for n in (note, "")]
+    columns = [html.short(c) if c != "all" else "Overall" for c in result.columns]
+    lines.append("| Method | " + " | ".join(columns) + " | run |")
+    lines.append("|---|" + "---:|" * len(columns) + "---|")
     for label, run in result.rows:
-        test = run.metrics.get("test", {})
-        cells = [_fmt(test.get("auc_by_generator", {}).get(g)) for g in gens]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(test.get('auc'))} | `{run.run_id}` |")
+        cells = [cell_text(result, label, i) for i in range(len(result.columns))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | `{run.run_id}` |")
+    lines += ["", f"Took {result.seconds:.1f} s (runs reused from earlier invocations cost nothing)."]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{100 * float(value):.2f}"
-
-
 def _page(result: ExperimentResult, directory: Path) -> ReportResult:
-    gens = generator_columns(result)
     out = ReportResult(directory)
-    values = {
-        label: [run.metrics.get("test", {}).get("auc_by_generator", {}).get(g) for g in gens]
-        + [run.metrics.get("test", {}).get("auc")]
-        for label, run in result.rows
-    }
     random = any(run.random_weights for _, run in result.rows)
-    out.files.append(figures.grouped_bars(directory / "auc.png", values, [*gens, "overall"],
-                                          f"{result.table}: test ROC AUC", random))
-    rows = [[label, *(html.pct(v) for v in values[label]), f"<code>{html.e(run.run_id)}</code>"]
-            for label, run in result.rows]
+    values = {label: result.cells[label] for label, _ in result.rows}
+    if result.table == "generalization":
+        out.files.append(figures.heatmap(directory / "matrix.png", values, result.columns,
+                                         "Test AUC: rows trained on, columns tested on", random))
+    elif result.table == "robustness":
+        out.files.append(figures.robustness(directory / "robustness.png", result.curves, random))
+    else:
+        out.files.append(figures.grouped_bars_ci(directory / "auc.png", values, result.columns,
+                                                 f"{result.table}: test ROC AUC (95% intervals)", random))
+    rows = [[label, *(cell_text(result, label, i) for i in range(len(result.columns))),
+             f"<code>{html.e(run.run_id)}</code>"] for label, run in result.rows]
+    columns = [html.short(c) if c != "all" else "overall" for c in result.columns]
     body = [
         f"<h1>{html.e(result.table)}</h1>", html.banner(random),
-        '<div class="side">' + html.table(["method", *gens, "overall", "run"], rows, escape_last=False)
-        + f'<img src="{out.files[0].name}" alt="bars"></div>',
+        *(f'<p class="alarm">{html.e(a)}</p>' for a in result.alarms),
+        *(f"<p>{html.e(n)}</p>" for n in result.notes),
+        html.table(["method", *columns, "run"], rows, escape_last=False),
+        *(f'<img class="wide" src="{f.name}" alt="{f.stem}">' for f in out.files),
+        f"<p>Took {result.seconds:.1f} s.</p>",
     ]
     write_text(out.page, html.page(result.table, body))
     return out
+
+
+def _pct(value: Any) -> str:
+    return html.pct(value)
