@@ -187,3 +187,17 @@ def test_missing_and_empty_captions_are_counted(tmp_path: Path) -> None:
     assert code == 0 and "2 new samples have no caption" in out, out
     code, out = _run("status", "--store", str(tmp_path / "s"))
     assert code == 0 and "2 samples have no caption" in out, out
+
+
+def test_bad_training_values_and_checkpoints_are_one_sentence(d3_store: Store, tmp_path: Path) -> None:
+    store = str(d3_store.root)
+    code, out = _run("train", "--store", store, "--lr", "-1")
+    assert code == 2 and "--lr" in out, out
+    toml = tmp_path / "bad.toml"
+    toml.write_text('epochs = "many"\n')
+    code, out = _run("train", "--store", store, "--config", str(toml))
+    assert code == 2 and "epochs" in out, out
+    fake = tmp_path / "weights.pt"
+    fake.write_bytes(b"not a checkpoint at all")
+    code, out = _run("encode", "--store", store, "--model", "Tiny-ViT-16", "--pretrained", str(fake), "--workers", "0")
+    assert code == 2 and "is not a Tiny-ViT-16 checkpoint" in out, out
