@@ -81,13 +81,13 @@ def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
                 f"Could not fetch pretrained weights {spec.pretrained!r} for {spec.name} "
                 f"(no network or hub?): give a local checkpoint file with --pretrained PATH."
             ) from exc
-        raise
-    model.eval()
         if pretrained and Path(pretrained).is_file():  # a file, but not a state dict open_clip can load
             raise PipelineError(
                 f"--pretrained {spec.pretrained} is not a {spec.name} checkpoint open_clip can load "
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'})."
             ) from exc
+        raise
+    model.eval()
     tokenizer = open_clip.get_tokenizer(spec.name)
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     pp["image_size"] = _image_size(model)
