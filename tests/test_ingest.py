@@ -121,6 +121,12 @@ def test_d3_webdataset_and_parquet_forms_agree(tmp_path: Path) -> None:
     sql = "SELECT sample_id, generator, group_key FROM samples ORDER BY sample_id"
     assert catalog.query(from_parquet, sql).to_pylist() == catalog.query(from_tar, sql).to_pylist()
     assert set(catalog.query(from_tar, "SELECT DISTINCT split FROM samples").column(0).to_pylist()) == {"val"}
+    # the webdataset form into the store of the Parquet form: right names agree, wrong ones are reported
+    agree = ingest(IngestConfig(tar, "d3", from_parquet, generators=order))
+    assert agree.already_in_store == 10 and not agree.generator_mismatches
+    rotated = order[1:] + order[:1]
+    wrong = ingest(IngestConfig(tar, "d3", from_parquet, generators=rotated))
+    assert sum(wrong.generator_mismatches.values()) == 8 and wrong.added == 0
 
 
 def test_splits_source_keeps_d3_file_splits(tmp_path: Path) -> None:

@@ -87,7 +87,9 @@ class IngestResult:
     problems: Counter[str] = field(default_factory=Counter)
     shards: list[Path] = field(default_factory=list)
     by_split: Counter[str] = field(default_factory=Counter)
-    split_from_source: int = 0  # with --splits source: samples whose split the source declared
+    # images already in the store under another generator name: (name here, name there) → count.
+    # Ingesting D3's webdataset form into a store holding its Parquet form checks --generators.
+    generator_mismatches: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class Source(Protocol):
@@ -251,15 +253,18 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime,
     has_samples = bool(catalog.shard_paths(store, "samples"))
     stored = """
         LEFT JOIN (SELECT sample_id, any_value(label) AS label, any_value(source_uri) AS uri,
-                          any_value(source_member) AS member, bool_or(ingested_at = ?) AS this_run
+                          any_value(source_member) AS member, bool_or(ingested_at = ?) AS this_run,
+                          any_value(generator) AS generator
                    FROM samples_all WHERE sample_id IN (SELECT sample_id FROM c) GROUP BY sample_id) s
         USING (sample_id)
     """ if has_samples else "LEFT JOIN (SELECT NULL::VARCHAR AS sample_id, NULL::TINYINT AS label, " \
-        "NULL::VARCHAR AS uri, NULL::VARCHAR AS member, NULL::BOOLEAN AS this_run) s USING (sample_id)"
+        "NULL::VARCHAR AS uri, NULL::VARCHAR AS member, NULL::BOOLEAN AS this_run, NULL::VARCHAR AS generator) s " \
+        "USING (sample_id)"
     table = catalog.query_with(store, f"""
         SELECT c.i, row_number() OVER (PARTITION BY c.sample_id ORDER BY c.i) = 1 AS first,
                count(DISTINCT c.label) OVER (PARTITION BY c.sample_id) AS labels,
-               s.label AS stored_label, s.uri AS stored_uri, s.member AS stored_member, s.this_run
+               s.label AS stored_label, s.uri AS stored_uri, s.member AS stored_member, s.this_run,
+               s.generator AS stored_generator
         FROM c {stored}
         ORDER BY c.i
     """, {"c": chunk}, [now] if has_samples else None)
@@ -274,6 +279,8 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime,
                     result.duplicates_in_source += 1
                 else:
                     result.already_in_store += 1
+                    if info["stored_generator"] != row["generator"]:
+                        result.generator_mismatches[(row["generator"], info["stored_generator"])] += 1
                 continue
             other = _where(info["stored_uri"], info["stored_member"], None)
             conflicts.append(_conflict_row(row, other, int(info["stored_label"]), now))
