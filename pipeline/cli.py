@@ -322,8 +322,6 @@ def train_cmd(
         "--exclude-leaks/--keep-leaks", help="Leave val/test samples with a near-duplicate in an earlier split "
         "out of the metrics (needs `pipeline leaks`).")] = None,
     leak_threshold: Annotated[float | None, typer.Option(help="Cosine similarity of a near-duplicate.")] = None,
-    input_norm: Annotated[str | None, typer.Option(help="l2 (unit vectors, as stored) | raw (each vector "
-                                                   "times its stored norm: the reference code's inputs)")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
 ) -> None:
     """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
@@ -339,7 +337,7 @@ def train_cmd(
             model_key=model_key, features=features, pairing=pairing, epochs=epochs, batch_size=batch_size,
             lr=lr, cvar=cvar, cvar_alpha=cvar_alpha, auc=auc, auc_gamma=auc_gamma, sam=sam, sam_rho=sam_rho,
             bf16=bf16, seed=seed, detector=detector, exclude_leaks=exclude_leaks, leak_threshold=leak_threshold,
-            input_norm=input_norm, name=name)}
+            name=name)}
         train_config = TrainConfig.from_dict(options)
         if train_config.fit.bf16:
             import torch
@@ -358,20 +356,6 @@ def train_cmd(
     for gen, value in test.get("auc_by_generator", {}).items():
         out.print(f"  {gen}: test AUC {value:.4f}")
     out.print(f'[dim]scores: pipeline sql "SELECT * FROM scores WHERE run_id = \'{result.run_id}\' LIMIT 10"[/]')
-    _shortcut_alarm(Store(store), train_config, result.metrics)
-
-
-def _shortcut_alarm(store: Store, config: Any, metrics: dict[str, Any]) -> None:
-    """The text-shortcut sentence when this run, or a text-only run on the same embeddings, shows one."""
-    from pipeline import shortcuts
-
-    if config.features == "text":
-        alarm = shortcuts.text_alarm(metrics.get("test", {}))
-    else:
-        found = shortcuts.text_only_summary(store, metrics["model_key"], config.pairing)
-        alarm = shortcuts.text_alarm(found[1], metrics.get("test", {})) if found else None
-    if alarm:
-        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{alarm}[/]")
 
 
 @app.command("sweep")
@@ -402,7 +386,7 @@ def sweep_cmd(
 @app.command("experiment")
 def experiment_cmd(
     ctx: typer.Context,
-    table: Annotated[str, typer.Argument(help="table1 | table2 | generalization | robustness")],
+    table: Annotated[str, typer.Argument(help="table1 | table2")],
     store: StoreOpt = DEFAULT_STORE,
     model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML of base options for every row.")] = None,
@@ -411,63 +395,24 @@ def experiment_cmd(
     batch_size: Annotated[int | None, typer.Option()] = None,
     exclude_leaks: Annotated[bool | None, typer.Option(
         "--exclude-leaks/--keep-leaks", help="Leave leaking val/test samples out of every row's metrics.")] = None,
-    seeds: Annotated[int, typer.Option(help="Runs per row (seeds --seed, +1, …): mean ± sd beside the intervals.")] = 1,
-    run_id: Annotated[str | None, typer.Option("--run", help="robustness: the trained run to test.")] = None,
-    features: Annotated[str | None, typer.Option(help="generalization: image (default) | text | image+text")] = None,
-    seed: Annotated[int | None, typer.Option(help="The first seed.")] = None,
 ) -> None:
-    """The paper's tables and the evaluations the field reports, as runs with 95% intervals.
+    """Reproduce the paper's Table 1 (baselines vs method, + text-only, + kNN) or Table 2 (ablation).
 
-    table1: baselines vs method + text-only (shortcut alarm) + kNN, and a file-format probe.
-    table2: the ablation. generalization: train on one generator (and on all but one), test on each.
-    robustness --run RUN: AUC on the test split's perturbed copies (`pipeline perturb`, then `encode`).
-    Writes the table as Markdown and as an HTML page with its figure under STORE/reports/.
+    Writes the table as Markdown and as an HTML page with its bars under STORE/reports/.
     """
     from pipeline.stages.experiment import TABLES, ExperimentConfig, run
 
     with _errors(ctx):
         if table not in TABLES:
-            raise PipelineError(f"Unknown experiment {table!r}: choose one of {', '.join(TABLES)}.")
+            raise PipelineError(f"Unknown experiment {table!r}: choose table1 or table2.")
         base = {**_base_config(config), **_train_overrides(
-            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks,
-            features=features, seed=seed)}
+            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks)}
         with RichReporter() as reporter:
-            result = run(ExperimentConfig(Store(store), table, base, seeds, run_id), reporter)  # type: ignore[arg-type]
+            result = run(ExperimentConfig(Store(store), table, base), reporter)  # type: ignore[arg-type]
     from rich.markdown import Markdown
 
     out.print(Markdown(result.markdown))
-    for alarm in result.alarms:
-        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{alarm}[/]")
-    out.print(f"[green]wrote[/] {result.path} and {result.page} ({result.seconds:.1f} s)")
-
-
-@app.command("perturb")
-def perturb_cmd(
-    ctx: typer.Context,
-    ops: Annotated[list[str] | None, typer.Option(
-        "--ops", help="Operations and strengths, e.g. --ops jpeg:90,75,50 --ops resize:0.5,0.25 --ops blur:1,2 "
-        "--ops crop:0.8 --ops noise:0.02 (or several in one quoted value).")] = None,
-    ops_file: Annotated[Path | None, typer.Option(help="TOML file of operations, e.g. jpeg = [90, 75] and blur = [1, 2].")] = None,
-    store: StoreOpt = DEFAULT_STORE,
-    splits: Annotated[str, typer.Option(help="Comma-separated splits to derive from; train,val,test applies "
-                                        "the operation everywhere (train and test then share one format).")] = "test",
-    limit: Annotated[int | None, typer.Option(help="At most this many source samples per split.")] = None,
-) -> None:
-    """Derive perturbed samples (own ids, derived_from, perturbation) for robustness tests; rerun adds nothing."""
-    from pipeline.stages.perturb import PerturbConfig, run
-
-    with _errors(ctx):
-        specs = tuple(s for value in (ops or []) for s in value.split())
-        if ops_file is not None:
-            specs += PerturbConfig.ops_from_toml(ops_file)
-        config = PerturbConfig(Store(store), specs, tuple(s.strip() for s in splits.split(",") if s.strip()), limit)
-        with RichReporter() as reporter:
-            result = run(config, reporter)
-    for op, n in result.by_op.items():
-        out.print(f"  {op}: {n} new samples")
-    out.print(f"[green]derived[/] {result.derived} samples ({result.existing} already derived, "
-              f"{result.undecodable} sources undecodable) in {result.seconds:.1f} s; "
-              "next: `pipeline encode` (encodes only the new images), then `pipeline experiment robustness --run RUN`.")
+    out.print(f"[green]wrote[/] {result.path} and {result.page}")
 
 
 @app.command("score")
@@ -492,19 +437,14 @@ def index_build(
     ctx: typer.Context,
     store: StoreOpt = DEFAULT_STORE,
     model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
-    kind: Annotated[str, typer.Option(help="auto (the most exact that fits --max-memory: flat below 100k "
-                                      "vectors, then ivf, ivf-sq8, ivf-pq) | flat | ivf | ivf-sq8 | ivf-pq | hnsw")
-                    ] = "auto",
+    kind: Annotated[str, typer.Option(help="auto (flat below 100k vectors, else ivf) | flat | ivf | hnsw")] = "auto",
     vectors: Annotated[str, typer.Option(help="image | text")] = "image",
-    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 2·√n, at most 8192).")] = None,
-    max_memory: Annotated[str, typer.Option(help="Memory the index may take to build and search, e.g. 4GB.")
-                          ] = "4GB",
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 4·√n).")] = None,
     target_recall: Annotated[float, typer.Option(help="Approximate kinds widen their search to reach this "
                                                  "recall@10 against exact search.")] = 0.95,
     force: Annotated[bool, typer.Option(help="Rebuild even if the embeddings did not change.")] = False,
 ) -> None:
     """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
-    from pipeline.features.index import parse_memory
     from pipeline.stages.index import IndexConfig, run
 
     with _errors(ctx):
@@ -512,8 +452,7 @@ def index_build(
             raise PipelineError("--target-recall must lie in (0, 1].")
         with RichReporter() as reporter:
             info = run(IndexConfig(Store(store), model_key, kind, vectors, nlist,  # type: ignore[arg-type]
-                                   target_recall=target_recall, force=force,
-                                   max_memory=parse_memory(max_memory)), reporter)
+                                   target_recall=target_recall, force=force), reporter)
     verb = "built" if info.built else "up to date (embeddings unchanged), reused"
     out.print(f"[green]{verb}[/] {info.kind} index {info.index_id}: {info.vectors:,} × {info.dim} "
               f"{info.modality} vectors of {info.model_key}, params {info.params}, {info.build_seconds:.2f} s")
@@ -556,17 +495,13 @@ def leaks(
                                              "near-duplicates.")] = 0.95,
     k: Annotated[int, typer.Option("-k", help="Neighbours examined per val/test image.")] = 10,
     exact: Annotated[bool, typer.Option(help="Search exhaustively (flat) whatever the store's size.")] = False,
-    max_memory: Annotated[str, typer.Option(help="Memory an index built for the scan may take, e.g. 4GB.")
-                          ] = "4GB",
 ) -> None:
     """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
-    from pipeline.features.index import parse_memory
     from pipeline.stages.leaks import LeakConfig, run
 
     with _errors(ctx):
         with RichReporter() as reporter:
-            result = run(LeakConfig(Store(store), model_key, threshold, k, exact,
-                                    max_memory=parse_memory(max_memory)), reporter)
+            result = run(LeakConfig(Store(store), model_key, threshold, k, exact), reporter)
     random_banner(Store(store).model_info(result.model_key).get("random_weights"))
     approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
         f"{result.recall_at_10:.3f}; --exact searches exhaustively)"
@@ -595,8 +530,6 @@ def report(
     with _errors(ctx):
         config = ReportConfig(Store(store), run, output, split, threshold, exclude_leaks)  # type: ignore[arg-type]
         result = write_report(config)
-    if result.alarm:
-        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{result.alarm}[/]")
     out.print(f"[green]wrote[/] {result.page} with {', '.join(f.name for f in result.files)}")
 
 
