@@ -141,9 +141,6 @@ def ingest(
     if result.missing_captions:
         out.print(f"[yellow]{result.missing_captions} new samples have no caption[/]: image+text training "
                   "leaves them out.")
-    for (here, there), count in result.generator_mismatches.most_common(4):
-        out.print(f"[yellow]{count} images are already in the store as {there!r}[/], named {here!r} here: "
-                  "check --generators (D3's gen_0..gen_3 follow the Parquet model_gen0..3).")
     if result.label_conflicts:
         out.print(f"[yellow]{result.label_conflicts} images appear under two labels[/] and are used as neither "
                   "(quarantined as label_conflict).")
@@ -356,6 +353,20 @@ def train_cmd(
     for gen, value in test.get("auc_by_generator", {}).items():
         out.print(f"  {gen}: test AUC {value:.4f}")
     out.print(f'[dim]scores: pipeline sql "SELECT * FROM scores WHERE run_id = \'{result.run_id}\' LIMIT 10"[/]')
+    _shortcut_alarm(Store(store), train_config, result.metrics)
+
+
+def _shortcut_alarm(store: Store, config: Any, metrics: dict[str, Any]) -> None:
+    """The text-shortcut sentence when this run, or a text-only run on the same embeddings, shows one."""
+    from pipeline import shortcuts
+
+    if config.features == "text":
+        alarm = shortcuts.text_alarm(metrics.get("test", {}))
+    else:
+        found = shortcuts.text_only_summary(store, metrics["model_key"], config.pairing)
+        alarm = shortcuts.text_alarm(found[1], metrics.get("test", {})) if found else None
+    if alarm:
+        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{alarm}[/]")
 
 
 @app.command("sweep")
@@ -386,7 +397,7 @@ def sweep_cmd(
 @app.command("experiment")
 def experiment_cmd(
     ctx: typer.Context,
-    table: Annotated[str, typer.Argument(help="table1 | table2")],
+    table: Annotated[str, typer.Argument(help="table1 | table2 | generalization | robustness")],
     store: StoreOpt = DEFAULT_STORE,
     model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML of base options for every row.")] = None,
@@ -395,24 +406,63 @@ def experiment_cmd(
     batch_size: Annotated[int | None, typer.Option()] = None,
     exclude_leaks: Annotated[bool | None, typer.Option(
         "--exclude-leaks/--keep-leaks", help="Leave leaking val/test samples out of every row's metrics.")] = None,
+    seeds: Annotated[int, typer.Option(help="Runs per row (seeds --seed, +1, …): mean ± sd beside the intervals.")] = 1,
+    run_id: Annotated[str | None, typer.Option("--run", help="robustness: the trained run to test.")] = None,
+    features: Annotated[str | None, typer.Option(help="generalization: image (default) | text | image+text")] = None,
+    seed: Annotated[int | None, typer.Option(help="The first seed.")] = None,
 ) -> None:
-    """Reproduce the paper's Table 1 (baselines vs method, + text-only, + kNN) or Table 2 (ablation).
+    """The paper's tables and the evaluations the field reports, as runs with 95% intervals.
 
-    Writes the table as Markdown and as an HTML page with its bars under STORE/reports/.
+    table1: baselines vs method + text-only (shortcut alarm) + kNN, and a file-format probe.
+    table2: the ablation. generalization: train on one generator (and on all but one), test on each.
+    robustness --run RUN: AUC on the test split's perturbed copies (`pipeline perturb`, then `encode`).
+    Writes the table as Markdown and as an HTML page with its figure under STORE/reports/.
     """
     from pipeline.stages.experiment import TABLES, ExperimentConfig, run
 
     with _errors(ctx):
         if table not in TABLES:
-            raise PipelineError(f"Unknown experiment {table!r}: choose table1 or table2.")
+            raise PipelineError(f"Unknown experiment {table!r}: choose one of {', '.join(TABLES)}.")
         base = {**_base_config(config), **_train_overrides(
-            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks)}
+            model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks,
+            features=features, seed=seed)}
         with RichReporter() as reporter:
-            result = run(ExperimentConfig(Store(store), table, base), reporter)  # type: ignore[arg-type]
+            result = run(ExperimentConfig(Store(store), table, base, seeds, run_id), reporter)  # type: ignore[arg-type]
     from rich.markdown import Markdown
 
     out.print(Markdown(result.markdown))
-    out.print(f"[green]wrote[/] {result.path} and {result.page}")
+    for alarm in result.alarms:
+        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{alarm}[/]")
+    out.print(f"[green]wrote[/] {result.path} and {result.page} ({result.seconds:.1f} s)")
+
+
+@app.command("perturb")
+def perturb_cmd(
+    ctx: typer.Context,
+    ops: Annotated[list[str] | None, typer.Option(
+        "--ops", help="Operations and strengths, e.g. --ops jpeg:90,75,50 --ops resize:0.5,0.25 --ops blur:1,2 "
+        "--ops crop:0.8 --ops noise:0.02 (or several in one quoted value).")] = None,
+    ops_file: Annotated[Path | None, typer.Option(help="TOML file of operations, e.g. jpeg = [90, 75] and blur = [1, 2].")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    splits: Annotated[str, typer.Option(help="Comma-separated splits to derive from; train,val,test applies "
+                                        "the operation everywhere (train and test then share one format).")] = "test",
+    limit: Annotated[int | None, typer.Option(help="At most this many source samples per split.")] = None,
+) -> None:
+    """Derive perturbed samples (own ids, derived_from, perturbation) for robustness tests; rerun adds nothing."""
+    from pipeline.stages.perturb import PerturbConfig, run
+
+    with _errors(ctx):
+        specs = tuple(s for value in (ops or []) for s in value.split())
+        if ops_file is not None:
+            specs += PerturbConfig.ops_from_toml(ops_file)
+        config = PerturbConfig(Store(store), specs, tuple(s.strip() for s in splits.split(",") if s.strip()), limit)
+        with RichReporter() as reporter:
+            result = run(config, reporter)
+    for op, n in result.by_op.items():
+        out.print(f"  {op}: {n} new samples")
+    out.print(f"[green]derived[/] {result.derived} samples ({result.existing} already derived, "
+              f"{result.undecodable} sources undecodable) in {result.seconds:.1f} s; "
+              "next: `pipeline encode` (encodes only the new images), then `pipeline experiment robustness --run RUN`.")
 
 
 @app.command("score")
@@ -530,6 +580,8 @@ def report(
     with _errors(ctx):
         config = ReportConfig(Store(store), run, output, split, threshold, exclude_leaks)  # type: ignore[arg-type]
         result = write_report(config)
+    if result.alarm:
+        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{result.alarm}[/]")
     out.print(f"[green]wrote[/] {result.page} with {', '.join(f.name for f in result.files)}")
 
 
