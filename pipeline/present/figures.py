@@ -231,3 +231,26 @@ def thumbnail_png(data: bytes, size: int = 160) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def bars_ci(path: Path, cells: dict[str, Cell | None], title: str, random_weights: Any = False) -> Path:
+    """Horizontal AUC bars with 95% intervals, on an axis that starts near the lowest interval."""
+    fig, ax = figure(title)
+    names = list(cells)
+    v = np.array([c["value"] if c and c.get("value") is not None else np.nan for c in cells.values()])
+    lo = np.array([c["lo"] if c and c.get("lo") is not None else np.nan for c in cells.values()])
+    hi = np.array([c["hi"] if c and c.get("hi") is not None else np.nan for c in cells.values()])
+    left, right = auc_axis_limits(list(cells.values()))
+    ax.barh([short(n) for n in names], np.nan_to_num(v - left), left=left, height=0.6,
+            xerr=np.nan_to_num(np.vstack([v - lo, hi - v])).clip(min=0), capsize=3,
+            color=["black" if n in ("all", "overall") else "tab:blue" for n in names],
+            error_kw={"elinewidth": 1, "ecolor": "tab:orange"})
+    for i, (value, low, high) in enumerate(zip(v, lo, hi, strict=True)):
+        label = f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if not np.isnan(low) else "")
+        ax.text(left + 0.005 * (right - left), i, label, va="center", ha="left", fontsize=7, color="white")
+    ax.set_xlim(left, right)
+    ax.invert_yaxis()
+    ax.set_xlabel("ROC AUC (orange: 95% group-bootstrap interval)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", lw=0.4, alpha=0.5)
+    return save_png(fig, path, random_weights)

@@ -16,7 +16,13 @@ _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:110
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child{text-align:left}.warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em}
 .figs img{width:48%;margin:1%}.side{display:flex;gap:1em;align-items:flex-start}.side img{width:50%}
-pre{background:#f7f7f7;padding:.6em;overflow:auto}"""
+pre{background:#f7f7f7;padding:.6em;overflow:auto}
+.alarm{background:#f8d7da;border:2px solid #c0392b;color:#721c24;padding:.7em;font-weight:600}
+img.wide{max-width:100%;display:block;margin:1em 0}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
+.card{margin:0;border:1px solid #ddd;padding:.4em;font-size:12px;background:#fafafa}
+.pair{display:flex;gap:4px}.pair img,.nothumb{width:160px;height:160px;object-fit:contain;background:#eee}
+.nothumb{display:flex;align-items:center;justify-content:center;color:#888}"""
 
 
 def page(title: str, body: list[str]) -> str:

@@ -210,7 +210,8 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
     reporter.start("robustness", len(names), "perturbations")
     for name in names:
         table = feature_table(store, model_key, train_config.pairing, name)
-        batches = list(FeatureLoader(table, ("test",), LoaderConfig(train_config.features, 8192)).epoch(0))
+        loader_config = LoaderConfig(train_config.features, 8192, **_input_norm(train_config))
+        batches = list(FeatureLoader(table, ("test",), loader_config).epoch(0))
         reporter.advance("robustness", 1)
         if not batches:
             continue
@@ -236,6 +237,12 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
                         "test split as ingested (row none) and each perturbation's copies of it; AUC × 100 "
                         "[95% group-bootstrap interval].")
     return result
+
+
+def _input_norm(config: TrainConfig) -> dict[str, Any]:
+    """The run's input scaling, where this version of the loader knows the option."""
+    norm = getattr(config, "input_norm", None)
+    return {"input_norm": norm} if norm is not None and "input_norm" in LoaderConfig.__dataclass_fields__ else {}
 
 
 # --- rendering -----------------------------------------------------------------------------------

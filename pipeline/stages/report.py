@@ -1,9 +1,11 @@
 """`pipeline report`: a run (or an experiment) as a static HTML page with PNG figures.
 
-Run page: ROC curves (overall and per generator), AUC per generator as bars, score histograms
-(real against each generator), the confusion matrix at the chosen threshold, the run's config
-and metrics. Experiment page: the Table 1 / Table 2 table beside its bars. Everything is computed
-from the `scores` and `runs` data in the store; the page references only files written beside it.
+Run page: the shortcut alarm (when a text-only run on the same embeddings separates the classes),
+every metric with its 95% group-bootstrap interval, ROC curves, AUC per generator as bars with
+intervals, score histograms, the confusion matrix, the learning curve, an error gallery (thumbnails
+of the top false positives and false negatives at the val-chosen threshold, from the original
+bytes, with caption, generator, score and nearest training neighbour), the run's config. Everything
+is computed from the store; the page references only files written beside it.
 """
 
 from __future__ import annotations
@@ -11,25 +13,33 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
+from pipeline import shortcuts
 from pipeline.config import Validated, within
 from pipeline.errors import PipelineError
+from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter
 from pipeline.runs import load_run_record
+from pipeline.sources.locations import Location, LocationReader
 from pipeline.store import catalog
-from pipeline.store.atomic import write_text
+from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
-from trainer.metrics import confusion, summary
+from trainer.metrics import METRICS, confusion, evaluate_by_generator, summary
+
+GALLERY = 6  # false positives and as many false negatives
+BOOT = 1000
 
 
 @dataclass
 class ReportResult:
     directory: Path
     files: list[Path] = field(default_factory=list)
+    alarm: str | None = None  # the text-shortcut sentence, when there is one
 
     @property
     def page(self) -> Path:
@@ -75,28 +85,166 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
     stats = summary(y, p, gens, threshold)
     per_gen = cast(dict[str, float], stats["auc_by_generator"])
     result.files.append(figures.roc(directory / "roc.png", y, p, gens, split, rw))
-    overall = {**per_gen, "overall": cast(float, stats["auc"])}
-    result.files.append(figures.bars(directory / "auc_by_generator.png", overall,
-                              f"{split} ROC AUC per generator (each against all real)", rw))
+    groups = _groups(store, scores.column("sample_id").to_numpy(zero_copy_only=False))
+    rng = np.random.default_rng(config.seed)
+    by_gen = evaluate_by_generator(y, p, gens, groups, threshold, rng, BOOT)
+    cells = {g: by_gen[g]["auc"].as_dict() for g in [*per_gen, "all"]}
+    result.files.append(figures.bars_ci(directory / "auc_by_generator.png", cells,
+                                        f"{split} ROC AUC per generator (each against all real)", rw))
     result.files.append(figures.histograms(directory / "scores.png", y, p, gens, split, rw))
     result.files.append(figures.confusion(directory / "confusion.png", confusion(y, p, threshold), threshold, rw))
+    if metrics.get("history"):
+        result.files.append(figures.learning_curve(directory / "learning_curve.png", metrics["history"],
+                                                   metrics.get("best_epoch"), rw))
+    chosen = (metrics.get("test", {}).get("at_val_threshold") or {}).get("threshold", threshold)
+    alarm = result.alarm = _text_alarm(store, config, metrics)
+    gallery = _gallery(store, config, metrics, scores, directory, chosen)
     body = [
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
         html.banner(metrics.get("random_weights")),
+        f'<p class="alarm">{html.e(alarm)}</p>' if alarm else "",
         f"<p>Model key <code>{html.e(metrics.get('model_key'))}</code>; detector {html.e(config.detector)}; "
         f"features {html.e(config.features)}; text pairing {html.e(config.pairing)}. Figures on the "
         f"<b>{html.e(split)}</b> split "
         f"({len(y)} samples). {html.e(excluded_note)}</p>",
         "<h2>Metrics</h2>",
-        html.table(["split", "n", "ROC AUC", "AP", f"accuracy @ {threshold}"],
-               [html.metric_row(s, metrics.get(s, {})) for s in ("train", "val", "test")]
-               + [html.metric_row(f"{split} (this page)", stats)]),
+        f"<p>× 100, with 95% group-bootstrap intervals ({BOOT} replicates; a real image and the images "
+        f"generated from its caption are resampled together); n = {len(y)} {html.e(split)} samples. "
+        f"Thresholded metrics at {threshold}.</p>",
+        html.table(["metric", f"{split}"], [[m, _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
+        _threshold_note(metrics),
+        html.table(["split", "n", "ROC AUC", "AP", "accuracy @ 0.5"],
+                   [html.metric_row(s, metrics.get(s, {})) for s in ("train", "val", "test")]),
         "<h2>Per generator</h2>",
-        html.table(["generator", f"{split} ROC AUC"], [[g, html.pct(a)] for g, a in per_gen.items()]),
+        html.table(["generator", "n", f"{split} ROC AUC", "AP", "EER", "TPR @ 1% FPR"],
+                   [[g, by_gen[g]["auc"].n, _cell(by_gen[g]["auc"].as_dict()), _cell(by_gen[g]["ap"].as_dict()),
+                     _cell(by_gen[g]["eer"].as_dict()), _cell(by_gen[g]["tpr_at_fpr_1"].as_dict())]
+                    for g in [*per_gen, "all"]]),
         '<div class="figs">' + "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in result.files) + "</div>",
+        "<h2>Errors</h2>" + gallery,
         "<h2>History</h2>" + html.history(metrics),
         "<h2>Config</h2>",
         f"<pre>{html.e(json.dumps(config.flat(), indent=2, default=str))}</pre>",
     ]
     write_text(result.page, html.page(f"run {run_id}", body))
     return result
+
+
+def _cell(cell: dict[str, Any]) -> str:
+    text = html.pct(cell.get("value"))
+    if cell.get("lo") is not None and not np.isnan(cell["lo"]):
+        text += f" [{html.pct(cell['lo'])}, {html.pct(cell['hi'])}]"
+    return text
+
+
+def _threshold_note(metrics: dict[str, Any]) -> str:
+    chosen = metrics.get("test", {}).get("at_val_threshold")
+    if not chosen:
+        return ""
+    rows = [[m, _cell(c)] for m, c in chosen["metrics"].items()]
+    return (f"<p>At the threshold chosen on val (balanced accuracy, t = {chosen['threshold']:.3f}) and applied "
+            "to test:</p>" + html.table(["metric", "test"], rows))
+
+
+def _groups(store: Store, sample_ids: np.ndarray) -> np.ndarray:
+    import pyarrow as pa
+
+    ids = pa.table({"sample_id": pa.array(sample_ids.astype(str)), "i": pa.array(np.arange(len(sample_ids)))})
+    found = catalog.query_with(store, "SELECT ids.i, samples.group_key FROM ids JOIN samples USING (sample_id)",
+                               {"ids": ids})
+    groups = sample_ids.astype(object).copy()
+    if found.num_rows:
+        groups[found.column("i").to_numpy()] = found.column("group_key").to_numpy(zero_copy_only=False)
+    return groups.astype(str)
+
+
+def _text_alarm(store: Store, config: Any, metrics: dict[str, Any]) -> str | None:
+    """The shortcut sentence, from this run if it is text-only, else from a text-only run beside it."""
+    if config.features == "text":
+        return shortcuts.text_alarm(metrics.get("test", {}))
+    found = shortcuts.text_only_summary(store, metrics["model_key"], config.pairing)
+    return shortcuts.text_alarm(found[1], metrics.get("test", {})) if found else None
+
+
+def _gallery(store: Store, config: Any, metrics: dict[str, Any], scores: Any, directory: Path,
+             threshold: float) -> str:
+    """Thumbnails of the most confident mistakes at `threshold`, each beside its nearest training image."""
+    y = scores.column("label").to_numpy().astype(bool)
+    p = scores.column("score").to_numpy().astype(np.float64)
+    ids = scores.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
+    fp = [i for i in np.argsort(-p) if not y[i] and p[i] > threshold][:GALLERY]
+    fn = [i for i in np.argsort(p) if y[i] and p[i] <= threshold][:GALLERY]
+    picked = [ids[i] for i in fp + fn]
+    if not picked:
+        return f"<p>No errors at threshold {threshold:.3f}.</p>"
+    info = {r["sample_id"]: r for r in catalog.query_with(
+        store, "SELECT s.* FROM samples s JOIN picked USING (sample_id)",
+        {"picked": _id_table(picked)}).to_pylist()}
+    nearest = _nearest_training(store, config, metrics, picked)
+    near_info = {r["sample_id"]: r for r in catalog.query_with(
+        store, "SELECT s.* FROM samples s JOIN picked USING (sample_id)",
+        {"picked": _id_table([n for n, _ in nearest.values()])}).to_pylist()}
+    reader = LocationReader()
+
+    def card(index: int, kind: str) -> str:
+        sid = ids[index]
+        row = info.get(sid, {})
+        near_id, similarity = nearest.get(sid, (None, float("nan")))
+        near = near_info.get(near_id or "", {})
+        return (f'<figure class="card"><div class="pair">{_thumb(reader, row, directory)}'
+                f'{_thumb(reader, near, directory)}</div><figcaption><b>{kind}</b> score {p[index]:.3f} · '
+                f'{html.e(html.short(row.get("generator", "?")))}<br><i>{html.e((row.get("text") or "")[:140])}'
+                f'</i><br>right: nearest training image ({html.e(html.short(near.get("generator", "–")))}, '
+                f'cosine {similarity:.3f})</figcaption></figure>')
+
+    return (f"<p>At threshold {threshold:.3f}: the {len(fp)} real images scored most generated (false "
+            f"positives) and the {len(fn)} generated images scored most real (false negatives). Left: the "
+            "image from its original bytes; right: its nearest training neighbour by image embedding.</p>"
+            '<div class="gallery">' + "".join(card(i, "false positive") for i in fp)
+            + "".join(card(i, "false negative") for i in fn) + "</div>")
+
+
+def _id_table(ids: list[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"sample_id": pa.array(ids, pa.string())})
+
+
+def _thumb(reader: LocationReader, row: dict[str, Any], directory: Path) -> str:
+    if not row:
+        return '<div class="nothumb">no sample</div>'
+    try:
+        data = figures.thumbnail_png(reader.read(Location.from_row(row)))
+    except Exception:  # noqa: BLE001 - imported features, moved or broken files: say so on the page
+        return '<div class="nothumb">no image bytes</div>'
+    path = write_bytes(directory / "gallery" / f"{row['sample_id'][:16]}.png", data)
+    return f'<img src="gallery/{path.name}" alt="{html.e(row["sample_id"][:12])}">'
+
+
+def _nearest_training(store: Store, config: Any, metrics: dict[str, Any],
+                      picked: list[str]) -> dict[str, tuple[str, float]]:
+    """Each picked sample's most similar training image (cosine of image embeddings), by one streaming pass."""
+    try:
+        table = feature_table(store, metrics["model_key"], config.pairing)
+    except PipelineError:
+        return {}
+    wanted = set(picked)
+    queries: dict[str, np.ndarray] = {}
+    for b in FeatureLoader(table, ("val", "test"), LoaderConfig("image", 8192)).epoch(0):
+        for j in np.flatnonzero(np.isin(b.sample_id.astype(str), list(wanted))):
+            queries[str(b.sample_id[j])] = b.x[j].numpy()
+    if not queries:
+        return {}
+    names = list(queries)
+    q = np.stack([queries[n] for n in names])
+    q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
+    best = np.full(len(names), -np.inf)
+    best_id = np.array([""] * len(names), dtype=object)
+    for b in FeatureLoader(table, ("train",), LoaderConfig("image", 8192)).epoch(0):
+        x = b.x.numpy()
+        sims = q @ (x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)).T
+        j = sims.argmax(1)
+        better = sims[np.arange(len(names)), j] > best
+        best = np.where(better, sims[np.arange(len(names)), j], best)
+        best_id = np.where(better, b.sample_id.astype(str)[j], best_id)
+    return {n: (str(best_id[i]), float(best[i])) for i, n in enumerate(names) if best_id[i]}
