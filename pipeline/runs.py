@@ -48,6 +48,8 @@ class TrainConfig(Validated):
     detector: Literal["mlp", "knn"] = "mlp"  # mlp: the paper's detector | knn: vote of the nearest training samples
     exclude_leaks: bool = False  # drop val/test samples with a near-duplicate in an earlier split
     leak_threshold: float = 0.95  # cosine similarity that counts as a near-duplicate
+    # fit (and pick the epoch) on the real images and these generators' only; score every sample
+    train_generators: tuple[str, ...] | None = None
     fit: FitConfig = field(default_factory=FitConfig)
     name: str | None = None
 
@@ -82,7 +84,8 @@ class TrainConfig(Validated):
             k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in fit_fields
         }
         _check_types(data)
-        return TrainConfig(fit=FitConfig(**fit_kwargs), **{k: v for k, v in data.items() if k in own})
+        own_kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in own}
+        return TrainConfig(fit=FitConfig(**fit_kwargs), **own_kwargs)
 
     @staticmethod
     def from_toml(path: Path) -> TrainConfig:
@@ -100,6 +103,8 @@ class TrainConfig(Validated):
 def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None) -> str:
     flat = config.flat()
     flat.pop("name")
+    if flat.get("train_generators") is None:  # absent: runs made before the option keep their hash
+        flat.pop("train_generators", None)
     flat["model_key"] = model_key
     flat["data"] = table.fingerprint
     if leak_scan:
