@@ -3,6 +3,9 @@
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
+
 from pipeline.stages.encode import run as encode
 from pipeline.store import catalog
 from pipeline.store.layout import Store
@@ -31,16 +34,16 @@ def test_orphan_shards_are_registered_and_temps_removed(d3_store: Store) -> None
     before = _counts(d3_store)
     orphan = catalog.shard_paths(d3_store, "samples")[0]
     copy = orphan.with_name("samples-orphan.parquet")
-    shutil.copy(orphan, copy)  # as if renamed into place just before a crash
     stale = orphan.with_name(".samples-x.parquet.abcd.tmp")
-    stale.write_bytes(b"half a file")
-    with locked(d3_store):
+    with locked(d3_store):  # (taking the lock reconciles too: plant the files after it)
+        shutil.copy(orphan, copy)  # as if renamed into place just before a crash
+        stale.write_bytes(b"half a file")  # an untagged temp: a writer from before temps had owners
         result = catalog.reconcile(d3_store)
     assert (result.added, result.temps_removed) == (1, 1)
     assert not stale.exists()
     assert _counts(d3_store)[0] == 2 * before[0]  # the views see the orphan's rows
-    copy.unlink()
     with locked(d3_store):
+        copy.unlink()
         assert catalog.reconcile(d3_store).dropped == 1
     assert _counts(d3_store) == before
 
@@ -62,3 +65,48 @@ def test_empty_store_has_typed_empty_views(tmp_path: Path) -> None:
     assert table.num_rows == 0 and "sample_id" in table.column_names
     assert catalog.query(store, "SELECT * FROM scores").num_rows == 0
     assert "vector" in catalog.query(store, "SELECT * FROM embeddings").column_names
+
+
+def test_scores_of_a_run_that_never_committed_are_swept(d3_store: Store) -> None:
+    import pyarrow as pa
+
+    from schemas import SCORES
+
+    ghost = d3_store.dataset_dir("scores") / "20260101-000000-deadbeef-0000.parquet"
+    ghost.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"run_id": ["20260101-000000-deadbeef-0000"], "sample_id": ["x"], "split": ["test"],
+                             "label": pa.array([1], pa.int8()), "generator": ["g"],
+                             "score": pa.array([0.5], pa.float32())}, schema=SCORES), ghost)
+    half_run = d3_store.run_dir("20260101-000000-deadbeef-0000")
+    half_run.mkdir(parents=True)
+    (half_run / "config.json").write_text("{}")  # killed before run.parquet
+    with locked(d3_store):  # the next writer, whatever it is, sweeps them when it takes the lock
+        pass
+    assert not ghost.exists() and not half_run.exists()
+    assert catalog.query(d3_store, "SELECT count(*) FROM scores").column(0)[0].as_py() == 0
+
+
+def test_a_rebuild_killed_half_way_leaves_the_old_catalog_readable(d3_store: Store, monkeypatch) -> None:
+    before = catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py()
+
+    def die(*args: object) -> None:
+        raise KeyboardInterrupt  # as a SIGKILL would stop it: after deriving, before the swap
+
+    monkeypatch.setattr(catalog, "_write_manifest", die)
+    with pytest.raises(KeyboardInterrupt):
+        catalog.rebuild(d3_store)
+    monkeypatch.undo()
+    assert catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py() == before
+
+
+def test_readers_need_only_the_manifest_and_old_stores_still_read(d3_store: Store) -> None:
+    before = _counts(d3_store)
+    d3_store.catalog_path.unlink()  # readers never open catalog.duckdb
+    assert _counts(d3_store) == before
+    catalog.rebuild(d3_store)
+    assert d3_store.catalog_path.exists()
+    d3_store.manifest_path.unlink()  # a store from before manifests: its catalog.duckdb is read
+    assert _counts(d3_store) == before
+    with locked(d3_store):  # the first writer writes the manifest
+        pass
+    assert d3_store.manifest_path.exists() and _counts(d3_store) == before
