@@ -282,9 +282,10 @@ def describe(store: Store, path: Path) -> Shard | str:
     return found
 
 
-def _footer(store: Store, path: Path) -> Shard | str:
-    """The shard as its footer describes it, or why the footer rules it out (a short clause)."""
-    rel = store.relative(path)
+def _footer(store: Store, path: Path, rel: str | None = None) -> Shard | str:
+    """The shard as its footer describes it, or why the footer rules it out (a short clause).
+    `rel`: where the file is to live, if not where it is (a staged shard)."""
+    rel = rel or store.relative(path)
     try:
         st = path.stat()
         meta = pq.read_metadata(path)
@@ -309,7 +310,7 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
     adopted = 0
     for staged in _staged_files(store):
         final = store.root / staged.relative_to(store.staging_dir)
-        if isinstance(describe(store, staged), str):
+        if isinstance(_footer(store, staged, store.relative(final)), str):
             continue  # left for `pipeline verify`, which lists it
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
@@ -382,6 +383,8 @@ def _unstage(store: Store, staged: Path) -> Path:
     except ValueError as exc:
         raise PipelineError(f"{staged} is not under {store.staging_dir}; only staged files can be committed.") from exc
     final = store.root / rel
+    if not staged.exists() and final.exists():
+        return final  # adopted already (a reconcile when the lock was taken afresh moved it)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, final)
     return final
