@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from pipeline.errors import PipelineError
 from pipeline.sources.locations import Location
@@ -93,7 +93,11 @@ def is_image(path: Path | str) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def sha256_stream(f: IO[bytes], limit: int) -> tuple[str, int] | None:
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def sha256_stream(f: _Readable, limit: int) -> tuple[str, int] | None:
     """Hash a stream chunk by chunk; None if it holds more than `limit` bytes."""
     digest = hashlib.sha256()
     size = 0
@@ -134,8 +138,8 @@ def hash_file(path: Path, limits: Limits) -> tuple[str, int, Location] | Problem
 def hash_location(loc: Location, limits: Limits) -> tuple[str, int] | Problem:
     """Hash the bytes at a file or tar-member location (offset and length) by streaming them."""
     if loc.offset is None:
-        hashed = hash_file(Path(loc.uri), limits)
-        return hashed if isinstance(hashed, Problem) else (hashed[0], hashed[1])
+        whole = hash_file(Path(loc.uri), limits)
+        return whole if isinstance(whole, Problem) else (whole[0], whole[1])
     length = loc.length if loc.length is not None else 0
     if length > limits.max_bytes:
         return Problem("too_large", f"{loc.uri} member {loc.member} holds {length} bytes, over --max-bytes "
@@ -143,11 +147,12 @@ def hash_location(loc: Location, limits: Limits) -> tuple[str, int] | Problem:
     try:
         with open(loc.uri, "rb") as f:
             f.seek(loc.offset)
-            hashed = sha256_stream(_Bounded(f, length), limits.max_bytes)
+            part = sha256_stream(_Bounded(f, length), limits.max_bytes)
     except OSError as exc:
         return Problem("unreadable", f"{loc.uri}: {exc.strerror or exc}", loc)
-    assert hashed is not None
-    return hashed
+    if part is None:  # cannot happen: the length was checked against the limit
+        return Problem("too_large", f"{loc.uri} member {loc.member} is over --max-bytes {limits.max_bytes}", loc)
+    return part
 
 
 def parquet_fingerprint(path: Path) -> str | None:
