@@ -48,7 +48,7 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     run = train(planted, TrainConfig.from_dict(FAST))
     result = write_report(ReportConfig(planted, run.run_id, tmp_path / "report"))
     names = {f.name for f in result.files}
-    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png"}
+    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png", "learning_curve.png"}
     for f in result.files:
         with Image.open(f) as img:
             img.load()
@@ -56,6 +56,8 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     assert set(_referenced_files_exist(result.page)) == names
     text = result.page.read_text()
     assert run.run_id in text and "RANDOM" not in text  # imported features: no random-weights claim
+    assert "tpr_at_fpr_1" in text and "group-bootstrap" in text and "false positive" in text
+    assert "no image bytes" in text  # imported features: the gallery says so instead of a broken image
     with pytest.raises(PipelineError, match="--split must be one of train, val, test"):
         write_report(ReportConfig(planted, run.run_id, tmp_path / "r2", split="nope"))
 
@@ -69,6 +71,7 @@ def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
     assert knn.metrics["test"]["auc"] > 0.8 > text_only.metrics["test"]["auc"] + 0.2  # the signal is in the images
     assert result.page.exists() and result.path.exists()
     assert _referenced_files_exist(result.page) == ["auc.png"]
+    assert "[" in result.markdown.split("| Baseline 1")[1].split("\n")[0]  # cells carry intervals
     with pytest.raises(PipelineError, match="keeps no weights"):
         run_score(ScoreConfig(planted, knn.run_id))
 
