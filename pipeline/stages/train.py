@@ -233,6 +233,7 @@ def _summaries(store: Store, s: Scores, excluded: set[str], seed: int) -> dict[s
         by_gen = evaluate_by_generator(y, p, g, grp, 0.5, rng, n_boot)
         out[split]["intervals"] = {gen: {m: e.as_dict() for m, e in d.items()} for gen, d in by_gen.items()}
         out[split]["bootstrap"] = {"replicates": n_boot, "level": 0.95, "unit": "group_key", "seed": [seed, i]}
+        out[split]["groups"] = int(len(np.unique(grp)))
     val, test = _split_mask(s, "val", excluded), _split_mask(s, "test", excluded)
     if val.any() and test.any():
         threshold = choose_threshold(s.label[val], s.score[val])
