@@ -201,3 +201,22 @@ def test_bad_training_values_and_checkpoints_are_one_sentence(d3_store: Store, t
     fake.write_bytes(b"not a checkpoint at all")
     code, out = _run("encode", "--store", store, "--model", "Tiny-ViT-16", "--pretrained", str(fake), "--workers", "0")
     assert code == 2 and "is not a Tiny-ViT-16 checkpoint" in out, out
+
+
+def test_a_damaged_shard_is_one_sentence_in_every_command(d3_store: Store) -> None:
+    from pipeline.stages.encode import run as encode
+    from tests.conftest import encode_config
+
+    encode(encode_config(d3_store))
+    shard = catalog.shard_paths(d3_store, "samples")[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    rel = d3_store.relative(shard)
+    store = str(d3_store.root)
+    for args in (["status"], ["sql", "SELECT count(*) FROM samples"], ["train"],
+                 ["encode", "--model", "Tiny-ViT-16", "--workers", "0"]):
+        code, out = _run(*args, "--store", store)
+        assert code == 2 and rel in out and "pipeline verify --repair" in out, (args, out)
+    code, out = _run("verify", "--store", store, "--repair")
+    assert code == 0 and "moved" in out, out
+    code, out = _run("status", "--store", store)
+    assert code == 0, out

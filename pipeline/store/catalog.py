@@ -248,8 +248,12 @@ def rebuild(store: Store, reporter: Reporter | None = None, wait: bool = True) -
 
 
 def write_catalog_file(store: Store) -> None:
-    """Write `catalog.duckdb` (table `shards`, views with store-relative paths) beside, then swap."""
+    """Write `catalog.duckdb` (table `shards`, views with store-relative paths) beside, then swap.
+    A committed shard that is damaged is left out of this copy (the pipeline's own readers name it)."""
     manifest = read_manifest(store)
+    for rel, shard in list(manifest.shards.items()):
+        if _stat_problem(store, shard):
+            del manifest.shards[rel]
 
     def build(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)

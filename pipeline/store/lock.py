@@ -75,14 +75,12 @@ def writing(store: Store, reporter: Reporter | None = None, wait: bool = True,
         if reconcile:
             catalog.reconcile(store)
         yield
+        if _catalog_file_stale(store, held.manifest_stamp):
+            catalog.write_catalog_file(store)  # on success only: a failing stage's error stays the one shown
     finally:
-        try:
-            if _manifest_stamp(store) != held.manifest_stamp or not store.catalog_path.exists():
-                catalog.write_catalog_file(store)
-        finally:
-            del _HELD[_key(store)]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        del _HELD[_key(store)]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def holds(store: Store) -> bool:
@@ -150,6 +148,17 @@ def _describe(path: Path) -> str:
     since = f", since {lines[1]}" if len(lines) > 1 and lines[1] else ""
     command = f", `{lines[2]}`" if len(lines) > 2 and lines[2] else ""
     return f"pid {pid} on {host}{command}{since}"
+
+
+def _catalog_file_stale(store: Store, stamp_at_start: tuple[int, int] | None) -> bool:
+    """Whether `catalog.duckdb` lags the manifest (changed now, or by a writer that failed before
+    rewriting it)."""
+    try:
+        catalog_mtime = store.catalog_path.stat().st_mtime_ns
+    except OSError:
+        return store.manifest_path.exists()
+    stamp = _manifest_stamp(store)
+    return stamp is not None and (stamp != stamp_at_start or stamp[1] > catalog_mtime)
 
 
 def _manifest_stamp(store: Store) -> tuple[int, int] | None:
