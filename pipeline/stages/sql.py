@@ -71,7 +71,7 @@ def run_query(store: Store, sql: str, allow_files: bool = False) -> pa.Table:
         raise PipelineError(
             "`pipeline sql` reads only the store's tables: "
             f"{_first_line(exc).removeprefix('Permission Error: ')}"
-            + ("" if allow_files else " (pass --allow-files to let a SELECT read other files)")
+            + ("" if allow_files or kind != "SELECT" else " (pass --allow-files to let a SELECT read other files)")
             + "."
         ) from exc
     except duckdb.Error as exc:
@@ -144,9 +144,7 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: catalog.Ma
         paths = [str(root / s.path) for s in manifest.of(name)]
         con.register(f"_{name}", ds.dataset(paths, schema=schema, format="parquet") if paths else schema.empty_table())
         con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
-    hidden = (" WHERE sample_id NOT IN (SELECT content_hash FROM quarantine "
-              "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL)") if manifest.of("quarantine") else ""
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM samples_all{hidden}")
+    con.execute(f"CREATE VIEW samples AS {catalog.samples_view(manifest)}")
     parts = []
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
         paths = [str(root / s.path) for s in manifest.of("embeddings", key)]

@@ -480,11 +480,17 @@ def _define_views(con: duckdb.DuckDBPyConnection, store: Store, manifest: Manife
         body = _select(con, schema, paths, shards) if paths else _empty_select(con, schema)
         name = "samples_all" if dataset == "samples" else dataset
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
-    # The same bytes under two labels are used as neither (ingest quarantines them as label_conflict).
-    hidden = (" WHERE sample_id NOT IN (SELECT content_hash FROM quarantine "
-              "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL)") if manifest.of("quarantine") else ""
-    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT * FROM samples_all{hidden}")
+    con.execute(f"CREATE OR REPLACE VIEW samples AS {samples_view(manifest)}")
     con.execute(f"CREATE OR REPLACE VIEW embeddings AS {_embeddings_select(manifest, root, absolute)}")
+
+
+def samples_view(manifest: Manifest) -> str:
+    """`samples` is `samples_all` less the images quarantined as `label_conflict`: the same bytes
+    under two labels are used as neither."""
+    if not manifest.of("quarantine"):
+        return "SELECT * FROM samples_all"
+    return ("SELECT * FROM samples_all WHERE sample_id NOT IN (SELECT content_hash FROM quarantine "
+            "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL)")
 
 
 def _select(con: duckdb.DuckDBPyConnection, schema: pa.Schema, paths: list[str], shards: list[Shard]) -> str:
