@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from pipeline.encoding.clip import ModelSpec, load
+from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts
 from pipeline.errors import PipelineError
-from pipeline.stages.encode import Encoder, encode_rows, pending_images
+from pipeline.stages.encode import pending_images_sql, write_pending
 from pipeline.stages.encode import run as encode
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest
@@ -74,22 +75,93 @@ def test_float32_storage_and_dtype_conflict(d3_store: Store) -> None:
         encode(encode_config(d3_store, dtype="float16"))
 
 
-def test_encode_rows_is_a_pure_unit_of_work(d3_store: Store) -> None:
+def _pending_rows(store: Store, model_key: str, tmp: Path) -> pa.Table:
+    path = tmp / "pending.parquet"
+    write_pending(store, pending_images_sql(False), model_key, path)
+    return pq.read_table(path)
+
+
+def test_units_are_arrow_in_arrow_out_and_pure(d3_store: Store, tmp_path: Path) -> None:
     loaded = load(ModelSpec(TINY), torch.device("cpu"))
-    encoder = Encoder(loaded, torch.device("cpu"), "fp32")
-    rows = pending_images(d3_store, loaded.model_key)[:8]
-    emb1, bad1 = encode_rows(rows, encoder)
-    emb2, _ = encode_rows(rows, encoder)
-    assert emb1.equals(emb2)
-    assert emb1.num_rows + bad1.num_rows == 8
-    # the runner produces the same vectors as the unit of work
+    spec = EncodeSpec.from_info(ModelSpec(TINY), loaded.info, "float16", 64_000_000)
+    rows = _pending_rows(d3_store, loaded.model_key, tmp_path).slice(0, 8)
+    images = EncodeImages(spec, "cpu", "fp32", loaded)
+    out1, out2 = images(rows), images(rows)
+    assert out1.schema == spec.schema and out1.equals(out2) and out1.num_rows == 8
+    # decoding in another worker, then encoding, gives the very same rows
+    assert images(DecodeImages(spec)(rows)).equals(out1)
+    texts = EncodeTexts(spec, "cpu", "fp32", loaded)(pa.table({"text_hash": ["h1"], "text": ["a red cat"]}))
+    assert texts.schema == spec.schema and texts.column("modality").to_pylist() == ["text"]
+    # the stage stores what the unit returns
     encode(encode_config(d3_store))
     stored = catalog.query(
-        d3_store, "SELECT content_hash, vector FROM embeddings WHERE modality = 'image'"
+        d3_store, "SELECT content_hash, vector, norm FROM embeddings WHERE modality = 'image'"
     ).to_pylist()
-    by_hash = {r["content_hash"]: r["vector"] for r in stored}
-    for h, v in zip(emb1.column("content_hash").to_pylist(), emb1.column("vector").to_pylist(), strict=True):
-        assert np.allclose(by_hash[h], np.asarray(v, np.float32), atol=1e-3)
+    by_hash = {r["content_hash"]: r for r in stored}
+    for row in out1.filter(pa.compute.is_valid(out1.column("vector"))).to_pylist():
+        assert np.allclose(by_hash[row["content_hash"]]["vector"], np.asarray(row["vector"], np.float32), atol=1e-3)
+        assert by_hash[row["content_hash"]]["norm"] == pytest.approx(row["norm"], rel=1e-5)
+
+
+def test_norm_is_the_raw_vector_length(d3_store: Store) -> None:
+    encode(encode_config(d3_store, dtype="float32"))
+    row = catalog.query(
+        d3_store, "SELECT s.text, e.vector, e.norm FROM samples s JOIN embeddings e ON e.content_hash = s.text_hash "
+        "WHERE e.modality = 'text' LIMIT 1").to_pylist()[0]
+    loaded = load(ModelSpec(TINY), torch.device("cpu"))
+    with torch.no_grad():
+        raw = loaded.model.encode_text(loaded.tokenizer([row["text"]]))[0].numpy()
+    assert row["norm"] == pytest.approx(float(np.linalg.norm(raw)), rel=1e-4)
+    assert np.allclose(np.asarray(row["vector"]) * row["norm"], raw, atol=1e-4)
+
+
+def test_a_file_replaced_after_ingest_is_quarantined_not_encoded(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "a.jpg").write_bytes(jpeg((10, 200, 10)))
+    (root / "real" / "b.jpg").write_bytes(jpeg((200, 10, 10)))
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(root, "folder", store))
+    (root / "real" / "b.jpg").write_bytes(jpeg((10, 10, 200)))  # a valid image, other bytes
+    result = encode(encode_config(store))
+    assert result.images_encoded == 1 and result.quarantined == {"changed_since_ingest": 1}
+    assert _count(store, "SELECT count(*) FROM quarantine WHERE reason = 'changed_since_ingest'") == 1
+
+
+_NOOP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.stages.encode import EncodeConfig, run
+    from pipeline.store.layout import Store
+    result = run(EncodeConfig(Store(sys.argv[1]), ModelSpec("Tiny-ViT-16"), workers=0))
+    print(result.nothing_to_do, result.model_loaded, "torch" in sys.modules, "open_clip" in sys.modules)
+    """
+)
+
+
+def test_noop_encode_loads_no_weights_and_imports_no_torch(d3_store: Store) -> None:
+    encode(encode_config(d3_store))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", _NOOP_SCRIPT, str(d3_store.root)], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "False", "False", "False"]
+
+
+def test_pending_rows_stream_in_chunks_sorted_by_location(
+    d3_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.stages.encode as stage
+
+    monkeypatch.setattr(stage, "_PENDING_CHUNK", 7)
+    key = load(ModelSpec(TINY), torch.device("cpu")).model_key
+    path = tmp_path / "pending.parquet"
+    n = write_pending(d3_store, pending_images_sql(False), key, path)
+    assert n == _count(d3_store, "SELECT count(DISTINCT sample_id) FROM samples")
+    assert pq.ParquetFile(path).metadata.num_row_groups == -(-n // 7)
+    rows = pq.read_table(path).to_pylist()
+    keys = [(r["source_uri"], r["source_member"] or "", r["source_row"] or 0) for r in rows]
+    assert keys == sorted(keys) and len({r["sample_id"] for r in rows}) == n
 
 
 def test_hostile_inputs_are_quarantined_and_the_run_completes(tmp_path: Path) -> None:
@@ -122,19 +194,23 @@ def test_hostile_inputs_are_quarantined_and_the_run_completes(tmp_path: Path) ->
 def test_resume_after_kill_between_shard_write_and_catalog_update(
     d3_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_commit = catalog.commit
+    import pipeline.engines.local as local
+
+    real_commit = catalog.commit_staged
     calls = {"n": 0}
 
-    def dying_commit(store: Store, files: list) -> None:
+    def dying_commit(store: Store, files: list) -> list:
         calls["n"] += 1
-        if calls["n"] == 3:  # the shard is renamed into place, the catalog never hears of it
+        if calls["n"] == 3:  # the shards are staged, the catalog never hears of them
             raise KeyboardInterrupt("simulated kill")
-        real_commit(store, files)
+        return real_commit(store, files)
 
-    monkeypatch.setattr(catalog, "commit", dying_commit)
+    monkeypatch.setattr(local, "COMMIT_EVERY_SHARDS", 1)
+    monkeypatch.setattr(catalog, "commit_staged", dying_commit)
     with pytest.raises(KeyboardInterrupt):
         encode(encode_config(d3_store, shard_rows=8, batch_size=8))
-    monkeypatch.setattr(catalog, "commit", real_commit)
+    assert list(d3_store.staging_dir.rglob("image-*.parquet"))  # left for the next writer
+    monkeypatch.setattr(catalog, "commit_staged", real_commit)
     encode(encode_config(d3_store, shard_rows=8, batch_size=8))
     _assert_complete_without_duplicates(d3_store)
 
@@ -148,6 +224,7 @@ def _assert_complete_without_duplicates(store: Store) -> None:
     bad = _count(store, "SELECT count(DISTINCT content_hash) FROM quarantine WHERE stage = 'decode'")
     assert rows == distinct == samples - bad
     assert not list(store.root.rglob("*.tmp"))
+    assert not [p for p in store.staging_dir.rglob("*") if p.is_file()]  # adopted, or swept
 
 
 _KILL_SCRIPT = textwrap.dedent(
@@ -176,7 +253,7 @@ def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, kill_after_shards: int
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store.root)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    shard_dir = store.root / "embeddings"
+    shard_dir = store.root  # staged or committed
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list(shard_dir.rglob("image-*.parquet"))) >= kill_after_shards:

@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
 from pipeline.store.layout import safe_name
+
+if TYPE_CHECKING:
+    import torch
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM = "random"
@@ -55,6 +56,7 @@ def register_configs() -> None:
 def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Create the model, its eval transform and tokenizer; compute the model key."""
     import open_clip
+    import torch
 
     register_configs()
     known = spec.name.startswith(("hf-hub:", "local-dir:")) or spec.name in open_clip.list_models()
@@ -62,7 +64,7 @@ def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
         raise PipelineError(
             f"Unknown open_clip model {spec.name!r}; `pipeline models` lists the architectures."
         )
-    weights = _weights_id(spec)
+    weights = weights_id(spec)
     pretrained = spec.pretrained
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser())
@@ -127,7 +129,39 @@ def _quiet_open_clip() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def _weights_id(spec: ModelSpec) -> str:
+def recorded_info(infos: list[dict[str, Any]], spec: ModelSpec) -> dict[str, Any] | None:
+    """The one model.json among `infos` that `spec` would write again, or None.
+
+    This is how `encode` knows its model key without loading any weights: the key is a function of
+    the architecture, the weights id and the preprocessing, and model.json records all three. Two
+    candidates (open_clip changed a model's preprocessing between runs) mean: load and see.
+    """
+    weights = weights_id(spec)
+    found = [i for i in infos if i.get("architecture") == spec.name and i.get("weights") == weights
+             and "preprocess" in i and "dim" in i and "model_key" in i]
+    return found[0] if len(found) == 1 else None
+
+
+def split_transform(preprocess: dict[str, Any]) -> tuple[Any, Any]:
+    """A model's eval transform rebuilt from model.json's `preprocess`, cut in two where the picture
+    becomes a tensor: (PIL image → resized, cropped PIL image, H×W×3 uint8 array → normalised tensor).
+
+    Decoding workers run the first half and ship uint8 pictures (4× smaller than float tensors);
+    the model's process runs the second.
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from torchvision.transforms import Compose
+
+    known = PreprocessCfg.__dataclass_fields__
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in preprocess.items() if k in known}
+    steps = list(image_transform_v2(PreprocessCfg(**cfg), is_train=False).transforms)
+    cut = next((i for i, s in enumerate(steps) if type(s).__name__.endswith("ToTensor")), None)
+    if cut is None:
+        raise PipelineError(f"The preprocessing {preprocess} has no ToTensor step; this encoder cannot split it.")
+    return Compose(steps[:cut]), Compose(steps[cut:])
+
+
+def weights_id(spec: ModelSpec) -> str:
     if not spec.pretrained:
         return f"{RANDOM}-seed{spec.seed}"
     path = Path(spec.pretrained).expanduser()
@@ -152,6 +186,8 @@ def _image_size(model: Any) -> Any:
 
 
 def _embed_dim(model: Any, device: torch.device) -> int:
+    import torch
+
     dim = getattr(model.visual, "output_dim", None)
     if isinstance(dim, int):
         return dim

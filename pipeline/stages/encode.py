@@ -1,61 +1,41 @@
 """Stage `encode`: CLIP image and text vectors for every sample the store lacks, for one model.
 
-The unit of work is pure: `encode_rows(rows, encoder)` turns a batch of sample rows into an
-embedding table and a quarantine table, so a distributed engine could map it over a cluster.
-`encode` is the local runner: it finds what is pending (by content hash, for this model key),
-decodes in DataLoader worker processes while the model runs, and writes one shard per
-`shard_rows` vectors atomically before recording it in the catalog. A killed run loses at most
-the unwritten buffer; the next run starts from what is on disk.
+It first decides what is pending, without importing torch or loading any weights: the model key
+follows from the arguments and the store's model.json, and pending rows are an anti-join in DuckDB,
+streamed to a Parquet file in chunks (never a Python list of every row). With nothing pending it
+stops there, in about a second. Otherwise an engine runs the units of work
+(`pipeline.encoding.units`) over that file: `local` in this process with decoding workers, `ray`
+across a Ray cluster. Workers write staged shards; this process, holding the writer lock, commits.
 """
 
 from __future__ import annotations
 
-import os
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
+import pyarrow.parquet as pq
 
 from pipeline.config import Validated, at_least
-from pipeline.encoding.clip import LoadedModel, ModelSpec, load
+from pipeline.encoding.clip import LoadedModel, ModelSpec, recorded_info
 from pipeline.errors import PipelineError
-from pipeline.features.vectors import normalise
 from pipeline.reporting import Reporter, Silent
-from pipeline.sources.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
-from pipeline.sources.locations import Location, LocationReader
+from pipeline.sources.images import DEFAULT_MAX_PIXELS
 from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
-from schemas import QUARANTINE, embeddings_schema, from_rows
+from schemas import embeddings_schema, from_columns
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-DEVICES: tuple[str, ...] = get_args(Device)
-_LOCATION_COLUMNS = "source_uri, source_member, source_row, byte_offset, byte_length"
-
-
-def default_workers(device: torch.device) -> int:
-    """Decoding processes that overlap the model without starving it.
-
-    On a GPU the CPU cores are free: use most of them. On the CPU the model already keeps every
-    core busy and decoding costs ~1 ms of a ~28 ms ViT-B-32 image, so on a small machine a worker
-    process only oversubscribes the cores (measured on 2 cores: 0.90 of forward-only with one worker,
-    0.99 decoding in the main process; bench/bench_encode.py).
-    """
-    cores = os.cpu_count() or 2
-    if device.type == "cpu":
-        return 0 if cores <= 4 else min(4, cores // 8)
-    return max(1, min(8, cores - 1))
+Engine = Literal["local", "ray"]
+_PENDING_CHUNK = 65536  # rows per Arrow batch while streaming the pending set to disk
+_LOCATION = ("sample_id", "source_uri", "source_member", "source_row", "byte_offset", "byte_length")
 
 
 @dataclass(frozen=True)
@@ -72,12 +52,19 @@ class EncodeConfig(Validated):
     text_batch_size: int = 256
     retry_quarantined: bool = False
     wait: bool = True  # wait for another writer of the store instead of stopping
+    engine: Engine = "local"
+    ray_address: str | None = None  # None: start a local Ray instance; "auto" or HOST:PORT
+    actors: int | None = None  # Ray encode actors (None: one per GPU, else one per node's spare cores)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
     def check(self) -> None:
-        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels"):
+        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels", "actors"):
             at_least(self, name, 1)
+        at_least(self, "gpus_per_actor", 0)
         if self.workers is not None and self.workers < 0:
             raise PipelineError("--workers must be 0 (decode in the main process) or more.")
+        if self.engine == "local" and (self.ray_address or self.actors or self.gpus_per_actor is not None):
+            raise PipelineError("--ray-address, --actors and --gpus-per-actor need --engine ray.")
 
 
 @dataclass
@@ -92,6 +79,8 @@ class EncodeResult:
     text_forward_passes: int = 0
     shards: list[Path] = field(default_factory=list)
     image_seconds: float = 0.0
+    engine: str = "local"
+    model_loaded: bool = False  # False: the pending work was found without loading any weights
 
     @property
     def nothing_to_do(self) -> bool:
@@ -101,99 +90,6 @@ class EncodeResult:
     def images_per_second(self) -> float:
         done = self.images_encoded + sum(self.quarantined.values())
         return done / self.image_seconds if self.image_seconds else 0.0
-
-
-class Encoder:
-    """A loaded CLIP model on a device at a precision; counts its forward passes."""
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str) -> None:
-        self.loaded = loaded
-        self.device = device
-        self.precision = precision
-        self.image_forward_passes = 0
-        self.text_forward_passes = 0
-        if precision == "fp16" and device.type == "cpu":
-            raise PipelineError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32.")
-
-    @property
-    def transform(self) -> Any:
-        return self.loaded.preprocess
-
-    def images(self, pixels: torch.Tensor) -> np.ndarray:
-        self.image_forward_passes += 1
-        with torch.inference_mode(), self._autocast():
-            out = self.loaded.model.encode_image(pixels.to(self.device, non_blocking=True))
-        return _normalised(out)
-
-    def texts(self, texts: list[str]) -> np.ndarray:
-        self.text_forward_passes += 1
-        tokens = self.loaded.tokenizer(texts).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            out = self.loaded.model.encode_text(tokens)
-        return _normalised(out)
-
-    def _autocast(self) -> Any:
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-
-@dataclass
-class DecodedBatch:
-    pixels: torch.Tensor | None
-    hashes: list[str]
-    failures: list[dict[str, Any]]
-
-
-def decode_batch(
-    rows: list[dict[str, Any]], transform: Any, reader: LocationReader, max_pixels: int
-) -> DecodedBatch:
-    """Read and preprocess a batch of sample rows; undecodable ones become quarantine rows."""
-    tensors, hashes, failures = [], [], []
-    now = datetime.now(UTC)
-    for row in rows:
-        loc = Location.from_row(row)
-        try:
-            data = reader.read(loc)
-            tensors.append(transform(decode_rgb(data, max_pixels)))
-            hashes.append(row["sample_id"])
-        except UndecodableImage as exc:
-            failures.append(_quarantine_row(row, exc.reason, exc.detail, now))
-        except OSError as exc:
-            failures.append(_quarantine_row(row, "unreadable", str(exc), now))
-    pixels = torch.stack(tensors) if tensors else None
-    return DecodedBatch(pixels, hashes, failures)
-
-
-def embeddings_table(
-    model_key: str, modality: str, hashes: list[str], vectors: np.ndarray, dtype: str
-) -> pa.Table:
-    schema = embeddings_schema(vectors.shape[1], dtype)
-    flat = pa.array(vectors.astype(dtype, copy=False).ravel())
-    return pa.Table.from_arrays(
-        [
-            pa.array([model_key] * len(hashes), pa.string()),
-            pa.array([modality] * len(hashes), pa.string()),
-            pa.array(hashes, pa.string()),
-            pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
-        ],
-        schema=schema,
-    )
-
-
-def encode_rows(
-    rows: list[dict[str, Any]], encoder: Encoder, dtype: str = "float16", max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[pa.Table, pa.Table]:
-    """The unit of work: sample rows → (image embedding table, quarantine table)."""
-    batch = decode_batch(rows, encoder.transform, LocationReader(), max_pixels)
-    vectors = (
-        encoder.images(batch.pixels)
-        if batch.pixels is not None
-        else np.zeros((0, encoder.loaded.info["dim"]), np.float32)
-    )
-    table = embeddings_table(encoder.loaded.model_key, "image", batch.hashes, vectors, dtype)
-    return table, from_rows(QUARANTINE, batch.failures)
 
 
 def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
@@ -206,204 +102,181 @@ def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
         return _encode(config, reporter)
 
 
-def _encode(config: EncodeConfig, reporter: Reporter) -> EncodeResult:
-    store = config.store
-    device = resolve_device(config.device)
-    loaded = load(config.model, device)
-    encoder = Encoder(loaded, device, config.precision)
-    store.record_model(loaded.model_key, {**loaded.info, "dtype": config.dtype})
-    result = EncodeResult(loaded.model_key, config.model.random_weights, str(device))
-    _encode_texts(config, encoder, result, reporter)
-    _encode_images(config, encoder, result, reporter)
-    result.image_forward_passes = encoder.image_forward_passes
-    result.text_forward_passes = encoder.text_forward_passes
-    return result
+def embeddings_table(
+    model_key: str, modality: str, hashes: list[str], vectors: np.ndarray, dtype: str,
+    norms: np.ndarray | None = None,
+) -> pa.Table:
+    """Embedding rows of one model and modality from unit vectors (and their norms, when known)."""
+    schema = embeddings_schema(vectors.shape[1], dtype)
+    flat = pa.array(vectors.astype(dtype, copy=False).ravel())
+    return from_columns(schema, {
+        "model_key": [model_key] * len(hashes),
+        "modality": [modality] * len(hashes),
+        "content_hash": hashes,
+        "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+        "norm": None if norms is None else pa.array(np.asarray(norms, np.float32)),
+    })
 
 
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
-
-    Without it torch emulates bf16 and a matrix product runs ~70× slower than in fp32 (measured
-    on an AVX2-only EPYC: 0.9 against 67 GFLOP/s), so bf16 there is a trap, not a speed-up.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-BF16_EMULATED = ("this CPU has no native bf16 (AVX512-BF16/AMX): torch emulates it, and bf16 runs far "
-                 "slower than fp32 here")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for, but torch sees no CUDA GPU here.")
-    return torch.device(name)
-
-
-def pending_texts(store: Store, model_key: str) -> list[tuple[str, str]]:
-    sql = """
-        SELECT text_hash, any_value(text) FROM samples
+def pending_texts_sql() -> str:
+    return """
+        SELECT text_hash, any_value(text) AS text FROM samples
         WHERE text_hash IS NOT NULL AND text_hash NOT IN (
-            SELECT content_hash FROM embeddings WHERE model_key = ? AND modality = 'text')
+            SELECT content_hash FROM embeddings WHERE model_key = $key AND modality = 'text')
         GROUP BY text_hash ORDER BY text_hash
     """
-    return [tuple(r.values()) for r in catalog.query(store, sql, [model_key]).to_pylist()]  # type: ignore[misc]
 
 
-def pending_images(store: Store, model_key: str, retry_quarantined: bool = False) -> list[dict[str, Any]]:
-    skip_quarantined = (
-        "" if retry_quarantined else
+def pending_images_sql(retry_quarantined: bool) -> str:
+    skip_quarantined = "" if retry_quarantined else (
         "AND sample_id NOT IN (SELECT content_hash FROM quarantine "
         "WHERE stage = 'decode' AND content_hash IS NOT NULL)"
     )
-    sql = f"""
-        SELECT DISTINCT ON (sample_id) sample_id, {_LOCATION_COLUMNS} FROM samples
+    columns = ", ".join(_LOCATION)
+    # one row per image hash; sorted by location so a reader meets each file / row group / tar once
+    return f"""
+        SELECT {columns} FROM samples
         WHERE source_format NOT LIKE 'features:%'
-          AND sample_id NOT IN (
-            SELECT content_hash FROM embeddings WHERE model_key = ? AND modality = 'image')
+          AND sample_id NOT IN (SELECT content_hash FROM embeddings WHERE model_key = $key AND modality = 'image')
           {skip_quarantined}
-        ORDER BY sample_id
+        QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY source_uri, source_member, source_row) = 1
+        ORDER BY source_uri, source_member NULLS FIRST, source_row NULLS FIRST, byte_offset NULLS FIRST, sample_id
     """
-    rows = catalog.query(store, sql, [model_key]).to_pylist()
-    # Locality: rows of one file / row group / tar next to each other.
-    rows.sort(key=lambda r: (r["source_uri"], r["source_member"] or "", r["source_row"] or 0, r["byte_offset"] or 0))
+
+
+def write_pending(store: Store, sql: str, model_key: str, path: Path) -> int:
+    """Stream the rows of `sql` into a Parquet file in chunks; return how many there were."""
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with catalog.connect(store, read_only=True) as con:
+            reader = con.sql(sql, params={"key": model_key}).to_arrow_reader(_PENDING_CHUNK)
+            for batch in reader:
+                if not batch.num_rows:
+                    continue
+                if writer is None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
+                writer.write_batch(batch, row_group_size=_PENDING_CHUNK)
+                rows += batch.num_rows
+        if writer is not None:
+            writer.close()
+            writer = None
+            tmp.replace(path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
     return rows
 
 
-# --- the runner ------------------------------------------------------------------------------
+def pending_dir(store: Store) -> Path:
+    """Where pending-row files live while a run uses them: hidden, so nobody adopts them as shards."""
+    return store.staging_dir / ".pending"
 
 
-def _encode_texts(config: EncodeConfig, encoder: Encoder, result: EncodeResult, reporter: Reporter) -> None:
-    pending = pending_texts(config.store, encoder.loaded.model_key)
-    if not pending:
-        return
-    reporter.start("texts", len(pending), "texts")
-    writer = _ShardWriter(config, encoder.loaded.model_key, "text", result)
-    for start in range(0, len(pending), config.text_batch_size):
-        chunk = pending[start : start + config.text_batch_size]
-        vectors = encoder.texts([text for _, text in chunk])
-        writer.add([h for h, _ in chunk], vectors, [])
-        result.texts_encoded += len(chunk)
-        reporter.advance("texts", len(chunk))
-    writer.flush()
+# --- private -------------------------------------------------------------------------------
 
 
-def _encode_images(config: EncodeConfig, encoder: Encoder, result: EncodeResult, reporter: Reporter) -> None:
-    pending = pending_images(config.store, encoder.loaded.model_key, config.retry_quarantined)
-    if not pending:
-        return
-    reporter.start("images", len(pending), "img")
-    writer = _ShardWriter(config, encoder.loaded.model_key, "image", result)
-    started = time.perf_counter()
-    for batch in _decoded_batches(pending, encoder, config):
-        vectors = encoder.images(batch.pixels) if batch.pixels is not None else None
-        writer.add(batch.hashes, vectors, batch.failures)
-        result.images_encoded += len(batch.hashes)
-        result.quarantined.update(f["reason"] for f in batch.failures)
-        reporter.advance("images", len(batch.hashes) + len(batch.failures))
-    writer.flush()
-    result.image_seconds = time.perf_counter() - started
+def _encode(config: EncodeConfig, reporter: Reporter) -> EncodeResult:
+    store = config.store
+    _sweep_pending(store)  # we hold the lock: any pending file left is a dead run's
+    info = recorded_info(_model_infos(store), config.model)
+    jobs: dict[str, tuple[Path, int]] = {}
+    loaded: LoadedModel | None = None
+    if info is not None:
+        store.record_model(info["model_key"], {**info, "dtype": config.dtype})  # refuses a dtype change
+        jobs = _pending(store, config, info["model_key"])
+        if not any(n for _, n in jobs.values()):
+            return EncodeResult(info["model_key"], config.model.random_weights, config.device, engine=config.engine)
+    try:
+        if info is None:  # first encode with this model: load it once to learn its key
+            loaded = _load(config)
+            info = loaded.info
+            jobs = _pending(store, config, info["model_key"])
+        store.record_model(info["model_key"], {**info, "dtype": config.dtype})
+        return _run_jobs(config, info, jobs, loaded, reporter)
+    finally:
+        _sweep_pending(store)
 
 
-class _RowBatches(torch.utils.data.Dataset):
-    """Item i is the i-th batch of pending rows, decoded and preprocessed (run in a worker)."""
+def _run_jobs(
+    config: EncodeConfig, info: dict[str, Any], jobs: dict[str, tuple[Path, int]], loaded: LoadedModel | None,
+    reporter: Reporter,
+) -> EncodeResult:
+    from pipeline.encoding.units import EncodeSpec
+    from pipeline.engines.local import EncodeJob, EngineResult, LocalEngine
 
-    def __init__(self, rows: list[dict[str, Any]], batch_size: int, transform: Any, max_pixels: int):
-        self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.reader: LocationReader | None = None
+    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels)
+    engine: Any
+    if config.engine == "ray":
+        from pipeline.engines.ray import RayEngine, RayOptions
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> DecodedBatch:
-        if self.reader is None:
-            self.reader = LocationReader()
-        return decode_batch(self.batches[i], self.transform, self.reader, self.max_pixels)
-
-
-def _decoded_batches(rows: list[dict[str, Any]], encoder: Encoder, config: EncodeConfig) -> Iterator[DecodedBatch]:
-    dataset = _RowBatches(rows, config.batch_size, encoder.transform, config.max_pixels)
-    workers = default_workers(encoder.device) if config.workers is None else config.workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        pin_memory=encoder.device.type == "cuda",
-        worker_init_fn=_single_threaded_worker,
-        collate_fn=_identity,
-    )
-    yield from loader
-
-
-def _identity(batch: Any) -> Any:
-    return batch
+        engine = RayEngine(RayOptions(config.ray_address, config.actors, config.gpus_per_actor))
+    else:
+        engine = LocalEngine(config.workers, loaded)
+    result = EncodeResult(info["model_key"], config.model.random_weights, config.device,
+                          engine=config.engine, model_loaded=True)
+    for modality in ("text", "image"):
+        path, rows = jobs[modality]
+        if not rows:
+            continue
+        batch = config.text_batch_size if modality == "text" else config.batch_size
+        job = EncodeJob(config.store, spec, modality, path, rows, batch, config.shard_rows,  # type: ignore[arg-type]
+                        config.device, config.precision)
+        done: EngineResult = engine.run(job, reporter)
+        result.device = done.device or result.device
+        result.shards.extend(done.shards)
+        result.quarantined.update(done.quarantined)
+        if modality == "text":
+            result.texts_encoded, result.text_forward_passes = done.encoded, done.forward_passes
+        else:
+            result.images_encoded, result.image_forward_passes = done.encoded, done.forward_passes
+            result.image_seconds = done.seconds
+    return result
 
 
-def _single_threaded_worker(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not compete with the model's threads
+def _pending(store: Store, config: EncodeConfig, model_key: str) -> dict[str, tuple[Path, int]]:
+    run_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+    out = {}
+    for modality, sql in (("text", pending_texts_sql()), ("image", pending_images_sql(config.retry_quarantined))):
+        path = pending_dir(store) / f"{modality}-{run_id}.parquet"
+        out[modality] = (path, write_pending(store, sql, model_key, path))
+    return out
 
 
-class _ShardWriter:
-    """Buffers vectors and quarantine rows; each flush is one atomic shard plus a catalog commit."""
-
-    def __init__(self, config: EncodeConfig, model_key: str, modality: str, result: EncodeResult):
-        self.config = config
-        self.model_key = model_key
-        self.modality = modality
-        self.result = result
-        self.hashes: list[str] = []
-        self.vectors: list[np.ndarray] = []
-        self.failures: list[dict[str, Any]] = []
-
-    def add(self, hashes: list[str], vectors: np.ndarray | None, failures: list[dict[str, Any]]) -> None:
-        self.hashes.extend(hashes)
-        if vectors is not None:
-            self.vectors.append(vectors)
-        self.failures.extend(failures)
-        if len(self.hashes) >= self.config.shard_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        store = self.config.store
-        written: list[Path] = []
-        if self.failures:  # first: a kill after this leaves them skipped, not lost
-            table = from_rows(QUARANTINE, self.failures)
-            written.append(write_parquet(table, store.new_shard(store.dataset_dir("quarantine"), "decode")))
-        if self.hashes:
-            vectors = np.concatenate(self.vectors)
-            table = embeddings_table(self.model_key, self.modality, self.hashes, vectors, self.config.dtype)
-            shard = store.new_shard(store.embeddings_dir(self.model_key), self.modality)
-            written.append(write_parquet(table, shard))
-        if written:
-            catalog.commit(store, written)
-            self.result.shards.extend(written)
-        self.hashes, self.vectors, self.failures = [], [], []
+def _model_infos(store: Store) -> list[dict[str, Any]]:
+    root = store.dataset_dir("embeddings")
+    if not root.exists():
+        return []
+    return [store.model_info(d.name) for d in sorted(root.iterdir()) if (d / "model.json").is_file()]
 
 
-def _normalised(features: torch.Tensor) -> np.ndarray:
-    return normalise(features.float().cpu().numpy())
+def _load(config: EncodeConfig) -> LoadedModel:
+    from pipeline.encoding.clip import load
+    from pipeline.encoding.units import resolve_device
+
+    # the Ray driver only needs the key: load on the CPU and leave the devices to the actors
+    device = resolve_device("cpu" if config.engine == "ray" else config.device)
+    return load(config.model, device)
 
 
-def _quarantine_row(row: dict[str, Any], reason: str, detail: str, now: datetime) -> dict[str, Any]:
-    return {
-        "content_hash": row["sample_id"],
-        "stage": "decode",
-        "reason": reason,
-        "detail": detail,
-        "source_uri": row["source_uri"],
-        "source_member": row["source_member"],
-        "source_row": row["source_row"],
-        "recorded_at": now,
-    }
+def _sweep_pending(store: Store) -> None:
+    directory = pending_dir(store)
+    if directory.exists():
+        for leftover in directory.iterdir():
+            leftover.unlink(missing_ok=True)
+
+
+_MOVED = {"Encoder", "resolve_device", "cpu_bf16_native", "BF16_EMULATED", "default_workers"}
+
+
+def __getattr__(name: str) -> Any:
+    """Torch-bound helpers now live in `pipeline.encoding.units`; importing them from here stays
+    possible without making `import pipeline.stages.encode` import torch (the no-op must not)."""
+    if name in _MOVED:
+        from pipeline.encoding import units
+
+        return getattr(units, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

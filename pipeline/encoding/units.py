@@ -1,0 +1,301 @@
+"""The units of work of `encode`: Arrow rows in, Arrow rows out, one model per instance.
+
+`DecodeImages(spec)` reads, re-hashes and decodes pending sample rows; it needs no model, so it
+runs in decoding processes or Ray tasks. `EncodeImages(spec, device, precision)` and
+`EncodeTexts(...)` load the model once, in their constructor, and return rows of
+`schemas.encoded_schema`: a vector and its norm, or the reason there is none. Both engines
+(`pipeline/engines/`) call exactly these; only where they run differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.encoding.clip import LoadedModel, ModelSpec, load, split_transform
+from pipeline.errors import PipelineError
+from pipeline.features.vectors import normalise
+from pipeline.sources.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
+from pipeline.sources.locations import Location, LocationReader
+from schemas import QUARANTINE, embeddings_schema, encoded_schema, from_columns
+
+PIXELS = "pixels"  # the column DecodeImages adds: the picture after resize/crop, uint8 H×W×3
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What a worker needs to rebuild the model and its preprocessing: plain data, picklable."""
+
+    model: ModelSpec
+    model_key: str
+    dim: int
+    preprocess: dict[str, Any] = field(default_factory=dict)  # as model.json records it
+    dtype: str = "float16"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @staticmethod
+    def from_info(model: ModelSpec, info: dict[str, Any], dtype: str, max_pixels: int) -> EncodeSpec:
+        return EncodeSpec(model, info["model_key"], int(info["dim"]), dict(info["preprocess"]), dtype, max_pixels)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return encoded_schema(self.dim, self.dtype)
+
+    @property
+    def picture_shape(self) -> tuple[int, int, int]:
+        size: Any = self.preprocess.get("size") or self.preprocess.get("image_size") or 224  # what the crop makes
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(h), int(w), 3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was asked for, but torch sees no CUDA GPU here.")
+    return torch.device(name)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes that overlap the model without starving it.
+
+    On a GPU the CPU cores are free: use most of them. On the CPU the model already keeps every
+    core busy and decoding costs ~1 ms of a ~28 ms ViT-B-32 image, so on a small machine a worker
+    process only oversubscribes the cores (measured on 2 cores: 0.90 of forward-only with one worker,
+    0.99 decoding in the main process; bench/bench_encode.py).
+    """
+    cores = os.cpu_count() or 2
+    if device.type == "cpu":
+        return 0 if cores <= 4 else min(4, cores // 8)
+    return max(1, min(8, cores - 1))
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    Without it torch emulates bf16 and a matrix product runs ~70× slower than in fp32 (measured
+    on an AVX2-only EPYC: 0.9 against 67 GFLOP/s), so bf16 there is a trap, not a speed-up.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BF16_EMULATED = ("this CPU has no native bf16 (AVX512-BF16/AMX): torch emulates it, and bf16 runs far "
+                 "slower than fp32 here")
+
+
+class Encoder:
+    """A loaded CLIP model on a device at a precision; returns unit vectors and their norms."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}.")
+        if precision == "fp16" and device.type == "cpu":
+            raise PipelineError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32.")
+        self.loaded = loaded
+        self.device = device
+        self.precision = precision
+        self.image_forward_passes = 0
+        self.text_forward_passes = 0
+
+    @property
+    def transform(self) -> Any:
+        return self.loaded.preprocess
+
+    def images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit vectors of a batch of preprocessed images."""
+        return self.images_and_norms(pixels)[0]
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of a batch of texts."""
+        return self.texts_and_norms(texts)[0]
+
+    def images_and_norms(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.image_forward_passes += 1
+        with torch.inference_mode(), self._autocast():
+            out = self.loaded.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return _unit_and_norm(out)
+
+    def texts_and_norms(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        self.text_forward_passes += 1
+        tokens = self.loaded.tokenizer(texts).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            out = self.loaded.model.encode_text(tokens)
+        return _unit_and_norm(out)
+
+    def _autocast(self) -> Any:
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+class DecodeImages:
+    """Pending sample rows → encoded-schema rows without vectors, plus a `pixels` column.
+
+    The bytes are hashed again as they are read: a file replaced since ingest no longer matches its
+    `sample_id`, and is quarantined as `changed_since_ingest` rather than encoded under it.
+    """
+
+    def __init__(self, spec: EncodeSpec) -> None:
+        self.spec = spec
+        self.to_picture, _ = split_transform(spec.preprocess)
+        self.reader: LocationReader | None = None  # made on first use: it caches per process
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        self.reader = self.reader or LocationReader()
+        shape = self.spec.picture_shape
+        pictures = np.zeros((rows.num_rows, *shape), np.uint8)
+        ok = np.zeros(rows.num_rows, bool)
+        reasons: list[str | None] = []
+        details: list[str | None] = []
+        for i, row in enumerate(rows.to_pylist()):
+            picture, reason, detail = self._decode(row, shape)
+            if picture is not None:
+                pictures[i], ok[i] = picture, True
+            reasons.append(reason)
+            details.append(detail)
+        table = _encoded_rows(self.spec, "image", rows, reasons, details)
+        flat = pa.array(pictures.reshape(-1))
+        return table.append_column(
+            PIXELS, pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)), mask=pa.array(~ok))
+        )
+
+    def _decode(self, row: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None, str | None]:
+        assert self.reader is not None
+        try:
+            data = self.reader.read(Location.from_row(row))
+        except OSError as exc:
+            return None, "unreadable", str(exc) or type(exc).__name__
+        if hashlib.sha256(data).hexdigest() != row["sample_id"]:
+            return None, "changed_since_ingest", "the bytes no longer match the sha256 recorded at ingest"
+        try:
+            picture = np.asarray(self.to_picture(decode_rgb(data, self.spec.max_pixels)), np.uint8)
+        except UndecodableImage as exc:
+            return None, exc.reason, exc.detail
+        if picture.shape != shape:
+            raise PipelineError(f"Preprocessing gave a {picture.shape} picture, not {shape}: unsupported resize mode.")
+        return picture, None, None
+
+
+class EncodeImages:
+    """Pending or decoded sample rows → encoded-schema image rows. Loads the model once, here."""
+
+    def __init__(
+        self, spec: EncodeSpec, device: str = "auto", precision: str = "fp32", loaded: LoadedModel | None = None
+    ) -> None:
+        self.spec = spec
+        self.encoder = _encoder(spec, device, precision, loaded)
+        _, self.to_tensor = split_transform(spec.preprocess)
+        self._decode: DecodeImages | None = None
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        if PIXELS not in rows.column_names:  # not decoded by a worker: decode here
+            self._decode = self._decode or DecodeImages(self.spec)
+            rows = self._decode(rows)
+        pixels = rows.column(PIXELS).combine_chunks()
+        ok = pc.is_valid(pixels).to_numpy(zero_copy_only=False)
+        vectors = np.zeros((rows.num_rows, self.spec.dim), np.float32)
+        norms = np.full(rows.num_rows, np.nan, np.float32)
+        if ok.any():
+            values = np.array(pixels.filter(pa.array(ok)).flatten().to_numpy(zero_copy_only=False))  # writable
+            pictures = values.reshape(-1, *self.spec.picture_shape)
+            batch = torch.stack([self.to_tensor(p) for p in pictures])
+            vectors[ok], norms[ok] = self.encoder.images_and_norms(batch)
+        return _with_vectors(rows.drop_columns([PIXELS]), self.spec, vectors, norms, ok)
+
+
+class EncodeTexts:
+    """Rows with `text_hash` and `text` → encoded-schema text rows. Loads the model once, here."""
+
+    def __init__(
+        self, spec: EncodeSpec, device: str = "auto", precision: str = "fp32", loaded: LoadedModel | None = None
+    ) -> None:
+        self.spec = spec
+        self.encoder = _encoder(spec, device, precision, loaded)
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        n = rows.num_rows
+        table = _encoded_rows(self.spec, "text", rows, [None] * n, [None] * n)
+        if not n:
+            return table
+        vectors, norms = self.encoder.texts_and_norms(rows.column("text").to_pylist())
+        return _with_vectors(table, self.spec, vectors, norms, np.ones(n, bool))
+
+
+def split_encoded(encoded: pa.Table, spec: EncodeSpec, now: datetime) -> tuple[pa.Table, pa.Table]:
+    """Encoded rows → (embeddings rows, quarantine rows), each in its stored schema."""
+    stored = embeddings_schema(spec.dim, spec.dtype)
+    embeddings = encoded.filter(pc.is_valid(encoded.column("vector"))).select(stored.names).cast(stored)
+    failed = encoded.filter(pc.is_valid(encoded.column("reason")))
+    n = failed.num_rows
+    quarantine = from_columns(QUARANTINE, {
+        **{name: failed.column(name) for name in QUARANTINE.names if name in failed.column_names},
+        "stage": ["decode"] * n,
+        "recorded_at": [now] * n,
+    })
+    return embeddings, quarantine
+
+
+# --- private -------------------------------------------------------------------------------
+
+
+def _encoder(spec: EncodeSpec, device: str, precision: str, loaded: LoadedModel | None) -> Encoder:
+    where = resolve_device(device)
+    encoder = Encoder(loaded or load(spec.model, where), where, precision)
+    if encoder.loaded.model_key != spec.model_key:
+        raise PipelineError(
+            f"{spec.model.name} now loads as {encoder.loaded.model_key}, not {spec.model_key} as the store "
+            "records (open_clip changed its preprocessing?); encode into a new store."
+        )
+    return encoder
+
+
+def _encoded_rows(
+    spec: EncodeSpec, modality: str, rows: pa.Table, reasons: list[str | None], details: list[str | None]
+) -> pa.Table:
+    """Encoded-schema rows with no vectors yet: identity, location and any failure reason."""
+    n = rows.num_rows
+    located = {name: rows.column(name) for name in ("source_uri", "source_member", "source_row")
+               if name in rows.column_names}
+    return from_columns(spec.schema, {
+        "model_key": [spec.model_key] * n,
+        "modality": [modality] * n,
+        "content_hash": rows.column("sample_id" if modality == "image" else "text_hash"),
+        "reason": reasons,
+        "detail": details,
+        **located,
+    })
+
+
+def _with_vectors(
+    table: pa.Table, spec: EncodeSpec, vectors: np.ndarray, norms: np.ndarray, ok: np.ndarray
+) -> pa.Table:
+    vector_type = spec.schema.field("vector").type
+    flat = pa.array(vectors.astype(vector_type.value_type.to_pandas_dtype(), copy=False).reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(flat, spec.dim, mask=pa.array(~ok))
+    table = table.set_column(table.schema.get_field_index("vector"), spec.schema.field("vector"), column)
+    norm = pa.array(norms, pa.float32(), mask=~ok)
+    return table.set_column(table.schema.get_field_index("norm"), spec.schema.field("norm"), norm)
+
+
+def _unit_and_norm(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors (what the cache stores) and the norm each had (what `--input-norm raw` needs)."""
+    raw = features.float().cpu().numpy()
+    return normalise(raw), np.linalg.norm(raw, axis=1).astype(np.float32)

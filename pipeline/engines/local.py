@@ -1,0 +1,190 @@
+"""The local engine: encode's units of work in this process, with decoding in worker processes.
+
+It reads the pending rows in batches from the job's Parquet file (never the whole list), runs
+`DecodeImages` in DataLoader workers and `EncodeImages`/`EncodeTexts` here, writes complete staged
+shards and, as the holder of the store's writer lock, commits them a few at a time. A kill leaves
+only staged shards, which the next writer adopts: nothing lost, nothing doubled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.encoding.clip import LoadedModel
+from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts, default_workers, split_encoded
+from pipeline.reporting import Reporter
+from pipeline.store import catalog
+from pipeline.store.atomic import write_parquet
+from pipeline.store.layout import Store
+
+COMMIT_EVERY_SHARDS = 8  # staged shards per catalog update …
+COMMIT_EVERY_SECONDS = 10.0  # … or sooner, so that `status` follows a long run
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """One modality's pending work for one model: plain data, so any engine can run it."""
+
+    store: Store
+    spec: EncodeSpec
+    modality: Literal["image", "text"]
+    pending: Path  # Parquet file of pending rows, sorted for locality
+    rows: int
+    batch_size: int
+    shard_rows: int
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass
+class EngineResult:
+    encoded: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    shards: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    forward_passes: int = 0
+    device: str = ""
+
+
+def stage_encoded(store: Store, spec: EncodeSpec, encoded: pa.Table) -> list[Path]:
+    """Write encoded rows as complete staged shards (embeddings, quarantine); return their paths.
+
+    A shard's name derives from the hashes it holds, so a retried worker rewrites its own file
+    instead of adding a second copy of the same rows.
+    """
+    if not encoded.num_rows:
+        return []
+    embeddings, quarantine = split_encoded(encoded, spec, datetime.now(UTC))
+    hashes = sorted(encoded.column("content_hash").to_pylist())
+    digest = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:20]
+    modality = encoded.column("modality")[0].as_py()
+    staged: list[Path] = []
+    if quarantine.num_rows:
+        final = store.dataset_dir("quarantine") / f"decode-{spec.model_key[:40]}-{digest}.parquet"
+        staged.append(write_parquet(quarantine, store.staged(final)))
+    if embeddings.num_rows:
+        final = store.embeddings_dir(spec.model_key) / f"{modality}-{digest}.parquet"
+        staged.append(write_parquet(embeddings, store.staged(final)))
+    return staged
+
+
+def count_outcomes(encoded: pa.Table, result: EngineResult) -> None:
+    vectors, reasons = encoded.column("vector"), encoded.column("reason")
+    result.encoded += len(vectors) - vectors.null_count
+    if reasons.null_count < len(reasons):
+        result.quarantined.update(r for r in reasons.to_pylist() if r is not None)
+
+
+class Committer:
+    """Collects staged shards and commits them to the catalog in batches (the lock holder only)."""
+
+    def __init__(self, store: Store, result: EngineResult) -> None:
+        self.store = store
+        self.result = result
+        self.staged: list[Path] = []
+        self.last = time.monotonic()
+
+    def add(self, staged: list[Path]) -> None:
+        self.staged.extend(staged)
+        if len(self.staged) >= COMMIT_EVERY_SHARDS or time.monotonic() - self.last > COMMIT_EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.staged:
+            self.result.shards.extend(catalog.commit_staged(self.store, self.staged))
+        self.staged = []
+        self.last = time.monotonic()
+
+
+class LocalEngine:
+    """Runs a job here: DecodeImages in `workers` processes, the model in this one."""
+
+    def __init__(self, workers: int | None = None, loaded: LoadedModel | None = None) -> None:
+        self.workers = workers
+        self.loaded = loaded  # a model the caller already loaded (to learn its key): reuse it
+
+    def run(self, job: EncodeJob, reporter: Reporter) -> EngineResult:
+        result = EngineResult()
+        unit: EncodeImages | EncodeTexts
+        batches: Iterator[pa.Table]
+        if job.modality == "text":
+            unit = EncodeTexts(job.spec, job.device, job.precision, self.loaded)
+            batches = pending_batches(job.pending, job.batch_size)
+        else:
+            unit = EncodeImages(job.spec, job.device, job.precision, self.loaded)
+            workers = default_workers(unit.encoder.device) if self.workers is None else self.workers
+            batches = _decoded(job, workers)
+        result.device = str(unit.encoder.device)
+        reporter.start(f"{job.modality}s", job.rows, "img" if job.modality == "image" else "texts")
+        committer = Committer(job.store, result)
+        buffer: list[pa.Table] = []
+        started = time.perf_counter()
+        for batch in batches:
+            encoded = unit(batch)
+            count_outcomes(encoded, result)
+            reporter.advance(f"{job.modality}s", encoded.num_rows)
+            buffer.append(encoded)
+            if sum(t.num_rows for t in buffer) >= job.shard_rows:
+                committer.add(stage_encoded(job.store, job.spec, pa.concat_tables(buffer)))
+                buffer = []
+        if buffer:
+            committer.add(stage_encoded(job.store, job.spec, pa.concat_tables(buffer)))
+        committer.flush()
+        result.seconds = time.perf_counter() - started
+        result.forward_passes = (unit.encoder.image_forward_passes if job.modality == "image"
+                                 else unit.encoder.text_forward_passes)
+        return result
+
+
+def pending_batches(path: Path, batch_size: int, shard: int = 0, shards: int = 1) -> Iterator[pa.Table]:
+    """Batches of the pending file, read in order (every `shards`-th batch from `shard`)."""
+    for i, batch in enumerate(pq.ParquetFile(path).iter_batches(batch_size=batch_size)):
+        if i % shards == shard:
+            yield pa.Table.from_batches([batch])
+
+
+def _decoded(job: EncodeJob, workers: int) -> Iterator[pa.Table]:
+    if workers == 0:
+        decode = DecodeImages(job.spec)
+        yield from (decode(b) for b in pending_batches(job.pending, job.batch_size))
+        return
+    # forkserver, not fork: a forked worker would inherit the writer lock's descriptor and, orphaned
+    # by a killed run, keep the store locked
+    loader = torch.utils.data.DataLoader(
+        _DecodedBatches(job), batch_size=None, num_workers=workers, prefetch_factor=4,
+        worker_init_fn=_single_threaded_worker, collate_fn=_identity, multiprocessing_context="forkserver",
+    )
+    yield from loader
+
+
+class _DecodedBatches(torch.utils.data.IterableDataset):
+    """Worker k of n decodes every n-th batch of the pending file, from the k-th."""
+
+    def __init__(self, job: EncodeJob) -> None:
+        self.job = job
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        info = torch.utils.data.get_worker_info()
+        shard, shards = (info.id, info.num_workers) if info else (0, 1)
+        decode = DecodeImages(self.job.spec)
+        for batch in pending_batches(self.job.pending, self.job.batch_size, shard, shards):
+            yield decode(batch)
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _single_threaded_worker(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the model's threads
