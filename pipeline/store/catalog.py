@@ -406,7 +406,13 @@ def _write_manifest(store: Store, manifest: Manifest) -> None:
         "shards": {p: s.to_json() for p, s in sorted(manifest.shards.items())},
         "damaged": dict(sorted(manifest.damaged.items())),
     }
-    write_text(store.manifest_path, json.dumps(data, indent=0, separators=(",", ":")))
+    text = json.dumps(data, indent=0, separators=(",", ":"))
+    try:
+        if store.manifest_path.read_text(encoding="utf-8") == text:
+            return  # nothing changed: readers' caches and catalog.duckdb stay valid
+    except OSError:
+        pass
+    write_text(store.manifest_path, text)
 
 
 def _legacy_manifest(store: Store) -> Manifest:
