@@ -50,6 +50,21 @@ def text_alarm(text_test: dict[str, Any], method_test: dict[str, Any] | None = N
             "its generated siblings the same text.")
 
 
+MIN_GROUPS = 30  # fewer independent groups than this in test: the intervals cannot be trusted
+
+
+def small_sample_note(test: dict[str, Any]) -> str | None:
+    """A warning sentence when the test split is too small for its numbers (or intervals) to mean much."""
+    n, groups = test.get("n"), test.get("groups")
+    if not n:
+        return None
+    if groups is not None and groups < MIN_GROUPS:
+        return (f"Small test split: {n} images in {groups} groups (a real image and its generated siblings are one "
+                f"group). Intervals from fewer than {MIN_GROUPS} groups are unreliable, and an AUC of 100.00 here is "
+                "not a result; ingest more data before reading these numbers.")
+    return None
+
+
 def text_only_summary(store: Store, model_key: str, pairing: str) -> tuple[str, dict[str, Any]] | None:
     """The newest text-only run on these embeddings and pairing: (run_id, its test summary)."""
     if not catalog.shard_paths(store, "runs"):

@@ -137,7 +137,7 @@ def grouped_bars_ci(path: Path, values: dict[str, list[Cell | None]], columns: l
     ax.set_ylim(*auc_axis_limits([c for cells in values.values() for c in cells]))
     ax.set_ylabel("test ROC AUC (bars: 95% interval)")
     ax.grid(axis="y", lw=0.4, alpha=0.5)
-    ax.legend(fontsize=6, loc="lower left", framealpha=0.9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return save_png(fig, path, random_weights)
 
 
@@ -171,12 +171,18 @@ def robustness(path: Path, curves: dict[str, dict[str, list[tuple[float, Cell]]]
     from matplotlib.figure import Figure
 
     ops = [op for op in curves if op != "none"]
-    fig = Figure(figsize=(max(FIG_SIZE[0], 3.2 * len(ops)), FIG_SIZE[1]), dpi=DPI)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(ops)), sharey=True))
+    cols = min(3, max(1, len(ops)))
+    rows = -(-max(1, len(ops)) // cols)
+    fig = Figure(figsize=(10, 3.4 * rows + 0.6), dpi=DPI)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True)).ravel()
+    for ax in axes[len(ops):]:
+        ax.set_visible(False)
     clean = curves.get("none", {})
     cells = [c for op in curves.values() for pts in op.values() for _, c in pts]
     for ax, op in zip(axes, ops, strict=False):
         for gen, points in sorted(curves[op].items(), key=lambda kv: kv[0] != "all"):
+            if gen in clean:  # the unperturbed test split is strength "identity" of every operation
+                points = [*points, (IDENTITY[op], clean[gen][0][1])] if op in IDENTITY else points
             points = sorted(points, key=lambda p: p[0])
             xs = np.array([p[0] for p in points])
             v = np.array([p[1]["value"] if p[1]["value"] is not None else np.nan for p in points])
@@ -193,11 +199,18 @@ def robustness(path: Path, curves: dict[str, dict[str, list[tuple[float, Cell]]]
         if op in ("jpeg", "resize", "crop"):
             ax.invert_xaxis()  # stronger to the right
         ax.grid(lw=0.4, alpha=0.5)
-    axes[0].set_ylabel("test ROC AUC")
+    for ax in axes[::cols]:
+        ax.set_ylabel("test ROC AUC")
     axes[0].set_ylim(*auc_axis_limits(cells))
-    axes[0].legend(fontsize=6, loc="lower left")
-    fig.suptitle("AUC under perturbation (stronger to the right)", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 0.02),
+               ncol=min(6, len(labels)), frameon=False)
+    fig.suptitle("Test AUC under perturbation (stronger to the right; unperturbed = identity strength)", fontsize=10)
+    fig.set_layout_engine("tight", rect=(0, 0.08, 1, 0.97))
     return save_png(fig, path, random_weights)
+
+
+IDENTITY = {"jpeg": 100.0, "resize": 1.0, "blur": 0.0, "crop": 1.0, "noise": 0.0}  # strength that changes nothing
 
 
 def learning_curve(path: Path, history: list[dict[str, Any]], best_epoch: Any, random_weights: Any = False) -> Path:

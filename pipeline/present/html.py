@@ -22,7 +22,10 @@ img.wide{max-width:100%;display:block;margin:1em 0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
 .card{margin:0;border:1px solid #ddd;padding:.4em;font-size:12px;background:#fafafa}
 .pair{display:flex;gap:4px}.pair img,.nothumb{width:160px;height:160px;object-fit:contain;background:#eee}
-.nothumb{display:flex;align-items:center;justify-content:center;color:#888}"""
+.nothumb{display:flex;align-items:center;justify-content:center;color:#888}
+.results td{white-space:nowrap;vertical-align:top}.ci{font-size:11px;color:#555}.sd{font-size:11px;color:#1f5fa0}
+code.run{font-size:10px;color:#666}.card.wrong{border:2px solid #c0392b}
+.results th:first-child{text-align:left}img.wide{max-width:100%;width:820px}img.wide.broad{width:100%}"""
 
 
 def page(title: str, body: list[str]) -> str:
@@ -40,6 +43,23 @@ def table(header: list[str], rows: list[list[Any]], escape_last: bool = True) ->
         "<tr>" + "".join(f"<td>{v if (not escape_last and i == len(r) - 1) else e(v)}</td>" for i, v in enumerate(r))
         + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def raw_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table whose cells are HTML already (escape what goes into them)."""
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table class='results'><tr>{head}</tr>{body}</table>"
+
+
+def estimate(value: Any, lo: Any = None, hi: Any = None, spread: tuple[float, float] | None = None) -> str:
+    """A cell: the value, its interval below it in small type, and mean ± sd over seeds if given."""
+    out = f"<b>{pct(value)}</b>"
+    if lo is not None and hi is not None and not (isinstance(lo, float) and np.isnan(lo)):
+        out += f"<br><span class='ci'>[{pct(lo)}, {pct(hi)}]</span>"
+    if spread is not None:
+        out += f"<br><span class='sd'>{pct(spread[0])} ± {pct(spread[1])}</span>"
+    return out
 
 
 def metric_row(name: str, m: dict[str, Any]) -> list[Any]:

@@ -107,6 +107,8 @@ def run(config: ExperimentConfig, reporter: Reporter | None = None) -> Experimen
     else:
         result = _paper_table(config, reporter)
     result.seconds = time.perf_counter() - started
+    if result.rows and (small := shortcuts.small_sample_note(result.rows[0][1].metrics.get("test", {}))):
+        result.alarms.append(small)
     result.markdown = to_markdown(result)
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     key = result.rows[0][1].model_key if result.rows else (config.run_id or "none")
@@ -204,7 +206,7 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
         result.notes.append("Derived samples not encoded yet are left out: " + ", ".join(missing)
                             + "; run `pipeline encode` (it encodes only the new images).")
     run = TrainResult(run_id, "", model_key, metrics.get("random_weights"), metrics, skipped=True)
-    names = [None, *(c["perturbation"] for c in counts if c["encoded"])]
+    names = [None, *sorted((c["perturbation"] for c in counts if c["encoded"]), key=_weak_to_strong)]
     rng = np.random.default_rng(train_config.seed)
     evaluated: dict[str, dict[str, Cell]] = {}
     reporter.start("robustness", len(names), "perturbations")
@@ -237,6 +239,12 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
                         "test split as ingested (row none) and each perturbation's copies of it; AUC × 100 "
                         "[95% group-bootstrap interval].")
     return result
+
+
+def _weak_to_strong(name: str) -> tuple[str, float]:
+    op, _, strength = name.partition(":")
+    value = float(strength)
+    return op, -value if op in ("jpeg", "resize", "crop") else value  # lower quality/scale/kept = stronger
 
 
 def _input_norm(config: TrainConfig) -> dict[str, Any]:
@@ -292,6 +300,13 @@ def cell_text(result: ExperimentResult, label: str, column: int) -> str:
     return text
 
 
+def _cell_html(result: ExperimentResult, label: str, column: int) -> str:
+    cell = result.cells[label][column]
+    if cell is None or cell.get("value") is None:
+        return "–"
+    return html.estimate(cell["value"], cell.get("lo"), cell.get("hi"), seed_spread(result, label, column))
+
+
 def to_markdown(result: ExperimentResult) -> str:
     random = any(run.random_weights for _, run in result.rows)
     seeds = max((len(v) for v in result.seed_runs.values()), default=1)
@@ -332,15 +347,19 @@ def _page(result: ExperimentResult, directory: Path) -> ReportResult:
     else:
         out.files.append(figures.grouped_bars_ci(directory / "auc.png", values, result.columns,
                                                  f"{result.table}: test ROC AUC (95% intervals)", random))
-    rows = [[label, *(cell_text(result, label, i) for i in range(len(result.columns))),
-             f"<code>{html.e(run.run_id)}</code>"] for label, run in result.rows]
+    rows = [[html.e(label), *(_cell_html(result, label, i) for i in range(len(result.columns))),
+             f"<code class='run'>{html.e(run.run_id)}</code>"] for label, run in result.rows]
     columns = [html.short(c) if c != "all" else "overall" for c in result.columns]
     body = [
         f"<h1>{html.e(result.table)}</h1>", html.banner(random),
         *(f'<p class="alarm">{html.e(a)}</p>' for a in result.alarms),
-        *(f"<p>{html.e(n)}</p>" for n in result.notes),
-        html.table(["method", *columns, "run"], rows, escape_last=False),
-        *(f'<img class="wide" src="{f.name}" alt="{f.stem}">' for f in out.files),
+        *(f"<p>{html.e(n.replace('`', ''))}</p>" for n in result.notes),
+        "<p>Cells: test ROC AUC × 100; below it the 95% group-bootstrap interval"
+        + ("; in blue the mean ± sd over seeds." if any(len(v) > 1 for v in result.seed_runs.values()) else ".")
+        + "</p>",
+        html.raw_table(["method" if result.table != "robustness" else "perturbation", *columns, "run"], rows),
+        *(f'<img class="wide{" broad" if f.stem == "robustness" else ""}" src="{f.name}" alt="{f.stem}">'
+          for f in out.files),
         f"<p>Took {result.seconds:.1f} s.</p>",
     ]
     write_text(out.page, html.page(result.table, body))

@@ -103,6 +103,8 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
         html.banner(metrics.get("random_weights")),
         f'<p class="alarm">{html.e(alarm)}</p>' if alarm else "",
+        f'<p class="alarm">{html.e(small)}</p>' if (small := shortcuts.small_sample_note(metrics.get("test", {})))
+        else "",
         f"<p>Model key <code>{html.e(metrics.get('model_key'))}</code>; detector {html.e(config.detector)}; "
         f"features {html.e(config.features)}; text pairing {html.e(config.pairing)}. Figures on the "
         f"<b>{html.e(split)}</b> split "
@@ -172,11 +174,13 @@ def _gallery(store: Store, config: Any, metrics: dict[str, Any], scores: Any, di
     y = scores.column("label").to_numpy().astype(bool)
     p = scores.column("score").to_numpy().astype(np.float64)
     ids = scores.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
-    fp = [i for i in np.argsort(-p) if not y[i] and p[i] > threshold][:GALLERY]
-    fn = [i for i in np.argsort(p) if y[i] and p[i] <= threshold][:GALLERY]
+    # the most confident mistakes; when there are fewer, the hardest correct cases fill the row
+    fp = [i for i in np.argsort(-p, kind="stable") if not y[i]][:GALLERY]
+    fn = [i for i in np.argsort(p, kind="stable") if y[i]][:GALLERY]
     picked = [ids[i] for i in fp + fn]
     if not picked:
-        return f"<p>No errors at threshold {threshold:.3f}.</p>"
+        return "<p>No samples.</p>"
+    n_fp, n_fn = int(np.sum(~y & (p > threshold))), int(np.sum(y & (p <= threshold)))
     info = {r["sample_id"]: r for r in catalog.query_with(
         store, "SELECT s.* FROM samples s JOIN picked USING (sample_id)",
         {"picked": _id_table(picked)}).to_pylist()}
@@ -191,15 +195,18 @@ def _gallery(store: Store, config: Any, metrics: dict[str, Any], scores: Any, di
         row = info.get(sid, {})
         near_id, similarity = nearest.get(sid, (None, float("nan")))
         near = near_info.get(near_id or "", {})
-        return (f'<figure class="card"><div class="pair">{_thumb(reader, row, directory)}'
+        wrong = (p[index] > threshold) != bool(y[index])
+        kind = kind if wrong else ("hardest real (correct)" if not y[index] else "hardest generated (correct)")
+        return (f'<figure class="card{" wrong" if wrong else ""}"><div class="pair">{_thumb(reader, row, directory)}'
                 f'{_thumb(reader, near, directory)}</div><figcaption><b>{kind}</b> score {p[index]:.3f} · '
                 f'{html.e(html.short(row.get("generator", "?")))}<br><i>{html.e((row.get("text") or "")[:140])}'
                 f'</i><br>right: nearest training image ({html.e(html.short(near.get("generator", "–")))}, '
                 f'cosine {similarity:.3f})</figcaption></figure>')
 
-    return (f"<p>At threshold {threshold:.3f}: the {len(fp)} real images scored most generated (false "
-            f"positives) and the {len(fn)} generated images scored most real (false negatives). Left: the "
-            "image from its original bytes; right: its nearest training neighbour by image embedding.</p>"
+    return (f"<p>At threshold {threshold:.3f} (chosen on val) the split has {n_fp} false positives (real called "
+            f"generated) and {n_fn} false negatives. Shown: the real images scored most generated and the "
+            "generated images scored most real (red border: a mistake). Left: the image from its original bytes; "
+            "right: its nearest training neighbour by image embedding.</p>"
             '<div class="gallery">' + "".join(card(i, "false positive") for i in fp)
             + "".join(card(i, "false negative") for i in fn) + "</div>")
 
