@@ -42,7 +42,7 @@ from schemas import QUARANTINE, SAMPLES, SOURCES, SPLITS, from_rows
 
 Format = Literal["d3", "folder", "webdataset", "manifest"]
 FORMATS: tuple[str, ...] = get_args(Format)
-_UNIT_CHUNK = 4096
+_UNIT_CHUNK = 65_536  # units checked against the ledger per anti-join
 
 
 @dataclass(frozen=True)
