@@ -146,6 +146,9 @@ class LocalEngine:
                                  else unit.encoder.text_forward_passes)
         return result
 
+    def close(self) -> None:
+        """Nothing to release: the model goes with the engine."""
+
 
 def pending_batches(path: Path, batch_size: int, shard: int = 0, shards: int = 1) -> Iterator[pa.Table]:
     """Batches of the pending file, read in order (every `shards`-th batch from `shard`)."""

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,9 @@ from pipeline.sources.images import DEFAULT_MAX_PIXELS
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
+
+if TYPE_CHECKING:
+    from pipeline.engines.local import EngineResult
 from schemas import embeddings_schema, from_columns
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -206,7 +209,7 @@ def _run_jobs(
     reporter: Reporter,
 ) -> EncodeResult:
     from pipeline.encoding.units import EncodeSpec
-    from pipeline.engines.local import EncodeJob, EngineResult, LocalEngine
+    from pipeline.engines.local import EncodeJob, LocalEngine
 
     spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels)
     engine: Any
@@ -218,23 +221,28 @@ def _run_jobs(
         engine = LocalEngine(config.workers, loaded)
     result = EncodeResult(info["model_key"], config.model.random_weights, config.device,
                           engine=config.engine, model_loaded=True)
-    for modality in ("text", "image"):
-        path, rows = jobs[modality]
-        if not rows:
-            continue
-        batch = config.text_batch_size if modality == "text" else config.batch_size
-        job = EncodeJob(config.store, spec, modality, path, rows, batch, config.shard_rows,  # type: ignore[arg-type]
-                        config.device, config.precision)
-        done: EngineResult = engine.run(job, reporter)
-        result.device = done.device or result.device
-        result.shards.extend(done.shards)
-        result.quarantined.update(done.quarantined)
-        if modality == "text":
-            result.texts_encoded, result.text_forward_passes = done.encoded, done.forward_passes
-        else:
-            result.images_encoded, result.image_forward_passes = done.encoded, done.forward_passes
-            result.image_seconds = done.seconds
+    try:
+        for modality in ("text", "image"):
+            path, rows = jobs[modality]
+            if rows:
+                batch = config.text_batch_size if modality == "text" else config.batch_size
+                job = EncodeJob(config.store, spec, modality, path, rows, batch,  # type: ignore[arg-type]
+                                config.shard_rows, config.device, config.precision)
+                _add(result, modality, engine.run(job, reporter))
+    finally:
+        engine.close()
     return result
+
+
+def _add(result: EncodeResult, modality: str, done: EngineResult) -> None:
+    result.device = done.device or result.device
+    result.shards.extend(done.shards)
+    result.quarantined.update(done.quarantined)
+    if modality == "text":
+        result.texts_encoded, result.text_forward_passes = done.encoded, done.forward_passes
+    else:
+        result.images_encoded, result.image_forward_passes = done.encoded, done.forward_passes
+        result.image_seconds = done.seconds
 
 
 def _pending(store: Store, config: EncodeConfig, model_key: str) -> dict[str, tuple[Path, int]]:

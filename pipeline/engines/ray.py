@@ -1,0 +1,195 @@
+"""The Ray engine: the local engine's units of work, mapped over a Ray cluster.
+
+Ray Data reads the job's pending rows (a Parquet file in the store), decodes them in Ray tasks
+(`DecodeImages`), encodes them on an actor pool (`EncodeImages`/`EncodeTexts`: one model per
+actor; one GPU per actor when the cluster has GPUs, CPU actors otherwise) and writes complete
+staged shards from Ray tasks. The driver — this process, holding the store's writer lock — commits
+the staged shards in batches. A worker killed mid-batch is retried by Ray (a staged shard's name
+derives from its rows, so a retry rewrites its own file); a driver killed mid-run leaves staged
+shards that the next writer adopts. Nothing is lost, nothing doubled.
+
+Every node must see the store at the same path (a shared filesystem). The engine checks that with
+a probe task on each node before it starts, and refuses with a sentence otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts
+from pipeline.engines.local import Committer, EncodeJob, EngineResult, count_outcomes, stage_encoded
+from pipeline.errors import PipelineError
+from pipeline.reporting import Reporter
+from pipeline.store.layout import Store
+
+INSTALL = "pip install 'clipdetect-pipeline[ray]'"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a local Ray instance; "auto" or HOST:PORT: join a cluster
+    actors: int | None = None  # None: one per GPU, or one CPU actor per node
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    num_cpus: int | None = None  # CPUs of a local instance (None: all); tests and benchmarks set it
+
+
+def import_ray() -> Any:
+    """Ray, or a sentence saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise PipelineError(f"--engine ray needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def connect(options: RayOptions) -> bool:
+    """Join the cluster at `options.address`, or start a local instance; True if this call started Ray."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
+                              "configure_logging": True}
+    try:
+        if options.address:
+            ray.init(address=options.address, **kwargs)
+        else:
+            ray.init(num_cpus=options.num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = options.address or "a local instance"
+        raise PipelineError(f"Could not connect to the Ray cluster at {where}: {exc}".rstrip(".") + ".") from exc
+    return True
+
+
+def check_store_visible(store: Store) -> None:
+    """Refuse with a sentence unless every alive node reads the same store at the same path."""
+    ray = import_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    probe = store.staging_dir / ".probes" / f"{token}.txt"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0)(_read_probe)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(probe), token) for n in nodes]
+        blind = [host for ok, host in ray.get(refs, timeout=120) if not ok]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise PipelineError(
+            f"Ray node(s) {', '.join(sorted(blind))} cannot see the store at {store.root.resolve()}: put the "
+            "store on a filesystem that every node mounts at the same path."
+        )
+
+
+class RayEngine:
+    """Runs an encode job on Ray Data: decode tasks → encode actors → staging tasks → driver commits."""
+
+    def __init__(self, options: RayOptions) -> None:
+        self.options = options
+        self.started_ray = False
+        self.checked = False
+
+    def run(self, job: EncodeJob, reporter: Reporter) -> EngineResult:
+        ray = import_ray()
+        if not ray.is_initialized():
+            self.started_ray = connect(self.options)
+        if not self.checked:
+            check_store_visible(job.store)
+            self.checked = True
+        return self._run(ray, job, reporter)
+
+    def close(self) -> None:
+        """Shut down the Ray instance this engine started (a cluster it joined keeps running)."""
+        if self.started_ray:
+            import_ray().shutdown()
+            self.started_ray = False
+
+    def _run(self, ray: Any, job: EncodeJob, reporter: Reporter) -> EngineResult:
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        per_actor = self.options.gpus_per_actor if self.options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        actors = self.options.actors or (max(1, int(gpus // per_actor)) if per_actor else _nodes(ray))
+        device = job.device if job.device != "auto" else ("cuda" if per_actor else "cpu")
+        cpus_per_actor = 0 if per_actor else _cpus_per_actor(ray, actors)
+        root = str(job.store.root.resolve())
+        blocks = max(1, -(-job.rows // job.batch_size))
+        ds = ray.data.read_parquet(str(job.pending.resolve()), override_num_blocks=min(blocks, 1024))
+        unit: type = EncodeTexts
+        if job.modality == "image":
+            # decoding in tasks; their CPU request differs from the actors', so Ray does not fuse them
+            ds = ds.map_batches(_decode, fn_kwargs={"spec": job.spec}, batch_size=job.batch_size,
+                                batch_format="pyarrow", num_cpus=0.5)
+            unit = EncodeImages  # looked up at run time, so a test can swap in a failing one
+        ds = ds.map_batches(
+            unit, fn_constructor_args=(job.spec, device, job.precision), batch_size=job.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=per_actor, num_cpus=cpus_per_actor,
+        )
+        ds = ds.map_batches(_stage, fn_kwargs={"root": root, "spec": job.spec}, batch_size=job.shard_rows,
+                            batch_format="pyarrow", num_cpus=0.25)
+        result = EngineResult(device=f"ray:{actors}x{device}")  # forward passes happen in actors: not counted
+        committer = Committer(job.store, result)
+        reporter.start(f"{job.modality}s", job.rows, "img" if job.modality == "image" else "texts")
+        started = time.perf_counter()
+        for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in staged.to_pylist():
+                result.encoded += row["encoded"]
+                result.quarantined.update(row["reasons"])
+                reporter.advance(f"{job.modality}s", row["rows"])
+                committer.add([Path(p) for p in row["paths"]])
+        committer.flush()
+        result.seconds = time.perf_counter() - started
+        return result
+
+
+# --- functions that run on Ray workers ---------------------------------------------------------
+
+
+def _decode(batch: pa.Table, spec: EncodeSpec) -> pa.Table:
+    return DecodeImages(spec)(batch)
+
+
+def _stage(batch: pa.Table, root: str, spec: EncodeSpec) -> pa.Table:
+    """Write one staged shard (plus its quarantine rows) from encoded rows; say what it holds."""
+    counts = EngineResult()
+    count_outcomes(batch, counts)
+    paths = stage_encoded(Store(Path(root)), spec, batch)
+    reasons = [r for r, n in counts.quarantined.items() for _ in range(n)]
+    return pa.table({
+        "paths": [[str(p) for p in paths]], "rows": [batch.num_rows], "encoded": [counts.encoded],
+        "reasons": [reasons],
+    })
+
+
+def _read_probe(path: str, token: str) -> tuple[bool, str]:
+    try:
+        ok = Path(path).read_text() == token
+    except OSError:
+        ok = False
+    return ok, socket.gethostname()
+
+
+def _nodes(ray: Any) -> int:
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def _cpus_per_actor(ray: Any, actors: int) -> float:
+    """CPU actors share each node's cores with the decoding tasks: leave them one core per node."""
+    cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return max(0.5, (cpus - _nodes(ray)) / actors) if cpus > _nodes(ray) else max(0.5, cpus / (2 * actors))

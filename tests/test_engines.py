@@ -1,0 +1,165 @@
+"""Engines: `--engine ray` gives the local engine's vectors; killed workers and drivers lose and double
+nothing; a Tune sweep gives the local sweep's runs. Ray tests share one 2-CPU local instance (marked
+`ray`; skipped, not failed, where Ray is not installed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.encoding.units import EncodeImages
+from pipeline.errors import PipelineError
+from pipeline.stages.encode import run as encode
+from pipeline.store import catalog
+from pipeline.store.layout import Store
+from tests.conftest import encode_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+
+
+def _vectors(store: Store) -> dict[tuple[str, str], np.ndarray]:
+    rows = catalog.query(store, "SELECT modality, content_hash, vector, norm FROM embeddings").to_pylist()
+    return {(r["modality"], r["content_hash"]): np.asarray(r["vector"] + [r["norm"]], np.float32) for r in rows}
+
+
+def _assert_complete_without_duplicates(store: Store) -> None:
+    def count(sql: str) -> int:
+        return catalog.query(store, sql).column(0)[0].as_py()
+
+    samples = count("SELECT count(DISTINCT sample_id) FROM samples")
+    rows = count("SELECT count(*) FROM embeddings WHERE modality = 'image'")
+    distinct = count("SELECT count(DISTINCT content_hash) FROM embeddings WHERE modality = 'image'")
+    bad = count("SELECT count(DISTINCT content_hash) FROM quarantine WHERE stage = 'decode'")
+    texts = count("SELECT count(DISTINCT text_hash) FROM samples")
+    assert rows == distinct == samples - bad
+    assert count("SELECT count(*) FROM embeddings WHERE modality = 'text'") == texts
+    assert not [p for p in store.staging_dir.rglob("*.parquet")]
+
+
+def test_ray_missing_says_how_to_install(d3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(PipelineError, match=r"pip install 'clipdetect-pipeline\[ray\]'"):
+        encode(encode_config(d3_store, engine="ray"))
+
+
+def test_ray_options_need_the_ray_engine(d3_store: Store) -> None:
+    with pytest.raises(PipelineError, match="need --engine ray"):
+        encode_config(d3_store, actors=2)
+
+
+@pytest.mark.ray
+def test_ray_vectors_equal_local_vectors(ray_cluster: Any, d3_store: Store, tmp_path: Path) -> None:
+    other = Store(tmp_path / "copy")
+    shutil.copytree(d3_store.root, other.root)
+    local = encode(encode_config(d3_store, dtype="float32"))
+    remote = encode(encode_config(other, dtype="float32", engine="ray", batch_size=8, shard_rows=16))
+    assert remote.device.startswith("ray:") and remote.engine == "ray"
+    assert (remote.images_encoded, remote.texts_encoded, remote.quarantined) == (
+        local.images_encoded, local.texts_encoded, local.quarantined)
+    a, b = _vectors(d3_store), _vectors(other)
+    assert a.keys() == b.keys()
+    # same model, fp32, CPU; batches differ in size, which may move the last bit of a float
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    _assert_complete_without_duplicates(other)
+    assert encode(encode_config(other, dtype="float32", engine="ray")).nothing_to_do  # decided before Ray starts
+
+
+@pytest.mark.ray
+def test_killed_ray_worker_is_retried_nothing_lost_or_doubled(
+    ray_cluster: Any, d3_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.engines.ray as ray_engine
+
+    marker = tmp_path / "marker"
+    monkeypatch.setattr(ray_engine, "EncodeImages", _DiesOnce.bind(marker))
+    result = encode(encode_config(d3_store, engine="ray", batch_size=8, shard_rows=16))
+    assert marker.exists()  # a worker did die
+    _assert_complete_without_duplicates(d3_store)
+    assert result.images_encoded + sum(result.quarantined.values()) == catalog.query(
+        d3_store, "SELECT count(DISTINCT sample_id) FROM samples").column(0)[0].as_py()
+
+
+class _DiesOnce(EncodeImages):
+    """An encode actor whose first batch kills its process (the marker file makes it once only)."""
+
+    marker: Path
+
+    @classmethod
+    def bind(cls, marker: Path) -> type:
+        return type("DiesOnce", (cls,), {"marker": marker})
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        if not self.marker.exists():
+            self.marker.write_text("died")
+            os._exit(1)
+        return super().__call__(rows)
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.stages.encode import EncodeConfig, run
+    from pipeline.store.layout import Store
+    run(EncodeConfig(Store(sys.argv[1]), ModelSpec("Tiny-ViT-16"), engine="ray", ray_address="auto",
+                     batch_size=4, shard_rows=4))
+    print("FINISHED")
+    """
+)
+
+
+@pytest.mark.ray
+def test_killed_ray_driver_leaves_staged_shards_that_the_next_run_adopts(
+    ray_cluster: Any, d3_store: Store
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(d3_store.root)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(d3_store.staging_dir.rglob("image-*.parquet")):
+            break
+        time.sleep(0.05)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, "the driver finished before it could be killed: " + proc.stderr.read().decode()[-800:]
+    time.sleep(2)  # Ray ends a dead driver's tasks and actors
+    encode(encode_config(d3_store))
+    _assert_complete_without_duplicates(d3_store)
+
+
+@pytest.mark.ray
+def test_store_that_a_node_cannot_see_is_refused(
+    ray_cluster: Any, d3_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.engines.ray as ray_engine
+
+    monkeypatch.setattr(ray_engine, "_read_probe", _blind_probe)
+    with pytest.raises(PipelineError, match="cannot see the store .* every node mounts at the same path"):
+        encode(encode_config(d3_store, engine="ray"))
+
+
+def _blind_probe(path: str, token: str) -> tuple[bool, str]:
+    return False, "node-without-the-store"
