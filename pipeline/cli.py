@@ -432,7 +432,8 @@ def experiment_cmd(
 
     out.print(Markdown(result.markdown))
     for alarm in result.alarms:
-        err.print(f"[bold white on red] SHORTCUT [/] [bold red]{alarm}[/]")
+        label = "SHORTCUT" if alarm.startswith("Shortcut") else "WARNING"
+        err.print(f"[bold white on red] {label} [/] [bold red]{alarm}[/]")
     out.print(f"[green]wrote[/] {result.path} and {result.page} ({result.seconds:.1f} s)")
 
 
