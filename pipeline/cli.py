@@ -168,11 +168,21 @@ def encode(
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are quarantined.")] = 64_000_000,
     seed: Annotated[int, typer.Option(help="Seed of random weights (when --pretrained is omitted).")] = 0,
     retry_quarantined: Annotated[bool, typer.Option(help="Try quarantined images again.")] = False,
+    engine: Annotated[str, typer.Option(help="local: this machine | ray: a Ray cluster (pip install "
+                                        "'clipdetect-pipeline[ray]'); every node must see --store at the "
+                                        "same path (shared filesystem).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join: auto | HOST:PORT. Default: "
+                                                    "start a local Ray instance.")] = None,
+    actors: Annotated[int | None, typer.Option(help="Ray encode actors, one model each. Default: one per "
+                                               "GPU, or one per node without GPUs.")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per Ray actor (0.5: two models share "
+                                                         "a GPU). Default: 1 with GPUs, else 0.")] = None,
 ) -> None:
     """Encode every image and text not yet cached for this model; a second run does no work.
 
-    Vectors are L2-normalised and stored per content hash, so an image or a prompt shared by many
-    samples is encoded once. Safe to kill at any moment: run it again to resume.
+    Vectors are L2-normalised and stored per content hash (with their norm), so an image or a prompt
+    shared by many samples is encoded once. Safe to kill at any moment: run it again to resume.
+    With --engine ray the store must live on a filesystem that every Ray node mounts at the same path.
     """
     from pipeline.encoding.clip import ModelSpec
     from pipeline.stages.encode import EncodeConfig, resolve_device, run
@@ -191,6 +201,10 @@ def encode(
             shard_rows=shard_rows,
             max_pixels=max_pixels,
             retry_quarantined=retry_quarantined,
+            engine=engine,  # type: ignore[arg-type]
+            ray_address=ray_address,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
         )
         with RichReporter() as reporter:
             result = run(config, reporter)
