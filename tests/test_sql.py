@@ -55,3 +55,18 @@ def test_csv_quotes_only_where_needed_and_round_trips(d3_store: Store) -> None:
     table = run_query(d3_store, "SELECT 'a, \"quoted\" text' AS t, 1 AS n, NULL::VARCHAR AS missing")
     text = to_text(table, "csv")
     assert list(csv.reader(text.splitlines())) == [["t", "n", "missing"], ['a, "quoted" text', "1", ""]]
+
+
+def test_float16_vectors_read_in_the_sandbox(d3_store: Store) -> None:
+    from pipeline.stages.encode import run as encode
+    from tests.conftest import encode_config
+
+    encode(encode_config(d3_store))
+    row = run_query(d3_store, "SELECT count(*) AS n, max(len(vector)) AS d "
+                              "FROM embeddings WHERE modality = 'image'").to_pylist()[0]
+    assert row["n"] > 0 and row["d"] > 0
+    direct = run_query(d3_store, "SELECT vector FROM embeddings ORDER BY content_hash LIMIT 1").to_pylist()[0]
+    from pipeline.store import catalog
+
+    inside = catalog.query(d3_store, "SELECT vector FROM embeddings ORDER BY content_hash LIMIT 1").to_pylist()[0]
+    assert direct == inside

@@ -148,7 +148,7 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: catalog.Ma
     parts = []
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
         paths = [str(root / s.path) for s in manifest.of("embeddings", key)]
-        newest = pq.read_schema(paths[-1])  # shards named by time: the newest has every column
+        newest = _widen(pq.read_schema(paths[-1]))  # shards named by time: the newest has every column
         con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format="parquet"))
         norm = "norm" if "norm" in newest.names else "NULL::FLOAT AS norm"
         parts.append(f"SELECT model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector, {norm} "
@@ -156,6 +156,16 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: catalog.Ma
     empty = ("SELECT NULL::VARCHAR AS model_key, NULL::VARCHAR AS modality, NULL::VARCHAR AS content_hash, "
              "NULL::FLOAT[] AS vector, NULL::FLOAT AS norm WHERE false")
     con.execute(f"CREATE VIEW embeddings AS {' UNION ALL '.join(parts) or empty}")
+
+
+def _widen(schema: pa.Schema) -> pa.Schema:
+    """float16 vectors read as float32: DuckDB's Arrow scan has no half floats (Arrow casts while reading)."""
+    fields = []
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type):
+            f = f.with_type(pa.list_(pa.float32(), f.type.list_size))
+        fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _flat(table: pa.Table) -> pa.Table:
