@@ -77,7 +77,8 @@ def test_float32_storage_and_dtype_conflict(d3_store: Store) -> None:
 
 def _pending_rows(store: Store, model_key: str, tmp: Path) -> pa.Table:
     path = tmp / "pending.parquet"
-    write_pending(store, pending_images_sql(False), model_key, path)
+    with catalog.connect(store, read_only=True) as con:
+        write_pending(con, pending_images_sql(False), model_key, path)
     return pq.read_table(path)
 
 
@@ -156,7 +157,8 @@ def test_pending_rows_stream_in_chunks_sorted_by_location(
     monkeypatch.setattr(stage, "_PENDING_CHUNK", 7)
     key = load(ModelSpec(TINY), torch.device("cpu")).model_key
     path = tmp_path / "pending.parquet"
-    n = write_pending(d3_store, pending_images_sql(False), key, path)
+    with catalog.connect(d3_store, read_only=True) as con:
+        n = write_pending(con, pending_images_sql(False), key, path)
     assert n == _count(d3_store, "SELECT count(DISTINCT sample_id) FROM samples")
     assert pq.ParquetFile(path).metadata.num_row_groups == -(-n // 7)
     rows = pq.read_table(path).to_pylist()

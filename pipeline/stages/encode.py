@@ -147,22 +147,20 @@ def pending_images_sql(retry_quarantined: bool) -> str:
     """
 
 
-def write_pending(store: Store, sql: str, model_key: str, path: Path) -> int:
-    """Stream the rows of `sql` into a Parquet file in chunks; return how many there were."""
+def write_pending(con: Any, sql: str, model_key: str, path: Path) -> int:
+    """Stream the rows of `sql` (on a catalog connection) into a Parquet file in chunks; return the count."""
     rows = 0
     writer: pq.ParquetWriter | None = None
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with catalog.connect(store, read_only=True) as con:
-            reader = con.sql(sql, params={"key": model_key}).to_arrow_reader(_PENDING_CHUNK)
-            for batch in reader:
-                if not batch.num_rows:
-                    continue
-                if writer is None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
-                writer.write_batch(batch, row_group_size=_PENDING_CHUNK)
-                rows += batch.num_rows
+        for batch in con.sql(sql, params={"key": model_key}).to_arrow_reader(_PENDING_CHUNK):
+            if not batch.num_rows:
+                continue
+            if writer is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
+            writer.write_batch(batch, row_group_size=_PENDING_CHUNK)
+            rows += batch.num_rows
         if writer is not None:
             writer.close()
             writer = None
@@ -248,9 +246,10 @@ def _add(result: EncodeResult, modality: str, done: EngineResult) -> None:
 def _pending(store: Store, config: EncodeConfig, model_key: str) -> dict[str, tuple[Path, int]]:
     run_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
     out = {}
-    for modality, sql in (("text", pending_texts_sql()), ("image", pending_images_sql(config.retry_quarantined))):
-        path = pending_dir(store) / f"{modality}-{run_id}.parquet"
-        out[modality] = (path, write_pending(store, sql, model_key, path))
+    with catalog.connect(store, read_only=True) as con:
+        for modality, sql in (("text", pending_texts_sql()), ("image", pending_images_sql(config.retry_quarantined))):
+            path = pending_dir(store) / f"{modality}-{run_id}.parquet"
+            out[modality] = (path, write_pending(con, sql, model_key, path))
     return out
 
 
