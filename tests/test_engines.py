@@ -24,7 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages.encode import run as encode
 from pipeline.store import catalog
 from pipeline.store.layout import Store
-from tests.conftest import encode_config
+from tests.conftest import encode_config, planted_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,3 +163,43 @@ def test_store_that_a_node_cannot_see_is_refused(
 
 def _blind_probe(path: str, token: str) -> tuple[bool, str]:
     return False, "node-without-the-store"
+
+
+_GRID = [{"lr": lr, "epochs": 3, "batch_size": 64, "__overrides__": {"lr": lr}} for lr in (1e-3, 3e-3)]
+
+
+@pytest.mark.ray
+def test_tune_sweep_gives_the_local_sweeps_runs(ray_cluster: Any, tmp_path: Path) -> None:
+    from pipeline.stages import sweep
+
+    store = planted_store(tmp_path / "a", rows=120)
+    other = Store(tmp_path / "b")
+    shutil.copytree(store.root, other.root)
+    local = sweep.run(sweep.SweepConfig(store, tuple(_GRID), jobs=2))  # one thread per run, as in a trial
+    tuned = sweep.run(sweep.SweepConfig(other, tuple(_GRID), engine="ray"))
+    assert [r.skipped for r in tuned.rows] == [r.skipped for r in local.rows] == [False, False]
+    assert [r.overrides for r in tuned.rows] == [r.overrides for r in local.rows]
+    hashes = "SELECT config_hash, val_auc, test_auc FROM runs ORDER BY config_hash"
+    a, b = catalog.query(store, hashes).to_pylist(), catalog.query(other, hashes).to_pylist()
+    assert [r["config_hash"] for r in a] == [r["config_hash"] for r in b] and len(a) == 2
+    for x, y in zip(a, b, strict=True):  # the same training, in a Ray worker instead of here
+        assert x["val_auc"] == pytest.approx(y["val_auc"], abs=1e-6)
+        assert x["test_auc"] == pytest.approx(y["test_auc"], abs=1e-6)
+    assert catalog.query(other, "SELECT count(*) FROM scores").column(0)[0].as_py() == catalog.query(
+        store, "SELECT count(*) FROM scores").column(0)[0].as_py()
+    # configs already run are skipped, through Tune too
+    again = sweep.run(sweep.SweepConfig(other, tuple(_GRID), engine="ray", scheduler="asha"))
+    assert [r.skipped for r in again.rows] == [True, True]
+    assert [r.run_id for r in again.rows] == [r.run_id for r in tuned.rows]
+
+
+def test_sweep_samples_draw_a_seeded_subset(tmp_path: Path) -> None:
+    from pipeline.stages import sweep
+
+    grid = tuple({"lr": lr, "__overrides__": {"lr": lr}} for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2))
+    store = Store(tmp_path)
+    first = sweep.chosen(sweep.SweepConfig(store, grid, samples=2, seed=5))
+    assert len(first) == 2 and first == sweep.chosen(sweep.SweepConfig(store, grid, samples=2, seed=5))
+    assert sweep.chosen(sweep.SweepConfig(store, grid)) == list(grid)
+    with pytest.raises(PipelineError, match="need --engine ray"):
+        sweep.SweepConfig(store, grid, scheduler="asha")

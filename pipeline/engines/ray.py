@@ -14,7 +14,10 @@ a probe task on each node before it starts, and refuses with a sentence otherwis
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -193,3 +196,119 @@ def _cpus_per_actor(ray: Any, actors: int) -> float:
     """CPU actors share each node's cores with the decoding tasks: leave them one core per node."""
     cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     return max(0.5, (cpus - _nodes(ray)) / actors) if cpus > _nodes(ray) else max(0.5, cpus / (2 * actors))
+
+
+# --- sweeps: Ray Tune ------------------------------------------------------------------------
+
+
+def tune_sweep(store: Store, configs: list[dict[str, Any]], sweep: Any, reporter: Reporter) -> list[Any]:
+    """Run each config as one Ray Tune trial (an ordinary `train` run); return the sweep's rows.
+
+    Every trial reports its validation AUC per epoch, so ASHA (`sweep.scheduler == "asha"`) can stop
+    weak ones early; a stopped trial writes no run and comes back with `stopped_after` set.
+    """
+    import_ray()
+    try:
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    except ImportError:
+        raise PipelineError(f"--engine ray needs Ray Tune, which is not installed: {INSTALL}") from None
+    from pipeline.runs import TrainConfig
+    from pipeline.stages.sweep import SweepRow
+
+    started_ray = connect(RayOptions(sweep.ray_address))
+    storage = store.staging_dir / ".tune" / uuid.uuid4().hex[:8]  # on the shared store, as Tune needs
+    try:
+        check_store_visible(store)
+        epochs = max(TrainConfig.from_dict(_options(c)).fit.epochs for c in configs)
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
+                     if sweep.scheduler == "asha" else FIFOScheduler())
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, root=str(store.root.resolve()), configs=configs,
+                                 threads=max(1, int(sweep.cpus_per_trial))),
+            {"cpu": sweep.cpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"i": tune.grid_search(list(range(len(configs))))},
+            tune_config=tune.TuneConfig(metric="val_auc", mode="max", scheduler=scheduler),
+            run_config=tune.RunConfig(storage_path=str(storage), name="sweep", verbose=0,
+                                      callbacks=[_progress(reporter)]),
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # Tune prints tables; a stage never prints
+            results = tuner.fit()
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        if started_ray:
+            import_ray().shutdown()
+    rows: list[SweepRow] = [SweepRow("", None, False, None, None, {})] * len(configs)
+    for k in range(len(results)):
+        result = results[k]
+        i = (result.config or {})["i"]
+        flat, metrics = configs[i], result.metrics or {}
+        if result.error and not metrics.get("run_id"):
+            raise PipelineError(f"Sweep trial {i} ({flat.get('__overrides__')}) failed: {result.error}")
+        name = flat.get("name")
+        if metrics.get("run_id"):
+            rows[i] = SweepRow(metrics["run_id"], name, bool(metrics["skipped"]), _num(metrics.get("val_auc")),
+                               _num(metrics.get("test_auc")), flat.get("__overrides__", {}))
+        else:
+            rows[i] = SweepRow("", name, False, _num(metrics.get("val_auc")), None, flat.get("__overrides__", {}),
+                               stopped_after=metrics.get("training_iteration"))
+    return rows
+
+
+def _trial(params: dict[str, Any], root: str, configs: list[dict[str, Any]], threads: int) -> None:
+    """One Tune trial: one sweep config trained as an ordinary run (runs in a Ray worker)."""
+    from ray import tune
+
+    from pipeline.stages.sweep import _run_one
+
+    row = _run_one(Path(root), configs[params["i"]], threads, _TuneReporter())
+    tune.report({"val_auc": _nan(row.val_auc), "test_auc": _nan(row.test_auc), "run_id": row.run_id,
+                 "skipped": row.skipped})
+
+
+class _TuneReporter:
+    """A stage reporter that hands each epoch's validation AUC to Ray Tune (and nothing else)."""
+
+    def start(self, task: str, total: int | None, unit: str) -> None:
+        pass
+
+    def advance(self, task: str, n: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "epoch":
+            from ray import tune
+
+            tune.report({"val_auc": _nan(data.get("val_auc")), "epoch": data.get("epoch")})
+
+
+def _progress(reporter: Reporter) -> Any:
+    """A Tune callback that advances the sweep's progress as each trial ends (Tune is imported late)."""
+    from ray import tune
+
+    class Progress(tune.Callback):  # type: ignore[misc]
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            reporter.advance("sweep", 1)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            reporter.advance("sweep", 1)
+
+    return Progress()
+
+
+def _options(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if k != "__overrides__"}
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or value != value else float(value)

@@ -1,8 +1,13 @@
 """Stage `sweep`: many training configs over the same cached features; CLIP is never loaded.
 
 A grid file (TOML) has `[base]` options for every run, and either `[grid]` (lists of values,
-crossed) or `[[runs]]` (one table per run). Configs whose hash (config + data) already has a run
-are skipped, so a sweep that was interrupted resumes where it stopped.
+crossed) or `[[runs]]` (one table per run); `samples` draws that many of them at random (seeded)
+instead of running all. Configs whose hash (config + data) already has a run are skipped, so a
+sweep that was interrupted resumes where it stopped.
+
+Engines: `local` trains here (`jobs` processes); `ray` hands each config to Ray Tune as one trial
+— an ordinary `train` run — that reports its validation AUC every epoch, so the `asha` scheduler
+can stop weak trials early (a stopped trial writes no run; the sweep lists it as stopped).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from pipeline.config import Validated, at_least
@@ -37,6 +43,7 @@ class SweepRow:
     val_auc: float | None
     test_auc: float | None
     overrides: dict[str, Any]
+    stopped_after: int | None = None  # Ray Tune's scheduler stopped the trial after this many epochs
 
 
 @dataclass
@@ -76,21 +83,44 @@ class SweepConfig(Validated):
     store: Store
     configs: tuple[dict[str, Any], ...]  # flat option dicts, as `expand` gives them
     jobs: int = 1
+    engine: Literal["local", "ray"] = "local"
+    samples: int | None = None  # None: every config; N: N of them drawn at random with `seed`
+    seed: int = 0
+    scheduler: Literal["fifo", "asha"] = "fifo"  # ray engine only
+    ray_address: str | None = None  # ray engine: None starts a local Ray instance
+    cpus_per_trial: float = 1.0
 
     def check(self) -> None:
         at_least(self, "jobs", 1)
+        at_least(self, "samples", 1)
+        at_least(self, "cpus_per_trial", 0.25)
+        if self.engine == "local" and (self.scheduler != "fifo" or self.ray_address):
+            raise PipelineError("--scheduler and --ray-address need --engine ray.")
+
+
+def chosen(config: SweepConfig) -> list[dict[str, Any]]:
+    """The configs a sweep runs: all, or `samples` of them drawn without replacement (seeded)."""
+    configs = list(config.configs)
+    if config.samples is None or config.samples >= len(configs):
+        return configs
+    picked = np.random.default_rng(config.seed).choice(len(configs), size=config.samples, replace=False)
+    return [configs[i] for i in sorted(picked)]
 
 
 def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
     """Train every config not trained yet; `jobs` > 1 trains in parallel processes (CLIP never loaded)."""
     reporter = reporter or Silent()
-    store, configs, jobs = config.store, list(config.configs), config.jobs
+    store, configs, jobs = config.store, chosen(config), config.jobs
     reporter.start("sweep", len(configs), "runs")
     # build each feature table once, here, so parallel jobs never race to build it
     for c in configs:
         cfg = TrainConfig.from_dict({k: v for k, v in c.items() if k != "__overrides__"})
         feature_table(store, resolve_model_key(store, cfg.model_key), cfg.pairing)
-    if jobs == 1:
+    if config.engine == "ray":
+        from pipeline.engines.ray import tune_sweep
+
+        rows = tune_sweep(store, configs, config, reporter)
+    elif jobs == 1:
         rows = []
         for c in configs:
             rows.append(_run_one(store.root, c, threads=None))
@@ -102,12 +132,13 @@ def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
     return SweepResult(rows, open_clip_imported="open_clip" in sys.modules)
 
 
-def _run_one(root: Path, flat: dict[str, Any], threads: int | None) -> SweepRow:
+def _run_one(root: Path, flat: dict[str, Any], threads: int | None, reporter: Reporter | None = None) -> SweepRow:
+    """Train one config of a sweep (or find its run); the local engine and every Tune trial call this."""
     if threads:
         torch.set_num_threads(threads)
     overrides = flat.get("__overrides__", {})
     config = TrainConfig.from_dict({k: v for k, v in flat.items() if k != "__overrides__"})
-    result = train.run(TrainJob(Store(root), config, skip_existing=True))
+    result = train.run(TrainJob(Store(root), config, skip_existing=True), reporter)
     return SweepRow(
         run_id=result.run_id,
         name=config.name,
