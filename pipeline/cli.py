@@ -389,12 +389,22 @@ def sweep_cmd(
     grid: Annotated[Path, typer.Option(help="TOML with [base] and [grid] (crossed lists) or [[runs]].")],
     store: StoreOpt = DEFAULT_STORE,
     jobs: Annotated[int, typer.Option(help="Runs in parallel (processes).")] = 1,
+    engine: Annotated[str, typer.Option(help="local: this machine | ray: one Ray Tune trial per config "
+                                        "(store on a filesystem every node sees).")] = "local",
+    samples: Annotated[int | None, typer.Option(help="Run N configs drawn at random from the grid.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --samples draw.")] = 0,
+    scheduler: Annotated[str, typer.Option(help="Ray Tune scheduler: fifo | asha (stops weak trials "
+                                           "early on per-epoch val AUC).")] = "fifo",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join: auto | HOST:PORT. Default: "
+                                                    "start a local Ray instance.")] = None,
 ) -> None:
     """Train many configs over the same cached features; configs already run are skipped."""
     from pipeline.stages.sweep import SweepConfig, grid_configs, run
 
     with _errors(ctx):
-        config = SweepConfig(Store(store), tuple(grid_configs(grid)), jobs)
+        config = SweepConfig(Store(store), tuple(grid_configs(grid)), jobs, engine=engine,  # type: ignore[arg-type]
+                             samples=samples, seed=seed, scheduler=scheduler,  # type: ignore[arg-type]
+                             ray_address=ray_address)
         with RichReporter() as reporter:
             result = run(config, reporter)
     view = Table(title="sweep", header_style="bold", title_justify="left")
@@ -402,8 +412,9 @@ def sweep_cmd(
         view.add_column(col)
     for row in result.rows:
         opts = ", ".join(f"{k}={v}" for k, v in row.overrides.items())
-        view.add_row(row.run_id, opts, "skipped (exists)" if row.skipped else "trained",
-                     cell(row.val_auc), cell(row.test_auc))
+        status = ("skipped (exists)" if row.skipped else "trained" if row.stopped_after is None
+                  else f"stopped after {row.stopped_after} reports (asha)")
+        view.add_row(row.run_id, opts, status, cell(row.val_auc), cell(row.test_auc))
     out.print(view)
     out.print(f"open_clip imported by this sweep: {'yes' if result.open_clip_imported else 'no'}")
 
