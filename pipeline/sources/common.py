@@ -42,7 +42,7 @@ class Unit:
 
     @property
     def uri(self) -> str:
-        return str(self.path.resolve())
+        return absolute(self.path)
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,12 @@ def stat_unit(path: Path, fingerprint: str | None = None, extra: str | None = No
     return Unit(path, st.st_size, st.st_mtime_ns, fingerprint, extra, payload)
 
 
+def absolute(path: Path) -> str:
+    """An absolute, normalised path without resolving symlinks: `Path.resolve` costs an lstat per
+    path component, which at one call per image dominated ingest."""
+    return os.path.abspath(path)
+
+
 def is_image(path: Path | str) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
@@ -116,7 +122,7 @@ def hash_bytes(data: bytes) -> str:
 def hash_file(path: Path, limits: Limits) -> tuple[str, int, Location] | Problem:
     """Hash a regular file by streaming it; anything else (device, FIFO, directory, too large,
     unreadable) becomes a problem without reading it."""
-    loc = Location(uri=str(path.resolve()))
+    loc = Location(uri=absolute(path))
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -231,7 +237,7 @@ def tar_member_hash(tf: tarfile.TarFile, member: tarfile.TarInfo, limits: Limits
 
 def tar_location(path: Path, member: tarfile.TarInfo) -> Location:
     return Location(
-        uri=str(path.resolve()), member=member.name, offset=member.offset_data, length=member.size
+        uri=absolute(path), member=member.name, offset=member.offset_data, length=member.size
     )
 
 
@@ -281,7 +287,7 @@ class RealImageIndex:
             if path.suffix == ".tar":
                 self._index_tar(path)
             elif is_image(path):
-                loc = Location(uri=str(path.resolve()))
+                loc = Location(uri=absolute(path))
                 self.by_key.setdefault(path.stem, loc)
                 url = _url_from_sidecar(path.with_suffix(".json"))
                 if url:

@@ -31,6 +31,7 @@ from pipeline.sources.common import (
     Problem,
     RealImageIndex,
     Unit,
+    absolute,
     directory_fingerprint,
     hash_bytes,
     hash_location,
@@ -105,7 +106,7 @@ class D3Source:
             raise PipelineError(f"{path} is not in the D3 layout: it lacks {', '.join(need)}.")
         index = self._real_index()
         split = split_from_path(path)
-        uri = str(path.resolve())
+        uri = absolute(path)
         row_base = 0
         for batch in pf.iter_batches(batch_size=64):
             rows = batch.to_pylist()
@@ -125,7 +126,7 @@ class D3Source:
         data = cell.get("bytes") or b""
         original = str(row[f"model_gen{k}"] or f"gen{k}")
         if not data and cell.get("path"):
-            hashed = hash_location(Location(uri=str((path.parent / cell["path"]).resolve())), self.limits)
+            hashed = hash_location(Location(uri=absolute(path.parent / cell["path"])), self.limits)
             if isinstance(hashed, Problem):
                 return Problem(hashed.reason, f"row {row['id']} {column}: {hashed.detail}", loc)
             sample_id, size = hashed
@@ -178,7 +179,7 @@ class D3Source:
                     yield Problem(
                         "real_image_missing" if label == 0 else "image_missing",
                         f"key {entry.key}: no {name} image in {tar.name}",
-                        Location(uri=str(tar.resolve()), member=f"{entry.key}.{name}"),
+                        Location(uri=absolute(tar), member=f"{entry.key}.{name}"),
                     )
                     continue
                 got = tar_candidate_or_problem(tar, tf, member, self.limits)

@@ -20,6 +20,7 @@ from pipeline.sources.common import (
     Limits,
     Problem,
     Unit,
+    absolute,
     image_member,
     iter_tar_entries,
     stat_unit,
@@ -61,7 +62,7 @@ class WebdatasetSource:
                     yield Problem(
                         "unlabelled",
                         f"key {entry.key} is not in the label map",
-                        Location(uri=str(tar.resolve()), member=member.name),
+                        Location(uri=absolute(tar), member=member.name),
                     )
                     continue
                 label_gen = (0 if self.generator.lower() == REAL else 1, self.generator)
