@@ -119,3 +119,24 @@ def catalog_writer(store: Store):  # noqa: ANN201 - small helper
     from pipeline.store.lock import writing
 
     return writing(store)
+
+
+def test_repairing_a_samples_shard_lets_the_next_ingest_restore_exactly_it(tmp_path: Path) -> None:
+    from pipeline.stages.ingest import IngestConfig
+    from pipeline.stages.ingest import run as ingest
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / "src", rows=8, size=32)
+    store = Store(tmp_path / "store")
+    config = IngestConfig(data.parquet, "d3", store, real_images=data.real_images, shard_rows=10)
+    ingest(config)
+    before = catalog.query(store, "SELECT sample_id FROM samples ORDER BY 1").column(0).to_pylist()
+    shard = catalog.shard_paths(store, "samples")[1]
+    _truncate(shard)
+    with pytest.raises(PipelineError, match=r"pipeline verify --repair"):
+        ingest(config)
+    verify.run(verify.VerifyConfig(store, repair=True))
+    assert len(catalog.query(store, "SELECT sample_id FROM samples").column(0)) < len(before)
+    again = ingest(config)  # the ledger was reset with the repair: the source is read again
+    assert again.units_read == 1 and again.added == 10
+    assert catalog.query(store, "SELECT sample_id FROM samples ORDER BY 1").column(0).to_pylist() == before
