@@ -50,6 +50,9 @@ class TrainConfig(Validated):
     leak_threshold: float = 0.95  # cosine similarity that counts as a near-duplicate
     # fit (and pick the epoch) on the real images and these generators' only; score every sample
     train_generators: tuple[str, ...] | None = None
+    # train, pick and score on the samples `pipeline perturb` derived by this operation (e.g. jpeg:95 applied
+    # to every split, so that train and test share one format) instead of the samples as ingested
+    perturbation: str | None = None
     fit: FitConfig = field(default_factory=FitConfig)
     name: str | None = None
 
@@ -103,8 +106,9 @@ class TrainConfig(Validated):
 def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None) -> str:
     flat = config.flat()
     flat.pop("name")
-    if flat.get("train_generators") is None:  # absent: runs made before the option keep their hash
-        flat.pop("train_generators", None)
+    for optional in ("train_generators", "perturbation"):  # absent: runs made before the option keep their hash
+        if flat.get(optional) is None:
+            flat.pop(optional, None)
     flat["model_key"] = model_key
     flat["data"] = table.fingerprint
     if leak_scan:

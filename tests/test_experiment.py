@@ -34,6 +34,32 @@ def test_text_alarm_rules() -> None:
     assert sentence and "--pairing shared" in sentence and "99.0 [98.0, 100.0]" in sentence
 
 
+def test_caption_shortcut_alarm_from_runs_fires_on_a_planted_store_only(tmp_path: Path) -> None:
+    """The rule `train` and `report` apply: the newest text-only run against this run's test AUC."""
+    options = {**FAST, "epochs": 6}
+    for name, shortcut, expected in (("planted", 4.0, True), ("clean", 0.0, False)):
+        store = planted_store(tmp_path / name, rows=300, dim=16, signal=3.0, text_shortcut=shortcut)
+        method = train(store, TrainConfig.from_dict(options))
+        train(store, TrainConfig.from_dict({**options, "features": "text"}))
+        found = shortcuts.text_only_summary(store, method.model_key, "as-ingested")
+        assert found is not None
+        alarm = shortcuts.text_alarm(found[1], method.metrics["test"])
+        assert (alarm is not None) == expected, (name, found[1]["auc"], alarm)
+    assert shortcuts.text_only_summary(store, method.model_key, "shared") is None
+
+
+def test_a_run_trained_on_one_generator_drops_on_an_unlike_one(tmp_path: Path) -> None:
+    store = _two_family_store(tmp_path, rows=200)
+    unlike = catalog.query(store, "SELECT DISTINCT generator FROM samples WHERE source_member = 'image_gen3'"
+                           ).column(0)[0].as_py()
+    like = catalog.query(store, "SELECT DISTINCT generator FROM samples WHERE source_member = 'image_gen0'"
+                         ).column(0)[0].as_py()
+    run = train(store, TrainConfig.from_dict({**FAST, "epochs": 4, "features": "image", "train_generators": [like]}))
+    cells = run.metrics["test"]["intervals"]
+    assert cells[like]["auc"]["value"] > 0.85 and cells[unlike]["auc"]["value"] < 0.7
+    assert cells[unlike]["auc"]["hi"] < cells[like]["auc"]["lo"]
+
+
 @pytest.mark.slow
 def test_planted_caption_shortcut_triggers_the_alarm_and_a_clean_store_does_not(tmp_path: Path) -> None:
     base = {**FAST, "epochs": 2}

@@ -76,3 +76,47 @@ def test_ops_from_toml(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "ops.toml"
     path.write_text("[ops]\njpeg = [90, 75]\nblur = 1\n")
     assert PerturbConfig.ops_from_toml(path) == ("jpeg:90,75", "blur:1")
+
+
+@pytest.mark.slow
+def test_robustness_and_training_on_one_format_everywhere(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Encode → train → perturb → encode only the new images → robustness; and a run on jpeg:95 everywhere."""
+    from pipeline.runs import TrainConfig
+    from pipeline.stages import encode
+    from pipeline.stages.experiment import ExperimentConfig
+    from pipeline.stages.experiment import run as run_exp
+    from pipeline.stages.ingest import IngestConfig
+    from pipeline.stages.ingest import run as ingest
+    from pipeline.synthetic import make_d3
+    from tests.conftest import encode_config
+    from tests.conftest import train_run as train
+
+    data = make_d3(tmp_path / "src", rows=40, size=48)
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    first = encode.run(encode_config(store))
+    run = train(store, TrainConfig.from_dict({"epochs": 3, "batch_size": 64, "lr": 1e-2, "features": "image"}))
+    with pytest.raises(PipelineError, match="No perturbed test samples"):
+        run_exp(ExperimentConfig(store, "robustness", run_id=run.run_id))
+    derived = perturb(PerturbConfig(store, ("jpeg:50", "blur:2")))
+    again = encode.run(encode_config(store))
+    assert again.images_encoded == derived.derived  # only the new images; their texts were encoded already
+    assert again.texts_encoded == 0 and first.images_encoded > 0
+    result = run_exp(ExperimentConfig(store, "robustness", run_id=run.run_id))
+    assert [label for label, _ in result.rows] == ["none", "blur:2", "jpeg:50"]
+    for cells in result.cells.values():
+        overall = cells[-1]
+        assert overall is not None and overall["lo"] <= overall["value"] <= overall["hi"]
+    assert (result.page.parent / "robustness.png").exists()
+    # the training view still holds only the samples as ingested
+    assert train(store, TrainConfig.from_dict({"epochs": 3, "batch_size": 64, "lr": 1e-2, "features": "image"}),
+                 skip_existing=True).metrics["test"]["n"] == run.metrics["test"]["n"]
+
+    everywhere = perturb(PerturbConfig(store, ("jpeg:95",), ("train", "val", "test")))
+    encode.run(encode_config(store))
+    on_jpeg = train(store, TrainConfig.from_dict({"epochs": 2, "batch_size": 64, "lr": 1e-2, "features": "image",
+                                                 "perturbation": "jpeg:95"}))
+    n_scored = sum(on_jpeg.metrics[s]["n"] for s in ("train", "val", "test"))
+    assert n_scored == everywhere.derived
+    with pytest.raises(PipelineError, match="No samples derived by jpeg:10"):
+        train(store, TrainConfig.from_dict({"epochs": 1, "perturbation": "jpeg:10"}))

@@ -67,7 +67,11 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` and `pipeline encode` first.")
     model_key = resolve_model_key(store, config.model_key)
     _check_generators(store, config)
-    table = feature_table(store, model_key, config.pairing)
+    if config.perturbation is not None and not catalog.query(
+            store, "SELECT 1 FROM samples WHERE perturbation = ? LIMIT 1", [config.perturbation]).num_rows:
+        raise PipelineError(f"No samples derived by {config.perturbation}: run `pipeline perturb --ops "
+                            f"{config.perturbation} --splits train,val,test` and `pipeline encode` first.")
+    table = feature_table(store, model_key, config.pairing, config.perturbation)
     excluded, leak_scan = _leaks(store, model_key, config)
     chash = config_hash(config, model_key, table, leak_scan)
     random_weights = store.model_info(model_key).get("random_weights")
