@@ -130,8 +130,8 @@ def format_probe(store: Store, seed: int = 0, per_split: int = PROBE_SAMPLES) ->
     scores = np.array([(c[1] + prior) / (c[0] + c[1] + 1) if (c := table.get(f[:4])) else prior for f, _ in test])
     groups = np.array([r["group_key"] for _, r in test])
     auc = evaluate(labels, scores, groups, rng=np.random.default_rng(seed), n_boot=500)["auc"].as_dict()
-    bpp = evaluate(labels, np.array([f[4] for f, _ in test]))["auc"].value
-    bpp = None if np.isnan(bpp) else max(bpp, 1 - bpp)
+    bpp_auc = evaluate(labels, np.array([f[4] for f, _ in test]))["auc"].value
+    bpp = None if np.isnan(bpp_auc) else max(bpp_auc, 1 - bpp_auc)
     alarm = None
     if auc["value"] is not None and auc["value"] >= PROBE_AUC_ALARM:
         alarm = ("Shortcut: file format, JPEG quality or size alone separate the classes, so a detector may "

@@ -226,7 +226,7 @@ def _weighted_metrics(y: np.ndarray, called: np.ndarray, starts: np.ndarray,
         fp = n_neg[:, None] - neg_cum + neg
         ap = np.einsum("ij,ij->i", pos, tp / np.maximum(tp + fp, 1e-30)) / n_pos  # 0/0 where pos is 0
         curve = _Curve(tp, fp, n_pos, n_neg)
-        tpr_at = {x: curve.tpr(curve.first(lambda k, x=x: curve.fpr(k) <= x + 1e-12)) for x in (0.01, 0.05)}
+        tpr_at = {x: curve.tpr(curve.first(curve.fpr_at_most(x))) for x in (0.01, 0.05)}
         eer = curve.eer()
     return {"auc": auc, "ap": ap, "acc": acc, "real_acc": real_acc, "fake_acc": fake_acc,
             "balanced_acc": (real_acc + fake_acc) / 2, "eer": eer,
@@ -248,6 +248,9 @@ class _Curve:
 
     def fpr(self, k: np.ndarray) -> np.ndarray:
         return self._at(self.fp, k) / self.n_neg
+
+    def fpr_at_most(self, x: float) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda k: self.fpr(k) <= x + 1e-12
 
     def first(self, condition: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Per row, the first k where `condition` (false, then true as k rises) holds; K if never."""

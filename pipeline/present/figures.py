@@ -5,6 +5,7 @@ Every PNG is 640 × 480; embeddings from random weights get a caption on the fig
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,10 @@ def confusion(path: Path, matrix: np.ndarray, threshold: float, random_weights: 
 
 # --- figures with intervals ----------------------------------------------------------------------
 
-Cell = dict[str, Any]  # {value, lo, hi, n}; lo/hi None when the run predates intervals
+Cell = Mapping[str, Any]  # {value, lo, hi, n}; lo/hi None when the run predates intervals
 
 
-def auc_axis_limits(cells: list[Cell | None]) -> tuple[float, float]:
+def auc_axis_limits(cells: Sequence[Cell | None]) -> tuple[float, float]:
     """A y-range that shows the differences: from a little below the lowest interval end to 1."""
     lows = [c["lo"] if c.get("lo") is not None else c["value"] for c in cells if c and c.get("value") is not None]
     if not lows:
@@ -119,7 +120,7 @@ def auc_axis_limits(cells: list[Cell | None]) -> tuple[float, float]:
     return (bottom if bottom < 0.95 else 0.9), 1.0
 
 
-def grouped_bars_ci(path: Path, values: dict[str, list[Cell | None]], columns: list[str], title: str,
+def grouped_bars_ci(path: Path, values: Mapping[str, Sequence[Cell | None]], columns: list[str], title: str,
                     random_weights: Any = False) -> Path:
     """One group of bars per column (generator), one bar per row (method), 95% intervals as error bars."""
     fig, ax = figure(title)
@@ -141,7 +142,7 @@ def grouped_bars_ci(path: Path, values: dict[str, list[Cell | None]], columns: l
     return save_png(fig, path, random_weights)
 
 
-def heatmap(path: Path, values: dict[str, list[Cell | None]], columns: list[str], title: str,
+def heatmap(path: Path, values: Mapping[str, Sequence[Cell | None]], columns: list[str], title: str,
             random_weights: Any = False) -> Path:
     """Rows x columns of AUC, each cell annotated with its value and interval."""
     fig, ax = figure(title)
@@ -166,7 +167,7 @@ def heatmap(path: Path, values: dict[str, list[Cell | None]], columns: list[str]
     return save_png(fig, path, random_weights)
 
 
-def robustness(path: Path, curves: dict[str, dict[str, list[tuple[float, Cell]]]], random_weights: Any = False) -> Path:
+def robustness(path: Path, curves: Mapping[str, Mapping[str, Sequence[tuple[float, Cell]]]], random_weights: Any = False) -> Path:
     """A panel per operation: test AUC (with 95% intervals) against strength, a line per generator."""
     from matplotlib.figure import Figure
 
@@ -246,7 +247,7 @@ def thumbnail_png(data: bytes, size: int = 160) -> bytes:
     return out.getvalue()
 
 
-def bars_ci(path: Path, cells: dict[str, Cell | None], title: str, random_weights: Any = False) -> Path:
+def bars_ci(path: Path, cells: Mapping[str, Mapping[str, Any] | None], title: str, random_weights: Any = False) -> Path:
     """Horizontal AUC bars with 95% intervals, on an axis that starts near the lowest interval."""
     fig, ax = figure(title)
     names = list(cells)
