@@ -167,7 +167,8 @@ def heatmap(path: Path, values: Mapping[str, Sequence[Cell | None]], columns: li
     return save_png(fig, path, random_weights)
 
 
-def robustness(path: Path, curves: Mapping[str, Mapping[str, Sequence[tuple[float, Cell]]]], random_weights: Any = False) -> Path:
+def robustness(path: Path, curves: Mapping[str, Mapping[str, Sequence[tuple[float, Cell]]]],
+               random_weights: Any = False) -> Path:
     """A panel per operation: test AUC (with 95% intervals) against strength, a line per generator."""
     from matplotlib.figure import Figure
 
