@@ -1,0 +1,266 @@
+"""GPU check: one script, under 5 minutes on one NVIDIA GPU, that prints what the encode and the
+trainer reach there. Without a CUDA GPU it stops with one sentence (exit code 2).
+
+ViT-L-14 with random weights (the FLOPs of the real model), on 20k generated JPEGs:
+1. forward-only images/s on ready tensors, fp16 and bf16 (the ceiling);
+2. end-to-end `pipeline encode` images/s (read, re-hash, decode in worker processes, forward,
+   normalise, write and commit shards), fp16 and bf16, and its ratio to forward-only;
+3. text encode/s (EncodeTexts, fp16);
+4. trainer step samples/s, bf16 autocast, batch 2048, 1536-d, CVaR+AUC+SAM: ours (`train_step`) vs a
+   loop written the way the reference code is (torch Dropout, λ by scipy's fminbound each step);
+5. peak GPU memory of each part.
+
+    python bench/gpu_check.py [--images 20000] [--batch-size 256] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    parser.add_argument("--model", default="ViT-L-14")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() is False here).",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    device = torch.device("cuda")
+    workers = args.workers if args.workers is not None else max(1, min(15, (os.cpu_count() or 2) - 1))
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{os.cpu_count()} CPU cores; {args.model} RANDOM WEIGHTS; batch {args.batch_size}; "
+          f"{workers} decoding workers")
+    root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        t = time.perf_counter()
+        make_jpegs(root / "src", args.images, workers + 1)
+        print(f"made {args.images} JPEGs (256², q90) in {time.perf_counter() - t:.1f} s")
+        template = ingest_once(root, args)
+        forward = forward_only(args, device)
+        for precision in ("fp16", "bf16"):
+            e2e, peak = end_to_end(template, root, precision, args, workers)
+            fwd, fwd_peak = forward[precision]
+            print(f"{precision}: forward-only {fwd:7.0f} img/s (peak {fwd_peak:.1f} GiB) | end-to-end encode "
+                  f"{e2e:7.0f} img/s (peak {peak:.1f} GiB) | e2e/forward {e2e / fwd:.2f}")
+        texts_per_s, peak = text_encode(args, device)
+        print(f"text encode (EncodeTexts, fp16, batch 1024): {texts_per_s:7.0f} texts/s (peak {peak:.1f} GiB)")
+        ours, ref, peak = trainer_steps(device)
+        print(f"trainer step, bf16, batch 2048 × 1536-d, CVaR+AUC+SAM: ours {ours:9.0f} samples/s | "
+              f"reference-style {ref:9.0f} samples/s | {ours / ref:.1f}× (peak {peak:.1f} GiB)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"gpu_check took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def make_jpegs(root: Path, n: int, processes: int) -> None:
+    (root / "real").mkdir(parents=True)
+    chunks = [(root / "real", start, min(n, start + 500)) for start in range(0, n, 500)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.starmap(_jpeg_range, chunks)
+
+
+def _jpeg_range(directory: Path, start: int, stop: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    ramp = np.linspace(0, 255, 256)[None, :, None]
+    for i in range(start, stop):
+        arr = np.clip(ramp * rng.uniform(0.2, 1.0, 3) + rng.normal(0, 25, (256, 256, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        (directory / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+
+
+def ingest_once(root: Path, args: argparse.Namespace) -> Any:
+    from pipeline.stages.ingest import IngestConfig
+    from pipeline.stages.ingest import run as ingest
+    from pipeline.store.layout import Store
+
+    t = time.perf_counter()
+    store = Store(root / "template")
+    ingest(IngestConfig(root / "src", "folder", store))
+    print(f"ingested them in {time.perf_counter() - t:.1f} s")
+    return store
+
+
+def forward_only(args: argparse.Namespace, device: Any) -> dict[str, tuple[float, float]]:
+    import torch
+
+    from pipeline.encoding.clip import ModelSpec, load
+    from pipeline.encoding.units import Encoder
+
+    loaded = load(ModelSpec(args.model), device)
+    out = {}
+    for precision in ("fp16", "bf16"):
+        encoder = Encoder(loaded, device, precision)
+        pixels = torch.randn(args.batch_size, 3, 224, 224, device=device)
+        for _ in range(3):  # warm-up: cuDNN/cuBLAS choose their kernels
+            encoder.images(pixels)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n, t = 0, time.perf_counter()
+        while n < min(args.images, 10_000):
+            encoder.images(pixels)  # returns numpy: synchronises every batch, as the encode stage does
+            n += args.batch_size
+        out[precision] = (n / (time.perf_counter() - t), torch.cuda.max_memory_allocated() / 2**30)
+    del loaded
+    torch.cuda.empty_cache()
+    return out
+
+
+def end_to_end(template: Any, root: Path, precision: str, args: argparse.Namespace,
+               workers: int) -> tuple[float, float]:
+    import torch
+
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.stages.encode import EncodeConfig, run
+    from pipeline.store.layout import Store
+
+    store = Store(root / f"store-{precision}")
+    shutil.copytree(template.root, store.root)
+    torch.cuda.reset_peak_memory_stats()
+    result = run(EncodeConfig(store, ModelSpec(args.model), device="cuda", precision=precision,  # type: ignore[arg-type]
+                              batch_size=args.batch_size, workers=workers, shard_rows=8192))
+    done = result.images_encoded + sum(result.quarantined.values())
+    assert done == args.images, f"{done} of {args.images} images encoded: {dict(result.quarantined)}"
+    shutil.rmtree(store.root)
+    return result.images_per_second, torch.cuda.max_memory_allocated() / 2**30
+
+
+def text_encode(args: argparse.Namespace, device: Any) -> tuple[float, float]:
+    import pyarrow as pa
+    import torch
+
+    from pipeline.encoding.clip import ModelSpec, load
+    from pipeline.encoding.units import EncodeSpec, EncodeTexts
+
+    loaded = load(ModelSpec(args.model), device)
+    spec = EncodeSpec.from_info(ModelSpec(args.model), loaded.info, "float16", 10**8)
+    unit = EncodeTexts(spec, "cuda", "fp16", loaded)
+    rng = np.random.default_rng(0)
+    words = ["a", "photo", "of", "cat", "dog", "red", "city", "at", "night", "painting", "portrait", "sunset"]
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(20_480)]
+    batches = [pa.table({"text_hash": [str(i) for i in range(s, s + 1024)], "text": texts[s:s + 1024]})
+               for s in range(0, len(texts), 1024)]
+    unit(batches[0])  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for batch in batches:
+        unit(batch)
+    rate = len(texts) / (time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del loaded, unit
+    torch.cuda.empty_cache()
+    return rate, peak
+
+
+def trainer_steps(device: Any, steps: int = 60) -> tuple[float, float, float]:
+    import torch
+
+    from trainer.fit import FitConfig, build_model, build_optimizer, train_step
+    from trainer.model import Dropout
+
+    batch, dim = 2048, 1536
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, dim, device=device, generator=gen)
+    y = (torch.rand(batch, device=device, generator=gen) < 0.8).float()
+    config = FitConfig(bf16=True)
+    torch.cuda.reset_peak_memory_stats()
+
+    model = build_model(dim, config).to(device)
+    optimizer = build_optimizer(model, config)
+    for _ in range(5):
+        train_step(model, optimizer, x, y, config)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, x, y, config)  # returns a float: one sync per step
+    ours = steps * batch / (time.perf_counter() - t)
+
+    ref_model = build_model(dim, config).to(device)
+    for i, layer in enumerate(ref_model.body):  # the reference model uses torch's own nn.Dropout
+        if isinstance(layer, Dropout):
+            ref_model.body[i] = torch.nn.Dropout(layer.p)
+    ref_opt = build_optimizer(ref_model, config)
+    for _ in range(3):
+        _reference_step(ref_model, ref_opt, x, y, config)
+    torch.cuda.synchronize()
+    ref_steps = max(5, steps // 4)
+    t = time.perf_counter()
+    for _ in range(ref_steps):
+        _reference_step(ref_model, ref_opt, x, y, config)
+    ref = ref_steps * batch / (time.perf_counter() - t)
+    return ours, ref, torch.cuda.max_memory_allocated() / 2**30
+
+
+def _reference_step(model: Any, optimizer: Any, x: Any, y: Any, config: Any) -> None:
+    """The reference code's step: CVaR's λ by a bounded scalar search that reads the loss back to the
+    host at every probe (scipy's fminbound there; a golden-section search here if scipy is missing)."""
+    import torch
+
+    from trainer.losses import auc_loss, bce
+    from trainer.sam import running_stats
+
+    alpha = config.cvar_alpha
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = bce(out.float(), target)
+        def objective(lam: float) -> float:
+            return lam + (1.0 / alpha) * torch.relu(losses - lam).mean().item()
+        low, high = float(losses.min()) - 1000.0, float(losses.max())
+        lam = _fminbound(objective, low, high)
+        cvar = lam + (1.0 / alpha) * torch.relu(losses - lam).mean()
+        return config.auc_gamma * cvar + (1 - config.auc_gamma) * auc_loss(
+            out.float(), target, config.auc_eta, config.auc_p)
+
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        running_stats(model, True)
+        loss_fn(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        running_stats(model, False)
+        loss_fn(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+
+
+def _fminbound(f: Any, low: float, high: float) -> float:
+    try:
+        from scipy import optimize
+
+        return float(optimize.fminbound(f, low, high))
+    except ImportError:
+        ratio = (5 ** 0.5 - 1) / 2
+        a, b = low, high
+        for _ in range(40):
+            c, d = b - ratio * (b - a), a + ratio * (b - a)
+            if f(c) < f(d):
+                b = d
+            else:
+                a = c
+        return (a + b) / 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
