@@ -91,6 +91,13 @@ def test_units_are_arrow_in_arrow_out_and_pure(d3_store: Store, tmp_path: Path) 
     assert out1.schema == spec.schema and out1.equals(out2) and out1.num_rows == 8
     # decoding in another worker, then encoding, gives the very same rows
     assert images(DecodeImages(spec)(rows)).equals(out1)
+    # the batched ToTensor + Normalize equals open_clip's own transform, picture by picture
+    decoded = DecodeImages(spec)(rows)
+    ok = decoded.filter(pa.compute.is_valid(decoded.column("pixels")))
+    pictures = np.array(ok.column("pixels").combine_chunks().flatten().to_numpy()).reshape(-1, *spec.picture_shape)
+    assert images.scale is not None
+    expected = torch.stack([images.to_tensor(p) for p in pictures])
+    assert torch.equal(images._tensors(pictures), expected)
     texts = EncodeTexts(spec, "cpu", "fp32", loaded)(pa.table({"text_hash": ["h1"], "text": ["a red cat"]}))
     assert texts.schema == spec.schema and texts.column("modality").to_pylist() == ["text"]
     # the stage stores what the unit returns

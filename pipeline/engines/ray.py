@@ -131,8 +131,9 @@ class RayEngine:
         device = job.device if job.device != "auto" else ("cuda" if per_actor else "cpu")
         cpus_per_actor = 0 if per_actor else _cpus_per_actor(ray, actors)
         root = str(job.store.root.resolve())
-        blocks = max(1, -(-job.rows // job.batch_size))
-        ds = ray.data.read_parquet(str(job.pending.resolve()), override_num_blocks=min(blocks, 1024))
+        ds = ray.data.read_parquet(str(job.pending.resolve()))  # a block per row group (1024 rows)
+        if job.rows < 64 * 1024:  # a small job: split it finer, so that tasks overlap and results stream
+            ds = ds.repartition(min(256, max(1, -(-job.rows // job.batch_size))))
         unit: type = EncodeTexts
         if job.modality == "image":
             # decoding in tasks; their CPU request differs from the actors', so Ray does not fuse them

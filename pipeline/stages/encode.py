@@ -38,6 +38,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Engine = Literal["local", "ray"]
 _PENDING_CHUNK = 65536  # rows per Arrow batch while streaming the pending set to disk
+_PENDING_ROW_GROUP = 1024  # rows per row group of the pending file: the Ray engine's unit of reading
 _LOCATION = ("sample_id", "source_uri", "source_member", "source_row", "byte_offset", "byte_length")
 
 
@@ -159,7 +160,7 @@ def write_pending(con: Any, sql: str, model_key: str, path: Path) -> int:
             if writer is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
-            writer.write_batch(batch, row_group_size=_PENDING_CHUNK)
+            writer.write_batch(batch, row_group_size=min(_PENDING_ROW_GROUP, _PENDING_CHUNK))
             rows += batch.num_rows
         if writer is not None:
             writer.close()
