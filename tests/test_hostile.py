@@ -220,3 +220,25 @@ def test_a_damaged_shard_is_one_sentence_in_every_command(d3_store: Store) -> No
     assert code == 0 and "moved" in out, out
     code, out = _run("status", "--store", store)
     assert code == 0, out
+
+
+def test_a_broken_tar_is_quarantined_and_the_others_ingested(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in range(2):
+        with tarfile.open(shards / f"{n:05d}.tar", "w") as tf:
+            for i in range(3):
+                data = jpeg((40 * i + n, 9, 9), size=48)
+                info = tarfile.TarInfo(f"{n}{i:04d}.jpg")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    broken = shards / "00001.tar"
+    broken.write_bytes(broken.read_bytes()[:2500])  # breaks off inside its second member
+    (shards / "00002.tar").write_bytes(b"not a tar at all" * 100)
+    code, out = _run("ingest", str(shards), "--format", "webdataset", "--generator", "real",
+                     "--store", str(tmp_path / "s"))
+    assert code == 0 and "unreadable_archive" in out, out
+    assert 3 <= _count(Store(tmp_path / "s")) <= 4  # the whole first tar, and what precedes the break

@@ -201,12 +201,21 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), suffix if dot else ""
 
 
+class DamagedArchive(PipelineError):
+    """A tar that cannot be opened or breaks off part way; adapters quarantine it and go on."""
+
+
+def archive_problem(path: Path, exc: DamagedArchive) -> Problem:
+    return Problem("unreadable_archive", str(exc).rstrip("."), Location(uri=absolute(path)))
+
+
 def iter_tar_entries(path: Path) -> Iterator[tuple[tarfile.TarFile, TarEntry]]:
-    """Group a tar's members by key, in archive order. Yields the open archive with each entry."""
+    """Group a tar's members by key, in archive order. Yields the open archive with each entry.
+    Raises `DamagedArchive` if it is no tar, or where it breaks off (entries before it were yielded)."""
     try:
         tf = tarfile.open(path)
     except (tarfile.TarError, OSError) as exc:
-        raise PipelineError(f"{path} is not a readable tar archive ({exc}).") from exc
+        raise DamagedArchive(f"{path} is not a readable tar archive ({exc}).") from exc
     with tf:
         current: TarEntry | None = None
         try:
@@ -220,7 +229,7 @@ def iter_tar_entries(path: Path) -> Iterator[tuple[tarfile.TarFile, TarEntry]]:
                     current = TarEntry(key)
                 current.members[suffix.lower()] = member
         except (tarfile.TarError, OSError) as exc:
-            raise PipelineError(f"{path} is damaged after {current.key if current else 'its start'} ({exc}).") from exc
+            raise DamagedArchive(f"{path} is damaged after {current.key if current else 'its start'} ({exc}).") from exc
         if current is not None:
             yield tf, current
 

@@ -26,12 +26,14 @@ from pipeline.errors import PipelineError
 from pipeline.sources.common import (
     REAL,
     Candidate,
+    DamagedArchive,
     Item,
     Limits,
     Problem,
     RealImageIndex,
     Unit,
     absolute,
+    archive_problem,
     directory_fingerprint,
     hash_bytes,
     hash_location,
@@ -164,6 +166,12 @@ class D3Source:
     # --- webdataset form ---
 
     def _webdataset(self, tar: Path) -> Iterator[Item]:
+        try:
+            yield from self._webdataset_entries(tar)
+        except DamagedArchive as exc:
+            yield archive_problem(tar, exc)
+
+    def _webdataset_entries(self, tar: Path) -> Iterator[Item]:
         for tf, entry in iter_tar_entries(tar):
             caption = tar_text(tf, entry, "caption.txt")
             prompt = tar_text(tf, entry, "prompt.txt") or caption

@@ -16,11 +16,13 @@ from pipeline.errors import PipelineError
 from pipeline.sources.common import (
     REAL,
     Candidate,
+    DamagedArchive,
     Item,
     Limits,
     Problem,
     Unit,
     absolute,
+    archive_problem,
     image_member,
     iter_tar_entries,
     stat_unit,
@@ -50,7 +52,12 @@ class WebdatasetSource:
             yield stat_unit(tar)
 
     def items(self, unit: Unit) -> Iterator[Item]:
-        tar = unit.path
+        try:
+            yield from self._entries(unit.path)
+        except DamagedArchive as exc:
+            yield archive_problem(unit.path, exc)
+
+    def _entries(self, tar: Path) -> Iterator[Item]:
         for tf, entry in iter_tar_entries(tar):
             member = image_member(entry)
             if member is None:
