@@ -242,3 +242,17 @@ def test_a_broken_tar_is_quarantined_and_the_others_ingested(tmp_path: Path) -> 
                      "--store", str(tmp_path / "s"))
     assert code == 0 and "unreadable_archive" in out, out
     assert 3 <= _count(Store(tmp_path / "s")) <= 4  # the whole first tar, and what precedes the break
+
+
+def test_one_damaged_d3_file_of_many_is_quarantined(tmp_path: Path) -> None:
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / "src", rows=4, size=32, missing_real=0, broken_generated=0)
+    folder = tmp_path / "d3"
+    folder.mkdir()
+    good = folder / "0000.parquet"
+    data.parquet.rename(good)
+    (folder / "0001.parquet").write_bytes(good.read_bytes()[:-200])  # footer cut off
+    code, out = _run("ingest", str(folder), "--format", "d3", "--real-images", str(data.real_images),
+                     "--store", str(tmp_path / "s"))
+    assert code == 0 and "ingested 20 new samples" in out and "unreadable_source" in out, out

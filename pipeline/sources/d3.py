@@ -87,8 +87,13 @@ class D3Source:
     def items(self, unit: Unit) -> Iterator[Item]:
         if unit.path.suffix == ".tar":
             yield from self._webdataset(unit.path)
+        elif len(self.files) == 1:
+            yield from self._parquet(unit.path)  # the one file given: its damage is the error
         else:
-            yield from self._parquet(unit.path)
+            try:  # one damaged file of many is quarantined; the others are read
+                yield from self._parquet(unit.path)
+            except PipelineError as exc:
+                yield Problem("unreadable_source", str(exc).rstrip("."), Location(uri=absolute(unit.path)))
 
     # --- Parquet form ---
 
@@ -110,7 +115,14 @@ class D3Source:
         split = split_from_path(path)
         uri = absolute(path)
         row_base = 0
-        for batch in pf.iter_batches(batch_size=64):
+        batches = pf.iter_batches(batch_size=64)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # noqa: BLE001 - a page that does not decode, wherever it is
+                raise PipelineError(f"{path} is damaged after row {row_base} ({_first_line(exc)}).") from exc
+            if batch is None:
+                break
             rows = batch.to_pylist()
             for i, row in enumerate(rows):
                 global_row = row_base + i
