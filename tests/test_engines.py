@@ -203,3 +203,17 @@ def test_sweep_samples_draw_a_seeded_subset(tmp_path: Path) -> None:
     assert sweep.chosen(sweep.SweepConfig(store, grid)) == list(grid)
     with pytest.raises(PipelineError, match="need --engine ray"):
         sweep.SweepConfig(store, grid, scheduler="asha")
+
+
+def test_cli_engine_flags_are_checked_with_a_sentence(d3_store: Store) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["encode", "--model", "Tiny-ViT-16", "--store", str(d3_store.root), "--actors", "2"])
+    assert result.exit_code == 2 and "need --engine ray" in result.output
+    result = runner.invoke(app, ["encode", "--model", "Tiny-ViT-16", "--store", str(d3_store.root),
+                                 "--engine", "spark"])
+    assert result.exit_code == 2 and "--engine must be one of local, ray" in result.output
+    assert "--ray-address" in runner.invoke(app, ["encode", "--help"]).output
