@@ -32,6 +32,7 @@ from pipeline.reporting import Reporter, Silent
 from pipeline.sources.common import DEFAULT_MAX_BYTES, Candidate, Item, Limits, Problem, Unit
 from pipeline.sources.d3 import DEFAULT_GENERATORS, D3Source
 from pipeline.sources.folder import FolderSource
+from pipeline.sources.generators import canonical
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.webdataset import WebdatasetSource
 from pipeline.store import catalog
@@ -279,7 +280,7 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime,
                     result.duplicates_in_source += 1
                 else:
                     result.already_in_store += 1
-                    if info["stored_generator"] != row["generator"]:
+                    if canonical(info["stored_generator"] or "") != row["generator"]:  # not just an old spelling
                         result.generator_mismatches[(row["generator"], info["stored_generator"])] += 1
                 continue
             other = _where(info["stored_uri"], info["stored_member"], None)
