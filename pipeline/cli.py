@@ -141,6 +141,9 @@ def ingest(
     if result.missing_captions:
         out.print(f"[yellow]{result.missing_captions} new samples have no caption[/]: image+text training "
                   "leaves them out.")
+    for (here, there), count in result.generator_mismatches.most_common(4):
+        out.print(f"[yellow]{count} images are already in the store as {there!r}[/], named {here!r} here: "
+                  "check --generators (D3's gen_0..gen_3 follow the Parquet model_gen0..3).")
     if result.label_conflicts:
         out.print(f"[yellow]{result.label_conflicts} images appear under two labels[/] and are used as neither "
                   "(quarantined as label_conflict).")
@@ -333,6 +336,8 @@ def train_cmd(
         "--exclude-leaks/--keep-leaks", help="Leave val/test samples with a near-duplicate in an earlier split "
         "out of the metrics (needs `pipeline leaks`).")] = None,
     leak_threshold: Annotated[float | None, typer.Option(help="Cosine similarity of a near-duplicate.")] = None,
+    input_norm: Annotated[str | None, typer.Option(help="l2 (unit vectors, as stored) | raw (each vector "
+                                                   "times its stored norm: the reference code's inputs)")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
 ) -> None:
     """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
@@ -348,7 +353,7 @@ def train_cmd(
             model_key=model_key, features=features, pairing=pairing, epochs=epochs, batch_size=batch_size,
             lr=lr, cvar=cvar, cvar_alpha=cvar_alpha, auc=auc, auc_gamma=auc_gamma, sam=sam, sam_rho=sam_rho,
             bf16=bf16, seed=seed, detector=detector, exclude_leaks=exclude_leaks, leak_threshold=leak_threshold,
-            name=name)}
+            input_norm=input_norm, name=name)}
         train_config = TrainConfig.from_dict(options)
         if train_config.fit.bf16:
             import torch
@@ -513,14 +518,19 @@ def index_build(
     ctx: typer.Context,
     store: StoreOpt = DEFAULT_STORE,
     model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
-    kind: Annotated[str, typer.Option(help="auto (flat below 100k vectors, else ivf) | flat | ivf | hnsw")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto (the most exact that fits --max-memory: flat below 100k "
+                                      "vectors, then ivf, ivf-sq8, ivf-pq) | flat | ivf | ivf-sq8 | ivf-pq | hnsw")
+                    ] = "auto",
     vectors: Annotated[str, typer.Option(help="image | text")] = "image",
-    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 4·√n).")] = None,
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 2·√n, at most 8192).")] = None,
+    max_memory: Annotated[str, typer.Option(help="Memory the index may take to build and search, e.g. 4GB.")
+                          ] = "4GB",
     target_recall: Annotated[float, typer.Option(help="Approximate kinds widen their search to reach this "
                                                  "recall@10 against exact search.")] = 0.95,
     force: Annotated[bool, typer.Option(help="Rebuild even if the embeddings did not change.")] = False,
 ) -> None:
     """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
+    from pipeline.features.index import parse_memory
     from pipeline.stages.index import IndexConfig, run
 
     with _errors(ctx):
@@ -528,7 +538,8 @@ def index_build(
             raise PipelineError("--target-recall must lie in (0, 1].")
         with RichReporter() as reporter:
             info = run(IndexConfig(Store(store), model_key, kind, vectors, nlist,  # type: ignore[arg-type]
-                                   target_recall=target_recall, force=force), reporter)
+                                   target_recall=target_recall, force=force,
+                                   max_memory=parse_memory(max_memory)), reporter)
     verb = "built" if info.built else "up to date (embeddings unchanged), reused"
     out.print(f"[green]{verb}[/] {info.kind} index {info.index_id}: {info.vectors:,} × {info.dim} "
               f"{info.modality} vectors of {info.model_key}, params {info.params}, {info.build_seconds:.2f} s")
@@ -571,13 +582,17 @@ def leaks(
                                              "near-duplicates.")] = 0.95,
     k: Annotated[int, typer.Option("-k", help="Neighbours examined per val/test image.")] = 10,
     exact: Annotated[bool, typer.Option(help="Search exhaustively (flat) whatever the store's size.")] = False,
+    max_memory: Annotated[str, typer.Option(help="Memory an index built for the scan may take, e.g. 4GB.")
+                          ] = "4GB",
 ) -> None:
     """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
+    from pipeline.features.index import parse_memory
     from pipeline.stages.leaks import LeakConfig, run
 
     with _errors(ctx):
         with RichReporter() as reporter:
-            result = run(LeakConfig(Store(store), model_key, threshold, k, exact), reporter)
+            result = run(LeakConfig(Store(store), model_key, threshold, k, exact,
+                                    max_memory=parse_memory(max_memory)), reporter)
     random_banner(Store(store).model_info(result.model_key).get("random_weights"))
     approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
         f"{result.recall_at_10:.3f}; --exact searches exhaustively)"

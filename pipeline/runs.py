@@ -48,6 +48,8 @@ class TrainConfig(Validated):
     detector: Literal["mlp", "knn"] = "mlp"  # mlp: the paper's detector | knn: vote of the nearest training samples
     exclude_leaks: bool = False  # drop val/test samples with a near-duplicate in an earlier split
     leak_threshold: float = 0.95  # cosine similarity that counts as a near-duplicate
+    # l2: the unit vectors as stored | raw: each scaled back by its stored norm (the reference code's inputs)
+    input_norm: Literal["l2", "raw"] = "l2"
     # fit (and pick the epoch) on the real images and these generators' only; score every sample
     train_generators: tuple[str, ...] | None = None
     # train, pick and score on the samples `pipeline perturb` derived by this operation (e.g. jpeg:95 applied
@@ -109,6 +111,8 @@ def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_s
     for optional in ("train_generators", "perturbation"):  # absent: runs made before the option keep their hash
         if flat.get(optional) is None:
             flat.pop(optional, None)
+    if flat.get("input_norm") == "l2":  # the default: runs made before the option keep their hash
+        flat.pop("input_norm", None)
     flat["model_key"] = model_key
     flat["data"] = table.fingerprint
     if leak_scan:
@@ -148,7 +152,8 @@ def load_run_record(store: Store, run_id: str) -> tuple[TrainConfig, dict[str, A
     return TrainConfig.from_dict(flat), json.loads((run_dir / "metrics.json").read_text())
 
 
-def evaluation_set(table: FeatureTable, features: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def evaluation_set(table: FeatureTable, features: str,
+                   input_norm: str = "l2") -> tuple[torch.Tensor, torch.Tensor, str]:
     """The fixed set a run's evaluation loss (and its loss landscape) is computed on.
 
     The first `EVAL_ROWS` rows of the val split in the feature table's fixed order (the test split
@@ -156,7 +161,7 @@ def evaluation_set(table: FeatureTable, features: str) -> tuple[torch.Tensor, to
     """
     for split in ("val", "test"):
         xs, ys, n = [], [], 0
-        for b in FeatureLoader(table, (split,), LoaderConfig(features, 4096)).epoch(0):
+        for b in FeatureLoader(table, (split,), LoaderConfig(features, 4096, input_norm=input_norm)).epoch(0):
             xs.append(b.x[: EVAL_ROWS - n])
             ys.append(b.y[: EVAL_ROWS - n])
             n += len(xs[-1])

@@ -5,6 +5,7 @@ Build tables with `from_rows` / `from_columns`: a misspelt column is an error, n
 
 from schemas.tables import (
     EMBEDDING_DTYPES,
+    FEATURE_VIEW,
     INDEX_IDS,
     INDEXES,
     LEAKS,
@@ -21,7 +22,6 @@ from schemas.tables import (
     TABLES,
     embeddings_schema,
     encoded_schema,
-    feature_view_schema,
     from_columns,
     from_rows,
     schema_problem,
@@ -32,6 +32,7 @@ from schemas.tables import (
 __all__ = [
     "EMBEDDING_DTYPES",
     "INDEXES",
+    "FEATURE_VIEW",
     "INDEX_IDS",
     "LEAKS",
     "METRICS",
@@ -47,7 +48,6 @@ __all__ = [
     "TABLES",
     "embeddings_schema",
     "encoded_schema",
-    "feature_view_schema",
     "from_columns",
     "from_rows",
     "schema_problem",

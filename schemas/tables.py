@@ -222,21 +222,20 @@ def encoded_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     )
 
 
-def feature_view_schema(dim: int) -> pa.Schema:
-    """The training view of one model: a sample with its label, split, generator and vectors."""
-    return stamp(
-        "feature_view",
-        pa.schema(
-            [
-                pa.field("sample_id", pa.string(), nullable=False),
-                pa.field("split", pa.string(), nullable=False),
-                pa.field("label", pa.int8(), nullable=False),
-                pa.field("generator", pa.string(), nullable=False),
-                pa.field("image", pa.list_(pa.float16(), dim)),
-                pa.field("text", pa.list_(pa.float16(), dim)),
-            ]
-        ),
-    )
+FEATURE_VIEW = stamp(
+    "feature_view",
+    pa.schema(
+        [  # the training view: a sample, what it is, and which rows of the model's vector matrices hold it
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("label", pa.int8(), nullable=False),
+            pa.field("generator", pa.string(), nullable=False),
+            pa.field("group_key", pa.string()),
+            pa.field("image_row", pa.int64(), nullable=False),  # row of cache/vectors/<model>/image
+            pa.field("text_row", pa.int64()),  # row of cache/vectors/<model>/text (NULL: no text vector)
+        ]
+    ),
+)
 
 
 INDEX_IDS = stamp(
@@ -278,7 +277,7 @@ def from_rows(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
 def from_columns(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
     """A table of `schema` from named columns (arrays or lists), with the same checks as `from_rows`."""
     _check_names(schema, set(columns))
-    n = max((len(v) for v in columns.values()), default=0)
+    n = max((len(v) for v in columns.values() if v is not None), default=0)
     arrays = []
     for field in schema:
         value = columns.get(field.name)

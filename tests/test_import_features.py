@@ -68,3 +68,50 @@ def test_clip_retrieval_layout(tmp_path: Path) -> None:
     assert rows["cap a"]["source_format"] == "clip-retrieval"  # still encodable by other models
     assert rows["cap b"]["source_format"] == "features:clip-retrieval"
     assert rows["cap b"]["text_hash"] == hashlib.sha256(b"cap b").hexdigest()
+
+
+def _h5(path: Path, rows: int, image_dim: int, text_dim: int, seed: int = 0) -> None:
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h:
+        for name in ["real", "image_gen0", "image_gen1", "image_gen2", "image_gen3"]:
+            h[name] = (rng.normal(size=(rows, image_dim)) * 7).astype(np.float32)
+        h["original_prompt"] = rng.normal(size=(rows, text_dim)).astype(np.float32)
+        h["positive_prompt"] = rng.normal(size=(rows, text_dim)).astype(np.float32)
+
+
+def test_norms_are_kept_and_image_and_text_sizes_may_differ(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    from pipeline.features.loader import FeatureLoader, LoaderConfig
+    from pipeline.features.view import feature_table
+
+    _h5(tmp_path / "src" / "0000.h5", rows=20, image_dim=12, text_dim=5)
+    store = Store(tmp_path / "store")
+    import_features(ImportConfig(tmp_path / "src", "h5", store, "mixed"))
+    norms = catalog.query(store, "SELECT modality, min(norm), max(norm) FROM embeddings GROUP BY 1 ORDER BY 1"
+                          ).to_pylist()
+    assert [r["modality"] for r in norms] == ["image", "text"]
+    assert 10 < norms[0]["min(norm)"] < norms[0]["max(norm)"] < 40  # ≈ 7·√12, not 1
+    table = feature_table(store, "mixed")
+    assert (table.dim, table.text_dim) == (12, 5)
+    batch = next(FeatureLoader(table, ("train", "val", "test"), LoaderConfig(batch_size=100)).epoch(0))
+    assert batch.x.shape == (100, 17)
+    _h5(tmp_path / "other" / "0001.h5", rows=5, image_dim=12, text_dim=6, seed=1)
+    with pytest.raises(PipelineError, match="12-d \\(image\\) and 6-d \\(text\\)"):
+        import_features(ImportConfig(tmp_path / "other", "h5", store, "mixed"))
+
+
+def test_a_reimport_adds_nothing_and_a_grown_source_adds_only_its_new_rows(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    _h5(tmp_path / "src" / "0000.h5", rows=6, image_dim=8, text_dim=8)
+    store = Store(tmp_path / "store")
+    first = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
+    assert (first.samples_added, first.vectors_added) == (30, 30 + 12)
+    again = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
+    assert (again.samples_added, again.vectors_added, again.already_present) == (0, 0, 30)
+    _h5(tmp_path / "src" / "0001.h5", rows=4, image_dim=8, text_dim=8, seed=2)
+    grown = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
+    assert (grown.samples_added, grown.vectors_added, grown.already_present) == (20, 20 + 8, 30)
+    assert _count(store, "SELECT count(*) FROM samples") == 50

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.features.index import IndexConfig, open_index
-from pipeline.features.vectors import load_vectors, shards_of
+from pipeline.features.index import IndexConfig, open_index, parse_memory, plan_index
+from pipeline.features.vectors import normalise, open_matrix
 from pipeline.runs import TrainConfig
 from pipeline.stages.encode import run as encode
 from pipeline.stages.index import run as build_index
@@ -71,14 +72,42 @@ def test_approximate_index_recall_against_exact_search(tmp_path: Path, kind: str
     # measure it independently, as it is used (neighbours of stored samples, themselves excluded):
     # approximate top-10 against numpy's exact top-10 for other sampled vectors
     index = open_index(store, None, kind=kind)
-    vecs = load_vectors(shards_of(store, info.model_key, "image"))
-    own = np.random.default_rng(5).choice(len(vecs.ids), 300, replace=False)
-    exact = np.argsort(-(vecs.matrix[own] @ vecs.matrix.T), axis=1)[:, 1:11]
-    found = index.search(vecs.matrix[own], 11)[1]
-    id_of = {h: r for r, h in enumerate(vecs.ids)}
-    found_rows = np.vectorize(lambda r: id_of[index.ids[r]])(found)
-    recall = np.mean([len(set(b) & (set(a) - {me})) / 10 for a, b, me in zip(found_rows, exact, own, strict=True)])
+    matrix = normalise(open_matrix(store, info.model_key, "image").gather(np.arange(info.vectors)))
+    own = np.random.default_rng(5).choice(len(matrix), 300, replace=False)
+    exact = np.argsort(-(matrix[own] @ matrix.T), axis=1)[:, 1:11]
+    found = index.search(matrix[own], 11)[1]  # index row r is matrix row r
+    recall = np.mean([len(set(b) & (set(a) - {me})) / 10 for a, b, me in zip(found, exact, own, strict=True)])
     assert recall >= 0.9
+
+
+def test_the_plan_fits_the_memory_budget() -> None:
+    gib = 2**30
+    d3 = plan_index(11_500_000, 768, "auto", 4 * gib)  # D3: 35 GB as flat float32 vectors
+    assert d3.kind == "ivf-pq" and d3.bytes <= 0.7 * 4 * gib
+    assert 768 % int(re.search(r"PQ(\d+)", d3.factory).group(1)) == 0  # type: ignore[union-attr]
+    assert d3.nlist is not None and d3.train_rows >= 39 * d3.nlist and d3.train_rows * 768 * 4 <= 0.15 * 4 * gib
+    assert plan_index(11_500_000, 768, "auto", 16 * gib).kind == "ivf-sq8"
+    assert plan_index(1_000_000, 768, "auto", 8 * gib).kind == "ivf"
+    assert plan_index(50_000, 768, "auto", 4 * gib).kind == "flat"
+    with pytest.raises(PipelineError, match="--max-memory"):
+        plan_index(11_500_000, 768, "flat", 4 * gib)
+    assert parse_memory("4GB") == 4 * gib and parse_memory("512mb") == 512 * 2**20 and parse_memory("100") == 100
+    with pytest.raises(PipelineError, match="--max-memory"):
+        parse_memory("lots")
+
+
+def test_a_small_budget_builds_a_quantised_index_that_still_finds_neighbours(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=800, dim=DIM)
+    budget = 4000 * (DIM // 2 + 8) * 2  # too small for full vectors (4000 × 32 × 4 bytes), enough for codes
+    info = build_index(IndexConfig(store, kind="auto", max_memory=max(budget, 2**24), nlist=16,
+                                   recall_queries=300))
+    assert info.kind == "flat"  # 4000 vectors: exact search fits 16MB
+    quantised = build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=300, max_memory=2**24))
+    assert quantised.kind == "ivf-pq" and quantised.params["factory"].endswith(f"PQ{DIM // 2}np")
+    assert quantised.recall_at_10 is not None and quantised.recall_at_10 > 0.5
+    index = open_index(store, None, kind="ivf-pq")  # the one just built over these vectors
+    matrix = normalise(open_matrix(store, info.model_key, "image").gather(np.arange(20)))
+    assert (index.search(matrix, 1)[1][:, 0] == np.arange(20)).mean() >= 0.9  # each vector finds itself
 
 
 def test_flat_index_is_exact_and_rebuilt_only_when_embeddings_change(tmp_path: Path) -> None:

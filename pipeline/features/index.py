@@ -1,45 +1,58 @@
-"""`pipeline index build`: a FAISS index over one model's cached vectors, kept in the store.
+"""`pipeline index build`: a FAISS index over one model's cached vectors, within a memory budget.
 
-Inner product on L2-normalised vectors (= cosine similarity). `auto` picks exact search (flat)
-below `EXACT_BELOW` vectors and an IVF index above. Approximate indexes tune their search
-breadth (IVF `nprobe`, HNSW `efSearch`) up to `target_recall` and report the recall@10 they
-reach against exact search on sampled queries, excluding each query's own vector.
+Inner product on L2-normalised vectors (= cosine similarity). Like autofaiss does for
+clip-retrieval, `auto` picks the most exact index whose build and search fit `max_memory`:
+exact search (flat) below `EXACT_BELOW` vectors, then IVF over full vectors, IVF with 8-bit
+scalar quantisation, IVF with product quantisation (the most sub-quantisers that fit). The coarse
+quantiser is trained on a random sample that fits a slice of the budget, and vectors are added in
+chunks streamed from the memory-mapped matrix (`features.vectors`), so memory is the index plus
+one chunk, whatever the store's size. Approximate indexes tune their search breadth (IVF
+`nprobe`, HNSW `efSearch`) up to `target_recall` and report the recall@10 they reach against
+exact search (chunked, float32) on sampled queries, excluding each query's own vector.
 
-On disk: `indexes/<model_key>/<index_id>/` holds `index.faiss`, `ids.arrow` (content hash of
-each row) and `index.parquet` (its row in the `indexes` view), written in that order, each
-atomically. The index id carries a fingerprint of the embedding shards, so an index is rebuilt
-exactly when the embeddings change.
+Row r of the index is row r of the model's vector matrix. On disk:
+`indexes/<model_key>/<index_id>/` holds `index.faiss`, `ids.arrow` (content hash of each row,
+uncompressed Arrow so readers map it instead of loading it) and `index.parquet` (its row in the
+`indexes` view), written in that order, each atomically. The index id carries a fingerprint of
+the embedding shards, so an index is rebuilt exactly when the embeddings change.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-import pyarrow.feather as feather
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
-from pipeline.features.vectors import Vectors, count_rows, fingerprint, load_vectors, shards_of
+from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open_matrix, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
 from pipeline.store.atomic import atomic_write, write_parquet
 from pipeline.store.layout import Store
-from schemas import INDEX_IDS, INDEXES, from_columns, from_rows
+from schemas import INDEX_IDS, INDEXES, from_rows
 
-Kind = Literal["auto", "flat", "ivf", "hnsw"]
+Kind = Literal["auto", "flat", "ivf", "ivf-sq8", "ivf-pq", "hnsw"]
 KINDS: tuple[str, ...] = get_args(Kind)
 EXACT_BELOW = 100_000
 RECALL_K = 10
+DEFAULT_MAX_MEMORY = 4 * 2**30
+ADD_ROWS = 65536
+HNSW_QUANTISER_FROM = 2048  # IVF lists  # vectors converted to float32 and added at a time
+_INDEX_SHARE = 0.7  # of the budget: the index itself; the rest holds the training sample and a chunk
+_TRAIN_SHARE = 0.15
 
 
 @dataclass(frozen=True)
@@ -48,18 +61,38 @@ class IndexConfig(Validated):
     model_key: str | None = None
     kind: Kind = "auto"
     modality: Literal["image", "text"] = "image"
-    nlist: int | None = None  # IVF lists; default ≈ 4·√n
+    nlist: int | None = None  # IVF lists; default ≈ 2·√n, fewer if the training sample must be smaller
     hnsw_m: int = 32
     target_recall: float = 0.95
     recall_queries: int = 1000
     force: bool = False  # rebuild even if an index of these embeddings exists
     seed: int = 0
+    max_memory: int = DEFAULT_MAX_MEMORY  # bytes the build and the search may hold
     wait: bool = True  # wait for another writer of the store instead of stopping
 
     def check(self) -> None:
         within(self, "target_recall", 0, 1, low_open=True)
         at_least(self, "nlist", 1)
         at_least(self, "recall_queries", 1)
+        if self.max_memory < 2**24:
+            raise PipelineError("--max-memory must be at least 16MB.")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which index to build for n vectors of dim values, and what it will hold."""
+
+    kind: str
+    factory: str  # FAISS index_factory description
+    nlist: int | None
+    train_rows: int
+    bytes: int  # estimated memory of the built index
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": "inner_product", "factory": self.factory, "estimated_bytes": self.bytes}
+        if self.nlist:
+            out.update(nlist=self.nlist, trained_on=self.train_rows)
+        return out
 
 
 @dataclass
@@ -83,7 +116,7 @@ class IndexInfo:
 class OpenIndex:
     info: IndexInfo
     index: Any  # faiss.Index
-    ids: np.ndarray
+    ids: pa.Array  # content hash of each row, memory-mapped
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Similarities and row numbers of the k nearest rows ([-1] where fewer exist)."""
@@ -91,17 +124,47 @@ class OpenIndex:
         sims, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return sims, rows
 
-
-def resolve_kind(kind: str, n: int) -> str:
-    if kind not in KINDS:
-        raise PipelineError(f"--kind must be one of {', '.join(KINDS)}.")
-    if kind == "auto":
-        return "flat" if n < EXACT_BELOW else "ivf"
-    return kind
+    def hashes(self, rows: np.ndarray) -> list[str]:
+        return self.ids.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
 
-def build_index(config: IndexConfig, reporter: Reporter | None = None, vectors: Vectors | None = None) -> IndexInfo:
-    """Build (or find up to date) the index; `vectors`, if the caller already loaded them, saves a read.
+def parse_memory(text: str) -> int:
+    """'4GB', '512MB', '2.5GiB' or a number of bytes → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise PipelineError(f"--max-memory must look like 4GB or 512MB, not {text!r}.")
+    number, unit = float(match.group(1)), match.group(2)
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
+               nlist: int | None = None, hnsw_m: int = 32) -> Plan:
+    """The index for n vectors within `max_memory`: the requested kind, or (auto) the most exact that fits."""
+    budget = int(max_memory * _INDEX_SHARE)
+    if kind == "flat" or (kind == "auto" and n < EXACT_BELOW and n * dim * 4 <= budget):
+        return _fits(Plan("flat", "Flat", None, 0, n * dim * 4), max_memory)
+    if kind == "hnsw":
+        size = n * (dim * 4 + hnsw_m * 2 * 4 + 16)
+        return _fits(Plan("hnsw", f"HNSW{hnsw_m},Flat", None, 0, size), max_memory)
+    lists, train_rows = _lists(n, dim, max_memory, nlist)
+    # above a few thousand lists a graph over the centroids assigns vectors far faster than a scan
+    quantiser = f"IVF{lists}_HNSW32" if lists >= HNSW_QUANTISER_FROM else f"IVF{lists}"
+    centroids = lists * dim * 4 * (2 if lists >= HNSW_QUANTISER_FROM else 1)
+    codecs = [("ivf", "Flat", dim * 4), ("ivf-sq8", "SQ8", dim)]
+    # "np": no polysemous training, which spends minutes reordering codes for a search we do not use
+    codecs += [("ivf-pq", f"PQ{m}np", m) for m in _pq_sizes(dim)]
+    wanted = [c for c in codecs if kind in ("auto", c[0])]
+    for name, codec, per_vector in wanted:
+        size = n * (per_vector + 8) + centroids
+        if size <= budget:
+            return Plan(name, f"{quantiser},{codec}", lists, train_rows, size)
+    smallest = wanted[-1]
+    return _fits(Plan(smallest[0], f"{quantiser},{smallest[1]}", lists, train_rows,
+                      n * (smallest[2] + 8) + centroids), max_memory)
+
+
+def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexInfo:
+    """Build (or find up to date) the index of this model's vectors of one modality.
 
     The caller holds the store's writer lock (`pipeline.store.lock.writing`)."""
     import faiss
@@ -110,9 +173,10 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None, vectors: 
     store = config.store
     model_key = resolve_model_key(store, config.model_key)
     shards = shards_of(store, model_key, config.modality)
-    kind = resolve_kind(config.kind, count_rows(shards))
-    fp = fingerprint(store, shards, config.modality, kind, config.nlist, config.hnsw_m, config.target_recall)
-    index_id = f"{config.modality}-{kind}-{fp}"
+    matrix = open_matrix(store, model_key, config.modality, reporter)
+    plan = plan_index(matrix.rows, matrix.dim, config.kind, config.max_memory, config.nlist, config.hnsw_m)
+    fp = fingerprint(store, shards, config.modality)  # of the data: shared by every kind of index over it
+    index_id = f"{config.modality}-{plan.kind}-{fingerprint(store, shards, config.modality, plan.factory)}"
     directory = store.dataset_dir("indexes") / model_key / index_id
     if (directory / "index.parquet").exists() and not config.force:
         info = read_info(directory / "index.parquet")
@@ -120,61 +184,87 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None, vectors: 
         return info
 
     started = time.perf_counter()
-    vecs = vectors if vectors is not None and vectors.source == tuple(shards) else load_vectors(shards)
-    n, dim = vecs.matrix.shape
-    reporter.start("index", n, "vectors")
-    index, params = _make(kind, vecs.matrix, config, faiss)
-    _add(index, vecs.matrix, reporter)
-    recall: float | None = None
-    by_breadth: dict[int, float] = {}
-    if kind == "flat":
-        recall = 1.0
-    else:
-        recall, by_breadth = _tune(index, kind, vecs, config, params, faiss)
-    seconds = time.perf_counter() - started
+    def sample(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.sort(rng.choice(matrix.rows, min(count, matrix.rows), replace=False))
+        return rows, matrix.gather(rows)
 
+    index, params = build_in_memory(plan, matrix.dim, lambda: (c for _, c in matrix.chunks(ADD_ROWS)), sample,
+                                    matrix.rows, config, reporter, faiss)
+    seconds = time.perf_counter() - started
     if directory.exists():
         shutil.rmtree(directory)
     atomic_write(directory / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
-    ids = from_columns(INDEX_IDS, {"content_hash": vecs.ids.astype(str)})
-    atomic_write(directory / "ids.arrow", lambda tmp: feather.write_feather(ids, str(tmp)))
-    info = IndexInfo(index_id, model_key, config.modality, kind, params, n, dim, fp, recall, seconds,
-                     directory, True, by_breadth)
+    atomic_write(directory / "ids.arrow", lambda tmp: _write_ids(matrix, store, tmp))
+    params["matrix"] = matrix.generation  # row r of the index is row r of this layout of the vectors
+    recall = params.pop("recall_at_10")
+    by_breadth = params.pop("recall_by_breadth")
+    info = IndexInfo(index_id, model_key, config.modality, plan.kind, params, matrix.rows, matrix.dim, fp, recall,
+                     seconds, directory, True, by_breadth)
     record = from_rows(INDEXES, [{
-        "index_id": index_id, "model_key": model_key, "modality": config.modality, "kind": kind,
-        "params_json": json.dumps(params), "vectors": n, "dim": dim, "fingerprint": fp,
+        "index_id": index_id, "model_key": model_key, "modality": config.modality, "kind": plan.kind,
+        "params_json": json.dumps(params), "vectors": matrix.rows, "dim": matrix.dim, "fingerprint": fp,
         "recall_at_10": recall, "build_seconds": seconds, "path": store.relative(directory / "index.faiss"),
         "created_at": datetime.now(UTC),
     }])
     catalog.commit(store, [write_parquet(record, directory / "index.parquet")])
-    _drop_superseded(store, directory, f"{config.modality}-{kind}-")
+    _drop_superseded(store, directory, config.modality, plan.kind, fp)
     return info
 
 
-def open_index(store: Store, model_key: str | None, modality: str = "image", kind: str = "auto",
-               reporter: Reporter | None = None, vectors: Vectors | None = None) -> OpenIndex:
-    """The index of the current embeddings (built first if there is none)."""
-    import faiss
-
-    info = build_index(IndexConfig(store, model_key, kind=kind, modality=modality), reporter, vectors)
-    index = faiss.read_index(str(info.directory / "index.faiss"))
-    _apply_breadth(index, info.kind, info.params, faiss)
-    ids = feather.read_table(str(info.directory / "ids.arrow")).column(0).to_numpy(zero_copy_only=False)
-    return OpenIndex(info, index, ids)
+Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
-def in_memory_index(matrix: np.ndarray, kind: str = "auto", seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """An index over `matrix` held in memory only (e.g. the kNN detector's training vectors)."""
-    import faiss
+def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarray]], sample: Sampler, n: int,
+                    config: IndexConfig, reporter: Reporter | None = None, faiss: Any = None
+                    ) -> tuple[Any, dict[str, Any]]:
+    """An index over n vectors given in row order as chunks (streamed twice at most).
 
-    kind = resolve_kind(kind, matrix.shape[0])
-    config = IndexConfig(Store(Path(".")), kind=kind, seed=seed)  # type: ignore[arg-type]
-    index, params = _make(kind, matrix, config, faiss)
-    _add(index, matrix, Silent())
-    if kind != "flat":
-        params["recall_at_10"] = _tune(index, kind, Vectors(np.arange(matrix.shape[0]), matrix), config, params,
-                                       faiss)[0]
+    `sample(count, rng)` gives `count` random rows: their row numbers and vectors (to train on, and
+    to query for the recall estimate).
+
+    Returns the index (search breadth tuned) and its params, with `recall_at_10` and
+    `recall_by_breadth` added. Vectors are L2-normalised as they are added.
+    """
+    if faiss is None:
+        import faiss
+    reporter = reporter or Silent()
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    params = plan.params()
+    rng = np.random.default_rng(config.seed)
+    if plan.train_rows:
+        index.train(normalise(sample(plan.train_rows, rng)[1]))
+    if plan.kind == "hnsw":
+        index.hnsw.efConstruction = max(40, 2 * config.hnsw_m)
+        params.update(M=config.hnsw_m, efConstruction=index.hnsw.efConstruction)
+    reporter.start("index", n, "vectors")
+    for chunk in chunks():
+        index.add(normalise(chunk))
+        reporter.advance("index", len(chunk))
+    if plan.kind == "flat":
+        params.update(recall_at_10=1.0, recall_by_breadth={})
+        return index, params
+    recall, by_breadth = _tune(index, plan, n, chunks, sample, config, params, faiss)
+    params.update(recall_at_10=recall, recall_by_breadth=by_breadth)
     return index, params
+
+
+def open_index(store: Store, model_key: str | None, modality: str = "image", kind: str = "auto",
+               reporter: Reporter | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
+               force: bool = False) -> OpenIndex:
+    """The index of the current embeddings: one already built over them (of this kind; `auto`: of any kind),
+    else one built now within `max_memory`.
+
+    Building needs the store's writer lock: the caller holds it."""
+    import faiss
+
+    found = None if force else _current(store, model_key, modality, kind)
+    info = found or build_index(IndexConfig(store, model_key, kind=kind, modality=modality,  # type: ignore[arg-type]
+                                            max_memory=max_memory, force=force), reporter)
+    index = faiss.read_index(str(info.directory / "index.faiss"))
+    apply_breadth(index, info.kind, info.params, faiss)
+    with pa.memory_map(str(info.directory / "ids.arrow")) as source:
+        ids = pa.ipc.open_file(source).read_all().column(0).combine_chunks()
+    return OpenIndex(info, index, ids)
 
 
 def read_info(path: Path) -> IndexInfo:
@@ -184,13 +274,20 @@ def read_info(path: Path) -> IndexInfo:
                      row["recall_at_10"], row["build_seconds"], path.parent)
 
 
-def exact_neighbours(matrix: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Row numbers of the exact k nearest rows by inner product (FAISS flat search)."""
-    import faiss
-
-    flat = faiss.IndexFlatIP(matrix.shape[1])
-    flat.add(matrix)
-    return flat.search(np.ascontiguousarray(queries), min(k, matrix.shape[0]))[1]
+def exact_neighbours(chunks: Iterator[np.ndarray], queries: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the exact k nearest rows by inner product, over rows given in chunks."""
+    queries = np.ascontiguousarray(queries, np.float32)
+    best_sims = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    start = 0
+    for chunk in chunks:
+        sims = queries @ chunk.T
+        rows = np.broadcast_to(np.arange(start, start + len(chunk)), sims.shape)
+        sims, rows = np.concatenate([best_sims, sims], 1), np.concatenate([best_rows, rows], 1)
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        best_sims, best_rows = np.take_along_axis(sims, top, 1), np.take_along_axis(rows, top, 1)
+        start += len(chunk)
+    return best_rows
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray, own: np.ndarray, k: int = RECALL_K) -> float:
@@ -204,74 +301,103 @@ def recall_at(approx: np.ndarray, exact: np.ndarray, own: np.ndarray, k: int = R
     return float(np.mean(hits)) if hits else 1.0
 
 
+def apply_breadth(index: Any, kind: str, params: dict[str, Any], faiss: Any) -> None:
+    if kind.startswith("ivf"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = params["nprobe"]
+        quantiser = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantiser, "hnsw"):
+            quantiser.hnsw.efSearch = max(64, 2 * params["nprobe"])
+    elif kind == "hnsw":
+        index.hnsw.efSearch = params["efSearch"]
+
+
 # --- private -------------------------------------------------------------------------------
 
 
-def _make(kind: str, matrix: np.ndarray, config: IndexConfig, faiss: Any) -> tuple[Any, dict[str, Any]]:
-    n, dim = matrix.shape
-    if kind == "flat":
-        return faiss.IndexFlatIP(dim), {"metric": "inner_product"}
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = max(40, 2 * config.hnsw_m)
-        return index, {"metric": "inner_product", "M": config.hnsw_m, "efConstruction": index.hnsw.efConstruction}
-    nlist = config.nlist or int(min(65536, max(1, 4 * math.sqrt(n))))
-    nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants ≥ 39 training points per list
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(config.seed)
-    train_rows = min(n, 64 * nlist)
-    sample = matrix[np.sort(rng.choice(n, train_rows, replace=False))] if train_rows < n else matrix
-    index.train(sample)
-    return index, {"metric": "inner_product", "nlist": nlist, "trained_on": int(train_rows)}
+def _current(store: Store, model_key: str | None, modality: str, kind: str) -> IndexInfo | None:
+    """An index of this kind (`auto`: any) over exactly the current vectors of this modality, if one was built."""
+    key = resolve_model_key(store, model_key)
+    fp = fingerprint(store, shards_of(store, key, modality), modality)
+    for record in sorted((store.dataset_dir("indexes") / key).glob(f"{modality}-*/index.parquet")):
+        info = read_info(record)
+        if info.fingerprint == fp and kind in ("auto", info.kind) and (record.parent / "ids.arrow").exists():
+            info.built = False
+            return info
+    return None
 
 
-def _add(index: Any, matrix: np.ndarray, reporter: Reporter, chunk: int = 65536) -> None:
-    for start in range(0, matrix.shape[0], chunk):
-        part = matrix[start:start + chunk]
-        index.add(part)
-        reporter.advance("index", part.shape[0])
+def _fits(plan: Plan, max_memory: int) -> Plan:
+    if plan.bytes > max_memory * _INDEX_SHARE:
+        need = plan.bytes / _INDEX_SHARE / 2**30
+        raise PipelineError(f"A {plan.kind} index of these vectors needs about {need:.1f} GB; raise --max-memory "
+                            "or choose --kind auto.")
+    return plan
 
 
-def _drop_superseded(store: Store, current: Path, prefix: str) -> None:
-    """Indexes of older embeddings (same modality and kind) leave the store and the catalog."""
-    stale = [d for d in current.parent.iterdir() if d.is_dir() and d.name.startswith(prefix) and d != current]
-    if stale:
-        catalog.forget(store, [d / "index.parquet" for d in stale])
-    for d in stale:
-        (d / "index.parquet").unlink(missing_ok=True)  # first, so a crash leaves no visible record
-        shutil.rmtree(d)
+def _lists(n: int, dim: int, max_memory: int, nlist: int | None) -> tuple[int, int]:
+    """IVF list count and training-sample size: the sample fits its slice of the budget, ≥ 39 rows a list."""
+    fit_rows = max(1, int(max_memory * _TRAIN_SHARE) // (dim * 4))
+    # 2·√n lists (at most 8192) keeps k-means, which costs train rows × lists × dim, to a minute or two
+    lists = nlist or int(min(8192, max(1, 2 * math.sqrt(n))))
+    lists = max(1, min(lists, n // 39 or 1, fit_rows // 39 or 1))
+    return lists, min(n, 64 * lists, fit_rows)
+
+
+def _pq_sizes(dim: int) -> list[int]:
+    """Sub-quantiser counts for PQ (8 bits each), largest first: divisors of dim, ≥ 2 values per sub-vector."""
+    return [m for m in range(dim // 2, 0, -1) if dim % m == 0 and m in (1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48,
+                                                                       56, 64, 96, 128, 192, 256, 384)]
 
 
 def _breadths(kind: str, params: dict[str, Any]) -> list[int]:
-    if kind == "ivf":
+    if kind.startswith("ivf"):
         nlist = params["nlist"]
         return sorted({min(nlist, 2**i) for i in range(0, 17) if 2 ** (i - 1) < nlist})
     return [16, 32, 64, 128, 256, 512, 1024]
 
 
-def _apply_breadth(index: Any, kind: str, params: dict[str, Any], faiss: Any) -> None:
-    if kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
-    elif kind == "hnsw":
-        index.hnsw.efSearch = params["efSearch"]
-
-
-def _tune(index: Any, kind: str, vecs: Vectors, config: IndexConfig, params: dict[str, Any],
+def _tune(index: Any, plan: Plan, n: int, chunks: Callable[[], Iterator[np.ndarray]],
+          sample: Sampler, config: IndexConfig, params: dict[str, Any],
           faiss: Any) -> tuple[float, dict[int, float]]:
     """Smallest search breadth reaching the target recall@10 (or the widest tried); its recall."""
-    n = vecs.matrix.shape[0]
     rng = np.random.default_rng(config.seed + 1)
-    own = np.sort(rng.choice(n, min(n, config.recall_queries), replace=False))
-    queries = vecs.matrix[own]
-    exact = exact_neighbours(vecs.matrix, queries, RECALL_K + 1)
-    name = "nprobe" if kind == "ivf" else "efSearch"
+    # exact search costs queries × n × dim: fewer queries on big stores keep it to seconds
+    queries_n = min(n, config.recall_queries, max(200, int(2e11 / max(1, n * int(index.d)))))
+    own, queries = sample(queries_n, rng)
+    queries = normalise(queries)
+    exact = exact_neighbours((normalise(c) for c in chunks()), queries, RECALL_K + 1)
+    name = "nprobe" if plan.kind.startswith("ivf") else "efSearch"
     by_breadth: dict[int, float] = {}
-    for breadth in _breadths(kind, params):
+    for breadth in _breadths(plan.kind, params):
         params[name] = breadth
-        _apply_breadth(index, kind, params, faiss)
+        apply_breadth(index, plan.kind, params, faiss)
         approx = index.search(queries, RECALL_K + 1)[1]
         by_breadth[breadth] = recall_at(approx, exact, own)
         if by_breadth[breadth] >= config.target_recall:
             break
     return by_breadth[params[name]], by_breadth
+
+
+def _write_ids(matrix: VectorMatrix, store: Store, tmp: Path) -> None:
+    """Content hashes in matrix row order, streamed shard by shard into an uncompressed Arrow file."""
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, INDEX_IDS) as writer:
+        for path in matrix.shard_offsets().column("path").to_pylist():
+            for batch in pq.ParquetFile(store.root / path).iter_batches(65536, columns=["content_hash"]):
+                writer.write_batch(pa.record_batch([batch.column(0).cast(pa.string())], schema=INDEX_IDS))
+
+
+def _drop_superseded(store: Store, current: Path, modality: str, kind: str, fp: str) -> None:
+    """Indexes of the same modality and kind, or of older embeddings, leave the store and the catalog."""
+    stale = []
+    for d in current.parent.iterdir():
+        if d == current or not d.is_dir() or not d.name.startswith(f"{modality}-"):
+            continue
+        record = d / "index.parquet"
+        if d.name.startswith(f"{modality}-{kind}-") or not record.exists() or read_info(record).fingerprint != fp:
+            stale.append(d)
+    if stale:
+        catalog.forget(store, [d / "index.parquet" for d in stale])
+    for d in stale:
+        (d / "index.parquet").unlink(missing_ok=True)  # first, so a crash leaves no visible record
+        shutil.rmtree(d)

@@ -1,8 +1,12 @@
 """Streaming batches of cached features for training and scoring, in bounded memory.
 
-Reads the feature table (see `features.py`) one row group at a time: row groups in a new random
-order each epoch, rows mixed in a shuffle buffer of at most `buffer_rows`. Memory is the buffer
-plus one row group, whatever the store's size. Vectors are float16 on disk, float32 in batches.
+Reads the training view (`features.view`) one row group of index rows at a time, row groups in a
+new random order each epoch, index rows mixed in a shuffle buffer of at most `buffer_rows`; each
+batch's vectors are then gathered from the memory-mapped matrices. The view's rows are already in
+a pseudo-random order (a hash of the sample id), so every row group is a random draw of its
+split with all classes mixed, and the buffer mixes sixteen of them at a time. Memory is the
+buffer of index rows (~100 bytes each) plus one batch of vectors, whatever the store's size.
+Vectors are float16 on disk, float32 in batches; `input_norm="raw"` scales each back by its norm.
 """
 
 from __future__ import annotations
@@ -17,19 +21,41 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.features.vectors import matrix
 from pipeline.features.view import FeatureTable
+from schemas import FEATURE_VIEW
 
 FEATURE_SETS = ("image", "text", "image+text")
+INPUT_NORMS = ("l2", "raw")
+# the view's columns, all nullable: parts written by DuckDB differ in which ones they declare non-null
+_SCHEMA = pa.schema([f.with_nullable(True) for f in FEATURE_VIEW]).remove_metadata()
 
 
 @dataclass
 class Batch:
+    """One batch: features and labels as tensors; the index rows behind them as Arrow columns."""
+
     x: torch.Tensor  # float32 [n, d]
     y: torch.Tensor  # int64 [n]
-    generator: np.ndarray
-    sample_id: np.ndarray
-    split: np.ndarray
+    rows: pa.Table  # sample_id, split, label, generator, group_key, image_row, text_row
+
+    def column(self, name: str) -> np.ndarray:
+        return self.rows.column(name).to_numpy(zero_copy_only=False)
+
+    @property
+    def sample_id(self) -> np.ndarray:
+        return self.column("sample_id")
+
+    @property
+    def generator(self) -> np.ndarray:
+        return self.column("generator")
+
+    @property
+    def split(self) -> np.ndarray:
+        return self.column("split")
+
+    @property
+    def group(self) -> np.ndarray:
+        return self.column("group_key")
 
 
 @dataclass(frozen=True)
@@ -39,47 +65,63 @@ class LoaderConfig:
     shuffle: bool = False
     buffer_rows: int = 65536
     seed: int = 0
+    input_norm: str = "l2"  # l2: unit vectors as stored | raw: scaled back by each vector's norm
 
 
 class FeatureLoader:
     def __init__(self, table: FeatureTable, splits: tuple[str, ...], config: LoaderConfig) -> None:
         if config.features not in FEATURE_SETS:
             raise PipelineError(f"--features must be one of {', '.join(FEATURE_SETS)}.")
+        if config.input_norm not in INPUT_NORMS:
+            raise PipelineError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}.")
+        if config.features != "image" and table.texts is None:
+            raise PipelineError(f"The store has no text vectors for {table.model_key}: use --features image.")
         self.table = table
         self.splits = splits
         self.config = config
-        self.file = pq.ParquetFile(table.path)
+        self.files = [pq.ParquetFile(p) for p in table.parts]
         self.row_groups = self._row_groups_of(splits)
-        self.max_buffered = 0  # the largest number of rows held at once (for tests and benchmarks)
+        self.max_buffered = 0  # the largest number of index rows held at once (for tests and benchmarks)
         self.skipped_missing_text = 0
 
     @property
     def in_dim(self) -> int:
-        return self.table.dim * (2 if self.config.features == "image+text" else 1)
+        f = self.config.features
+        return (self.table.dim if f != "text" else 0) + (self.table.text_dim if f != "image" else 0)
+
+    def count(self) -> int:
+        """Rows an epoch yields (reads the split and text-row columns only)."""
+        total = 0
+        for part, group in self.row_groups:
+            rows = self.files[part].read_row_group(group, columns=["split", "text_row"])
+            mask = pc.is_in(rows.column("split"), pa.array(self.splits))
+            if self.config.features != "image":
+                mask = pc.and_(mask, rows.column("text_row").is_valid())
+            total += int(pc.sum(mask).as_py() or 0)
+        return total
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(self.row_groups) if cfg.shuffle else self.row_groups
+        order = [self.row_groups[i] for i in rng.permutation(len(self.row_groups))] if cfg.shuffle \
+            else self.row_groups
         buffer: list[pa.Table] = []
         buffered = 0
         self.skipped_missing_text = 0
-        for group in order:
-            part = self._read(int(group))
-            if part.num_rows == 0:
+        for part, group in order:
+            rows = self._read(part, group)
+            if rows.num_rows == 0:
                 continue
-            buffer.append(part)
-            buffered += part.num_rows
+            buffer.append(rows)
+            buffered += rows.num_rows
             self.max_buffered = max(self.max_buffered, buffered)
-            if not cfg.shuffle or buffered >= cfg.buffer_rows:
+            if buffered >= (cfg.buffer_rows if cfg.shuffle else cfg.batch_size):
                 rest = yield from self._drain(pa.concat_tables(buffer), rng, keep_tail=True)
                 buffer, buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
         if buffer:
             yield from self._drain(pa.concat_tables(buffer), rng, keep_tail=False)
 
-    def _drain(
-        self, rows: pa.Table, rng: np.random.Generator, keep_tail: bool
-    ) -> Generator[Batch, None, pa.Table]:
+    def _drain(self, rows: pa.Table, rng: np.random.Generator, keep_tail: bool) -> Generator[Batch, None, pa.Table]:
         if self.config.shuffle:
             rows = rows.take(pa.array(rng.permutation(rows.num_rows)))
         size = self.config.batch_size
@@ -88,36 +130,38 @@ class FeatureLoader:
             yield self._batch(rows.slice(start, min(size, full - start)))
         return rows.slice(full)
 
-    def _read(self, group: int) -> pa.Table:
-        need_text = self.config.features != "image"
-        cols = ["sample_id", "split", "label", "generator"] + (["image"] if self.config.features != "text" else [])
-        cols += ["text"] if need_text else []
-        part = self.file.read_row_group(group, columns=cols)
-        mask = pc.is_in(part.column("split"), pa.array(self.splits))
-        if need_text:
-            has_text = part.column("text").is_valid()
+    def _read(self, part: int, group: int) -> pa.Table:
+        rows = self.files[part].read_row_group(group, columns=_SCHEMA.names).cast(_SCHEMA)
+        mask = pc.is_in(rows.column("split"), pa.array(self.splits))
+        if self.config.features != "image":
+            has_text = rows.column("text_row").is_valid()
             self.skipped_missing_text += int(pc.sum(pc.and_(mask, pc.invert(has_text))).as_py() or 0)
             mask = pc.and_(mask, has_text)
-        return part.filter(mask)
+        return rows.filter(mask).combine_chunks()
+
+    def batch_of(self, rows: pa.Table) -> Batch:
+        """The batch of these view rows (any selection of them, e.g. the rows a run has not scored)."""
+        return self._batch(rows.select(_SCHEMA.names).cast(_SCHEMA))
 
     def _batch(self, rows: pa.Table) -> Batch:
-        parts = [matrix(rows.column(c)) for c in ("image", "text") if c in rows.column_names]
+        raw = self.config.input_norm == "raw"
+        parts = []
+        if self.config.features != "text":
+            parts.append(self.table.images.gather(rows.column("image_row").to_numpy(), raw))
+        if self.config.features != "image":
+            assert self.table.texts is not None
+            parts.append(self.table.texts.gather(rows.column("text_row").to_numpy(), raw))
         x = torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-        return Batch(
-            x=x,
-            y=torch.from_numpy(rows.column("label").to_numpy().astype(np.int64)),
-            generator=rows.column("generator").to_numpy(zero_copy_only=False),
-            sample_id=rows.column("sample_id").to_numpy(zero_copy_only=False),
-            split=rows.column("split").to_numpy(zero_copy_only=False),
-        )
+        y = torch.from_numpy(rows.column("label").to_numpy().astype(np.int64))
+        return Batch(x, y, rows)
 
-    def _row_groups_of(self, splits: tuple[str, ...]) -> list[int]:
-        """Row groups that may hold rows of these splits (the file is sorted by split)."""
-        meta = self.file.metadata
-        index = self.file.schema_arrow.get_field_index("split")
+    def _row_groups_of(self, splits: tuple[str, ...]) -> list[tuple[int, int]]:
+        """(part, row group) pairs that may hold rows of these splits (each part is sorted by split)."""
         keep = []
-        for g in range(meta.num_row_groups):
-            stats = meta.row_group(g).column(index).statistics
-            if stats is None or not stats.has_min_max or any(stats.min <= s <= stats.max for s in splits):
-                keep.append(g)
+        for p, file in enumerate(self.files):
+            index = file.schema_arrow.get_field_index("split")
+            for g in range(file.metadata.num_row_groups):
+                stats = file.metadata.row_group(g).column(index).statistics
+                if stats is None or not stats.has_min_max or any(stats.min <= s <= stats.max for s in splits):
+                    keep.append((p, g))
         return keep

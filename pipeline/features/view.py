@@ -1,9 +1,21 @@
-"""The training view of one model's embeddings: samples joined with their image and text vectors.
+"""The training view of one model: which vector rows make each sample, and nothing else.
 
-Built once per (model key, text pairing) by DuckDB, out of core, into one float16 Parquet file
-sorted by split then by a hash of the sample id (a fixed pseudo-random order), in row groups the
-loader shuffles. Its name carries a fingerprint of the shards it was built from, so it is rebuilt
-exactly when samples or embeddings change, and every run or sweep over unchanged data reuses it.
+Vectors live once, in the model's memory-mapped matrices (`features.vectors`). The view is an
+index over them, built by DuckDB out of core: one row per sample with `sample_id, split, label,
+generator, group_key, image_row, text_row`, sorted by split and then by a hash of the sample id
+(a fixed pseudo-random order, so every row group is a random draw of its split, every class
+mixed). A batch is then a gather from mapped memory; no vector is copied into the view.
+
+Why this design: the old view copied every vector (image and text, per sample) into one Parquet
+file. At D3 size that is a second 40 GB, a hash join that held every vector (DuckDB ran out of
+memory at 1M samples) and a full rebuild whenever one sample was added. An index of integers is
+~100 bytes a sample, joins on hashes only, and grows by appending.
+
+On disk, `cache/views/<model_key>/<pairing>/`: `view.json` lists the parts (Parquet files) with
+the sample and embedding shards they cover and the matrix segments their rows point into. New
+shards append a part holding only the samples not yet in the view; a part set that no longer
+matches (a shard left the store, a matrix rebuilt, text vectors arriving for samples that lacked
+them, too many parts) is rebuilt whole. Parts and `view.json` are written atomically.
 
 Text pairing: `as-ingested` pairs each image with its own text (D3: real ↔ caption, generated ↔
 prompt). `shared` gives every member of a group the text of its generated members, so a real
@@ -12,31 +24,49 @@ image and its generated siblings carry the same text: text alone can then not te
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
+import duckdb
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.features.vectors import fingerprint as shards_fingerprint
+from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix
+from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
-from pipeline.store.atomic import atomic_write
-from pipeline.store.layout import Store
+from pipeline.store.atomic import atomic_write, write_text
+from pipeline.store.layout import Store, safe_name
 
 PAIRINGS = ("as-ingested", "shared")
-ROW_GROUP_ROWS = 4096
-_DUCKDB_MEMORY = "2GB"
+VIEW_VERSION = 1
+ROW_GROUP_ROWS = 16384
+MAX_PARTS = 16  # more appended parts than this and the view is rebuilt as one
+DUCKDB_MEMORY = "1GB"  # the joins hold hashes and integers only; DuckDB spills beyond this
+DUCKDB_THREADS = 2
 
 
 @dataclass(frozen=True)
 class FeatureTable:
-    path: Path
+    """One model's training view: its parts and the matrices their rows point into."""
+
+    directory: Path
+    parts: tuple[Path, ...]
     model_key: str
     pairing: str
     fingerprint: str
-    dim: int
+    images: VectorMatrix
+    texts: VectorMatrix | None
+    rows: int
+
+    @property
+    def dim(self) -> int:
+        return self.images.dim
+
+    @property
+    def text_dim(self) -> int:
+        return self.texts.dim if self.texts is not None else 0
 
 
 def resolve_model_key(store: Store, model_key: str | None) -> str:
@@ -52,100 +82,154 @@ def resolve_model_key(store: Store, model_key: str | None) -> str:
     return model_key
 
 
-def feature_table(store: Store, model_key: str, pairing: str = "as-ingested",
-                  perturbation: str | None = None) -> FeatureTable:
-    """The (possibly cached) joined feature file for this model and pairing.
+def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", perturbation: str | None = None,
+                  reporter: Reporter | None = None) -> FeatureTable:
+    """The training view for this model and pairing, brought up to date (appended or rebuilt) first.
 
     Samples derived by `pipeline perturb` are left out, unless `perturbation` (e.g. "jpeg:75") asks
     for the samples derived by that operation only.
     """
     if pairing not in PAIRINGS:
         raise PipelineError(f"--pairing must be one of {', '.join(PAIRINGS)}.")
+    reporter = reporter or Silent()
     samples = catalog.shard_paths(store, "samples")
     vectors = catalog.shard_paths(store, "embeddings", model_key)
-    images = [p for p in vectors if p.name.startswith("image-")]
-    texts = [p for p in vectors if p.name.startswith("text-")]
-    if not images:
+    image_shards = [p for p in vectors if p.name.startswith("image-")]
+    text_shards = [p for p in vectors if p.name.startswith("text-")]
+    if not image_shards:
         raise PipelineError(f"No image embeddings for {model_key}: run `pipeline encode` first.")
+    images = open_matrix(store, model_key, "image", reporter)
+    texts = open_matrix(store, model_key, "text", reporter) if text_shards else None
+    name = pairing if perturbation is None else f"{pairing}@{safe_name(perturbation)}"
+    directory = store.root / "cache" / "views" / model_key / name
+    covered = {store.relative(p) for p in samples + vectors}
+    layout = {"image": images.segment_names, "text": texts.segment_names if texts else []}
+    found = _read_manifest(directory)
+    manifest: dict[str, Any] = {"version": VIEW_VERSION, "layout": layout, "parts": []}
+    if found is not None and _extendable(found, directory, covered, layout, text_shards, store):
+        manifest = found
+    known = {p for part in manifest["parts"] for p in part["shards"]}
+    if covered - known:
+        part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered))
+        manifest["parts"].append(part)
+        manifest["layout"] = layout
+        write_text(directory / "view.json", json.dumps(manifest))
+        _drop_stale_parts(directory, manifest)
+    parts = tuple(directory / p["file"] for p in manifest["parts"])
+    rows = sum(int(p["rows"]) for p in manifest["parts"])
     salt = pairing if perturbation is None else f"{pairing}|{perturbation}"
-    fingerprint = shards_fingerprint(store, samples + vectors, salt)
-    path = store.root / "cache" / "features" / model_key / f"{pairing}-{fingerprint}.parquet"
-    dim = _dim(images[0])
-    if not path.exists():
-        _build(store, path, images, texts, pairing, dim, perturbation)
-    return FeatureTable(path, model_key, pairing, fingerprint, dim)
+    return FeatureTable(directory, parts, model_key, pairing, fingerprint(store, samples + vectors, salt),
+                        images, texts, rows)
 
 
-def _dim(shard: Path) -> int:
-    return pq.read_schema(shard).field("vector").type.list_size
+# --- private -------------------------------------------------------------------------------
 
 
-def _build(store: Store, path: Path, images: list[Path], texts: list[Path], pairing: str, dim: int,
-           perturbation: str | None = None) -> None:
-    derived = ("derived_from IS NULL" if perturbation is None
-               else "perturbation = '" + perturbation.replace("'", "''") + "'")
-    text_key = "text_hash" if pairing == "as-ingested" else "shared_text_hash"
-    image_list = _sql_list(store, images)
-    text_join = (
-        f"LEFT JOIN (SELECT content_hash, vector FROM read_parquet({_sql_list(store, texts)})) t "
-        f"ON t.content_hash = p.{text_key}"
-        if texts else "LEFT JOIN (SELECT NULL::VARCHAR AS content_hash, NULL::FLOAT[] AS vector) t ON false"
-    )
-    sql = f"""
-        WITH s AS (
-            SELECT DISTINCT ON (sample_id) sample_id, split, label, generator, group_key, text_hash
-            FROM samples WHERE {derived}
-        ), p AS (
-            SELECT *, coalesce(
-                any_value(text_hash) FILTER (WHERE label = 1) OVER (PARTITION BY group_key),
-                text_hash) AS shared_text_hash
-            FROM s
-        )
-        SELECT p.sample_id, p.split, p.label, p.generator, i.vector AS image, t.vector AS text
-        FROM p
-        JOIN (SELECT content_hash, vector FROM read_parquet({image_list})) i ON i.content_hash = p.sample_id
-        {text_join}
-        ORDER BY p.split, hash(p.sample_id)
-    """
-    schema = pa.schema([
-        ("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int8()), ("generator", pa.string()),
-        ("image", pa.list_(pa.float16(), dim)), ("text", pa.list_(pa.float16(), dim)),
-    ])
+def _extendable(manifest: dict[str, Any], directory: Path, covered: set[str], layout: dict[str, list[str]],
+                text_shards: list[Path], store: Store) -> bool:
+    """Whether appending a part to this view keeps every row right."""
+    if manifest.get("version") != VIEW_VERSION or not manifest["parts"]:
+        return False
+    old = manifest["layout"]
+    if any(layout[m][: len(old[m])] != old[m] for m in ("image", "text")):
+        return False  # a matrix was rebuilt: its rows moved
+    known = {p for part in manifest["parts"] for p in part["shards"]}
+    if not known <= covered or len(manifest["parts"]) >= MAX_PARTS:
+        return False
+    if not all((directory / p["file"]).exists() for p in manifest["parts"]):
+        return False
+    new_texts = {store.relative(p) for p in text_shards} - known
+    lacking_text = sum(int(p["missing_text"]) for p in manifest["parts"])
+    return not (new_texts and lacking_text)  # rows without text could gain one: rebuild them
+
+
+def _build_part(store: Store, directory: Path, manifest: dict[str, Any], images: VectorMatrix,
+                texts: VectorMatrix | None, pairing: str, perturbation: str | None,
+                covered: list[str]) -> dict[str, Any]:
+    earlier = [directory / p["file"] for p in manifest["parts"]]
+    name = f"part-{fingerprint(store, [store.root / c for c in covered], pairing, len(earlier))}.parquet"
+    path = directory / name
     spill = store.root / "cache" / "duckdb-tmp"
 
     def write(tmp: Path) -> None:
-        with catalog.connect(store, read_only=True) as con, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
-            con.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
-            con.execute(f"SET temp_directory = '{spill}'")
-            rel = con.sql(sql)
-            stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
-            for batch in stream(ROW_GROUP_ROWS):
-                out.write_table(_to_float16(pa.Table.from_batches([batch]), schema, dim), row_group_size=ROW_GROUP_ROWS)
+        with catalog.connect(store, read_only=True) as con:
+            _limit(con, spill)
+            con.register("image_offsets", images.shard_offsets())
+            if texts is not None:
+                con.register("text_offsets", texts.shard_offsets())
+            sql = _view_sql(store, images, texts, pairing, perturbation, earlier)
+            con.execute(f"COPY ({sql}) TO '{_q(str(tmp))}' "
+                        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
 
     atomic_write(path, write)
+    meta = pq.read_metadata(path)
+    missing = _count_missing_text(path)
+    return {"file": name, "rows": meta.num_rows, "missing_text": missing, "shards": covered}
 
 
-def _to_float16(table: pa.Table, schema: pa.Schema, dim: int) -> pa.Table:
-    cols = []
-    for name in schema.names:
-        col = table.column(name).combine_chunks()
-        if name in ("image", "text"):
-            col = _vectors(col, dim)
-        cols.append(col.cast(schema.field(name).type) if name not in ("image", "text") else col)
-    return pa.Table.from_arrays(cols, schema=schema)
+def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pairing: str,
+              perturbation: str | None, earlier: list[Path]) -> str:
+    root = _q(str(store.root.resolve()))
+
+    def rows_of(matrix: VectorMatrix, offsets: str) -> str:
+        files = ", ".join(f"'{_q(p)}'" for p in matrix.shard_offsets().column("path").to_pylist())
+        # a content hash written twice (an import and an encode of the same image) keeps its first row
+        return (f"SELECT v.content_hash, min(v.file_row_number + o.offset) AS row "
+                f"FROM read_parquet([{files}], filename = true, file_row_number = true) v "
+                f"JOIN {offsets} o ON v.filename = '{root}/' || o.path GROUP BY v.content_hash")
+
+    where = "derived_from IS NULL" if perturbation is None else f"perturbation = '{_q(perturbation)}'"
+    if earlier:  # an appended part: only samples no earlier part holds
+        listed = ", ".join(f"'{_q(store.relative(p))}'" for p in earlier)
+        where += f" AND sample_id NOT IN (SELECT sample_id FROM read_parquet([{listed}]))"
+    text_key = "s.text_hash" if pairing == "as-ingested" else "coalesce(g.shared_text_hash, s.text_hash)"
+    text_cte = f", t AS ({rows_of(texts, 'text_offsets')})" if texts is not None else ""
+    text_join = f"LEFT JOIN t ON t.content_hash = {text_key}" if texts is not None else ""
+    text_row = "t.row" if texts is not None else "NULL::BIGINT"
+    shared = ("LEFT JOIN (SELECT group_key, any_value(text_hash) FILTER (WHERE label = 1) AS shared_text_hash "
+              "FROM samples GROUP BY group_key) g ON g.group_key = s.group_key") if pairing == "shared" else ""
+    return f"""
+        WITH s AS (
+            SELECT DISTINCT ON (sample_id) sample_id, split, label, generator, group_key, text_hash
+            FROM samples WHERE {where}
+        ), i AS ({rows_of(images, 'image_offsets')}){text_cte}
+        SELECT s.sample_id, s.split, s.label, s.generator, s.group_key,
+               i.row AS image_row, {text_row} AS text_row
+        FROM s JOIN i ON i.content_hash = s.sample_id {shared} {text_join}
+        ORDER BY s.split, hash(s.sample_id)
+    """
 
 
-def _vectors(col: pa.Array, dim: int) -> pa.Array:
-    """FLOAT[] from DuckDB (nulls allowed) → fixed_size_list<float16>[dim]."""
-    valid = col.is_valid().to_numpy(zero_copy_only=False)
-    values = np.zeros((len(col), dim), np.float16)
-    if valid.any():
-        values[valid] = np.asarray(col.filter(pa.array(valid)).flatten().to_numpy(), np.float32).reshape(-1, dim)
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim)
-    if valid.all():
-        return arr
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim, mask=pa.array(~valid))
+def _count_missing_text(path: Path) -> int:
+    file = pq.ParquetFile(path)
+    index = file.schema_arrow.get_field_index("text_row")
+    total = 0
+    for g in range(file.metadata.num_row_groups):
+        stats = file.metadata.row_group(g).column(index).statistics
+        total += stats.null_count if stats is not None and stats.has_null_count else 0
+    return total
 
 
-def _sql_list(store: Store, paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + store.relative(p).replace("'", "''") + "'" for p in paths) + "]"
+def _limit(con: duckdb.DuckDBPyConnection, spill: Path) -> None:
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+    con.execute(f"SET threads = {DUCKDB_THREADS}")
+    con.execute(f"SET temp_directory = '{_q(str(spill))}'")
+    con.execute("SET preserve_insertion_order = true")
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / "view.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _drop_stale_parts(directory: Path, manifest: dict[str, Any]) -> None:
+    keep = {p["file"] for p in manifest["parts"]}
+    for stale in directory.glob("part-*.parquet"):
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+
+
+def _q(text: str) -> str:
+    return text.replace("'", "''")
+

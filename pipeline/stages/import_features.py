@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Validated
@@ -35,7 +37,7 @@ from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.lock import writing
-from schemas import SAMPLES, from_rows
+from schemas import SAMPLES, from_columns, from_rows
 
 Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -70,9 +72,9 @@ class ImportResult:
 
 @dataclass
 class _Chunk:
-    """One source file's worth of rows: sample rows plus the vectors they point at."""
+    """One source file's worth of rows: sample rows plus the (raw) vectors they point at."""
 
-    samples: list[dict[str, Any]]
+    samples: pa.Table  # schema SAMPLES
     image_hashes: list[str]
     image_vectors: np.ndarray
     text_hashes: list[str]
@@ -87,40 +89,43 @@ def run(config: ImportConfig, reporter: Reporter | None = None) -> ImportResult:
 
 
 def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
+    """One source file at a time: what the store already holds is found by a DuckDB semi-join of the
+    file's ids against the committed shards (no set of every id in memory); new rows become one
+    shard per table, committed before the next file is read."""
     key = safe_name(config.model_key)
     store = config.store
-    have_samples = set(_column(store, "SELECT sample_id FROM samples"))
-    have_vectors = set(
-        _column(store, "SELECT modality || ':' || content_hash FROM embeddings WHERE model_key = ?", [key])
-    )
     chunks = _h5_chunks(config) if config.layout == "h5" else _clip_retrieval_chunks(config)
     result = ImportResult(key)
-    dim = None
+    reporter.start("import", None, "samples")
+    dims: tuple[int, int] | None = None
     for chunk in chunks:
-        dim = chunk.image_vectors.shape[1]
+        dims = _check_dims(store, key, chunk, dims)
         written = []
-        new_samples = [s for s in chunk.samples if s["sample_id"] not in have_samples]
-        result.already_present += len(chunk.samples) - len(new_samples)
-        have_samples.update(s["sample_id"] for s in new_samples)
+        ids = chunk.samples.column("sample_id")
+        known = _present(store, "SELECT sample_id FROM samples", ids)
+        fresh = np.asarray(pc.invert(pc.is_in(ids, value_set=known)))
+        fresh &= _first_occurrence(ids.to_numpy(zero_copy_only=False))
+        result.already_present += int(len(fresh) - fresh.sum())
         for modality, hashes, vectors in (
             ("image", chunk.image_hashes, chunk.image_vectors),
             ("text", chunk.text_hashes, chunk.text_vectors),
         ):
-            keep = _first_new(hashes, modality, have_vectors)
-            if keep:
-                table = embeddings_table(
-                    key, modality, [hashes[i] for i in keep], normalise(vectors[keep]), config.dtype
-                )
+            keep = _new_vectors(store, key, modality, hashes)
+            if len(keep):
+                raw = vectors[keep]
+                table = embeddings_table(key, modality, [hashes[i] for i in keep], normalise(raw), config.dtype,
+                                         np.linalg.norm(raw, axis=1))
                 written.append(write_parquet(table, store.new_shard(store.embeddings_dir(key), modality)))
                 result.vectors_added += len(keep)
-        if new_samples:
-            table = from_rows(SAMPLES, new_samples)
-            written.append(write_parquet(table, store.new_shard(store.dataset_dir("samples"), "imported")))
-            result.samples_added += len(new_samples)
+        if fresh.any():
+            written.append(write_parquet(chunk.samples.filter(pa.array(fresh)),
+                                         store.new_shard(store.dataset_dir("samples"), "imported")))
+            result.samples_added += int(fresh.sum())
         catalog.commit(store, written)
         result.shards.extend(written)
-    if dim is not None:
-        _record_model(store, key, dim, config)
+        reporter.advance("import", chunk.samples.num_rows)
+    if dims is not None:
+        _record_model(store, key, dims, config)
     return result
 
 
@@ -150,25 +155,26 @@ def _h5_chunks(config: ImportConfig) -> Iterator[_Chunk]:
             missing = [d for d in image_sets + ["original_prompt", "positive_prompt"] if d not in f]
             if missing:
                 raise PipelineError(f"{path} lacks the dataset(s) {', '.join(missing)}.")
-            data = {name: np.asarray(f[name], dtype=np.float32) for name in f}
-        n = data["real"].shape[0]
-        samples, img_h, img_v, txt_h, txt_v = [], [], [], [], []
-        for i in range(n):
-            group = f"h5:{path.stem}:{i}"
-            split = assign_split(group, config.split_fractions, config.split_seed)
-            for k, name in enumerate(image_sets):
-                vec = data[name][i]
-                text_vec = data["original_prompt" if k == 0 else "positive_prompt"][i]
-                ih, th = vector_hash("image", vec), vector_hash("text", text_vec)
-                label = 0 if k == 0 else 1
-                generator = "real" if k == 0 else _name(config.generators, k - 1)
-                samples.append(_sample(ih, label, generator, split, group, None, th,
-                                       "features:h5", str(path.resolve()), name, i, now))
-                img_h.append(ih)
-                img_v.append(vec)
-                txt_h.append(th)
-                txt_v.append(text_vec)
-        yield _Chunk(samples, img_h, np.stack(img_v), txt_h, np.stack(txt_v))
+            images = np.stack([np.asarray(f[name], np.float32) for name in image_sets], axis=1)  # [n, 5, d]
+            texts = np.stack([np.asarray(f[name], np.float32) for name in ("original_prompt", "positive_prompt")],
+                             axis=1)  # [n, 2, d]: the caption, and the prompt of the four generated images
+        n = images.shape[0]
+        image_hashes = _vector_hashes("image", images.reshape(n * 5, -1))
+        text_hashes = _vector_hashes("text", texts.reshape(n * 2, -1))
+        groups = [f"h5:{path.stem}:{i}" for i in range(n)]
+        splits = [assign_split(g, config.split_fractions, config.split_seed) for g in groups]
+        which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
+        generators = ["real"] + [_name(config.generators, k) for k in range(4)]
+        samples = from_columns(SAMPLES, {
+            "sample_id": image_hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
+            "generator": generators * n, "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
+            "text_hash": [text_hashes[i] for i in which_text], "source_format": ["features:h5"] * (5 * n),
+            "source_uri": [str(path.resolve())] * (5 * n), "source_member": image_sets * n,
+            "source_row": np.repeat(np.arange(n, dtype=np.int64), 5),
+            "ingested_at": pa.array([now] * (5 * n), SAMPLES.field("ingested_at").type),
+        })
+        # one text vector per distinct text: the four generated images share their prompt's
+        yield _Chunk(samples, image_hashes, images.reshape(n * 5, -1), text_hashes, texts.reshape(n * 2, -1))
 
 
 # --- clip-retrieval output -----------------------------------------------------------------
@@ -211,7 +217,7 @@ def _clip_retrieval_chunks(config: ImportConfig) -> Iterator[_Chunk]:
                                    None if readable else "image_path", None if readable else len(samples), now))
             img_h.append(ih)
             txt_h.append(th)
-        yield _Chunk(samples, img_h, img_v, txt_h, txt_v)
+        yield _Chunk(from_rows(SAMPLES, samples), img_h, img_v, txt_h, txt_v)
 
 
 def _label(row: dict[str, Any], generator: str | None, where: Path) -> tuple[int, str]:
@@ -236,14 +242,48 @@ def _sample(sample_id: str, label: int, generator: str, split: str, group: str, 
     }
 
 
-def _first_new(hashes: list[str], modality: str, have: set[str]) -> list[int]:
-    keep = []
-    for i, h in enumerate(hashes):
-        tagged = f"{modality}:{h}"
-        if tagged not in have:
-            have.add(tagged)
-            keep.append(i)
-    return keep
+def _vector_hashes(modality: str, vectors: np.ndarray) -> list[str]:
+    """`vector_hash` of each row, normalising them all at once."""
+    prefix = modality.encode() + b"\x00"
+    units = np.ascontiguousarray(normalise(vectors), "<f4")
+    return [hashlib.sha256(prefix + row.tobytes()).hexdigest() for row in units]
+
+
+def _present(store: Store, sql: str, ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Which of `ids` the query's single column already holds (DuckDB scans the shards; ids are the small side)."""
+    found = catalog.query_with(store, f"SELECT DISTINCT h FROM ids WHERE h IN ({sql})", {"ids": pa.table({"h": ids})})
+    return found.column(0).combine_chunks() if found.num_rows else pa.array([], pa.string())
+
+
+def _new_vectors(store: Store, key: str, modality: str, hashes: list[str]) -> np.ndarray:
+    """Rows of `hashes` whose vector the store lacks, each distinct hash once."""
+    ids = pa.array(hashes, pa.string())
+    sql = f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = '{modality}'"
+    if not any(s.model_key == key for s in catalog.read_manifest(store).of("embeddings")):
+        sql = "SELECT NULL::VARCHAR WHERE false"  # a new model key: nothing to look up
+    known = _present(store, sql, ids)
+    fresh = np.asarray(pc.invert(pc.is_in(ids, value_set=known))) & _first_occurrence(np.asarray(hashes, object))
+    return np.nonzero(fresh)[0]
+
+
+def _first_occurrence(values: np.ndarray) -> np.ndarray:
+    first = np.zeros(len(values), bool)
+    if len(values):
+        first[np.unique(values, return_index=True)[1]] = True
+    return first
+
+
+def _check_dims(store: Store, key: str, chunk: _Chunk, seen: tuple[int, int] | None) -> tuple[int, int]:
+    """Image and text vectors may differ in size, but each must keep one size per model key."""
+    dims = (chunk.image_vectors.shape[1], chunk.text_vectors.shape[1])
+    info = store.model_info(key)
+    recorded = (info.get("dim"), info.get("text_dim", info.get("dim"))) if info else None
+    for before in (seen, recorded):
+        if before is not None and tuple(before) != dims:
+            raise PipelineError(
+                f"These features are {dims[0]}-d (image) and {dims[1]}-d (text), but {key} already holds "
+                f"{before[0]}-d and {before[1]}-d vectors; import them under another --model-key.")
+    return dims
 
 
 def _name(names: tuple[str, ...], k: int) -> str:
@@ -255,13 +295,10 @@ def _index(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _column(store: Store, sql: str, params: list[object] | None = None) -> list[Any]:
-    return catalog.query(store, sql, params).column(0).to_pylist()
-
-
-def _record_model(store: Store, key: str, dim: int, config: ImportConfig) -> None:
+def _record_model(store: Store, key: str, dims: tuple[int, int], config: ImportConfig) -> None:
     info = {
         "model_key": key, "imported": True, "layout": config.layout, "source": str(config.source),
-        "random_weights": None, "dim": dim, "dtype": config.dtype, "normalised_on_import": True,
+        "random_weights": None, "dim": dims[0], "text_dim": dims[1], "dtype": config.dtype,
+        "normalised_on_import": True, "norms_kept": True,
     }
     store.record_model(key, info)

@@ -111,7 +111,7 @@ def run(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeR
     for run_id in config.runs:
         run_config, model, metrics = load_run(config.store, run_id)
         table = feature_table(config.store, metrics["model_key"], run_config.pairing)
-        x, y, _ = evaluation_set(table, run_config.features)
+        x, y, _ = evaluation_set(table, run_config.features, run_config.input_norm)
         gen = torch.Generator().manual_seed(config.seed)
         directions = [filter_normalised_direction(model, gen) for _ in range(config.dims)]
 

@@ -1,6 +1,8 @@
 """`pipeline leaks`: near-duplicate images across splits, and exact ones by hash.
 
-Every validation and test image is searched against the whole index; a neighbour in another
+Every validation and test image is searched against the store's FAISS index (the one
+`pipeline index build` made, or one built within the memory budget), a chunk of queries at a
+time streamed from the memory-mapped vectors; a neighbour in another
 split with cosine similarity ≥ threshold is a leak. Pairs are ordered train < val < test, so
 `sample_b` is always the member a clean evaluation would drop. Exact duplicates are one image
 hash filed under two splits (possible when two sources carry the same bytes).
@@ -23,17 +25,18 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
-from pipeline.features.index import open_index
-from pipeline.features.vectors import fingerprint, load_vectors, shards_of
-from pipeline.features.view import resolve_model_key
+from pipeline.features.index import DEFAULT_MAX_MEMORY, OpenIndex, open_index
+from pipeline.features.vectors import fingerprint, normalise, open_matrix, shards_of
+from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
-from schemas import LEAKS, SPLITS, from_rows
+from schemas import LEAKS, SPLITS, from_columns, from_rows
 
 SPLIT_ORDER = {split: i for i, split in enumerate(SPLITS)}
+QUERY_ROWS = 16384  # evaluation images searched at a time
 DEFAULT_THRESHOLD = 0.95
 _META_THRESHOLD = b"pipeline.leak_threshold"
 _META_FINGERPRINT = b"pipeline.embeddings_fingerprint"
@@ -46,6 +49,7 @@ class LeakConfig(Validated):
     threshold: float = DEFAULT_THRESHOLD
     k: int = 10  # neighbours examined per evaluation image
     exact_search: bool = False  # search with a flat index whatever the store's size
+    max_memory: int = DEFAULT_MAX_MEMORY  # for the index, if one must be built
     wait: bool = True
 
     def check(self) -> None:
@@ -75,33 +79,27 @@ def run(config: LeakConfig, reporter: Reporter | None = None) -> LeakResult:
 def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     store = config.store
     model_key = resolve_model_key(store, config.model_key)
-    shards = shards_of(store, model_key, "image")
-    fp = fingerprint(store, shards)
-    vecs = load_vectors(shards)
-    index = open_index(store, model_key, "image", "flat" if config.exact_search else "auto", reporter, vecs)
-    splits = catalog.query(store, "SELECT DISTINCT ON (sample_id) sample_id, split FROM samples")
-    split_of = dict(zip(splits.column(0).to_pylist(), splits.column(1).to_pylist(), strict=True))
-    is_query = np.array([SPLIT_ORDER.get(split_of.get(i, ""), 0) > 0 for i in vecs.ids])
-    q_ids, q_mat = vecs.ids[is_query], vecs.matrix[is_query]
-    reporter.start("leaks", len(q_ids), "images")
-    found: dict[tuple[str, str], float] = {}
-    for start in range(0, len(q_ids), 4096):
-        sims, rows = index.search(q_mat[start:start + 4096], config.k + 1)
-        for qid, srow, rrow in zip(q_ids[start:start + 4096], sims, rows, strict=True):
-            for sim, r in zip(srow, rrow, strict=True):
-                if r < 0 or sim < config.threshold:
-                    continue
-                other = str(index.ids[r])
-                if other == qid or split_of.get(other) == split_of[qid] or other not in split_of:
-                    continue
-                a, b = sorted((str(qid), other), key=lambda s: SPLIT_ORDER[split_of[s]])
-                found[(a, b)] = max(found.get((a, b), -1.0), float(sim))
-        reporter.advance("leaks", len(q_ids[start:start + 4096]))
-    now = datetime.now(UTC)
-    rows_out = [_pair("near", a, b, split_of, sim, model_key, config.threshold, now) for (a, b), sim in found.items()]
-    rows_out += [_pair("exact", sid, sid, splits, 1.0, model_key, config.threshold, now)
-                 for sid, splits in _exact_duplicates(store)]
-    pairs = from_rows(LEAKS, rows_out).sort_by([("similarity", "descending")])
+    fp = fingerprint(store, shards_of(store, model_key, "image"))
+    kind = "flat" if config.exact_search else "auto"
+    index = open_index(store, model_key, "image", kind, reporter, config.max_memory)
+    matrix = open_matrix(store, model_key, "image")
+    if index.info.params.get("matrix") != matrix.generation:  # rows laid out anew since: rows differ
+        index = open_index(store, model_key, "image", kind, reporter, config.max_memory, force=True)
+    split_of_row = _split_codes(feature_table(store, model_key), matrix.rows)
+    queries = int(np.sum(split_of_row > 0))
+    reporter.start("leaks", queries, "images")
+    found_a, found_b, found_sim = [], [], []
+    for start, chunk in matrix.chunks(QUERY_ROWS):
+        rows = start + np.nonzero(split_of_row[start:start + len(chunk)] > 0)[0]
+        if not len(rows):
+            continue
+        sims, hits = index.search(normalise(chunk[rows - start]), config.k + 1)
+        a, b, sim = _cross_split(rows, sims, hits, split_of_row, config.threshold)
+        found_a.append(a)
+        found_b.append(b)
+        found_sim.append(sim)
+        reporter.advance("leaks", len(rows))
+    pairs = _pairs_table(store, index, split_of_row, found_a, found_b, found_sim, model_key, config.threshold)
     path = _write(store, model_key, config.threshold, fp, pairs)
     counts = catalog.query_with(
         store,
@@ -109,7 +107,7 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
         "FROM pairs GROUP BY ALL ORDER BY split_a, split_b, kind",
         {"pairs": pairs},
     )
-    return LeakResult(model_key, config.threshold, index.info.kind, index.info.recall_at_10, len(q_ids),
+    return LeakResult(model_key, config.threshold, index.info.kind, index.info.recall_at_10, queries,
                       pairs, counts, path)
 
 
@@ -144,11 +142,51 @@ def leaking_ids(store: Store, model_key: str, threshold: float = DEFAULT_THRESHO
 # --- private -------------------------------------------------------------------------------
 
 
-def _pair(kind: str, a: str, b: str, split_of: dict[str, str] | tuple[str, str], sim: float, model_key: str,
-          threshold: float, now: datetime) -> dict:
-    split_a, split_b = split_of if isinstance(split_of, tuple) else (split_of[a], split_of[b])
-    return {"model_key": model_key, "modality": "image", "kind": kind, "sample_a": a, "split_a": split_a,
-            "sample_b": b, "split_b": split_b, "similarity": sim, "threshold": threshold, "detected_at": now}
+def _split_codes(table: FeatureTable, rows: int) -> np.ndarray:
+    """SPLIT_ORDER code of each image matrix row (-1: no sample, or a second copy of a hash)."""
+    codes = np.full(rows, -1, np.int8)
+    for part in table.parts:
+        file = pq.ParquetFile(part)
+        for batch in file.iter_batches(65536, columns=["image_row", "split"]):
+            split = batch.column("split").to_numpy(zero_copy_only=False)
+            codes[batch.column("image_row").to_numpy()] = [SPLIT_ORDER.get(s, -1) for s in split]
+    return codes
+
+
+def _cross_split(rows: np.ndarray, sims: np.ndarray, hits: np.ndarray, split_of_row: np.ndarray,
+                 threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(earlier-split row, later-split row, similarity) of every hit above threshold in another split."""
+    query = np.broadcast_to(rows[:, None], hits.shape)
+    other_split = np.where(hits >= 0, split_of_row[np.maximum(hits, 0)], -1)
+    keep = (hits >= 0) & (sims >= threshold) & (other_split >= 0) & (other_split != split_of_row[query])
+    q, h, s = query[keep], hits[keep], sims[keep]
+    earlier = split_of_row[h] < split_of_row[q]
+    return np.where(earlier, h, q), np.where(earlier, q, h), s
+
+
+def _pairs_table(store: Store, index: OpenIndex, split_of_row: np.ndarray, found_a: list[np.ndarray],
+                 found_b: list[np.ndarray], found_sim: list[np.ndarray], model_key: str, threshold: float) -> pa.Table:
+    a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
+    b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
+    sim = np.concatenate(found_sim) if found_sim else np.zeros(0, np.float32)
+    order = np.lexsort((-sim, b, a))  # a pair found from both sides keeps its highest similarity
+    a, b, sim = a[order], b[order], sim[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    a, b, sim = a[first], b[first], sim[first]
+    names = {v: k for k, v in SPLIT_ORDER.items()}
+    now = datetime.now(UTC)
+    near = {
+        "model_key": [model_key] * len(a), "modality": ["image"] * len(a), "kind": ["near"] * len(a),
+        "sample_a": index.hashes(a), "split_a": [names[c] for c in split_of_row[a]],
+        "sample_b": index.hashes(b), "split_b": [names[c] for c in split_of_row[b]],
+        "similarity": sim.astype(np.float32), "threshold": [threshold] * len(a), "detected_at": [now] * len(a),
+    }
+    exact = [{"model_key": model_key, "modality": "image", "kind": "exact", "sample_a": sid, "split_a": first,
+              "sample_b": sid, "split_b": later, "similarity": 1.0, "threshold": threshold, "detected_at": now}
+             for sid, (first, later) in _exact_duplicates(store)]
+    both = pa.concat_tables([from_columns(LEAKS, near), from_rows(LEAKS, exact)])
+    return both.sort_by([("similarity", "descending")])
 
 
 def _exact_duplicates(store: Store) -> list[tuple[str, tuple[str, str]]]:

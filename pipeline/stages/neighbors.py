@@ -137,7 +137,8 @@ def _stored_vector(store: Store, model_key: str, modality: str, sample_id: str) 
 
 def _neighbours(q: NeighborQuery, index: OpenIndex, vector: np.ndarray, own: str | None) -> pa.Table:
     sims, rows = index.search(vector[None], q.k + (1 if own else 0))
-    hits = [(float(s), str(index.ids[r])) for s, r in zip(sims[0], rows[0], strict=True) if r >= 0]
+    valid = rows[0] >= 0
+    hits = list(zip(sims[0][valid].astype(float).tolist(), index.hashes(rows[0][valid]), strict=True))
     hits = [h for h in hits if h[1] != own][: q.k]
     found = pa.table({
         "rank": pa.array(range(1, len(hits) + 1), pa.int32()),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-import torch
+import pyarrow as pa
 
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
@@ -19,6 +19,8 @@ from pipeline.store.layout import Store
 from pipeline.store.lock import writing
 from schemas import SPLITS
 from trainer.fit import predict
+
+BATCH_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -36,32 +38,44 @@ class ScoreResult:
 
 
 def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
-    """Score every encoded sample the run has not scored yet; one new score shard."""
+    """Score every encoded sample the run has not scored yet; one new score shard.
+
+    The training view is brought up to date first (new samples append a part, nothing big is
+    rebuilt); DuckDB then picks the view rows without a score of this run (an anti-join), so only
+    those rows' vectors are gathered and scored, in batches.
+    """
     reporter = reporter or Silent()
     store, run_id = cfg.store, cfg.run_id
     config, model, metrics = load_run(store, run_id)
     model_key = metrics["model_key"]
     if model_key not in catalog.model_keys(store):
         raise PipelineError(f"Run {run_id} needs embeddings of {model_key}, which this store lacks.")
-    done = set(catalog.query(store, "SELECT sample_id FROM scores WHERE run_id = ?", [run_id]).column(0).to_pylist())
-    table = feature_table(store, model_key, config.pairing)
-    loader = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192))
+    table = feature_table(store, model_key, config.pairing, reporter=reporter)
+    loader = FeatureLoader(table, SPLITS, LoaderConfig(config.features, BATCH_ROWS, input_norm=config.input_norm))
+    parts = ", ".join("'" + str(p).replace("'", "''") + "'" for p in table.parts)
+    need_text = "AND v.text_row IS NOT NULL" if config.features != "image" else ""
     ids, splits, labels, gens, probs = [], [], [], [], []
-    for batch in loader.epoch(0):
-        keep = np.array([s not in done for s in batch.sample_id], dtype=bool)
-        if not keep.any():
-            continue
-        probs.append(predict(model, [batch.x[torch.from_numpy(keep)]], config.fit))
-        ids.append(batch.sample_id[keep])
-        splits.append(batch.split[keep])
-        labels.append(batch.y.numpy()[keep])
-        gens.append(batch.generator[keep])
+    with catalog.connect(store) as con:
+        done = con.execute("SELECT count(DISTINCT sample_id) FROM scores WHERE run_id = ?", [run_id]).fetchall()[0]
+        rel = con.sql(
+            f"SELECT v.* FROM read_parquet([{parts}]) v WHERE v.split IN ('train', 'val', 'test') {need_text} "
+            "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id)",
+            params={"run": run_id},
+        )
+        stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
+        for record in stream(BATCH_ROWS):
+            batch = loader.batch_of(pa.Table.from_batches([record]))
+            probs.append(predict(model, [batch.x], config.fit))
+            ids.append(batch.sample_id)
+            splits.append(batch.split)
+            labels.append(batch.y.numpy())
+            gens.append(batch.generator)
+    already = int(done[0])
     if not ids:
-        return ScoreResult(run_id, 0, len(done))
+        return ScoreResult(run_id, 0, already)
     scores = Scores(np.concatenate(ids), np.concatenate(splits), np.concatenate(labels), np.concatenate(gens),
                     np.concatenate(probs))
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     with writing(store, reporter, cfg.wait):
         catalog.commit(store, [write_scores(store, run_id, scores, f"scored-{stamp}")])
-    return ScoreResult(run_id, len(scores.score), len(done))
-
+    return ScoreResult(run_id, len(scores.score), already)

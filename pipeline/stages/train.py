@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.config import Validated
@@ -124,7 +125,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     loaders = {
         split: FeatureLoader(table, (split,), LoaderConfig(
             config.features, config.batch_size, shuffle=split == "train",
-            buffer_rows=config.shuffle_buffer, seed=config.seed))
+            buffer_rows=config.shuffle_buffer, seed=config.seed, input_norm=config.input_norm))
         for split in SPLITS
     }
     model = build_model(loaders["train"].in_dim, config.fit)
@@ -154,9 +155,9 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
 
     fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
-    all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192))
+    all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm))
     scores = _scores(model, all_splits, config.fit)
-    x, y, eval_split = evaluation_set(table, config.features)
+    x, y, eval_split = evaluation_set(table, config.features, config.input_norm)
     extra = {
         "best_epoch": fitted.best_epoch,
         "history": fitted.history,
@@ -170,17 +171,34 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
 def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str]) -> tuple[Scores, dict[str, Any], None]:
     from pipeline.features.knn import knn_scores
 
-    cols, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed)
+    cols, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed, input_norm=config.input_norm)
     scores = Scores(cols["sample_id"], cols["split"], cols["label"], cols["generator"], fitted.scores)
     extra = {"k": fitted.k, "val_auc_by_k": fitted.val_auc_by_k, "index": fitted.index_params}
     return scores, extra, None
 
 
 def _scores(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig) -> Scores:
-    batches = list(loader.epoch(0))
-    probs = predict(model, (b.x for b in batches), fit_config)
-    cat = lambda name: np.concatenate([getattr(b, name) for b in batches]) if batches else np.zeros(0)  # noqa: E731
-    return Scores(cat("sample_id"), cat("split"), cat("y"), cat("generator"), probs)
+    """One score per row of the loader's splits, batch by batch: only ids, labels and scores are kept
+    (about 150 bytes a sample), never the feature batches."""
+    ids, splits, labels, generators, probs = [], [], [], [], []
+    for b in loader.epoch(0):
+        probs.append(predict(model, [b.x], fit_config))
+        ids.append(b.rows.column("sample_id"))
+        splits.append(b.rows.column("split"))
+        generators.append(b.rows.column("generator"))
+        labels.append(b.y.numpy().astype(np.int8))
+    if not probs:
+        empty = np.zeros(0, object)
+        return Scores(empty, empty, np.zeros(0, np.int8), empty, np.zeros(0, np.float32))
+    return Scores(pa.chunked_array(ids).to_numpy(), _shared_strings(splits), np.concatenate(labels),
+                  _shared_strings(generators), np.concatenate(probs))
+
+
+def _shared_strings(chunks: list[pa.Array]) -> np.ndarray:
+    """A column of few distinct strings as an object array whose rows share one str each (8 bytes a row)."""
+    encoded = pa.chunked_array(chunks).combine_chunks().dictionary_encode()
+    values = np.array(encoded.dictionary.to_pylist() + [""], dtype=object)
+    return values[encoded.indices.fill_null(len(values) - 1).to_numpy()]
 
 
 def _seen(labels: np.ndarray, generators: np.ndarray, only: tuple[str, ...]) -> np.ndarray:
