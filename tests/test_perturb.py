@@ -120,3 +120,17 @@ def test_robustness_and_training_on_one_format_everywhere(tmp_path) -> None:  # 
     assert n_scored == everywhere.derived
     with pytest.raises(PipelineError, match="No samples derived by jpeg:10"):
         train(store, TrainConfig.from_dict({"epochs": 1, "perturbation": "jpeg:10"}))
+
+
+def test_perturb_from_the_cli(d3_store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_cli import _run
+
+    store = ["--store", str(d3_store.root)]
+    code, out = _run("perturb", *store, "--ops", "jpeg:75 resize:0.5", "--splits", "test,val")
+    assert code == 0 and "jpeg:75:" in out and "pipeline encode" in out, out
+    toml = tmp_path / "ops.toml"
+    toml.write_text("[ops]\njpeg = [75]\n")
+    code, out = _run("perturb", *store, "--ops-file", str(toml), "--splits", "test,val")
+    assert code == 0 and "derived 0 samples" in out, out
+    code, out = _run("perturb", *store, "--ops", "jpeg:0")
+    assert code == 2 and "out of range" in out and "Traceback" not in out
