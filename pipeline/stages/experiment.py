@@ -318,8 +318,8 @@ def to_markdown(result: ExperimentResult) -> str:
     if result.rows:
         run0 = result.rows[0][1]
         lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.get('pairing')}`. Cells: AUC × 100 "
-                  "[95% group-bootstrap interval of the first seed]"
-                  + (f"; mean ± sd over {seeds} seeds." if seeds > 1 else "."), ""]
+                  + (f"[95% group-bootstrap interval of the first seed]; mean ± sd over {seeds} seeds."
+                     if seeds > 1 else "[95% group-bootstrap interval]."), ""]
         excluded = run0.metrics.get("excluded_leaks")
         if excluded:
             lines += [f"Leaking samples left out of the metrics (near-duplicates of an earlier split): "
