@@ -267,7 +267,7 @@ def import_features(
     model_key: Annotated[str, typer.Option(help="Name of the model that made them, e.g. ViT-L-14__openai.")],
     store: StoreOpt = DEFAULT_STORE,
     generators: Annotated[str, typer.Option(help="h5: names of image_gen0..3, comma-separated.")]
-    = "sd-1.4,sd-2.1,sd-xl,deepfloyd-if",
+    = "deepfloyd-if,sd-1.4,sd-2.1,sd-xl",
     generator: Annotated[str | None, typer.Option(help="clip-retrieval without a label column: the "
                                                   "generator of every image ('real' for photographs).")] = None,
     splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
