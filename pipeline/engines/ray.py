@@ -78,7 +78,9 @@ def check_store_visible(store: Store) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
-    probe = store.staging_dir / ".probes" / f"{token}.txt"
+    from pipeline.stages.encode import work_dir
+
+    probe = work_dir(store) / "probes" / f"{token}.txt"
     probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_text(token)
     try:
@@ -218,7 +220,9 @@ def tune_sweep(store: Store, configs: list[dict[str, Any]], sweep: Any, reporter
     from pipeline.stages.sweep import SweepRow
 
     started_ray = connect(RayOptions(sweep.ray_address))
-    storage = store.staging_dir / ".tune" / uuid.uuid4().hex[:8]  # on the shared store, as Tune needs
+    from pipeline.stages.encode import work_dir
+
+    storage = work_dir(store) / "tune" / uuid.uuid4().hex[:8]  # on the shared store, as Tune needs
     try:
         check_store_visible(store)
         epochs = max(TrainConfig.from_dict(_options(c)).fit.epochs for c in configs)

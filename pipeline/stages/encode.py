@@ -174,8 +174,14 @@ def write_pending(con: Any, sql: str, model_key: str, path: Path) -> int:
 
 
 def pending_dir(store: Store) -> Path:
-    """Where pending-row files live while a run uses them: hidden, so nobody adopts them as shards."""
-    return store.staging_dir / ".pending"
+    """Where pending-row files live while a run uses them: inside the store (Ray workers on other
+    nodes read them), outside `staging/` and the datasets, so nobody adopts or registers them."""
+    return work_dir(store) / "pending"
+
+
+def work_dir(store: Store) -> Path:
+    """The encode driver's scratch space in the store; only the writer-lock holder uses it."""
+    return store.root / ".encode"
 
 
 # --- private -------------------------------------------------------------------------------
