@@ -161,6 +161,15 @@ def test_store_that_a_node_cannot_see_is_refused(
         encode(encode_config(d3_store, engine="ray"))
 
 
+@pytest.mark.ray
+def test_impossible_devices_are_refused_with_a_sentence(ray_cluster: Any, d3_store: Store) -> None:
+    with pytest.raises(PipelineError, match="fp16 needs GPU actors"):
+        encode(encode_config(d3_store, engine="ray", precision="fp16"))
+    if not ray_cluster.cluster_resources().get("GPU"):
+        with pytest.raises(PipelineError, match="the Ray cluster has no GPUs"):
+            encode(encode_config(d3_store, engine="ray", device="cuda"))
+
+
 def _blind_probe(path: str, token: str) -> tuple[bool, str]:
     return False, "node-without-the-store"
 

@@ -113,7 +113,13 @@ class RayEngine:
         if not self.checked:
             check_store_visible(job.store)
             self.checked = True
-        return self._run(ray, job, reporter)
+        try:
+            return self._run(ray, job, reporter)
+        except Exception as exc:  # a sentence raised in a worker comes back wrapped by Ray: unwrap it
+            sentence = _pipeline_error(exc)
+            if sentence is None:
+                raise
+            raise PipelineError(str(sentence)) from exc
 
     def close(self) -> None:
         """Shut down the Ray instance this engine started (a cluster it joined keeps running)."""
@@ -131,6 +137,10 @@ class RayEngine:
         per_actor = self.options.gpus_per_actor if self.options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
         actors = self.options.actors or (max(1, int(gpus // per_actor)) if per_actor else _nodes(ray))
         device = job.device if job.device != "auto" else ("cuda" if per_actor else "cpu")
+        if device == "cuda" and not gpus:
+            raise PipelineError("--device cuda was asked for, but the Ray cluster has no GPUs.")
+        if device == "cpu" and job.precision == "fp16":
+            raise PipelineError("--precision fp16 needs GPU actors; on CPU actors use bf16 or fp32.")
         cpus_per_actor = 0 if per_actor else _cpus_per_actor(ray, actors)
         root = str(job.store.root.resolve())
         ds = ray.data.read_parquet(str(job.pending.resolve()))  # a block per row group (1024 rows)
@@ -162,6 +172,23 @@ class RayEngine:
         committer.flush()
         result.seconds = time.perf_counter() - started
         return result
+
+
+def _pipeline_error(exc: BaseException) -> PipelineError | None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        marker = "pipeline.errors.PipelineError: "  # an actor that died in its constructor: only text
+        if marker in str(e):
+            return PipelineError(str(e).split(marker, 1)[1].splitlines()[0].strip())
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 # --- functions that run on Ray workers ---------------------------------------------------------
