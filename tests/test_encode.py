@@ -302,6 +302,26 @@ def test_local_checkpoint_is_loaded_and_keyed_by_digest(d3_store: Store, tmp_pat
         assert torch.equal(a, b)
 
 
+def test_noop_with_an_unchanged_checkpoint_does_not_hash_it_again(
+    d3_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.encoding.clip as clip
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(load(ModelSpec(TINY, seed=3), torch.device("cpu")).model.state_dict(), ckpt)
+    config = encode_config(d3_store).__class__(d3_store, ModelSpec(TINY, str(ckpt)), workers=0)
+    assert not encode(config).nothing_to_do
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError("the checkpoint was hashed again")
+
+    monkeypatch.setattr(clip, "_file_digest", no_hashing)
+    assert encode(config).nothing_to_do
+    os.utime(ckpt, ns=(1, 1))  # touched: now it must be hashed (and the hash finds the same key)
+    with pytest.raises(AssertionError, match="hashed again"):
+        encode(config)
+
+
 def test_each_model_key_has_its_own_cache(d3_store: Store) -> None:
     first = encode(encode_config(d3_store))
     other = encode(encode_config(d3_store).__class__(d3_store, ModelSpec(TINY, seed=1), workers=0))

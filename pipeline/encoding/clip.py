@@ -106,6 +106,7 @@ def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
         "preprocess": pp,
         "dim": dim,
         "open_clip_version": open_clip.__version__,
+        "checkpoint_stat": checkpoint_stat(spec),  # lets a no-op run skip re-hashing the checkpoint
     }
     return LoadedModel(model, preprocess, tokenizer, model_key, info)
 
@@ -136,10 +137,27 @@ def recorded_info(infos: list[dict[str, Any]], spec: ModelSpec) -> dict[str, Any
     the architecture, the weights id and the preprocessing, and model.json records all three. Two
     candidates (open_clip changed a model's preprocessing between runs) mean: load and see.
     """
+    usable = [i for i in infos if i.get("architecture") == spec.name and "preprocess" in i and "dim" in i
+              and "model_key" in i]
+    stat = checkpoint_stat(spec)
+    if stat is not None:  # the same checkpoint file, unchanged since it was hashed: no need to hash it again
+        same = [i for i in usable if i.get("pretrained") == spec.pretrained and i.get("checkpoint_stat") == stat]
+        if len(same) == 1:
+            return same[0]
     weights = weights_id(spec)
-    found = [i for i in infos if i.get("architecture") == spec.name and i.get("weights") == weights
-             and "preprocess" in i and "dim" in i and "model_key" in i]
+    found = [i for i in usable if i.get("weights") == weights]
     return found[0] if len(found) == 1 else None
+
+
+def checkpoint_stat(spec: ModelSpec) -> list[int] | None:
+    """Size and modification time (ns) of a local checkpoint file; None for tags and random weights."""
+    if not spec.pretrained:
+        return None
+    path = Path(spec.pretrained).expanduser()
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def split_transform(preprocess: dict[str, Any]) -> tuple[Any, Any]:
