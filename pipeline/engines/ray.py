@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,8 @@ class RayEngine:
             check_store_visible(job.store)
             self.checked = True
         try:
-            return self._run(ray, job, reporter)
+            with _quiet("ray.data"):  # its INFO lines would interleave with the CLI's progress bars
+                return self._run(ray, job, reporter)
         except Exception as exc:  # a sentence raised in a worker comes back wrapped by Ray: unwrap it
             sentence = _pipeline_error(exc)
             if sentence is None:
@@ -172,6 +175,18 @@ class RayEngine:
         committer.flush()
         result.seconds = time.perf_counter() - started
         return result
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Raise a library logger to WARNING for the duration, then restore it (no lasting change)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _pipeline_error(exc: BaseException) -> PipelineError | None:
