@@ -118,8 +118,8 @@ def snapshot(store_dir: Path) -> dict[str, object]:
     snap["vector_digest"] = hashlib.sha256(json.dumps(vectors.to_pylist()).encode()).hexdigest()[:16]
     scores = catalog.query(store, "SELECT sample_id, score FROM scores ORDER BY 1")
     snap["score_digest"] = hashlib.sha256(json.dumps(scores.to_pylist()).encode()).hexdigest()[:16]
-    leftovers = [p.name for p in store_dir.rglob(".*.tmp")]
-    snap["temps_left"] = len(leftovers)
+    leftovers = sorted(str(p.parent.relative_to(store_dir)) for p in store_dir.rglob(".*.tmp"))
+    snap["temps_left"] = ",".join(leftovers) or 0  # folders holding a leftover temp (a dead writer's)
     return snap
 
 
