@@ -28,6 +28,29 @@ from typing import Any
 
 import numpy as np
 
+DEVICE, HALF, SMOKE = "cuda", "fp16", False  # --cpu-smoke: "cpu", "bf16", True
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,18 +58,25 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
     parser.add_argument("--model", default="ViT-L-14")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run every part on the CPU with tiny sizes to check the script itself (no figures)")
     args = parser.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        global DEVICE, HALF, SMOKE
+        DEVICE, HALF, SMOKE = "cpu", "bf16", True
+        args.images, args.batch_size, args.model = min(args.images, 64), min(args.batch_size, 16), "Tiny-ViT-16"
+    elif not torch.cuda.is_available():
         print("gpu_check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() is False here).",
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     workers = args.workers if args.workers is not None else max(1, min(15, (os.cpu_count() or 2) - 1))
-    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+    where = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU SMOKE RUN (not a measurement)"
+    print(f"{where}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{os.cpu_count()} CPU cores; {args.model} RANDOM WEIGHTS; batch {args.batch_size}; "
           f"{workers} decoding workers")
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -56,7 +86,7 @@ def main() -> int:
         print(f"made {args.images} JPEGs (256², q90) in {time.perf_counter() - t:.1f} s")
         template = ingest_once(root, args)
         forward = forward_only(args, device)
-        for precision in ("fp16", "bf16"):
+        for precision in (HALF, "bf16"):
             e2e, peak = end_to_end(template, root, precision, args, workers)
             fwd, fwd_peak = forward[precision]
             print(f"{precision}: forward-only {fwd:7.0f} img/s (peak {fwd_peak:.1f} GiB) | end-to-end encode "
@@ -107,30 +137,30 @@ def forward_only(args: argparse.Namespace, device: Any) -> dict[str, tuple[float
     import torch
 
     from pipeline.encoding.clip import ModelSpec, load
-    from pipeline.encoding.units import Encoder
+    from pipeline.encoding.units import Encoder, EncodeSpec
 
     loaded = load(ModelSpec(args.model), device)
     out = {}
-    for precision in ("fp16", "bf16"):
+    for precision in (HALF, "bf16"):
         encoder = Encoder(loaded, device, precision)
-        pixels = torch.randn(args.batch_size, 3, 224, 224, device=device)
+        h, w, _ = EncodeSpec.from_info(ModelSpec(args.model), loaded.info, "float16", 1).picture_shape
+        pixels = torch.randn(args.batch_size, 3, h, w, device=device)
         for _ in range(3):  # warm-up: cuDNN/cuBLAS choose their kernels
             encoder.images(pixels)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        _sync()
+        _reset_peak()
         n, t = 0, time.perf_counter()
         while n < min(args.images, 10_000):
             encoder.images(pixels)  # returns numpy: synchronises every batch, as the encode stage does
             n += args.batch_size
-        out[precision] = (n / (time.perf_counter() - t), torch.cuda.max_memory_allocated() / 2**30)
+        out[precision] = (n / (time.perf_counter() - t), _peak_gib())
     del loaded
-    torch.cuda.empty_cache()
+    _sync()
     return out
 
 
 def end_to_end(template: Any, root: Path, precision: str, args: argparse.Namespace,
                workers: int) -> tuple[float, float]:
-    import torch
 
     from pipeline.encoding.clip import ModelSpec
     from pipeline.stages.encode import EncodeConfig, run
@@ -138,61 +168,61 @@ def end_to_end(template: Any, root: Path, precision: str, args: argparse.Namespa
 
     store = Store(root / f"store-{precision}")
     shutil.copytree(template.root, store.root)
-    torch.cuda.reset_peak_memory_stats()
-    result = run(EncodeConfig(store, ModelSpec(args.model), device="cuda", precision=precision,  # type: ignore[arg-type]
+    _reset_peak()
+    result = run(EncodeConfig(store, ModelSpec(args.model), device=DEVICE, precision=precision,  # type: ignore[arg-type]
                               batch_size=args.batch_size, workers=workers, shard_rows=8192))
     done = result.images_encoded + sum(result.quarantined.values())
     assert done == args.images, f"{done} of {args.images} images encoded: {dict(result.quarantined)}"
     shutil.rmtree(store.root)
-    return result.images_per_second, torch.cuda.max_memory_allocated() / 2**30
+    return result.images_per_second, _peak_gib()
 
 
 def text_encode(args: argparse.Namespace, device: Any) -> tuple[float, float]:
     import pyarrow as pa
-    import torch
 
     from pipeline.encoding.clip import ModelSpec, load
     from pipeline.encoding.units import EncodeSpec, EncodeTexts
 
     loaded = load(ModelSpec(args.model), device)
     spec = EncodeSpec.from_info(ModelSpec(args.model), loaded.info, "float16", 10**8)
-    unit = EncodeTexts(spec, "cuda", "fp16", loaded)
+    unit = EncodeTexts(spec, DEVICE, HALF, loaded)
     rng = np.random.default_rng(0)
     words = ["a", "photo", "of", "cat", "dog", "red", "city", "at", "night", "painting", "portrait", "sunset"]
-    texts = [" ".join(rng.choice(words, 12)) for _ in range(20_480)]
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(2048 if SMOKE else 20_480)]
     batches = [pa.table({"text_hash": [str(i) for i in range(s, s + 1024)], "text": texts[s:s + 1024]})
                for s in range(0, len(texts), 1024)]
     unit(batches[0])  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    _reset_peak()
     t = time.perf_counter()
     for batch in batches:
         unit(batch)
     rate = len(texts) / (time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = _peak_gib()
     del loaded, unit
-    torch.cuda.empty_cache()
+    _sync()
     return rate, peak
 
 
 def trainer_steps(device: Any, steps: int = 60) -> tuple[float, float, float]:
+    steps = 4 if SMOKE else steps
     import torch
 
     from trainer.fit import FitConfig, build_model, build_optimizer, train_step
     from trainer.model import Dropout
 
-    batch, dim = 2048, 1536
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, dim = (256, 64) if SMOKE else (2048, 1536)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(batch, dim, device=device, generator=gen)
     y = (torch.rand(batch, device=device, generator=gen) < 0.8).float()
     config = FitConfig(bf16=True)
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
 
     model = build_model(dim, config).to(device)
     optimizer = build_optimizer(model, config)
     for _ in range(5):
         train_step(model, optimizer, x, y, config)
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     for _ in range(steps):
         train_step(model, optimizer, x, y, config)  # returns a float: one sync per step
@@ -205,13 +235,13 @@ def trainer_steps(device: Any, steps: int = 60) -> tuple[float, float, float]:
     ref_opt = build_optimizer(ref_model, config)
     for _ in range(3):
         _reference_step(ref_model, ref_opt, x, y, config)
-    torch.cuda.synchronize()
+    _sync()
     ref_steps = max(5, steps // 4)
     t = time.perf_counter()
     for _ in range(ref_steps):
         _reference_step(ref_model, ref_opt, x, y, config)
     ref = ref_steps * batch / (time.perf_counter() - t)
-    return ours, ref, torch.cuda.max_memory_allocated() / 2**30
+    return ours, ref, _peak_gib()
 
 
 def _reference_step(model: Any, optimizer: Any, x: Any, y: Any, config: Any) -> None:
@@ -228,18 +258,18 @@ def _reference_step(model: Any, optimizer: Any, x: Any, y: Any, config: Any) -> 
         losses = bce(out.float(), target)
         def objective(lam: float) -> float:
             return lam + (1.0 / alpha) * torch.relu(losses - lam).mean().item()
-        low, high = float(losses.min()) - 1000.0, float(losses.max())
+        low, high = float(losses.detach().min()) - 1000.0, float(losses.detach().max())
         lam = _fminbound(objective, low, high)
         cvar = lam + (1.0 / alpha) * torch.relu(losses - lam).mean()
         return config.auc_gamma * cvar + (1 - config.auc_gamma) * auc_loss(
             out.float(), target, config.auc_eta, config.auc_p)
 
     model.train()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         running_stats(model, True)
         loss_fn(model(x), y).backward()
     optimizer.first_step(zero_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         running_stats(model, False)
         loss_fn(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
