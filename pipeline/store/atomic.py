@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 PARQUET_COMPRESSION = "zstd"
 # A temp file of a process on another host cannot be checked for life; after this long it is dead.
 FOREIGN_TEMP_MAX_AGE_S = 24 * 3600.0
-_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tmp$")
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tmp(\.wal)?$")
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
@@ -69,7 +69,7 @@ def remove_stale_temps(directory: Path) -> int:
     if not directory.exists():
         return 0
     removed = 0
-    for tmp in directory.rglob(".*.tmp"):
+    for tmp in (*directory.rglob(".*.tmp"), *directory.rglob(".*.tmp.wal")):  # (.wal: a DuckDB temp's log)
         if temp_owner_alive(tmp):
             continue
         tmp.unlink(missing_ok=True)
