@@ -50,6 +50,7 @@ class TrainConfig(Validated):
     leak_threshold: float = 0.95  # cosine similarity that counts as a near-duplicate
     # l2: the unit vectors as stored | raw: each scaled back by its stored norm (the reference code's inputs)
     input_norm: Literal["l2", "raw"] = "l2"
+    steps_per_epoch: int | None = None  # stop each epoch after this many batches (None: the whole split)
     # fit (and pick the epoch) on the real images and these generators' only; score every sample
     train_generators: tuple[str, ...] | None = None
     # train, pick and score on the samples `pipeline perturb` derived by this operation (e.g. jpeg:95 applied
@@ -63,6 +64,7 @@ class TrainConfig(Validated):
         if self.batch_size < 2:
             raise PipelineError("--batch-size must be at least 2 (BatchNorm needs two samples).")
         at_least(self, "shuffle_buffer", 1)
+        at_least(self, "steps_per_epoch", 1)
         fit = self.fit
         at_least(fit, "epochs", 1)
         within(fit, "cvar_alpha", 0, 1, low_open=True)
@@ -113,6 +115,8 @@ def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_s
             flat.pop(optional, None)
     if flat.get("input_norm") == "l2":  # the default: runs made before the option keep their hash
         flat.pop("input_norm", None)
+    if flat.get("steps_per_epoch") is None:
+        flat.pop("steps_per_epoch", None)
     flat["model_key"] = model_key
     flat["data"] = table.fingerprint
     if leak_scan:

@@ -383,8 +383,9 @@ def _write_ids(matrix: VectorMatrix, store: Store, tmp: Path) -> None:
     """Content hashes in matrix row order, streamed shard by shard into an uncompressed Arrow file."""
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, INDEX_IDS) as writer:
         for path in matrix.shard_offsets().column("path").to_pylist():
-            for batch in pq.ParquetFile(store.root / path).iter_batches(65536, columns=["content_hash"]):
-                writer.write_batch(pa.record_batch([batch.column(0).cast(pa.string())], schema=INDEX_IDS))
+            file = pq.ParquetFile(store.root / path)
+            for batch in (file.read_row_group(g, columns=["content_hash"]) for g in range(file.num_row_groups)):
+                writer.write_table(pa.table([batch.column(0).cast(pa.string())], schema=INDEX_IDS))
 
 
 def _drop_superseded(store: Store, current: Path, modality: str, kind: str, fp: str) -> None:

@@ -197,7 +197,7 @@ def _write_segment(directory: Path, shards: list[Path], store: Store, start: int
             for path in shards:
                 file = pq.ParquetFile(path)
                 columns = ["vector"] + (["norm"] if "norm" in file.schema_arrow.names else [])
-                for batch in file.iter_batches(READ_ROWS, columns=columns, use_threads=False):
+                for batch in _batches(file, columns):
                     vec = batch.column("vector")
                     if vec.type.list_size != dim:
                         raise PipelineError(f"{path.name} holds {vec.type.list_size}-d vectors, not {dim}-d.")
@@ -213,6 +213,14 @@ def _write_segment(directory: Path, shards: list[Path], store: Store, start: int
     atomic_write(directory / f"{name}.norms.npy", lambda tmp: _save(tmp, norms))
     rel = tuple((store.relative(p), n) for p, n in zip(shards, counts, strict=True))
     return Segment(name, rel, start)
+
+
+def _batches(file: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Up to READ_ROWS rows at a time, one row group read at a time (`iter_batches` reads ahead
+    several row groups, which for vector shards is tens of megabytes)."""
+    for group in range(file.metadata.num_row_groups):
+        table = file.read_row_group(group, columns=columns, use_threads=False)
+        yield from table.to_batches(READ_ROWS)
 
 
 def _save(path: Path, array: np.ndarray) -> None:

@@ -41,6 +41,7 @@ from schemas import SAMPLES, from_columns, from_rows
 
 Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+H5_ROWS = 8192  # reference rows (5 images, 2 texts each) read, hashed and written at a time
 
 
 @dataclass(frozen=True)
@@ -155,26 +156,36 @@ def _h5_chunks(config: ImportConfig) -> Iterator[_Chunk]:
             missing = [d for d in image_sets + ["original_prompt", "positive_prompt"] if d not in f]
             if missing:
                 raise PipelineError(f"{path} lacks the dataset(s) {', '.join(missing)}.")
-            images = np.stack([np.asarray(f[name], np.float32) for name in image_sets], axis=1)  # [n, 5, d]
-            texts = np.stack([np.asarray(f[name], np.float32) for name in ("original_prompt", "positive_prompt")],
-                             axis=1)  # [n, 2, d]: the caption, and the prompt of the four generated images
-        n = images.shape[0]
-        image_hashes = _vector_hashes("image", images.reshape(n * 5, -1))
-        text_hashes = _vector_hashes("text", texts.reshape(n * 2, -1))
-        groups = [f"h5:{path.stem}:{i}" for i in range(n)]
-        splits = [assign_split(g, config.split_fractions, config.split_seed) for g in groups]
-        which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
-        generators = ["real"] + [_name(config.generators, k) for k in range(4)]
-        samples = from_columns(SAMPLES, {
-            "sample_id": image_hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
-            "generator": generators * n, "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
-            "text_hash": [text_hashes[i] for i in which_text], "source_format": ["features:h5"] * (5 * n),
-            "source_uri": [str(path.resolve())] * (5 * n), "source_member": image_sets * n,
-            "source_row": np.repeat(np.arange(n, dtype=np.int64), 5),
-            "ingested_at": pa.array([now] * (5 * n), SAMPLES.field("ingested_at").type),
-        })
-        # one text vector per distinct text: the four generated images share their prompt's
-        yield _Chunk(samples, image_hashes, images.reshape(n * 5, -1), text_hashes, texts.reshape(n * 2, -1))
+            rows = f["real"].shape[0]
+            for start in range(0, rows, H5_ROWS):  # slices, so memory is one slice whatever the file's size
+                end = min(rows, start + H5_ROWS)
+                images = np.stack([np.asarray(f[name][start:end], np.float32) for name in image_sets],
+                                  axis=1)  # [n, 5, d]
+                texts = np.stack([np.asarray(f[name][start:end], np.float32)
+                                  for name in ("original_prompt", "positive_prompt")], axis=1)  # [n, 2, d]
+                yield _h5_chunk(config, path, start, images, texts, image_sets, now)
+
+
+def _h5_chunk(config: ImportConfig, path: Path, start: int, images: np.ndarray, texts: np.ndarray,
+              image_sets: list[str], now: datetime) -> _Chunk:
+    """Rows start… of one file: each row a real image, four generated ones, a caption and a prompt."""
+    n = images.shape[0]
+    image_hashes = _vector_hashes("image", images.reshape(n * 5, -1))
+    text_hashes = _vector_hashes("text", texts.reshape(n * 2, -1))
+    groups = [f"h5:{path.stem}:{i}" for i in range(start, start + n)]
+    splits = [assign_split(g, config.split_fractions, config.split_seed) for g in groups]
+    # the real image reads the caption (text 0), the four generated images their prompt (text 1)
+    which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
+    generators = ["real"] + [_name(config.generators, k) for k in range(4)]
+    samples = from_columns(SAMPLES, {
+        "sample_id": image_hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
+        "generator": generators * n, "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
+        "text_hash": [text_hashes[i] for i in which_text], "source_format": ["features:h5"] * (5 * n),
+        "source_uri": [str(path.resolve())] * (5 * n), "source_member": image_sets * n,
+        "source_row": np.repeat(np.arange(start, start + n, dtype=np.int64), 5),
+        "ingested_at": pa.array([now] * (5 * n), SAMPLES.field("ingested_at").type),
+    })
+    return _Chunk(samples, image_hashes, images.reshape(n * 5, -1), text_hashes, texts.reshape(n * 2, -1))
 
 
 # --- clip-retrieval output -----------------------------------------------------------------

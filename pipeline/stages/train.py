@@ -7,6 +7,7 @@ validation epoch, test metrics and one score per sample of every split. It lands
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     only = config.train_generators  # None: every generator
 
     def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for b in loaders["train"].epoch(epoch):
+        for b in itertools.islice(loaders["train"].epoch(epoch), config.steps_per_epoch):
             if only is None:
                 yield b.x, b.y
                 continue

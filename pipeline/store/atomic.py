@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PARQUET_COMPRESSION = "zstd"
+VECTOR_GROUP_ROWS = 16384
 # A temp file of a process on another host cannot be checked for life; after this long it is dead.
 FOREIGN_TEMP_MAX_AGE_S = 24 * 3600.0
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tmp(\.wal)?$")
@@ -46,9 +47,11 @@ def write_parquet(table: pa.Table, path: Path) -> Path:
     Vector (list) columns skip dictionary encoding: measured 3-6x faster to write and read, for files
     0.3% larger (vectors almost never repeat)."""
     plain = [f.name for f in table.schema if not pa.types.is_list(f.type) and not pa.types.is_fixed_size_list(f.type)]
+    # tables of vectors in row groups of VECTOR_GROUP_ROWS: a reader decompresses one group at a time
+    rows = VECTOR_GROUP_ROWS if len(plain) < len(table.schema) else None
     return atomic_write(
         path, lambda tmp: pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, write_page_checksum=True,
-                                         use_dictionary=plain)
+                                         use_dictionary=plain, row_group_size=rows)
     )
 
 
