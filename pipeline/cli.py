@@ -338,6 +338,8 @@ def train_cmd(
     leak_threshold: Annotated[float | None, typer.Option(help="Cosine similarity of a near-duplicate.")] = None,
     input_norm: Annotated[str | None, typer.Option(help="l2 (unit vectors, as stored) | raw (each vector "
                                                    "times its stored norm: the reference code's inputs)")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Stop each epoch after this many batches "
+                                                        "(default: the whole train split).")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
 ) -> None:
     """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
@@ -353,7 +355,7 @@ def train_cmd(
             model_key=model_key, features=features, pairing=pairing, epochs=epochs, batch_size=batch_size,
             lr=lr, cvar=cvar, cvar_alpha=cvar_alpha, auc=auc, auc_gamma=auc_gamma, sam=sam, sam_rho=sam_rho,
             bf16=bf16, seed=seed, detector=detector, exclude_leaks=exclude_leaks, leak_threshold=leak_threshold,
-            input_norm=input_norm, name=name)}
+            input_norm=input_norm, steps_per_epoch=steps_per_epoch, name=name)}
         train_config = TrainConfig.from_dict(options)
         if train_config.fit.bf16:
             import torch
