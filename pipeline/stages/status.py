@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -46,8 +47,11 @@ class StatusConfig(Validated):
 
 def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
     """What the store holds; reads only (never waits for a writer, never changes the catalog)."""
-    store = config.store
-    q = lambda sql, params=None: catalog.query(store, sql, params)  # noqa: E731
+    with catalog.connect(config.store) as con:  # one connection: its views are set up once
+        return _status(config.store, lambda sql, params=None: con.sql(sql, params=params or None).to_arrow_table())
+
+
+def _status(store: Store, q: Callable[..., pa.Table]) -> StoreStatus:
     samples = q("SELECT count(*) FROM samples").column(0)[0].as_py()
     groups = q(
         "SELECT split, label, generator, count(*) AS samples FROM samples "
