@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIM = 768
 KEY = "bench"
 FILE_ROWS = 20_000  # D3 rows per HDF5 file (5 samples each)
+CENTRES = 2000
 STEPS = 50
 TRAIN = {"model_key": KEY, "epochs": 1, "steps_per_epoch": STEPS, "hidden": 256, "batch_size": 2048}
 STAGES = ("import", "status", "sql aggregate", "sql point", "view", "train", "train again", "sweep",
@@ -56,17 +57,24 @@ def write_sources(directory: Path, rows: int, seed: int = 0, first_file: int = 0
     image_dir = np.random.default_rng(99).normal(size=DIM)
     text_dir = np.random.default_rng(98).normal(size=DIM)
     image_dir, text_dir = image_dir / np.linalg.norm(image_dir), text_dir / np.linalg.norm(text_dir)
+    # embeddings cluster (by subject); a store of isotropic noise would make every IVF index useless
+    centres = np.random.default_rng(97).normal(size=(CENTRES, DIM)).astype(np.float32) * 2.0
     directory.mkdir(parents=True, exist_ok=True)
     files = []
+
+    def draw(n: int, shift: np.ndarray | float = 0.0) -> np.ndarray:
+        around = centres[rng.integers(0, CENTRES, n)]
+        return (around + rng.standard_normal((n, DIM), np.float32) + shift).astype(np.float16)
+
     for k, start in enumerate(range(0, rows, FILE_ROWS)):
         n = min(FILE_ROWS, rows - start)
         path = directory / f"{first_file + k:04d}.h5"
         with h5py.File(path, "w") as f:
-            f["real"] = rng.standard_normal((n, DIM), np.float32).astype(np.float16)
+            f["real"] = draw(n)
             for g in range(4):
-                f[f"image_gen{g}"] = (rng.standard_normal((n, DIM), np.float32) + 0.9 * image_dir).astype(np.float16)
-            f["original_prompt"] = rng.standard_normal((n, DIM), np.float32).astype(np.float16)
-            f["positive_prompt"] = (rng.standard_normal((n, DIM), np.float32) + 0.5 * text_dir).astype(np.float16)
+                f[f"image_gen{g}"] = draw(n, 0.9 * image_dir)
+            f["original_prompt"] = draw(n)
+            f["positive_prompt"] = draw(n, 0.5 * text_dir)
         files.append(path)
     return files
 
