@@ -123,9 +123,10 @@ def embeddings_table(
 
 
 def pending_texts_sql() -> str:
+    # imported features carry a text hash but no text (`features:*` samples): nothing to encode
     return """
         SELECT text_hash, any_value(text) AS text FROM samples
-        WHERE text_hash IS NOT NULL AND text_hash NOT IN (
+        WHERE text_hash IS NOT NULL AND text IS NOT NULL AND text_hash NOT IN (
             SELECT content_hash FROM embeddings WHERE model_key = $key AND modality = 'text')
         GROUP BY text_hash ORDER BY text_hash
     """
