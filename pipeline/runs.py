@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -201,16 +202,21 @@ def write_scores(store: Store, run_id: str, s: Scores, part: str | None = None) 
     """The one writer of score shards: scores/<run_id>[-<part>].parquet (committed by the caller)."""
     table = from_columns(SCORES, {
         "run_id": [run_id] * len(s.score),
-        "sample_id": s.sample_id.astype(str),
-        "split": s.split.astype(str),
+        "sample_id": _strings(s.sample_id),
+        "split": _strings(s.split),
         "label": s.label.astype(np.int8),
-        "generator": s.generator.astype(str),
+        "generator": _strings(s.generator),
         "score": s.score.astype(np.float32),
     })
     name = f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet"
     return write_parquet(table, store.dataset_dir("scores") / name)
 
 
+
+
+def _strings(values: np.ndarray) -> pa.Array:
+    """A str column as Arrow without a fixed-width numpy copy (`astype(str)` takes 4 bytes a character a row)."""
+    return pa.array(values if values.dtype == object else values.astype(str), pa.string())
 
 
 def write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model_key: str,

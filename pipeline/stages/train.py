@@ -279,7 +279,9 @@ def group_keys(store: Store, sample_ids: np.ndarray) -> np.ndarray:
     """Each sample's `group_key` (its own id when the samples table has none for it)."""
     import pyarrow as pa
 
-    ids = pa.table({"sample_id": pa.array(sample_ids.astype(str)), "i": pa.array(np.arange(len(sample_ids)))})
+    ids = pa.table({"sample_id": pa.array(sample_ids if sample_ids.dtype == object else sample_ids.astype(str),
+                                          pa.string()),
+                    "i": pa.array(np.arange(len(sample_ids)))})
     found = catalog.query_with(
         store, "SELECT ids.i, samples.group_key FROM ids JOIN samples USING (sample_id)", {"ids": ids})
     groups = sample_ids.astype(object).copy()
