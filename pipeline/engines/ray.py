@@ -32,7 +32,7 @@ import pyarrow as pa
 from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts
 from pipeline.engines.local import Committer, EncodeJob, EngineResult, count_outcomes, stage_encoded
 from pipeline.errors import PipelineError
-from pipeline.reporting import Reporter
+from pipeline.reporting import Reporter, Silent
 from pipeline.store.layout import Store
 
 INSTALL = "pip install 'clipdetect-pipeline[ray]'"
@@ -316,17 +316,8 @@ def _trial(params: dict[str, Any], root: str, configs: list[dict[str, Any]], thr
                  "skipped": row.skipped})
 
 
-class _TuneReporter:
+class _TuneReporter(Silent):
     """A stage reporter that hands each epoch's validation AUC to Ray Tune (and nothing else)."""
-
-    def start(self, task: str, total: int | None, unit: str) -> None:
-        pass
-
-    def advance(self, task: str, n: int) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "epoch":

@@ -54,33 +54,6 @@ def roc(path: Path, y: np.ndarray, p: np.ndarray, gens: np.ndarray, split: str, 
     return save_png(fig, path, random_weights)
 
 
-def bars(path: Path, values: dict[str, float], title: str, random_weights: Any = False) -> Path:
-    fig, ax = figure(title)
-    names = list(values)
-    bars = ax.barh([short(n) for n in names], [0 if v is None or np.isnan(v) else v for v in values.values()],
-                   color=["black" if n == "overall" else "tab:blue" for n in names])
-    ax.bar_label(bars, fmt="%.3f", label_type="center", color="white", fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.invert_yaxis()
-    ax.set_xlabel("ROC AUC")
-    ax.tick_params(axis="y", labelsize=7)
-    return save_png(fig, path, random_weights)
-
-
-def grouped_bars(path: Path, values: dict[str, list[float | None]], columns: list[str], title: str,
-                  random_weights: Any = False) -> Path:
-    fig, ax = figure(title)
-    width = 0.8 / max(1, len(values))
-    x = np.arange(len(columns))
-    for i, (label, vals) in enumerate(values.items()):
-        ax.bar(x + i * width, [0 if v is None else v for v in vals], width, label=label)
-    ax.set_xticks(x + 0.4 - width / 2, [short(c) for c in columns], rotation=30, ha="right", fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test ROC AUC")
-    ax.legend(fontsize=6)
-    return save_png(fig, path, random_weights)
-
-
 def histograms(path: Path, y: np.ndarray, p: np.ndarray, gens: np.ndarray, split: str,
                 random_weights: Any = False) -> Path:
     fig, ax = figure(f"Score distributions, {split} split")
