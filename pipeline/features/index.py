@@ -50,6 +50,7 @@ EXACT_BELOW = 100_000
 RECALL_K = 10
 DEFAULT_MAX_MEMORY = 4 * 2**30
 ADD_ROWS = 65536
+EXACT_ROWS = 8192  # rows compared with every recall query at a time
 HNSW_QUANTISER_FROM = 2048  # IVF lists  # vectors converted to float32 and added at a time
 _INDEX_SHARE = 0.7  # of the budget: the index itself; the rest holds the training sample and a chunk
 _TRAIN_SHARE = 0.15
@@ -275,17 +276,22 @@ def read_info(path: Path) -> IndexInfo:
 
 
 def exact_neighbours(chunks: Iterator[np.ndarray], queries: np.ndarray, k: int) -> np.ndarray:
-    """Row numbers of the exact k nearest rows by inner product, over rows given in chunks."""
+    """Row numbers of the exact k nearest rows by inner product, over rows given in chunks.
+
+    Memory is queries × EXACT_ROWS similarities, whatever the number of rows."""
     queries = np.ascontiguousarray(queries, np.float32)
     best_sims = np.full((len(queries), 0), -np.inf, np.float32)
     best_rows = np.zeros((len(queries), 0), np.int64)
     start = 0
     for chunk in chunks:
-        sims = queries @ chunk.T
-        rows = np.broadcast_to(np.arange(start, start + len(chunk)), sims.shape)
-        sims, rows = np.concatenate([best_sims, sims], 1), np.concatenate([best_rows, rows], 1)
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        best_sims, best_rows = np.take_along_axis(sims, top, 1), np.take_along_axis(rows, top, 1)
+        for at in range(0, len(chunk), EXACT_ROWS):
+            sims = queries @ chunk[at:at + EXACT_ROWS].T
+            keep = min(k, sims.shape[1])
+            top = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
+            sims = np.concatenate([best_sims, np.take_along_axis(sims, top, 1)], 1)
+            rows = np.concatenate([best_rows, top + start + at], 1)
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            best_sims, best_rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
         start += len(chunk)
     return best_rows
 
