@@ -72,9 +72,9 @@ def write_sources(directory: Path, rows: int, seed: int = 0, first_file: int = 0
         with h5py.File(path, "w") as f:
             f["real"] = draw(n)
             for g in range(4):
-                f[f"image_gen{g}"] = draw(n, 0.9 * image_dir)
+                f[f"image_gen{g}"] = draw(n, 3.0 * image_dir)
             f["original_prompt"] = draw(n)
-            f["positive_prompt"] = draw(n, 0.5 * text_dir)
+            f["positive_prompt"] = draw(n, 1.5 * text_dir)
         files.append(path)
     return files
 
