@@ -475,7 +475,8 @@ def perturb_cmd(
     ops: Annotated[list[str] | None, typer.Option(
         "--ops", help="Operations and strengths, e.g. --ops jpeg:90,75,50 --ops resize:0.5,0.25 --ops blur:1,2 "
         "--ops crop:0.8 --ops noise:0.02 (or several in one quoted value).")] = None,
-    ops_file: Annotated[Path | None, typer.Option(help="TOML file of operations, e.g. jpeg = [90, 75] and blur = [1, 2].")] = None,
+    ops_file: Annotated[Path | None, typer.Option(
+        help="TOML file of operations, e.g. jpeg = [90, 75] and blur = [1, 2].")] = None,
     store: StoreOpt = DEFAULT_STORE,
     splits: Annotated[str, typer.Option(help="Comma-separated splits to derive from; train,val,test applies "
                                         "the operation everywhere (train and test then share one format).")] = "test",

@@ -92,7 +92,7 @@ class TrainConfig(Validated):
             k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in fit_fields
         }
         _check_types(data)
-        own_kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in own}
+        own_kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in own}
         return TrainConfig(fit=FitConfig(**fit_kwargs), **own_kwargs)
 
     @staticmethod
