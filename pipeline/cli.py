@@ -374,6 +374,14 @@ def train_cmd(
     for gen, value in test.get("auc_by_generator", {}).items():
         out.print(f"  {gen}: test AUC {value:.4f}")
     out.print(f'[dim]scores: pipeline sql "SELECT * FROM scores WHERE run_id = \'{result.run_id}\' LIMIT 10"[/]')
+    left = result.metrics.get("left_out") or {}
+    if left.get("no_image_vector"):
+        out.print(f"[yellow]left out[/] {left['no_image_vector']} samples without an image vector for this "
+                  "model (not encoded yet, or quarantined at decode: `pipeline status` shows which).")
+    if left.get("no_text_vector"):
+        out.print(f"[yellow]left out[/] {left['no_text_vector']} samples without a text vector "
+                  f"({train_config.features} features need one): an empty or missing caption, or a caption "
+                  "not encoded yet; --features image keeps them.")
     _shortcut_alarm(Store(store), train_config, result.metrics)
 
 

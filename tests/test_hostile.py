@@ -189,6 +189,24 @@ def test_missing_and_empty_captions_are_counted(tmp_path: Path) -> None:
     assert code == 0 and "2 samples have no caption" in out, out
 
 
+def test_train_says_how_many_samples_each_feature_set_left_out(tmp_path: Path) -> None:
+    rows = []
+    for i in range(16):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg((10 * i, 200 - 10 * i, 7 * i)))
+        caption = "" if i % 4 == 0 else f"caption {i}"  # 4 samples have no caption
+        split = "train" if i < 8 else "val" if i < 12 else "test"
+        rows.append(f"{i}.jpg,{caption},{i % 2},{'real' if i % 2 == 0 else 'sdxl'},{split}")
+    path = tmp_path / "m.csv"
+    path.write_text("path,caption,label,generator,split\n" + "".join(r + "\n" for r in rows))
+    store = str(tmp_path / "s")
+    assert _run("ingest", str(path), "--format", "manifest", "--store", store)[0] == 0
+    assert _run("encode", "--store", store, "--model", "Tiny-ViT-16", "--workers", "0")[0] == 0
+    code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "4")
+    assert code == 0 and "left out 4 samples without a text vector" in out, out
+    code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "4", "--features", "image")
+    assert code == 0 and "left out" not in out, out
+
+
 def test_bad_training_values_and_checkpoints_are_one_sentence(d3_store: Store, tmp_path: Path) -> None:
     store = str(d3_store.root)
     code, out = _run("train", "--store", store, "--lr", "-1")

@@ -92,6 +92,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         "pairing": config.pairing,
         **extra,
         **_summaries(store, scores, excluded, config.seed),
+        "left_out": _left_out(store, table, config, len(scores.score)),
         "excluded_leaks": {split: int(np.sum((scores.split == split) & np.isin(scores.sample_id, list(excluded))))
                            for split in ("val", "test")} if config.exclude_leaks else None,
     }
@@ -103,6 +104,17 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
             return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
         write_run(store, run_id, chash, config, model_key, metrics, state, scores)
     return TrainResult(run_id, chash, model_key, random_weights, metrics)
+
+
+def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: int) -> dict[str, int]:
+    """Samples of the store this run could not use, by why: no image vector for this model (not encoded
+    yet, or quarantined at decode), or, for text and image+text features, no text vector (empty or
+    missing caption, or the caption not encoded yet)."""
+    which = "perturbation IS NULL" if config.perturbation is None else "perturbation = ?"
+    params = [] if config.perturbation is None else [config.perturbation]
+    total = catalog.query(store, f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which}", params)
+    return {"no_image_vector": max(0, int(total.column(0)[0].as_py()) - table.rows),
+            "no_text_vector": max(0, table.rows - scored) if config.features != "image" else 0}
 
 
 def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str], str | None]:
