@@ -111,7 +111,7 @@ def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: in
     yet, or quarantined at decode), or, for text and image+text features, no text vector (empty or
     missing caption, or the caption not encoded yet)."""
     which = "perturbation IS NULL" if config.perturbation is None else "perturbation = ?"
-    params = [] if config.perturbation is None else [config.perturbation]
+    params: list[object] = [] if config.perturbation is None else [config.perturbation]
     total = catalog.query(store, f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which}", params)
     return {"no_image_vector": max(0, int(total.column(0)[0].as_py()) - table.rows),
             "no_text_vector": max(0, table.rows - scored) if config.features != "image" else 0}
