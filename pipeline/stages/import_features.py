@@ -30,6 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.vectors import normalise
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.d3 import DEFAULT_GENERATORS
+from pipeline.sources.generators import canonical
 from pipeline.sources.webdataset import parse_label
 from pipeline.stages.encode import embeddings_table
 from pipeline.stages.ingest import assign_split, text_hash
@@ -176,10 +177,11 @@ def _h5_chunk(config: ImportConfig, path: Path, start: int, images: np.ndarray, 
     splits = [assign_split(g, config.split_fractions, config.split_seed) for g in groups]
     # the real image reads the caption (text 0), the four generated images their prompt (text 1)
     which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
-    generators = ["real"] + [_name(config.generators, k) for k in range(4)]
+    given = ["real"] + [_name(config.generators, k) for k in range(4)]
     samples = from_columns(SAMPLES, {
         "sample_id": image_hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
-        "generator": generators * n, "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
+        "generator": [canonical(g) for g in given] * n, "generator_original": given * n,
+        "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
         "text_hash": [text_hashes[i] for i in which_text], "source_format": ["features:h5"] * (5 * n),
         "source_uri": [str(path.resolve())] * (5 * n), "source_member": image_sets * n,
         "source_row": np.repeat(np.arange(start, start + n, dtype=np.int64), 5),
@@ -246,7 +248,8 @@ def _label(row: dict[str, Any], generator: str | None, where: Path) -> tuple[int
 def _sample(sample_id: str, label: int, generator: str, split: str, group: str, text: str | None,
             t_hash: str, fmt: str, uri: str, member: str | None, row: int | None, now: datetime) -> dict[str, Any]:
     return {
-        "sample_id": sample_id, "label": label, "generator": generator, "split": split,
+        "sample_id": sample_id, "label": label, "generator": canonical(generator), "generator_original": generator,
+        "split": split,
         "group_key": group, "text": text, "text_hash": t_hash, "source_format": fmt,
         "source_uri": uri, "source_member": member, "source_row": row,
         "byte_offset": None, "byte_length": None, "ingested_at": now,
