@@ -110,3 +110,18 @@ def test_readers_need_only_the_manifest_and_old_stores_still_read(d3_store: Stor
     with locked(d3_store):  # the first writer writes the manifest
         pass
     assert d3_store.manifest_path.exists() and _counts(d3_store) == before
+
+
+def test_a_late_staged_shard_of_vectors_already_committed_is_not_adopted_twice(d3_store: Store) -> None:
+    """A killed driver's worker may stage a shard after the next run encoded the same hashes."""
+    encode(encode_config(d3_store))
+    before = _counts(d3_store)
+    committed = [p for p in catalog.shard_paths(d3_store, "embeddings") if p.name.startswith("image-")][0]
+    late = d3_store.staged(committed.with_name("image-late.parquet"))
+    late.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(committed, late)
+    with locked(d3_store):  # the next writer adopts staged files
+        pass
+    assert not late.exists()
+    assert _counts(d3_store) == before  # nothing doubled
+    assert not committed.with_name("image-late.parquet").exists()

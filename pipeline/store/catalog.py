@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter
-from pipeline.store.atomic import atomic_write, remove_stale_temps, write_text
+from pipeline.store.atomic import atomic_write, remove_stale_temps, write_parquet, write_text
 from pipeline.store.layout import DATASETS, Store
 from schemas import TABLES, schema_problem
 
@@ -317,7 +317,8 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
         if isinstance(_footer(store, staged, store.relative(final)), str):
             continue  # left for `pipeline verify`, which lists it
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
+        if _without_committed_vectors(store, manifest, staged, final):
+            os.replace(staged, final)
         adopted += 1
     swept = _sweep_uncommitted_runs(store, manifest)
     on_disk = {store.relative(p): p for p in shard_files(store)}
@@ -348,6 +349,37 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
     _write_manifest(store, manifest)
     return Reconciled(added=added, dropped=len(gone), temps_removed=temps, adopted=adopted,
                       swept=swept, ignored=tuple(ignored))
+
+
+def _without_committed_vectors(store: Store, manifest: Manifest, staged: Path, final: Path) -> bool:
+    """Drop from a staged embeddings shard the vectors already committed; False when none is left.
+
+    A worker of a killed driver (a Ray task) may finish a staged shard after the next writer looked
+    for pending work and encoded the same hashes again: adopting it whole would double those rows.
+    Only adopted (orphaned) shards pass through here, so the extra read is rare.
+    """
+    if final.parent.parent != store.dataset_dir("embeddings"):
+        return True
+    committed = [store.root / s.path for s in manifest.of("embeddings", final.parent.name)]
+    if not committed:
+        return True
+    table = pq.read_table(staged)
+    with duckdb.connect() as con:
+        con.register("staged", table.select(["modality", "content_hash"]))  # DuckDB reads no half floats
+        listed = ", ".join(f"'{_sql_str(str(p))}'" for p in committed)
+        have = con.sql(
+            f"SELECT DISTINCT c.modality, c.content_hash FROM read_parquet([{listed}]) c "
+            "SEMI JOIN staged s ON s.content_hash = c.content_hash AND s.modality = c.modality"
+        ).fetchall()
+    if not have:
+        return True
+    seen = {(m, h) for m, h in have}
+    keep = [(m, h) not in seen for m, h in zip(table.column("modality").to_pylist(),
+                                                  table.column("content_hash").to_pylist(), strict=True)]
+    if any(keep):
+        write_parquet(table.filter(pa.array(keep)), final)
+    staged.unlink()
+    return False
 
 
 def _sweep_uncommitted_runs(store: Store, manifest: Manifest) -> int:
