@@ -43,6 +43,8 @@ app.add_typer(index_app, name="index")
 StoreOpt = Annotated[
     Path, typer.Option("--store", help="Store directory (created on first ingest).", envvar="PIPELINE_STORE")
 ]
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="When another process is writing to the "
+                                       "store: wait for it (saying so), or stop at once.")]
 
 
 @app.callback()
@@ -180,6 +182,7 @@ def encode(
                                                "GPU, or one per node without GPUs.")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per Ray actor (0.5: two models share "
                                                          "a GPU). Default: 1 with GPUs, else 0.")] = None,
+    wait: WaitOpt = True,
 ) -> None:
     """Encode every image and text not yet cached for this model; a second run does no work.
 
@@ -208,6 +211,7 @@ def encode(
             ray_address=ray_address,
             actors=actors,
             gpus_per_actor=gpus_per_actor,
+            wait=wait,
         )
         with RichReporter() as reporter:
             result = run(config, reporter)
@@ -271,6 +275,7 @@ def import_features(
     generator: Annotated[str | None, typer.Option(help="clip-retrieval without a label column: the "
                                                   "generator of every image ('real' for photographs).")] = None,
     splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    wait: WaitOpt = True,
 ) -> None:
     """Import CLIP features computed elsewhere, as samples plus embeddings, without re-encoding."""
     from pipeline.stages.import_features import ImportConfig, run
@@ -279,7 +284,7 @@ def import_features(
         config = ImportConfig(
             source=source, layout=layout, store=Store(store), model_key=model_key,  # type: ignore[arg-type]
             generators=tuple(g.strip() for g in generators.split(",")), generator=generator,
-            split_fractions=_parse_splits(splits),
+            split_fractions=_parse_splits(splits), wait=wait,
         )
         with RichReporter() as reporter:
             result = run(config, reporter)
@@ -341,6 +346,7 @@ def train_cmd(
     steps_per_epoch: Annotated[int | None, typer.Option(help="Stop each epoch after this many batches "
                                                         "(default: the whole train split).")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
+    wait: WaitOpt = True,
 ) -> None:
     """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
 
@@ -362,7 +368,7 @@ def train_cmd(
 
             _warn_bf16(torch.device("cpu"))
         with RichReporter() as reporter:
-            result = run(TrainJob(Store(store), train_config), reporter)
+            result = run(TrainJob(Store(store), train_config, wait=wait), reporter)
     random_banner(result.random_weights)
     test = result.metrics["test"]
     chosen = (f"k = {result.metrics['k']}" if "k" in result.metrics
@@ -512,6 +518,7 @@ def score_cmd(
     ctx: typer.Context,
     run: Annotated[str, typer.Option("--run", help="The run whose detector scores the samples.")],
     store: StoreOpt = DEFAULT_STORE,
+    wait: WaitOpt = True,
 ) -> None:
     """Score every encoded sample that this run has not scored yet (e.g. newly ingested ones)."""
     from pipeline.stages.score import ScoreConfig
@@ -519,7 +526,7 @@ def score_cmd(
 
     with _errors(ctx):
         with RichReporter() as reporter:
-            result = score(ScoreConfig(Store(store), run), reporter)
+            result = score(ScoreConfig(Store(store), run, wait), reporter)
     out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
               f"({result.already_scored} already had a score).")
 
@@ -539,6 +546,7 @@ def index_build(
     target_recall: Annotated[float, typer.Option(help="Approximate kinds widen their search to reach this "
                                                  "recall@10 against exact search.")] = 0.95,
     force: Annotated[bool, typer.Option(help="Rebuild even if the embeddings did not change.")] = False,
+    wait: WaitOpt = True,
 ) -> None:
     """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
     from pipeline.features.index import parse_memory
@@ -550,7 +558,7 @@ def index_build(
         with RichReporter() as reporter:
             info = run(IndexConfig(Store(store), model_key, kind, vectors, nlist,  # type: ignore[arg-type]
                                    target_recall=target_recall, force=force,
-                                   max_memory=parse_memory(max_memory)), reporter)
+                                   max_memory=parse_memory(max_memory), wait=wait), reporter)
     verb = "built" if info.built else "up to date (embeddings unchanged), reused"
     out.print(f"[green]{verb}[/] {info.kind} index {info.index_id}: {info.vectors:,} × {info.dim} "
               f"{info.modality} vectors of {info.model_key}, params {info.params}, {info.build_seconds:.2f} s")
@@ -570,13 +578,15 @@ def neighbors(
     model_key: Annotated[str | None, typer.Option(help="Which cached embeddings (default: the only one).")] = None,
     run: Annotated[str | None, typer.Option("--run", help="Show this run's score of each neighbour.")] = None,
     vectors: Annotated[str, typer.Option(help="image | text")] = "image",
+    wait: WaitOpt = True,
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
     from pipeline.stages.neighbors import NeighborQuery
     from pipeline.stages.neighbors import run as find
 
     with _errors(ctx):
-        query = NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors)  # type: ignore[arg-type]
+        query = NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors,  # type: ignore[arg-type]
+                              wait=wait)
         with RichReporter() as reporter:
             result = find(query, reporter)
     random_banner(result.random_weights)
@@ -595,6 +605,7 @@ def leaks(
     exact: Annotated[bool, typer.Option(help="Search exhaustively (flat) whatever the store's size.")] = False,
     max_memory: Annotated[str, typer.Option(help="Memory an index built for the scan may take, e.g. 4GB.")
                           ] = "4GB",
+    wait: WaitOpt = True,
 ) -> None:
     """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
     from pipeline.features.index import parse_memory
@@ -603,7 +614,7 @@ def leaks(
     with _errors(ctx):
         with RichReporter() as reporter:
             result = run(LeakConfig(Store(store), model_key, threshold, k, exact,
-                                    max_memory=parse_memory(max_memory)), reporter)
+                                    max_memory=parse_memory(max_memory), wait=wait), reporter)
     random_banner(Store(store).model_info(result.model_key).get("random_weights"))
     approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
         f"{result.recall_at_10:.3f}; --exact searches exhaustively)"

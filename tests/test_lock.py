@@ -64,6 +64,23 @@ def test_second_writer_stops_with_a_sentence_naming_the_holder(d3_store: Store, 
         holder.communicate()
 
 
+def test_writing_commands_take_no_wait_from_the_cli(d3_store: Store) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    holder = _hold(d3_store, 60)
+    try:
+        store = str(d3_store.root)
+        for args in (["encode", "--model", "Tiny-ViT-16", "--workers", "0"], ["index", "build"], ["leaks"]):
+            result = CliRunner().invoke(app, [*args, "--store", store, "--no-wait"])
+            assert result.exit_code == 2, (args, result.output)
+            assert "Another process" in result.output and "Traceback" not in result.output, (args, result.output)
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
 def test_second_writer_waits_then_proceeds(d3_store: Store, d3: SyntheticD3) -> None:
     holder = _hold(d3_store, 1.5)
     notes: list[str] = []
