@@ -102,3 +102,22 @@ def locked(store: Store) -> object:
     from pipeline.store.lock import writing
 
     return writing(store)
+
+
+def kill_when(proc: object, ready: object, timeout: float) -> bool:
+    """Poll `ready()` until it holds (or `proc` ends, or `timeout` passes), then SIGKILL `proc`.
+
+    Returns whether the process was still running when killed, so a test can insist that the kill
+    landed mid-run."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:  # type: ignore[attr-defined]
+        if ready():  # type: ignore[operator]
+            break
+        time.sleep(0.02)
+    alive = proc.poll() is None  # type: ignore[attr-defined]
+    proc.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+    proc.wait()  # type: ignore[attr-defined]
+    return alive

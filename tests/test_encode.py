@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from pipeline.stages.ingest import run as ingest
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
-from tests.conftest import TINY, encode_config, jpeg, locked
+from tests.conftest import TINY, encode_config, jpeg, kill_when, locked
 
 
 def _count(store: Store, sql: str) -> int:
@@ -263,14 +261,7 @@ def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, kill_after_shards: int
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store.root)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     shard_dir = store.root  # staged or committed
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(shard_dir.rglob("image-*.parquet"))) >= kill_after_shards:
-            break
-        time.sleep(0.02)
-    killed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = kill_when(proc, lambda: len(list(shard_dir.rglob("image-*.parquet"))) >= kill_after_shards, 120)
     assert killed, "the encode finished before it could be killed: " + proc.stderr.read().decode()[-500:]
     encode(encode_config(store))
     _assert_complete_without_duplicates(store)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages.encode import run as encode
 from pipeline.store import catalog
 from pipeline.store.layout import Store
-from tests.conftest import encode_config, planted_store
+from tests.conftest import encode_config, kill_when, planted_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,14 +135,7 @@ def test_killed_ray_driver_leaves_staged_shards_that_the_next_run_adopts(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(d3_store.root)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(d3_store.staging_dir.rglob("image-*.parquet")):
-            break
-        time.sleep(0.05)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    alive = kill_when(proc, lambda: list(d3_store.staging_dir.rglob("image-*.parquet")), 180)
     assert alive, "the driver finished before it could be killed: " + proc.stderr.read().decode()[-800:]
     time.sleep(2)  # Ray ends a dead driver's tasks and actors
     encode(encode_config(d3_store))
