@@ -1,27 +1,36 @@
-"""One model's cached vectors of one modality, laid out once as memory-mapped matrices.
+"""One model's vectors of one modality as one row-addressable matrix, memory-mapped, stored once.
 
-The embedding shards (Parquet) are the truth; this is a derived, append-only cache that lets a
-batch be a gather from mapped memory instead of a Parquet decode. In
-`cache/vectors/<model_key>/<modality>/`:
+The embedding shards (Parquet) are the truth, and they are also what is mapped: a shard written by
+`store.atomic.write_parquet` holds its vector column uncompressed, PLAIN-encoded, one data page per
+row group, so the last `rows x dim x itemsize` bytes of each row group's vector column chunk are
+exactly its vectors, row-major (`mappable_pieces` finds them from the footer and checks the first
+and last row group against a decode). A batch is then a gather from the page cache; no vector is
+copied to a second file. Shards that cannot be mapped (written before this layout, or by another
+writer: compressed, dictionary-encoded, several pages) are copied once into `.npy` segments.
 
-- `seg-<fingerprint>.npy`: the vectors of some shards, concatenated in shard order (the shards'
-  own dtype, float16 normally), and `seg-<fingerprint>.norms.npy` (float32, the norm each vector
-  had before L2 normalisation; NaN where the shard did not record it);
-- `layout.json`: the segments in order, each with the shards (and their row counts) it holds.
+In `cache/vectors/<model_key>/<modality>/`:
+
+- `layout.json`: the segments in order. A `parquet` segment is one shard with its row groups'
+  byte offsets; an `npy` segment is some shards copied into `<name>.npy`;
+- `<name>.norms.npy` per segment (float32, the norm each vector had before L2 normalisation; NaN
+  where the shard did not record it): 4 bytes a row, read from the shards' `norm` column.
 
 Row r of the matrix is row `r - offset(shard)` of its shard, so the training view maps content
 hashes to rows in SQL with `file_row_number` (no hash is stored a second time). New shards append
-a segment; offsets of earlier rows never move. A shard that left the store forces a rebuild
-(a new `generation`). Every file is written atomically, the layout last.
+segments; offsets of earlier rows never move. A shard that left the store forces a rebuild (a new
+`generation`). Every file is written atomically, the layout last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,35 +44,64 @@ from pipeline.store.atomic import atomic_write, write_text
 from pipeline.store.layout import Store
 from schemas import MODALITIES, SCHEMA_VERSION
 
-LAYOUT_VERSION = 1
-READ_ROWS = 16384  # rows per Parquet batch while laying shards out (bounded memory)
+LAYOUT_VERSION = 2
+READ_ROWS = 16384  # rows per Parquet batch while copying or checking shards (bounded memory)
+
+
+MAX_OPEN_MAPS = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)  # each map holds a descriptor
 
 
 @dataclass(frozen=True)
 class Segment:
-    name: str  # file stem, e.g. seg-<fingerprint>
+    name: str  # stem of its files in the cache directory
     shards: tuple[tuple[str, int], ...]  # (store-relative shard path, rows), in row order
     start: int  # global row of its first vector
+    kind: str = "npy"  # "npy": copied into <name>.npy; "parquet": its one shard, mapped in place
+    pieces: tuple[tuple[int, int], ...] = ()  # parquet: (byte offset, rows) of each row group's vectors
+    dtype: str = ""  # parquet: the shard's vector dtype
 
     @property
     def rows(self) -> int:
         return sum(n for _, n in self.shards)
 
 
+@dataclass(frozen=True)
+class _Piece:
+    file: Path
+    offset: int  # bytes; -1: an .npy file (np.load finds its header)
+    rows: int
+    dtype: str
+    norms: Path  # the segment's norms (.npy) ...
+    norms_at: int  # ... from this row
+
+
 class VectorMatrix:
     """The concatenated segments of one model and modality: gather rows, stream chunks."""
 
-    def __init__(self, directory: Path, generation: str, segments: list[Segment], dim: int, dtype: str) -> None:
+    def __init__(self, directory: Path, generation: str, segments: list[Segment], dim: int, dtype: str,
+                 root: Path) -> None:
         self.directory = directory
         self.generation = generation
         self.segments = segments
         self.dim = dim
         self.dtype = dtype
-        self._starts = np.array([s.start for s in segments] + [self.rows], np.int64)
-        self._data: list[np.ndarray] = [np.load(directory / f"{s.name}.npy", mmap_mode="r") for s in segments]
-        self._norms: list[np.ndarray] = [
-            np.load(directory / f"{s.name}.norms.npy", mmap_mode="r") for s in segments
-        ]
+        # one piece per npy segment or per row group of a mapped shard
+        starts: list[int] = []
+        self._pieces: list[_Piece] = []
+        for seg in segments:
+            norms = directory / f"{seg.name}.norms.npy"
+            if seg.kind == "parquet":
+                path = root / seg.shards[0][0]
+                at = 0
+                for offset, rows in seg.pieces:
+                    starts.append(seg.start + at)
+                    self._pieces.append(_Piece(path, offset, rows, seg.dtype, norms, at))
+                    at += rows
+            else:
+                starts.append(seg.start)
+                self._pieces.append(_Piece(directory / f"{seg.name}.npy", -1, seg.rows, dtype, norms, 0))
+        self._starts = np.array(starts + [self.rows], np.int64)
+        self._maps: OrderedDict[Path, np.ndarray] = OrderedDict()
 
     @property
     def rows(self) -> int:
@@ -72,6 +110,30 @@ class VectorMatrix:
     @property
     def segment_names(self) -> list[str]:
         return [s.name for s in self.segments]
+
+    def _array(self, p: int) -> np.ndarray:
+        """Piece p as a read-only [rows, dim] array over its mapped file."""
+        piece = self._pieces[p]
+        if piece.offset < 0:
+            return self._map(piece.file, npy=True)
+        return np.ndarray((piece.rows, self.dim), piece.dtype, buffer=self._map(piece.file), offset=piece.offset)
+
+    def _norms(self, p: int) -> np.ndarray:
+        piece = self._pieces[p]
+        return self._map(piece.norms, npy=True)[piece.norms_at:piece.norms_at + piece.rows]
+
+    def _map(self, file: Path, npy: bool = False) -> np.ndarray:
+        """`file` mapped read-only. At most MAX_OPEN_MAPS files stay mapped (each mapping holds a
+        file descriptor); the least recently used is let go."""
+        whole = self._maps.get(file)
+        if whole is None:
+            whole = np.load(file, mmap_mode="r") if npy else np.memmap(file, np.uint8, mode="r")
+            self._maps[file] = whole
+            if len(self._maps) > MAX_OPEN_MAPS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(file)
+        return whole
 
     def shard_offsets(self) -> pa.Table:
         """(path, offset): global row of each shard's first row, for SQL joins on file_row_number."""
@@ -90,34 +152,36 @@ class VectorMatrix:
         out = np.empty((len(rows), self.dim), np.float32)
         order = np.argsort(rows, kind="stable")  # ascending reads: friendlier to the page cache
         sorted_rows = rows[order]
-        seg_of = np.searchsorted(self._starts, sorted_rows, side="right") - 1
-        for seg in np.unique(seg_of):
-            pick = seg_of == seg
-            local = sorted_rows[pick] - self._starts[seg]
-            values = self._data[seg][local].astype(np.float32)
+        piece_of = np.searchsorted(self._starts, sorted_rows, side="right") - 1
+        bounds = np.r_[0, np.flatnonzero(np.diff(piece_of)) + 1, len(rows)]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
+            if lo == hi:
+                continue
+            piece = piece_of[lo]
+            local = sorted_rows[lo:hi] - self._starts[piece]
+            values = self._array(piece)[local].astype(np.float32)
             if raw:
-                norms = self._norms[seg][local]
+                norms = self._norms(piece)[local]
                 if np.isnan(norms).any():
                     raise PipelineError(
                         "Some vectors were stored without their norm (written before norms were kept), so "
                         "--input-norm raw cannot restore them: import or encode them again, or use l2."
                     )
                 values *= norms[:, None]
-            out[order[pick]] = values
+            out[order[lo:hi]] = values
         return out
 
     def chunks(self, size: int = 65536, raw: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 chunk) over every row in order; memory is one chunk."""
-        for s, seg in enumerate(self.segments):
-            data = self._data[s]
-            for at in range(0, seg.rows, size):
-                part = np.array(data[at:at + size], np.float32)
+        for p, piece in enumerate(self._pieces):
+            for at in range(0, piece.rows, size):
+                part = np.array(self._array(p)[at:at + size], np.float32)
                 if raw:
-                    part *= np.asarray(self._norms[s][at:at + size])[:, None]
-                yield seg.start + at, part
+                    part *= np.asarray(self._norms(p)[at:at + size])[:, None]
+                yield int(self._starts[p]) + at, part
 
     def has_norms(self) -> bool:
-        return all(not np.isnan(np.asarray(n[:1])).any() for n in self._norms if len(n))
+        return all(not np.isnan(self._norms(p)[:1]).any() for p in range(len(self._pieces)) if self._pieces[p].rows)
 
 
 def shards_of(store: Store, model_key: str, modality: str) -> list[Path]:
@@ -139,18 +203,58 @@ def open_matrix(store: Store, model_key: str, modality: str, reporter: Reporter 
     if layout is not None:
         generation, segments, dim, dtype = layout
         covered = {path for s in segments for path, _ in s.shards}
-        if not covered <= current.keys() or not all((directory / f"{s.name}.npy").exists() for s in segments):
+        if not covered <= current.keys() or not all(_present(directory, s) for s in segments):
             layout = None
     if layout is None:
         generation, segments, dim, dtype = uuid.uuid4().hex[:12], [], *_dim_dtype(shards)
         covered = set()
     new = [rel for rel in current if rel not in covered]  # catalog order: name order, i.e. time order
     if new:
-        start = sum(s.rows for s in segments)
-        segments = [*segments, _write_segment(directory, [current[r] for r in new], store, start, dim, dtype,
-                                              reporter, modality)]
+        segments = [*segments, *_lay_out(directory, [current[r] for r in new], store,
+                                          sum(s.rows for s in segments), dim, dtype, reporter, modality)]
         _write_layout(directory, generation, segments, dim, dtype)
-    return VectorMatrix(directory, generation, segments, dim, dtype)
+    return VectorMatrix(directory, generation, segments, dim, dtype, store.root)
+
+
+def mappable_pieces(path: Path, dim: int) -> tuple[tuple[int, int], ...] | None:
+    """(byte offset, rows) of each row group's vectors in the file, if they lie there row-major;
+    None if the shard must be copied instead. The first and last row groups are checked against a
+    decode, so a layout this function misjudges is refused, never mapped wrongly."""
+    file = pq.ParquetFile(path)
+    meta = file.metadata
+    names = file.schema_arrow.names
+    if "vector" not in names:
+        return None
+    vtype = file.schema_arrow.field("vector").type
+    if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != dim:
+        return None
+    itemsize = vtype.value_type.bit_width // 8
+    leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path.startswith("vector."))
+    pieces = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        chunk = group.column(leaf)
+        if (chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page
+                or not set(chunk.encodings) <= {"PLAIN", "RLE", "BIT_PACKED"}
+                or chunk.num_values != group.num_rows * dim):
+            return None
+        size = group.num_rows * dim * itemsize
+        end = chunk.data_page_offset + chunk.total_compressed_size
+        if chunk.total_compressed_size < size:
+            return None
+        pieces.append((end - size, group.num_rows))
+    if pieces:
+        mapped = np.memmap(path, np.uint8, mode="r")
+        dtype = np.float16 if itemsize == 2 else np.float32
+        for g in {0, len(pieces) - 1}:
+            offset, rows = pieces[g]
+            view = np.ndarray((rows, dim), dtype, buffer=mapped, offset=offset)
+            decoded = file.read_row_group(g, columns=["vector"], use_threads=False).column("vector")
+            expected = decoded.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(rows, dim)
+            if not np.array_equal(view.view(np.uint8), np.ascontiguousarray(expected, dtype).view(np.uint8)):
+                return None
+        del mapped
+    return tuple(pieces)
 
 
 def fingerprint(store: Store, shards: list[Path], *extra: object) -> str:
@@ -180,12 +284,59 @@ def _dim_dtype(shards: list[Path]) -> tuple[int, str]:
     return dims.pop(), "float32" if wide else "float16"
 
 
-def _write_segment(directory: Path, shards: list[Path], store: Store, start: int, dim: int, dtype: str,
-                   reporter: Reporter, modality: str) -> Segment:
+def _present(directory: Path, segment: Segment) -> bool:
+    files = [f"{segment.name}.norms.npy"] + ([] if segment.kind == "parquet" else [f"{segment.name}.npy"])
+    return all((directory / f).exists() for f in files)
+
+
+def _lay_out(directory: Path, shards: list[Path], store: Store, start: int, dim: int, dtype: str,
+             reporter: Reporter, modality: str) -> list[Segment]:
+    """Segments for new shards: each mappable shard is one (mapped) segment; runs of shards that
+    are not are copied into one npy segment each. Only norms (4 bytes a row) are written for the
+    mapped ones."""
+    total = sum(pq.read_metadata(p).num_rows for p in shards)
+    task = f"lay out {modality} vectors"
+    reporter.start(task, total, "vectors")
+    segments: list[Segment] = []
+    pending: list[Path] = []
+
+    def flush() -> None:
+        nonlocal start
+        if pending:
+            segments.append(_copy_segment(directory, list(pending), store, start, dim, dtype, reporter, task))
+            start += segments[-1].rows
+            pending.clear()
+
+    for path in shards:
+        pieces = mappable_pieces(path, dim)
+        if pieces is None:
+            pending.append(path)
+            continue
+        flush()
+        rows = sum(n for _, n in pieces)
+        name = "pq-" + fingerprint(store, [path], "mapped", start)
+        norms = _norms(path, rows)
+        atomic_write(directory / f"{name}.norms.npy", partial(_save, array=norms))
+        width = pq.read_schema(path).field("vector").type.value_type.bit_width
+        segments.append(Segment(name, ((store.relative(path), rows),), start, "parquet", pieces, f"float{width}"))
+        start += rows
+        reporter.advance(task, rows)
+    flush()
+    return segments
+
+
+def _norms(path: Path, rows: int) -> np.ndarray:
+    file = pq.ParquetFile(path)
+    if "norm" not in file.schema_arrow.names:
+        return np.full(rows, np.nan, np.float32)
+    return file.read(columns=["norm"], use_threads=False).column("norm").to_numpy().astype(np.float32)
+
+
+def _copy_segment(directory: Path, shards: list[Path], store: Store, start: int, dim: int, dtype: str,
+                  reporter: Reporter, task: str) -> Segment:
     counts = [pq.read_metadata(p).num_rows for p in shards]
     total = sum(counts)
     name = "seg-" + fingerprint(store, shards, "segment", start)
-    reporter.start(f"lay out {modality} vectors", total, "vectors")
     norms = np.full(total, np.nan, np.float32)
 
     def write(tmp: Path) -> None:
@@ -207,7 +358,7 @@ def _write_segment(directory: Path, shards: list[Path], store: Store, start: int
                     if "norm" in columns:
                         norms[at:at + n] = batch.column("norm").to_numpy(zero_copy_only=False)
                     at += n
-                    reporter.advance(f"lay out {modality} vectors", n)
+                    reporter.advance(task, n)
 
     atomic_write(directory / f"{name}.npy", write)
     atomic_write(directory / f"{name}.norms.npy", lambda tmp: _save(tmp, norms))
@@ -235,7 +386,8 @@ def _read_layout(directory: Path) -> tuple[str, list[Segment], int, str] | None:
     data = json.loads(path.read_text())
     if data.get("version") != LAYOUT_VERSION:
         return None
-    segments = [Segment(s["name"], tuple((p, int(n)) for p, n in s["shards"]), int(s["start"]))
+    segments = [Segment(s["name"], tuple((p, int(n)) for p, n in s["shards"]), int(s["start"]), s["kind"],
+                        tuple((int(o), int(n)) for o, n in s["pieces"]), s["dtype"])
                 for s in data["segments"]]
     return data["generation"], segments, int(data["dim"]), data["dtype"]
 
@@ -243,10 +395,12 @@ def _read_layout(directory: Path) -> tuple[str, list[Segment], int, str] | None:
 def _write_layout(directory: Path, generation: str, segments: list[Segment], dim: int, dtype: str) -> None:
     data = {
         "version": LAYOUT_VERSION, "generation": generation, "dim": dim, "dtype": dtype,
-        "segments": [{"name": s.name, "start": s.start, "shards": [list(x) for x in s.shards]} for s in segments],
+        "segments": [{"name": s.name, "start": s.start, "kind": s.kind, "dtype": s.dtype,
+                      "shards": [list(x) for x in s.shards],
+                      "pieces": [list(p) for p in s.pieces]} for s in segments],
     }
     write_text(directory / "layout.json", json.dumps(data))
-    keep = {f"{s.name}.npy" for s in segments} | {f"{s.name}.norms.npy" for s in segments}
-    for stale in directory.glob("seg-*.npy"):
+    keep = {f"{s.name}.norms.npy" for s in segments} | {f"{s.name}.npy" for s in segments if s.kind == "npy"}
+    for stale in [*directory.glob("seg-*.npy"), *directory.glob("pq-*.npy")]:
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
