@@ -6,10 +6,11 @@ like ViT-L-14), brought in by `import-features`. The vectors are weakly informat
 images shifted a little along one direction, prompts along another), so AUC is neither 0.5 nor 1.
 Each stage then runs in its own process, so its peak memory is its own:
 
-    import, status, sql (aggregate, point), view (the training view, built once), train (a fixed
-    number of steps on the view), train again (the same config: found, nothing recomputed), sweep
-    (3 configs), score (after importing 500 new samples), index build (default 4 GB budget), leaks,
-    neighbours, report, and a no-op encode on a store that also holds real image samples.
+    import, import again (the same files: skipped unread), status, sql (aggregate, point), view
+    (the training view, built once), train (a fixed number of steps on the view), train again (the
+    same config: found, nothing recomputed), sweep (3 configs), score (after importing 500 new
+    samples), index build (default 4 GB budget), leaks, neighbours, report, and a no-op encode on a
+    store that also holds real image samples.
 
 Peak RSS is the kernel's high-water mark (it counts pages of the memory-mapped vectors the stage
 touched, which the kernel can drop at will); peak anon is sampled anonymous memory (what the
@@ -42,7 +43,7 @@ FILE_ROWS = 20_000  # D3 rows per HDF5 file (5 samples each)
 CENTRES = 2000
 STEPS = 50
 TRAIN = {"model_key": KEY, "epochs": 1, "steps_per_epoch": STEPS, "hidden": 256, "batch_size": 2048}
-STAGES = ("import", "status", "sql aggregate", "sql point", "view", "train", "train again", "sweep",
+STAGES = ("import", "import again", "status", "sql aggregate", "sql point", "view", "train", "train again", "sweep",
           "score", "index build", "leaks", "neighbours", "report", "encode no-op")
 
 
@@ -86,7 +87,7 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
     from pipeline.store.layout import Store
 
     store = Store(store_dir)
-    if stage == "import":
+    if stage in ("import", "import again"):  # again: the same files, unchanged (nothing to read)
         from pipeline.stages.import_features import ImportConfig, run
 
         result = run(ImportConfig(work / "h5", "h5", store, KEY))
@@ -245,21 +246,22 @@ def du_gb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9
 
 
-def bench(rows: int, out: Path | None, keep: Path | None) -> list[dict[str, Any]]:
+def bench(rows: int, out: Path | None, keep: Path | None, stages: tuple[str, ...] = STAGES) -> list[dict[str, Any]]:
     base = keep or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work, store_dir = base / "work", base / "store"
-    shutil.rmtree(store_dir, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    write_sources(work / "h5", rows // 5)
-    print(f"{rows:,} samples written as HDF5 in {time.perf_counter() - t:.0f} s ({du_gb(work / 'h5'):.1f} GB)",
-          flush=True)
+    if "import" in stages:
+        shutil.rmtree(store_dir, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        write_sources(work / "h5", rows // 5)
+        print(f"{rows:,} samples written as HDF5 in {time.perf_counter() - t:.0f} s "
+              f"({du_gb(work / 'h5'):.1f} GB)", flush=True)
     results = []
-    for stage in STAGES:
-        if stage == "status":
+    for stage in stages:
+        if stage == "status" and (work / "h5").exists():
             shutil.rmtree(work / "h5")  # imported: free the disk for the larger stores
             probe(store_dir, work)
-        if stage == "encode no-op":
+        if stage == "encode no-op" and not (work / "images").exists():
             prepare_images(store_dir, work)
         r = in_process(stage, store_dir, work)
         results.append(r)
@@ -304,6 +306,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
     parser.add_argument("--keep", type=Path, help="build the store here and keep it")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("SMALL", "LARGE"))
+    parser.add_argument("--stages", help="comma-separated subset to run again on a --keep store "
+                        f"(default: all, from import): {', '.join(STAGES)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -313,7 +317,12 @@ def main() -> None:
     elif args.compare:
         compare(*args.compare)
     else:
-        bench(args.rows, args.out, args.keep)
+        stages = STAGES if not args.stages else tuple(x.strip() for x in args.stages.split(","))
+        if unknown := set(stages) - set(STAGES):
+            parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
+        if "import" not in stages and args.keep is None:
+            parser.error("--stages without import needs --keep DIR (a store built before)")
+        bench(args.rows, args.out, args.keep, stages)
 
 
 if __name__ == "__main__":
