@@ -289,7 +289,8 @@ def import_features(
         with RichReporter() as reporter:
             result = run(config, reporter)
     out.print(f"[green]imported[/] {result.samples_added} samples and {result.vectors_added} vectors "
-              f"as {result.model_key}; {result.already_present} samples were already present.")
+              f"as {result.model_key}; {result.already_present} samples were already present"
+              + (f"; {result.units_skipped} unchanged files skipped unread." if result.units_skipped else "."))
 
 
 def _train_overrides(**flags: Any) -> dict[str, Any]:

@@ -76,6 +76,11 @@ def test_clip_retrieval_layout(tmp_path: Path) -> None:
     assert rows["cap a"]["source_format"] == "clip-retrieval"  # still encodable by other models
     assert rows["cap b"]["source_format"] == "features:clip-retrieval"
     assert rows["cap b"]["text_hash"] == hashlib.sha256(b"cap b").hexdigest()
+    again = import_features(ImportConfig(root, "clip-retrieval", store, "ViT-B-32__laion", generator="real"))
+    assert (again.units_skipped, again.units_read) == (1, 0)
+    np.save(root / "img_emb" / "img_emb_0.npy", rng.normal(size=(2, 16)).astype(np.float16))  # new vectors
+    changed = import_features(ImportConfig(root, "clip-retrieval", store, "ViT-B-32__laion", generator="real"))
+    assert (changed.units_read, changed.samples_added, changed.vectors_added) == (1, 1, 1)  # b's id is its vector's
 
 
 def _h5(path: Path, rows: int, image_dim: int, text_dim: int, seed: int = 0) -> None:
@@ -116,10 +121,92 @@ def test_a_reimport_adds_nothing_and_a_grown_source_adds_only_its_new_rows(tmp_p
     _h5(tmp_path / "src" / "0000.h5", rows=6, image_dim=8, text_dim=8)
     store = Store(tmp_path / "store")
     first = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
-    assert (first.samples_added, first.vectors_added) == (30, 30 + 12)
+    assert (first.samples_added, first.vectors_added, first.units_read) == (30, 30 + 12, 1)
     again = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
-    assert (again.samples_added, again.vectors_added, again.already_present) == (0, 0, 30)
+    assert (again.samples_added, again.vectors_added, again.units_read, again.units_skipped) == (0, 0, 0, 1)
     _h5(tmp_path / "src" / "0001.h5", rows=4, image_dim=8, text_dim=8, seed=2)
     grown = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
-    assert (grown.samples_added, grown.vectors_added, grown.already_present) == (20, 20 + 8, 30)
+    assert (grown.samples_added, grown.vectors_added, grown.already_present) == (20, 20 + 8, 0)
+    assert (grown.units_read, grown.units_skipped) == (1, 1)
     assert _count(store, "SELECT count(*) FROM samples") == 50
+
+
+def test_an_unchanged_file_is_not_opened_and_a_changed_one_adds_only_new_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("h5py")
+    import os
+
+    from pipeline.stages import import_features as module
+
+    src = tmp_path / "src"
+    _h5(src / "0000.h5", rows=6, image_dim=8, text_dim=8)
+    _h5(src / "0001.h5", rows=3, image_dim=8, text_dim=8, seed=1)
+    store = Store(tmp_path / "store")
+    import_features(ImportConfig(src, "h5", store, "m"))
+    real_slices = module._h5_slices
+    opened: list[str] = []
+
+    def watched(config: ImportConfig, unit: object, now: object) -> object:
+        opened.append(unit.path.name)  # type: ignore[attr-defined]
+        return real_slices(config, unit, now)  # type: ignore[arg-type]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an unchanged file was opened")
+
+    import h5py
+
+    monkeypatch.setattr(h5py, "File", refuse)
+    noop = import_features(ImportConfig(src, "h5", store, "m"))
+    assert (noop.units_skipped, noop.units_read, noop.samples_added) == (2, 0, 0)
+    monkeypatch.undo()
+    # other options (another model key) are another import: read again
+    monkeypatch.setattr(module, "_h5_slices", watched)
+    other = import_features(ImportConfig(src, "h5", store, "m2"))
+    assert sorted(opened) == ["0000.h5", "0001.h5"] and other.vectors_added == 45 + 18
+    assert other.samples_added == 0 and other.already_present == 45
+    # touched (same bytes, new time): read again, adds nothing
+    opened.clear()
+    st = (src / "0001.h5").stat()
+    os.utime(src / "0001.h5", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = import_features(ImportConfig(src, "h5", store, "m"))
+    assert opened == ["0001.h5"] and (touched.samples_added, touched.vectors_added) == (0, 0)
+    assert touched.already_present == 15
+    # rewritten with two more rows: only those are new
+    opened.clear()
+    _h5(src / "0001.h5", rows=5, image_dim=8, text_dim=8, seed=1)
+    grown = import_features(ImportConfig(src, "h5", store, "m"))
+    assert opened == ["0001.h5"] and grown.samples_added == 10 and grown.already_present == 15
+    assert _count(store, "SELECT count(*) FROM samples") == 55
+    assert _count(store, "SELECT count(DISTINCT sample_id) FROM samples") == 55
+
+
+def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("h5py")
+    from pipeline.stages import import_features as module
+    from pipeline.store.keys import KeySet
+
+    src = tmp_path / "src"
+    _h5(src / "0000.h5", rows=7, image_dim=8, text_dim=8)
+    store = Store(tmp_path / "store")
+    import_features(ImportConfig(src, "h5", store, "m"))
+    # a second folder: a copy of the first file (every row known) and a new one, read 2 rows at a time
+    _h5(tmp_path / "more" / "0000.h5", rows=7, image_dim=8, text_dim=8)
+    _h5(tmp_path / "more" / "0001.h5", rows=5, image_dim=8, text_dim=8, seed=3)
+    _h5(tmp_path / "more" / "0002.h5", rows=5, image_dim=8, text_dim=8, seed=3)  # the same rows again
+    monkeypatch.setattr(module, "SLICE_ROWS", 2)
+    scans: list[str] = []
+    real = KeySet.from_query.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(KeySet, "from_query", classmethod(
+        lambda cls, con, sql, path, spill: scans.append(sql) or real(cls, con, sql, path, spill)))
+    result = import_features(ImportConfig(tmp_path / "more", "h5", store, "m"))
+    assert len(scans) == 3  # sample ids, image hashes, text hashes: once each
+    assert (result.samples_added, result.already_present, result.units_read) == (25, 35 + 25, 3)
+    assert result.vectors_added == 25 + 10
+    assert _count(store, "SELECT count(*) FROM samples") == _count(
+        store, "SELECT count(DISTINCT sample_id) FROM samples") == 60
+    first = catalog.query(store, "SELECT sample_id FROM samples WHERE source_row = 0 AND source_member = 'real' "
+                          "AND source_uri LIKE '%src%'").column(0)[0].as_py()
+    import h5py
+
+    with h5py.File(src / "0000.h5") as h:
+        assert first == module.vector_hash("image", np.asarray(h["real"][0], np.float32))

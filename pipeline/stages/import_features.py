@@ -7,13 +7,21 @@
   index and row). Where `image_path` is readable the sample id is the image's SHA-256 (so a later
   ingest of the same image matches) and the sample stays encodable by other models.
 
-Vectors are L2-normalised on import, as `encode` stores them. Re-importing adds nothing.
+Vectors are L2-normalised on import, as `encode` stores them (their norms are kept). Re-importing
+adds nothing, and costs almost nothing: each source file (an `.h5`, or one clip-retrieval shard) is
+a unit of ingest's `sources` ledger, so a file imported before with the same options and unchanged
+(same size and modification time; a clip-retrieval shard also by its metadata Parquet's footer) is
+skipped unread. Files are read in slices of `SLICE_ROWS` rows; each slice is de-duplicated against
+key sets of the store's sample ids and this model's vector hashes (`pipeline.store.keys`), built by
+one scan per run when a file needs reading, not by a scan of the store per slice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,27 +30,30 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.features.vectors import normalise
 from pipeline.reporting import Reporter, Silent
+from pipeline.sources.common import Unit, parquet_fingerprint, stat_unit
 from pipeline.sources.d3 import DEFAULT_GENERATORS
 from pipeline.sources.generators import canonical
 from pipeline.sources.webdataset import parse_label
 from pipeline.stages.encode import embeddings_table
-from pipeline.stages.ingest import assign_split, text_hash
+from pipeline.stages.ingest import assign_split, ledger_row, text_hash, unread
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
+from pipeline.store.keys import KeySet, keys_of, scratch_dir
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.lock import writing
-from schemas import SAMPLES, from_columns, from_rows
+from schemas import SAMPLES, SOURCES, from_columns, from_rows
 
 Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
-H5_ROWS = 8192  # reference rows (5 images, 2 texts each) read, hashed and written at a time
+SLICE_ROWS = 8192  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
+_IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
+_TEXT_SETS = ("original_prompt", "positive_prompt")
 
 
 @dataclass(frozen=True)
@@ -68,67 +79,136 @@ class ImportResult:
     model_key: str
     samples_added: int = 0
     vectors_added: int = 0
-    already_present: int = 0
+    already_present: int = 0  # rows of the files read whose sample the store held already
+    units_read: int = 0  # source files (h5 files, clip-retrieval shards) read
+    units_skipped: int = 0  # imported before, unchanged, same options: not opened
     shards: list[Path] = field(default_factory=list)
 
 
 @dataclass
 class _Chunk:
-    """One source file's worth of rows: sample rows plus the (raw) vectors they point at."""
+    """A slice of one source file: sample rows, the unit vector of each row's image (row i of
+    `image_vectors` is sample i's), the texts they point at, and the norms before normalising."""
 
     samples: pa.Table  # schema SAMPLES
-    image_hashes: list[str]
     image_vectors: np.ndarray
-    text_hashes: list[str]
+    image_norms: np.ndarray
+    text_hashes: pa.Array
     text_vectors: np.ndarray
+    text_norms: np.ndarray
+    done: tuple[Unit, int] | None = None  # the last slice of its file: the unit and the rows it gave
 
 
 def run(config: ImportConfig, reporter: Reporter | None = None) -> ImportResult:
-    """Add the source's samples and vectors the store lacks, one shard set per source file."""
+    """Add the source's samples and vectors the store lacks, one shard set per slice of a file."""
     reporter = reporter or Silent()
     with writing(config.store, reporter, config.wait):
         return _import(config, reporter)
 
 
 def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
-    """One source file at a time: what the store already holds is found by a DuckDB semi-join of the
-    file's ids against the committed shards (no set of every id in memory); new rows become one
-    shard per table, committed before the next file is read."""
     key = safe_name(config.model_key)
     store = config.store
-    chunks = _h5_chunks(config) if config.layout == "h5" else _clip_retrieval_chunks(config)
-    result = ImportResult(key)
+    units = _h5_units(config) if config.layout == "h5" else _clip_retrieval_units(config)
+    digest = _options_digest(config, key)
+    todo = unread(store, units, digest)
+    result = ImportResult(key, units_skipped=len(units) - len(todo))
+    if not todo:
+        return result
     reporter.start("import", None, "samples")
+    now = datetime.now(UTC)
     dims: tuple[int, int] | None = None
-    for chunk in chunks:
-        dims = _check_dims(store, key, chunk, dims)
-        written = []
-        ids = chunk.samples.column("sample_id")
-        known = _present(store, "SELECT sample_id FROM samples", ids)
-        fresh = np.asarray(pc.invert(pc.is_in(ids, value_set=known)))
-        fresh &= _first_occurrence(ids.to_numpy(zero_copy_only=False))
-        result.already_present += int(len(fresh) - fresh.sum())
-        for modality, hashes, vectors in (
-            ("image", chunk.image_hashes, chunk.image_vectors),
-            ("text", chunk.text_hashes, chunk.text_vectors),
-        ):
-            keep = _new_vectors(store, key, modality, hashes)
-            if len(keep):
-                raw = vectors[keep]
-                table = embeddings_table(key, modality, [hashes[i] for i in keep], normalise(raw), config.dtype,
-                                         np.linalg.norm(raw, axis=1))
-                written.append(write_parquet(table, store.new_shard(store.embeddings_dir(key), modality)))
-                result.vectors_added += len(keep)
-        if fresh.any():
-            written.append(write_parquet(chunk.samples.filter(pa.array(fresh)),
-                                         store.new_shard(store.dataset_dir("samples"), "imported")))
-            result.samples_added += int(fresh.sum())
-        catalog.commit(store, written)
-        result.shards.extend(written)
-        reporter.advance("import", chunk.samples.num_rows)
+    known = _Known(store, key)
+    try:
+        for unit in todo:
+            read = _h5_slices if config.layout == "h5" else _clip_retrieval_slices
+            for chunk in read(config, unit, now):
+                if chunk.samples.num_rows:
+                    dims = _check_dims(store, key, chunk, dims)
+                _add(config, key, digest, chunk, known, result, now)
+                reporter.advance("import", chunk.samples.num_rows)
+            result.units_read += 1
+    finally:
+        known.close()
     if dims is not None:
         _record_model(store, key, dims, config)
     return result
+
+
+def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: _Known, result: ImportResult,
+         now: datetime) -> None:
+    """Write the slice's new samples and vectors (and, for a file's last slice, its ledger row) and
+    commit them at once, so a kill leaves the file to be read again, never half recorded."""
+    store = config.store
+    written = []
+    n = chunk.samples.num_rows
+    if n:
+        ids = keys_of(chunk.samples.column("sample_id"))
+        fresh = _first_occurrence(ids) & ~known.get("samples").contains(ids)
+        result.already_present += int(n - fresh.sum())
+        texts = keys_of(chunk.text_hashes)
+        for modality, hashes, keys, vectors, norms in (
+            ("image", chunk.samples.column("sample_id"), ids, chunk.image_vectors, chunk.image_norms),
+            ("text", chunk.text_hashes, texts, chunk.text_vectors, chunk.text_norms),
+        ):
+            keep = _first_occurrence(keys) & ~known.get(modality).contains(keys)
+            if keep.any():
+                rows = slice(None) if keep.all() else keep
+                table = embeddings_table(key, modality, hashes.filter(pa.array(keep)).to_pylist(), vectors[rows],
+                                         config.dtype, norms[rows])
+                written.append(write_parquet(table, store.new_shard(store.embeddings_dir(key), modality)))
+                result.vectors_added += int(keep.sum())
+                known.get(modality).add(keys[keep])
+        if fresh.any():
+            samples = chunk.samples if fresh.all() else chunk.samples.filter(pa.array(fresh))
+            written.append(write_parquet(samples, store.new_shard(store.dataset_dir("samples"), "imported")))
+            result.samples_added += int(fresh.sum())
+            known.get("samples").add(ids[fresh])
+    if chunk.done is not None:
+        unit, items = chunk.done
+        written.append(write_parquet(from_rows(SOURCES, [ledger_row(unit, digest, items, now)]),
+                                     store.new_shard(store.dataset_dir("sources"), "imported")))
+    if written:
+        catalog.commit(store, written)
+    result.shards.extend(p for p in written if p.parent.name != "sources")
+
+
+class _Known:
+    """The store's sample ids and this model's image and text hashes, as key sets built on first
+    use (one scan each per run), then kept up to date with what this run adds."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store = store
+        self.queries = {
+            "samples": "SELECT sample_id FROM samples_all",
+            "image": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'image'",
+            "text": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'text'",
+        }
+        self.sets: dict[str, KeySet] = {}
+        self.directory: Path | None = None
+
+    def get(self, name: str) -> KeySet:
+        if name not in self.sets:
+            self.directory = self.directory or scratch_dir(self.store.root)
+            with catalog.connect(self.store) as con:
+                self.sets[name] = KeySet.from_query(con, self.queries[name], self.directory / f"{name}.keys",
+                                                    self.directory)
+        return self.sets[name]
+
+    def close(self) -> None:
+        self.sets.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _options_digest(config: ImportConfig, key: str) -> str:
+    """What, besides a file's bytes, decides the rows it becomes: a change means read it again."""
+    options = {
+        "stage": "import-features", "layout": config.layout, "model_key": key,
+        "generators": list(config.generators), "generator": config.generator,
+        "splits": list(config.split_fractions), "split_seed": config.split_seed, "dtype": config.dtype,
+    }
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def vector_hash(modality: str, vector: np.ndarray) -> str:
@@ -140,9 +220,9 @@ def vector_hash(modality: str, vector: np.ndarray) -> str:
 # --- the reference code's HDF5 files -------------------------------------------------------
 
 
-def _h5_chunks(config: ImportConfig) -> Iterator[_Chunk]:
+def _h5_units(config: ImportConfig) -> list[Unit]:
     try:
-        import h5py
+        import h5py  # noqa: F401 - checked before any file is looked at
     except ImportError as exc:
         raise PipelineError(
             "Importing HDF5 features needs h5py: pip install 'clipdetect-pipeline[h5]'."
@@ -150,87 +230,140 @@ def _h5_chunks(config: ImportConfig) -> Iterator[_Chunk]:
     files = [config.source] if config.source.is_file() else sorted(config.source.glob("*.h5"))
     if not files:
         raise PipelineError(f"{config.source} holds no .h5 files.")
-    image_sets = ["real"] + [f"image_gen{k}" for k in range(4)]
-    now = datetime.now(UTC)
-    for path in files:
-        with h5py.File(path, "r") as f:
-            missing = [d for d in image_sets + ["original_prompt", "positive_prompt"] if d not in f]
-            if missing:
-                raise PipelineError(f"{path} lacks the dataset(s) {', '.join(missing)}.")
-            rows = f["real"].shape[0]
-            for start in range(0, rows, H5_ROWS):  # slices, so memory is one slice whatever the file's size
-                end = min(rows, start + H5_ROWS)
-                images = np.stack([np.asarray(f[name][start:end], np.float32) for name in image_sets],
-                                  axis=1)  # [n, 5, d]
-                texts = np.stack([np.asarray(f[name][start:end], np.float32)
-                                  for name in ("original_prompt", "positive_prompt")], axis=1)  # [n, 2, d]
-                yield _h5_chunk(config, path, start, images, texts, image_sets, now)
+    return [stat_unit(path) for path in files]
+
+
+def _h5_slices(config: ImportConfig, unit: Unit, now: datetime) -> Iterator[_Chunk]:
+    import h5py
+
+    path = unit.path
+    with h5py.File(path, "r") as f:
+        missing = [d for d in _IMAGE_SETS + _TEXT_SETS if d not in f]
+        if missing:
+            raise PipelineError(f"{path} lacks the dataset(s) {', '.join(missing)}.")
+        rows = f["real"].shape[0]
+        if rows == 0:
+            yield _empty_chunk((unit, 0))
+        for start in range(0, rows, SLICE_ROWS):  # slices, so memory is one slice whatever the file's size
+            end = min(rows, start + SLICE_ROWS)
+            images = _read_rows(f, _IMAGE_SETS, start, end)  # [n·5, d]: row i·5 + j is image set j of row i
+            texts = _read_rows(f, _TEXT_SETS, start, end)  # [n·2, d]
+            yield _h5_chunk(config, path, start, images, texts, now, (unit, 5 * rows) if end == rows else None)
+
+
+def _read_rows(f: Any, names: tuple[str, ...], start: int, end: int) -> np.ndarray:
+    """Rows start:end of each dataset, interleaved row by row into one float32 matrix."""
+    first = f[names[0]]
+    out = np.empty((end - start, len(names), first.shape[1]), np.float32)
+    for j, name in enumerate(names):
+        out[:, j] = f[name][start:end]
+    return out.reshape(-1, first.shape[1])
 
 
 def _h5_chunk(config: ImportConfig, path: Path, start: int, images: np.ndarray, texts: np.ndarray,
-              image_sets: list[str], now: datetime) -> _Chunk:
+              now: datetime, done: tuple[Unit, int] | None) -> _Chunk:
     """Rows start… of one file: each row a real image, four generated ones, a caption and a prompt."""
-    n = images.shape[0]
-    image_hashes = _vector_hashes("image", images.reshape(n * 5, -1))
-    text_hashes = _vector_hashes("text", texts.reshape(n * 2, -1))
+    n = images.shape[0] // 5
+    image_norms, text_norms = _normalise_in_place(images), _normalise_in_place(texts)
+    image_hashes = _vector_hashes("image", images)
+    text_hashes = pa.array(_vector_hashes("text", texts), pa.string())
     groups = [f"h5:{path.stem}:{i}" for i in range(start, start + n)]
     splits = [assign_split(g, config.split_fractions, config.split_seed) for g in groups]
     # the real image reads the caption (text 0), the four generated images their prompt (text 1)
     which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
     given = ["real"] + [_name(config.generators, k) for k in range(4)]
     samples = from_columns(SAMPLES, {
-        "sample_id": image_hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
+        "sample_id": pa.array(image_hashes, pa.string()), "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
         "generator": [canonical(g) for g in given] * n, "generator_original": given * n,
         "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
-        "text_hash": [text_hashes[i] for i in which_text], "source_format": ["features:h5"] * (5 * n),
-        "source_uri": [str(path.resolve())] * (5 * n), "source_member": image_sets * n,
+        "text_hash": text_hashes.take(pa.array(which_text)), "source_format": ["features:h5"] * (5 * n),
+        "source_uri": [str(path.resolve())] * (5 * n), "source_member": list(_IMAGE_SETS) * n,
         "source_row": np.repeat(np.arange(start, start + n, dtype=np.int64), 5),
         "ingested_at": pa.array([now] * (5 * n), SAMPLES.field("ingested_at").type),
     })
-    return _Chunk(samples, image_hashes, images.reshape(n * 5, -1), text_hashes, texts.reshape(n * 2, -1))
+    return _Chunk(samples, images, image_norms, text_hashes, texts, text_norms, done)
 
 
 # --- clip-retrieval output -----------------------------------------------------------------
 
 
-def _clip_retrieval_chunks(config: ImportConfig) -> Iterator[_Chunk]:
+def _clip_retrieval_units(config: ImportConfig) -> list[Unit]:
+    """One unit per shard i: its metadata Parquet (footer fingerprint), with the sizes and times
+    of its two .npy files as the unit's `extra` (either changing means read it again)."""
     root = config.source
     img_files = sorted((root / "img_emb").glob("*.npy"), key=_index)
     if not img_files:
         raise PipelineError(f"{root} has no img_emb/*.npy: not a clip-retrieval output folder.")
-    now = datetime.now(UTC)
+    units = []
     for img_file in img_files:
         i = _index(img_file)
         meta_file = root / "metadata" / f"metadata_{i}.parquet"
         text_file = root / "text_emb" / f"text_emb_{i}.npy"
         if not meta_file.exists() or not text_file.exists():
             raise PipelineError(f"{img_file.name} has no matching {meta_file.name} and {text_file.name}.")
-        img_v = np.load(img_file).astype(np.float32)
-        txt_v = np.load(text_file).astype(np.float32)
-        meta = pq.read_table(meta_file).to_pylist()
-        if not (len(meta) == len(img_v) == len(txt_v)):
-            raise PipelineError(f"Shard {i}: {len(meta)} metadata rows, {len(img_v)} image and "
-                                f"{len(txt_v)} text vectors; they must match.")
-        samples: list[dict[str, Any]] = []
-        img_h, txt_h = [], []
-        for row, ivec, tvec in zip(meta, img_v, txt_v, strict=True):
-            label, generator = _label(row, config.generator, meta_file)
-            image_path = Path(row["image_path"]) if row.get("image_path") else None
-            if image_path is not None and not image_path.is_absolute():
-                image_path = root / image_path
-            readable = image_path if image_path is not None and image_path.is_file() else None
-            ih = hashlib.sha256(readable.read_bytes()).hexdigest() if readable else vector_hash("image", ivec)
-            caption = row.get("caption")
-            th = text_hash(caption) if caption else vector_hash("text", tvec)
-            group = f"image:{ih}"
-            split = assign_split(group, config.split_fractions, config.split_seed)
-            fmt = "clip-retrieval" if readable else "features:clip-retrieval"
-            uri = str(readable.resolve()) if readable else str(meta_file.resolve())
-            samples.append(_sample(ih, label, generator, split, group, caption, th, fmt, uri,
-                                   None if readable else "image_path", None if readable else len(samples), now))
-            img_h.append(ih)
-            txt_h.append(th)
-        yield _Chunk(from_rows(SAMPLES, samples), img_h, img_v, txt_h, txt_v)
+        stats = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (img_file, text_file)]
+        units.append(stat_unit(meta_file, parquet_fingerprint(meta_file), json.dumps(stats),
+                               payload=(i, img_file, text_file)))
+    return units
+
+
+def _clip_retrieval_slices(config: ImportConfig, unit: Unit, now: datetime) -> Iterator[_Chunk]:
+    i, img_file, text_file = unit.payload
+    meta_file = unit.path
+    img_v = np.load(img_file, mmap_mode="r")  # mapped: read a slice at a time
+    txt_v = np.load(text_file, mmap_mode="r")
+    meta = pq.ParquetFile(meta_file)
+    rows = meta.metadata.num_rows
+    if not (rows == len(img_v) == len(txt_v)):
+        raise PipelineError(f"Shard {i}: {rows} metadata rows, {len(img_v)} image and "
+                            f"{len(txt_v)} text vectors; they must match.")
+    if rows == 0:
+        yield _empty_chunk((unit, 0))
+    start = 0
+    for batch in meta.iter_batches(batch_size=SLICE_ROWS):
+        end = start + batch.num_rows
+        yield _clip_retrieval_chunk(config, meta_file, batch.to_pylist(), start,
+                                    np.array(img_v[start:end], np.float32), np.array(txt_v[start:end], np.float32),
+                                    now, (unit, rows) if end == rows else None)
+        start = end
+
+
+def _clip_retrieval_chunk(config: ImportConfig, meta_file: Path, meta: list[dict[str, Any]], start: int,
+                          img_v: np.ndarray, txt_v: np.ndarray, now: datetime,
+                          done: tuple[Unit, int] | None) -> _Chunk:
+    root = config.source
+    img_norms, txt_norms = _normalise_in_place(img_v), _normalise_in_place(txt_v)
+    samples: list[dict[str, Any]] = []
+    img_h, txt_h = [], []
+    paths = [_image_path(root, row) for row in meta]
+    need_image_hash = [k for k, p in enumerate(paths) if p is None]
+    need_text_hash = [k for k, row in enumerate(meta) if not row.get("caption")]
+    image_by_vector = dict(zip(need_image_hash, _vector_hashes("image", img_v[need_image_hash]), strict=True))
+    text_by_vector = dict(zip(need_text_hash, _vector_hashes("text", txt_v[need_text_hash]), strict=True))
+    for k, (row, readable) in enumerate(zip(meta, paths, strict=True)):
+        label, generator = _label(row, config.generator, meta_file)
+        ih = hashlib.sha256(readable.read_bytes()).hexdigest() if readable else image_by_vector[k]
+        caption = row.get("caption")
+        th = text_hash(caption) if caption else text_by_vector[k]
+        group = f"image:{ih}"
+        split = assign_split(group, config.split_fractions, config.split_seed)
+        fmt = "clip-retrieval" if readable else "features:clip-retrieval"
+        uri = str(readable.resolve()) if readable else str(meta_file.resolve())
+        samples.append(_sample(ih, label, generator, split, group, caption, th, fmt, uri,
+                               None if readable else "image_path", None if readable else start + k, now))
+        img_h.append(ih)
+        txt_h.append(th)
+    return _Chunk(from_rows(SAMPLES, samples), img_v, img_norms, pa.array(txt_h, pa.string()), txt_v, txt_norms,
+                  done)
+
+
+def _image_path(root: Path, row: dict[str, Any]) -> Path | None:
+    """The row's image file when it can be read (its bytes give the sample id), else None."""
+    if not row.get("image_path"):
+        return None
+    path = Path(row["image_path"])
+    path = path if path.is_absolute() else root / path
+    return path if path.is_file() else None
 
 
 def _label(row: dict[str, Any], generator: str | None, where: Path) -> tuple[int, str]:
@@ -256,31 +389,33 @@ def _sample(sample_id: str, label: int, generator: str, split: str, group: str, 
     }
 
 
-def _vector_hashes(modality: str, vectors: np.ndarray) -> list[str]:
-    """`vector_hash` of each row, normalising them all at once."""
-    prefix = modality.encode() + b"\x00"
-    units = np.ascontiguousarray(normalise(vectors), "<f4")
-    return [hashlib.sha256(prefix + row.tobytes()).hexdigest() for row in units]
+def _normalise_in_place(vectors: np.ndarray) -> np.ndarray:
+    """Scale float32 rows to unit length where they lie (as `normalise` does, to the bit: the vector
+    hashes of earlier imports must come out the same); returns the norms they had."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors /= np.maximum(norms, 1e-12)
+    return norms[:, 0]
 
 
-def _present(store: Store, sql: str, ids: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Which of `ids` the query's single column already holds (DuckDB scans the shards; ids are the small side)."""
-    found = catalog.query_with(store, f"SELECT DISTINCT h FROM ids WHERE h IN ({sql})", {"ids": pa.table({"h": ids})})
-    return found.column(0).combine_chunks() if found.num_rows else pa.array([], pa.string())
+def _vector_hashes(modality: str, units: np.ndarray) -> list[str]:
+    """`vector_hash` of each row of already normalised float32 vectors."""
+    prefix = hashlib.sha256(modality.encode() + b"\x00")
+    out = []
+    for row in np.ascontiguousarray(units, "<f4"):
+        digest = prefix.copy()
+        digest.update(row)
+        out.append(digest.hexdigest())
+    return out
 
 
-def _new_vectors(store: Store, key: str, modality: str, hashes: list[str]) -> np.ndarray:
-    """Rows of `hashes` whose vector the store lacks, each distinct hash once."""
-    ids = pa.array(hashes, pa.string())
-    sql = f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = '{modality}'"
-    if not any(s.model_key == key for s in catalog.read_manifest(store).of("embeddings")):
-        sql = "SELECT NULL::VARCHAR WHERE false"  # a new model key: nothing to look up
-    known = _present(store, sql, ids)
-    fresh = np.asarray(pc.invert(pc.is_in(ids, value_set=known))) & _first_occurrence(np.asarray(hashes, object))
-    return np.nonzero(fresh)[0]
+def _empty_chunk(done: tuple[Unit, int]) -> _Chunk:
+    nothing = np.empty((0, 0), np.float32)
+    return _Chunk(SAMPLES.empty_table(), nothing, np.empty(0, np.float32), pa.array([], pa.string()), nothing,
+                  np.empty(0, np.float32), done)
 
 
 def _first_occurrence(values: np.ndarray) -> np.ndarray:
+    """Which entries are the first of their value (a slice may repeat an id)."""
     first = np.zeros(len(values), bool)
     if len(values):
         first[np.unique(values, return_index=True)[1]] = True

@@ -151,7 +151,7 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     result = IngestResult()
     pending = _Pending()
     for chunk in _chunks(source.units(), _UNIT_CHUNK):
-        todo = _unread(config.store, chunk, digest)
+        todo = unread(config.store, chunk, digest)
         result.units_skipped += len(chunk) - len(todo)
         for unit in todo:
             items = 0
@@ -164,7 +164,7 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
                     pending.samples.append(_sample_row(item, config, now))
                 if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
                     _flush(config.store, pending, result, now)
-            pending.units.append(_unit_row(unit, digest, items, now))
+            pending.units.append(ledger_row(unit, digest, items, now))
             result.units_read += 1
             if len(pending.units) >= config.shard_rows:
                 _flush(config.store, pending, result, now)
@@ -191,7 +191,7 @@ def _options_digest(config: IngestConfig, source: Source) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _unread(store: Store, units: list[Unit], digest: str) -> list[Unit]:
+def unread(store: Store, units: list[Unit], digest: str) -> list[Unit]:
     """The units the ledger does not hold as read, unchanged, with these options (one anti-join)."""
     if not units or not catalog.shard_paths(store, "sources"):
         return units
@@ -402,7 +402,7 @@ def _conflict_row(row: dict[str, Any], other: str, other_label: int, now: dateti
     }
 
 
-def _unit_row(unit: Unit, digest: str, items: int, now: datetime) -> dict[str, Any]:
+def ledger_row(unit: Unit, digest: str, items: int, now: datetime) -> dict[str, Any]:
     return {
         "source_uri": unit.uri,
         "size": unit.size,
