@@ -1,9 +1,18 @@
-"""`pipeline status`: what the store holds — counts by split, label, generator and model."""
+"""`pipeline status`: what the store holds — counts by split, label, generator and model.
+
+Interactive at any size: the counts come from the manifest (each shard's rows grouped by what status
+reports, recorded when the shard was committed), not from scanning rows."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -12,6 +21,9 @@ from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter
 from pipeline.store import catalog
 from pipeline.store.layout import Store
+from schemas import SAMPLES
+
+DUCKDB_MEMORY = "1GB"  # the one row-scanning count (distinct texts) spills beyond this
 
 
 @dataclass
@@ -47,39 +59,50 @@ class StatusConfig(Validated):
 
 def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
     """What the store holds; reads only (never waits for a writer, never changes the catalog)."""
+    manifest = catalog.read_manifest(config.store)
     with catalog.connect(config.store) as con:  # one connection: its views are set up once
-        return _status(config.store, lambda sql, params=None: con.sql(sql, params=params or None).to_arrow_table())
+        spill = Path(tempfile.gettempdir()) / f"pipeline-status-{os.getpid()}"
+        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        try:
+            return _status(config.store, manifest,
+                           lambda sql, params=None: con.sql(sql, params=params or None).to_arrow_table())
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
 
 
-def _status(store: Store, q: Callable[..., pa.Table]) -> StoreStatus:
-    samples = q("SELECT count(*) FROM samples").column(0)[0].as_py()
-    groups = q(
-        "SELECT split, label, generator, count(*) AS samples FROM samples "
-        "GROUP BY ALL ORDER BY split, label, generator"
-    )
-    quarantine = q(
-        "SELECT stage, reason, count(*) AS inputs FROM quarantine GROUP BY ALL ORDER BY stage, reason"
-    )
-    models = []
-    images_total = q(
-        "SELECT count(DISTINCT sample_id) FROM samples WHERE source_format NOT LIKE 'features:%'"
-    ).column(0)[0].as_py()
+def _status(store: Store, manifest: catalog.Manifest, q: Callable[..., pa.Table]) -> StoreStatus:
+    """Counts are sums of the manifest's per-shard counts; rows are read only where they cannot be:
+    the distinct texts, and the samples that a label conflict takes out of the `samples` view.
+
+    Every writer keeps a sample id once in `samples` and a vector once per model, modality and
+    hash, and writes a vector only for a sample of the store (its image, or its text): so the
+    vectors of a model, less those of the conflicting samples, are the encoded samples."""
+    samples = _sum(store, manifest, "samples")
+    quarantine = _sum(store, manifest, "quarantine")
+    conflicts = sum(n for (_, reason), n in quarantine.items() if reason == "label_conflict")
+    if conflicts:
+        excluded = q(f"SELECT {', '.join(catalog.COUNTED['samples'])}, count(*) FROM samples_all "
+                     f"WHERE sample_id IN ({_CONFLICTS}) GROUP BY ALL").to_pylist()
+        for row in excluded:
+            *key, n = row.values()
+            samples[tuple(key)] -= n
+    by_group: Counter[tuple[Any, ...]] = Counter()
+    for (split, label, generator, _, _), n in samples.items():
+        by_group[(split, label, generator)] += n
+    images_total = sum(n for key, n in samples.items() if key[3] is False)  # NULL source_format: not an image
     texts_total = q("SELECT count(DISTINCT text_hash) FROM samples").column(0)[0].as_py()
+    decode = sum(n for (stage, _), n in quarantine.items() if stage == "decode")
+    bad = q("SELECT count(DISTINCT content_hash) FROM quarantine WHERE stage = 'decode'"
+            ).column(0)[0].as_py() if decode else 0
+    models = []
     for key in catalog.model_keys(store):
-        counts = q(
-            """
-            SELECT
-              count(DISTINCT e.content_hash) FILTER (WHERE e.modality = 'image' AND s.sample_id IS NOT NULL),
-              (SELECT count(DISTINCT content_hash) FROM embeddings
-                 WHERE model_key = ? AND modality = 'text'
-                   AND content_hash IN (SELECT text_hash FROM samples)),
-              (SELECT count(DISTINCT q.content_hash) FROM quarantine q WHERE q.stage = 'decode')
-            FROM embeddings e LEFT JOIN samples s ON s.sample_id = e.content_hash
-            WHERE e.model_key = ?
-            """,
-            [key, key],
-        ).to_pylist()[0]
-        images, texts, bad = counts.values()
+        vectors = _sum(store, manifest, "embeddings", key)
+        images, texts = vectors[("image",)], vectors[("text",)]
+        if conflicts:
+            images -= q(f"SELECT count(DISTINCT content_hash) FROM embeddings WHERE model_key = ? "
+                        f"AND modality = 'image' AND content_hash IN ({_CONFLICTS})", [key]).column(0)[0].as_py()
+            texts -= q(_ORPHAN_TEXTS, [key]).column(0)[0].as_py()
         info = store.model_info(key)
         models.append(
             ModelStatus(
@@ -102,5 +125,53 @@ def _status(store: Store, q: Callable[..., pa.Table]) -> StoreStatus:
         ORDER BY 1, 2
         """
     )
-    no_caption = q("SELECT count(*) FROM samples WHERE text IS NULL OR trim(text) = ''").column(0)[0].as_py()
-    return StoreStatus(samples, groups, quarantine, models, derived, no_caption)
+    no_caption = sum(n for key, n in samples.items() if key[4])
+    return StoreStatus(sum(samples.values()), _groups_table(by_group), _quarantine_table(quarantine), models,
+                       derived, no_caption)
+
+
+_CONFLICTS = "SELECT content_hash FROM quarantine WHERE reason = 'label_conflict' AND content_hash IS NOT NULL"
+# text vectors whose only samples are conflicting ones: not the text of any sample in the view
+_ORPHAN_TEXTS = f"""
+    WITH c AS (SELECT DISTINCT text_hash FROM samples_all
+               WHERE sample_id IN ({_CONFLICTS}) AND text_hash IS NOT NULL)
+    SELECT count(*) FROM c
+    WHERE text_hash NOT IN (SELECT text_hash FROM samples WHERE text_hash IN (SELECT text_hash FROM c))
+      AND text_hash IN (SELECT content_hash FROM embeddings WHERE model_key = ? AND modality = 'text')
+"""
+
+
+def _sum(store: Store, manifest: catalog.Manifest, dataset: str, model_key: str | None = None
+         ) -> Counter[tuple[Any, ...]]:
+    """The dataset's rows by `catalog.COUNTED[dataset]`, from the manifest (or, for shards committed
+    before the manifest kept counts, from the shards themselves)."""
+    total: Counter[tuple[Any, ...]] = Counter()
+    for shard in manifest.of(dataset, model_key):
+        counts = shard.counts if shard.counts is not None else catalog.count_rows(store.root / shard.path, dataset)
+        for *key, n in counts:
+            total[tuple(key)] += n
+    return total
+
+
+def _groups_table(groups: Counter[tuple[Any, ...]]) -> pa.Table:
+    rows = sorted((k for k, n in groups.items() if n > 0), key=_order)
+    return pa.table({
+        "split": pa.array([r[0] for r in rows], pa.string()),
+        "label": pa.array([r[1] for r in rows], SAMPLES.field("label").type),
+        "generator": pa.array([r[2] for r in rows], pa.string()),
+        "samples": pa.array([groups[r] for r in rows], pa.int64()),
+    })
+
+
+def _quarantine_table(reasons: Counter[tuple[Any, ...]]) -> pa.Table:
+    rows = sorted((k for k, n in reasons.items() if n > 0), key=_order)
+    return pa.table({
+        "stage": pa.array([r[0] for r in rows], pa.string()),
+        "reason": pa.array([r[1] for r in rows], pa.string()),
+        "inputs": pa.array([reasons[r] for r in rows], pa.int64()),
+    })
+
+
+def _order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """SQL's ORDER BY: ascending, NULLs last."""
+    return tuple((v is None, v if v is not None else 0) for v in key)

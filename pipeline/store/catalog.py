@@ -18,7 +18,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,13 @@ from schemas import TABLES, schema_problem
 
 MANIFEST_FORMAT = 1
 REPAIR = "run `pipeline verify --repair` to move it aside"
+# What each shard's manifest entry counts (rows grouped by these expressions, each naming its column
+# first), so `pipeline status` adds up a few numbers per shard instead of scanning millions of rows.
+COUNTED: dict[str, tuple[str, ...]] = {
+    "samples": ("split", "label", "generator", "source_format LIKE 'features:%'", "text IS NULL OR trim(text) = ''"),
+    "embeddings": ("modality",),
+    "quarantine": ("stage", "reason"),
+}
 
 
 @dataclass(frozen=True)
@@ -47,15 +54,21 @@ class Shard:
     size: int
     mtime_ns: int
     columns: tuple[str, ...] = ()
+    counts: tuple[tuple[Any, ...], ...] | None = None  # COUNTED[dataset] values + row count; None: not known
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "model_key": self.model_key, "num_rows": self.num_rows,
+        data: dict[str, Any] = {"dataset": self.dataset, "model_key": self.model_key, "num_rows": self.num_rows,
                 "size": self.size, "mtime_ns": self.mtime_ns, "columns": list(self.columns)}
+        if self.counts is not None:
+            data["counts"] = [list(row) for row in self.counts]
+        return data
 
     @staticmethod
     def from_json(path: str, data: dict[str, Any]) -> Shard:
+        counts = data.get("counts")
         return Shard(path, data["dataset"], data.get("model_key"), int(data["num_rows"]),
-                     int(data.get("size", -1)), int(data.get("mtime_ns", -1)), tuple(data.get("columns") or ()))
+                     int(data.get("size", -1)), int(data.get("mtime_ns", -1)), tuple(data.get("columns") or ()),
+                     None if counts is None else tuple(tuple(row) for row in counts))
 
 
 @dataclass
@@ -283,7 +296,27 @@ def describe(store: Store, path: Path) -> Shard | str:
     found = _footer(store, path)
     if isinstance(found, str):
         return f"Shard {rel} is damaged ({found}); {REPAIR}."
+    if found.dataset in COUNTED:
+        found = replace(found, counts=count_rows(path, found.dataset))
     return found
+
+
+def count_rows(path: Path, dataset: str) -> tuple[tuple[Any, ...], ...]:
+    """A shard's rows grouped by `COUNTED[dataset]`, each group's values then its count. An
+    embeddings shard holds one modality (its footer's statistics say so): nothing is read."""
+    meta = pq.read_metadata(path)
+    names = meta.schema.to_arrow_schema().names
+    if dataset == "embeddings" and "modality" in names:
+        single = _only_value(meta, names.index("modality"))
+        if single is not None:
+            return ((single, meta.num_rows),)
+    if meta.num_rows == 0:
+        return ()
+    present = [e if e.split()[0] in names else "NULL" for e in COUNTED[dataset]]  # older shards may lack one
+    with duckdb.connect() as con:
+        rows = con.execute(f"SELECT {', '.join(present)}, count(*) FROM read_parquet('{_sql_str(str(path))}') "
+                           "GROUP BY ALL ORDER BY ALL").fetchall()
+    return tuple(tuple(row) for row in rows)
 
 
 def _footer(store: Store, path: Path, rel: str | None = None) -> Shard | str:
@@ -330,6 +363,8 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
     for rel, path in sorted(on_disk.items()):
         known = manifest.shards.get(rel)
         if known is not None and known.size >= 0 and not _stat_problem(store, known, footer=False):
+            if known.counts is None and known.dataset in COUNTED:  # a manifest from before the counts
+                manifest.shards[rel] = replace(known, counts=count_rows(path, known.dataset))
             continue
         shard = describe(store, path)
         if isinstance(shard, str) or (known is not None and known.num_rows != shard.num_rows):
@@ -468,6 +503,17 @@ def _legacy_manifest(store: Store) -> Manifest:
         columns = described.columns if isinstance(described, Shard) else ()
         shards[p] = Shard(p, d, m, int(n), -1, -1, columns)
     return Manifest(shards)
+
+
+def _only_value(meta: pq.FileMetaData, column: int) -> Any:
+    """The one value a column holds in every row, if the footer's statistics show it; else None."""
+    values = set()
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max or stats.null_count or stats.min != stats.max:
+            return None
+        values.add(stats.min)
+    return values.pop() if len(values) == 1 else None
 
 
 def _stat_problem(store: Store, shard: Shard, footer: bool = True) -> str | None:
