@@ -4,7 +4,10 @@ trainer reach there. Without a CUDA GPU it stops with one sentence (exit code 2)
 ViT-L-14 with random weights (the FLOPs of the real model), on 20k generated JPEGs:
 1. forward-only images/s on ready tensors, fp16 and bf16 (the ceiling);
 2. end-to-end `pipeline encode` images/s (read, re-hash, decode in worker processes, forward,
-   normalise, write and commit shards), fp16 and bf16, and its ratio to forward-only;
+   normalise, write and commit shards), fp16 and bf16, and its ratio to forward-only; with where the
+   time went: the model's construction (outside the stage's own figure), the wait for the first
+   decoded batch (worker start-up), the steady rate after it, and one process's decode rate (the
+   decode ceiling is about that times the workers);
 3. text encode/s (EncodeTexts, fp16);
 4. trainer step samples/s, bf16 autocast, batch 2048, 1536-d, CVaR+AUC+SAM: ours (`train_step`) vs a
    loop written the way the reference code is (torch Dropout, λ by scipy's fminbound each step);
@@ -85,12 +88,18 @@ def main() -> int:
         make_jpegs(root / "src", args.images, workers + 1)
         print(f"made {args.images} JPEGs (256², q90) in {time.perf_counter() - t:.1f} s")
         template = ingest_once(root, args)
-        forward = forward_only(args, device)
+        forward, info = forward_only(args, device)
+        per_process = decode_rate(template, info, args)
+        print(f"decode (read + re-hash + decode + resize), one process: {per_process:6.0f} img/s; "
+              f"× {workers} workers ≈ {per_process * workers:6.0f} img/s ceiling")
         for precision in (HALF, "bf16"):
-            e2e, peak = end_to_end(template, root, precision, args, workers)
+            e2e, peak, clock = end_to_end(template, root, precision, args, workers)
             fwd, fwd_peak = forward[precision]
             print(f"{precision}: forward-only {fwd:7.0f} img/s (peak {fwd_peak:.1f} GiB) | end-to-end encode "
                   f"{e2e:7.0f} img/s (peak {peak:.1f} GiB) | e2e/forward {e2e / fwd:.2f}")
+            print(f"{precision}:   run() {clock.wall:5.1f} s = model built {clock.before_start:5.1f} s + first batch "
+                  f"after {clock.first_wait:5.1f} s + the rest; after the first batch {clock.steady:7.0f} img/s "
+                  f"({clock.steady / fwd:.2f} of forward-only)")
         texts_per_s, peak = text_encode(args, device)
         print(f"text encode (EncodeTexts, fp16, batch 1024): {texts_per_s:7.0f} texts/s (peak {peak:.1f} GiB)")
         ours, ref, peak = trainer_steps(device)
@@ -133,13 +142,15 @@ def ingest_once(root: Path, args: argparse.Namespace) -> Any:
     return store
 
 
-def forward_only(args: argparse.Namespace, device: Any) -> dict[str, tuple[float, float]]:
+def forward_only(args: argparse.Namespace, device: Any) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
     import torch
 
     from pipeline.encoding.clip import ModelSpec, load
     from pipeline.encoding.units import Encoder, EncodeSpec
 
+    t = time.perf_counter()
     loaded = load(ModelSpec(args.model), device)
+    print(f"built {args.model} (random weights) on {DEVICE} in {time.perf_counter() - t:.1f} s")
     out = {}
     for precision in (HALF, "bf16"):
         encoder = Encoder(loaded, device, precision)
@@ -154,13 +165,75 @@ def forward_only(args: argparse.Namespace, device: Any) -> dict[str, tuple[float
             encoder.images(pixels)  # returns numpy: synchronises every batch, as the encode stage does
             n += args.batch_size
         out[precision] = (n / (time.perf_counter() - t), _peak_gib())
+        del encoder, pixels
+    info = loaded.info
     del loaded
     _sync()
-    return out
+    return out, info
+
+
+def decode_rate(template: Any, info: dict[str, Any], args: argparse.Namespace, rows: int = 2048) -> float:
+    """What one decoding process does per second: DecodeImages (read, re-hash, decode, resize, crop)."""
+    import pyarrow as pa
+
+    from pipeline.encoding.clip import ModelSpec
+    from pipeline.encoding.units import DecodeImages, EncodeSpec
+    from pipeline.sources.images import DEFAULT_MAX_PIXELS
+    from pipeline.stages.encode import pending_images_sql
+    from pipeline.store import catalog
+
+    with catalog.connect(template, read_only=True) as con:
+        pending = con.sql(pending_images_sql(False) + f" LIMIT {rows}", params={"key": info["model_key"]}).arrow()
+    if isinstance(pending, pa.RecordBatchReader):
+        pending = pending.read_all()
+    decode = DecodeImages(EncodeSpec.from_info(ModelSpec(args.model), info, "float16", DEFAULT_MAX_PIXELS))
+    decode(pending.slice(0, 64))  # warm-up: imports, the reader's caches
+    t = time.perf_counter()
+    for start in range(0, pending.num_rows, args.batch_size):
+        decode(pending.slice(start, args.batch_size))
+    return pending.num_rows / (time.perf_counter() - t)
+
+
+class _Clock:
+    """A Reporter that notes when the image task starts and when each batch lands."""
+
+    def __init__(self) -> None:
+        self.called = time.perf_counter()
+        self.started: float | None = None
+        self.batches: list[tuple[float, int]] = []
+        self.wall = 0.0
+
+    def start(self, task: str, total: int | None, unit: str) -> None:
+        if task == "images":
+            self.started = time.perf_counter()
+
+    def advance(self, task: str, n: int) -> None:
+        if task == "images":
+            self.batches.append((time.perf_counter(), n))
+
+    def note(self, message: str) -> None:
+        pass
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        pass
+
+    @property
+    def before_start(self) -> float:
+        return (self.started or self.called) - self.called
+
+    @property
+    def first_wait(self) -> float:
+        return self.batches[0][0] - (self.started or self.called) if self.batches else float("nan")
+
+    @property
+    def steady(self) -> float:
+        if len(self.batches) < 2:
+            return float("nan")
+        return sum(n for _, n in self.batches[1:]) / (self.batches[-1][0] - self.batches[0][0])
 
 
 def end_to_end(template: Any, root: Path, precision: str, args: argparse.Namespace,
-               workers: int) -> tuple[float, float]:
+               workers: int) -> tuple[float, float, _Clock]:
 
     from pipeline.encoding.clip import ModelSpec
     from pipeline.stages.encode import EncodeConfig, run
@@ -169,12 +242,14 @@ def end_to_end(template: Any, root: Path, precision: str, args: argparse.Namespa
     store = Store(root / f"store-{precision}")
     shutil.copytree(template.root, store.root)
     _reset_peak()
+    clock = _Clock()
     result = run(EncodeConfig(store, ModelSpec(args.model), device=DEVICE, precision=precision,  # type: ignore[arg-type]
-                              batch_size=args.batch_size, workers=workers, shard_rows=8192))
+                              batch_size=args.batch_size, workers=workers, shard_rows=8192), clock)
+    clock.wall = time.perf_counter() - clock.called
     done = result.images_encoded + sum(result.quarantined.values())
     assert done == args.images, f"{done} of {args.images} images encoded: {dict(result.quarantined)}"
     shutil.rmtree(store.root)
-    return result.images_per_second, _peak_gib()
+    return result.images_per_second, _peak_gib(), clock
 
 
 def text_encode(args: argparse.Namespace, device: Any) -> tuple[float, float]:
