@@ -199,7 +199,7 @@ def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, mo
     monkeypatch.setattr(KeySet, "from_query", classmethod(
         lambda cls, con, sql, path, spill: scans.append(sql) or real(cls, con, sql, path, spill)))
     result = import_features(ImportConfig(tmp_path / "more", "h5", store, "m"))
-    assert len(scans) == 3  # sample ids, image hashes, text hashes: once each
+    assert len(scans) == len(set(scans)) == 4  # the ledger, sample ids, image and text hashes: once each
     assert (result.samples_added, result.already_present, result.units_read) == (25, 35 + 25, 3)
     assert result.vectors_added == 25 + 10
     assert _count(store, "SELECT count(*) FROM samples") == _count(

@@ -93,6 +93,36 @@ def test_a_grown_folder_costs_only_its_new_files(tmp_path: Path) -> None:
     assert (again.units_read, again.already_in_store) == (1, 1)
 
 
+def test_the_store_is_scanned_once_per_run_not_once_per_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.store.keys import KeySet
+
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    for i in range(6):
+        (root / "real" / f"{i}.jpg").write_bytes(jpeg((10 * i, 2, 3)))
+    (root / "real" / "bad.jpg").symlink_to(tmp_path / "nowhere.jpg")  # unreadable: quarantined
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(root, "folder", store))
+    (root / "sdxl").mkdir()
+    for i in range(9):
+        (root / "sdxl" / f"{i}.png").write_bytes(jpeg((10 * i, 200, 3), fmt="PNG"))
+    (root / "sdxl" / "copy.jpg").write_bytes((root / "real" / "2.jpg").read_bytes())  # a label conflict
+    (root / "sdxl" / "twin.png").write_bytes((root / "sdxl" / "3.png").read_bytes())  # a duplicate
+    scans: list[str] = []
+    real = KeySet.from_query.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(KeySet, "from_query", classmethod(
+        lambda cls, con, sql, path, spill: scans.append(sql) or real(cls, con, sql, path, spill)))
+    result = ingest(IngestConfig(root, "folder", store, shard_rows=2))  # a commit every two images
+    assert len(scans) == len(set(scans)) <= 4  # the ledger, sample ids, quarantined inputs: once each
+    assert (result.added, result.units_read, result.units_skipped) == (9, 11, 7)
+    assert (result.label_conflicts, result.duplicates_in_source) == (1, 1)
+    ids = catalog.query(store, "SELECT sample_id FROM samples_all").column(0).to_pylist()
+    assert len(ids) == len(set(ids)) == 6 + 9
+    again = ingest(IngestConfig(root, "folder", store, split_seed="1", shard_rows=2))  # every file read again
+    assert again.added == 0 and again.already_in_store == 6 + 9 + 1 and again.problems["label_conflict"] == 1
+    assert catalog.query(store, "SELECT count(*) FROM quarantine").column(0)[0].as_py() == 2  # not recorded twice
+
+
 def test_d3_generator_names_are_canonical_and_the_original_kept(d3_store: Store) -> None:
     rows = catalog.query(d3_store, "SELECT DISTINCT generator, generator_original FROM samples "
                                    "WHERE label = 1 ORDER BY 1").to_pylist()

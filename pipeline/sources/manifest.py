@@ -1,13 +1,15 @@
 """A CSV or Parquet manifest: `path`, `caption`, `label`, `generator`, optional `split`, `group`.
 
 Relative paths are resolved against the manifest's directory. Each row is one unit (its image file
-plus the row's own values), so a grown manifest costs only its new or changed rows.
+plus the row's own values), so a grown manifest costs only its new or changed rows. The manifest is
+streamed in batches: a manifest of millions of rows is never held whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -21,6 +23,7 @@ from pipeline.sources.webdataset import parse_label
 REQUIRED = ("path", "caption", "label", "generator")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val"}
+_BATCH_ROWS = 65_536
 
 
 class ManifestSource:
@@ -28,8 +31,7 @@ class ManifestSource:
         if not path.is_file():
             raise PipelineError(f"Manifest {path} does not exist or is not a file.")
         self.path, self.limits = path, limits
-        self.table = _read(path)
-        missing = [c for c in REQUIRED if c not in self.table.column_names]
+        missing = [c for c in REQUIRED if c not in _columns(path)]
         if missing:
             raise PipelineError(f"Manifest {path} lacks the column(s) {', '.join(missing)}.")
 
@@ -37,10 +39,13 @@ class ManifestSource:
         return {}
 
     def units(self) -> Iterator[Unit]:
-        for n, row in enumerate(self.table.to_pylist(), start=1):
-            image = Path(str(row["path"]))
-            image = image if image.is_absolute() else self.path.parent / image
-            yield stat_unit(image, extra=row_fingerprint(row), payload=(n, row))
+        n = 0
+        for batch in _batches(self.path):
+            for row in batch.to_pylist():
+                n += 1
+                image = Path(str(row["path"]))
+                image = image if image.is_absolute() else self.path.parent / image
+                yield stat_unit(image, extra=row_fingerprint(row), payload=(n, row))
 
     def items(self, unit: Unit) -> Iterator[Item]:
         n, row = unit.payload
@@ -67,14 +72,35 @@ class ManifestSource:
         )
 
 
-def _read(path: Path) -> pa.Table:
+def _columns(path: Path) -> list[str]:
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path)
-        options = pacsv.ConvertOptions(column_types={c: pa.string() for c in ("path", "caption", "generator",
-                                                                               "split", "group", "label")})
-        return pacsv.read_csv(path, convert_options=options)
+            return pq.read_schema(path).names
+        with _csv(path) as reader:
+            return reader.schema.names
     except (pa.ArrowInvalid, pa.ArrowException, OSError, UnicodeDecodeError) as exc:
-        what = "Parquet" if path.suffix == ".parquet" else "CSV"
-        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"Manifest {path} is not a readable {what} file ({reason}).") from exc
+        _unreadable(path, exc)
+
+
+def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The manifest's rows, a batch at a time."""
+    try:
+        if path.suffix == ".parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+            return
+        with _csv(path) as reader:
+            yield from reader
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        _unreadable(path, exc)
+
+
+def _csv(path: Path) -> pacsv.CSVStreamingReader:
+    options = pacsv.ConvertOptions(column_types={c: pa.string() for c in ("path", "caption", "generator",
+                                                                           "split", "group", "label")})
+    return pacsv.open_csv(path, convert_options=options)
+
+
+def _unreadable(path: Path, exc: BaseException) -> NoReturn:
+    what = "Parquet" if path.suffix == ".parquet" else "CSV"
+    reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    raise PipelineError(f"Manifest {path} is not a readable {what} file ({reason}).") from exc

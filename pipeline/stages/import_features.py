@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,10 +40,10 @@ from pipeline.sources.d3 import DEFAULT_GENERATORS
 from pipeline.sources.generators import canonical
 from pipeline.sources.webdataset import parse_label
 from pipeline.stages.encode import embeddings_table
-from pipeline.stages.ingest import assign_split, ledger_row, text_hash, unread
+from pipeline.stages.ingest import assign_split, ledger_queries, ledger_row, text_hash, unread
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
-from pipeline.store.keys import KeySet, keys_of, scratch_dir
+from pipeline.store.keys import StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.lock import writing
 from schemas import SAMPLES, SOURCES, from_columns, from_rows
@@ -111,15 +110,19 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
     store = config.store
     units = _h5_units(config) if config.layout == "h5" else _clip_retrieval_units(config)
     digest = _options_digest(config, key)
-    todo = unread(store, units, digest)
-    result = ImportResult(key, units_skipped=len(units) - len(todo))
-    if not todo:
-        return result
-    reporter.start("import", None, "samples")
-    now = datetime.now(UTC)
+    result = ImportResult(key)
     dims: tuple[int, int] | None = None
-    known = _Known(store, key)
-    try:
+    now = datetime.now(UTC)
+    with StoreKeys(store, {
+        **ledger_queries(digest),
+        "samples": "SELECT sample_id FROM samples_all",
+        "image": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'image'",
+        "text": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'text'",
+    }) as known:
+        todo = unread(units, known)
+        result.units_skipped = len(units) - len(todo)
+        if todo:
+            reporter.start("import", None, "samples")
         for unit in todo:
             read = _h5_slices if config.layout == "h5" else _clip_retrieval_slices
             for chunk in read(config, unit, now):
@@ -128,14 +131,12 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
                 _add(config, key, digest, chunk, known, result, now)
                 reporter.advance("import", chunk.samples.num_rows)
             result.units_read += 1
-    finally:
-        known.close()
     if dims is not None:
         _record_model(store, key, dims, config)
     return result
 
 
-def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: _Known, result: ImportResult,
+def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: StoreKeys, result: ImportResult,
          now: datetime) -> None:
     """Write the slice's new samples and vectors (and, for a file's last slice, its ledger row) and
     commit them at once, so a kill leaves the file to be read again, never half recorded."""
@@ -144,14 +145,14 @@ def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: _Kno
     n = chunk.samples.num_rows
     if n:
         ids = keys_of(chunk.samples.column("sample_id"))
-        fresh = _first_occurrence(ids) & ~known.get("samples").contains(ids)
+        fresh = first_occurrence(ids) & ~known.get("samples").contains(ids)
         result.already_present += int(n - fresh.sum())
         texts = keys_of(chunk.text_hashes)
         for modality, hashes, keys, vectors, norms in (
             ("image", chunk.samples.column("sample_id"), ids, chunk.image_vectors, chunk.image_norms),
             ("text", chunk.text_hashes, texts, chunk.text_vectors, chunk.text_norms),
         ):
-            keep = _first_occurrence(keys) & ~known.get(modality).contains(keys)
+            keep = first_occurrence(keys) & ~known.get(modality).contains(keys)
             if keep.any():
                 rows = slice(None) if keep.all() else keep
                 table = embeddings_table(key, modality, hashes.filter(pa.array(keep)).to_pylist(), vectors[rows],
@@ -171,34 +172,6 @@ def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: _Kno
     if written:
         catalog.commit(store, written)
     result.shards.extend(p for p in written if p.parent.name != "sources")
-
-
-class _Known:
-    """The store's sample ids and this model's image and text hashes, as key sets built on first
-    use (one scan each per run), then kept up to date with what this run adds."""
-
-    def __init__(self, store: Store, key: str) -> None:
-        self.store = store
-        self.queries = {
-            "samples": "SELECT sample_id FROM samples_all",
-            "image": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'image'",
-            "text": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'text'",
-        }
-        self.sets: dict[str, KeySet] = {}
-        self.directory: Path | None = None
-
-    def get(self, name: str) -> KeySet:
-        if name not in self.sets:
-            self.directory = self.directory or scratch_dir(self.store.root)
-            with catalog.connect(self.store) as con:
-                self.sets[name] = KeySet.from_query(con, self.queries[name], self.directory / f"{name}.keys",
-                                                    self.directory)
-        return self.sets[name]
-
-    def close(self) -> None:
-        self.sets.clear()
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _options_digest(config: ImportConfig, key: str) -> str:
@@ -412,14 +385,6 @@ def _empty_chunk(done: tuple[Unit, int]) -> _Chunk:
     nothing = np.empty((0, 0), np.float32)
     return _Chunk(SAMPLES.empty_table(), nothing, np.empty(0, np.float32), pa.array([], pa.string()), nothing,
                   np.empty(0, np.float32), done)
-
-
-def _first_occurrence(values: np.ndarray) -> np.ndarray:
-    """Which entries are the first of their value (a slice may repeat an id)."""
-    first = np.zeros(len(values), bool)
-    if len(values):
-        first[np.unique(values, return_index=True)[1]] = True
-    return first
 
 
 def _check_dims(store: Store, key: str, chunk: _Chunk, seen: tuple[int, int] | None) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Validated, at_least
@@ -37,13 +38,20 @@ from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.webdataset import WebdatasetSource
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
+from pipeline.store.keys import StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
 from schemas import QUARANTINE, SAMPLES, SOURCES, SPLITS, from_rows
 
 Format = Literal["d3", "folder", "webdataset", "manifest"]
 FORMATS: tuple[str, ...] = get_args(Format)
-_UNIT_CHUNK = 65_536  # units checked against the ledger per anti-join
+_UNIT_CHUNK = 65_536  # units checked against the ledger at a time
+# Keys (see `pipeline.store.keys`) of a ledger row as read by size and time, or by fingerprint, and of a
+# quarantined input: the same SQL over the store's rows and over a batch's, so lookups need no scan.
+_READ_BY_STAT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), size, mtime_ns)"
+_READ_BY_PRINT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), fingerprint)"
+_PROBLEM = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(source_member, chr(1)), "
+            "coalesce(source_row::VARCHAR, chr(1)))")
 
 
 @dataclass(frozen=True)
@@ -148,27 +156,31 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     reporter.start("ingest", None, "img")
     digest = _options_digest(config, source)
     now = datetime.now(UTC)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as stored (ms): this run's rows are found
     result = IngestResult()
     pending = _Pending()
-    for chunk in _chunks(source.units(), _UNIT_CHUNK):
-        todo = unread(config.store, chunk, digest)
-        result.units_skipped += len(chunk) - len(todo)
-        for unit in todo:
-            items = 0
-            for item in source.items(unit):
-                items += 1
-                reporter.advance("ingest", 1)
-                if isinstance(item, Problem):
-                    pending.problems.append(_problem_row(item, now))
-                else:
-                    pending.samples.append(_sample_row(item, config, now))
-                if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
-                    _flush(config.store, pending, result, now)
-            pending.units.append(ledger_row(unit, digest, items, now))
-            result.units_read += 1
-            if len(pending.units) >= config.shard_rows:
-                _flush(config.store, pending, result, now)
-    _flush(config.store, pending, result, now)
+    queries = {**ledger_queries(digest), "samples": "SELECT sample_id FROM samples_all",
+               "problems": f"SELECT {_PROBLEM} FROM quarantine WHERE stage = 'ingest'"}
+    with StoreKeys(config.store, queries) as known:
+        for chunk in _chunks(source.units(), _UNIT_CHUNK):
+            todo = unread(chunk, known)
+            result.units_skipped += len(chunk) - len(todo)
+            for unit in todo:
+                items = 0
+                for item in source.items(unit):
+                    items += 1
+                    reporter.advance("ingest", 1)
+                    if isinstance(item, Problem):
+                        pending.problems.append(_problem_row(item, now))
+                    else:
+                        pending.samples.append(_sample_row(item, config, now))
+                    if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
+                        _flush(config.store, pending, result, now, known)
+                pending.units.append(ledger_row(unit, digest, items, now))
+                result.units_read += 1
+                if len(pending.units) >= config.shard_rows:
+                    _flush(config.store, pending, result, now, known)
+        _flush(config.store, pending, result, now, known)
     result.added = sum(result.by_split.values())
     return result
 
@@ -191,38 +203,39 @@ def _options_digest(config: IngestConfig, source: Source) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def unread(store: Store, units: list[Unit], digest: str) -> list[Unit]:
-    """The units the ledger does not hold as read, unchanged, with these options (one anti-join)."""
-    if not units or not catalog.shard_paths(store, "sources"):
+def ledger_queries(digest: str) -> dict[str, str]:
+    """Key-set queries (for `StoreKeys`) of the ledger rows written with these options."""
+    rows = f"FROM sources WHERE options_digest = '{digest}'"  # a hex digest: nothing to escape
+    return {"read by stat": f"SELECT {_READ_BY_STAT} {rows}",
+            "read by print": f"SELECT {_READ_BY_PRINT} {rows} AND fingerprint IS NOT NULL"}
+
+
+def unread(units: list[Unit], known: StoreKeys) -> list[Unit]:
+    """The units the ledger does not hold as read, unchanged (same path, size and time, or same
+    fingerprint), with the options of `known`'s `ledger_queries`: a lookup in key sets, no scan."""
+    if not units or not catalog.shard_paths(known.store, "sources"):
         return units
     table = pa.table({
-        "i": pa.array(range(len(units)), pa.int64()),
         "source_uri": [u.uri for u in units],
         "size": pa.array([u.size for u in units], pa.int64()),
         "mtime_ns": pa.array([u.mtime_ns for u in units], pa.int64()),
         "fingerprint": pa.array([u.fingerprint for u in units], pa.string()),
         "extra": pa.array([u.extra for u in units], pa.string()),
     })
-    left = catalog.query_with(store, """
-        SELECT u.i FROM u
-        WHERE NOT EXISTS (
-            SELECT 1 FROM sources s
-            WHERE s.source_uri = u.source_uri AND s.options_digest = ?
-              AND s.extra IS NOT DISTINCT FROM u.extra
-              AND ((s.size = u.size AND s.mtime_ns = u.mtime_ns)
-                   OR (u.fingerprint IS NOT NULL AND s.fingerprint = u.fingerprint)))
-        ORDER BY u.i
-    """, {"u": table}, [digest]).column(0).to_pylist()
-    return [units[i] for i in left]
+    read = known.get("read by stat").contains(keys_of(table, _READ_BY_STAT))
+    printed = np.array([u.fingerprint is not None for u in units])
+    if printed.any():
+        read |= printed & known.get("read by print").contains(keys_of(table, _READ_BY_PRINT))
+    return [u for u, done in zip(units, read, strict=True) if not done]
 
 
-def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime) -> None:
+def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime, known: StoreKeys) -> None:
     """De-duplicate the chunk against itself and the store, then write and commit it at once:
     samples, quarantine and the ledger rows of units finished (ledger last, so a kill re-reads)."""
     if not (pending.samples or pending.problems or pending.units):
         return
-    samples, problems = _classify(store, pending.samples, now, result)
-    problems = _new_problems(store, pending.problems + problems, result)
+    samples, problems = _classify(store, pending.samples, now, result, known)
+    problems, problem_keys = _new_problems(store, pending.problems + problems, result, known)
     written = []
     if samples:
         written.append(write_parquet(from_rows(SAMPLES, samples),
@@ -235,28 +248,39 @@ def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime)
                                      store.new_shard(store.dataset_dir("sources"), "sources")))
     if written:
         catalog.commit(store, written)
+    if samples:  # later chunks of this run must find them
+        known.get("samples").add(keys_of(pa.array([r["sample_id"] for r in samples], pa.string())))
+    if problems:
+        known.get("problems").add(problem_keys)
     result.shards.extend(p for p in written if p.parent.name == "samples")
     pending.samples.clear()
     pending.problems.clear()
     pending.units.clear()
 
 
-def _classify(store: Store, rows: list[dict[str, Any]], now: datetime,
-              result: IngestResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split a chunk into new samples and label conflicts; count duplicates. One query per chunk."""
+def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: IngestResult,
+              known: StoreKeys) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a chunk into new samples and label conflicts; count duplicates. One query per chunk;
+    it reads the store's rows only for the ids its key set holds (duplicates, rare unless a changed
+    source is read again)."""
     if not rows:
         return [], []
+    ids = pa.array([r["sample_id"] for r in rows], pa.string())
+    stored_ids = np.zeros(len(rows), bool)
+    if catalog.shard_paths(store, "samples"):
+        stored_ids = known.get("samples").contains(keys_of(ids))
     chunk = pa.table({
         "i": pa.array(range(len(rows)), pa.int64()),
-        "sample_id": [r["sample_id"] for r in rows],
+        "sample_id": ids,
         "label": pa.array([r["label"] for r in rows], pa.int8()),
+        "stored": stored_ids,
     })
-    has_samples = bool(catalog.shard_paths(store, "samples"))
+    has_samples = bool(stored_ids.any())
     stored = """
         LEFT JOIN (SELECT sample_id, any_value(label) AS label, any_value(source_uri) AS uri,
                           any_value(source_member) AS member, bool_or(ingested_at = ?) AS this_run,
                           any_value(generator) AS generator
-                   FROM samples_all WHERE sample_id IN (SELECT sample_id FROM c) GROUP BY sample_id) s
+                   FROM samples_all WHERE sample_id IN (SELECT sample_id FROM c WHERE stored) GROUP BY sample_id) s
         USING (sample_id)
     """ if has_samples else "LEFT JOIN (SELECT NULL::VARCHAR AS sample_id, NULL::TINYINT AS label, " \
         "NULL::VARCHAR AS uri, NULL::VARCHAR AS member, NULL::BOOLEAN AS this_run, NULL::VARCHAR AS generator) s " \
@@ -305,38 +329,24 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime,
     return new, conflicts
 
 
-def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult) -> list[dict[str, Any]]:
-    """Problems not yet in quarantine (same reason, same place): a rerun records nothing twice."""
+def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult,
+                  known: StoreKeys) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Problems not yet in quarantine (same reason, same place): a rerun records nothing twice.
+    Returns them and their keys."""
     for r in rows:
         result.problems[r["reason"]] += 1
     if not rows:
-        return []
-    keys = pa.table({
-        "i": pa.array(range(len(rows)), pa.int64()),
+        return [], np.empty(0, "S16")
+    keys = keys_of(pa.table({
         "reason": [r["reason"] for r in rows],
-        "source_uri": [r["source_uri"] for r in rows],
+        "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
         "source_member": pa.array([r["source_member"] for r in rows], pa.string()),
         "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),
-    })
+    }), _PROBLEM)
+    fresh = first_occurrence(keys)
     if catalog.shard_paths(store, "quarantine"):
-        keep = catalog.query_with(store, """
-            SELECT i FROM (SELECT *, row_number() OVER (PARTITION BY reason, source_uri, source_member,
-                                                        source_row ORDER BY i) AS k FROM p) p
-            WHERE k = 1 AND NOT EXISTS (
-                SELECT 1 FROM quarantine q WHERE q.stage = 'ingest' AND q.reason = p.reason
-                  AND q.source_uri = p.source_uri AND q.source_member IS NOT DISTINCT FROM p.source_member
-                  AND q.source_row IS NOT DISTINCT FROM p.source_row)
-            ORDER BY i
-        """, {"p": keys}).column(0).to_pylist()
-        return [rows[i] for i in keep]
-    seen: set[tuple[Any, ...]] = set()
-    out = []
-    for r in rows:
-        key = (r["reason"], r["source_uri"], r["source_member"], r["source_row"])
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+        fresh &= ~known.get("problems").contains(keys)
+    return [r for r, new in zip(rows, fresh, strict=True) if new], keys[fresh]
 
 
 # --- rows -----------------------------------------------------------------------------------

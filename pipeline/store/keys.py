@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import TracebackType
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
+from pipeline.store import catalog
 from pipeline.store.atomic import pid_alive
+from pipeline.store.layout import Store
 
 KEY = "S16"
 KEY_BYTES = 16
@@ -99,14 +102,50 @@ class KeySet:
         self._base, self._delta = _map(self.path), np.empty(0, KEY)
 
 
-def keys_of(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """The keys of ids, computed by the same SQL expression the sets are built with."""
+class StoreKeys:
+    """Key sets of queries over a store's views (name → SQL of one id column), each built on first
+    use: one scan per run, whatever the number of batches looked up. A context manager: the files
+    are removed at its end."""
+
+    def __init__(self, store: Store, queries: dict[str, str]) -> None:
+        self.store, self.queries = store, queries
+        self.sets: dict[str, KeySet] = {}
+        self.directory: Path | None = None
+
+    def get(self, name: str) -> KeySet:
+        if name not in self.sets:
+            self.directory = self.directory or scratch_dir(self.store.root)
+            with catalog.connect(self.store) as con:
+                self.sets[name] = KeySet.from_query(con, self.queries[name], self.directory / f"{name}.keys",
+                                                    self.directory)
+        return self.sets[name]
+
+    def __enter__(self) -> StoreKeys:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.sets.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def keys_of(ids: pa.Array | pa.ChunkedArray | pa.Table, expression: str = "id") -> np.ndarray:
+    """The keys of ids (or of an SQL expression over a table's columns, such as the one a set was
+    built from), computed by the same SQL the sets are built with."""
+    table = ids if isinstance(ids, pa.Table) else pa.table({"id": ids})
     with duckdb.connect() as con:
         con.execute("SET threads = 2")
-        table = pa.table({"id": ids})
         con.register("ids", table)
-        out = con.sql(f"SELECT {key_sql('id')} FROM ids").to_arrow_table().column(0).combine_chunks()
+        out = con.sql(f"SELECT {key_sql(expression)} FROM ids").to_arrow_table().column(0).combine_chunks()
     return _keys(out)
+
+
+def first_occurrence(keys: np.ndarray) -> np.ndarray:
+    """Which entries are the first of their value (a batch may repeat an id)."""
+    first = np.zeros(len(keys), bool)
+    if len(keys):
+        first[np.unique(keys, return_index=True)[1]] = True
+    return first
 
 
 def _keys(column: pa.Array) -> np.ndarray:
