@@ -182,8 +182,10 @@ def test_an_unchanged_file_is_not_opened_and_a_changed_one_adds_only_new_rows(
 
 def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("h5py")
+    import shutil
+
     from pipeline.stages import import_features as module
-    from pipeline.store.keys import KeySet
+    from pipeline.store import keys
 
     src = tmp_path / "src"
     _h5(src / "0000.h5", rows=7, image_dim=8, text_dim=8)
@@ -194,12 +196,13 @@ def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, mo
     _h5(tmp_path / "more" / "0001.h5", rows=5, image_dim=8, text_dim=8, seed=3)
     _h5(tmp_path / "more" / "0002.h5", rows=5, image_dim=8, text_dim=8, seed=3)  # the same rows again
     monkeypatch.setattr(module, "SLICE_ROWS", 2)
-    scans: list[str] = []
-    real = KeySet.from_query.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(KeySet, "from_query", classmethod(
-        lambda cls, con, sql, path, spill: scans.append(sql) or real(cls, con, sql, path, spill)))
+    scans: list[tuple[keys.KeyQuery, list[Path]]] = []
+    real = keys._scan
+    monkeypatch.setattr(keys, "_scan", lambda query, paths, scratch: scans.append((query, paths)) or real(
+        query, paths, scratch))
+    shutil.rmtree(store.root / "cache" / "keys")  # no key sets kept from the first import: each built once
     result = import_features(ImportConfig(tmp_path / "more", "h5", store, "m"))
-    assert len(scans) == len(set(scans)) == 4  # the ledger, sample ids, image and text hashes: once each
+    assert len(scans) == len({q for q, _ in scans}) == 4  # the ledger, sample ids, image and text hashes
     assert (result.samples_added, result.already_present, result.units_read) == (25, 35 + 25, 3)
     assert result.vectors_added == 25 + 10
     assert _count(store, "SELECT count(*) FROM samples") == _count(
@@ -210,3 +213,35 @@ def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, mo
 
     with h5py.File(src / "0000.h5") as h:
         assert first == module.vector_hash("image", np.asarray(h["real"][0], np.float32))
+
+
+def test_kept_key_sets_make_a_new_file_cost_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("h5py")
+    from pipeline.store import catalog as catalog_module
+    from pipeline.store import keys
+    from pipeline.store.lock import writing
+
+    store = Store(tmp_path / "store")
+    _h5(tmp_path / "src" / "0000.h5", rows=7, image_dim=8, text_dim=8)
+    import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
+    scanned: list[Path] = []
+    real = keys._scan
+    monkeypatch.setattr(keys, "_scan", lambda query, paths, scratch: scanned.extend(paths) or real(
+        query, paths, scratch))
+    _h5(tmp_path / "src" / "0001.h5", rows=3, image_dim=8, text_dim=8, seed=1)
+    assert import_features(ImportConfig(tmp_path / "src", "h5", store, "m")).samples_added == 15
+    assert scanned and {p.parent.name for p in scanned} == {"sources"}  # only the ledger row not yet kept
+    # a samples shard set aside (as `verify --repair` does): the sets are built again, nothing is lost
+    scanned.clear()
+    lost = catalog_module.shard_paths(store, "samples")[0]
+    with writing(store):
+        catalog_module.forget(store, [lost])
+    lost.unlink()
+    for shard in catalog_module.shard_paths(store, "sources"):  # and the ledger reset, as verify does
+        shard.unlink()
+    with writing(store):
+        catalog_module.reconcile(store)
+    again = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
+    assert again.samples_added == 35 and {p.parent.name for p in scanned} >= {"samples"}
+    assert _count(store, "SELECT count(*) FROM samples") == _count(
+        store, "SELECT count(DISTINCT sample_id) FROM samples") == 50

@@ -94,7 +94,9 @@ def test_a_grown_folder_costs_only_its_new_files(tmp_path: Path) -> None:
 
 
 def test_the_store_is_scanned_once_per_run_not_once_per_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.store.keys import KeySet
+    import shutil
+
+    from pipeline.store import keys
 
     root = tmp_path / "imgs"
     (root / "real").mkdir(parents=True)
@@ -108,12 +110,13 @@ def test_the_store_is_scanned_once_per_run_not_once_per_chunk(tmp_path: Path, mo
         (root / "sdxl" / f"{i}.png").write_bytes(jpeg((10 * i, 200, 3), fmt="PNG"))
     (root / "sdxl" / "copy.jpg").write_bytes((root / "real" / "2.jpg").read_bytes())  # a label conflict
     (root / "sdxl" / "twin.png").write_bytes((root / "sdxl" / "3.png").read_bytes())  # a duplicate
-    scans: list[str] = []
-    real = KeySet.from_query.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(KeySet, "from_query", classmethod(
-        lambda cls, con, sql, path, spill: scans.append(sql) or real(cls, con, sql, path, spill)))
+    scans: list[keys.KeyQuery] = []
+    real = keys._scan
+    monkeypatch.setattr(keys, "_scan", lambda query, paths, scratch: scans.append(query) or real(
+        query, paths, scratch))
+    shutil.rmtree(store.root / "cache" / "keys")  # no key sets kept from the first ingest: each built once
     result = ingest(IngestConfig(root, "folder", store, shard_rows=2))  # a commit every two images
-    assert len(scans) == len(set(scans)) <= 4  # the ledger, sample ids, quarantined inputs: once each
+    assert len(scans) == len(set(scans)) == 3  # the ledger, sample ids, quarantined inputs: once each
     assert (result.added, result.units_read, result.units_skipped) == (9, 11, 7)
     assert (result.label_conflicts, result.duplicates_in_source) == (1, 1)
     ids = catalog.query(store, "SELECT sample_id FROM samples_all").column(0).to_pylist()

@@ -43,7 +43,7 @@ from pipeline.stages.encode import embeddings_table
 from pipeline.stages.ingest import assign_split, ledger_queries, ledger_row, text_hash, unread
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
-from pipeline.store.keys import StoreKeys, first_occurrence, keys_of
+from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.lock import writing
 from schemas import SAMPLES, SOURCES, from_columns, from_rows
@@ -115,10 +115,10 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
     now = datetime.now(UTC)
     with StoreKeys(store, {
         **ledger_queries(digest),
-        "samples": "SELECT sample_id FROM samples_all",
-        "image": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'image'",
-        "text": f"SELECT content_hash FROM embeddings WHERE model_key = '{key}' AND modality = 'text'",
-    }) as known:
+        "samples": KeyQuery("samples", "sample_id"),
+        "image": KeyQuery("embeddings", "content_hash", "modality = 'image'", key),
+        "text": KeyQuery("embeddings", "content_hash", "modality = 'text'", key),
+    }, maintained=("samples", "image", "text")) as known:
         todo = unread(units, known)
         result.units_skipped = len(units) - len(todo)
         if todo:
@@ -142,6 +142,7 @@ def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: Stor
     commit them at once, so a kill leaves the file to be read again, never half recorded."""
     store = config.store
     written = []
+    added: list[tuple[str, np.ndarray]] = []  # key set, keys of the rows written
     n = chunk.samples.num_rows
     if n:
         ids = keys_of(chunk.samples.column("sample_id"))
@@ -159,18 +160,20 @@ def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: Stor
                                          config.dtype, norms[rows])
                 written.append(write_parquet(table, store.new_shard(store.embeddings_dir(key), modality)))
                 result.vectors_added += int(keep.sum())
-                known.get(modality).add(keys[keep])
+                added.append((modality, keys[keep]))
         if fresh.any():
             samples = chunk.samples if fresh.all() else chunk.samples.filter(pa.array(fresh))
             written.append(write_parquet(samples, store.new_shard(store.dataset_dir("samples"), "imported")))
             result.samples_added += int(fresh.sum())
-            known.get("samples").add(ids[fresh])
+            added.append(("samples", ids[fresh]))
     if chunk.done is not None:
         unit, items = chunk.done
         written.append(write_parquet(from_rows(SOURCES, [ledger_row(unit, digest, items, now)]),
                                      store.new_shard(store.dataset_dir("sources"), "imported")))
     if written:
         catalog.commit(store, written)
+    for name, keys in added:  # later slices of this run (and later runs) must find them
+        known.add(name, keys)
     result.shards.extend(p for p in written if p.parent.name != "sources")
 
 

@@ -38,7 +38,7 @@ from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.webdataset import WebdatasetSource
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
-from pipeline.store.keys import StoreKeys, first_occurrence, keys_of
+from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
 from schemas import QUARANTINE, SAMPLES, SOURCES, SPLITS, from_rows
@@ -159,9 +159,9 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as stored (ms): this run's rows are found
     result = IngestResult()
     pending = _Pending()
-    queries = {**ledger_queries(digest), "samples": "SELECT sample_id FROM samples_all",
-               "problems": f"SELECT {_PROBLEM} FROM quarantine WHERE stage = 'ingest'"}
-    with StoreKeys(config.store, queries) as known:
+    queries = {**ledger_queries(digest), "samples": KeyQuery("samples", "sample_id"),
+               "problems": KeyQuery("quarantine", _PROBLEM, "stage = 'ingest'")}
+    with StoreKeys(config.store, queries, maintained=("samples", "problems")) as known:
         for chunk in _chunks(source.units(), _UNIT_CHUNK):
             todo = unread(chunk, known)
             result.units_skipped += len(chunk) - len(todo)
@@ -203,11 +203,11 @@ def _options_digest(config: IngestConfig, source: Source) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def ledger_queries(digest: str) -> dict[str, str]:
+def ledger_queries(digest: str) -> dict[str, KeyQuery]:
     """Key-set queries (for `StoreKeys`) of the ledger rows written with these options."""
-    rows = f"FROM sources WHERE options_digest = '{digest}'"  # a hex digest: nothing to escape
-    return {"read by stat": f"SELECT {_READ_BY_STAT} {rows}",
-            "read by print": f"SELECT {_READ_BY_PRINT} {rows} AND fingerprint IS NOT NULL"}
+    these = f"options_digest = '{digest}'"  # a hex digest: nothing to escape
+    return {"read by stat": KeyQuery("sources", _READ_BY_STAT, these),
+            "read by print": KeyQuery("sources", _READ_BY_PRINT, f"{these} AND fingerprint IS NOT NULL")}
 
 
 def unread(units: list[Unit], known: StoreKeys) -> list[Unit]:
@@ -248,10 +248,10 @@ def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime,
                                      store.new_shard(store.dataset_dir("sources"), "sources")))
     if written:
         catalog.commit(store, written)
-    if samples:  # later chunks of this run must find them
-        known.get("samples").add(keys_of(pa.array([r["sample_id"] for r in samples], pa.string())))
+    if samples:  # later chunks of this run (and later runs) must find them
+        known.add("samples", keys_of(pa.array([r["sample_id"] for r in samples], pa.string())))
     if problems:
-        known.get("problems").add(problem_keys)
+        known.add("problems", problem_keys)
     result.shards.extend(p for p in written if p.parent.name == "samples")
     pending.samples.clear()
     pending.problems.clear()
