@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class FolderSource:
 
     def units(self) -> Iterator[Unit]:
         for class_dir in self.classes:
-            for path in sorted(p for p in class_dir.rglob("*") if is_image(p) and not p.is_dir()):
+            for path in _images(class_dir):
                 txt = path.with_suffix(".txt")
                 yield stat_unit(path, extra=_sidecar_digest(txt), payload=class_dir.name)
 
@@ -55,6 +56,16 @@ class FolderSource:
         generator = REAL if label == 0 else canonical(class_name)
         yield Candidate(sample_id, size, loc, label, generator, group, text, None,
                         None if label == 0 else class_name)
+
+
+def _images(root: Path) -> Iterator[Path]:
+    """The image files under `root`, folder by folder in name order: one folder's listing in memory
+    at a time, not every path of a million-image tree."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if is_image(name):
+                yield Path(dirpath) / name
 
 
 def _sidecar(path: Path) -> str | None:
