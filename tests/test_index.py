@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.features.index import IndexConfig, open_index, parse_memory, plan_index
+from pipeline.features.index import LIST_ROWS, IndexConfig, coarse_centroids, open_index, parse_memory, plan_index
 from pipeline.features.vectors import normalise, open_matrix
 from pipeline.runs import TrainConfig
 from pipeline.stages.encode import run as encode
@@ -82,18 +82,48 @@ def test_approximate_index_recall_against_exact_search(tmp_path: Path, kind: str
 
 def test_the_plan_fits_the_memory_budget() -> None:
     gib = 2**30
-    d3 = plan_index(11_500_000, 768, "auto", 4 * gib)  # D3: 35 GB as flat float32 vectors
-    assert d3.kind == "ivf-pq" and d3.bytes <= 0.7 * 4 * gib
-    assert 768 % int(re.search(r"PQ(\d+)", d3.factory).group(1)) == 0  # type: ignore[union-attr]
-    assert d3.nlist is not None and d3.train_rows >= 39 * d3.nlist and d3.train_rows * 768 * 4 <= 0.15 * 4 * gib
-    assert plan_index(11_500_000, 768, "auto", 16 * gib).kind == "ivf-sq8"
+    n = 11_500_000
+    d3 = plan_index(n, 768, "auto", 4 * gib)  # D3: 35 GB as flat float32 vectors, 8.9 GB as SQ8 codes
+    assert d3.kind == "ivf-pq" and d3.build_bytes <= 0.85 * 4 * gib  # the rest: the interpreter and libraries
+    m = int(re.search(r"PQ(\d+)", d3.factory).group(1))  # type: ignore[union-attr]
+    assert 768 % m == 0 and m >= 96  # at least 8 values a code
+    assert d3.bytes >= n * (m + 8) and d3.bytes + n * 4 <= 0.7 * 4 * gib  # codes, ids, a list number per vector
+    assert d3.build_bytes >= 2 * d3.train_rows * 768 * 4 + 3 * d3.chunk_rows * 768 * 4
+    # lists of ~1000 vectors found through a graph; a sample of ≥ 32 rows a list that fits beside its residuals
+    assert d3.nlist is not None and "_HNSW32" in d3.factory and n / d3.nlist <= 1.1 * LIST_ROWS
+    assert d3.train_rows >= 32 * d3.nlist and 2 * d3.train_rows * 768 * 4 <= 0.5 * 4 * gib
+    assert plan_index(n, 768, "auto", 16 * gib).kind == "ivf-sq8"
     assert plan_index(1_000_000, 768, "auto", 8 * gib).kind == "ivf"
     assert plan_index(50_000, 768, "auto", 4 * gib).kind == "flat"
     with pytest.raises(PipelineError, match="--max-memory"):
-        plan_index(11_500_000, 768, "flat", 4 * gib)
+        plan_index(n, 768, "flat", 4 * gib)
     assert parse_memory("4GB") == 4 * gib and parse_memory("512mb") == 512 * 2**20 and parse_memory("100") == 100
     with pytest.raises(PipelineError, match="--max-memory"):
         parse_memory("lots")
+
+
+def test_lists_keep_their_size_as_the_store_grows_until_the_training_sample_caps_them() -> None:
+    gib = 2**30
+    sizes = {rows: rows / plan_index(rows, 768, "auto", 4 * gib).nlist  # type: ignore[operator]
+             for rows in (100_000, 400_000, 1_000_000, 5_000_000)}
+    assert all(LIST_ROWS <= size <= 1.05 * LIST_ROWS for size in sizes.values()), sizes
+    small = plan_index(11_500_000, 768, "auto", 2 * gib)  # half the sample: fewer, longer lists
+    assert small.nlist is not None and small.train_rows >= 32 * small.nlist
+    assert 11_500_000 / small.nlist > 1.5 * LIST_ROWS
+    assert small.build_bytes <= 0.85 * 2 * gib
+    assert plan_index(100_000, 768, "ivf", 4 * gib, nlist=300).nlist == 300  # asked for: kept
+
+
+def test_two_level_k_means_places_centroids_about_as_well_as_one_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    centres = normalise(rng.normal(size=(400, DIM)))
+    x = normalise(centres[rng.integers(0, 400, 20_000)] + rng.normal(0, 0.05, (20_000, DIM)))
+    two = coarse_centroids(x, 400)  # above TWO_LEVEL_FROM: two levels
+    assert two.shape == (400, DIM) and np.allclose(np.linalg.norm(two, axis=1), 1, atol=1e-4)
+    monkeypatch.setattr("pipeline.features.index.TWO_LEVEL_FROM", 10_000)
+    one = coarse_centroids(x, 400)
+    closest = {name: float(np.mean(np.max(x @ c.T, axis=1))) for name, c in (("two", two), ("one", one))}
+    assert closest["two"] > 0.88 and closest["two"] >= closest["one"] - 0.03, closest  # truth: 0.96
 
 
 def test_a_small_budget_builds_a_quantised_index_that_still_finds_neighbours(tmp_path: Path) -> None:
@@ -131,6 +161,12 @@ def test_neighbours_of_a_sample_put_its_planted_duplicate_first(tmp_path: Path) 
     assert top["sample_id"] == _real_id(store, i)
     assert top["split"] == "train" and top["similarity"] > 0.99
     assert result.rows.num_rows == 5 and _real_id(store, j) not in result.rows.column("sample_id").to_pylist()
+    run = train(store, TrainConfig.from_dict({"epochs": 1, "batch_size": 256}))
+    scored = neighbors(NeighborQuery(store, sample_id=_real_id(store, j), k=5, run_id=run.run_id)).rows
+    assert scored.column("sample_id").to_pylist() == result.rows.column("sample_id").to_pylist()
+    rows = catalog.query(store, "SELECT sample_id, score FROM scores WHERE run_id = ?", [run.run_id]).to_pylist()
+    expected = {r["sample_id"]: r["score"] for r in rows}
+    assert scored.column("score").to_pylist() == [expected[s] for s in scored.column("sample_id").to_pylist()]
     with pytest.raises(PipelineError, match="imported"):
         neighbors(NeighborQuery(store, image=tmp_path / "x.jpg"))
     with pytest.raises(PipelineError, match="exactly one"):

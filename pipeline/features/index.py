@@ -3,12 +3,24 @@
 Inner product on L2-normalised vectors (= cosine similarity). Like autofaiss does for
 clip-retrieval, `auto` picks the most exact index whose build and search fit `max_memory`:
 exact search (flat) below `EXACT_BELOW` vectors, then IVF over full vectors, IVF with 8-bit
-scalar quantisation, IVF with product quantisation (the most sub-quantisers that fit). The coarse
-quantiser is trained on a random sample that fits a slice of the budget, and vectors are added in
-chunks streamed from the memory-mapped matrix (`features.vectors`), so memory is the index plus
-one chunk, whatever the store's size. Approximate indexes tune their search breadth (IVF
-`nprobe`, HNSW `efSearch`) up to `target_recall` and report the recall@10 they reach against
-exact search (chunked, float32) on sampled queries, excluding each query's own vector.
+scalar quantisation, IVF with product quantisation (the most sub-quantisers that fit).
+
+Time linear in rows: IVF lists hold about `LIST_ROWS` vectors whatever the store's size (up to the
+lists a bounded training sample can place), so a query that scans a fixed number of lists costs
+the same at 100k vectors as at 11.5M; above `HNSW_QUANTISER_FROM` lists the lists are found
+through a graph over the centroids instead of a scan of them. The centroids come from spherical
+k-means in two levels (√nlist clusters, then each split up), which costs rows × 2√nlist × dim
+instead of rows × nlist × dim, on a random sample of at most half the budget.
+
+Memory bounded by the budget: vectors are streamed from the memory-mapped matrix
+(`features.vectors`) in chunks, twice. The first pass finds each vector's list (4 bytes a vector)
+and the exact neighbours of the recall queries; the lists are then sized exactly once, so the
+second pass adds every vector without the doubling growth of a vector that is appended to (a third
+more memory, measured). `plan_index` estimates the peak of every phase; the plan must fit.
+Searches map the index file (`open_index`), so they hold only what they touch, as page cache.
+Approximate indexes tune their search breadth (IVF `nprobe`, HNSW `efSearch`) up to
+`target_recall` and report the recall@10 they reach against exact search on sampled queries,
+excluding each query's own vector.
 
 Row r of the index is row r of the model's vector matrix. On disk:
 `indexes/<model_key>/<index_id>/` holds `index.faiss`, `ids.arrow` (content hash of each row,
@@ -36,7 +48,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
-from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open_matrix, shards_of
+from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
@@ -49,11 +61,23 @@ KINDS: tuple[str, ...] = get_args(Kind)
 EXACT_BELOW = 100_000
 RECALL_K = 10
 DEFAULT_MAX_MEMORY = 4 * 2**30
-ADD_ROWS = 65536
-EXACT_ROWS = 8192  # rows compared with every recall query at a time
-HNSW_QUANTISER_FROM = 2048  # IVF lists  # vectors converted to float32 and added at a time
-_INDEX_SHARE = 0.7  # of the budget: the index itself; the rest holds the training sample and a chunk
-_TRAIN_SHARE = 0.15
+ADD_ROWS = 32768  # most vectors converted to float32 and added at a time
+LIST_ROWS = 1024  # vectors per IVF list aimed at: the work of scanning one list stays the same as rows grow
+MAX_LISTS = 65536
+MIN_TRAIN_PER_LIST = 32  # k-means rows per centroid, at least (FAISS warns below 39; 32 places them well)
+TRAIN_PER_LIST = 64
+CODEC_TRAIN_ROWS = 65536  # PQ codebooks need 256 rows per code at least: train on this many whatever nlist
+TWO_LEVEL_FROM = 256  # lists: above this many, k-means in two levels
+KMEANS_ITERATIONS = 20
+HNSW_QUANTISER_FROM = 2048  # lists: above this many a graph finds a vector's lists faster than a scan of them
+_HNSW_LINK_BYTES = 32 * 2 * 4 + 64  # per centroid in an HNSW32 graph: level-0 links, upper levels, bookkeeping
+# shares of the budget: the built index and one list number per vector; the chunks in flight (a float32
+# chunk, its unit copy, FAISS' residuals); the training sample and its residuals (before any vector is added).
+# What is left (15%) is the interpreter and the libraries.
+_INDEX_SHARE = 0.7
+_CHUNK_SHARE = 0.1
+_TRAIN_SHARE = 0.5
+_USABLE = _INDEX_SHARE + _CHUNK_SHARE + 0.05
 
 
 @dataclass(frozen=True)
@@ -62,7 +86,7 @@ class IndexConfig(Validated):
     model_key: str | None = None
     kind: Kind = "auto"
     modality: Literal["image", "text"] = "image"
-    nlist: int | None = None  # IVF lists; default ≈ 2·√n, fewer if the training sample must be smaller
+    nlist: int | None = None  # IVF lists; default n / LIST_ROWS, fewer if the training sample must be smaller
     hnsw_m: int = 32
     target_recall: float = 0.95
     recall_queries: int = 1000
@@ -81,16 +105,19 @@ class IndexConfig(Validated):
 
 @dataclass(frozen=True)
 class Plan:
-    """Which index to build for n vectors of dim values, and what it will hold."""
+    """Which index to build for n vectors of dim values, and what building and searching it will hold."""
 
     kind: str
     factory: str  # FAISS index_factory description
     nlist: int | None
     train_rows: int
-    bytes: int  # estimated memory of the built index
+    bytes: int  # estimated size of the built index (what a search maps)
+    build_bytes: int  # estimated peak of the build: the index, a list number per vector, a chunk or the sample
+    chunk_rows: int  # vectors added at a time
 
     def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"metric": "inner_product", "factory": self.factory, "estimated_bytes": self.bytes}
+        out: dict[str, Any] = {"metric": "inner_product", "factory": self.factory, "estimated_bytes": self.bytes,
+                               "estimated_build_bytes": self.build_bytes}
         if self.nlist:
             out.update(nlist=self.nlist, trained_on=self.train_rows)
         return out
@@ -141,27 +168,31 @@ def parse_memory(text: str) -> int:
 def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
                nlist: int | None = None, hnsw_m: int = 32) -> Plan:
     """The index for n vectors within `max_memory`: the requested kind, or (auto) the most exact that fits."""
-    budget = int(max_memory * _INDEX_SHARE)
-    if kind == "flat" or (kind == "auto" and n < EXACT_BELOW and n * dim * 4 <= budget):
-        return _fits(Plan("flat", "Flat", None, 0, n * dim * 4), max_memory)
+    chunk = _chunk_rows(dim, max_memory)
+    buffers = 3 * chunk * dim * 4  # a float32 chunk, its unit copy, FAISS' residuals of it
+    if kind == "flat" or (kind == "auto" and n < EXACT_BELOW and 2 * n * dim * 4 <= max_memory * _INDEX_SHARE):
+        size = n * dim * 4  # appended chunk by chunk, so up to twice that while it grows
+        return _fits(Plan("flat", "Flat", None, 0, size, 2 * size + buffers, chunk), max_memory)
     if kind == "hnsw":
         size = n * (dim * 4 + hnsw_m * 2 * 4 + 16)
-        return _fits(Plan("hnsw", f"HNSW{hnsw_m},Flat", None, 0, size), max_memory)
+        return _fits(Plan("hnsw", f"HNSW{hnsw_m},Flat", None, 0, size, 2 * size + buffers, chunk), max_memory)
     lists, train_rows = _lists(n, dim, max_memory, nlist)
-    # above a few thousand lists a graph over the centroids assigns vectors far faster than a scan
-    quantiser = f"IVF{lists}_HNSW32" if lists >= HNSW_QUANTISER_FROM else f"IVF{lists}"
-    centroids = lists * dim * 4 * (2 if lists >= HNSW_QUANTISER_FROM else 1)
+    graph = lists >= HNSW_QUANTISER_FROM
+    quantiser = f"IVF{lists}_HNSW32" if graph else f"IVF{lists}"
+    centroids = lists * (dim * 4 + (_HNSW_LINK_BYTES if graph else 0))
+    training = 2 * train_rows * dim * 4 + centroids  # the sample and FAISS' residuals of it
     codecs = [("ivf", "Flat", dim * 4), ("ivf-sq8", "SQ8", dim)]
     # "np": no polysemous training, which spends minutes reordering codes for a search we do not use
     codecs += [("ivf-pq", f"PQ{m}np", m) for m in _pq_sizes(dim)]
     wanted = [c for c in codecs if kind in ("auto", c[0])]
+    plans = []
     for name, codec, per_vector in wanted:
-        size = n * (per_vector + 8) + centroids
-        if size <= budget:
-            return Plan(name, f"{quantiser},{codec}", lists, train_rows, size)
-    smallest = wanted[-1]
-    return _fits(Plan(smallest[0], f"{quantiser},{smallest[1]}", lists, train_rows,
-                      n * (smallest[2] + 8) + centroids), max_memory)
+        size = n * (per_vector + 8) + centroids  # codes and 8-byte ids in the lists, the centroids
+        build = max(training, size + n * 4 + buffers)  # + the list number of every vector (first pass)
+        plans.append(Plan(name, f"{quantiser},{codec}", lists, train_rows, size, build, chunk))
+        if build <= max_memory * _USABLE and size + n * 4 <= max_memory * _INDEX_SHARE:
+            return plans[-1]
+    return _fits(plans[-1], max_memory)
 
 
 def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexInfo:
@@ -189,8 +220,8 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
         rows = np.sort(rng.choice(matrix.rows, min(count, matrix.rows), replace=False))
         return rows, matrix.gather(rows)
 
-    index, params = build_in_memory(plan, matrix.dim, lambda: (c for _, c in matrix.chunks(ADD_ROWS)), sample,
-                                    matrix.rows, config, reporter, faiss)
+    index, params = build_in_memory(plan, matrix.dim, lambda: (c for _, c in matrix.chunks(plan.chunk_rows)),
+                                    sample, matrix.rows, config, reporter, faiss)
     seconds = time.perf_counter() - started
     if directory.exists():
         shutil.rmtree(directory)
@@ -231,20 +262,33 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
     reporter = reporter or Silent()
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     params = plan.params()
-    rng = np.random.default_rng(config.seed)
     if plan.train_rows:
-        index.train(normalise(sample(plan.train_rows, rng)[1]))
+        _train(index, plan, _unit(sample(plan.train_rows, np.random.default_rng(config.seed))[1]), config.seed, faiss)
     if plan.kind == "hnsw":
         index.hnsw.efConstruction = max(40, 2 * config.hnsw_m)
         params.update(M=config.hnsw_m, efConstruction=index.hnsw.efConstruction)
-    reporter.start("index", n, "vectors")
-    for chunk in chunks():
-        index.add(normalise(chunk))
-        reporter.advance("index", len(chunk))
-    if plan.kind == "flat":
+    truth = None
+    if plan.kind != "flat":
+        # exact search costs queries × n × dim: fewer queries on big stores keep it to a minute at D3 size
+        count = min(n, config.recall_queries, max(200, int(2e11 / max(1, n * dim))))
+        own, queries = sample(count, np.random.default_rng(config.seed + 1))
+        truth = TopK(_unit(queries), RECALL_K + 1, faiss)
+    if plan.kind.startswith("ivf"):
+        _add_in_two_passes(index, chunks, n, truth, reporter, faiss)
+    else:
+        reporter.start("index", n, "vectors")
+        at = 0
+        for chunk in chunks():
+            x = _unit(chunk)
+            index.add(x)
+            if truth is not None:
+                truth.update(x, at)
+            at += len(x)
+            reporter.advance("index", len(x))
+    if truth is None:
         params.update(recall_at_10=1.0, recall_by_breadth={})
         return index, params
-    recall, by_breadth = _tune(index, plan, n, chunks, sample, config, params, faiss)
+    recall, by_breadth = _tune(index, plan, queries, own, truth.rows, config, params, faiss)
     params.update(recall_at_10=recall, recall_by_breadth=by_breadth)
     return index, params
 
@@ -253,7 +297,8 @@ def open_index(store: Store, model_key: str | None, modality: str = "image", kin
                reporter: Reporter | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
                force: bool = False) -> OpenIndex:
     """The index of the current embeddings: one already built over them (of this kind; `auto`: of any kind),
-    else one built now within `max_memory`.
+    else one built now within `max_memory`. The index file is memory-mapped, not read: a search holds
+    only the lists it scans, as page cache the kernel may drop.
 
     Building needs the store's writer lock: the caller holds it."""
     import faiss
@@ -261,7 +306,7 @@ def open_index(store: Store, model_key: str | None, modality: str = "image", kin
     found = None if force else _current(store, model_key, modality, kind)
     info = found or build_index(IndexConfig(store, model_key, kind=kind, modality=modality,  # type: ignore[arg-type]
                                             max_memory=max_memory, force=force), reporter)
-    index = faiss.read_index(str(info.directory / "index.faiss"))
+    index = faiss.read_index(str(info.directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
     apply_breadth(index, info.kind, info.params, faiss)
     with pa.memory_map(str(info.directory / "ids.arrow")) as source:
         ids = pa.ipc.open_file(source).read_all().column(0).combine_chunks()
@@ -275,25 +320,65 @@ def read_info(path: Path) -> IndexInfo:
                      row["recall_at_10"], row["build_seconds"], path.parent)
 
 
-def exact_neighbours(chunks: Iterator[np.ndarray], queries: np.ndarray, k: int) -> np.ndarray:
-    """Row numbers of the exact k nearest rows by inner product, over rows given in chunks.
+class TopK:
+    """The exact k nearest rows (inner product) of fixed queries, over rows met chunk by chunk.
 
-    Memory is queries × EXACT_ROWS similarities, whatever the number of rows."""
-    queries = np.ascontiguousarray(queries, np.float32)
-    best_sims = np.full((len(queries), 0), -np.inf, np.float32)
-    best_rows = np.zeros((len(queries), 0), np.int64)
+    Memory is the queries and k results each (FAISS' brute-force search works in small blocks)."""
+
+    def __init__(self, queries: np.ndarray, k: int, faiss: Any = None) -> None:
+        if faiss is None:
+            import faiss
+        self.faiss = faiss
+        self.queries = np.ascontiguousarray(queries, np.float32)
+        self.k = k
+        self.sims = np.full((len(queries), 0), -np.inf, np.float32)
+        self.rows = np.zeros((len(queries), 0), np.int64)
+
+    def update(self, chunk: np.ndarray, start: int) -> None:
+        """Take in rows start, start + 1, … (the vectors of `chunk`)."""
+        keep = min(self.k, len(chunk))
+        if not len(self.queries) or not keep:
+            return
+        sims, rows = self.faiss.knn(self.queries, np.ascontiguousarray(chunk, np.float32), keep,
+                                    self.faiss.METRIC_INNER_PRODUCT)
+        sims = np.concatenate([self.sims, sims], 1)
+        rows = np.concatenate([self.rows, rows + start], 1)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :self.k]
+        self.sims, self.rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def exact_neighbours(chunks: Iterator[np.ndarray], queries: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the exact k nearest rows by inner product, over rows given in chunks."""
+    top = TopK(queries, k)
     start = 0
     for chunk in chunks:
-        for at in range(0, len(chunk), EXACT_ROWS):
-            sims = queries @ chunk[at:at + EXACT_ROWS].T
-            keep = min(k, sims.shape[1])
-            top = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
-            sims = np.concatenate([best_sims, np.take_along_axis(sims, top, 1)], 1)
-            rows = np.concatenate([best_rows, top + start + at], 1)
-            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-            best_sims, best_rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+        top.update(chunk, start)
         start += len(chunk)
-    return best_rows
+    return top.rows
+
+
+def coarse_centroids(x: np.ndarray, nlist: int, seed: int = 0, faiss: Any = None) -> np.ndarray:
+    """`nlist` unit centroids of the unit rows of x by spherical k-means (float32 [nlist, dim]).
+
+    Above TWO_LEVEL_FROM lists, in two levels (as FAISS' `two_level_clustering`): √nlist centroids,
+    then the rows of each split among that many centroids as it has rows. An iteration then costs
+    rows × 2√nlist × dim instead of rows × nlist × dim: ten thousand lists train in seconds, not hours."""
+    if faiss is None:
+        import faiss
+    dim = x.shape[1]
+
+    def kmeans(rows: np.ndarray, k: int, s: int) -> np.ndarray:
+        km = faiss.Kmeans(dim, k, niter=KMEANS_ITERATIONS, spherical=True, seed=s,
+                          max_points_per_centroid=256, min_points_per_centroid=1)
+        km.train(np.ascontiguousarray(rows))
+        return np.asarray(km.centroids, np.float32)
+
+    if nlist <= TWO_LEVEL_FROM:
+        return kmeans(x, nlist, seed)
+    top = kmeans(x, round(math.sqrt(nlist)), seed)
+    group = faiss.knn(x, top, 1, faiss.METRIC_INNER_PRODUCT)[1][:, 0]
+    shares = _shares(nlist, np.bincount(group, minlength=len(top)))
+    return np.concatenate([kmeans(x[group == g], int(k), seed + 1 + g) for g, k in enumerate(shares) if k])
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray, own: np.ndarray, k: int = RECALL_K) -> float:
@@ -334,20 +419,85 @@ def _current(store: Store, model_key: str | None, modality: str, kind: str) -> I
 
 
 def _fits(plan: Plan, max_memory: int) -> Plan:
-    if plan.bytes > max_memory * _INDEX_SHARE:
-        need = plan.bytes / _INDEX_SHARE / 2**30
-        raise PipelineError(f"A {plan.kind} index of these vectors needs about {need:.1f} GB; raise --max-memory "
-                            "or choose --kind auto.")
+    if plan.build_bytes > max_memory * _USABLE:
+        need = plan.build_bytes / _USABLE / 2**30
+        raise PipelineError(f"A {plan.kind} index of these vectors needs about {need:.1f} GB to build; raise "
+                            "--max-memory or choose --kind auto.")
     return plan
 
 
 def _lists(n: int, dim: int, max_memory: int, nlist: int | None) -> tuple[int, int]:
-    """IVF list count and training-sample size: the sample fits its slice of the budget, ≥ 39 rows a list."""
-    fit_rows = max(1, int(max_memory * _TRAIN_SHARE) // (dim * 4))
-    # 2·√n lists (at most 8192) keeps k-means, which costs train rows × lists × dim, to a minute or two
-    lists = nlist or int(min(8192, max(1, 2 * math.sqrt(n))))
-    lists = max(1, min(lists, n // 39 or 1, fit_rows // 39 or 1))
-    return lists, min(n, 64 * lists, fit_rows)
+    """IVF list count and training-sample size: about LIST_ROWS vectors a list, as long as the sample
+    (≥ MIN_TRAIN_PER_LIST rows a list, with its residuals) fits its share of the budget."""
+    fit_rows = max(1, int(max_memory * _TRAIN_SHARE) // (2 * dim * 4))
+    lists = nlist or min(MAX_LISTS, max(1, n // LIST_ROWS))
+    lists = max(1, min(lists, n // MIN_TRAIN_PER_LIST or 1, fit_rows // MIN_TRAIN_PER_LIST or 1))
+    return lists, min(n, fit_rows, max(TRAIN_PER_LIST * lists, CODEC_TRAIN_ROWS))
+
+
+def _chunk_rows(dim: int, max_memory: int) -> int:
+    return max(1024, min(ADD_ROWS, int(max_memory * _CHUNK_SHARE) // (3 * dim * 4)))
+
+
+def _shares(total: int, sizes: np.ndarray) -> np.ndarray:
+    """`total` split among groups in proportion to their sizes (largest remainders), none above its size."""
+    exact = total * sizes / max(1, sizes.sum())
+    shares = np.minimum(np.floor(exact).astype(np.int64), sizes)
+    while shares.sum() < total:
+        room = sizes - shares
+        ahead = np.argsort(-np.where(room > 0, exact - shares, -np.inf), kind="stable")
+        ahead = ahead[room[ahead] > 0][: total - shares.sum()]
+        shares[ahead] += 1
+    return shares
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """x as float32 with rows scaled to unit norm, in place when x is already float32."""
+    x = np.asarray(x, np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(x)
+
+
+def _train(index: Any, plan: Plan, sample: np.ndarray, seed: int, faiss: Any) -> None:
+    """Centroids from the sample into the coarse quantiser; then FAISS trains the codec (SQ ranges, PQ
+    codebooks) on the sample's residuals, and finds the quantiser already full."""
+    assert plan.nlist is not None
+    ivf = faiss.extract_index_ivf(index)
+    ivf.quantizer.add(coarse_centroids(sample, plan.nlist, seed, faiss))
+    index.train(sample)
+
+
+def _add_in_two_passes(index: Any, chunks: Callable[[], Iterator[np.ndarray]], n: int, truth: TopK | None,
+                       reporter: Reporter, faiss: Any) -> None:
+    """Find every vector's list (and the recall queries' exact neighbours), size each list once, then add.
+
+    Appending chunk after chunk grows each list by doubling: measured, a third more memory than
+    the codes. Sized first, the lists hold exactly their codes; the price is a second read of the
+    vectors and 4 bytes a vector for the list numbers."""
+    ivf = faiss.extract_index_ivf(index)
+    lists = np.empty(n, np.int32)
+    reporter.start("index: find lists", n, "vectors")
+    at = 0
+    for chunk in chunks():
+        x = _unit(chunk)
+        lists[at:at + len(x)] = ivf.quantizer.search(x, 1)[1][:, 0]
+        if truth is not None:
+            truth.update(x, at)
+        at += len(x)
+        reporter.advance("index: find lists", len(x))
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    counts = np.bincount(lists, minlength=ivf.nlist)
+    for number in np.nonzero(counts)[0].tolist():
+        invlists.resize(number, int(counts[number]))  # allocates exactly this many entries;
+        invlists.resize(number, 0)  # emptied, the list keeps them: adding fills them in place
+    reporter.start("index: add", n, "vectors")
+    at = 0
+    for chunk in chunks():
+        x = _unit(chunk)
+        assigned = np.ascontiguousarray(lists[at:at + len(x)], np.int64)
+        ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(assigned))  # ids: row numbers
+        at += len(x)
+        reporter.advance("index: add", len(x))
 
 
 def _pq_sizes(dim: int) -> list[int]:
@@ -363,16 +513,10 @@ def _breadths(kind: str, params: dict[str, Any]) -> list[int]:
     return [16, 32, 64, 128, 256, 512, 1024]
 
 
-def _tune(index: Any, plan: Plan, n: int, chunks: Callable[[], Iterator[np.ndarray]],
-          sample: Sampler, config: IndexConfig, params: dict[str, Any],
-          faiss: Any) -> tuple[float, dict[int, float]]:
+def _tune(index: Any, plan: Plan, queries: np.ndarray, own: np.ndarray, exact: np.ndarray, config: IndexConfig,
+          params: dict[str, Any], faiss: Any) -> tuple[float, dict[int, float]]:
     """Smallest search breadth reaching the target recall@10 (or the widest tried); its recall."""
-    rng = np.random.default_rng(config.seed + 1)
-    # exact search costs queries × n × dim: fewer queries on big stores keep it to seconds
-    queries_n = min(n, config.recall_queries, max(200, int(2e11 / max(1, n * int(index.d)))))
-    own, queries = sample(queries_n, rng)
-    queries = normalise(queries)
-    exact = exact_neighbours((normalise(c) for c in chunks()), queries, RECALL_K + 1)
+    queries = _unit(queries)
     name = "nprobe" if plan.kind.startswith("ivf") else "efSearch"
     by_breadth: dict[int, float] = {}
     for breadth in _breadths(plan.kind, params):
