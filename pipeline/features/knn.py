@@ -5,23 +5,28 @@ split's features (image, text or both, L2-normalised after concatenation). Each 
 Σ w·y / Σ w over its k nearest training neighbours (itself excluded), w = exp((cos − 1)/τ), the
 weighting of Wu et al. (2018); k is chosen by validation AUC.
 
-Bounded memory: the index is chosen by the same memory budget as `pipeline index build`
-(flat, IVF, SQ8 or PQ), the training vectors are added in chunks from the feature stream, and
-every split is then searched a chunk at a time. What grows with rows is one label per training
-row and one score per k per row.
+Bounded memory, whatever the number of rows: the index is planned by `pipeline index build`'s
+memory budget (flat, IVF, SQ8 or PQ, with lists of constant size, so a query costs the same at any
+size) and filled in chunks from the feature stream; the validation split is searched first to
+choose k (its labels and a score per k stay in memory: what its AUC needs); then every split is
+searched a chunk at a time and each row's identity and chosen score stream to a temporary Arrow
+file (scores to a raw one), both returned memory-mapped. What grows with rows is a label byte per training row.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.features.index import DEFAULT_MAX_MEMORY, IndexConfig, build_in_memory, plan_index
-from pipeline.features.loader import FeatureLoader, LoaderConfig
+from pipeline.features.loader import Batch, FeatureLoader, LoaderConfig
 from pipeline.features.vectors import normalise
 from pipeline.features.view import FeatureTable
 from pipeline.store.layout import Store
@@ -29,34 +34,43 @@ from trainer.metrics import roc_auc
 
 KS = (1, 5, 10, 25, 50)
 TAU = 0.07
-CHUNK_ROWS = 16384
+COLUMNS = ("sample_id", "split", "label", "generator")
+_ROWS_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int8()),
+                          ("generator", pa.string())])
 
 
 @dataclass
 class KnnFit:
     k: int
-    scores: np.ndarray  # per row of `rows`, for the chosen k
+    scores: np.ndarray  # per row of the returned table, for the chosen k (memory-mapped)
     val_auc_by_k: dict[int, float]
     index_params: dict[str, Any]
 
 
 def knn_scores(table: FeatureTable, features: str, splits: tuple[str, ...], exclude: set[str],
                seed: int = 0, ks: tuple[int, ...] = KS, input_norm: str = "l2",
-               max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[dict[str, np.ndarray], KnnFit]:
-    """Columns (sample_id, split, label, generator) of every row of `splits`, and the fitted vote."""
-    train = FeatureLoader(table, ("train",), LoaderConfig(features, CHUNK_ROWS, input_norm=input_norm))
-    n_train = train.count()
-    labels = np.zeros(n_train, np.int8)
+               max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[pa.Table, KnnFit]:
+    """Columns (sample_id, split, label, generator) of every row of `splits`, split by split, and the
+    fitted vote. The table is memory-mapped from a file already unlinked: it costs page cache, not
+    the process' own memory, and vanishes with its last reference."""
+    probe = FeatureLoader(table, ("train",), LoaderConfig(features, input_norm=input_norm))
+    n_train, in_dim = probe.count(), probe.in_dim
+    plan = plan_index(n_train, in_dim, "auto", max_memory)
+
+    def loader(split: str) -> FeatureLoader:
+        return FeatureLoader(table, (split,), LoaderConfig(features, plan.chunk_rows, input_norm=input_norm))
+
+    labels = np.zeros(n_train, np.int8)  # of each index row: the training stream's order
 
     def chunks() -> Iterator[np.ndarray]:
         at = 0
-        for b in train.epoch(0):
+        for b in loader("train").epoch(0):
             labels[at:at + len(b.y)] = b.y.numpy()
             at += len(b.y)
             yield b.x.numpy()
 
     def sample(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        # the stream is in a fixed pseudo-random order, so its first rows are a random sample
+        # the stream is in a fixed pseudo-random order (the view's), so its first rows are a random sample
         taken, got = [], 0
         for x in chunks():
             taken.append(x[: count - got])
@@ -65,35 +79,62 @@ def knn_scores(table: FeatureTable, features: str, splits: tuple[str, ...], excl
                 break
         return np.arange(got), np.concatenate(taken)
 
-    plan = plan_index(n_train, train.in_dim, "auto", max_memory)
-    index, params = build_in_memory(plan, train.in_dim, chunks, sample, n_train,
+    index, params = build_in_memory(plan, in_dim, chunks, sample, n_train,
                                     IndexConfig(Store(Path(".")), seed=seed, max_memory=max_memory))
     k_max = max(1, min(max(ks), n_train - 1))
-    cols: dict[str, list[np.ndarray]] = {"sample_id": [], "split": [], "label": [], "generator": []}
-    by_k: dict[int, list[np.ndarray]] = {k: [] for k in sorted({min(k, k_max) for k in ks})}
-    for split in splits:
+    candidates = sorted({min(k, k_max) for k in ks})
+
+    def votes(split: str, ks: list[int]) -> Iterator[tuple[Batch, dict[int, np.ndarray]]]:
         position = 0  # a training row's own index row: the stream above met it at this position
-        loader = FeatureLoader(table, (split,), LoaderConfig(features, CHUNK_ROWS, input_norm=input_norm))
-        for b in loader.epoch(0):
+        for b in loader(split).epoch(0):
             sims, found = index.search(normalise(b.x.numpy()), k_max + 1)
             own = np.arange(position, position + len(b.y))[:, None] if split == "train" else None
             position += len(b.y)
-            for k, score in _votes(sims, found, labels, own, by_k).items():
-                by_k[k].append(score)
-            for name in ("sample_id", "split", "generator"):
-                cols[name].append(b.column(name))
-            cols["label"].append(b.y.numpy())
-    out = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in cols.items()}
-    scores = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in by_k.items()}
-    val = (out["split"] == "val") & ~np.isin(out["sample_id"], list(exclude))
-    val_auc = {k: roc_auc(out["label"][val], s[val]) if val.any() else float("nan") for k, s in scores.items()}
+            yield b, _votes(sims, found, labels, own, ks)
+
+    val_auc = _val_auc(votes("val", candidates), candidates, exclude)
     best = max(val_auc, key=lambda k: (-np.inf if np.isnan(val_auc[k]) else val_auc[k], -k))
     params.pop("recall_by_breadth", None)
-    return out, KnnFit(best, scores[best], val_auc, params)
+    rows, scores = _stream_to_mapped_files(
+        (b.rows, by_k[best]) for split in splits for b, by_k in votes(split, [best]))
+    return rows, KnnFit(best, scores, val_auc, params)
+
+
+def _val_auc(batches: Iterator[tuple[Batch, dict[int, np.ndarray]]], ks: list[int],
+             exclude: set[str]) -> dict[int, float]:
+    """Validation AUC of each k (excluded samples left out)."""
+    left_out = pa.array(sorted(exclude), pa.string())
+    labels, by_k = [], {k: [] for k in ks}  # type: ignore[var-annotated]
+    for b, scores in batches:
+        keep = ~pc.is_in(b.rows.column("sample_id"), value_set=left_out).to_numpy(zero_copy_only=False)
+        labels.append(b.y.numpy()[keep].astype(np.int8))
+        for k in ks:
+            by_k[k].append(scores[k][keep])
+    if not labels or not sum(len(y) for y in labels):
+        return {k: float("nan") for k in ks}
+    y = np.concatenate(labels)
+    return {k: roc_auc(y, np.concatenate(by_k[k])) for k in ks}
+
+
+def _stream_to_mapped_files(parts: Iterator[tuple[pa.Table, np.ndarray]]) -> tuple[pa.Table, np.ndarray]:
+    """Rows (COLUMNS) to an uncompressed Arrow file and scores to a raw float32 file, batch by batch;
+    both mapped back, and unlinked (the mappings outlive the files' names)."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-knn-") as tmp:
+        rows_path, scores_path = Path(tmp) / "rows.arrow", Path(tmp) / "scores.f32"
+        with pa.OSFile(str(rows_path), "wb") as sink, pa.ipc.new_file(sink, _ROWS_SCHEMA) as writer, \
+                open(scores_path, "wb") as scores_out:
+            for rows, scores in parts:
+                writer.write_table(pa.Table.from_arrays(
+                    [rows.column(c).cast(_ROWS_SCHEMA.field(c).type) for c in COLUMNS], schema=_ROWS_SCHEMA))
+                scores_out.write(np.ascontiguousarray(scores, np.float32).tobytes())
+        mapped = pa.ipc.open_file(pa.memory_map(str(rows_path))).read_all()
+        empty = scores_path.stat().st_size == 0
+        scores = np.zeros(0, np.float32) if empty else np.memmap(scores_path, np.float32, mode="r")
+    return mapped, scores
 
 
 def _votes(sims: np.ndarray, found: np.ndarray, labels: np.ndarray, own: np.ndarray | None,
-           ks: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
+           ks: list[int]) -> dict[int, np.ndarray]:
     """Σ w·y / Σ w over the first k valid neighbours (own row excluded) of each query, for each k."""
     valid = found >= 0
     if own is not None:
