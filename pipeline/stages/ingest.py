@@ -7,9 +7,11 @@ split the source declares instead. Inputs that cannot become samples are quarant
 and so are the same bytes given two labels (`label_conflict`, both sources named).
 
 Bookkeeping works in bounded chunks: each unit of the source (a file, or a manifest row) is checked
-against the `sources` ledger with a DuckDB anti-join and skipped when it was read before, unchanged
-and with the same options; new rows are de-duplicated against the store with an anti-join per chunk,
-so memory does not grow with the store.
+against the `sources` ledger and skipped when it was read before, unchanged and with the same
+options; new rows are de-duplicated against the store's sample ids and quarantined inputs. Both are
+lookups in key sets (`pipeline.store.keys`: sorted, memory-mapped, kept between runs), so neither
+memory nor the cost of a chunk grows with the store; the store's rows are read only for the ids of a
+chunk it already holds (to tell a duplicate from a label conflict).
 """
 
 from __future__ import annotations
