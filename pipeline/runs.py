@@ -12,14 +12,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -28,12 +32,14 @@ from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import FeatureTable
 from pipeline.store import catalog
-from pipeline.store.atomic import atomic_write, write_parquet, write_text
+from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write, temp_path, write_parquet, write_text
 from pipeline.store.layout import Store
-from schemas import METRICS, RUNS, SCORES, from_columns, from_rows
+from schemas import METRICS, RUNS, SCORES, SPLITS, from_columns, from_rows
 from trainer.fit import FitConfig, build_model
 
 EVAL_ROWS = 2048  # the fixed evaluation set: the first rows of the val split in table order
+SCORE_GROUP_ROWS = 131_072  # rows per row group of a score shard (batches are buffered up to this)
+DUCKDB_MEMORY = "1GB"  # queries over every score of a run (group codes, unscored rows) spill beyond this
 
 
 @dataclass(frozen=True)
@@ -187,40 +193,179 @@ def evaluation_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fi
 # --- private -------------------------------------------------------------------------------
 
 
+class ScoreWriter:
+    """The one writer of score shards: scores/<run_id>[-<part>].parquet, streamed batch by batch.
+
+    Rows go to a hidden temp file beside the shard, named for this process: a concurrent writer's
+    sweep leaves it alone, the next writer after a kill removes it. `publish` moves it into place (the
+    caller commits it, under the writer lock). Memory is one row group of rows whatever the run's size.
+    """
+
+    def __init__(self, store: Store, run_id: str, part: str | None = None) -> None:
+        self.run_id = run_id
+        self.path = store.dataset_dir("scores") / (f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.path)
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+            self.tmp, SCORES, compression=PARQUET_COMPRESSION, write_page_checksum=True)
+        self._pending: list[pa.Table] = []
+        self._published = False
+
+    def write(self, rows: pa.Table, scores: np.ndarray) -> None:
+        """The scores of these rows (columns sample_id, split, label, generator; any others ignored)."""
+        n = rows.num_rows
+        if n == 0:
+            return
+        self._pending.append(from_columns(SCORES, {
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            # copied: a batch is often a slice of a larger read, whose buffers a kept slice keeps whole
+            **{c: pa.concat_arrays(rows.column(c).chunks) for c in ("sample_id", "split", "label", "generator")},
+            "score": pa.concat_arrays([pa.array(np.asarray(scores, np.float32))]),
+        }))
+        self.rows += n
+        if sum(t.num_rows for t in self._pending) >= SCORE_GROUP_ROWS:
+            self._flush()
+
+    def close(self) -> Path:
+        """Finish the temp file (no more rows); returns its path."""
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+        return self.tmp
+
+    def publish(self) -> Path:
+        """Move the finished file into place; returns the shard's path, for `catalog.commit`."""
+        tmp = self.close()
+        atomic_write(self.path, lambda target: os.replace(tmp, target))
+        self._published = True
+        return self.path
+
+    def discard(self) -> None:
+        """Drop the temp file unless it was published (a no-op then)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self._published:
+            self.tmp.unlink(missing_ok=True)
+
+    def _flush(self) -> None:
+        if self._pending and self._writer is not None:
+            self._writer.write_table(pa.concat_tables(self._pending))
+        self._pending = []
+
+
 @dataclass
-class Scores:
-    """One score per sample (the probability of "generated"), with what metrics group by."""
+class ScoreArrays:
+    """Scores as numbers only, about ten bytes a sample: what metrics need, with no id or name per row."""
 
-    sample_id: np.ndarray
-    split: np.ndarray
-    label: np.ndarray
-    generator: np.ndarray
-    score: np.ndarray
+    label: np.ndarray  # int8: 1 generated
+    score: np.ndarray  # float32: the probability of "generated"
+    split: np.ndarray  # int8: index into SPLITS
+    generator: np.ndarray  # int16: index into `generators`
+    generators: tuple[str, ...]  # sorted
+    excluded: np.ndarray  # bool: a leaking sample, left out of metrics
+    group: np.ndarray | None = None  # int32: the rank of the sample's group key among all keys (`group_codes`)
 
-
-def write_scores(store: Store, run_id: str, s: Scores, part: str | None = None) -> Path:
-    """The one writer of score shards: scores/<run_id>[-<part>].parquet (committed by the caller)."""
-    table = from_columns(SCORES, {
-        "run_id": [run_id] * len(s.score),
-        "sample_id": _strings(s.sample_id),
-        "split": _strings(s.split),
-        "label": s.label.astype(np.int8),
-        "generator": _strings(s.generator),
-        "score": s.score.astype(np.float32),
-    })
-    name = f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet"
-    return write_parquet(table, store.dataset_dir("scores") / name)
+    def of(self, split: str) -> np.ndarray:
+        """The mask of this split's rows that count (leaking ones excluded)."""
+        return (self.split == SPLITS.index(split)) & ~self.excluded
 
 
+class ScoreCollector:
+    """Takes the same batches as `ScoreWriter` and keeps only `ScoreArrays`' numbers of them.
+
+    Leaking ids are looked up in an Arrow hash set and generator names become small codes: no Python
+    object per row. The numbers go into arrays allocated for `capacity` rows up front (grown by
+    doubling if more come): small arrays kept batch after batch pin the allocator's heap between
+    the batches' large transient buffers (measured: about 2 KB a sample of resident memory, for
+    the 9 bytes kept).
+    """
+
+    def __init__(self, capacity: int, excluded: set[str] | None = None) -> None:
+        self._excluded = pa.array(sorted(excluded or ()), pa.string())
+        self._names: list[str] = []
+        self._arrays: dict[str, np.ndarray] = {k: np.zeros(max(capacity, 1), t) for k, t in _COLLECTED.items()}
+        self.rows = 0
+
+    def write(self, rows: pa.Table, scores: np.ndarray) -> None:
+        n, at = rows.num_rows, self.rows
+        if at + n > len(self._arrays["label"]):
+            size = max(at + n, 2 * len(self._arrays["label"]))
+            self._arrays = {k: np.concatenate([v[:at], np.zeros(size - at, v.dtype)]) for k, v in self._arrays.items()}
+        generator = rows.column("generator")
+        self._names += sorted(set(pc.unique(generator).to_pylist()) - set(self._names))
+        columns = {
+            "label": rows.column("label"),
+            "score": scores,
+            "split": pc.index_in(rows.column("split"), value_set=pa.array(SPLITS)),
+            "generator": pc.index_in(generator, value_set=pa.array(self._names, pa.string())),
+            "excluded": pc.is_in(rows.column("sample_id"), value_set=self._excluded),
+        }
+        for name, column in columns.items():
+            values = column if isinstance(column, np.ndarray) else column.to_numpy(zero_copy_only=False)
+            self._arrays[name][at:at + n] = values
+        self.rows += n
+
+    def arrays(self) -> ScoreArrays:
+        """Everything written so far, generator codes renumbered in name order."""
+        names = sorted(self._names)
+        renumber = np.array([names.index(n) for n in self._names] or [0], np.int16)
+        a = {name: v[:self.rows] for name, v in self._arrays.items()}
+        return ScoreArrays(a["label"], a["score"], a["split"], renumber[a["generator"]], tuple(names), a["excluded"])
 
 
-def _strings(values: np.ndarray) -> pa.Array:
-    """A str column as Arrow without a fixed-width numpy copy (`astype(str)` takes 4 bytes a character a row)."""
-    return pa.array(values if values.dtype == object else values.astype(str), pa.string())
+_COLLECTED = {"label": np.int8, "score": np.float32, "split": np.int8, "generator": np.int16, "excluded": np.bool_}
+
+
+def group_codes(store: Store, ids: Path | pa.Array | np.ndarray) -> np.ndarray:
+    """Each row's group as an int32 code, in row order: the rank of its `group_key` among the keys of
+    all rows (its own sample id when the samples table has none for it), so codes sort as the keys do
+    and a metric's group bootstrap draws what it drew from the keys themselves.
+
+    `ids` is a score file (read where it lies) or an array of sample ids. DuckDB ranks and joins
+    within a bounded memory budget (spilling beyond it); no key reaches Python.
+    """
+    with catalog.connect(store) as con:
+        bound_memory(con, store)
+        if isinstance(ids, Path):
+            source = f"(SELECT sample_id, file_row_number AS i FROM read_parquet('{_sql_str(str(ids))}', " \
+                     "file_row_number = true))"
+        else:
+            column = ids if isinstance(ids, pa.Array | pa.ChunkedArray) else pa.array(ids, pa.string())
+            con.register("ids", pa.table({"sample_id": column.cast(pa.string()), "i": np.arange(len(ids))}))
+            source = "ids"
+        rel = con.sql(
+            "SELECT (dense_rank() OVER (ORDER BY coalesce(k.group_key, s.sample_id)) - 1)::INTEGER AS code "
+            f"FROM {source} s LEFT JOIN (SELECT sample_id, min(group_key) AS group_key FROM samples "
+            "GROUP BY sample_id) k USING (sample_id) ORDER BY s.i")
+        out = np.empty(len(ids) if not isinstance(ids, Path) else pq.read_metadata(ids).num_rows, np.int32)
+        at = 0
+        stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
+        for batch in stream(1 << 16):
+            out[at:at + batch.num_rows] = batch.column(0).to_numpy()
+            at += batch.num_rows
+    if at != len(out):
+        raise RuntimeError(f"group codes for {at} of {len(out)} rows")
+    return out
+
+
+def bound_memory(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    """Hold a DuckDB connection's sorts, joins and aggregates to `DUCKDB_MEMORY`, spilling to the store's cache."""
+    spill = store.root / "cache" / "duckdb-tmp"
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+    con.execute(f"SET temp_directory = '{_sql_str(str(spill))}'")
+
+
+def _sql_str(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model_key: str,
-               metrics: dict[str, Any], state: dict[str, torch.Tensor] | None, s: Scores) -> None:
+               metrics: dict[str, Any], state: dict[str, torch.Tensor] | None, scores: ScoreWriter) -> None:
+    """Write a run's files and commit them with its scores (written by `scores`, published here)."""
     run_dir = store.run_dir(run_id)
     flat = config.flat()
     flat["model_key"] = model_key
@@ -231,7 +376,7 @@ def write_run(store: Store, run_id: str, chash: str, config: TrainConfig, model_
         checkpoint = run_dir / "model.safetensors"
         atomic_write(checkpoint, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
                                                       metadata={"run_id": run_id, "config_hash": chash}))
-    scores_path = write_scores(store, run_id, s)
+    scores_path = scores.publish()
     run_row = from_rows(RUNS, [{
         "run_id": run_id, "name": config.name, "config_hash": chash, "model_key": model_key,
         "features": config.features, "val_auc": num(metrics["val"].get("auc")),

@@ -3,7 +3,7 @@ each with a seeded group-bootstrap interval."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,27 +39,39 @@ def accuracy(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0
     return float(np.mean((np.asarray(probabilities) > threshold) == np.asarray(labels).astype(bool)))
 
 
-def per_generator_auc(labels: np.ndarray, scores: np.ndarray, generators: np.ndarray) -> dict[str, float]:
-    """Each generator's samples against all real samples of the same set."""
+def per_generator_auc(labels: np.ndarray, scores: np.ndarray, generators: np.ndarray,
+                      names: Sequence[str] | None = None) -> dict[str, float]:
+    """Each generator's samples against all real samples of the same set.
+
+    `generators`: each sample's generator name, or (with `names`) its index into `names`, which
+    spares a string per sample on large sets."""
     labels = np.asarray(labels).astype(bool)
-    generators = np.asarray(generators)
-    real = ~labels
-    out = {}
-    for gen in sorted(set(generators[labels].tolist())):
-        mask = real | (labels & (generators == gen))
-        out[gen] = roc_auc(labels[mask], np.asarray(scores)[mask])
-    return out
+    scores = np.asarray(scores)
+    return {gen: roc_auc(labels[mask], scores[mask])
+            for gen, mask in _generator_sets(labels, generators, names)}
 
 
 def summary(labels: np.ndarray, probabilities: np.ndarray, generators: np.ndarray,
-            threshold: float = 0.5) -> dict[str, object]:
+            threshold: float = 0.5, names: Sequence[str] | None = None) -> dict[str, object]:
     return {
         "auc": roc_auc(labels, probabilities),
         "ap": average_precision(labels, probabilities),
         "accuracy": accuracy(labels, probabilities, threshold),
         "n": int(np.asarray(labels).size),
-        "auc_by_generator": per_generator_auc(labels, probabilities, generators),
+        "auc_by_generator": per_generator_auc(labels, probabilities, generators, names),
     }
+
+
+def _generator_sets(labels: np.ndarray, generators: np.ndarray,
+                    names: Sequence[str] | None) -> Iterator[tuple[str, np.ndarray]]:
+    """Each generator of the generated samples, in name order, with the mask of its samples and every
+    real one. `generators` are names, or indexes into `names`."""
+    if names is None:
+        found, codes = np.unique(np.asarray(generators).astype(str), return_inverse=True)
+        names, generators = found.tolist(), codes.ravel()
+    generators = np.asarray(generators)
+    for code in sorted(np.unique(generators[labels]).tolist(), key=lambda c: names[c]):
+        yield names[code], ~labels | (generators == code)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -161,15 +173,17 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None =
 def evaluate_by_generator(labels: np.ndarray, scores: np.ndarray, generators: np.ndarray,
                           groups: np.ndarray | None = None, threshold: float = 0.5,
                           rng: np.random.Generator | None = None,
-                          n_boot: int = 1000) -> dict[str, dict[str, Estimate]]:
-    """`evaluate` on all samples (key "all") and on each generator's samples with every real one."""
+                          n_boot: int = 1000, names: Sequence[str] | None = None) -> dict[str, dict[str, Estimate]]:
+    """`evaluate` on all samples (key "all") and on each generator's samples with every real one.
+
+    `generators` as in `per_generator_auc` (names, or indexes into `names`); `groups` any labels
+    (strings or integer codes: only which samples share one matters, and codes that sort as the
+    keys do draw the same bootstrap)."""
     labels = np.asarray(labels).astype(bool)
-    generators = np.asarray(generators).astype(str)
     scores = np.asarray(scores)
     groups = None if groups is None else np.asarray(groups)
     out = {"all": evaluate(labels, scores, groups, threshold, rng, n_boot)}
-    for gen in sorted(set(generators[labels].tolist())):
-        mask = ~labels | (generators == gen)
+    for gen, mask in _generator_sets(labels, generators, names):
         out[gen] = evaluate(labels[mask], scores[mask], None if groups is None else groups[mask],
                             threshold, rng, n_boot)
     return out

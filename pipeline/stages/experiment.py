@@ -32,7 +32,7 @@ from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import TrainConfig, load_run
+from pipeline.runs import TrainConfig, group_codes, load_run
 from pipeline.stages import train
 from pipeline.stages.report import ReportResult
 from pipeline.stages.train import TrainJob, TrainResult
@@ -221,7 +221,7 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
         ids = np.concatenate([b.sample_id for b in batches])
         labels = np.concatenate([b.y.numpy() for b in batches])
         gens = np.concatenate([b.generator for b in batches])
-        by_gen = evaluate_by_generator(labels, scores, gens, train.group_keys(store, ids), 0.5, rng, train.N_BOOT)
+        by_gen = evaluate_by_generator(labels, scores, gens, group_codes(store, ids), 0.5, rng, train.N_BOOT)
         evaluated[name or "none"] = {g: d["auc"].as_dict() for g, d in by_gen.items()}
     result.columns = sorted({g for cells in evaluated.values() for g in cells} - {"all"}) + ["all"]
     for label, cells in evaluated.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Validated
@@ -13,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import Scores, load_run, write_scores
+from pipeline.runs import ScoreWriter, bound_memory, load_run
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
@@ -54,28 +53,27 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
     loader = FeatureLoader(table, SPLITS, LoaderConfig(config.features, BATCH_ROWS, input_norm=config.input_norm))
     parts = ", ".join("'" + str(p).replace("'", "''") + "'" for p in table.parts)
     need_text = "AND v.text_row IS NOT NULL" if config.features != "image" else ""
-    ids, splits, labels, gens, probs = [], [], [], [], []
-    with catalog.connect(store) as con:
-        done = con.execute("SELECT count(DISTINCT sample_id) FROM scores WHERE run_id = ?", [run_id]).fetchall()[0]
-        rel = con.sql(
-            f"SELECT v.* FROM read_parquet([{parts}]) v WHERE v.split IN ('train', 'val', 'test') {need_text} "
-            "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id)",
-            params={"run": run_id},
-        )
-        stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
-        for record in stream(BATCH_ROWS):
-            batch = loader.batch_of(pa.Table.from_batches([record]))
-            probs.append(predict(model, [batch.x], config.fit))
-            ids.append(batch.sample_id)
-            splits.append(batch.split)
-            labels.append(batch.y.numpy())
-            gens.append(batch.generator)
-    already = int(done[0])
-    if not ids:
-        return ScoreResult(run_id, 0, already)
-    scores = Scores(np.concatenate(ids), np.concatenate(splits), np.concatenate(labels), np.concatenate(gens),
-                    np.concatenate(probs))
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    with writing(store, reporter, cfg.wait):
-        catalog.commit(store, [write_scores(store, run_id, scores, f"scored-{stamp}")])
-    return ScoreResult(run_id, len(scores.score), already)
+    writer = ScoreWriter(store, run_id, f"scored-{stamp}")  # rows stream to a temp file: nothing kept per row
+    try:
+        with catalog.connect(store) as con:
+            bound_memory(con, store)  # the anti-join holds every scored id of the run: let DuckDB spill
+            done = con.execute("SELECT count(DISTINCT sample_id) FROM scores WHERE run_id = ?",
+                               [run_id]).fetchall()[0]
+            rel = con.sql(
+                f"SELECT v.* FROM read_parquet([{parts}]) v WHERE v.split IN ('train', 'val', 'test') {need_text} "
+                "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id)",
+                params={"run": run_id},
+            )
+            stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
+            for record in stream(BATCH_ROWS):
+                batch = loader.batch_of(pa.Table.from_batches([record]))
+                writer.write(batch.rows, predict(model, [batch.x], config.fit))
+        already = int(done[0])
+        if not writer.rows:
+            return ScoreResult(run_id, 0, already)
+        with writing(store, reporter, cfg.wait):
+            catalog.commit(store, [writer.publish()])
+    finally:
+        writer.discard()
+    return ScoreResult(run_id, writer.rows, already)

@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline.config import Validated
@@ -24,12 +25,15 @@ from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.runs import (
-    Scores,
+    ScoreArrays,
+    ScoreCollector,
+    ScoreWriter,
     TrainConfig,
     config_hash,
     evaluation_loss,
     evaluation_set,
     existing_run,
+    group_codes,
     run_metrics,
     write_run,
 )
@@ -39,6 +43,14 @@ from pipeline.store.lock import writing
 from schemas import SPLITS
 from trainer.fit import FitConfig, build_model, fit, predict
 from trainer.metrics import choose_threshold, evaluate, evaluate_by_generator, summary
+
+KNN_SLICE_ROWS = 65_536  # kNN scores reach the score sinks this many rows at a time
+
+
+class ScoreSink(Protocol):
+    """Where scored batches go: `ScoreWriter` (the run's score shard), `ScoreCollector` (numbers for metrics)."""
+
+    def write(self, rows: pa.Table, scores: np.ndarray) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -80,29 +92,38 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
     if job.skip_existing and (found := existing_run(store, chash)):
         return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
 
-    if config.detector == "knn":
-        scores, extra, state = _fit_knn(table, config, excluded)
-    else:
-        scores, extra, state = _fit_mlp(table, config, excluded, reporter)
-    metrics = {
-        "model_key": model_key,
-        "random_weights": random_weights,
-        "detector": config.detector,
-        "features": config.features,
-        "pairing": config.pairing,
-        **extra,
-        **_summaries(store, scores, excluded, config.seed),
-        "left_out": _left_out(store, table, config, len(scores.score)),
-        "excluded_leaks": {split: int(np.sum((scores.split == split) & np.isin(scores.sample_id, list(excluded))))
-                           for split in ("val", "test")} if config.exclude_leaks else None,
-    }
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
-    # Fitting needs no lock (it reads immutable files); committing does. A parallel sweep job may
-    # have finished the same config meanwhile: then its run stands and this one is not written.
-    with writing(store, reporter, job.wait):
-        if job.skip_existing and (found := existing_run(store, chash)):
-            return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
-        write_run(store, run_id, chash, config, model_key, metrics, state, scores)
+    # Scores stream to a temp file as they are computed; metrics see numbers only (`ScoreArrays`).
+    writer = ScoreWriter(store, run_id)
+    try:
+        collector = ScoreCollector(table.rows, excluded)  # (at most one score per row of the view)
+        if config.detector == "knn":
+            extra, state = _fit_knn(table, config, excluded, (writer, collector))
+        else:
+            extra, state = _fit_mlp(table, config, excluded, reporter, (writer, collector))
+        scores = collector.arrays()
+        scores.group = group_codes(store, writer.close())
+        metrics = {
+            "model_key": model_key,
+            "random_weights": random_weights,
+            "detector": config.detector,
+            "features": config.features,
+            "pairing": config.pairing,
+            **extra,
+            **_summaries(scores, config.seed),
+            "left_out": _left_out(store, table, config, writer.rows),
+            "excluded_leaks": {split: int(np.sum((scores.split == SPLITS.index(split)) & scores.excluded))
+                               for split in ("val", "test")} if config.exclude_leaks else None,
+        }
+        del scores, collector
+        # Fitting needs no lock (it reads immutable files); committing does. A parallel sweep job may
+        # have finished the same config meanwhile: then its run stands and this one is not written.
+        with writing(store, reporter, job.wait):
+            if job.skip_existing and (found := existing_run(store, chash)):
+                return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
+            write_run(store, run_id, chash, config, model_key, metrics, state, writer)
+    finally:
+        writer.discard()
     return TrainResult(run_id, chash, model_key, random_weights, metrics)
 
 
@@ -125,16 +146,16 @@ def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str],
     return leaking_ids(store, model_key, config.leak_threshold)
 
 
-def _fit_mlp(table: FeatureTable, config: TrainConfig, excluded: set[str],
-             reporter: Reporter) -> tuple[Scores, dict[str, Any], dict]:
+def _fit_mlp(table: FeatureTable, config: TrainConfig, excluded: set[str], reporter: Reporter,
+             sinks: tuple[ScoreSink, ...]) -> tuple[dict[str, Any], dict]:
     # Weights and dropout draw from torch's global generator: seed a forked copy, restore it after.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return _fit_mlp_seeded(table, config, excluded, reporter)
+        return _fit_mlp_seeded(table, config, excluded, reporter, sinks)
 
 
-def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str],
-                    reporter: Reporter) -> tuple[Scores, dict[str, Any], dict]:
+def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str], reporter: Reporter,
+                    sinks: tuple[ScoreSink, ...]) -> tuple[dict[str, Any], dict]:
     loaders = {
         split: FeatureLoader(table, (split,), LoaderConfig(
             config.features, config.batch_size, shuffle=split == "train",
@@ -150,15 +171,17 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
             if only is None:
                 yield b.x, b.y
                 continue
-            keep = torch.from_numpy(_seen(b.y.numpy(), b.generator, only))
+            keep = torch.from_numpy(_seen(b.rows, only))
             if int(keep.sum()) >= 2:  # BatchNorm needs two rows
                 yield b.x[keep], b.y[keep]
 
+    val_rows = loaders["val"].count()
+
     def validate(m: torch.nn.Module) -> dict[str, Any]:
-        s = _scores(m, loaders["val"], config.fit)
-        if only is not None:
-            s = _subset(s, _seen(s.label, s.generator, only))
-        return _summarise(s, "val", excluded) if s.label.size else {"auc": float("nan"), "n": 0}
+        collector = ScoreCollector(val_rows, excluded)
+        _score(m, loaders["val"], config.fit, (collector,), only)
+        s = collector.arrays()
+        return _summarise(s, "val") if s.label.size else {"auc": float("nan"), "n": 0}
 
     reporter.start("epochs", config.fit.epochs, "epochs")
 
@@ -169,7 +192,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
     all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm))
-    scores = _scores(model, all_splits, config.fit)
+    _score(model, all_splits, config.fit, sinks)
     x, y, eval_split = evaluation_set(table, config.features, config.input_norm)
     extra = {
         "best_epoch": fitted.best_epoch,
@@ -178,49 +201,43 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
         "eval_set": {"split": eval_split, "rows": int(len(y))},
         "skipped_missing_text": all_splits.skipped_missing_text,
     }
-    return scores, extra, fitted.best_state
+    return extra, fitted.best_state
 
 
-def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str]) -> tuple[Scores, dict[str, Any], None]:
+def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str],
+             sinks: tuple[ScoreSink, ...]) -> tuple[dict[str, Any], None]:
     from pipeline.features.knn import knn_scores
 
     cols, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed, input_norm=config.input_norm)
-    scores = Scores(cols["sample_id"], cols["split"], cols["label"], cols["generator"], fitted.scores)
+    rows = cols if isinstance(cols, pa.Table) else None
+    for start in range(0, len(fitted.scores), KNN_SLICE_ROWS):
+        stop = min(start + KNN_SLICE_ROWS, len(fitted.scores))
+        part = rows.slice(start, stop - start) if rows is not None else pa.table(
+            {c: pa.array(cols[c][start:stop]) for c in ("sample_id", "split", "label", "generator")})
+        for sink in sinks:
+            sink.write(part, fitted.scores[start:stop])
     extra = {"k": fitted.k, "val_auc_by_k": fitted.val_auc_by_k, "index": fitted.index_params}
-    return scores, extra, None
+    return extra, None
 
 
-def _scores(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig) -> Scores:
-    """One score per row of the loader's splits, batch by batch: only ids, labels and scores are kept
-    (about 150 bytes a sample), never the feature batches."""
-    ids, splits, labels, generators, probs = [], [], [], [], []
+def _score(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig, sinks: tuple[ScoreSink, ...],
+           only: tuple[str, ...] | None = None) -> None:
+    """Score every row of the loader's splits batch by batch, handing each batch to every sink (a
+    `ScoreWriter`, a `ScoreCollector`); nothing per row is kept here. `only`: keep the rows `_seen` allows."""
     for b in loader.epoch(0):
-        probs.append(predict(model, [b.x], fit_config))
-        ids.append(b.rows.column("sample_id"))
-        splits.append(b.rows.column("split"))
-        generators.append(b.rows.column("generator"))
-        labels.append(b.y.numpy().astype(np.int8))
-    if not probs:
-        empty = np.zeros(0, object)
-        return Scores(empty, empty, np.zeros(0, np.int8), empty, np.zeros(0, np.float32))
-    return Scores(pa.chunked_array(ids).to_numpy(), _shared_strings(splits), np.concatenate(labels),
-                  _shared_strings(generators), np.concatenate(probs))
+        rows, probs = b.rows, predict(model, [b.x], fit_config)
+        if only is not None:  # (the whole batch is scored: a batch's shape may change the last bits of a score)
+            keep = _seen(rows, only)
+            rows, probs = rows.filter(pa.array(keep)), probs[keep]
+        for sink in sinks:
+            sink.write(rows, probs)
 
 
-def _shared_strings(chunks: list[pa.Array]) -> np.ndarray:
-    """A column of few distinct strings as an object array whose rows share one str each (8 bytes a row)."""
-    encoded = pa.chunked_array(chunks).combine_chunks().dictionary_encode()
-    values = np.array(encoded.dictionary.to_pylist() + [""], dtype=object)
-    return values[encoded.indices.fill_null(len(values) - 1).to_numpy()]
-
-
-def _seen(labels: np.ndarray, generators: np.ndarray, only: tuple[str, ...]) -> np.ndarray:
+def _seen(rows: pa.Table, only: tuple[str, ...]) -> np.ndarray:
     """Rows a run restricted to `only` may learn from: every real image and those generators' images."""
-    return (np.asarray(labels) == 0) | np.isin(np.asarray(generators).astype(str), list(only))
-
-
-def _subset(s: Scores, mask: np.ndarray) -> Scores:
-    return Scores(s.sample_id[mask], s.split[mask], s.label[mask], s.generator[mask], s.score[mask])
+    real = pc.equal(rows.column("label"), 0)
+    return pc.or_(real, pc.is_in(rows.column("generator"), value_set=pa.array(only, pa.string()))) \
+        .to_numpy(zero_copy_only=False)
 
 
 def _check_generators(store: Store, config: TrainConfig) -> None:
@@ -235,11 +252,11 @@ def _check_generators(store: Store, config: TrainConfig) -> None:
                             f"{', '.join(sorted(known))}.")
 
 
-def _summarise(s: Scores, split: str, excluded: set[str] | None = None) -> dict[str, Any]:
-    mask = _split_mask(s, split, excluded)
+def _summarise(s: ScoreArrays, split: str) -> dict[str, Any]:
+    mask = s.of(split)
     if not mask.any():
         return {"n": 0}
-    return summary(s.label[mask], s.score[mask], s.generator[mask])
+    return summary(s.label[mask], s.score[mask], s.generator[mask], names=s.generators)
 
 
 N_BOOT = 1000  # bootstrap replicates per interval ...
@@ -247,58 +264,34 @@ BOOT_CELLS = 200_000_000  # ... fewer (down to MIN_BOOT) when replicates x sampl
 MIN_BOOT = 200
 
 
-def _summaries(store: Store, s: Scores, excluded: set[str], seed: int) -> dict[str, dict[str, Any]]:
+def _summaries(s: ScoreArrays, seed: int) -> dict[str, dict[str, Any]]:
     """Each split's summary plus every metric per generator with a 95% group-bootstrap interval.
 
     Groups come from the samples' `group_key` (a real image and the images generated from its
     caption are resampled together). The train split gets values without intervals (it is not a
     result, and it is the largest). A threshold chosen on val (Youden's J) is applied to test.
     """
-    groups = group_keys(store, s.sample_id)
+    assert s.group is not None
     out: dict[str, dict[str, Any]] = {}
     for i, split in enumerate(SPLITS):
-        mask = _split_mask(s, split, excluded)
+        mask = s.of(split)
         if not mask.any():
             out[split] = {"n": 0}
             continue
-        y, p, g, grp = s.label[mask], s.score[mask], s.generator[mask], groups[mask]
+        y, p, g, grp = s.label[mask], s.score[mask], s.generator[mask], s.group[mask]
         n_boot = 0 if split == "train" else max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // int(mask.sum())))
         rng = np.random.default_rng([seed, i])
-        out[split] = summary(y, p, g)
-        by_gen = evaluate_by_generator(y, p, g, grp, 0.5, rng, n_boot)
+        out[split] = summary(y, p, g, names=s.generators)
+        by_gen = evaluate_by_generator(y, p, g, grp, 0.5, rng, n_boot, names=s.generators)
         out[split]["intervals"] = {gen: {m: e.as_dict() for m, e in d.items()} for gen, d in by_gen.items()}
         out[split]["bootstrap"] = {"replicates": n_boot, "level": 0.95, "unit": "group_key", "seed": [seed, i]}
         out[split]["groups"] = int(len(np.unique(grp)))
-    val, test = _split_mask(s, "val", excluded), _split_mask(s, "test", excluded)
+    val, test = s.of("val"), s.of("test")
     if val.any() and test.any():
         threshold = choose_threshold(s.label[val], s.score[val])
-        chosen = evaluate(s.label[test], s.score[test], groups[test], threshold,
+        chosen = evaluate(s.label[test], s.score[test], s.group[test], threshold,
                           np.random.default_rng([seed, len(SPLITS)]), out["test"]["bootstrap"]["replicates"])
         out["test"]["at_val_threshold"] = {
             "threshold": threshold,
             "metrics": {m: chosen[m].as_dict() for m in ("acc", "real_acc", "fake_acc", "balanced_acc")}}
     return out
-
-
-def _split_mask(s: Scores, split: str, excluded: set[str] | None) -> np.ndarray:
-    mask = s.split == split
-    if excluded:
-        mask &= ~np.isin(s.sample_id, list(excluded))
-    return mask
-
-
-def group_keys(store: Store, sample_ids: np.ndarray) -> np.ndarray:
-    """Each sample's `group_key` (its own id when the samples table has none for it)."""
-    import pyarrow as pa
-
-    ids = pa.table({"sample_id": pa.array(sample_ids if sample_ids.dtype == object else sample_ids.astype(str),
-                                          pa.string()),
-                    "i": pa.array(np.arange(len(sample_ids)))})
-    found = catalog.query_with(
-        store, "SELECT ids.i, samples.group_key FROM ids JOIN samples USING (sample_id)", {"ids": ids})
-    groups = sample_ids.astype(object).copy()
-    if found.num_rows:
-        groups[found.column("i").to_numpy()] = found.column("group_key").to_numpy(zero_copy_only=False)
-    return groups.astype(str)
-
-

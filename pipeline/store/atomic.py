@@ -29,7 +29,7 @@ _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tm
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_host()}~{os.getpid()}~{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -39,6 +39,13 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden temp name beside `path` carrying its owner (this host and pid), so the next writer's
+    sweep keeps it while this process lives. For a file written over a long time (a stream of
+    batches): write it here, then move it into place with `atomic_write(path, lambda t: os.replace(tmp, t))`."""
+    return path.with_name(f".{path.name}.{_host()}~{os.getpid()}~{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_parquet(table: pa.Table, path: Path) -> Path:
