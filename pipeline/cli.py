@@ -541,7 +541,8 @@ def index_build(
                                       "vectors, then ivf, ivf-sq8, ivf-pq) | flat | ivf | ivf-sq8 | ivf-pq | hnsw")
                     ] = "auto",
     vectors: Annotated[str, typer.Option(help="image | text")] = "image",
-    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 2·√n, at most 8192).")] = None,
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default: one per ~1024 vectors, as many as "
+                                              "the training sample can place).")] = None,
     max_memory: Annotated[str, typer.Option(help="Memory the index may take to build and search, e.g. 4GB.")
                           ] = "4GB",
     target_recall: Annotated[float, typer.Option(help="Approximate kinds widen their search to reach this "
@@ -620,7 +621,7 @@ def leaks(
     approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
         f"{result.recall_at_10:.3f}; --exact searches exhaustively)"
     out.print(f"searched {result.queries:,} val/test images at similarity ≥ {threshold}{approx}: "
-              f"{result.pairs.num_rows:,} cross-split pairs")
+              f"{result.pair_count:,} cross-split pairs")
     if result.by_split_pair.num_rows:
         render_table(result.by_split_pair, title="pairs per split pair")
     out.print(f'[dim]pipeline sql "SELECT * FROM leaks WHERE threshold = {threshold} ORDER BY similarity DESC"; '

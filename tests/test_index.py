@@ -205,6 +205,22 @@ def test_leaks_finds_planted_cross_split_duplicates_and_none_in_a_clean_store(tm
     assert find_leaks(LeakConfig(clean, threshold=0.95)).pairs.num_rows == 0
 
 
+def test_leaks_through_an_ivf_index_find_the_pairs_exact_search_finds(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    store, planted = leaky_store(tmp_path, rows=2000, leaks=20)
+    monkeypatch.setattr("pipeline.features.index.EXACT_BELOW", 0)
+    monkeypatch.setattr("pipeline.features.index.LIST_ROWS", 128)  # 78 lists over 10,000 images
+    approx = find_leaks(LeakConfig(store, threshold=0.95))
+    exact = find_leaks(LeakConfig(store, threshold=0.95, exact_search=True))
+    assert (approx.index_kind, exact.index_kind) == ("ivf", "flat")
+
+    def pairs(result: object) -> set[tuple[str, str]]:
+        return {(r["sample_a"], r["sample_b"]) for r in result.pairs.to_pylist()}  # type: ignore[attr-defined]
+
+    assert pairs(approx) == pairs(exact) == {(_real_id(store, i), _real_id(store, j)) for i, j in planted}
+    assert approx.pair_count == 20  # each pair once, found from its test member
+
+
 def test_training_can_exclude_leaking_test_samples(tmp_path: Path) -> None:
     store, pairs = leaky_store(tmp_path)
     config = {"epochs": 1, "batch_size": 256, "exclude_leaks": True}

@@ -1,19 +1,24 @@
 """`pipeline leaks`: near-duplicate images across splits, and exact ones by hash.
 
-Every validation and test image is searched against the store's FAISS index (the one
-`pipeline index build` made, or one built within the memory budget), a chunk of queries at a
-time streamed from the memory-mapped vectors; a neighbour in another
-split with cosine similarity ≥ threshold is a leak. Pairs are ordered train < val < test, so
-`sample_b` is always the member a clean evaluation would drop. Exact duplicates are one image
-hash filed under two splits (possible when two sources carry the same bytes).
+Every validation and test image looks for near-duplicates in the earlier splits through the
+store's FAISS index (the one `pipeline index build` made, or one built within the memory
+budget), a chunk of matrix rows at a time; a neighbour in an earlier split with cosine similarity
+≥ threshold is a leak. Pairs are ordered train < val < test and found from their later member, so
+`sample_b` is always the member a clean evaluation would drop, and each pair is found once. An IVF
+index is searched `LEAK_NPROBE` lists wide whatever its size: a near-duplicate sits in its
+original's list or one beside it (measured: see LEAK_NPROBE), so the scan costs the same per
+image at any size. Exact duplicates are one image hash filed under two splits (possible when two
+sources carry the same bytes), found by DuckDB within its memory limit.
 
-The pairs land in `leaks/<model_key>/image-t<threshold>-<fingerprint>.parquet` (the `leaks`
-view), replacing the previous scan at that threshold. `leaking_ids` gives the evaluation samples
-to exclude, and refuses a scan older than the embeddings.
+The pairs stream into `leaks/<model_key>/image-t<threshold>-<fingerprint>.parquet` (the `leaks`
+view), which replaces the previous scan at that threshold; memory is one chunk of queries and the
+split of each matrix row (a byte a row), whatever the number of rows or pairs. `leaking_ids` gives
+the evaluation samples to exclude, and refuses a scan older than the embeddings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,19 +31,24 @@ import pyarrow.parquet as pq
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
 from pipeline.features.index import DEFAULT_MAX_MEMORY, OpenIndex, apply_breadth, open_index
-from pipeline.features.vectors import fingerprint, normalise, open_matrix, shards_of
+from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open_matrix, shards_of
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet
+from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
-from schemas import LEAKS, SPLITS, from_columns, from_rows
+from schemas import LEAKS, SPLITS, from_columns
 
 SPLIT_ORDER = {split: i for i, split in enumerate(SPLITS)}
-QUERY_ROWS = 16384  # evaluation images searched at a time
-LEAK_NPROBE = 32  # IVF lists searched per evaluation image
+QUERY_ROWS = 16384  # matrix rows whose val/test images are searched at a time
+# IVF lists (of ~1024 vectors) searched per evaluation image. Measured against exact search by
+# bench/leak_recall.py (clustered 768-d stores, near-duplicates planted across splits at cosine
+# 0.95-0.995 in random directions): recall of the pairs at nprobe 1 / 2 / 4 / 8 was
+# 0.998 / 0.9995 / 1 / 1 (2,000 pairs, 100k samples) and 1 / 1 / 1 / 1 (4,000 pairs, 200k).
+LEAK_NPROBE = 4
 DEFAULT_THRESHOLD = 0.95
+DUCKDB_MEMORY = "1GB"  # the grouping of every sample id (exact duplicates) spills beyond this
 _META_THRESHOLD = b"pipeline.leak_threshold"
 _META_FINGERPRINT = b"pipeline.embeddings_fingerprint"
 
@@ -52,10 +62,12 @@ class LeakConfig(Validated):
     exact_search: bool = False  # search with a flat index whatever the store's size
     max_memory: int = DEFAULT_MAX_MEMORY  # for the index, if one must be built
     wait: bool = True
+    nprobe: int = LEAK_NPROBE  # IVF lists searched per evaluation image
 
     def check(self) -> None:
         within(self, "threshold", 0, 1, low_open=True)
         at_least(self, "k", 1)
+        at_least(self, "nprobe", 1)
 
 
 @dataclass
@@ -65,9 +77,14 @@ class LeakResult:
     index_kind: str
     recall_at_10: float | None
     queries: int
-    pairs: pa.Table
+    pair_count: int
     by_split_pair: pa.Table
     path: Path
+
+    @property
+    def pairs(self) -> pa.Table:
+        """Every pair of the scan, read from its file (as many rows as pairs, in the order found)."""
+        return pq.read_table(self.path)
 
 
 def run(config: LeakConfig, reporter: Reporter | None = None) -> LeakResult:
@@ -86,31 +103,39 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     matrix = open_matrix(store, model_key, "image")
     if index.info.params.get("matrix") != matrix.generation:  # rows laid out anew since: rows differ
         index = open_index(store, model_key, "image", kind, reporter, config.max_memory, force=True)
-    _narrow(index)
+    _set_breadth(index, config.nprobe)
     split_of_row = _split_codes(feature_table(store, model_key), matrix.rows)
-    queries = int(np.sum(split_of_row > 0))
+    queries = int(np.count_nonzero(split_of_row > 0))
+    directory = store.dataset_dir("leaks") / model_key
+    prefix = f"image-t{config.threshold:.4f}-"
+    path = directory / f"{prefix}{fp}.parquet"
+    meta = {_META_THRESHOLD: str(config.threshold).encode(), _META_FINGERPRINT: fp.encode()}
+    schema = LEAKS.with_metadata({**(LEAKS.metadata or {}), **meta})
     reporter.start("leaks", queries, "images")
-    found_a, found_b, found_sim = [], [], []
-    for start, chunk in matrix.chunks(QUERY_ROWS):
-        rows = start + np.nonzero(split_of_row[start:start + len(chunk)] > 0)[0]
-        if not len(rows):
-            continue
-        sims, hits = index.search(normalise(chunk[rows - start]), config.k + 1)
-        a, b, sim = _cross_split(rows, sims, hits, split_of_row, config.threshold)
-        found_a.append(a)
-        found_b.append(b)
-        found_sim.append(sim)
-        reporter.advance("leaks", len(rows))
-    pairs = _pairs_table(store, index, split_of_row, found_a, found_b, found_sim, model_key, config.threshold)
-    path = _write(store, model_key, config.threshold, fp, pairs)
-    counts = catalog.query_with(
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION, write_page_checksum=True) as out:
+            for table in _near_pairs(index, matrix, split_of_row, config, model_key, reporter):
+                out.write_table(table.cast(schema))
+            for table in _exact_pairs(store, model_key, config.threshold):
+                out.write_table(table.cast(schema))
+
+    atomic_write(path, write)
+    catalog.commit(store, [path])
+    stale = [p for p in directory.glob(f"{prefix}*.parquet") if p != path]
+    if stale:
+        catalog.forget(store, stale)
+    for p in stale:
+        p.unlink()
+    counts = catalog.query(
         store,
         "SELECT split_a, split_b, kind, count(*) AS pairs, count(DISTINCT sample_b) AS samples_b "
-        "FROM pairs GROUP BY ALL ORDER BY split_a, split_b, kind",
-        {"pairs": pairs},
+        "FROM read_parquet(?) GROUP BY ALL ORDER BY split_a, split_b, kind",
+        [str(path)],
     )
-    return LeakResult(model_key, config.threshold, index.info.kind, index.info.recall_at_10, queries,
-                      pairs, counts, path)
+    total = pq.read_metadata(path).num_rows
+    return LeakResult(model_key, config.threshold, index.info.kind, index.info.recall_at_10, queries, total,
+                      counts, path)
 
 
 def leaking_ids(store: Store, model_key: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[set[str], str]:
@@ -144,85 +169,94 @@ def leaking_ids(store: Store, model_key: str, threshold: float = DEFAULT_THRESHO
 # --- private -------------------------------------------------------------------------------
 
 
-def _narrow(index: OpenIndex) -> None:
-    """Search at most LEAK_NPROBE IVF lists: a near-duplicate (cosine ≥ 0.95) falls in its original's list
-    or a neighbouring one, so the scan needs far less breadth than recall@10 of ordinary neighbours."""
+def _set_breadth(index: OpenIndex, nprobe: int) -> None:
+    """Search `nprobe` IVF lists: a near-duplicate (cosine ≥ 0.95) falls in its original's list or a
+    neighbouring one, so the scan needs far less breadth than recall@10 of ordinary neighbours, and a
+    fixed breadth over lists of fixed size keeps the cost of a query the same at any store size."""
     import faiss
 
-    params = index.info.params
-    if index.info.kind.startswith("ivf") and params.get("nprobe", 0) > LEAK_NPROBE:
-        apply_breadth(index.index, index.info.kind, {**params, "nprobe": LEAK_NPROBE}, faiss)
+    if index.info.kind.startswith("ivf"):
+        apply_breadth(index.index, index.info.kind, {**index.info.params, "nprobe": nprobe}, faiss)
 
 
 def _split_codes(table: FeatureTable, rows: int) -> np.ndarray:
     """SPLIT_ORDER code of each image matrix row (-1: no sample, or a second copy of a hash)."""
     codes = np.full(rows, -1, np.int8)
+    names = pa.array(SPLITS, pa.string())
     for part in table.parts:
         file = pq.ParquetFile(part)
         for batch in file.iter_batches(65536, columns=["image_row", "split"]):
-            split = batch.column("split").to_numpy(zero_copy_only=False)
-            codes[batch.column("image_row").to_numpy()] = [SPLIT_ORDER.get(s, -1) for s in split]
+            split = pc.index_in(batch.column("split").cast(pa.string()), value_set=names).fill_null(-1)
+            codes[batch.column("image_row").to_numpy()] = split.to_numpy(zero_copy_only=False)
     return codes
+
+
+def _near_pairs(index: OpenIndex, matrix: VectorMatrix, split_of_row: np.ndarray, config: LeakConfig,
+                model_key: str, reporter: Reporter) -> Iterator[pa.Table]:
+    """The near-duplicate pairs of each chunk of matrix rows, found from their val/test member."""
+    now = datetime.now(UTC)
+    for start in range(0, matrix.rows, QUERY_ROWS):
+        rows = start + np.nonzero(split_of_row[start:start + QUERY_ROWS] > 0)[0]
+        if not len(rows):
+            continue
+        sims, hits = index.search(normalise(matrix.gather(rows)), config.k + 1)
+        a, b, sim = _cross_split(rows, sims, hits, split_of_row, config.threshold)
+        reporter.advance("leaks", len(rows))
+        if len(a):
+            yield _pairs_table(index, split_of_row, a, b, sim, model_key, config.threshold, now)
 
 
 def _cross_split(rows: np.ndarray, sims: np.ndarray, hits: np.ndarray, split_of_row: np.ndarray,
                  threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(earlier-split row, later-split row, similarity) of every hit above threshold in another split."""
+    """(earlier-split row, query row, similarity) of every hit at or above threshold in an earlier split."""
     query = np.broadcast_to(rows[:, None], hits.shape)
-    other_split = np.where(hits >= 0, split_of_row[np.maximum(hits, 0)], -1)
-    keep = (hits >= 0) & (sims >= threshold) & (other_split >= 0) & (other_split != split_of_row[query])
-    q, h, s = query[keep], hits[keep], sims[keep]
-    earlier = split_of_row[h] < split_of_row[q]
-    return np.where(earlier, h, q), np.where(earlier, q, h), s
+    their_split = np.where(hits >= 0, split_of_row[np.maximum(hits, 0)], -1)
+    keep = (hits >= 0) & (sims >= threshold) & (their_split >= 0) & (their_split < split_of_row[query])
+    return hits[keep], query[keep], sims[keep].astype(np.float32)
 
 
-def _pairs_table(store: Store, index: OpenIndex, split_of_row: np.ndarray, found_a: list[np.ndarray],
-                 found_b: list[np.ndarray], found_sim: list[np.ndarray], model_key: str, threshold: float) -> pa.Table:
-    a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
-    b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
-    sim = np.concatenate(found_sim) if found_sim else np.zeros(0, np.float32)
-    order = np.lexsort((-sim, b, a))  # a pair found from both sides keeps its highest similarity
-    a, b, sim = a[order], b[order], sim[order]
-    first = np.ones(len(a), bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    a, b, sim = a[first], b[first], sim[first]
-    names = {v: k for k, v in SPLIT_ORDER.items()}
+def _pairs_table(index: OpenIndex, split_of_row: np.ndarray, a: np.ndarray, b: np.ndarray, sim: np.ndarray,
+                 model_key: str, threshold: float, now: datetime) -> pa.Table:
+    names = pa.array(SPLITS, pa.string())
+    return from_columns(LEAKS, {
+        **_constants(model_key, "near", threshold, now, len(a)),
+        "sample_a": index.ids.take(pa.array(a)), "split_a": names.take(pa.array(split_of_row[a].astype(np.int64))),
+        "sample_b": index.ids.take(pa.array(b)), "split_b": names.take(pa.array(split_of_row[b].astype(np.int64))),
+        "similarity": sim,
+    })
+
+
+def _exact_pairs(store: Store, model_key: str, threshold: float) -> Iterator[pa.Table]:
+    """One image hash filed under two splits: a pair per later split, in batches (DuckDB spills the grouping)."""
     now = datetime.now(UTC)
-    near = {
-        "model_key": [model_key] * len(a), "modality": ["image"] * len(a), "kind": ["near"] * len(a),
-        "sample_a": index.hashes(a), "split_a": [names[c] for c in split_of_row[a]],
-        "sample_b": index.hashes(b), "split_b": [names[c] for c in split_of_row[b]],
-        "similarity": sim.astype(np.float32), "threshold": [threshold] * len(a), "detected_at": [now] * len(a),
+    order = " ".join(f"WHEN '{split}' THEN {code}" for split, code in SPLIT_ORDER.items())
+    sql = f"""
+        WITH coded AS (SELECT DISTINCT sample_id, split, CASE split {order} ELSE 3 END AS o FROM samples),
+             multi AS (SELECT sample_id, arg_min(split, o) AS first, min(o) AS first_o FROM coded
+                       GROUP BY sample_id HAVING count(*) > 1)
+        SELECT m.sample_id, m.first AS split_a, c.split AS split_b
+        FROM multi m JOIN coded c ON c.sample_id = m.sample_id AND c.o > m.first_o
+    """
+    spill = store.root / "cache" / "duckdb-tmp"
+    spill.mkdir(parents=True, exist_ok=True)
+    with catalog.connect(store) as con:
+        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        for batch in con.sql(sql).to_arrow_reader(65536):
+            if batch.num_rows:
+                yield from_columns(LEAKS, {
+                    **_constants(model_key, "exact", threshold, now, batch.num_rows),
+                    "sample_a": batch.column("sample_id"), "split_a": batch.column("split_a"),
+                    "sample_b": batch.column("sample_id"), "split_b": batch.column("split_b"),
+                    "similarity": pa.repeat(pa.scalar(1.0, pa.float32()), batch.num_rows),
+                })
+
+
+def _constants(model_key: str, kind: str, threshold: float, now: datetime, n: int) -> dict[str, pa.Array]:
+    return {
+        "model_key": pa.repeat(pa.scalar(model_key, pa.string()), n),
+        "modality": pa.repeat(pa.scalar("image", pa.string()), n),
+        "kind": pa.repeat(pa.scalar(kind, pa.string()), n),
+        "threshold": pa.repeat(pa.scalar(threshold, pa.float32()), n),
+        "detected_at": pa.repeat(pa.scalar(now, LEAKS.field("detected_at").type), n),
     }
-    exact = [{"model_key": model_key, "modality": "image", "kind": "exact", "sample_a": sid, "split_a": first,
-              "sample_b": sid, "split_b": later, "similarity": 1.0, "threshold": threshold, "detected_at": now}
-             for sid, (first, later) in _exact_duplicates(store)]
-    both = pa.concat_tables([from_columns(LEAKS, near), from_rows(LEAKS, exact)])
-    return both.sort_by([("similarity", "descending")])
-
-
-def _exact_duplicates(store: Store) -> list[tuple[str, tuple[str, str]]]:
-    rows = catalog.query(
-        store,
-        "SELECT sample_id, list(DISTINCT split) AS splits FROM samples GROUP BY 1 HAVING count(DISTINCT split) > 1",
-    ).to_pylist()
-    out = []
-    for r in rows:
-        splits = sorted(r["splits"], key=lambda s: SPLIT_ORDER.get(s, 3))
-        out += [(r["sample_id"], (splits[0], later)) for later in splits[1:]]
-    return out
-
-
-def _write(store: Store, model_key: str, threshold: float, fp: str, pairs: pa.Table) -> Path:
-    directory = store.dataset_dir("leaks") / model_key
-    prefix = f"image-t{threshold:.4f}-"
-    meta = dict(pairs.schema.metadata or {})
-    meta.update({_META_THRESHOLD: str(threshold).encode(), _META_FINGERPRINT: fp.encode()})
-    path = write_parquet(pairs.replace_schema_metadata(meta), directory / f"{prefix}{fp}.parquet")
-    catalog.commit(store, [path])
-    stale = [p for p in directory.glob(f"{prefix}*.parquet") if p != path]
-    if stale:
-        catalog.forget(store, stale)
-    for p in stale:
-        p.unlink()
-    return path

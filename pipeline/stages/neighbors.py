@@ -2,8 +2,9 @@
 
 The query is a sample already in the store (`--sample-id`, a unique prefix will do) or an image
 file, encoded on the fly with the model that produced the store's vectors. Neighbours come from
-the store's FAISS index (built first if there is none), joined in SQL with their samples and,
-given a run, its scores.
+the store's FAISS index (built first if there is none; memory-mapped, so a query holds only the
+lists it scans), joined in SQL with their samples and, given a run, its scores: only the k rows
+found are joined, so memory does not grow with the store.
 """
 
 from __future__ import annotations
@@ -146,13 +147,16 @@ def _neighbours(q: NeighborQuery, index: OpenIndex, vector: np.ndarray, own: str
         "similarity": pa.array([s for s, _ in hits], pa.float32()),
     })
     key = "sample_id" if q.modality == "image" else "text_hash"
+    # only the k found rows' samples and scores are joined: never a pass that groups the whole store
     score = "sc.score" if q.run_id else "NULL::FLOAT AS score"
-    score_join = "LEFT JOIN scores sc ON sc.sample_id = s.sample_id AND sc.run_id = ?" if q.run_id else ""
+    score_join = ("LEFT JOIN (SELECT sample_id, score FROM scores WHERE run_id = ? AND sample_id IN "
+                  "(SELECT sample_id FROM hit)) sc ON sc.sample_id = s.sample_id") if q.run_id else ""
     sql = f"""
+        WITH hit AS (SELECT DISTINCT ON ({key}) * FROM samples WHERE {key} IN (SELECT content_hash FROM found))
         SELECT n.rank, s.sample_id, round(n.similarity, 4) AS similarity, s.label, s.generator, s.split,
                {score}, left(s.text, 40) AS text
         FROM found n
-        LEFT JOIN (SELECT DISTINCT ON ({key}) * FROM samples) s ON s.{key} = n.content_hash
+        LEFT JOIN hit s ON s.{key} = n.content_hash
         {score_join}
         ORDER BY n.rank
     """
