@@ -221,6 +221,25 @@ def test_leaks_through_an_ivf_index_find_the_pairs_exact_search_finds(tmp_path: 
     assert approx.pair_count == 20  # each pair once, found from its test member
 
 
+def test_exact_duplicates_pair_the_earliest_split_with_each_later_one(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import contextmanager
+
+    import duckdb
+
+    from pipeline.stages import leaks
+
+    con = duckdb.connect()  # a store written before ingest de-duplicated by image hash
+    con.execute("CREATE TABLE samples AS SELECT * FROM (VALUES ('a', 'test'), ('a', 'train'), ('a', 'val'), "
+                "('a', 'test'), ('b', 'val'), ('b', 'val'), ('c', 'train'), ('d', 'test'), ('d', 'val')) "
+                "t(sample_id, split)")
+    monkeypatch.setattr(catalog, "connect", contextmanager(lambda store: iter([con])))
+    pairs = [r for t in leaks._exact_pairs(Store(tmp_path), "m", 0.9) for r in t.to_pylist()]
+    assert sorted((r["sample_a"], r["split_a"], r["split_b"]) for r in pairs) == [
+        ("a", "train", "test"), ("a", "train", "val"), ("d", "val", "test")]
+    assert {(r["kind"], r["similarity"], r["model_key"]) for r in pairs} == {("exact", 1.0, "m")}
+
+
 def test_training_can_exclude_leaking_test_samples(tmp_path: Path) -> None:
     store, pairs = leaky_store(tmp_path)
     config = {"epochs": 1, "batch_size": 256, "exclude_leaks": True}

@@ -144,7 +144,7 @@ class IndexInfo:
 class OpenIndex:
     info: IndexInfo
     index: Any  # faiss.Index
-    ids: pa.Array  # content hash of each row, memory-mapped
+    ids: pa.ChunkedArray  # content hash of each row, memory-mapped
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Similarities and row numbers of the k nearest rows ([-1] where fewer exist)."""
@@ -308,8 +308,8 @@ def open_index(store: Store, model_key: str | None, modality: str = "image", kin
                                             max_memory=max_memory, force=force), reporter)
     index = faiss.read_index(str(info.directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
     apply_breadth(index, info.kind, info.params, faiss)
-    with pa.memory_map(str(info.directory / "ids.arrow")) as source:
-        ids = pa.ipc.open_file(source).read_all().column(0).combine_chunks()
+    # chunks left as written: combining them would copy every hash into the process' memory
+    ids = pa.ipc.open_file(pa.memory_map(str(info.directory / "ids.arrow"))).read_all().column(0)
     return OpenIndex(info, index, ids)
 
 

@@ -5,10 +5,10 @@ store's FAISS index (the one `pipeline index build` made, or one built within th
 budget), a chunk of matrix rows at a time; a neighbour in an earlier split with cosine similarity
 ≥ threshold is a leak. Pairs are ordered train < val < test and found from their later member, so
 `sample_b` is always the member a clean evaluation would drop, and each pair is found once. An IVF
-index is searched `LEAK_NPROBE` lists wide whatever its size: a near-duplicate sits in its
+index is searched at most `LEAK_NPROBE` lists wide whatever its size: a near-duplicate sits in its
 original's list or one beside it (measured: see LEAK_NPROBE), so the scan costs the same per
-image at any size. Exact duplicates are one image hash filed under two splits (possible when two
-sources carry the same bytes), found by DuckDB within its memory limit.
+image at any size. Exact duplicates are one image hash filed under two splits (stores written before
+ingest de-duplicated by image hash could hold them), found by DuckDB within its memory limit.
 
 The pairs stream into `leaks/<model_key>/image-t<threshold>-<fingerprint>.parquet` (the `leaks`
 view), which replaces the previous scan at that threshold; memory is one chunk of queries and the
@@ -42,13 +42,14 @@ from schemas import LEAKS, SPLITS, from_columns
 
 SPLIT_ORDER = {split: i for i, split in enumerate(SPLITS)}
 QUERY_ROWS = 16384  # matrix rows whose val/test images are searched at a time
-# IVF lists (of ~1024 vectors) searched per evaluation image. Measured against exact search by
-# bench/leak_recall.py (clustered 768-d stores, near-duplicates planted across splits at cosine
-# 0.95-0.995 in random directions): recall of the pairs at nprobe 1 / 2 / 4 / 8 was
-# 0.998 / 0.9995 / 1 / 1 (2,000 pairs, 100k samples) and 1 / 1 / 1 / 1 (4,000 pairs, 200k).
+# IVF lists (of ~1024 vectors) searched per evaluation image at most: fewer where recall@10 of
+# ordinary neighbours needs fewer. Measured against exact search by bench/leak_recall.py (clustered
+# 768-d stores, near-duplicates planted across splits at cosine 0.95-0.995 in random directions):
+# recall of the pairs at nprobe 1 / 2 / 4 / 8 was 0.998 / 0.9995 / 1 / 1 (2,000 pairs, 100k
+# samples) and 1 / 1 / 1 / 1 (4,000 pairs, 200k); those indexes reached recall@10 0.99 at nprobe 1.
 LEAK_NPROBE = 4
 DEFAULT_THRESHOLD = 0.95
-DUCKDB_MEMORY = "1GB"  # the grouping of every sample id (exact duplicates) spills beyond this
+DUCKDB_MEMORY = "512MB"  # the grouping of every sample id (exact duplicates) spills beyond this
 _META_THRESHOLD = b"pipeline.leak_threshold"
 _META_FINGERPRINT = b"pipeline.embeddings_fingerprint"
 
@@ -62,7 +63,7 @@ class LeakConfig(Validated):
     exact_search: bool = False  # search with a flat index whatever the store's size
     max_memory: int = DEFAULT_MAX_MEMORY  # for the index, if one must be built
     wait: bool = True
-    nprobe: int = LEAK_NPROBE  # IVF lists searched per evaluation image
+    nprobe: int | None = None  # IVF lists searched per image (default: the index's tuned nprobe, ≤ LEAK_NPROBE)
 
     def check(self) -> None:
         within(self, "threshold", 0, 1, low_open=True)
@@ -169,14 +170,17 @@ def leaking_ids(store: Store, model_key: str, threshold: float = DEFAULT_THRESHO
 # --- private -------------------------------------------------------------------------------
 
 
-def _set_breadth(index: OpenIndex, nprobe: int) -> None:
-    """Search `nprobe` IVF lists: a near-duplicate (cosine ≥ 0.95) falls in its original's list or a
-    neighbouring one, so the scan needs far less breadth than recall@10 of ordinary neighbours, and a
-    fixed breadth over lists of fixed size keeps the cost of a query the same at any store size."""
+def _set_breadth(index: OpenIndex, nprobe: int | None) -> None:
+    """Search `nprobe` IVF lists (default: as many as recall@10 of ordinary neighbours needs, at most
+    LEAK_NPROBE). A near-duplicate (cosine ≥ 0.95) is far closer than a tenth neighbour and falls in its
+    original's list or a neighbouring one, so the scan needs no more breadth than that; a bounded breadth
+    over lists of fixed size keeps the cost of a query the same at any store size."""
     import faiss
 
+    params = index.info.params
     if index.info.kind.startswith("ivf"):
-        apply_breadth(index.index, index.info.kind, {**index.info.params, "nprobe": nprobe}, faiss)
+        breadth = nprobe or min(LEAK_NPROBE, params.get("nprobe", LEAK_NPROBE))
+        apply_breadth(index.index, index.info.kind, {**params, "nprobe": breadth}, faiss)
 
 
 def _split_codes(table: FeatureTable, rows: int) -> np.ndarray:
@@ -231,11 +235,12 @@ def _exact_pairs(store: Store, model_key: str, threshold: float) -> Iterator[pa.
     now = datetime.now(UTC)
     order = " ".join(f"WHEN '{split}' THEN {code}" for split, code in SPLIT_ORDER.items())
     sql = f"""
-        WITH coded AS (SELECT DISTINCT sample_id, split, CASE split {order} ELSE 3 END AS o FROM samples),
-             multi AS (SELECT sample_id, arg_min(split, o) AS first, min(o) AS first_o FROM coded
-                       GROUP BY sample_id HAVING count(*) > 1)
-        SELECT m.sample_id, m.first AS split_a, c.split AS split_b
-        FROM multi m JOIN coded c ON c.sample_id = m.sample_id AND c.o > m.first_o
+        WITH multi AS (SELECT sample_id FROM samples GROUP BY sample_id HAVING min(split) <> max(split)),
+             coded AS (SELECT DISTINCT sample_id, split, CASE split {order} ELSE 3 END AS o FROM samples
+                       WHERE sample_id IN (SELECT sample_id FROM multi)),
+             first AS (SELECT sample_id, arg_min(split, o) AS split_a, min(o) AS o FROM coded GROUP BY sample_id)
+        SELECT f.sample_id, f.split_a, c.split AS split_b
+        FROM first f JOIN coded c ON c.sample_id = f.sample_id AND c.o > f.o
     """
     spill = store.root / "cache" / "duckdb-tmp"
     spill.mkdir(parents=True, exist_ok=True)
