@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.encoding.clip import ModelSpec, load
-from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts
+from pipeline.encoding.clip import ModelSpec, load, picture_transform, split_transform
+from pipeline.encoding.units import Decoded, DecodeImages, EncodeImages, EncodeSpec, EncodeTexts
 from pipeline.errors import PipelineError
 from pipeline.stages.encode import pending_images_sql, write_pending
 from pipeline.stages.encode import run as encode
@@ -107,6 +107,68 @@ def test_units_are_arrow_in_arrow_out_and_pure(d3_store: Store, tmp_path: Path) 
     for row in out1.filter(pa.compute.is_valid(out1.column("vector"))).to_pylist():
         assert np.allclose(by_hash[row["content_hash"]]["vector"], np.asarray(row["vector"], np.float32), atol=1e-3)
         assert by_hash[row["content_hash"]]["norm"] == pytest.approx(row["norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("preprocess", [
+    {"size": 64},
+    {"size": [224, 224], "interpolation": "bilinear"},
+    {"size": 33, "resize_mode": "squash", "interpolation": "random"},
+    {"size": [40, 56], "resize_mode": "squash"},
+    {"size": [48, 48], "resize_mode": "shortest", "mean": [0.5, 0.5, 0.5], "fill_color": 0},
+])
+def test_decoding_resizes_and_crops_exactly_as_open_clip(preprocess: dict) -> None:
+    from PIL import Image
+
+    ours, theirs = picture_transform(preprocess), split_transform(preprocess)[0]
+    assert "open_clip" not in type(ours).__module__
+    rng = np.random.default_rng(0)
+    for w, h in [(64, 64), (300, 97), (97, 300), (7, 5), (225, 224), (1, 400), (511, 512)]:
+        for mode in ("RGB", "L"):
+            img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+            assert np.array_equal(np.asarray(ours(img)), np.asarray(theirs(img))), (preprocess, w, h, mode)
+
+
+def test_decoding_imports_no_open_clip(d3_store: Store, tmp_path: Path) -> None:
+    """A decoding worker needs PIL, not open_clip (which imports transformers and timm: seconds)."""
+    loaded = load(ModelSpec(TINY), torch.device("cpu"))
+    spec = EncodeSpec.from_info(ModelSpec(TINY), loaded.info, "float16", 64_000_000)
+    _pending_rows(d3_store, loaded.model_key, tmp_path)
+    script = textwrap.dedent("""
+        import pickle, sys
+        import pyarrow.parquet as pq
+        from pipeline.encoding.units import DecodeImages
+        decoded = DecodeImages(pickle.loads(bytes.fromhex(sys.argv[1]))).decode(pq.read_table(sys.argv[2]))
+        print(int(decoded.ok.sum()), "open_clip" in sys.modules)
+    """)
+    import pickle
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script, pickle.dumps(spec).hex(), str(tmp_path / "pending.parquet")],
+                          env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(_count(d3_store, "SELECT count(*) FROM samples") - 1), "False"]
+
+
+def test_started_batches_finish_in_any_order_with_the_same_rows(d3_store: Store, tmp_path: Path) -> None:
+    loaded = load(ModelSpec(TINY), torch.device("cpu"))
+    spec = EncodeSpec.from_info(ModelSpec(TINY), loaded.info, "float32", 64_000_000)
+    rows = _pending_rows(d3_store, loaded.model_key, tmp_path)
+    images = EncodeImages(spec, "cpu", "fp32", loaded)
+    decoded = DecodeImages(spec).decode(rows)
+    assert not decoded.ok.all() and decoded.ok.any()  # the truncated image
+    # the Arrow form round-trips, zero-copy
+    again = Decoded.from_table(decoded.as_table(), spec.picture_shape)
+    assert again.rows.equals(decoded.rows) and np.array_equal(again.ok, decoded.ok)
+    assert np.array_equal(again.pictures, decoded.pictures)
+    first, second = images.start(decoded), images.start(rows.slice(0, 3))
+    assert images.finish(second).equals(images(rows.slice(0, 3)))
+    assert images.finish(first).equals(images(rows))
+    failed = Decoded(decoded.rows.slice(0, 2), np.zeros((2, *spec.picture_shape), np.uint8), np.zeros(2, bool))
+    out = images.finish(images.start(failed))
+    assert out.column("vector").null_count == 2 and out.num_rows == 2
+    texts = EncodeTexts(spec, "cpu", "fp32", loaded)
+    batch = pa.table({"text_hash": ["h1", "h2"], "text": ["a red cat", "a dog"]})
+    started = texts.start(batch)
+    assert texts.finish(started).equals(texts(batch))
 
 
 def test_norm_is_the_raw_vector_length(d3_store: Store) -> None:

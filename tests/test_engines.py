@@ -67,6 +67,24 @@ def test_ray_options_need_the_ray_engine(d3_store: Store) -> None:
         encode_config(d3_store, actors=2)
 
 
+def test_decoding_workers_give_the_in_process_vectors_through_shared_memory_or_not(
+    d3_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.engines.local as local
+
+    stores = [Store(tmp_path / name) for name in ("shared", "piped")]
+    for store in stores:
+        shutil.copytree(d3_store.root, store.root)
+    encode(encode_config(d3_store, dtype="float32", batch_size=4))  # decoded in this process
+    encode(encode_config(stores[0], dtype="float32", workers=2, batch_size=4))
+    monkeypatch.setattr(local, "_fits_in_shared_memory", lambda nbytes: False)  # a 64 MB /dev/shm
+    encode(encode_config(stores[1], dtype="float32", workers=2, batch_size=4))
+    expected = _vectors(d3_store)
+    for store in stores:
+        got = _vectors(store)
+        assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+
+
 @pytest.mark.ray
 def test_ray_vectors_equal_local_vectors(ray_cluster: Any, d3_store: Store, tmp_path: Path) -> None:
     other = Store(tmp_path / "copy")

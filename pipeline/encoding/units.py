@@ -4,13 +4,16 @@
 runs in decoding processes or Ray tasks. `EncodeImages(spec, device, precision)` and
 `EncodeTexts(...)` load the model once, in their constructor, and return rows of
 `schemas.encoded_schema`: a vector and its norm, or the reason there is none. Both engines
-(`pipeline/engines/`) call exactly these; only where they run differs.
+(`pipeline/engines/`) call exactly these; only where they run differs. Each model unit also splits
+its call in two, `start(batch)` then `finish(started)`, so that a caller can queue the next batch on
+a GPU before reading the last one back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.encoding.clip import LoadedModel, ModelSpec, load, split_transform
+from pipeline.encoding.clip import LoadedModel, ModelSpec, load, picture_transform, split_transform
 from pipeline.errors import PipelineError
 from pipeline.features.vectors import normalise
 from pipeline.sources.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
@@ -100,6 +103,9 @@ BF16_EMULATED = ("this CPU has no native bf16 (AVX512-BF16/AMX): torch emulates 
                  "slower than fp32 here")
 
 
+InFlight = tuple[torch.Tensor, Any]  # features (on the host once the event has passed), a CUDA event or None
+
+
 class Encoder:
     """A loaded CLIP model on a device at a precision; returns unit vectors and their norms."""
 
@@ -127,23 +133,68 @@ class Encoder:
         return self.texts_and_norms(texts)[0]
 
     def images_and_norms(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        self.image_forward_passes += 1
-        with torch.inference_mode(), self._autocast():
-            out = self.loaded.model.encode_image(pixels.to(self.device, non_blocking=True))
-        return _unit_and_norm(out)
+        return self.finish(self.start_images(pixels))
 
     def texts_and_norms(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.finish(self.start_texts(texts))
+
+    def start_images(self, pixels: torch.Tensor) -> InFlight:
+        """Queue the forward pass of a batch of preprocessed images and the copy of its features back
+        to the host; on a GPU this returns before either is done."""
+        self.image_forward_passes += 1
+        with torch.inference_mode(), self._autocast():
+            return _read_back(self.loaded.model.encode_image(pixels.to(self.device, non_blocking=True)))
+
+    def start_texts(self, texts: list[str]) -> InFlight:
         self.text_forward_passes += 1
         tokens = self.loaded.tokenizer(texts).to(self.device)
         with torch.inference_mode(), self._autocast():
-            out = self.loaded.model.encode_text(tokens)
-        return _unit_and_norm(out)
+            return _read_back(self.loaded.model.encode_text(tokens))
+
+    def finish(self, started: InFlight) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a started batch; its unit vectors and their norms."""
+        features, copied = started
+        if copied is not None:
+            copied.synchronize()
+        return _unit_and_norm(features)
 
     def _autocast(self) -> Any:
         if self.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded batch: encoded-schema rows without vectors, and every row's picture (zeros where
+    `ok` is False). The local engine passes this between processes (the pictures as a tensor in
+    shared memory); `as_table`/`from_table` give the Arrow form that the Ray engine passes."""
+
+    rows: pa.Table
+    pictures: np.ndarray | torch.Tensor  # uint8 N×H×W×3
+    ok: np.ndarray  # bool N: decoded
+
+    def as_table(self) -> pa.Table:
+        pictures = np.asarray(self.pictures)
+        flat = pa.array(pictures.reshape(-1))  # no copy
+        column = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(pictures.shape[1:])), mask=pa.array(~self.ok))
+        return self.rows.append_column(PIXELS, column)
+
+    @staticmethod
+    def from_table(rows: pa.Table, shape: tuple[int, int, int]) -> Decoded:
+        """The inverse of `as_table`, without copying the pictures (read-only)."""
+        pixels = rows.column(PIXELS).combine_chunks()
+        ok = pc.is_valid(pixels).to_numpy(zero_copy_only=False)
+        size = int(np.prod(shape))
+        values = pixels.values.slice(pixels.offset * size, len(pixels) * size)
+        pictures = values.to_numpy(zero_copy_only=False).reshape(-1, *shape)
+        return Decoded(rows.drop_columns([PIXELS]), pictures, ok)
+
+    def pin_memory(self) -> Decoded:
+        """Page-locked pictures (DataLoader's pin-memory thread calls this): their copy to the GPU can
+        then run while this process does other work."""
+        return Decoded(self.rows, _as_tensor(self.pictures).pin_memory(), self.ok)
 
 
 class DecodeImages:
@@ -155,10 +206,13 @@ class DecodeImages:
 
     def __init__(self, spec: EncodeSpec) -> None:
         self.spec = spec
-        self.to_picture, _ = split_transform(spec.preprocess)
+        self.to_picture = picture_transform(spec.preprocess)  # PIL only: no open_clip import here
         self.reader: LocationReader | None = None  # made on first use: it caches per process
 
     def __call__(self, rows: pa.Table) -> pa.Table:
+        return self.decode(rows).as_table()
+
+    def decode(self, rows: pa.Table) -> Decoded:
         self.reader = self.reader or LocationReader()
         shape = self.spec.picture_shape
         pictures = np.zeros((rows.num_rows, *shape), np.uint8)
@@ -171,11 +225,7 @@ class DecodeImages:
                 pictures[i], ok[i] = picture, True
             reasons.append(reason)
             details.append(detail)
-        table = _encoded_rows(self.spec, "image", rows, reasons, details)
-        flat = pa.array(pictures.reshape(-1))
-        return table.append_column(
-            PIXELS, pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)), mask=pa.array(~ok))
-        )
+        return Decoded(_encoded_rows(self.spec, "image", rows, reasons, details), pictures, ok)
 
     def _decode(self, row: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None, str | None]:
         assert self.reader is not None
@@ -204,32 +254,46 @@ class EncodeImages:
         self.encoder = _encoder(spec, device, precision, loaded)
         _, self.to_tensor = split_transform(spec.preprocess)
         self.scale = _plain_normalise(self.to_tensor)  # (mean, std), or None: apply the steps per picture
+        self._mean_std = None if self.scale is None else tuple(
+            torch.tensor(v, dtype=torch.float32, device=self.encoder.device)[:, None, None] for v in self.scale)
         self._decode: DecodeImages | None = None
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        if PIXELS not in rows.column_names:  # not decoded by a worker: decode here
-            self._decode = self._decode or DecodeImages(self.spec)
-            rows = self._decode(rows)
-        pixels = rows.column(PIXELS).combine_chunks()
-        ok = pc.is_valid(pixels).to_numpy(zero_copy_only=False)
-        vectors = np.zeros((rows.num_rows, self.spec.dim), np.float32)
-        norms = np.full(rows.num_rows, np.nan, np.float32)
-        if ok.any():
-            values = np.array(pixels.filter(pa.array(ok)).flatten().to_numpy(zero_copy_only=False))  # writable
-            pictures = values.reshape(-1, *self.spec.picture_shape)
-            vectors[ok], norms[ok] = self.encoder.images_and_norms(self._tensors(pictures))
-        return _with_vectors(rows.drop_columns([PIXELS]), self.spec, vectors, norms, ok)
+        return self.finish(self.start(rows))
 
+    def start(self, batch: pa.Table | Decoded) -> Started:
+        """Queue a batch's forward pass (rows with or without `pixels`, or a `Decoded`); `finish` gives
+        its rows. On a GPU this returns before the pass is done."""
+        if isinstance(batch, pa.Table):
+            if PIXELS in batch.column_names:
+                batch = Decoded.from_table(batch, self.spec.picture_shape)
+            else:  # not decoded by a worker: decode here
+                self._decode = self._decode or DecodeImages(self.spec)
+                batch = self._decode.decode(batch)
+        ok = batch.ok
+        if not ok.any():
+            return Started(batch.rows, ok, None)
+        pictures = _as_tensor(batch.pictures)
+        if not ok.all():  # the failed rows' zeros stay behind; no copy when every picture decoded
+            pictures = pictures[torch.from_numpy(ok)]
+        return Started(batch.rows, ok, self.encoder.start_images(self._tensors(pictures)))
 
-    def _tensors(self, pictures: np.ndarray) -> torch.Tensor:
+    def finish(self, started: Started) -> pa.Table:
+        n = started.rows.num_rows
+        vectors = np.zeros((n, self.spec.dim), np.float32)
+        norms = np.full(n, np.nan, np.float32)
+        if started.in_flight is not None:
+            vectors[started.ok], norms[started.ok] = self.encoder.finish(started.in_flight)
+        return _with_vectors(started.rows, self.spec, vectors, norms, started.ok)
+
+    def _tensors(self, pictures: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 N×H×W×3 → the model's input. When the tail of the transform is ToTensor + Normalize,
         do both on the whole batch on the device (uint8 crosses the bus, 4× less): the same float32
         operations as torchvision's, so the same numbers."""
-        if self.scale is None:
-            return torch.stack([self.to_tensor(p) for p in pictures])
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=self.encoder.device)[:, None, None]
-                     for v in self.scale)
-        batch = torch.from_numpy(pictures).to(self.encoder.device, non_blocking=True)
+        if self._mean_std is None:
+            return torch.stack([self.to_tensor(p) for p in np.asarray(pictures)])
+        mean, std = self._mean_std
+        batch = _as_tensor(pictures).to(self.encoder.device, non_blocking=True)  # async from pinned memory
         return (batch.permute(0, 3, 1, 2).float().div(255) - mean) / std
 
 
@@ -243,12 +307,29 @@ class EncodeTexts:
         self.encoder = _encoder(spec, device, precision, loaded)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
+        return self.finish(self.start(rows))
+
+    def start(self, rows: pa.Table) -> Started:
         n = rows.num_rows
         table = _encoded_rows(self.spec, "text", rows, [None] * n, [None] * n)
         if not n:
-            return table
-        vectors, norms = self.encoder.texts_and_norms(rows.column("text").to_pylist())
-        return _with_vectors(table, self.spec, vectors, norms, np.ones(n, bool))
+            return Started(table, np.zeros(0, bool), None)
+        return Started(table, np.ones(n, bool), self.encoder.start_texts(rows.column("text").to_pylist()))
+
+    def finish(self, started: Started) -> pa.Table:
+        if started.in_flight is None:
+            return started.rows
+        vectors, norms = self.encoder.finish(started.in_flight)
+        return _with_vectors(started.rows, self.spec, vectors, norms, started.ok)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A batch whose forward pass is queued: its rows so far, which of them get a vector, the pass."""
+
+    rows: pa.Table
+    ok: np.ndarray
+    in_flight: InFlight | None
 
 
 def split_encoded(encoded: pa.Table, spec: EncodeSpec, now: datetime) -> tuple[pa.Table, pa.Table]:
@@ -313,6 +394,27 @@ def _with_vectors(
     table = table.set_column(table.schema.get_field_index("vector"), spec.schema.field("vector"), column)
     norm = pa.array(norms, pa.float32(), mask=~ok)
     return table.set_column(table.schema.get_field_index("norm"), spec.schema.field("norm"), norm)
+
+
+def _as_tensor(pictures: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(pictures, torch.Tensor):
+        return pictures
+    with warnings.catch_warnings():  # a read-only view of Arrow's buffer: only ever read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(pictures)
+
+
+def _read_back(features: torch.Tensor) -> InFlight:
+    """Features as float32, their copy to page-locked host memory queued behind the forward pass on
+    a GPU (with an event to wait for), or as they are elsewhere."""
+    features = features.float()
+    if features.device.type != "cuda":
+        return features, None
+    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+    host.copy_(features, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def _unit_and_norm(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

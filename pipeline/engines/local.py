@@ -4,25 +4,43 @@ It reads the pending rows in batches from the job's Parquet file (never the whol
 `DecodeImages` in DataLoader workers and `EncodeImages`/`EncodeTexts` here, writes complete staged
 shards and, as the holder of the store's writer lock, commits them a few at a time. A kill leaves
 only staged shards, which the next writer adopts: nothing lost, nothing doubled.
+
+On a GPU the host work (receiving decoded pictures, building and writing rows) must hide behind the
+forward pass: pictures come from the workers as uint8 tensors in shared memory, are page-locked by
+DataLoader's pin-memory thread, and each batch's pass is queued before the previous batch is read
+back, so the GPU always has the next batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import multiprocessing
+import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from pipeline.encoding.clip import LoadedModel
-from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts, default_workers, split_encoded
+from pipeline.encoding.units import (
+    Decoded,
+    DecodeImages,
+    EncodeImages,
+    EncodeSpec,
+    EncodeTexts,
+    default_workers,
+    resolve_device,
+    split_encoded,
+)
 from pipeline.reporting import Reporter
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
@@ -30,6 +48,7 @@ from pipeline.store.layout import Store
 
 COMMIT_EVERY_SHARDS = 8  # staged shards per catalog update …
 COMMIT_EVERY_SECONDS = 10.0  # … or sooner, so that `status` follows a long run
+PREFETCH = 2  # decoded batches each worker keeps ready (they wait in shared memory)
 
 
 @dataclass(frozen=True)
@@ -115,23 +134,29 @@ class LocalEngine:
         self.loaded = loaded  # a model the caller already loaded (to learn its key): reuse it
 
     def run(self, job: EncodeJob, reporter: Reporter) -> EngineResult:
+        batches: Generator[Any, None, None]
+        if job.modality == "text":
+            batches = pending_batches(job.pending, job.batch_size)
+        else:  # the workers start first: they decode while the model is built
+            device = resolve_device(job.device)
+            workers = default_workers(device) if self.workers is None else self.workers
+            batches = _decoded(job, workers, pin=device.type == "cuda")
+        with contextlib.closing(batches):  # closing ends the decoding workers, also on an error
+            return self._run(job, batches, reporter)
+
+    def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> EngineResult:
         result = EngineResult()
         unit: EncodeImages | EncodeTexts
-        batches: Iterator[pa.Table]
         if job.modality == "text":
             unit = EncodeTexts(job.spec, job.device, job.precision, self.loaded)
-            batches = pending_batches(job.pending, job.batch_size)
         else:
             unit = EncodeImages(job.spec, job.device, job.precision, self.loaded)
-            workers = default_workers(unit.encoder.device) if self.workers is None else self.workers
-            batches = _decoded(job, workers)
         result.device = str(unit.encoder.device)
         reporter.start(f"{job.modality}s", job.rows, "img" if job.modality == "image" else "texts")
         committer = Committer(job.store, result)
         buffer: list[pa.Table] = []
         started = time.perf_counter()
-        for batch in batches:
-            encoded = unit(batch)
+        for encoded in _one_ahead(unit, batches):
             count_outcomes(encoded, result)
             reporter.advance(f"{job.modality}s", encoded.num_rows)
             buffer.append(encoded)
@@ -150,39 +175,77 @@ class LocalEngine:
         """Nothing to release: the model goes with the engine."""
 
 
-def pending_batches(path: Path, batch_size: int, shard: int = 0, shards: int = 1) -> Iterator[pa.Table]:
+def pending_batches(
+    path: Path, batch_size: int, shard: int = 0, shards: int = 1
+) -> Generator[pa.Table, None, None]:
     """Batches of the pending file, read in order (every `shards`-th batch from `shard`)."""
     for i, batch in enumerate(pq.ParquetFile(path).iter_batches(batch_size=batch_size)):
         if i % shards == shard:
             yield pa.Table.from_batches([batch])
 
 
-def _decoded(job: EncodeJob, workers: int) -> Iterator[pa.Table]:
+def _one_ahead(unit: EncodeImages | EncodeTexts, batches: Iterator[Any]) -> Iterator[pa.Table]:
+    """The units' rows, batch after batch; each batch's forward pass is queued before the previous
+    one is read back, so a GPU computes while this process turns results into rows and shards."""
+    waiting = None
+    for batch in batches:
+        started = unit.start(batch)
+        if waiting is not None:
+            yield unit.finish(waiting)
+        waiting = started
+    if waiting is not None:
+        yield unit.finish(waiting)
+
+
+def _decoded(job: EncodeJob, workers: int, pin: bool) -> Generator[Decoded, None, None]:
     if workers == 0:
         decode = DecodeImages(job.spec)
-        yield from (decode(b) for b in pending_batches(job.pending, job.batch_size))
-        return
+        return (decode.decode(b) for b in pending_batches(job.pending, job.batch_size))
     # forkserver, not fork: a forked worker would inherit the writer lock's descriptor and, orphaned
-    # by a killed run, keep the store locked
+    # by a killed run, keep the store locked. The server imports this module once and the workers
+    # fork from it ready, instead of each importing torch and pyarrow (seconds each when 15 start at
+    # once); only the first server a process starts takes the list.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    picture_bytes = int(np.prod(job.spec.picture_shape)) * job.batch_size
     loader = torch.utils.data.DataLoader(
-        _DecodedBatches(job), batch_size=None, num_workers=workers, prefetch_factor=4,
-        worker_init_fn=_single_threaded_worker, collate_fn=_identity, multiprocessing_context="forkserver",
+        _DecodedBatches(job, _fits_in_shared_memory(workers * (PREFETCH + 1) * picture_bytes)),
+        batch_size=None, num_workers=workers, prefetch_factor=PREFETCH, pin_memory=pin,
+        worker_init_fn=_single_threaded_worker, collate_fn=_identity, multiprocessing_context=context,
     )
-    yield from loader
+    return _owning(iter(loader))  # iter() starts the workers now
+
+
+def _owning(batches: Iterator[Decoded]) -> Generator[Decoded, None, None]:
+    """Yield from `batches`, holding the only reference to it: closing this ends its workers."""
+    yield from batches
+
+
+def _fits_in_shared_memory(nbytes: int) -> bool:
+    """Whether /dev/shm can hold the decoded batches in flight (a container's default is 64 MB);
+    if not, the workers send their pictures through the pipe instead: slower, but it runs."""
+    try:
+        return shutil.disk_usage("/dev/shm").free >= nbytes
+    except OSError:  # no /dev/shm (macOS): torch shares memory another way
+        return True
 
 
 class _DecodedBatches(torch.utils.data.IterableDataset):
     """Worker k of n decodes every n-th batch of the pending file, from the k-th."""
 
-    def __init__(self, job: EncodeJob) -> None:
+    def __init__(self, job: EncodeJob, shared_memory: bool) -> None:
         self.job = job
+        self.shared_memory = shared_memory
 
-    def __iter__(self) -> Iterator[pa.Table]:
+    def __iter__(self) -> Iterator[Decoded]:
         info = torch.utils.data.get_worker_info()
         shard, shards = (info.id, info.num_workers) if info else (0, 1)
         decode = DecodeImages(self.job.spec)
         for batch in pending_batches(self.job.pending, self.job.batch_size, shard, shards):
-            yield decode(batch)
+            decoded = decode.decode(batch)
+            if self.shared_memory:  # a tensor crosses to the main process in shared memory, not pickled
+                decoded = Decoded(decoded.rows, torch.from_numpy(decoded.pictures), decoded.ok)
+            yield decoded
 
 
 def _identity(batch: Any) -> Any:
