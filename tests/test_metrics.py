@@ -146,3 +146,32 @@ def test_evaluate_by_generator_and_threshold() -> None:
     assert set(out) == {"all", "a", "b"} and out["a"]["auc"].value == 1.0 and out["b"]["auc"].n == 3
     assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == pytest.approx(0.25)
     assert choose_threshold(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+
+
+def test_codes_and_names_give_the_same_metrics_and_counts_the_same_point_estimates() -> None:
+    """Generator codes with `names`, group codes that sort as the keys do, and the point estimate from
+    counts are ways to spend fewer bytes a sample: every number must stay the same."""
+    from trainer.metrics import _point_metrics, _weighted_metrics, summary
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 2, 600).astype(np.int8)
+    scores = np.round(rng.normal(size=600) + labels, 1).astype(np.float32)  # many ties
+    names = ("real", "sd-xl", "if")
+    codes = np.where(labels == 1, rng.integers(1, 3, 600), 0).astype(np.int16)
+    keys = np.array([f"group-{k:03d}" for k in rng.integers(0, 150, 600)])
+    ranks = np.unique(keys, return_inverse=True)[1].astype(np.int32)
+    by_name = evaluate_by_generator(labels, scores, np.array(names)[codes], keys, 0.4, np.random.default_rng(1), 50)
+    by_code = evaluate_by_generator(labels, scores, codes, ranks, 0.4, np.random.default_rng(1), 50, names=names)
+    assert list(by_name) == list(by_code) == ["all", "if", "sd-xl"]
+    assert {g: {m: e.as_dict() for m, e in d.items()} for g, d in by_name.items()} == \
+        {g: {m: e.as_dict() for m, e in d.items()} for g, d in by_code.items()}
+    assert summary(labels, scores, np.array(names)[codes]) == summary(labels, scores, codes, names=names)
+    order = np.argsort(scores, kind="mergesort")
+    s, y = scores[order].astype(np.float64), labels[order].astype(bool)
+    starts = np.r_[0, np.nonzero(np.diff(s))[0] + 1]
+    weighted = _weighted_metrics(y, s > 0.5, starts, np.ones((1, 600)))
+    counted = _point_metrics(y, s > 0.5, starts)
+    assert {m: weighted[m].tolist() for m in METRICS} == {m: counted[m].tolist() for m in METRICS}
+    pairs = (scores[labels == 1][:, None] > scores[labels == 0][None, :]) + \
+        0.5 * (scores[labels == 1][:, None] == scores[labels == 0][None, :])
+    assert roc_auc(labels, scores) == pytest.approx(pairs.mean(), abs=1e-12)

@@ -122,3 +122,70 @@ def test_bad_options_are_sentences(planted: Store) -> None:
         train(planted, _config(cvar_alpha=0.0))
     with pytest.raises(PipelineError, match="No embeddings for model key"):
         train(planted, _config(model_key="nope"))
+
+
+def test_a_run_records_the_metrics_of_its_scores_computed_from_names(planted: Store) -> None:
+    """Metrics come from numbers (generator codes, group ranks); they equal the metrics of the run's
+    score shard computed from the generator names and group keys themselves."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.runs import jsonable
+    from pipeline.stages.train import BOOT_CELLS, MIN_BOOT, N_BOOT
+    from trainer.metrics import evaluate_by_generator, summary
+
+    run = train(planted, _config(features="image", epochs=1, seed=4))
+    scores = pq.read_table(planted.dataset_dir("scores") / f"{run.run_id}.parquet").to_pydict()
+    samples = catalog.query(planted, "SELECT sample_id, group_key FROM samples").to_pydict()
+    keys = dict(zip(samples["sample_id"], samples["group_key"], strict=True))
+    test = np.array(scores["split"]) == "test"
+    y, p = np.array(scores["label"])[test], np.array(scores["score"], np.float32)[test]
+    gens = np.array(scores["generator"], object)[test]
+    groups = np.array([keys[i] for i in scores["sample_id"]], object)[test]
+    n_boot = max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // int(test.sum())))
+    by_gen = evaluate_by_generator(y, p, gens, groups, 0.5, np.random.default_rng([4, 2]), n_boot)
+    recorded = run.metrics["test"]
+    assert jsonable(summary(y, p, gens)["auc_by_generator"]) == jsonable(recorded["auc_by_generator"])
+    assert jsonable({g: {m: e.as_dict() for m, e in d.items()} for g, d in by_gen.items()}) == \
+        jsonable(recorded["intervals"])
+    assert recorded["groups"] == len(set(groups))
+
+
+def test_scores_stream_to_a_temp_file_that_only_a_committed_run_publishes(planted: Store, monkeypatch) -> None:
+    from pipeline.stages import train as train_stage
+
+    scores_dir = planted.dataset_dir("scores")
+    run = train(planted, _config(features="image", epochs=1))
+    assert (scores_dir / f"{run.run_id}.parquet").exists() and not list(scores_dir.glob(".*"))
+    before = sorted(scores_dir.iterdir())
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("metrics failed")
+
+    monkeypatch.setattr(train_stage, "_summaries", fail)
+    with pytest.raises(RuntimeError, match="metrics failed"):
+        train(planted, _config(features="image", epochs=1, seed=11))
+    assert sorted(scores_dir.iterdir()) == before  # no shard, no temp file left behind
+
+
+def test_score_collector_keeps_codes_and_the_leak_mask_and_group_codes_sort_as_keys(planted: Store) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.runs import ScoreCollector, group_codes
+
+    collector = ScoreCollector(1, excluded={"b"})  # capacity 1: grows as rows come
+    for part in ({"sample_id": ["a", "b"], "split": ["test", "val"], "label": [1, 0], "generator": ["z", "real"]},
+                 {"sample_id": ["c"], "split": ["train"], "label": [1], "generator": ["m"]}):
+        rows = pa.table({**part, "label": pa.array(part["label"], pa.int8())})
+        collector.write(rows, np.array([0.9, 0.2, 0.7][: rows.num_rows], np.float32))
+    s = collector.arrays()
+    assert s.generators == ("m", "real", "z")
+    assert s.generator.tolist() == [2, 1, 0] and s.split.tolist() == [2, 1, 0]
+    assert s.label.tolist() == [1, 0, 1] and s.excluded.tolist() == [False, True, False]
+    assert s.of("val").tolist() == [False, False, False] and s.of("test").tolist() == [True, False, False]
+    ids = catalog.query(planted, "SELECT sample_id, group_key FROM samples ORDER BY sample_id DESC LIMIT 40")
+    unknown = "f" * 64  # no such sample: its own group, ranked by its id among the keys
+    codes = group_codes(planted, np.array(ids.column("sample_id").to_pylist() + [unknown], object))
+    keys = ids.column("group_key").to_pylist() + [unknown]
+    assert codes.tolist() == np.unique(np.array(keys), return_inverse=True)[1].tolist()

@@ -29,6 +29,7 @@ from pipeline.runs import (
     ScoreCollector,
     ScoreWriter,
     TrainConfig,
+    bound_memory,
     config_hash,
     evaluation_loss,
     evaluation_set,
@@ -133,8 +134,10 @@ def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: in
     missing caption, or the caption not encoded yet)."""
     which = "perturbation IS NULL" if config.perturbation is None else "perturbation = ?"
     params: list[object] = [] if config.perturbation is None else [config.perturbation]
-    total = catalog.query(store, f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which}", params)
-    return {"no_image_vector": max(0, int(total.column(0)[0].as_py()) - table.rows),
+    with catalog.connect(store) as con:
+        bound_memory(con, store)  # (a count of distinct ids holds every id: let DuckDB spill)
+        total = con.execute(f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which}", params).fetchall()[0][0]
+    return {"no_image_vector": max(0, int(total) - table.rows),
             "no_text_vector": max(0, table.rows - scored) if config.features != "image" else 0}
 
 
