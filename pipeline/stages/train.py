@@ -211,14 +211,10 @@ def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str],
              sinks: tuple[ScoreSink, ...]) -> tuple[dict[str, Any], None]:
     from pipeline.features.knn import knn_scores
 
-    cols, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed, input_norm=config.input_norm)
-    rows = cols if isinstance(cols, pa.Table) else None
-    for start in range(0, len(fitted.scores), KNN_SLICE_ROWS):
-        stop = min(start + KNN_SLICE_ROWS, len(fitted.scores))
-        part = rows.slice(start, stop - start) if rows is not None else pa.table(
-            {c: pa.array(cols[c][start:stop]) for c in ("sample_id", "split", "label", "generator")})
+    rows, fitted = knn_scores(table, config.features, SPLITS, excluded, config.seed, input_norm=config.input_norm)
+    for start in range(0, rows.num_rows, KNN_SLICE_ROWS):  # (both memory-mapped: slices cost no copy)
         for sink in sinks:
-            sink.write(part, fitted.scores[start:stop])
+            sink.write(rows.slice(start, KNN_SLICE_ROWS), fitted.scores[start:start + KNN_SLICE_ROWS])
     extra = {"k": fitted.k, "val_auc_by_k": fitted.val_auc_by_k, "index": fitted.index_params}
     return extra, None
 
