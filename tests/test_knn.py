@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.features.knn import KS, knn_scores
+from pipeline.features.knn import KNN_NPROBE, KS, knn_scores
 from pipeline.features.view import feature_table
 from pipeline.stages.ingest import assign_split
 from pipeline.store import catalog
@@ -99,6 +99,6 @@ def test_an_approximate_index_votes_as_the_exact_one(tmp_path: Path, monkeypatch
     monkeypatch.setattr("pipeline.features.index.EXACT_BELOW", 0)
     monkeypatch.setattr("pipeline.features.index.LIST_ROWS", 64)  # 25 lists over 1,600 training rows
     rows, approx = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
-    assert approx.index_params["factory"].startswith("IVF25,")
+    assert approx.index_params["factory"].startswith("IVF25,") and approx.index_params["nprobe"] <= KNN_NPROBE
     assert rows.column("sample_id").to_pylist() == exact_rows.column("sample_id").to_pylist()
     assert np.mean(np.isclose(approx.scores, exact.scores, atol=1e-4)) > 0.9

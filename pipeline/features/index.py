@@ -247,12 +247,12 @@ Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarray]], sample: Sampler, n: int,
-                    config: IndexConfig, reporter: Reporter | None = None, faiss: Any = None
-                    ) -> tuple[Any, dict[str, Any]]:
+                    config: IndexConfig, reporter: Reporter | None = None, faiss: Any = None,
+                    max_breadth: int | None = None) -> tuple[Any, dict[str, Any]]:
     """An index over n vectors given in row order as chunks (streamed twice at most).
 
     `sample(count, rng)` gives `count` random rows: their row numbers and vectors (to train on, and
-    to query for the recall estimate).
+    to query for the recall estimate). The search breadth is tuned up to `max_breadth` at most.
 
     Returns the index (search breadth tuned) and its params, with `recall_at_10` and
     `recall_by_breadth` added. Vectors are L2-normalised as they are added.
@@ -288,7 +288,7 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
     if truth is None:
         params.update(recall_at_10=1.0, recall_by_breadth={})
         return index, params
-    recall, by_breadth = _tune(index, plan, queries, own, truth.rows, config, params, faiss)
+    recall, by_breadth = _tune(index, plan, queries, own, truth.rows, config, params, faiss, max_breadth)
     params.update(recall_at_10=recall, recall_by_breadth=by_breadth)
     return index, params
 
@@ -514,12 +514,15 @@ def _breadths(kind: str, params: dict[str, Any]) -> list[int]:
 
 
 def _tune(index: Any, plan: Plan, queries: np.ndarray, own: np.ndarray, exact: np.ndarray, config: IndexConfig,
-          params: dict[str, Any], faiss: Any) -> tuple[float, dict[int, float]]:
+          params: dict[str, Any], faiss: Any, max_breadth: int | None = None) -> tuple[float, dict[int, float]]:
     """Smallest search breadth reaching the target recall@10 (or the widest tried); its recall."""
     queries = _unit(queries)
     name = "nprobe" if plan.kind.startswith("ivf") else "efSearch"
     by_breadth: dict[int, float] = {}
-    for breadth in _breadths(plan.kind, params):
+    breadths = _breadths(plan.kind, params)
+    if max_breadth:
+        breadths = [b for b in breadths if b <= max_breadth] or breadths[:1]
+    for breadth in breadths:
         params[name] = breadth
         apply_breadth(index, plan.kind, params, faiss)
         approx = index.search(queries, RECALL_K + 1)[1]
