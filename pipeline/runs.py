@@ -193,37 +193,29 @@ def evaluation_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fi
 # --- private -------------------------------------------------------------------------------
 
 
-class ScoreWriter:
-    """The one writer of score shards: scores/<run_id>[-<part>].parquet, streamed batch by batch.
+class _ParquetStream:
+    """Rows of `schema` streamed into a hidden temp file beside `path`, named for this process: a
+    concurrent writer's sweep leaves it alone, the next writer after a kill removes it. Batches are
+    copied and buffered into row groups of `GROUP_ROWS`, so memory is one row group whatever the size."""
 
-    Rows go to a hidden temp file beside the shard, named for this process: a concurrent writer's
-    sweep leaves it alone, the next writer after a kill removes it. `publish` moves it into place (the
-    caller commits it, under the writer lock). Memory is one row group of rows whatever the run's size.
-    """
-
-    def __init__(self, store: Store, run_id: str, part: str | None = None) -> None:
-        self.run_id = run_id
-        self.path = store.dataset_dir("scores") / (f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_path(self.path)
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.schema, self.tmp = path, schema, temp_path(path)
         self.rows = 0
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self.tmp, SCORES, compression=PARQUET_COMPRESSION, write_page_checksum=True)
+            self.tmp, schema, compression=PARQUET_COMPRESSION, write_page_checksum=True)
         self._pending: list[pa.Table] = []
-        self._published = False
+        self._kept = False  # the temp file was moved into place
 
-    def write(self, rows: pa.Table, scores: np.ndarray) -> None:
-        """The scores of these rows (columns sample_id, split, label, generator; any others ignored)."""
-        n = rows.num_rows
-        if n == 0:
-            return
-        self._pending.append(from_columns(SCORES, {
-            "run_id": pa.array([self.run_id] * n, pa.string()),
-            # copied: a batch is often a slice of a larger read, whose buffers a kept slice keeps whole
-            **{c: pa.concat_arrays(rows.column(c).chunks) for c in ("sample_id", "split", "label", "generator")},
-            "score": pa.concat_arrays([pa.array(np.asarray(scores, np.float32))]),
-        }))
-        self.rows += n
+    def append(self, columns: dict[str, pa.Array | pa.ChunkedArray | np.ndarray]) -> None:
+        # copied: a batch is often a slice of a larger read (whose buffers a kept slice keeps whole),
+        # and numpy scores kept from batch to batch would pin the C heap between larger buffers
+        copied = {k: pa.concat_arrays(v.chunks if isinstance(v, pa.ChunkedArray)
+                                      else [v if isinstance(v, pa.Array) else pa.array(v)])
+                  for k, v in columns.items()}
+        table = from_columns(self.schema, copied)
+        self._pending.append(table)
+        self.rows += table.num_rows
         if sum(t.num_rows for t in self._pending) >= SCORE_GROUP_ROWS:
             self._flush()
 
@@ -235,25 +227,78 @@ class ScoreWriter:
             self._writer = None
         return self.tmp
 
-    def publish(self) -> Path:
-        """Move the finished file into place; returns the shard's path, for `catalog.commit`."""
-        tmp = self.close()
-        atomic_write(self.path, lambda target: os.replace(tmp, target))
-        self._published = True
-        return self.path
-
     def discard(self) -> None:
-        """Drop the temp file unless it was published (a no-op then)."""
+        """Drop the temp file unless it was moved into place (a no-op then)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if not self._published:
+        if not self._kept:
             self.tmp.unlink(missing_ok=True)
 
     def _flush(self) -> None:
         if self._pending and self._writer is not None:
             self._writer.write_table(pa.concat_tables(self._pending))
         self._pending = []
+
+
+class ScoreWriter(_ParquetStream):
+    """The one writer of score shards: scores/<run_id>[-<part>].parquet, streamed batch by batch to a
+    temp file (see `_ParquetStream`); `publish` moves it into place for the caller to commit under the
+    writer lock."""
+
+    def __init__(self, store: Store, run_id: str, part: str | None = None) -> None:
+        self.run_id = run_id
+        super().__init__(store.dataset_dir("scores") / (f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet"),
+                         SCORES)
+
+    def write(self, rows: pa.Table, scores: np.ndarray) -> None:
+        """The scores of these rows (columns sample_id, split, label, generator; any others ignored)."""
+        if rows.num_rows:
+            self.append({"run_id": pa.array([self.run_id] * rows.num_rows, pa.string()),
+                         **{c: rows.column(c) for c in ("sample_id", "split", "label", "generator")},
+                         "score": np.asarray(scores, np.float32)})
+
+    def publish(self) -> Path:
+        """Move the finished file into place; returns the shard's path, for `catalog.commit`."""
+        tmp = self.close()
+        atomic_write(self.path, lambda target: os.replace(tmp, target))
+        self._kept = True
+        return self.path
+
+
+class GroupKeys(_ParquetStream):
+    """Takes the batches a `ScoreWriter` takes and keeps each row's group key, in a temp file beside
+    the scores, for `codes`: the key (its own sample id when it has none) comes with the view's rows,
+    so ranking the keys is one external sort, no join with the samples table. Rows without a
+    `group_key` column (kNN's) keep their sample id, looked up in `samples` when ranked."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.lookup = False
+        super().__init__(store.dataset_dir("scores") / f"{run_id}-groups.parquet", _KEYS)
+
+    def write(self, rows: pa.Table, scores: np.ndarray) -> None:
+        if not rows.num_rows:
+            return
+        if "group_key" in rows.column_names:
+            self.append({"key": pc.coalesce(rows.column("group_key"), rows.column("sample_id"))})
+        else:
+            self.lookup = True
+            self.append({"key": rows.column("sample_id")})
+
+    def codes(self) -> np.ndarray:
+        """`group_codes` of the rows written, in order; the temp file is gone afterwards."""
+        try:
+            keys = f"read_parquet('{_sql_str(str(self.close()))}', file_row_number = true)"
+            if self.lookup:
+                return _ranked(self.store, self.rows, f"SELECT f.file_row_number AS i, coalesce(k.group_key, f.key) "
+                               f"AS key FROM {keys} f LEFT JOIN samples k ON k.sample_id = f.key")
+            return _ranked(self.store, self.rows, f"SELECT file_row_number AS i, key FROM {keys}")
+        finally:
+            self.discard()
+
+
+_KEYS = pa.schema([pa.field("key", pa.string(), nullable=False)])
 
 
 @dataclass
@@ -319,35 +364,45 @@ class ScoreCollector:
 _COLLECTED = {"label": np.int8, "score": np.float32, "split": np.int8, "generator": np.int16, "excluded": np.bool_}
 
 
-def group_codes(store: Store, ids: Path | pa.Array | np.ndarray) -> np.ndarray:
-    """Each row's group as an int32 code, in row order: the rank of its `group_key` among the keys of
-    all rows (its own sample id when the samples table has none for it), so codes sort as the keys do
-    and a metric's group bootstrap draws what it drew from the keys themselves.
+def group_codes(store: Store, ids: pa.Array | np.ndarray) -> np.ndarray:
+    """Each sample's group as an int32 code, in order: the rank of its `group_key` among the keys of
+    all of them (its own sample id when the samples table has none for it), so codes sort as the
+    keys do and a metric's group bootstrap draws what it drew from the keys themselves. (A run's
+    scores get theirs from `GroupKeys`, without the join.)"""
+    column = ids if isinstance(ids, pa.Array | pa.ChunkedArray) else pa.array(ids, pa.string())
+    return _ranked(store, len(column), "SELECT ids.i, coalesce(k.group_key, ids.sample_id) AS key FROM ids "
+                   "LEFT JOIN samples k USING (sample_id)",
+                   {"ids": pa.table({"sample_id": column.cast(pa.string()), "i": np.arange(len(column))})})
 
-    `ids` is a score file (read where it lies) or an array of sample ids. DuckDB ranks and joins
-    within a bounded memory budget (spilling beyond it); no key reaches Python.
-    """
+
+def _ranked(store: Store, n: int, rows_sql: str, tables: dict[str, pa.Table] | None = None) -> np.ndarray:
+    """Dense ranks (0-based, int32) of `key` for rows `i` < n of a query with columns (i, key).
+
+    DuckDB sorts by key within `DUCKDB_MEMORY` (an external sort: it spills, measured flat to 6M keys
+    in 128 MB where a window or a join grew with rows); ranks are counted as the sorted keys stream
+    back, a batch at a time with Arrow compute: no key becomes a Python object."""
+    out = np.zeros(n, np.int32)
     with catalog.connect(store) as con:
         bound_memory(con, store)
-        if isinstance(ids, Path):
-            source = f"(SELECT sample_id, file_row_number AS i FROM read_parquet('{_sql_str(str(ids))}', " \
-                     "file_row_number = true))"
-        else:
-            column = ids if isinstance(ids, pa.Array | pa.ChunkedArray) else pa.array(ids, pa.string())
-            con.register("ids", pa.table({"sample_id": column.cast(pa.string()), "i": np.arange(len(ids))}))
-            source = "ids"
-        rel = con.sql(
-            "SELECT (dense_rank() OVER (ORDER BY coalesce(k.group_key, s.sample_id)) - 1)::INTEGER AS code "
-            f"FROM {source} s LEFT JOIN (SELECT sample_id, min(group_key) AS group_key FROM samples "
-            "GROUP BY sample_id) k USING (sample_id) ORDER BY s.i")
-        out = np.empty(len(ids) if not isinstance(ids, Path) else pq.read_metadata(ids).num_rows, np.int32)
-        at = 0
+        for name, table in (tables or {}).items():
+            con.register(name, table)
+        rel = con.sql(f"SELECT i, key FROM ({rows_sql}) ORDER BY key, i")
         stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
+        rank, last, seen = -1, None, 0
         for batch in stream(1 << 16):
-            out[at:at + batch.num_rows] = batch.column(0).to_numpy()
-            at += batch.num_rows
-    if at != len(out):
-        raise RuntimeError(f"group codes for {at} of {len(out)} rows")
+            m = batch.num_rows
+            seen += m
+            if not m:
+                continue
+            keys = batch.column(1)
+            new = np.empty(m, bool)
+            new[0] = last is None or keys[0].as_py() != last
+            new[1:] = pc.not_equal(keys.slice(1), keys.slice(0, m - 1)).to_numpy(zero_copy_only=False)
+            codes = rank + np.cumsum(new)
+            out[batch.column(0).to_numpy()] = codes
+            rank, last = int(codes[-1]), keys[m - 1].as_py()
+    if seen < n:
+        raise RuntimeError(f"group keys of {seen} of {n} rows")
     return out
 
 

@@ -172,7 +172,7 @@ def test_score_collector_keeps_codes_and_the_leak_mask_and_group_codes_sort_as_k
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.runs import ScoreCollector, group_codes
+    from pipeline.runs import GroupKeys, ScoreCollector, group_codes
 
     collector = ScoreCollector(1, excluded={"b"})  # capacity 1: grows as rows come
     for part in ({"sample_id": ["a", "b"], "split": ["test", "val"], "label": [1, 0], "generator": ["z", "real"]},
@@ -189,3 +189,10 @@ def test_score_collector_keeps_codes_and_the_leak_mask_and_group_codes_sort_as_k
     codes = group_codes(planted, np.array(ids.column("sample_id").to_pylist() + [unknown], object))
     keys = ids.column("group_key").to_pylist() + [unknown]
     assert codes.tolist() == np.unique(np.array(keys), return_inverse=True)[1].tolist()
+    # a run's keys stream to a temp file in scoring order (rows without group_key: looked up by id)
+    sample_ids = pa.array(ids.column("sample_id").to_pylist() + [unknown])
+    for columns in ({"sample_id": sample_ids, "group_key": pa.array(keys)}, {"sample_id": sample_ids}):
+        streamed = GroupKeys(planted, "test-run")
+        for start in range(0, len(sample_ids), 16):
+            streamed.write(pa.table(columns).slice(start, 16), np.zeros(16, np.float32))
+        assert streamed.codes().tolist() == codes.tolist() and not list(planted.root.rglob(".test-run*"))

@@ -25,6 +25,7 @@ from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.runs import (
+    GroupKeys,
     ScoreArrays,
     ScoreCollector,
     ScoreWriter,
@@ -34,7 +35,6 @@ from pipeline.runs import (
     evaluation_loss,
     evaluation_set,
     existing_run,
-    group_codes,
     run_metrics,
     write_run,
 )
@@ -49,7 +49,8 @@ KNN_SLICE_ROWS = 65_536  # kNN scores reach the score sinks this many rows at a 
 
 
 class ScoreSink(Protocol):
-    """Where scored batches go: `ScoreWriter` (the run's score shard), `ScoreCollector` (numbers for metrics)."""
+    """Where scored batches go: `ScoreWriter` (the run's score shard), `ScoreCollector` (numbers for
+    metrics), `GroupKeys` (group keys, ranked once scoring is done)."""
 
     def write(self, rows: pa.Table, scores: np.ndarray) -> None: ...
 
@@ -95,15 +96,16 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
 
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
     # Scores stream to a temp file as they are computed; metrics see numbers only (`ScoreArrays`).
-    writer = ScoreWriter(store, run_id)
+    writer, keys = ScoreWriter(store, run_id), GroupKeys(store, run_id)
     try:
         collector = ScoreCollector(table.rows, excluded)  # (at most one score per row of the view)
+        sinks = (writer, collector, keys)
         if config.detector == "knn":
-            extra, state = _fit_knn(table, config, excluded, (writer, collector))
+            extra, state = _fit_knn(table, config, excluded, sinks)
         else:
-            extra, state = _fit_mlp(table, config, excluded, reporter, (writer, collector))
+            extra, state = _fit_mlp(table, config, excluded, reporter, sinks)
         scores = collector.arrays()
-        scores.group = group_codes(store, writer.close())
+        scores.group = keys.codes()
         metrics = {
             "model_key": model_key,
             "random_weights": random_weights,
@@ -125,6 +127,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
             write_run(store, run_id, chash, config, model_key, metrics, state, writer)
     finally:
         writer.discard()
+        keys.discard()
     return TrainResult(run_id, chash, model_key, random_weights, metrics)
 
 
