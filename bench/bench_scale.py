@@ -181,6 +181,9 @@ def _hwm_kb() -> int:
 
 
 def worker(stage: str, store_dir: Path, work: Path) -> None:
+    from pipeline.allocator import fix_mmap_threshold
+
+    fix_mmap_threshold()  # as the CLI does
     peak = [_anon_kb()]
 
     def sample() -> None:

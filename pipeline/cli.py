@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from pipeline.allocator import fix_mmap_threshold
 from pipeline.errors import PipelineError
 from pipeline.present.terminal import (
     RichReporter,
@@ -816,6 +817,7 @@ def verify(
 
 
 def main() -> None:
+    fix_mmap_threshold()  # batch buffers go back to the OS when freed (see pipeline/allocator.py)
     app(prog_name="pipeline")
 
 

@@ -45,3 +45,13 @@ def test_scoring_and_metrics_memory_grows_by_a_few_bytes_a_sample(tmp_path: Path
     grown = _peak(large) - _peak(small)
     per_sample = grown / (9 * 5 * ROWS)
     assert per_sample < BYTES_PER_SAMPLE, f"{per_sample:.0f} bytes a sample"
+
+
+def test_the_allocator_threshold_is_fixed_on_glibc() -> None:
+    import platform
+
+    from pipeline.allocator import fix_mmap_threshold
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert fix_mmap_threshold() is True
