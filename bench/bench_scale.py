@@ -164,20 +164,21 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
     raise SystemExit(f"unknown stage {stage!r}")
 
 
-def _anon_kb() -> int:
+def _status_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KB (0 where there is none)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
+
+
+def _anon_kb() -> int:
+    return _status_kb("RssAnon")
 
 
 def _hwm_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    return _status_kb("VmHWM")
 
 
 def worker(stage: str, store_dir: Path, work: Path) -> None:
