@@ -408,10 +408,7 @@ def _ranked(store: Store, n: int, rows_sql: str, tables: dict[str, pa.Table] | N
 
 def bound_memory(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     """Hold a DuckDB connection's sorts, joins and aggregates to `DUCKDB_MEMORY`, spilling to the store's cache."""
-    spill = store.root / "cache" / "duckdb-tmp"
-    spill.mkdir(parents=True, exist_ok=True)
-    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-    con.execute(f"SET temp_directory = '{_sql_str(str(spill))}'")
+    catalog.limit_memory(con, DUCKDB_MEMORY, store.root / "cache" / "duckdb-tmp")
 
 
 def _sql_str(text: str) -> str:

@@ -211,10 +211,7 @@ def _count_missing_text(path: Path) -> int:
 
 
 def _limit(con: duckdb.DuckDBPyConnection, spill: Path) -> None:
-    spill.mkdir(parents=True, exist_ok=True)
-    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-    con.execute(f"SET threads = {DUCKDB_THREADS}")
-    con.execute(f"SET temp_directory = '{_q(str(spill))}'")
+    catalog.limit_memory(con, DUCKDB_MEMORY, spill, DUCKDB_THREADS)
     con.execute("SET preserve_insertion_order = true")
 
 

@@ -242,11 +242,8 @@ def _exact_pairs(store: Store, model_key: str, threshold: float) -> Iterator[pa.
         SELECT f.sample_id, f.split_a, c.split AS split_b
         FROM first f JOIN coded c ON c.sample_id = f.sample_id AND c.o > f.o
     """
-    spill = store.root / "cache" / "duckdb-tmp"
-    spill.mkdir(parents=True, exist_ok=True)
     with catalog.connect(store) as con:
-        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        catalog.limit_memory(con, DUCKDB_MEMORY, store.root / "cache" / "duckdb-tmp")
         for batch in con.sql(sql).to_arrow_reader(65536):
             if batch.num_rows:
                 yield from_columns(LEAKS, {

@@ -62,8 +62,7 @@ def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
     manifest = catalog.read_manifest(config.store)
     with catalog.connect(config.store) as con:  # one connection: its views are set up once
         spill = Path(tempfile.gettempdir()) / f"pipeline-status-{os.getpid()}"
-        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        catalog.limit_memory(con, DUCKDB_MEMORY, spill)
         try:
             return _status(config.store, manifest,
                            lambda sql, params=None: con.sql(sql, params=params or None).to_arrow_table())

@@ -172,6 +172,15 @@ def connect(store: Store, read_only: bool = True) -> Iterator[duckdb.DuckDBPyCon
         con.close()
 
 
+def limit_memory(con: duckdb.DuckDBPyConnection, memory: str, spill: Path, threads: int | None = None) -> None:
+    """Hold a DuckDB connection's sorts, joins and aggregates to `memory`, spilling to `spill`."""
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = '{memory}'")
+    con.execute(f"SET temp_directory = '{_sql_str(str(spill))}'")
+    if threads is not None:
+        con.execute(f"SET threads = {int(threads)}")
+
+
 def shard_paths(store: Store, dataset: str, model_key: str | None = None) -> list[Path]:
     """Absolute paths of a dataset's committed shards (optionally of one model), in name order."""
     if not exists(store):

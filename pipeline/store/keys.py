@@ -256,9 +256,7 @@ def _scan(query: KeyQuery, paths: list[Path], scratch: Path) -> Path:
     listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
     out = scratch / f"scan.{uuid.uuid4().hex[:8]}.keys"
     with duckdb.connect() as con:
-        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-        con.execute("SET threads = 2")
-        con.execute(f"SET temp_directory = '{str(scratch).replace(chr(39), chr(39) * 2)}'")
+        catalog.limit_memory(con, DUCKDB_MEMORY, scratch, threads=2)
         reader = con.sql(
             f"SELECT DISTINCT {key_sql(query.expression)} AS k FROM read_parquet([{listed}], union_by_name = true) "
             f"WHERE ({query.where}) AND ({query.expression}) IS NOT NULL ORDER BY k").to_arrow_reader(1 << 16)
