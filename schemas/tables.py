@@ -170,6 +170,12 @@ SOURCES = stamp(
             pa.field("options_digest", pa.string(), nullable=False),  # ingest options that shape the rows
             pa.field("items", pa.int64(), nullable=False),  # samples and problems the unit gave
             pa.field("recorded_at", _UTC_MS, nullable=False),
+            # A file read as growing (a tar, a CSV manifest): where its next read starts (the end of its
+            # last complete member or line), a digest of the 64 KiB before that (unchanged: only grown),
+            # and the manifest rows before it. NULL: read it whole next time (or a ledger before these).
+            pa.field("resume_offset", pa.int64()),
+            pa.field("resume_tail", pa.string()),
+            pa.field("resume_rows", pa.int64()),
         ]
     ),
 )

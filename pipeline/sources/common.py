@@ -6,19 +6,26 @@ the facts that say whether it changed since it was ingested (size, modification 
 Parquet a digest of its footer). Ingest skips units it has already read with the same options and
 reads only the rest. A unit yields *items*: candidates (an image, hashed while streamed, never held
 whole) or problems (an input that cannot become a sample, with a reason code).
+
+A file that only grows (a tar appended to, a CSV manifest with rows added) is read from where the
+last read stopped: reading it returns a `Resume` (the end of its last complete tar member or CSV
+line, and a digest of the bytes before it), the ledger keeps it, and the next ingest, when those
+bytes are still there (`resume_holds`: one window read, never the prefix), starts from it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 from pipeline.errors import PipelineError
 from pipeline.sources.locations import Location
@@ -26,7 +33,20 @@ from pipeline.sources.locations import Location
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REAL = "real"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # far above any real image; a 6 GB "image" is a mistake
+RESUME_WINDOW = 64 * 1024  # bytes before a resume point whose digest says the file was not rewritten
 _CHUNK = 1 << 20
+_Y = TypeVar("_Y")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where the next read of a growing file starts: the end of its last complete tar member (where
+    `tar -r` writes the next header) or CSV line; `tail` digests the `RESUME_WINDOW` bytes before it."""
+
+    offset: int
+    tail: str
+    rows: int = 0  # manifest rows before `offset` (line numbers in messages go on from there)
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,7 @@ class Unit:
     fingerprint: str | None = None  # Parquet footer digest: the same file even if its mtime changed
     extra: str | None = None  # must match too: a manifest row's values, an image's sidecar caption
     payload: Any = None  # the adapter's own data for this unit
+    resume: Resume | None = None  # read from here: the bytes before it were read before
 
     @property
     def uri(self) -> str:
@@ -71,6 +92,9 @@ class Problem:
 
 
 Item = Candidate | Problem
+# What reading a unit yields; it returns where the next read of its file may start (None: from the
+# beginning, as for any file that is not read as a growing one).
+Items = Generator[Item, None, Resume | None]
 
 
 @dataclass(frozen=True)
@@ -80,13 +104,49 @@ class Limits:
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
+class Returning(Generic[_Y, _R]):
+    """Iterates a generator and keeps what it returns (`value`, once it is exhausted)."""
+
+    def __init__(self, generator: Generator[_Y, None, _R]) -> None:
+        self._generator = generator
+        self.value: _R | None = None
+
+    def __iter__(self) -> Iterator[_Y]:
+        self.value = yield from self._generator
+
+
 def stat_unit(path: Path, fingerprint: str | None = None, extra: str | None = None,
-              payload: Any = None) -> Unit:
+              payload: Any = None, resume: Resume | None = None) -> Unit:
     try:
         st = path.stat()
     except OSError:
         return Unit(path, -1, -1, fingerprint, extra, payload)
-    return Unit(path, st.st_size, st.st_mtime_ns, fingerprint, extra, payload)
+    return Unit(path, st.st_size, st.st_mtime_ns, fingerprint, extra, payload, resume)
+
+
+def tail_digest(path: Path | str, end: int) -> str | None:
+    """A digest of the `RESUME_WINDOW` bytes before `end` (and of `end`); None if the file is shorter."""
+    start = max(0, end - RESUME_WINDOW)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            window = f.read(end - start)
+    except OSError:
+        return None
+    if len(window) != end - start:
+        return None
+    return hashlib.sha256(window + end.to_bytes(8, "little")).hexdigest()
+
+
+def resume_point(path: Path | str, end: int, rows: int = 0) -> Resume | None:
+    tail = tail_digest(path, end)
+    return None if tail is None else Resume(end, tail, rows)
+
+
+def resume_holds(path: Path | str, resume: Resume) -> bool:
+    """Are the bytes before `resume.offset` still those read then? Only the window before it is read:
+    a file rewritten there (or shortened) fails; one appended to after it passes."""
+    return tail_digest(path, resume.offset) == resume.tail
 
 
 def absolute(path: Path) -> str:
@@ -209,14 +269,21 @@ def archive_problem(path: Path, exc: DamagedArchive) -> Problem:
     return Problem("unreadable_archive", str(exc).rstrip("."), Location(uri=absolute(path)))
 
 
-def iter_tar_entries(path: Path) -> Iterator[tuple[tarfile.TarFile, TarEntry]]:
-    """Group a tar's members by key, in archive order. Yields the open archive with each entry.
-    Raises `DamagedArchive` if it is no tar, or where it breaks off (entries before it were yielded)."""
-    try:
-        tf = tarfile.open(path)
-    except (tarfile.TarError, OSError) as exc:
-        raise DamagedArchive(f"{path} is not a readable tar archive ({exc}).") from exc
-    with tf:
+def iter_tar_entries(path: Path, start: int = 0) -> Generator[tuple[tarfile.TarFile, TarEntry], None, Resume | None]:
+    """Group a tar's members by key, in archive order, from the header at byte `start` (0: the whole
+    archive; else where an earlier read stopped). Yields the open archive with each entry; returns
+    where a read of the grown archive may start, None for a compressed one. Raises `DamagedArchive` if
+    it is no tar, or where it breaks off (entries before it were yielded)."""
+    with ExitStack() as stack:
+        try:
+            if start:
+                raw = stack.enter_context(open(path, "rb"))
+                raw.seek(start)
+                tf = stack.enter_context(tarfile.open(fileobj=raw, mode="r:"))
+            else:
+                tf = stack.enter_context(tarfile.open(path))
+        except (tarfile.TarError, OSError) as exc:
+            raise DamagedArchive(f"{path} is not a readable tar archive ({exc}).") from exc
         current: TarEntry | None = None
         try:
             for member in tf:
@@ -232,6 +299,9 @@ def iter_tar_entries(path: Path) -> Iterator[tuple[tarfile.TarFile, TarEntry]]:
             raise DamagedArchive(f"{path} is damaged after {current.key if current else 'its start'} ({exc}).") from exc
         if current is not None:
             yield tf, current
+        # `offset` stands at the first block that is no header: the end-of-archive blocks `tar -r`
+        # overwrites. A compressed archive's offsets are not the file's: it is read whole each time.
+        return resume_point(path, tf.offset) if isinstance(tf.fileobj, io.BufferedReader) else None
 
 
 def tar_member_hash(tf: tarfile.TarFile, member: tarfile.TarInfo, limits: Limits) -> tuple[str, int] | None:

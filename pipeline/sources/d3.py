@@ -17,7 +17,7 @@ or name, `train`/`validation`/`test`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,9 +28,12 @@ from pipeline.sources.common import (
     Candidate,
     DamagedArchive,
     Item,
+    Items,
     Limits,
     Problem,
     RealImageIndex,
+    Resume,
+    Returning,
     Unit,
     absolute,
     archive_problem,
@@ -78,22 +81,26 @@ class D3Source:
             real = [str(self.real_images.resolve()), directory_fingerprint(self.real_images)]
         return {"generators": list(self.generators) if self.tars else None, "real_images": real}
 
-    def units(self) -> Iterator[Unit]:
+    def growing(self) -> list[Path]:
+        return self.tars  # tars appended to are read from where the last read stopped
+
+    def units(self, resume: Mapping[str, Resume]) -> Iterator[Unit]:
         for tar in self.tars:
-            yield stat_unit(tar)
+            yield stat_unit(tar, resume=resume.get(absolute(tar)))
         for path in self.files:
             yield stat_unit(path, parquet_fingerprint(path))
 
-    def items(self, unit: Unit) -> Iterator[Item]:
+    def items(self, unit: Unit) -> Items:
         if unit.path.suffix == ".tar":
-            yield from self._webdataset(unit.path)
-        elif len(self.files) == 1:
+            return (yield from self._webdataset(unit.path, unit.resume.offset if unit.resume else 0))
+        if len(self.files) == 1:
             yield from self._parquet(unit.path)  # the one file given: its damage is the error
         else:
             try:  # one damaged file of many is quarantined; the others are read
                 yield from self._parquet(unit.path)
             except PipelineError as exc:
                 yield Problem("unreadable_source", str(exc).rstrip("."), Location(uri=absolute(unit.path)))
+        return None
 
     # --- Parquet form ---
 
@@ -177,14 +184,16 @@ class D3Source:
 
     # --- webdataset form ---
 
-    def _webdataset(self, tar: Path) -> Iterator[Item]:
+    def _webdataset(self, tar: Path, start: int) -> Items:
         try:
-            yield from self._webdataset_entries(tar)
+            return (yield from self._webdataset_entries(tar, start))
         except DamagedArchive as exc:
             yield archive_problem(tar, exc)
+            return None
 
-    def _webdataset_entries(self, tar: Path) -> Iterator[Item]:
-        for tf, entry in iter_tar_entries(tar):
+    def _webdataset_entries(self, tar: Path, start: int) -> Items:
+        entries = Returning(iter_tar_entries(tar, start))
+        for tf, entry in entries:
             caption = tar_text(tf, entry, "caption.txt")
             prompt = tar_text(tf, entry, "prompt.txt") or caption
             row_id, split = parse_key(entry.key.rpartition("/")[2])
@@ -209,6 +218,7 @@ class D3Source:
                 sample_id, size, loc = got
                 yield Candidate(sample_id, size, loc, label, generator, group, text, split,
                                 None if label == 0 else name)
+        return entries.value
 
 
 def parse_key(key: str) -> tuple[str, str | None]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.sources.common import REAL, Candidate, Item, Limits, Unit, hash_file, is_image, stat_unit
+from pipeline.sources.common import REAL, Candidate, Items, Limits, Resume, Unit, hash_file, is_image, stat_unit
 from pipeline.sources.generators import canonical
 
 GROUP_BY = ("stem", "image")
@@ -36,19 +36,22 @@ class FolderSource:
         digest = hashlib.sha256(csv_path.read_bytes()).hexdigest() if csv_path.is_file() else None
         return {"group_by": self.group_by, "captions_csv": digest}
 
-    def units(self) -> Iterator[Unit]:
+    def growing(self) -> list[Path]:
+        return []  # each image is a unit: a grown folder costs its new files already
+
+    def units(self, resume: Mapping[str, Resume]) -> Iterator[Unit]:
         for class_dir in self.classes:
             for path in _images(class_dir):
                 txt = path.with_suffix(".txt")
                 yield stat_unit(path, extra=_sidecar_digest(txt), payload=class_dir.name)
 
-    def items(self, unit: Unit) -> Iterator[Item]:
+    def items(self, unit: Unit) -> Items:
         class_name = str(unit.payload)
         label = 0 if class_name.lower() == REAL else 1
         hashed = hash_file(unit.path, self.limits)
         if not isinstance(hashed, tuple):
             yield hashed
-            return
+            return None
         sample_id, size, loc = hashed
         rel = unit.path.relative_to(self.root).as_posix()
         text = self.captions.get(rel) or self.captions.get(unit.path.name) or _sidecar(unit.path)
@@ -56,6 +59,7 @@ class FolderSource:
         generator = REAL if label == 0 else canonical(class_name)
         yield Candidate(sample_id, size, loc, label, generator, group, text, None,
                         None if label == 0 else class_name)
+        return None
 
 
 def _images(root: Path) -> Iterator[Path]:

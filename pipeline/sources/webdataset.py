@@ -2,14 +2,14 @@
 
 Label and generator come from `--generator NAME` (`real` → label 0) for the whole source, or from
 a mapping file (CSV with columns `key`, `label`, `generator`), which wins where it names a key.
-Each tar is one unit.
+Each tar is one unit; a tar appended to (`tar -r`) is read from where the last read stopped.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -17,9 +17,11 @@ from pipeline.sources.common import (
     REAL,
     Candidate,
     DamagedArchive,
-    Item,
+    Items,
     Limits,
     Problem,
+    Resume,
+    Returning,
     Unit,
     absolute,
     archive_problem,
@@ -47,18 +49,23 @@ class WebdatasetSource:
         digest = hashlib.sha256(self.label_map.read_bytes()).hexdigest() if self.label_map else None
         return {"generator": self.generator, "label_map": digest}
 
-    def units(self) -> Iterator[Unit]:
-        for tar in self.tars:
-            yield stat_unit(tar)
+    def growing(self) -> list[Path]:
+        return self.tars
 
-    def items(self, unit: Unit) -> Iterator[Item]:
+    def units(self, resume: Mapping[str, Resume]) -> Iterator[Unit]:
+        for tar in self.tars:
+            yield stat_unit(tar, resume=resume.get(absolute(tar)))
+
+    def items(self, unit: Unit) -> Items:
         try:
-            yield from self._entries(unit.path)
+            return (yield from self._entries(unit.path, unit.resume.offset if unit.resume else 0))
         except DamagedArchive as exc:
             yield archive_problem(unit.path, exc)
+            return None
 
-    def _entries(self, tar: Path) -> Iterator[Item]:
-        for tf, entry in iter_tar_entries(tar):
+    def _entries(self, tar: Path, start: int) -> Items:
+        entries = Returning(iter_tar_entries(tar, start))
+        for tf, entry in entries:
             member = image_member(entry)
             if member is None:
                 continue  # a key with only metadata (img2dataset keeps failed downloads' json)
@@ -82,6 +89,7 @@ class WebdatasetSource:
             yield Candidate(sample_id, size, loc, label, REAL if label == 0 else canonical(gen),
                             f"key:{short_key}", tar_text(tf, entry, "txt"), None,
                             None if label == 0 else gen)
+        return entries.value
 
 
 def _read_label_map(path: Path) -> dict[str, tuple[int, str]]:

@@ -8,7 +8,9 @@ and so are the same bytes given two labels (`label_conflict`, both sources named
 
 Bookkeeping works in bounded chunks: each unit of the source (a file, or a manifest row) is checked
 against the `sources` ledger and skipped when it was read before, unchanged and with the same
-options; new rows are de-duplicated against the store's sample ids and quarantined inputs. Both are
+options; a file that only grew (a tar appended to, a CSV manifest with lines added) is read from
+where its last read stopped, as its latest ledger row says, if the bytes before that are unchanged;
+new rows are de-duplicated against the store's sample ids and quarantined inputs. Both are
 lookups in key sets (`pipeline.store.keys`: sorted, memory-mapped, kept between runs), so neither
 memory nor the cost of a chunk grows with the store; the store's rows are read only for the ids of a
 chunk it already holds (to tell a duplicate from a label conflict).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
@@ -32,7 +34,18 @@ import pyarrow as pa
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
-from pipeline.sources.common import DEFAULT_MAX_BYTES, Candidate, Item, Limits, Problem, Unit
+from pipeline.sources.common import (
+    DEFAULT_MAX_BYTES,
+    Candidate,
+    Items,
+    Limits,
+    Problem,
+    Resume,
+    Returning,
+    Unit,
+    absolute,
+    resume_holds,
+)
 from pipeline.sources.d3 import DEFAULT_GENERATORS, D3Source
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.generators import canonical
@@ -95,6 +108,7 @@ class IngestResult:
     missing_captions: int = 0  # added samples whose caption is missing or empty
     units_read: int = 0
     units_skipped: int = 0  # read before, unchanged, same options: not opened again
+    units_resumed: int = 0  # of units_read: grown files read from where the last read stopped
     problems: Counter[str] = field(default_factory=Counter)
     shards: list[Path] = field(default_factory=list)
     by_split: Counter[str] = field(default_factory=Counter)
@@ -105,8 +119,9 @@ class IngestResult:
 
 class Source(Protocol):
     def options(self) -> dict[str, object]: ...
-    def units(self) -> Iterator[Unit]: ...
-    def items(self, unit: Unit) -> Iterator[Item]: ...
+    def growing(self) -> list[Path]: ...  # files read from where the last read stopped, if only grown
+    def units(self, resume: Mapping[str, Resume]) -> Iterator[Unit]: ...  # resume: by file uri
+    def items(self, unit: Unit) -> Items: ...  # returns where the next read of a growing file starts
 
 
 def run(config: IngestConfig, reporter: Reporter | None = None) -> IngestResult:
@@ -164,12 +179,14 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     queries = {**ledger_queries(digest), "samples": KeyQuery("samples", "sample_id"),
                "problems": KeyQuery("quarantine", _PROBLEM, "stage = 'ingest'")}
     with StoreKeys(config.store, queries, maintained=("samples", "problems")) as known:
-        for chunk in _chunks(source.units(), _UNIT_CHUNK):
+        resume = resume_points(config.store, digest, source.growing())
+        for chunk in _chunks(source.units(resume), _UNIT_CHUNK):
             todo = unread(chunk, known)
             result.units_skipped += len(chunk) - len(todo)
             for unit in todo:
                 items = 0
-                for item in source.items(unit):
+                reading = Returning(source.items(unit))
+                for item in reading:
                     items += 1
                     reporter.advance("ingest", 1)
                     if isinstance(item, Problem):
@@ -178,8 +195,9 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
                         pending.samples.append(_sample_row(item, config, now))
                     if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
                         _flush(config.store, pending, result, now, known)
-                pending.units.append(ledger_row(unit, digest, items, now))
+                pending.units.append(ledger_row(unit, digest, items, now, reading.value))
                 result.units_read += 1
+                result.units_resumed += unit.resume is not None
                 if len(pending.units) >= config.shard_rows:
                     _flush(config.store, pending, result, now, known)
         _flush(config.store, pending, result, now, known)
@@ -210,6 +228,32 @@ def ledger_queries(digest: str) -> dict[str, KeyQuery]:
     these = f"options_digest = '{digest}'"  # a hex digest: nothing to escape
     return {"read by stat": KeyQuery("sources", _READ_BY_STAT, these),
             "read by print": KeyQuery("sources", _READ_BY_PRINT, f"{these} AND fingerprint IS NOT NULL")}
+
+
+def resume_points(store: Store, digest: str, files: list[Path]) -> dict[str, Resume]:
+    """Where each growing file's next read starts (by uri): the resume point of its latest ledger row
+    with these options, if the bytes before it are still those read (taken on trust, with no read,
+    when the file's size and time are those the row recorded). One query over the ledger."""
+    if not files or not catalog.shard_paths(store, "sources"):
+        return {}
+    paths = {absolute(p): p for p in files}
+    latest = catalog.query_with(store, """
+        SELECT source_uri, size, mtime_ns, resume_offset, resume_tail, resume_rows FROM sources
+        WHERE options_digest = ? AND source_uri IN (SELECT uri FROM growing)
+        QUALIFY row_number() OVER (PARTITION BY source_uri ORDER BY recorded_at DESC) = 1
+    """, {"growing": pa.table({"uri": list(paths)})}, [digest])
+    points: dict[str, Resume] = {}
+    for row in latest.to_pylist():
+        if row["resume_offset"] is None:
+            continue  # read before this ledger kept resume points, or a file that cannot be resumed
+        point = Resume(row["resume_offset"], row["resume_tail"], row["resume_rows"] or 0)
+        try:
+            st = paths[row["source_uri"]].stat()
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) or resume_holds(row["source_uri"], point):
+            points[row["source_uri"]] = point
+    return points
 
 
 def unread(units: list[Unit], known: StoreKeys) -> list[Unit]:
@@ -414,7 +458,9 @@ def _conflict_row(row: dict[str, Any], other: str, other_label: int, now: dateti
     }
 
 
-def ledger_row(unit: Unit, digest: str, items: int, now: datetime) -> dict[str, Any]:
+def ledger_row(unit: Unit, digest: str, items: int, now: datetime,
+               resume: Resume | None = None) -> dict[str, Any]:
+    """The ledger row of a unit read; `resume`: where the next read of its (growing) file starts."""
     return {
         "source_uri": unit.uri,
         "size": unit.size,
@@ -424,6 +470,9 @@ def ledger_row(unit: Unit, digest: str, items: int, now: datetime) -> dict[str, 
         "options_digest": digest,
         "items": items,
         "recorded_at": now,
+        "resume_offset": resume.offset if resume else None,
+        "resume_tail": resume.tail if resume else None,
+        "resume_rows": resume.rows if resume else None,
     }
 
 

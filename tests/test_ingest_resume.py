@@ -1,0 +1,240 @@
+"""A grown tar or CSV manifest is read from where the last read stopped; a rewritten one whole."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.sources import common, manifest, webdataset
+from pipeline.stages.ingest import IngestConfig
+from pipeline.stages.ingest import run as ingest
+from pipeline.store import catalog
+from pipeline.store.layout import Store
+
+
+def _image(i: int) -> bytes:
+    return f"image {i} ".encode() * 50
+
+
+def _add(tf: tarfile.TarFile, keys: Iterable[int]) -> None:
+    for i in keys:
+        for name, data in ((f"{i:06d}.jpg", _image(i)), (f"{i:06d}.txt", f"caption {i}".encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _tar(path: Path, keys: Iterable[int], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tf:  # "a": appended where the end-of-archive blocks were
+        _add(tf, keys)
+    return path
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tar members and files whose bytes ingest hashes (the images it reads)."""
+    seen: list[str] = []
+    tar_hash, file_hash = common.tar_candidate_or_problem, manifest.hash_file
+
+    def in_tar(tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, limits: common.Limits) -> object:
+        seen.append(member.name)
+        return tar_hash(tar, tf, member, limits)
+
+    def in_file(path: Path, limits: common.Limits) -> object:
+        seen.append(path.name)
+        return file_hash(path, limits)
+
+    monkeypatch.setattr(webdataset, "tar_candidate_or_problem", in_tar)
+    monkeypatch.setattr(manifest, "hash_file", in_file)
+    return seen
+
+
+def _ids(store: Store) -> list[str]:
+    return catalog.query(store, "SELECT sample_id FROM samples_all").column(0).to_pylist()
+
+
+def _config(source: Path, store: Store, **kw: object) -> IngestConfig:
+    return IngestConfig(source, "webdataset", store, generator="sd-xl", **kw)  # type: ignore[arg-type]
+
+
+def test_an_appended_tar_is_read_from_where_the_last_read_stopped(tmp_path: Path, hashed: list[str]) -> None:
+    tar, store = _tar(tmp_path / "shard.tar", range(6)), Store(tmp_path / "store")
+    assert ingest(_config(tar, store)).added == 6
+    _tar(tar, range(6, 9), "a")
+    hashed.clear()
+    grown = ingest(_config(tar, store))
+    assert (grown.added, grown.units_read, grown.units_resumed, grown.already_in_store) == (3, 1, 1, 0)
+    assert hashed == ["000006.jpg", "000007.jpg", "000008.jpg"]
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == 9
+    texts = catalog.query(store, "SELECT text FROM samples ORDER BY text").column(0).to_pylist()
+    assert texts == [f"caption {i}" for i in range(9)]
+    again = ingest(_config(tar, store))  # unchanged since: not opened
+    assert (again.units_read, again.units_skipped) == (0, 1)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="no tar command")
+def test_tar_r_appends_are_read_alone(tmp_path: Path, hashed: list[str]) -> None:
+    tar, store = _tar(tmp_path / "shard.tar", range(4)), Store(tmp_path / "store")
+    ingest(_config(tar, store))
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (extra / "000100.jpg").write_bytes(_image(100))
+    subprocess.run(["tar", "-rf", str(tar), "-C", str(extra), "000100.jpg"], check=True)
+    hashed.clear()
+    grown = ingest(_config(tar, store))
+    assert (grown.added, grown.units_resumed) == (1, 1) and hashed == ["000100.jpg"]
+
+
+def test_a_rewritten_tar_is_read_whole(tmp_path: Path, hashed: list[str]) -> None:
+    tar, store = _tar(tmp_path / "shard.tar", range(6)), Store(tmp_path / "store")
+    ingest(_config(tar, store))
+    _tar(tar, [*range(1, 6), 50, 51])  # key 0 replaced at the start: larger, but not an append
+    hashed.clear()
+    again = ingest(_config(tar, store))
+    assert (again.units_resumed, again.added, again.already_in_store) == (0, 2, 5)
+    assert len(hashed) == 7
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == 8
+
+
+def test_a_kill_between_samples_and_ledger_reads_the_growth_again_without_duplicates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tar, store = _tar(tmp_path / "shard.tar", range(5)), Store(tmp_path / "store")
+    ingest(_config(tar, store, shard_rows=2))
+    _tar(tar, range(5, 10), "a")
+    commit = catalog.commit
+
+    def killed_before_the_ledger(s: Store, files: Iterable[Path]) -> None:
+        files = list(files)
+        commit(s, [f for f in files if f.parent.name != "sources"])
+        ledger = [f for f in files if f.parent.name == "sources"]
+        for f in ledger:
+            f.unlink()
+        if ledger:
+            raise KeyboardInterrupt  # the samples are in, the tar's ledger row is not
+
+    monkeypatch.setattr(catalog, "commit", killed_before_the_ledger)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(_config(tar, store, shard_rows=2))
+    monkeypatch.setattr(catalog, "commit", commit)
+    again = ingest(_config(tar, store, shard_rows=2))
+    assert again.units_resumed == 1 and again.added + again.already_in_store == 5
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == 10
+    assert ingest(_config(tar, store)).units_skipped == 1
+
+
+def _csv(path: Path, rows: range, mode: str = "w") -> None:
+    with open(path, mode, encoding="utf-8") as f:
+        if mode == "w":
+            f.write("path,caption,label,generator\n")
+        for i in rows:
+            f.write(f'img{i}.jpg,"caption, {i}",1,sd-xl\n')
+
+
+def test_an_appended_csv_manifest_parses_only_its_new_lines(tmp_path: Path, hashed: list[str]) -> None:
+    for i in range(10):
+        (tmp_path / f"img{i}.jpg").write_bytes(_image(i))
+    csv, store = tmp_path / "m.csv", Store(tmp_path / "store")
+    _csv(csv, range(6))
+    first = ingest(IngestConfig(csv, "manifest", store))
+    assert (first.added, first.units_read) == (6, 7)  # six rows and the manifest itself
+    _csv(csv, range(6, 10), "a")
+    hashed.clear()
+    grown = ingest(IngestConfig(csv, "manifest", store))
+    assert (grown.added, grown.units_read, grown.units_skipped, grown.units_resumed) == (4, 5, 0, 1)
+    assert hashed == [f"img{i}.jpg" for i in range(6, 10)]
+    noop = ingest(IngestConfig(csv, "manifest", store))
+    assert (noop.units_read, noop.units_skipped, noop.added) == (0, 1, 0)
+    rows = catalog.query(store, "SELECT text FROM samples ORDER BY text").column(0).to_pylist()
+    assert rows == sorted(f"caption, {i}" for i in range(10))
+
+
+def test_a_rewritten_csv_manifest_is_parsed_whole_and_its_old_rows_skipped(tmp_path: Path, hashed: list[str]) -> None:
+    for i in range(8):
+        (tmp_path / f"img{i}.jpg").write_bytes(_image(i))
+    csv, store = tmp_path / "m.csv", Store(tmp_path / "store")
+    _csv(csv, range(5))
+    ingest(IngestConfig(csv, "manifest", store))
+    _csv(csv, range(1, 8))  # a row gone at the start: the bytes before the old end changed
+    hashed.clear()
+    again = ingest(IngestConfig(csv, "manifest", store))
+    assert (again.added, again.units_skipped) == (3, 4)
+    assert sorted(hashed) == [f"img{i}.jpg" for i in range(5, 8)]
+
+
+def test_a_csv_ending_without_a_newline_keeps_no_resume_point(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"img{i}.jpg").write_bytes(_image(i))
+    csv, store = tmp_path / "m.csv", Store(tmp_path / "store")
+    _csv(csv, range(3))
+    with open(csv, "a", encoding="utf-8") as f:
+        f.write("img3.jpg,half,1,sd-xl")  # perhaps half written: the next read starts at the top
+    assert ingest(IngestConfig(csv, "manifest", store)).added == 4
+    kept = catalog.query(store, "SELECT resume_offset FROM sources WHERE resume_offset IS NOT NULL")
+    assert kept.num_rows == 0
+    with open(csv, "a", encoding="utf-8") as f:
+        f.write("_more\n")
+    _csv(csv, range(4, 5), "a")
+    again = ingest(IngestConfig(csv, "manifest", store))
+    assert (again.units_resumed, again.units_skipped, again.added) == (0, 3, 1)  # img3 again: already in
+    assert (again.already_in_store, again.units_read) == (1, 3)
+    noop = ingest(IngestConfig(csv, "manifest", store))
+    assert (noop.units_read, noop.units_skipped) == (0, 1)  # nothing new: no row parsed
+
+
+def test_a_ledger_written_before_resume_points_still_skips_and_then_resumes(tmp_path: Path, hashed: list[str]) -> None:
+    tar, store = _tar(tmp_path / "shard.tar", range(4)), Store(tmp_path / "store")
+    ingest(_config(tar, store))
+    old = ("resume_offset", "resume_tail", "resume_rows")
+    for path in catalog.shard_paths(store, "sources"):  # as an older release wrote it
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(list(old)).replace_schema_metadata(table.schema.metadata), path)
+    catalog.rebuild(store)
+    assert not set(old) & set(pq.read_schema(catalog.shard_paths(store, "sources")[0]).names)
+    assert ingest(_config(tar, store)).units_skipped == 1
+    _tar(tar, range(4, 6), "a")
+    hashed.clear()
+    whole = ingest(_config(tar, store))  # no resume point recorded: read whole, old rows already in
+    assert (whole.units_resumed, whole.added, whole.already_in_store, len(hashed)) == (0, 2, 4, 6)
+    _tar(tar, range(6, 7), "a")
+    hashed.clear()
+    resumed = ingest(_config(tar, store))  # the ledger has old and new shards: both read
+    assert (resumed.units_resumed, resumed.added, hashed) == (1, 1, ["000006.jpg"])
+    table = catalog.query(store, "SELECT count(*), count(resume_offset) FROM sources")
+    assert table.to_pylist() == [{"count_star()": 3, "count(resume_offset)": 2}]
+
+
+def test_a_compressed_tar_keeps_no_resume_point(tmp_path: Path) -> None:
+    tar = tmp_path / "shard.tar"
+    with tarfile.open(tar, "w:gz") as tf:
+        _add(tf, range(3))
+    store = Store(tmp_path / "store")
+    assert ingest(_config(tar, store)).added == 3
+    kept = catalog.query(store, "SELECT resume_offset FROM sources").column(0).to_pylist()
+    assert kept == [None]
+
+
+def test_resume_points_read_only_the_window_before_them(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 200_000)
+    point = common.resume_point(path, 150_000)
+    assert point is not None and common.resume_holds(path, point)
+    with open(path, "r+b") as f:
+        f.seek(10)
+        f.write(b"b")  # before the window: not looked at (the price of never re-hashing the prefix)
+    assert common.resume_holds(path, point)
+    with open(path, "r+b") as f:
+        f.seek(149_999)
+        f.write(b"b")
+    assert not common.resume_holds(path, point)
+    path.write_bytes(b"a" * 100)
+    assert not common.resume_holds(path, point)
