@@ -14,6 +14,11 @@ a unit of ingest's `sources` ledger, so a file imported before with the same opt
 skipped unread. Files are read in slices of `SLICE_ROWS` rows; each slice is de-duplicated against
 key sets of the store's sample ids and this model's vector hashes (`pipeline.store.keys`), built by
 one scan per run when a file needs reading, not by a scan of the store per slice.
+
+The stage should cost what moving the bytes costs: a slice's vectors are normalised and hashed a
+block of `_BLOCK_ROWS` at a time (temporaries stay in the CPU cache, not fresh pages) straight into
+the array the shard is written from, ids and their keys are made from the digests in one pass, and
+one thread writes and commits a slice's shards while the next slice is read and hashed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -39,18 +46,18 @@ from pipeline.sources.common import Unit, parquet_fingerprint, stat_unit
 from pipeline.sources.d3 import DEFAULT_GENERATORS
 from pipeline.sources.generators import canonical
 from pipeline.sources.webdataset import parse_label
-from pipeline.stages.encode import embeddings_table
 from pipeline.stages.ingest import assign_split, ledger_queries, ledger_row, text_hash, unread
 from pipeline.store import catalog
 from pipeline.store.atomic import write_parquet
-from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
+from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, hex_keys, keys_of
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.lock import writing
-from schemas import SAMPLES, SOURCES, from_columns, from_rows
+from schemas import SAMPLES, SOURCES, embeddings_schema, from_columns, from_rows
 
 Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
-SLICE_ROWS = 8192  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
+SLICE_ROWS = 16384  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
+_BLOCK_ROWS = 1024  # vectors converted, normalised and hashed at a time
 _IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
 _TEXT_SETS = ("original_prompt", "positive_prompt")
 
@@ -87,12 +94,15 @@ class ImportResult:
 @dataclass
 class _Chunk:
     """A slice of one source file: sample rows, the unit vector of each row's image (row i of
-    `image_vectors` is sample i's), the texts they point at, and the norms before normalising."""
+    `image_vectors` is sample i's), the texts they point at, and the norms before normalising.
+    Vectors are in the stored dtype; keys are `keys_of` the sample ids and the text hashes."""
 
     samples: pa.Table  # schema SAMPLES
     image_vectors: np.ndarray
     image_norms: np.ndarray
+    sample_keys: np.ndarray
     text_hashes: pa.Array
+    text_keys: np.ndarray
     text_vectors: np.ndarray
     text_norms: np.ndarray
     done: tuple[Unit, int] | None = None  # the last slice of its file: the unit and the rows it gave
@@ -118,7 +128,7 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
         "samples": KeyQuery("samples", "sample_id"),
         "image": KeyQuery("embeddings", "content_hash", "modality = 'image'", key),
         "text": KeyQuery("embeddings", "content_hash", "modality = 'text'", key),
-    }, maintained=("samples", "image", "text")) as known:
+    }, maintained=("samples", "image", "text")) as known, _Writer(store) as writer:
         todo = unread(units, known)
         result.units_skipped = len(units) - len(todo)
         if todo:
@@ -128,7 +138,7 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
             for chunk in read(config, unit, now):
                 if chunk.samples.num_rows:
                     dims = _check_dims(store, key, chunk, dims)
-                _add(config, key, digest, chunk, known, result, now)
+                _add(config, key, digest, chunk, known, result, now, writer)
                 reporter.advance("import", chunk.samples.num_rows)
             result.units_read += 1
     if dims is not None:
@@ -137,44 +147,93 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
 
 
 def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: StoreKeys, result: ImportResult,
-         now: datetime) -> None:
+         now: datetime, writer: _Writer) -> None:
     """Write the slice's new samples and vectors (and, for a file's last slice, its ledger row) and
     commit them at once, so a kill leaves the file to be read again, never half recorded."""
     store = config.store
-    written = []
-    added: list[tuple[str, np.ndarray]] = []  # key set, keys of the rows written
+    tables: list[tuple[pa.Table, Path]] = []
     n = chunk.samples.num_rows
     if n:
-        ids = keys_of(chunk.samples.column("sample_id"))
+        ids = chunk.sample_keys
         fresh = first_occurrence(ids) & ~known.get("samples").contains(ids)
         result.already_present += int(n - fresh.sum())
-        texts = keys_of(chunk.text_hashes)
         for modality, hashes, keys, vectors, norms in (
             ("image", chunk.samples.column("sample_id"), ids, chunk.image_vectors, chunk.image_norms),
-            ("text", chunk.text_hashes, texts, chunk.text_vectors, chunk.text_norms),
+            ("text", chunk.text_hashes, chunk.text_keys, chunk.text_vectors, chunk.text_norms),
         ):
             keep = first_occurrence(keys) & ~known.get(modality).contains(keys)
             if keep.any():
-                rows = slice(None) if keep.all() else keep
-                table = embeddings_table(key, modality, hashes.filter(pa.array(keep)).to_pylist(), vectors[rows],
-                                         config.dtype, norms[rows])
-                written.append(write_parquet(table, store.new_shard(store.embeddings_dir(key), modality)))
+                if not keep.all():
+                    hashes, vectors, norms = hashes.filter(pa.array(keep)), vectors[keep], norms[keep]
+                tables.append((_embeddings(key, modality, hashes, vectors, norms),
+                               store.new_shard(store.embeddings_dir(key), modality)))
                 result.vectors_added += int(keep.sum())
-                added.append((modality, keys[keep]))
+                known.add(modality, keys[keep])  # later slices must find them (saved only if the run ends well)
         if fresh.any():
             samples = chunk.samples if fresh.all() else chunk.samples.filter(pa.array(fresh))
-            written.append(write_parquet(samples, store.new_shard(store.dataset_dir("samples"), "imported")))
+            tables.append((samples, store.new_shard(store.dataset_dir("samples"), "imported")))
             result.samples_added += int(fresh.sum())
-            added.append(("samples", ids[fresh]))
+            known.add("samples", ids[fresh])
     if chunk.done is not None:
         unit, items = chunk.done
-        written.append(write_parquet(from_rows(SOURCES, [ledger_row(unit, digest, items, now)]),
-                                     store.new_shard(store.dataset_dir("sources"), "imported")))
-    if written:
-        catalog.commit(store, written)
-    for name, keys in added:  # later slices of this run (and later runs) must find them
-        known.add(name, keys)
-    result.shards.extend(p for p in written if p.parent.name != "sources")
+        tables.append((from_rows(SOURCES, [ledger_row(unit, digest, items, now)]),
+                       store.new_shard(store.dataset_dir("sources"), "imported")))
+    if tables:
+        writer.submit(tables)
+    result.shards.extend(path for _, path in tables if path.parent.name != "sources")
+
+
+class _Writer:
+    """Writes one slice's shards and commits them, in a thread, while the next slice is read and
+    hashed (Parquet writes and fsync release the GIL). One slice at a time, in order; a failed
+    write is raised at the next `submit` or at exit, so the run fails and its key sets are not kept."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="import-write")
+        self._pending: Future[None] | None = None
+
+    def submit(self, tables: list[tuple[pa.Table, Path]]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, tables)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, tables: list[tuple[pa.Table, Path]]) -> None:
+        catalog.commit(self.store, [write_parquet(table, path) for table, path in tables])
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            elif self._pending is not None:
+                self._pending.exception()  # let the slice in flight finish; the error already raised wins
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _embeddings(key: str, modality: str, hashes: pa.Array | pa.ChunkedArray, vectors: np.ndarray,
+                norms: np.ndarray) -> pa.Table:
+    """Embedding rows from unit vectors in their stored dtype: the vector column is a view of the
+    array's buffer (no validity bitmap, no per-value work)."""
+    n, dim = vectors.shape
+    schema = embeddings_schema(dim, str(vectors.dtype))
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+    return pa.Table.from_arrays([
+        _repeated(key, n), _repeated(modality, n), hashes,
+        pa.FixedSizeListArray.from_arrays(flat, type=schema.field("vector").type),
+        pa.array(np.asarray(norms, np.float32)),
+    ], schema=schema)
+
+
+def _repeated(value: str, n: int) -> pa.Array:
+    return pa.array([value], pa.string()).take(np.zeros(n, np.int32))
 
 
 def _options_digest(config: ImportConfig, key: str) -> str:
@@ -222,34 +281,56 @@ def _h5_slices(config: ImportConfig, unit: Unit, now: datetime) -> Iterator[_Chu
             yield _empty_chunk((unit, 0))
         for start in range(0, rows, SLICE_ROWS):  # slices, so memory is one slice whatever the file's size
             end = min(rows, start + SLICE_ROWS)
-            images = _read_rows(f, _IMAGE_SETS, start, end)  # [n·5, d]: row i·5 + j is image set j of row i
-            texts = _read_rows(f, _TEXT_SETS, start, end)  # [n·2, d]
+            # [n·5, d]: row i·5 + j is image set j of row i; texts [n·2, d]
+            images = _unit_rows("image", [f[name][start:end] for name in _IMAGE_SETS], config.dtype)
+            texts = _unit_rows("text", [f[name][start:end] for name in _TEXT_SETS], config.dtype)
             yield _h5_chunk(config, path, start, images, texts, now, (unit, 5 * rows) if end == rows else None)
 
 
-def _read_rows(f: Any, names: tuple[str, ...], start: int, end: int) -> np.ndarray:
-    """Rows start:end of each dataset, interleaved row by row into one float32 matrix."""
-    first = f[names[0]]
-    out = np.empty((end - start, len(names), first.shape[1]), np.float32)
-    for j, name in enumerate(names):
-        out[:, j] = f[name][start:end]
-    return out.reshape(-1, first.shape[1])
+@dataclass
+class _Units:
+    """Vectors made unit length (in the stored dtype), their norms before, their `vector_hash`es
+    and the keys of those."""
+
+    vectors: np.ndarray
+    norms: np.ndarray
+    hashes: pa.Array
+    keys: np.ndarray
 
 
-def _h5_chunk(config: ImportConfig, path: Path, start: int, images: np.ndarray, texts: np.ndarray,
+def _unit_rows(modality: str, sets: list[np.ndarray], dtype: str) -> _Units:
+    """Rows of several equally long sets interleaved (row i·k + j is row i of set j), normalised
+    and hashed a block at a time into one array of the stored dtype."""
+    n, k, dim = len(sets[0]), len(sets), sets[0].shape[1]
+    out = np.empty((n, k, dim), dtype)
+    norms = np.empty((n, k), np.float32)
+    block = np.empty((_BLOCK_ROWS, k, dim), np.float32)
+    digests: list[bytes] = []
+    for start in range(0, n, _BLOCK_ROWS):
+        end = min(n, start + _BLOCK_ROWS)
+        rows = block[:end - start]
+        for j, values in enumerate(sets):
+            rows[:, j] = values[start:end]
+        flat = rows.reshape(-1, dim)
+        norms[start:end] = _normalise_in_place(flat).reshape(-1, k)
+        digests += _vector_digests(modality, flat)
+        out[start:end] = rows
+    hashes, keys = hex_keys(digests)
+    return _Units(out.reshape(n * k, dim), norms.reshape(-1), hashes, keys)
+
+
+def _h5_chunk(config: ImportConfig, path: Path, start: int, images: _Units, texts: _Units,
               now: datetime, done: tuple[Unit, int] | None) -> _Chunk:
     """Rows start… of one file: each row a real image, four generated ones, a caption and a prompt."""
-    n = images.shape[0] // 5
-    image_norms, text_norms = _normalise_in_place(images), _normalise_in_place(texts)
-    image_hashes = _vector_hashes("image", images)
-    text_hashes = pa.array(_vector_hashes("text", texts), pa.string())
+    n = len(images.vectors) // 5
+    text_hashes = texts.hashes
     groups = [f"h5:{path.stem}:{i}" for i in range(start, start + n)]
     splits = [assign_split(g, config.split_fractions, config.split_seed) for g in groups]
     # the real image reads the caption (text 0), the four generated images their prompt (text 1)
     which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
     given = ["real"] + [_name(config.generators, k) for k in range(4)]
     samples = from_columns(SAMPLES, {
-        "sample_id": pa.array(image_hashes, pa.string()), "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
+        "sample_id": images.hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
         "generator": [canonical(g) for g in given] * n, "generator_original": given * n,
         "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
         "text_hash": text_hashes.take(pa.array(which_text)), "source_format": ["features:h5"] * (5 * n),
@@ -257,7 +338,8 @@ def _h5_chunk(config: ImportConfig, path: Path, start: int, images: np.ndarray, 
         "source_row": np.repeat(np.arange(start, start + n, dtype=np.int64), 5),
         "ingested_at": pa.array([now] * (5 * n), SAMPLES.field("ingested_at").type),
     })
-    return _Chunk(samples, images, image_norms, text_hashes, texts, text_norms, done)
+    return _Chunk(samples, images.vectors, images.norms, images.keys, text_hashes, texts.keys, texts.vectors,
+                  texts.norms, done)
 
 
 # --- clip-retrieval output -----------------------------------------------------------------
@@ -329,8 +411,10 @@ def _clip_retrieval_chunk(config: ImportConfig, meta_file: Path, meta: list[dict
                                None if readable else "image_path", None if readable else start + k, now))
         img_h.append(ih)
         txt_h.append(th)
-    return _Chunk(from_rows(SAMPLES, samples), img_v, img_norms, pa.array(txt_h, pa.string()), txt_v, txt_norms,
-                  done)
+    text_hashes = pa.array(txt_h, pa.string())
+    image_keys = keys_of(pa.array(img_h, pa.string()))
+    return _Chunk(from_rows(SAMPLES, samples), img_v.astype(config.dtype), img_norms, image_keys, text_hashes,
+                  keys_of(text_hashes), txt_v.astype(config.dtype), txt_norms, done)
 
 
 def _image_path(root: Path, row: dict[str, Any]) -> Path | None:
@@ -375,19 +459,25 @@ def _normalise_in_place(vectors: np.ndarray) -> np.ndarray:
 
 def _vector_hashes(modality: str, units: np.ndarray) -> list[str]:
     """`vector_hash` of each row of already normalised float32 vectors."""
+    return [digest.hex() for digest in _vector_digests(modality, units)]
+
+
+def _vector_digests(modality: str, units: np.ndarray) -> list[bytes]:
+    """The SHA-256 digests behind `_vector_hashes`."""
     prefix = hashlib.sha256(modality.encode() + b"\x00")
     out = []
     for row in np.ascontiguousarray(units, "<f4"):
         digest = prefix.copy()
         digest.update(row)
-        out.append(digest.hexdigest())
+        out.append(digest.digest())
     return out
 
 
 def _empty_chunk(done: tuple[Unit, int]) -> _Chunk:
-    nothing = np.empty((0, 0), np.float32)
-    return _Chunk(SAMPLES.empty_table(), nothing, np.empty(0, np.float32), pa.array([], pa.string()), nothing,
-                  np.empty(0, np.float32), done)
+    nothing, none = np.empty((0, 0), np.float32), np.empty(0, np.float32)
+    no_keys = keys_of(pa.array([], pa.string()))
+    return _Chunk(SAMPLES.empty_table(), nothing, none, no_keys, pa.array([], pa.string()), no_keys, nothing, none,
+                  done)
 
 
 def _check_dims(store: Store, key: str, chunk: _Chunk, seen: tuple[int, int] | None) -> tuple[int, int]:

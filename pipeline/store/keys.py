@@ -15,6 +15,7 @@ limit), so a new file costs itself, not a scan of the store. A set whose shards 
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import os
@@ -79,10 +80,11 @@ class KeySet:
 
     def add(self, keys: np.ndarray) -> None:
         """Add keys (duplicates and keys already held are fine)."""
-        fresh = keys[~self.contains(keys)]
+        fresh = np.unique(keys[~self.contains(keys)])  # sorted, distinct: the batch's size, not the set's
         if not len(fresh):
             return
-        self._delta = np.union1d(self._delta, fresh).astype(KEY)
+        # one insertion into the sorted delta (a copy of at most DELTA_MAX keys), not a re-sort of it
+        self._delta = np.insert(self._delta, np.searchsorted(self._delta, fresh), fresh)
         if len(self._delta) >= DELTA_MAX:
             self.flush()
 
@@ -234,12 +236,30 @@ def scratch_dir(root: Path) -> Path:
 def keys_of(ids: pa.Array | pa.ChunkedArray | pa.Table, expression: str = "id") -> np.ndarray:
     """The keys of ids (or of an SQL expression over a table's columns, such as a `KeyQuery`'s),
     computed by the same SQL the sets are built with."""
+    if expression == "id" and not isinstance(ids, pa.Table) and pa.types.is_string(ids.type):
+        return _md5_keys(ids)
     table = ids if isinstance(ids, pa.Table) else pa.table({"id": ids})
     with duckdb.connect() as con:
         con.execute("SET threads = 2")
         con.register("ids", table)
         out = con.sql(f"SELECT {key_sql(expression)} FROM ids").to_arrow_table().column(0).combine_chunks()
     return _keys(out)
+
+
+def hex_keys(digests: list[bytes]) -> tuple[pa.Array, np.ndarray]:
+    """Ids written as the hex of binary digests (SHA-256 ones, say), and their keys, made together:
+    the ids as a string array built from one buffer, each key the MD5 of its id's text (as `keys_of`)."""
+    if not digests:
+        return pa.array([], pa.string()), np.empty(0, KEY)
+    width = 2 * len(digests[0])
+    text = binascii.hexlify(b"".join(digests))
+    if len(text) != width * len(digests):
+        raise ValueError("digests must be of one size")
+    offsets = np.arange(0, len(text) + 1, width, dtype=np.int32)
+    ids = pa.StringArray.from_buffers(len(digests), pa.py_buffer(offsets), pa.py_buffer(text))
+    md5 = hashlib.md5
+    keys = b"".join([md5(text[i:i + width]).digest() for i in range(0, len(text), width)])
+    return ids, np.frombuffer(keys, KEY)
 
 
 def first_occurrence(keys: np.ndarray) -> np.ndarray:
@@ -277,6 +297,22 @@ def _keys(column: pa.Array) -> np.ndarray:
     if not (np.diff(offsets) == KEY_BYTES).all():
         raise ValueError("keys must be 16 bytes each")
     return np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].view(KEY)
+
+
+def _md5_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """`keys_of` a string array, computed here rather than by DuckDB (the same MD5 of the same bytes)."""
+    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
+    md5, out = hashlib.md5, []
+    for chunk in chunks:
+        if chunk.null_count:
+            raise ValueError("ids must not be NULL")
+        if not len(chunk):
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2].to_pybytes()
+        out.append(b"".join([md5(data[a:b]).digest() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(),
+                                                                   strict=True)]))
+    return np.frombuffer(b"".join(out), KEY) if out else np.empty(0, KEY)
 
 
 def _map(path: Path | None) -> np.ndarray:

@@ -1,0 +1,132 @@
+"""`import-features` against the floor: how fast could the bytes move on this machine, and how fast
+does the stage move them? D3-shaped HDF5 sources (768-d float16, as bench_scale writes them) are made
+once (--sources DIR keeps them between runs), then imported into a fresh store by each code tree
+given (--tree DIR, repeatable: a checkout such as `git worktree add /tmp/base <commit>`), each in
+its own process so CPU seconds are the stage's own.
+
+    python bench/bench_import.py --rows 1000000 --sources /tmp/h5-1m --floor --tree . --tree /tmp/base
+
+The floor: write+fsync of a 1 GB file, reading it back after it is dropped from the page cache
+(posix_fadvise; a measure of the disk where the kernel honours it), a numpy copy, SHA-256 and MD5
+over 3 KB rows (a vector's float32 bytes, what `vector_hash` hashes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_scale import write_sources  # noqa: E402
+
+FLOOR_BYTES = 1 << 30
+
+
+def floor(directory: Path) -> dict[str, float]:
+    """MB/s of the moves the stage cannot avoid, measured here and now."""
+    out: dict[str, float] = {}
+    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+    path = directory / "floor.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(FLOOR_BYTES // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    out["disk_write_fsync_mb_s"] = FLOOR_BYTES / 1e6 / (time.perf_counter() - t)
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+    out["disk_read_uncached_mb_s"] = FLOOR_BYTES / 1e6 / (time.perf_counter() - t)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+    out["read_page_cache_mb_s"] = FLOOR_BYTES / 1e6 / (time.perf_counter() - t)
+    path.unlink()
+    a = np.frombuffer(block, np.uint8)
+    b = np.empty_like(a)
+    t = time.perf_counter()
+    for _ in range(8):
+        np.copyto(b, a)
+    out["memcpy_mb_s"] = 8 * len(a) / 1e6 / (time.perf_counter() - t)
+    rows = np.frombuffer(block[: 3072 * 20000], np.uint8).reshape(-1, 3072)
+    for name in ("sha256", "md5"):
+        t = time.perf_counter()
+        for row in rows:
+            hashlib.new(name, row).digest()
+        out[f"{name}_3kB_rows_mb_s"] = rows.nbytes / 1e6 / (time.perf_counter() - t)
+    return out
+
+
+def import_once(tree: Path, sources: Path, store_dir: Path) -> dict[str, object]:
+    """Run the stage of `tree` over `sources` into a new store, in a child process."""
+    shutil.rmtree(store_dir, ignore_errors=True)
+    code = (
+        "import json, time, resource\n"
+        "from pathlib import Path\n"
+        "from pipeline.allocator import fix_mmap_threshold\n"
+        "from pipeline.stages.import_features import ImportConfig, run\n"
+        "from pipeline.store.layout import Store\n"
+        "fix_mmap_threshold()\n"
+        "t = time.perf_counter()\n"
+        f"r = run(ImportConfig(Path({str(sources)!r}), 'h5', Store(Path({str(store_dir)!r})), 'bench'))\n"
+        "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'cpu_s': u.ru_utime + u.ru_stime,\n"
+        "                  'user_s': u.ru_utime, 'sys_s': u.ru_stime, 'peak_rss_mb': u.ru_maxrss / 1024,\n"
+        "                  'samples': r.samples_added, 'vectors': r.vectors_added}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tree, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{tree}: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    vector_bytes = sum(p.stat().st_size for p in (store_dir / "embeddings").rglob("*.parquet"))
+    result["embeddings_gb"] = vector_bytes / 1e9
+    result["embeddings_mb_s"] = vector_bytes / 1e6 / result["seconds"]
+    result["source_mb_s"] = sum(p.stat().st_size for p in sources.glob("*.h5")) / 1e6 / result["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="samples (a multiple of 5)")
+    parser.add_argument("--sources", type=Path, help="keep the HDF5 sources here (made when absent)")
+    parser.add_argument("--tree", type=Path, action="append", help="a code tree to import with (repeatable)")
+    parser.add_argument("--floor", action="store_true", help="measure the disk, copy and hash rates first")
+    parser.add_argument("--repeat", type=int, default=1, help="imports per tree (alternating trees)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-import-", dir=args.sources.parent if args.sources else None))
+    sources = args.sources or base / "h5"
+    try:
+        if args.floor:
+            print(json.dumps({"floor": floor(base)}), flush=True)
+        if not sources.exists():
+            t = time.perf_counter()
+            write_sources(sources, args.rows // 5)
+            print(f"{args.rows:,} samples written as HDF5 in {time.perf_counter() - t:.0f} s", flush=True)
+        for _ in range(args.repeat):
+            for tree in args.tree or [ROOT]:
+                r = import_once(tree.resolve(), sources, base / "store")
+                print(json.dumps({"tree": str(tree), "rows": args.rows, **r}), flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
