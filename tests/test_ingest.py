@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.sources.locations import Location
 from pipeline.stages.ingest import IngestConfig, assign_split
 from pipeline.stages.ingest import run as ingest
 from pipeline.store import catalog
@@ -184,6 +186,48 @@ def test_d3_real_images_matched_by_url_in_img2dataset_tar(tmp_path: Path) -> Non
     assert result.problems == {} and result.by_split.total() == 15
     real = catalog.query(store, "SELECT * FROM samples WHERE label = 0").to_pylist()
     assert len(real) == 3 and all(r["byte_offset"] is not None for r in real)
+
+
+def test_real_image_index_is_kept_in_the_store_and_built_again_only_when_the_folder_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.sources import real_images
+
+    builds: list[Path] = []
+    build = real_images._build
+    monkeypatch.setattr(real_images, "_build", lambda root, d: builds.append(d) or build(root, d))
+    data = make_d3(tmp_path / "src", rows=4, size=32, missing_real=1, broken_generated=0)
+    store = Store(tmp_path / "store")
+    first = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    assert first.problems == {"real_image_missing": 1} and len(builds) == 1
+    cache = store.root / "cache" / "real-images"
+    assert [p.name for p in cache.iterdir()] == [builds[0].name]
+    index = real_images.RealImageIndex(data.real_images, cache)  # the folder as it was: found, not built
+    assert len(builds) == 1 and len(index) == 3
+    assert index.find("000001", None) == Location(uri=str(data.real_images / "000001.jpg"))
+    assert index.find("nope", "https://nowhere") is None
+    shutil.copy(data.real_images / "000000.jpg", data.real_images / "000003.jpg")  # the missing one arrives
+    (data.real_images / "000003.json").write_text(json.dumps({"url": "https://example.invalid/x.jpg"}))
+    again = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    assert len(builds) == 2 and again.units_read == 1 and again.problems == {}
+    assert [p.name for p in cache.iterdir()] == [builds[1].name]  # the index of the old state is gone
+    index = real_images.RealImageIndex(data.real_images, cache)
+    assert index.find(None, "https://example.invalid/x.jpg") == index.find("000003", None) is not None
+
+
+def test_real_image_index_first_of_an_id_wins_and_tars_are_indexed(tmp_path: Path) -> None:
+    from pipeline.sources.real_images import RealImageIndex
+
+    root = tmp_path / "real"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "7.jpg").write_bytes(b"first")
+    (root / "b" / "7.jpg").write_bytes(b"second")
+    _tar(root / "b" / "shard.tar", {"00/k1.jpg": b"in tar", "00/k1.json": b'{"url": "u1"}', "00/k2.txt": b"x"})
+    index = RealImageIndex(root)  # no store: a temporary index
+    assert index.find("7", None) == Location(uri=str(root / "a" / "7.jpg"))
+    found = index.find("zzz", "u1")
+    assert found is not None and found.member == "00/k1.jpg" and found.length == 6
+    assert index.find("k1", None) == found and len(index) == 2  # b/7.jpg is hidden by a/7.jpg
 
 
 def test_d3_with_img_url_column(tmp_path: Path) -> None:

@@ -349,59 +349,6 @@ def tar_candidate_or_problem(
     return hashed[0], hashed[1], loc
 
 
-class RealImageIndex:
-    """Downloaded LAION images (a folder of files or img2dataset output), found by id or by URL.
-
-    Files named `<id>.<ext>` match a D3 row id; img2dataset writes a `.json` beside each image
-    (or a `.json` member in its tars) whose `url` matches the row's URL.
-    """
-
-    def __init__(self, root: Path) -> None:
-        if not root.exists():
-            raise PipelineError(f"--real-images {root} does not exist.")
-        self.by_key: dict[str, Location] = {}
-        self.by_url: dict[str, Location] = {}
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in paths:
-            if path.suffix == ".tar":
-                self._index_tar(path)
-            elif is_image(path):
-                loc = Location(uri=absolute(path))
-                self.by_key.setdefault(path.stem, loc)
-                url = _url_from_sidecar(path.with_suffix(".json"))
-                if url:
-                    self.by_url.setdefault(url, loc)
-        # Counted once: `len()` and truth tests run per D3 row, so they must not rebuild anything.
-        self._size = len({*self.by_key.values(), *self.by_url.values()})
-
-    def find(self, row_id: str | None, url: str | None) -> Location | None:
-        if row_id is not None and str(row_id) in self.by_key:
-            return self.by_key[str(row_id)]
-        if url:
-            return self.by_url.get(url)
-        return None
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __bool__(self) -> bool:
-        return True  # an index exists even when it found nothing; `find` says what it has
-
-    def _index_tar(self, path: Path) -> None:
-        for tf, entry in iter_tar_entries(path):
-            member = image_member(entry)
-            if member is None:
-                continue
-            loc = tar_location(path, member)
-            self.by_key.setdefault(entry.key.rpartition("/")[2], loc)
-            meta = entry.members.get("json")
-            if meta is not None:
-                f = tf.extractfile(meta)
-                url = _url_from_json(f.read(1 << 20) if f is not None else b"")
-                if url:
-                    self.by_url.setdefault(url, loc)
-
-
 def directory_fingerprint(root: Path) -> str:
     """A digest of a tree's file names, sizes and modification times (no file is read)."""
     digest = hashlib.sha256()
@@ -441,18 +388,3 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "special file"
-
-
-def _url_from_sidecar(path: Path) -> str | None:
-    try:
-        return _url_from_json(path.read_bytes()[: 1 << 20]) if path.is_file() else None
-    except OSError:
-        return None
-
-
-def _url_from_json(raw: bytes) -> str | None:
-    try:
-        url = json.loads(raw).get("url")
-    except (ValueError, AttributeError):
-        return None
-    return url if isinstance(url, str) else None

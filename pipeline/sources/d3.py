@@ -31,7 +31,6 @@ from pipeline.sources.common import (
     Items,
     Limits,
     Problem,
-    RealImageIndex,
     Resume,
     Returning,
     Unit,
@@ -49,6 +48,7 @@ from pipeline.sources.common import (
 )
 from pipeline.sources.generators import canonical
 from pipeline.sources.locations import Location
+from pipeline.sources.real_images import RealImageIndex
 
 NUM_GENERATED = 4
 # D3 stores `DeepFloyd/IF-I-M-v1.0` in model_gen0 (a webdataset record's gen_0 is byte-identical to
@@ -63,9 +63,11 @@ _SPLIT_IN_NAME = re.compile(r"(?:^|[^a-z])(train|training|validation|valid|val|t
 
 class D3Source:
     def __init__(self, source: Path, real_images: Path | None, generators: tuple[str, ...],
-                 limits: Limits) -> None:
+                 limits: Limits, cache: Path | None = None) -> None:
         self.source = source
         self.real_images = real_images
+        self.cache = cache  # where the real images' index is kept (the store's cache/real-images)
+        self._real_fingerprint: str | None = None
         self.generators = tuple(canonical(g) for g in generators)
         self.limits = limits
         self._index: RealImageIndex | None = None
@@ -78,7 +80,8 @@ class D3Source:
     def options(self) -> dict[str, object]:
         real = None
         if self.real_images is not None and not self.tars:
-            real = [str(self.real_images.resolve()), directory_fingerprint(self.real_images)]
+            self._real_fingerprint = directory_fingerprint(self.real_images)
+            real = [str(self.real_images.resolve()), self._real_fingerprint]
         return {"generators": list(self.generators) if self.tars else None, "real_images": real}
 
     def growing(self) -> list[Path]:
@@ -161,7 +164,7 @@ class D3Source:
 
     def _real_index(self) -> RealImageIndex | None:
         if self.real_images is not None and self._index is None:
-            self._index = RealImageIndex(self.real_images)
+            self._index = RealImageIndex(self.real_images, self.cache, self._real_fingerprint)
         return self._index
 
     def _real_sample(self, row: dict, url_col: str, group: str, index: RealImageIndex | None, uri: str,

@@ -135,7 +135,8 @@ def run(config: IngestConfig, reporter: Reporter | None = None) -> IngestResult:
 def open_source(config: IngestConfig) -> Source:
     limits = Limits(config.max_bytes)
     if config.format == "d3":
-        return D3Source(config.source, config.real_images, config.generators, limits)
+        return D3Source(config.source, config.real_images, config.generators, limits,
+                        config.store.root / "cache" / "real-images")
     if config.format == "folder":
         return FolderSource(config.source, config.group_by, limits)
     if config.format == "webdataset":
