@@ -32,14 +32,13 @@ from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import TrainConfig, group_codes, load_run
+from pipeline.runs import GroupKeys, ScoreCollector, TrainConfig, load_run
 from pipeline.stages import train
 from pipeline.stages.report import ReportResult
 from pipeline.stages.train import TrainJob, TrainResult
 from pipeline.store import catalog
 from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
-from trainer.fit import predict
 from trainer.metrics import evaluate_by_generator
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
@@ -213,15 +212,20 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
     for name in names:
         table = feature_table(store, model_key, train_config.pairing, name)
         loader_config = LoaderConfig(train_config.features, 8192, **_input_norm(train_config))
-        batches = list(FeatureLoader(table, ("test",), loader_config).epoch(0))
+        # scored batch by batch like a run's scores: numbers and group keys kept, no vector or id per row
+        collected, groups = ScoreCollector(1 << 16), GroupKeys(store, f"{run_id}-robustness")
+        try:
+            train.score_batches(model, FeatureLoader(table, ("test",), loader_config), train_config.fit,
+                                (collected, groups))
+            codes = groups.codes() if collected.rows else None
+        finally:
+            groups.discard()
         reporter.advance("robustness", 1)
-        if not batches:
+        if codes is None:
             continue
-        scores = predict(model, (b.x for b in batches), train_config.fit)
-        ids = np.concatenate([b.sample_id for b in batches])
-        labels = np.concatenate([b.y.numpy() for b in batches])
-        gens = np.concatenate([b.generator for b in batches])
-        by_gen = evaluate_by_generator(labels, scores, gens, group_codes(store, ids), 0.5, rng, train.N_BOOT)
+        s = collected.arrays()
+        by_gen = evaluate_by_generator(s.label, s.score, s.generator, codes, 0.5, rng,
+                                       train.bootstrap_replicates(collected.rows), names=s.generators)
         evaluated[name or "none"] = {g: d["auc"].as_dict() for g, d in by_gen.items()}
     result.columns = sorted({g for cells in evaluated.values() for g in cells} - {"all"}) + ["all"]
     for label, cells in evaluated.items():

@@ -185,7 +185,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
 
     def validate(m: torch.nn.Module) -> dict[str, Any]:
         collector = ScoreCollector(val_rows, excluded)
-        _score(m, loaders["val"], config.fit, (collector,), only)
+        score_batches(m, loaders["val"], config.fit, (collector,), only)
         s = collector.arrays()
         return _summarise(s, "val") if s.label.size else {"auc": float("nan"), "n": 0}
 
@@ -198,7 +198,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
     all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm))
-    _score(model, all_splits, config.fit, sinks)
+    score_batches(model, all_splits, config.fit, sinks)
     x, y, eval_split = evaluation_set(table, config.features, config.input_norm)
     extra = {
         "best_epoch": fitted.best_epoch,
@@ -222,7 +222,7 @@ def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str],
     return extra, None
 
 
-def _score(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig, sinks: tuple[ScoreSink, ...],
+def score_batches(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig, sinks: tuple[ScoreSink, ...],
            only: tuple[str, ...] | None = None) -> None:
     """Score every row of the loader's splits batch by batch, handing each batch to every sink (a
     `ScoreWriter`, a `ScoreCollector`); nothing per row is kept here. `only`: keep the rows `_seen` allows."""
@@ -266,6 +266,11 @@ BOOT_CELLS = 200_000_000  # ... fewer (down to MIN_BOOT) when replicates x sampl
 MIN_BOOT = 200
 
 
+def bootstrap_replicates(n: int) -> int:
+    """Replicates for an interval over `n` samples: `N_BOOT`, fewer for large `n` (cost is replicates x n)."""
+    return max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // max(n, 1)))
+
+
 def _summaries(s: ScoreArrays, seed: int) -> dict[str, dict[str, Any]]:
     """Each split's summary plus every metric per generator with a 95% group-bootstrap interval.
 
@@ -281,7 +286,7 @@ def _summaries(s: ScoreArrays, seed: int) -> dict[str, dict[str, Any]]:
             out[split] = {"n": 0}
             continue
         y, p, g, grp = s.label[mask], s.score[mask], s.generator[mask], s.group[mask]
-        n_boot = 0 if split == "train" else max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // int(mask.sum())))
+        n_boot = 0 if split == "train" else bootstrap_replicates(int(mask.sum()))
         rng = np.random.default_rng([seed, i])
         out[split] = summary(y, p, g, names=s.generators)
         by_gen = evaluate_by_generator(y, p, g, grp, 0.5, rng, n_boot, names=s.generators)
