@@ -9,6 +9,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -238,3 +239,32 @@ def test_resume_points_read_only_the_window_before_them(tmp_path: Path) -> None:
     assert not common.resume_holds(path, point)
     path.write_bytes(b"a" * 100)
     assert not common.resume_holds(path, point)
+
+
+def _d3_rows(tmp_path: Path, name: str, rows: int, seed: int) -> pa.Table:
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / name, rows=rows, size=16, missing_real=0, broken_generated=0, seed=seed)
+    table = pq.read_table(data.parquet)
+    ids = pa.array([f"{name}{i}" for i in range(rows)])
+    return table.set_column(table.schema.get_field_index("id"), "id", ids)
+
+
+def test_a_d3_parquet_file_rewritten_with_row_groups_added_reads_only_those(tmp_path: Path) -> None:
+    old, new = _d3_rows(tmp_path, "a", 6, 0), _d3_rows(tmp_path, "b", 3, 1)
+    path, store = tmp_path / "d3" / "train-0.parquet", Store(tmp_path / "store")
+    path.parent.mkdir()
+    pq.write_table(old, path, row_group_size=4)
+    first = ingest(IngestConfig(path.parent, "d3", store))
+    assert first.added == 24 and first.problems == {"real_image_missing": 6}
+    with pq.ParquetWriter(path, old.schema) as writer:  # the same row groups, then new ones
+        writer.write_table(old, row_group_size=4)
+        writer.write_table(new, row_group_size=4)
+    grown = ingest(IngestConfig(path.parent, "d3", store))
+    assert (grown.units_resumed, grown.added, grown.already_in_store) == (1, 12, 0)
+    assert grown.problems == {"real_image_missing": 3}
+    rows = catalog.query(store, "SELECT DISTINCT source_row FROM samples ORDER BY 1").column(0).to_pylist()
+    assert rows == list(range(9))  # rows numbered from the file's start
+    pq.write_table(pa.concat_tables([new, old]), path, row_group_size=4)  # rewritten: read whole
+    whole = ingest(IngestConfig(path.parent, "d3", store))
+    assert (whole.units_resumed, whole.added, whole.already_in_store) == (0, 0, 36)

@@ -42,6 +42,7 @@ from pipeline.sources.common import (
     image_member,
     iter_tar_entries,
     parquet_fingerprint,
+    resume_point,
     stat_unit,
     tar_candidate_or_problem,
     tar_text,
@@ -85,29 +86,34 @@ class D3Source:
         return {"generators": list(self.generators) if self.tars else None, "real_images": real}
 
     def growing(self) -> list[Path]:
-        return self.tars  # tars appended to are read from where the last read stopped
+        # tars appended to, and Parquet files rewritten with row groups added after the same bytes,
+        # are read from where the last read stopped
+        return [*self.tars, *self.files]
 
     def units(self, resume: Mapping[str, Resume]) -> Iterator[Unit]:
         for tar in self.tars:
             yield stat_unit(tar, resume=resume.get(absolute(tar)))
         for path in self.files:
-            yield stat_unit(path, parquet_fingerprint(path))
+            yield stat_unit(path, parquet_fingerprint(path), resume=resume.get(absolute(path)))
 
     def items(self, unit: Unit) -> Items:
         if unit.path.suffix == ".tar":
             return (yield from self._webdataset(unit.path, unit.resume.offset if unit.resume else 0))
+        start = unit.resume.offset if unit.resume else 0
         if len(self.files) == 1:
-            yield from self._parquet(unit.path)  # the one file given: its damage is the error
-        else:
-            try:  # one damaged file of many is quarantined; the others are read
-                yield from self._parquet(unit.path)
-            except PipelineError as exc:
-                yield Problem("unreadable_source", str(exc).rstrip("."), Location(uri=absolute(unit.path)))
-        return None
+            return (yield from self._parquet(unit.path, start))  # the one file given: its damage is the error
+        try:  # one damaged file of many is quarantined; the others are read
+            return (yield from self._parquet(unit.path, start))
+        except PipelineError as exc:
+            yield Problem("unreadable_source", str(exc).rstrip("."), Location(uri=absolute(unit.path)))
+            return None
 
     # --- Parquet form ---
 
-    def _parquet(self, path: Path) -> Iterator[Item]:
+    def _parquet(self, path: Path, start: int) -> Items:
+        """The rows of the row groups that begin at byte `start` or later (0: all); returns where
+        the next read starts: the end of the last row group (row groups written after it, in a file
+        whose bytes before it are the same, are read alone)."""
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # noqa: BLE001 - a JPEG given as --format d3, a truncated file, …
@@ -121,11 +127,15 @@ class D3Source:
         if missing or url_col is None:
             need = missing + ([] if url_col else ["url (or img_url)"])
             raise PipelineError(f"{path} is not in the D3 layout: it lacks {', '.join(need)}.")
+        spans = _row_group_spans(pf.metadata)
+        todo = [i for i, (begin, _, _) in enumerate(spans) if begin >= start]
+        if not todo:
+            return resume_point(path, start, spans[-1][2] if spans else 0) if start else None
         index = self._real_index()
         split = split_from_path(path)
         uri = absolute(path)
-        row_base = 0
-        batches = pf.iter_batches(batch_size=64)
+        row_base = spans[todo[0]][2] - pf.metadata.row_group(todo[0]).num_rows
+        batches = pf.iter_batches(batch_size=64, row_groups=todo)
         while True:
             try:
                 batch = next(batches, None)
@@ -141,6 +151,7 @@ class D3Source:
                     yield self._generated(path, uri, row, k, global_row, group, split)
                 yield from self._real_sample(row, url_col, group, index, uri, global_row, split)
             row_base += len(rows)
+        return resume_point(path, spans[-1][1], row_base)
 
     def _generated(self, path: Path, uri: str, row: dict, k: int, global_row: int, group: str,
                    split: str | None) -> Item:
@@ -222,6 +233,23 @@ class D3Source:
                 yield Candidate(sample_id, size, loc, label, generator, group, text, split,
                                 None if label == 0 else name)
         return entries.value
+
+
+def _row_group_spans(meta: pq.FileMetaData) -> list[tuple[int, int, int]]:
+    """(first byte, end byte, rows up to its end) of each row group."""
+    spans = []
+    rows = 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        begin, end = None, 0
+        for j in range(group.num_columns):
+            column = group.column(j)
+            first = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+            begin = first if begin is None else min(begin, first)
+            end = max(end, first + column.total_compressed_size)
+        rows += group.num_rows
+        spans.append((begin or 0, end, rows))
+    return spans
 
 
 def parse_key(key: str) -> tuple[str, str | None]:
