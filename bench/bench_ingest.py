@@ -1,5 +1,6 @@
 """What a second ingest costs: a webdataset tar or CSV manifest grown by M after N, and a no-op D3
-ingest with many real images. Each ingest runs in its own process (peak RSS is its own).
+ingest with many real images, then one with a D3 file added (the real images' index is needed
+again). Each ingest runs in its own process (peak RSS is its own).
 
     python bench/bench_ingest.py tar --n 20000 --m 2000 --work /tmp/bench_ingest
     python bench/bench_ingest.py csv --n 20000 --m 2000 --work /tmp/bench_ingest
@@ -109,10 +110,14 @@ def _d3(args: argparse.Namespace, work: Path) -> None:
             folder.mkdir(parents=True)
         (folder / f"x{i:09d}.jpg").write_bytes(i.to_bytes(8, "little"))
         (folder / f"x{i:09d}.json").write_text(json.dumps({"url": f"https://example.invalid/{i}.jpg"}))
-    store = work / "store"
-    _run(f"d3 first, {args.real} real images", data.parquet, "d3", store, data.real_images)
-    _run("d3 no-op", data.parquet, "d3", store, data.real_images)
-    _run("d3 no-op again", data.parquet, "d3", store, data.real_images)
+    store, files = work / "store", work / "d3" / "files"
+    files.mkdir()
+    shutil.move(data.parquet, files / "part-0.parquet")
+    _run(f"d3 first, {args.real} real images", files, "d3", store, data.real_images)
+    _run("d3 no-op", files, "d3", store, data.real_images)
+    more = make_d3(work / "more", rows=40, seed=1)  # the same ids, other generated images
+    shutil.move(more.parquet, files / "part-1.parquet")
+    _run("d3 one Parquet file added", files, "d3", store, data.real_images)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """What every source adapter yields, and the helpers they share (safe reading, tar scanning,
-real-image lookup).
+resume points).
 
 A source is read as *units* (a file: a Parquet file, a tar, an image; or a manifest row), each with
 the facts that say whether it changed since it was ingested (size, modification time, and for
