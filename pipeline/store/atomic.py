@@ -19,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.store import parquet_vectors
+
 PARQUET_COMPRESSION = "zstd"
 VECTOR_GROUP_ROWS = 16384
 # A temp file of a process on another host cannot be checked for life; after this long it is dead.
@@ -56,11 +58,20 @@ def write_parquet(table: pa.Table, path: Path) -> Path:
     PLAIN, uncompressed, one data page per row group of VECTOR_GROUP_ROWS, so each row group's
     vectors are its column chunk's last bytes, row-major. Dictionary encoding measured 3-6x slower
     to write and read for files 0.3% smaller, and zstd saves under a tenth on float16 unit vectors:
-    both would force a second, decoded copy of every vector for training."""
+    both would force a second, decoded copy of every vector for training.
+
+    A table of fixed-size vectors with no NULL (embeddings) is written by `parquet_vectors`, the
+    same layout at the speed of its bytes (pyarrow's writer measured 100 MB/s on its vectors)."""
     vectors = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)}
     if not vectors:
         return atomic_write(path, lambda tmp: pq.write_table(
             table, tmp, compression=PARQUET_COMPRESSION, write_page_checksum=True))
+    if parquet_vectors.supported(table):
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                parquet_vectors.write(table, out, VECTOR_GROUP_ROWS, PARQUET_COMPRESSION)
+
+        return atomic_write(path, write)
     others = [f.name for f in table.schema if f.name not in vectors]
     compression = {name: PARQUET_COMPRESSION for name in others} | {name: "none" for name in vectors}
     return atomic_write(path, lambda tmp: pq.write_table(
