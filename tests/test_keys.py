@@ -109,3 +109,17 @@ def test_scratch_directories_of_dead_processes_are_removed(tmp_path: Path) -> No
     dead.mkdir(parents=True)
     mine = scratch_dir(tmp_path)
     assert mine.is_dir() and not dead.exists()
+
+
+def test_keys_made_in_python_are_the_keys_duckdb_makes(tmp_path: Path) -> None:
+    ids = pa.array(_ids(50, 7) + ["é", "", "x" * 300])
+    by_sql = keys_of(pa.table({"id": ids}), "id")  # a table: DuckDB's md5
+    assert (keys_of(ids) == by_sql).all()  # a string array: hashlib's
+    assert (keys_of(pa.chunked_array([ids[:10], ids[10:]])) == by_sql).all()
+    assert (keys_of(ids.slice(5, 20)) == by_sql[5:25]).all()
+    digests = [hashlib.sha256(f"{i}".encode()).digest() for i in range(30)]
+    hexes, made = keys.hex_keys(digests)
+    assert hexes.to_pylist() == [d.hex() for d in digests]
+    assert (made == keys_of(pa.table({"id": hexes}), "id")).all()
+    with pytest.raises(ValueError, match="NULL"):
+        keys_of(pa.array(["a", None]))
