@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from pipeline.store.atomic import pid_alive
 
 FORMAT = 1  # of the files below: a change builds every index again
 _KEY = "S16"
-_BATCH = 65_536  # locations a record batch: row r is in batch r // _BATCH
+_BATCH = 16_384  # locations a record batch (row r is in batch r // _BATCH); what a build holds at once
 _LOCATIONS = pa.schema([("uri", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
                         ("length", pa.int64())])
 
@@ -59,7 +59,7 @@ class RealImageIndex:
             _build(root, self.directory)
             _sweep(cache, place, keep=self.directory)
         meta = json.loads((self.directory / "index.json").read_text(encoding="utf-8"))
-        self._size = int(meta["images"])
+        self._size, self._batch_rows = int(meta["images"]), int(meta["batch_rows"])
         self._ids, self._id_rows = _map(self.directory / "ids.keys", _KEY), _map(self.directory / "ids.rows", "<i8")
         self._urls, self._url_rows = _map(self.directory / "urls.keys", _KEY), _map(self.directory / "urls.rows", "<i8")
         reader = pa.ipc.open_file(pa.memory_map(str(self.directory / "locations.arrow")))
@@ -71,8 +71,8 @@ class RealImageIndex:
             row = _lookup(self._urls, self._url_rows, url)
         if row is None:
             return None
-        batch = self._batches[row // _BATCH]
-        i = row % _BATCH
+        batch = self._batches[row // self._batch_rows]
+        i = row % self._batch_rows
         return Location(uri=batch.column(0)[i].as_py(), member=batch.column(1)[i].as_py(),
                         offset=batch.column(2)[i].as_py(), length=batch.column(3)[i].as_py())
 
@@ -83,8 +83,12 @@ class RealImageIndex:
         return True  # an index exists even when it found nothing; `find` says what it has
 
 
-def _entries(root: Path) -> Iterator[tuple[Location, str, str | None]]:
-    """(location, id, URL or None) of each image, in walk order (the first of an id or URL wins)."""
+# An image found: (uri, tar member, offset, length, id, URL); plain tuples, as a build holds a batch of them.
+_Entry = tuple[str, str | None, int | None, int | None, str, str | None]
+
+
+def _entries(root: Path) -> Iterator[_Entry]:
+    """Each image, in walk order (the first of an id or URL wins)."""
     if root.is_file():
         yield from (_tar_entries(root) if root.suffix == ".tar" else _file_entries(str(root.parent), [root.name]))
         return
@@ -93,7 +97,7 @@ def _entries(root: Path) -> Iterator[tuple[Location, str, str | None]]:
         yield from _file_entries(dirpath, sorted(filenames))
 
 
-def _file_entries(directory: str, names: list[str]) -> Iterator[tuple[Location, str, str | None]]:
+def _file_entries(directory: str, names: list[str]) -> Iterator[_Entry]:
     present = set(names)
     for name in names:
         path = os.path.join(directory, name)
@@ -103,10 +107,10 @@ def _file_entries(directory: str, names: list[str]) -> Iterator[tuple[Location, 
         elif is_image(name):
             sidecar = stem + ".json"
             url = _url_from_file(os.path.join(directory, sidecar)) if sidecar in present else None
-            yield Location(uri=absolute(Path(path))), stem, url
+            yield absolute(Path(path)), None, None, None, stem, url
 
 
-def _tar_entries(path: Path) -> Iterator[tuple[Location, str, str | None]]:
+def _tar_entries(path: Path) -> Iterator[_Entry]:
     for tf, entry in iter_tar_entries(path):
         member = image_member(entry)
         if member is None:
@@ -116,7 +120,8 @@ def _tar_entries(path: Path) -> Iterator[tuple[Location, str, str | None]]:
         if meta is not None:
             f = tf.extractfile(meta)
             url = _url_from_json(f.read(1 << 20) if f is not None else b"")
-        yield tar_location(path, member), entry.key.rpartition("/")[2], url
+        loc = tar_location(path, member)
+        yield loc.uri, loc.member, loc.offset, loc.length, entry.key.rpartition("/")[2], url
 
 
 def _build(root: Path, directory: Path) -> None:
@@ -132,20 +137,18 @@ def _build(root: Path, directory: Path) -> None:
             for batch in _batched(_entries(root)):
                 n = len(batch)
                 numbers = np.arange(rows, rows + n, dtype=np.int64)
-                ids.append((_keys([b[1] for b in batch]), numbers))
-                has_url = [i for i, b in enumerate(batch) if b[2]]
-                urls.append((_keys([str(batch[i][2]) for i in has_url]), numbers[has_url]))
-                writer.write_batch(pa.record_batch([
-                    pa.array([b[0].uri for b in batch], pa.string()),
-                    pa.array([b[0].member for b in batch], pa.string()),
-                    pa.array([b[0].offset for b in batch], pa.int64()),
-                    pa.array([b[0].length for b in batch], pa.int64()),
-                ], schema=_LOCATIONS))
+                uri, member, offset, length, key, url = zip(*batch, strict=True)
+                ids.append((_keys(key), numbers))
+                has_url = [i for i, u in enumerate(url) if u]
+                urls.append((_keys([str(url[i]) for i in has_url]), numbers[has_url]))
+                writer.write_batch(pa.record_batch([pa.array(uri, pa.string()), pa.array(member, pa.string()),
+                                                    pa.array(offset, pa.int64()), pa.array(length, pa.int64())],
+                                                   schema=_LOCATIONS))
                 rows += n
         found = [_write_sorted(work, "ids", ids), _write_sorted(work, "urls", urls)]
         images = len(np.union1d(*found))
-        (work / "index.json").write_text(json.dumps({"format": FORMAT, "root": absolute(root), "images": images}),
-                                         encoding="utf-8")
+        meta = {"format": FORMAT, "root": absolute(root), "images": images, "batch_rows": _BATCH}
+        (work / "index.json").write_text(json.dumps(meta), encoding="utf-8")
         if directory.exists():  # a build that was never finished (no index.json): replaced
             shutil.rmtree(directory)
         os.replace(work, directory)
@@ -153,8 +156,8 @@ def _build(root: Path, directory: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _batched(entries: Iterator[tuple[Location, str, str | None]]) -> Iterator[list[tuple[Location, str, str | None]]]:
-    batch: list[tuple[Location, str, str | None]] = []
+def _batched(entries: Iterator[_Entry]) -> Iterator[list[_Entry]]:
+    batch: list[_Entry] = []
     for entry in entries:
         batch.append(entry)
         if len(batch) == _BATCH:
@@ -177,7 +180,7 @@ def _write_sorted(work: Path, name: str, parts: list[tuple[np.ndarray, np.ndarra
     return rows[first]
 
 
-def _keys(texts: list[str]) -> np.ndarray:
+def _keys(texts: Iterable[str]) -> np.ndarray:
     return np.frombuffer(b"".join(hashlib.md5(t.encode()).digest() for t in texts), _KEY)
 
 
