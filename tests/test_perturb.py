@@ -72,6 +72,28 @@ def test_perturb_derives_content_addressed_samples_and_a_rerun_adds_nothing(d3_s
         PerturbConfig(d3_store, ("jpeg:75",), ("holdout",))
 
 
+def test_perturb_streams_batches_with_a_limit_and_derives_only_missing_pairs(d3_store: Store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pipeline.stages.perturb as stage
+
+    monkeypatch.setattr(stage, "BATCH_ROWS", 3)  # sources and key lookups span many batches and shards
+    monkeypatch.setattr(stage, "FLUSH_ROWS", 4)
+    splits = ("test", "val")
+    sizes = {r["split"]: r["n"] for r in catalog.query(
+        d3_store, "SELECT split, count(*) AS n FROM samples WHERE derived_from IS NULL GROUP BY 1").to_pylist()}
+    first = perturb(PerturbConfig(d3_store, ("jpeg:75",), splits, limit=5))
+    assert first.derived + first.undecodable == sum(min(5, sizes[s]) for s in splits) and first.derived > 5
+    second = perturb(PerturbConfig(d3_store, ("jpeg:75", "blur:1"), splits, limit=5))
+    assert (second.existing, second.by_op) == (first.derived, {"jpeg:75": 0, "blur:1": first.derived})
+    pairs = catalog.query(d3_store, "SELECT derived_from, perturbation, count(*) AS n FROM samples "
+                                    "WHERE derived_from IS NOT NULL GROUP BY ALL").to_pylist()
+    assert all(r["n"] == 1 for r in pairs) and len(pairs) == 2 * first.derived
+    by_op: dict[str, set[str]] = {}
+    for r in pairs:
+        by_op.setdefault(r["perturbation"], set()).add(r["derived_from"])
+    assert by_op["jpeg:75"] == by_op["blur:1"]  # the same sources: a fixed order, not the batch's
+    assert perturb(PerturbConfig(d3_store, ("jpeg:75", "blur:1"), splits, limit=5)).derived == 0
+
+
 def test_ops_from_toml(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "ops.toml"
     path.write_text("[ops]\njpeg = [90, 75]\nblur = 1\n")

@@ -12,12 +12,19 @@ at a time.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
@@ -27,11 +34,13 @@ from pipeline.sources.locations import Location, LocationReader
 from pipeline.sources.perturb import Perturbation, parse_ops
 from pipeline.store import catalog
 from pipeline.store.atomic import write_bytes, write_parquet
+from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.lock import writing
 from schemas import SAMPLES, SPLITS, from_rows
 
 FLUSH_ROWS = 2000  # derived sample rows per samples shard
+BATCH_ROWS = 1024  # source rows looked up at a time
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,11 @@ class PerturbResult:
 
 
 def run(config: PerturbConfig, reporter: Reporter | None = None) -> PerturbResult:
+    """Derive each source sample's missing perturbations, streaming the sources in location order.
+
+    Memory does not grow with the store: the sources come from DuckDB in batches (sorted within
+    `DUCKDB_MEMORY`, spilling beyond), and "already derived" and "already a sample" are lookups in
+    the store's key sets (`pipeline.store.keys`), kept up to date with every shard committed."""
     reporter = reporter or Silent()
     store = config.store
     if not store.exists():
@@ -80,51 +94,81 @@ def run(config: PerturbConfig, reporter: Reporter | None = None) -> PerturbResul
     perturbations = parse_ops(config.ops)
     started = time.perf_counter()
     result = PerturbResult(by_op={p.name: 0 for p in perturbations})
-    with writing(store, reporter, config.wait):
-        sources = _sources(store, config)
-        done = {(r["derived_from"], r["perturbation"]) for r in catalog.query(
-            store, "SELECT derived_from, perturbation FROM samples WHERE derived_from IS NOT NULL").to_pylist()}
-        known = set(catalog.query(store, "SELECT sample_id FROM samples").column(0).to_pylist())
+    queries = {"samples": KeyQuery("samples", "sample_id"),
+               "derived": KeyQuery("samples", _PAIR, "derived_from IS NOT NULL")}
+    with writing(store, reporter, config.wait), StoreKeys(store, queries, maintained=queries) as keys, \
+            _sources(store, config) as (total, batches):
         reader = LocationReader()
         now = datetime.now(UTC)
         pending: list[dict[str, Any]] = []
-        reporter.start("perturb", len(sources), "images")
-        for row in sources:
-            todo = [p for p in perturbations if (row["sample_id"], p.name) not in done]
-            result.existing += len(perturbations) - len(todo)
-            if todo:
-                try:
-                    image = decode_rgb(reader.read(Location.from_row(row)))
-                except (UndecodableImage, OSError):
-                    result.undecodable += 1
-                    todo = []
-            for p in todo:
-                derived = _derive(store, row, p, image, now)
-                if derived["sample_id"] not in known:  # the same bytes from another source: one sample
-                    known.add(derived["sample_id"])
-                    pending.append(derived)
-                    result.by_op[p.name] += 1
+        reporter.start("perturb", total, "images")
+        for batch in batches:
+            ids = batch.column("sample_id")
+            done = {p.name: keys.get("derived").contains(_pair_keys(ids, p.name)) for p in perturbations}
+            derived: list[dict[str, Any]] = []
+            for i, row in enumerate(batch.to_pylist()):
+                todo = [p for p in perturbations if not done[p.name][i]]
+                result.existing += len(perturbations) - len(todo)
+                if todo:
+                    try:
+                        image = decode_rgb(reader.read(Location.from_row(row)))
+                    except (UndecodableImage, OSError):
+                        result.undecodable += 1
+                        todo = []
+                derived += [_derive(store, row, p, image, now) for p in todo]
+                reporter.advance("perturb", 1)
+            if not derived:
+                continue
+            new_ids = pa.array([d["sample_id"] for d in derived], pa.string())
+            id_keys = keys_of(new_ids)
+            # the same bytes from another source (or twice in this batch) make one sample
+            new = ~keys.get("samples").contains(id_keys) & first_occurrence(id_keys)
+            kept = [d for d, keep in zip(derived, new, strict=True) if keep]
+            for d in kept:
+                result.by_op[d["perturbation"]] += 1
+            if not kept:
+                continue
+            keys.add("samples", id_keys[new])
+            pairs = {c: pa.array([d[c] for d in kept], pa.string()) for c in ("derived_from", "perturbation")}
+            keys.add("derived", keys_of(pa.table(pairs), _PAIR))
+            pending += kept
             if len(pending) >= FLUSH_ROWS:
                 result.derived += _flush(store, pending)
-            reporter.advance("perturb", 1)
         result.derived += _flush(store, pending)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _sources(store: Store, config: PerturbConfig) -> list[dict[str, Any]]:
-    """Original samples of the splits, in location order (Parquet row groups are read once)."""
+_PAIR = "concat_ws(chr(0), derived_from, perturbation)"  # a (source, operation) pair derived already
+_ORDER = ("source_uri, source_member NULLS FIRST, source_row NULLS FIRST, byte_offset NULLS FIRST, sample_id")
+DUCKDB_MEMORY = "512MB"
+
+
+def _pair_keys(ids: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
+    return keys_of(pa.table({"derived_from": ids, "perturbation": pa.array([name] * len(ids), pa.string())}), _PAIR)
+
+
+@contextmanager
+def _sources(store: Store, config: PerturbConfig) -> Iterator[tuple[int, Iterator[pa.RecordBatch]]]:
+    """Original samples of the splits (at most `limit` per split, in a fixed hash order), as their
+    count and batches in location order (Parquet row groups and tars are read once)."""
     placeholders = ", ".join("?" for _ in config.splits)
-    rows: list[dict[str, Any]] = []
-    for split in config.splits:
-        limit = f"ORDER BY hash(sample_id) LIMIT {int(config.limit)}" if config.limit else ""
-        rows += catalog.query(store, f"SELECT * FROM samples WHERE derived_from IS NULL AND split = ? {limit}",
-                              [split]).to_pylist()
-    if not rows and not catalog.query(store, f"SELECT 1 FROM samples WHERE split IN ({placeholders}) LIMIT 1",
-                                      list(config.splits)).num_rows:
-        raise PipelineError(f"The store has no samples in {', '.join(config.splits)}.")
-    return sorted(rows, key=lambda r: (r["source_uri"], r.get("source_member") or "", r.get("source_row") or 0,
-                                       r.get("byte_offset") or 0))
+    chosen = f"SELECT * FROM samples WHERE derived_from IS NULL AND split IN ({placeholders})"
+    if config.limit:
+        chosen = (f"SELECT * EXCLUDE (_n) FROM (SELECT *, row_number() OVER (PARTITION BY split ORDER BY "
+                  f"hash(sample_id), sample_id) AS _n FROM ({chosen})) WHERE _n <= {int(config.limit)}")
+    spill = store.root / "cache" / f"perturb-tmp-{os.getpid()}"
+    try:
+        with catalog.connect(store) as con:
+            catalog.limit_memory(con, DUCKDB_MEMORY, spill)
+            splits = list(config.splits)
+            total = con.execute(f"SELECT count(*) FROM ({chosen})", splits).fetchall()[0][0]
+            if not total and not con.execute(f"SELECT 1 FROM samples WHERE split IN ({placeholders}) LIMIT 1",
+                                             splits).fetchall():
+                raise PipelineError(f"The store has no samples in {', '.join(config.splits)}.")
+            yield total, iter(con.sql(f"{chosen} ORDER BY {_ORDER}", params=splits).to_arrow_reader(BATCH_ROWS))
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _derive(store: Store, row: dict[str, Any], p: Perturbation, image: Any, now: datetime) -> dict[str, Any]:
