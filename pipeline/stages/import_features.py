@@ -16,7 +16,7 @@ key sets of the store's sample ids and this model's vector hashes (`pipeline.sto
 one scan per run when a file needs reading, not by a scan of the store per slice.
 
 The stage should cost what moving the bytes costs: a slice's vectors are normalised and hashed a
-block of `_BLOCK_ROWS` at a time (temporaries stay in the CPU cache, not fresh pages) straight into
+block of `_BLOCK_BYTES` at a time (temporaries stay in the CPU cache, not fresh pages) straight into
 the array the shard is written from, ids and their keys are made from the digests in one pass, and
 one thread writes and commits a slice's shards while the next slice is read and hashed.
 """
@@ -57,7 +57,7 @@ from schemas import SAMPLES, SOURCES, embeddings_schema, from_columns, from_rows
 Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 SLICE_ROWS = 16384  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
-_BLOCK_ROWS = 1024  # vectors converted, normalised and hashed at a time
+_BLOCK_BYTES = 2 << 20  # float32 vectors read, normalised and hashed at a time: the CPU's cache, not fresh pages
 _IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
 _TEXT_SETS = ("original_prompt", "positive_prompt")
 
@@ -282,8 +282,8 @@ def _h5_slices(config: ImportConfig, unit: Unit, now: datetime) -> Iterator[_Chu
         for start in range(0, rows, SLICE_ROWS):  # slices, so memory is one slice whatever the file's size
             end = min(rows, start + SLICE_ROWS)
             # [n·5, d]: row i·5 + j is image set j of row i; texts [n·2, d]
-            images = _unit_rows("image", [f[name][start:end] for name in _IMAGE_SETS], config.dtype)
-            texts = _unit_rows("text", [f[name][start:end] for name in _TEXT_SETS], config.dtype)
+            images = _unit_rows("image", [f[name] for name in _IMAGE_SETS], start, end, config.dtype)
+            texts = _unit_rows("text", [f[name] for name in _TEXT_SETS], start, end, config.dtype)
             yield _h5_chunk(config, path, start, images, texts, now, (unit, 5 * rows) if end == rows else None)
 
 
@@ -298,19 +298,20 @@ class _Units:
     keys: np.ndarray
 
 
-def _unit_rows(modality: str, sets: list[np.ndarray], dtype: str) -> _Units:
-    """Rows of several equally long sets interleaved (row i·k + j is row i of set j), normalised
-    and hashed a block at a time into one array of the stored dtype."""
-    n, k, dim = len(sets[0]), len(sets), sets[0].shape[1]
+def _unit_rows(modality: str, sets: list[Any], first: int, last: int, dtype: str) -> _Units:
+    """Rows first:last of several sets (HDF5 datasets or arrays) interleaved (row i·k + j is row i
+    of set j), read, normalised and hashed a block at a time into one array of the stored dtype."""
+    n, k, dim = last - first, len(sets), sets[0].shape[1]
     out = np.empty((n, k, dim), dtype)
     norms = np.empty((n, k), np.float32)
-    block = np.empty((_BLOCK_ROWS, k, dim), np.float32)
+    step = max(1, _BLOCK_BYTES // (4 * k * dim))
+    block = np.empty((step, k, dim), np.float32)
     digests: list[bytes] = []
-    for start in range(0, n, _BLOCK_ROWS):
-        end = min(n, start + _BLOCK_ROWS)
+    for start in range(0, n, step):
+        end = min(n, start + step)
         rows = block[:end - start]
         for j, values in enumerate(sets):
-            rows[:, j] = values[start:end]
+            rows[:, j] = values[first + start:first + end]
         flat = rows.reshape(-1, dim)
         norms[start:end] = _normalise_in_place(flat).reshape(-1, k)
         digests += _vector_digests(modality, flat)
