@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import shortcuts
 from pipeline.config import Validated, within
@@ -24,15 +26,15 @@ from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter
-from pipeline.runs import load_run_record
+from pipeline.runs import GroupKeys, ScoreArrays, ScoreCollector, load_run_record
 from pipeline.sources.locations import Location, LocationReader
+from pipeline.stages.train import bootstrap_replicates
 from pipeline.store import catalog
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
 from trainer.metrics import METRICS, confusion, evaluate_by_generator, summary
 
 GALLERY = 6  # false positives and as many false negatives
-BOOT = 1000
 
 
 @dataclass
@@ -63,31 +65,33 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
     store, run_id, output, split, threshold = cfg.store, cfg.run_id, cfg.output, cfg.split, cfg.threshold
     exclude_leaks = cfg.exclude_leaks
     config, metrics = load_run_record(store, run_id)
-    scores = catalog.query(
-        store, "SELECT sample_id, label, generator, score FROM scores WHERE run_id = ? AND split = ?",
-        [run_id, split])
-    if scores.num_rows == 0:
-        raise PipelineError(f"Run {run_id} has no scores in the {split!r} split.")
+    leaking: set[str] = set()
     excluded_note = ""
     if exclude_leaks:
         from pipeline.stages.leaks import leaking_ids
 
         leaking, _ = leaking_ids(store, metrics["model_key"], config.leak_threshold)
-        keep = ~np.isin(scores.column("sample_id").to_numpy(zero_copy_only=False), list(leaking))
-        excluded_note = f"{int((~keep).sum())} leaking {split} samples excluded (similarity ≥ {config.leak_threshold})."
-        scores = scores.filter(keep)
-    y = scores.column("label").to_numpy().astype(bool)
-    p = scores.column("score").to_numpy().astype(np.float64)
-    gens = scores.column("generator").to_numpy(zero_copy_only=False)
+    read = _read_scores(store, run_id, split, leaking)
+    if read is None:
+        raise PipelineError(f"Run {run_id} has no scores in the {split!r} split.")
+    s, groups, fp, fn = read
+    if exclude_leaks:
+        excluded_note = (f"{int(s.excluded.sum())} leaking {split} samples excluded "
+                         f"(similarity ≥ {config.leak_threshold}).")
+    keep = ~s.excluded
+    y = s.label[keep].astype(bool)
+    p = s.score[keep].astype(np.float64)
+    gens = np.array(s.generators, object)[s.generator[keep]]  # one name object per generator, not per row
+    groups = groups[keep]
+    n_boot = bootstrap_replicates(len(y))
     directory = output or store.root / "reports" / f"run-{run_id}"
     result = ReportResult(directory)
     rw = metrics.get("random_weights")
     stats = summary(y, p, gens, threshold)
     per_gen = cast(dict[str, float], stats["auc_by_generator"])
     result.files.append(figures.roc(directory / "roc.png", y, p, gens, split, rw))
-    groups = _groups(store, scores.column("sample_id").to_numpy(zero_copy_only=False))
     rng = np.random.default_rng(config.seed)
-    by_gen = evaluate_by_generator(y, p, gens, groups, threshold, rng, BOOT)
+    by_gen = evaluate_by_generator(y, p, gens, groups, threshold, rng, n_boot)
     cells = {g: by_gen[g]["auc"].as_dict() for g in [*per_gen, "all"]}
     result.files.append(figures.bars_ci(directory / "auc_by_generator.png", cells,
                                         f"{split} ROC AUC per generator (each against all real)", rw))
@@ -98,7 +102,8 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
                                                    metrics.get("best_epoch"), rw))
     chosen = (metrics.get("test", {}).get("at_val_threshold") or {}).get("threshold", threshold)
     alarm = result.alarm = _text_alarm(store, config, metrics)
-    gallery = _gallery(store, config, metrics, scores, directory, chosen)
+    n_fp, n_fn = int(np.sum(~y & (p > chosen))), int(np.sum(y & (p <= chosen)))
+    gallery = _gallery(store, config, metrics, fp + fn, len(fp), (n_fp, n_fn), directory, chosen)
     body = [
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
         html.banner(metrics.get("random_weights")),
@@ -110,7 +115,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<b>{html.e(split)}</b> split "
         f"({len(y)} samples). {html.e(excluded_note)}</p>",
         "<h2>Metrics</h2>",
-        f"<p>× 100, with 95% group-bootstrap intervals ({BOOT} replicates; a real image and the images "
+        f"<p>× 100, with 95% group-bootstrap intervals ({n_boot} replicates; a real image and the images "
         f"generated from its caption are resampled together); n = {len(y)} {html.e(split)} samples. "
         f"Thresholded metrics at {threshold}.</p>",
         html.table(["metric", f"{split}"], [[m, _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
@@ -148,16 +153,50 @@ def _threshold_note(metrics: dict[str, Any]) -> str:
             "to test:</p>" + html.table(["metric", "test"], rows))
 
 
-def _groups(store: Store, sample_ids: np.ndarray) -> np.ndarray:
-    import pyarrow as pa
+def _read_scores(store: Store, run_id: str, split: str, leaking: set[str]
+                 ) -> tuple[ScoreArrays, np.ndarray, list[Pick], list[Pick]] | None:
+    """The split's scores as numbers (`ScoreArrays`, leaking rows marked excluded), their group codes,
+    and the gallery's picks: the real samples scored most generated and the generated scored most
+    real, `GALLERY` each. Scores stream in batches; nothing per row but numbers is kept."""
+    collected = ScoreCollector(1 << 16, leaking)
+    groups = GroupKeys(store, f"{run_id}-report")
+    fp: list[Pick] = []
+    fn: list[Pick] = []
+    try:
+        with catalog.connect(store) as con:
+            rel = con.sql("SELECT sample_id, split, label, generator, score FROM scores WHERE run_id = $run "
+                          "AND split = $split", params={"run": run_id, "split": split})
+            for batch in rel.to_arrow_reader(1 << 16):
+                rows = pa.Table.from_batches([batch])
+                score = rows.column("score").to_numpy()
+                collected.write(rows, score)
+                groups.write(rows, score)
+                left = ~pc.is_in(rows.column("sample_id"), value_set=pa.array(sorted(leaking), pa.string())
+                                 ).to_numpy(zero_copy_only=False)
+                label = rows.column("label").to_numpy(zero_copy_only=False).astype(bool)
+                ids = rows.column("sample_id")
+                fp = _top(fp, ids, score, left & ~label, collected.rows - rows.num_rows, highest=True)
+                fn = _top(fn, ids, score, left & label, collected.rows - rows.num_rows, highest=False)
+        if not collected.rows:
+            return None
+        return collected.arrays(), groups.codes(), fp, fn
+    finally:
+        groups.discard()
 
-    ids = pa.table({"sample_id": pa.array(sample_ids.astype(str)), "i": pa.array(np.arange(len(sample_ids)))})
-    found = catalog.query_with(store, "SELECT ids.i, samples.group_key FROM ids JOIN samples USING (sample_id)",
-                               {"ids": ids})
-    groups = sample_ids.astype(object).copy()
-    if found.num_rows:
-        groups[found.column("i").to_numpy()] = found.column("group_key").to_numpy(zero_copy_only=False)
-    return groups.astype(str)
+
+Pick = tuple[str, bool, float, int]  # sample id, generated?, score, row number in the stream
+
+
+def _top(kept: list[Pick], ids: pa.ChunkedArray, score: np.ndarray, mask: np.ndarray, start: int,
+         highest: bool) -> list[Pick]:
+    """The `GALLERY` picks of `kept` and this batch's `mask`ed rows with the highest (or lowest) score,
+    ties to the earlier row: as a stable sort of the whole split would choose."""
+    rows = np.flatnonzero(mask)
+    order = np.lexsort((rows, -score[rows] if highest else score[rows]))[:GALLERY]
+    label = not highest  # the most generated-looking real images; the most real-looking generated ones
+    new = [(str(ids[int(rows[j])]), label, float(score[rows[j]]), start + int(rows[j])) for j in order]
+    both = kept + new
+    return sorted(both, key=lambda t: (-t[2] if highest else t[2], t[3]))[:GALLERY]
 
 
 def _text_alarm(store: Store, config: Any, metrics: dict[str, Any]) -> str | None:
@@ -168,19 +207,12 @@ def _text_alarm(store: Store, config: Any, metrics: dict[str, Any]) -> str | Non
     return shortcuts.text_alarm(found[1], metrics.get("test", {})) if found else None
 
 
-def _gallery(store: Store, config: Any, metrics: dict[str, Any], scores: Any, directory: Path,
-             threshold: float) -> str:
+def _gallery(store: Store, config: Any, metrics: dict[str, Any], picks: list[Pick], n_fp_shown: int,
+             errors: tuple[int, int], directory: Path, threshold: float) -> str:
     """Thumbnails of the most confident mistakes at `threshold`, each beside its nearest training image."""
-    y = scores.column("label").to_numpy().astype(bool)
-    p = scores.column("score").to_numpy().astype(np.float64)
-    ids = scores.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
-    # the most confident mistakes; when there are fewer, the hardest correct cases fill the row
-    fp = [i for i in np.argsort(-p, kind="stable") if not y[i]][:GALLERY]
-    fn = [i for i in np.argsort(p, kind="stable") if y[i]][:GALLERY]
-    picked = [ids[i] for i in fp + fn]
-    if not picked:
+    if not picks:
         return "<p>No samples.</p>"
-    n_fp, n_fn = int(np.sum(~y & (p > threshold))), int(np.sum(y & (p <= threshold)))
+    (n_fp, n_fn), picked = errors, [pick[0] for pick in picks]
     info = {r["sample_id"]: r for r in catalog.query_with(
         store, "SELECT s.* FROM samples s JOIN picked USING (sample_id)",
         {"picked": _id_table(picked)}).to_pylist()}
@@ -190,15 +222,15 @@ def _gallery(store: Store, config: Any, metrics: dict[str, Any], scores: Any, di
         {"picked": _id_table([n for n, _ in nearest.values()])}).to_pylist()}
     reader = LocationReader()
 
-    def card(index: int, kind: str) -> str:
-        sid = ids[index]
+    def card(pick: Pick, kind: str) -> str:
+        sid, generated, score, _ = pick
         row = info.get(sid, {})
         near_id, similarity = nearest.get(sid, (None, float("nan")))
         near = near_info.get(near_id or "", {})
-        wrong = (p[index] > threshold) != bool(y[index])
-        kind = kind if wrong else ("hardest real (correct)" if not y[index] else "hardest generated (correct)")
+        wrong = (score > threshold) != generated
+        kind = kind if wrong else ("hardest real (correct)" if not generated else "hardest generated (correct)")
         return (f'<figure class="card{" wrong" if wrong else ""}"><div class="pair">{_thumb(reader, row, directory)}'
-                f'{_thumb(reader, near, directory)}</div><figcaption><b>{kind}</b> score {p[index]:.3f} · '
+                f'{_thumb(reader, near, directory)}</div><figcaption><b>{kind}</b> score {score:.3f} · '
                 f'{html.e(html.short(row.get("generator", "?")))}<br><i>{html.e((row.get("text") or "")[:140])}'
                 f'</i><br>right: nearest training image ({html.e(html.short(near.get("generator", "–")))}, '
                 f'cosine {similarity:.3f})</figcaption></figure>')
@@ -207,8 +239,8 @@ def _gallery(store: Store, config: Any, metrics: dict[str, Any], scores: Any, di
             f"generated) and {n_fn} false negatives. Shown: the real images scored most generated and the "
             "generated images scored most real (red border: a mistake). Left: the image from its original bytes; "
             "right: its nearest training neighbour by image embedding.</p>"
-            '<div class="gallery">' + "".join(card(i, "false positive") for i in fp)
-            + "".join(card(i, "false negative") for i in fn) + "</div>")
+            '<div class="gallery">' + "".join(card(pick, "false positive") for pick in picks[:n_fp_shown])
+            + "".join(card(pick, "false negative") for pick in picks[n_fp_shown:]) + "</div>")
 
 
 def _id_table(ids: list[str]) -> Any:
