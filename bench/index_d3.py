@@ -6,12 +6,20 @@
 build can be extrapolated from measured per-vector rates and the memory estimate checked:
 
     python bench/index_d3.py --rows 1000000
+    python bench/index_d3.py --rows 1000000 --factory IVF10922_HNSW32,PQ192np   # the 8-bit codes before
+
+The vectors are drawn once into a float16 file under --work (page cache, as the store's are), so
+re-ranking reads them like `OpenIndex.search` reads the store's. After the build it times searches
+(`--queries` fresh vectors, k=10, with and without re-ranking) at the tuned breadth and at others.
+`--plan-rows N` plans for N vectors instead of D3 (lists of D3's size at N: a query's work as at D3).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--max-memory", type=int, default=4 * 2**30)
+    parser.add_argument("--factory", help="build this FAISS factory instead of the plan's (same lists, sample)")
+    parser.add_argument("--plan-rows", type=int, default=D3_ROWS, help="plan the index for this many vectors")
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--nprobe", type=int, nargs="*", default=[8, 16, 32, 64])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
 
     import faiss
@@ -43,8 +56,11 @@ def main() -> None:
     from pipeline.reporting import Silent
     from pipeline.store.layout import Store
 
-    plan = ix.plan_index(D3_ROWS, DIM, "auto", args.max_memory)
-    print(f"D3 plan: {plan.factory}, {D3_ROWS / (plan.nlist or 1):.0f} vectors a list, trained on "
+    plan = ix.plan_index(args.plan_rows, DIM, "auto", args.max_memory)
+    if args.factory:
+        plan = dataclasses.replace(plan, factory=args.factory, kind="ivf-pq" if "PQ" in args.factory else plan.kind)
+    print(f"plan for {args.plan_rows:,}: {plan.factory}, {args.plan_rows / (plan.nlist or 1):.0f} vectors a list, "
+          f"trained on "
           f"{plan.train_rows:,}; index {plan.bytes / 2**30:.2f} GiB, build peak {plan.build_bytes / 2**30:.2f} GiB "
           f"of {args.max_memory / 2**30:.1f} GiB")
     n = args.rows
@@ -55,9 +71,22 @@ def main() -> None:
         r = np.random.default_rng(start)
         return centres[r.integers(0, len(centres), count)] + r.standard_normal((count, DIM), np.float32)
 
+    store_file = args.work / f"index_d3-{n}.f16"
+    if not store_file.exists() or store_file.stat().st_size != n * DIM * 2:
+        out = np.lib.format.open_memmap(store_file.with_suffix(".tmp.npy"), "w+", np.float16, (n, DIM))
+        for start in range(0, n, 65536):
+            out[start:start + 65536] = ix._unit(rows(start, min(65536, n - start)))
+        out.flush()
+        del out
+        store_file.with_suffix(".tmp.npy").rename(store_file)
+    vectors = np.load(store_file, mmap_mode="r")
+
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, n, plan.chunk_rows):
-            yield rows(start, min(plan.chunk_rows, n - start))
+            yield np.asarray(vectors[start:start + plan.chunk_rows], np.float32)
+
+    def gather(r: np.ndarray) -> np.ndarray:
+        return np.asarray(vectors[np.sort(r)][np.argsort(np.argsort(r))], np.float32)
 
     def sample(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         # fresh draws of the same distribution, not rows of the index: no own row to exclude (-1)
@@ -87,9 +116,14 @@ def main() -> None:
     del x, centroids
     started = time.perf_counter()
     config = ix.IndexConfig(Store(Path(".")), recall_queries=200)
-    _, params = ix.build_in_memory(dataclasses.replace(plan), DIM, chunks, sample, n, config, Timer(), faiss)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    index, params = ix.build_in_memory(dataclasses.replace(plan), DIM, chunks, sample, n, config, Timer(), faiss,
+                                       exact=gather)
     total = time.perf_counter() - started
-    lists_at, add_at = marks["index: find lists"], marks["index: add"]
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    build_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    add_at = marks["index: add"]
+    lists_at = marks.get("index: find lists", add_at)  # fast-scan: one pass, no list-finding pass
     train_s = lists_at - started
     pass1, pass2 = add_at - lists_at, total - (add_at - started)  # pass 2 includes the recall tuning
     print(f"k-means alone (two-level, {plan.nlist} lists, {plan.train_rows:,} rows): {t_kmeans:.1f} s "
@@ -99,9 +133,37 @@ def main() -> None:
     per_vector = (pass1 + pass2) / n
     print(f"extrapolated D3 build: {train_s + per_vector * D3_ROWS:.0f} s (+ reading 17.7 GB of float16 vectors twice)")
     codes = n * (plan.bytes - (plan.nlist or 0) * (DIM * 4 + 320)) / D3_ROWS
+    print(f"build CPU {build_cpu:.0f} s (wall {total:.0f} s; the machine may be shared)")
+    queries = ix._unit(sample(args.queries, np.random.default_rng(7))[1])  # fresh draws, as the recall queries
+    search(index, params, n, gather, queries, args, faiss)
     print(f"peak anon {peak[0]:.0f} MB (baseline {base:.0f} MB); the plan's estimate at this size: "
           f"{(codes + n * 4 + 3 * plan.chunk_rows * DIM * 4) / 2**20:.0f} MB + centroids, training peak "
           f"{2 * plan.train_rows * DIM * 4 / 2**20:.0f} MB")
+
+
+def search(index: object, params: dict, n: int, gather: object, queries: np.ndarray, args: argparse.Namespace,
+           faiss: object) -> None:
+    """Queries a CPU second and recall@10 (against exact search over the file) at several breadths."""
+    from pipeline.features import index as ix
+
+    vectors = np.load(args.work / f"index_d3-{n}.f16", mmap_mode="r")
+    truth = ix.exact_neighbours((np.asarray(vectors[s:s + 65536], np.float32) for s in range(0, n, 65536)),
+                                queries, ix.RECALL_K)
+    own = np.full(len(queries), -1)
+    breadths = sorted(set(args.nprobe) | {params["nprobe"]})
+    for nprobe in breadths:
+        ix.apply_breadth(index, "ivf-pq", {**params, "nprobe": nprobe}, faiss)
+        line = f"nprobe {nprobe:>4}:"
+        for rerank in (0, ix.RERANK):
+            c0, t0 = time.process_time(), time.perf_counter()
+            if rerank:
+                found = ix.reranked_search(index, queries, ix.RECALL_K, rerank, gather)[1]
+            else:
+                found = index.search(queries, ix.RECALL_K)[1]  # type: ignore[attr-defined]
+            cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+            line += (f"  rerank {rerank:>3}: recall@10 {ix.recall_at(found, truth, own):.3f}, "
+                     f"{len(queries) / cpu:,.0f} q per CPU s ({len(queries) / wall:,.0f} q/s wall)")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

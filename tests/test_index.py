@@ -85,9 +85,9 @@ def test_the_plan_fits_the_memory_budget() -> None:
     n = 11_500_000
     d3 = plan_index(n, 768, "auto", 4 * gib)  # D3: 35 GB as flat float32 vectors, 8.9 GB as SQ8 codes
     assert d3.kind == "ivf-pq" and d3.build_bytes <= 0.85 * 4 * gib  # the rest: the interpreter and libraries
-    m = int(re.search(r"PQ(\d+)", d3.factory).group(1))  # type: ignore[union-attr]
-    assert 768 % m == 0 and m >= 96  # at least 8 values a code
-    assert d3.bytes >= n * (m + 8) and d3.bytes + n * 4 <= 0.7 * 4 * gib  # codes, ids, a list number per vector
+    m = int(re.search(r"PQ(\d+)x4fs", d3.factory).group(1))  # type: ignore[union-attr]  # fast-scan: 4 bits
+    assert 768 % m == 0 and m >= 192  # at least 48 bytes a vector: 4-bit codes of at most 4 values each
+    assert d3.bytes >= n * (m // 2 + 8) and 1.15 * d3.bytes <= 0.7 * 4 * gib  # codes, ids; lists grow in steps
     assert d3.build_bytes >= 2 * d3.train_rows * 768 * 4 + 3 * d3.chunk_rows * 768 * 4
     # lists of ~1000 vectors found through a graph; a sample of ≥ 32 rows a list that fits beside its residuals
     assert d3.nlist is not None and "_HNSW32" in d3.factory and n / d3.nlist <= 1.1 * LIST_ROWS
@@ -133,11 +133,32 @@ def test_a_small_budget_builds_a_quantised_index_that_still_finds_neighbours(tmp
                                    recall_queries=300))
     assert info.kind == "flat"  # 4000 vectors: exact search fits 16MB
     quantised = build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=300, max_memory=2**24))
-    assert quantised.kind == "ivf-pq" and quantised.params["factory"].endswith(f"PQ{DIM // 2}np")
-    assert quantised.recall_at_10 is not None and quantised.recall_at_10 > 0.5
+    assert quantised.kind == "ivf-pq" and quantised.params["factory"].endswith(f"PQ{DIM // 2}x4fs")
+    # 4-bit codes, re-ranked exactly: recall@10 is that of the lists searched
+    assert quantised.params["rerank"] > 10 and quantised.recall_at_10 is not None and quantised.recall_at_10 > 0.9
     index = open_index(store, None, kind="ivf-pq")  # the one just built over these vectors
     matrix = normalise(open_matrix(store, info.model_key, "image").gather(np.arange(20)))
     assert (index.search(matrix, 1)[1][:, 0] == np.arange(20)).mean() >= 0.9  # each vector finds itself
+
+
+def test_re_ranking_orders_the_candidates_by_exact_similarity(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=800, dim=DIM)
+    info = build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=300))
+    index = open_index(store, None, kind="ivf-pq")
+    matrix = normalise(open_matrix(store, info.model_key, "image").gather(np.arange(info.vectors)))
+    queries = matrix[::80]
+    sims, rows = index.search(queries, 10)
+    assert np.allclose(sims, np.einsum("qd,qkd->qk", queries, matrix[rows]), atol=1e-5)  # exact scores
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    # the exact top 10 of the index's own top `rerank` candidates
+    candidates = index.index.search(queries, info.params["rerank"])[1]
+    for q, found, cand in zip(queries, rows, candidates, strict=True):
+        assert set(found) == set(cand[np.argsort(-(matrix[cand] @ q), kind="stable")[:10]])
+    coded_sims, coded_rows = index.search(queries, 10, rerank=False)  # the 4-bit codes' own scores
+    assert not np.allclose(coded_sims, sims, atol=1e-3)
+    # an index built before re-ranking (no "rerank" in its params) is searched as it was
+    index.info.params.pop("rerank")
+    assert np.array_equal(index.search(queries, 10)[1], coded_rows)
 
 
 def test_flat_index_is_exact_and_rebuilt_only_when_embeddings_change(tmp_path: Path) -> None:
@@ -219,6 +240,24 @@ def test_leaks_through_an_ivf_index_find_the_pairs_exact_search_finds(tmp_path: 
 
     assert pairs(approx) == pairs(exact) == {(_real_id(store, i), _real_id(store, j)) for i, j in planted}
     assert approx.pair_count == 20  # each pair once, found from its test member
+
+
+def test_leaks_through_a_pq_index_find_the_pairs_exact_search_finds_with_exact_similarities(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, planted = leaky_store(tmp_path, rows=2000, leaks=20)
+    assert build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=200)).kind == "ivf-pq"
+    monkeypatch.setattr("pipeline.stages.leaks.LEAK_MARGIN", 0.5)  # every hit re-scored: none may be lost
+    approx = find_leaks(LeakConfig(store, threshold=0.95))  # through the PQ index, the one in the store
+    exact = find_leaks(LeakConfig(store, threshold=0.95, exact_search=True))
+    assert (approx.index_kind, exact.index_kind) == ("ivf-pq", "flat")
+
+    def pairs(result: object) -> dict[tuple[str, str], float]:
+        return {(r["sample_a"], r["sample_b"]): r["similarity"]
+                for r in result.pairs.to_pylist()}  # type: ignore[attr-defined]
+
+    assert pairs(approx).keys() == pairs(exact).keys() == {(_real_id(store, i), _real_id(store, j))
+                                                           for i, j in planted}
+    assert all(abs(pairs(approx)[p] - pairs(exact)[p]) < 1e-5 for p in pairs(exact))  # scored exactly
 
 
 def test_exact_duplicates_pair_the_earliest_split_with_each_later_one(tmp_path: Path,

@@ -7,8 +7,10 @@ budget), a chunk of matrix rows at a time; a neighbour in an earlier split with 
 `sample_b` is always the member a clean evaluation would drop, and each pair is found once. An IVF
 index is searched at most `LEAK_NPROBE` lists wide whatever its size: a near-duplicate sits in its
 original's list or one beside it (measured: see LEAK_NPROBE), so the scan costs the same per
-image at any size. Exact duplicates are one image hash filed under two splits (stores written before
-ingest de-duplicated by image hash could hold them), found by DuckDB within its memory limit.
+image at any size. A compressed index's scores only propose pairs: those near the threshold are
+scored again exactly from the memory-mapped vectors (LEAK_MARGIN), so the similarities are exact.
+Exact duplicates are one image hash filed under two splits (stores written before ingest
+de-duplicated by image hash could hold them), found by DuckDB within its memory limit.
 
 The pairs stream into `leaks/<model_key>/image-t<threshold>-<fingerprint>.parquet` (the `leaks`
 view), which replaces the previous scan at that threshold; memory is one chunk of queries and the
@@ -48,6 +50,11 @@ QUERY_ROWS = 16384  # matrix rows whose val/test images are searched at a time
 # recall of the pairs at nprobe 1 / 2 / 4 / 8 was 0.998 / 0.9995 / 1 / 1 (2,000 pairs, 100k
 # samples) and 1 / 1 / 1 / 1 (4,000 pairs, 200k); those indexes reached recall@10 0.99 at nprobe 1.
 LEAK_NPROBE = 4
+# A compressed index (PQ, SQ8) only proposes pairs: every hit it scores within this margin of the
+# threshold is scored again exactly from the vectors, and kept if that score reaches the threshold.
+# 4-bit fast-scan codes misjudge a cosine by < 0.03 (measured: bench/leak_recall.py), so the margin
+# loses no pair, and the similarities written are exact; candidates are few, so re-scoring is cheap.
+LEAK_MARGIN = 0.05
 DEFAULT_THRESHOLD = 0.95
 DUCKDB_MEMORY = "512MB"  # the grouping of every sample id (exact duplicates) spills beyond this
 _META_THRESHOLD = b"pipeline.leak_threshold"
@@ -199,15 +206,29 @@ def _near_pairs(index: OpenIndex, matrix: VectorMatrix, split_of_row: np.ndarray
                 model_key: str, reporter: Reporter) -> Iterator[pa.Table]:
     """The near-duplicate pairs of each chunk of matrix rows, found from their val/test member."""
     now = datetime.now(UTC)
+    compressed = "PQ" in index.info.params.get("factory", "") or "SQ" in index.info.params.get("factory", "")
     for start in range(0, matrix.rows, QUERY_ROWS):
         rows = start + np.nonzero(split_of_row[start:start + QUERY_ROWS] > 0)[0]
         if not len(rows):
             continue
-        sims, hits = index.search(normalise(matrix.gather(rows)), config.k + 1)
+        queries = normalise(matrix.gather(rows))
+        sims, hits = index.search(queries, config.k + 1, rerank=False)
+        if compressed:
+            sims = _rescored(index, queries, sims, hits, config.threshold - LEAK_MARGIN)
         a, b, sim = _cross_split(rows, sims, hits, split_of_row, config.threshold)
         reporter.advance("leaks", len(rows))
         if len(a):
             yield _pairs_table(index, split_of_row, a, b, sim, model_key, config.threshold, now)
+
+
+def _rescored(index: OpenIndex, queries: np.ndarray, sims: np.ndarray, hits: np.ndarray,
+              floor: float) -> np.ndarray:
+    """Exact similarities of the hits scored ≥ floor by a compressed index; -inf for the others."""
+    near = (hits >= 0) & (sims >= floor)
+    out = np.full(sims.shape, -np.inf, np.float32)
+    if near.any():
+        out[near] = index.similarities(queries, np.where(near, hits, -1))[near]
+    return out
 
 
 def _cross_split(rows: np.ndarray, sims: np.ndarray, hits: np.ndarray, split_of_row: np.ndarray,
