@@ -274,3 +274,44 @@ def test_one_damaged_d3_file_of_many_is_quarantined(tmp_path: Path) -> None:
     code, out = _run("ingest", str(folder), "--format", "d3", "--real-images", str(data.real_images),
                      "--store", str(tmp_path / "s"))
     assert code == 0 and "ingested 20 new samples" in out and "unreadable_source" in out, out
+
+
+def _shard(path: Path, names: list[str], mode: str = "w") -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode) as tf:
+        for name in names:
+            data = f"bytes of {name}".encode() * 20
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _data_of(tar: Path, name: str) -> int:
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        return tf.getmember(name).offset_data
+
+
+def test_a_tar_cut_short_after_ingest_is_read_whole_and_its_break_quarantined(tmp_path: Path) -> None:
+    tar, store = _shard(tmp_path / "s.tar", [f"{i}.jpg" for i in range(4)]), tmp_path / "s"
+    code, out = _run("ingest", str(tar), "--format", "webdataset", "--generator", "real", "--store", str(store))
+    assert code == 0 and _count(Store(store)) == 4, out
+    tar.write_bytes(tar.read_bytes()[:_data_of(tar, "1.jpg") + 100])  # shorter than where the last read stopped
+    code, out = _run("ingest", str(tar), "--format", "webdataset", "--generator", "real", "--store", str(store))
+    assert code == 0 and "unreadable_archive" in out, out
+    assert _count(Store(store)) == 4
+
+
+def test_a_tar_grown_by_a_broken_member_quarantines_the_break_and_keeps_what_was_read(tmp_path: Path) -> None:
+    tar, store = _shard(tmp_path / "s.tar", ["0.jpg", "1.jpg"]), tmp_path / "s"
+    _run("ingest", str(tar), "--format", "webdataset", "--generator", "real", "--store", str(store))
+    _shard(tar, ["2.jpg", "3.jpg"], "a")
+    tar.write_bytes(tar.read_bytes()[:_data_of(tar, "3.jpg") + 100])  # the appended part breaks off in 3.jpg
+    code, out = _run("ingest", str(tar), "--format", "webdataset", "--generator", "real", "--store", str(store))
+    assert code == 0 and "unreadable_archive" in out, out
+    ids = catalog.query(Store(store), "SELECT sample_id FROM samples_all").column(0).to_pylist()
+    assert len(ids) == len(set(ids)) == 3

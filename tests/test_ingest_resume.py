@@ -106,31 +106,58 @@ def test_a_rewritten_tar_is_read_whole(tmp_path: Path, hashed: list[str]) -> Non
     assert len(ids) == len(set(ids)) == 8
 
 
+def _kill_before_the_last_ledger(monkeypatch: pytest.MonkeyPatch, last: str) -> None:
+    """The next ingest dies as it commits the ledger row of `last` (its samples committed)."""
+    commit = catalog.commit
+
+    def killed(s: Store, files: Iterable[Path]) -> None:
+        files = list(files)
+        commit(s, [f for f in files if f.parent.name != "sources"])
+        ledger = [f for f in files if f.parent.name == "sources"]
+        if any(last in r for f in ledger for r in pq.read_table(f).column("source_uri").to_pylist()):
+            for f in ledger:
+                f.unlink()  # not yet written when the kill came
+            monkeypatch.setattr(catalog, "commit", commit)
+            raise KeyboardInterrupt
+        commit(s, ledger)
+
+    monkeypatch.setattr(catalog, "commit", killed)
+
+
 def test_a_kill_between_samples_and_ledger_reads_the_growth_again_without_duplicates(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tar, store = _tar(tmp_path / "shard.tar", range(5)), Store(tmp_path / "store")
     ingest(_config(tar, store, shard_rows=2))
     _tar(tar, range(5, 10), "a")
-    commit = catalog.commit
-
-    def killed_before_the_ledger(s: Store, files: Iterable[Path]) -> None:
-        files = list(files)
-        commit(s, [f for f in files if f.parent.name != "sources"])
-        ledger = [f for f in files if f.parent.name == "sources"]
-        for f in ledger:
-            f.unlink()
-        if ledger:
-            raise KeyboardInterrupt  # the samples are in, the tar's ledger row is not
-
-    monkeypatch.setattr(catalog, "commit", killed_before_the_ledger)
+    _kill_before_the_last_ledger(monkeypatch, "shard.tar")
     with pytest.raises(KeyboardInterrupt):
         ingest(_config(tar, store, shard_rows=2))
-    monkeypatch.setattr(catalog, "commit", commit)
+    assert len(_ids(store)) == 10  # the samples are in, the tar's ledger row is not
     again = ingest(_config(tar, store, shard_rows=2))
-    assert again.units_resumed == 1 and again.added + again.already_in_store == 5
+    assert (again.units_resumed, again.added, again.already_in_store) == (1, 0, 5)
     ids = _ids(store)
     assert len(ids) == len(set(ids)) == 10
     assert ingest(_config(tar, store)).units_skipped == 1
+
+
+def test_a_kill_before_a_manifests_own_ledger_row_skips_the_rows_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashed: list[str]) -> None:
+    for i in range(8):
+        (tmp_path / f"img{i}.jpg").write_bytes(_image(i))
+    csv, store = tmp_path / "m.csv", Store(tmp_path / "store")
+    _csv(csv, range(4))
+    ingest(IngestConfig(csv, "manifest", store, shard_rows=2))
+    _csv(csv, range(4, 8), "a")
+    _kill_before_the_last_ledger(monkeypatch, "m.csv")
+    with pytest.raises(KeyboardInterrupt):
+        ingest(IngestConfig(csv, "manifest", store, shard_rows=2))
+    hashed.clear()
+    again = ingest(IngestConfig(csv, "manifest", store, shard_rows=2))
+    # rows whose ledger rows were committed before the kill are skipped, the others read again
+    assert (again.units_resumed, again.added, again.units_skipped + again.already_in_store) == (1, 0, 4)
+    assert len(hashed) == again.already_in_store < 4
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == 8
 
 
 def _csv(path: Path, rows: range, mode: str = "w") -> None:
