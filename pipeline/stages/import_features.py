@@ -232,8 +232,8 @@ def _embeddings(key: str, modality: str, hashes: pa.Array | pa.ChunkedArray, vec
     ], schema=schema)
 
 
-def _repeated(value: str, n: int) -> pa.Array:
-    return pa.array([value], pa.string()).take(np.zeros(n, np.int32))
+def _repeated(value: object, n: int, type: pa.DataType | None = None) -> pa.Array:
+    return pa.array([value], type or pa.string()).take(np.zeros(n, np.int32))
 
 
 def _options_digest(config: ImportConfig, key: str) -> str:
@@ -330,14 +330,16 @@ def _h5_chunk(config: ImportConfig, path: Path, start: int, images: _Units, text
     # the real image reads the caption (text 0), the four generated images their prompt (text 1)
     which_text = np.tile([0, 1, 1, 1, 1], n) + 2 * np.repeat(np.arange(n), 5)
     given = ["real"] + [_name(config.generators, k) for k in range(4)]
-    samples = from_columns(SAMPLES, {
+    per_row, per_image = np.repeat(np.arange(n), 5), np.tile(np.arange(5), n)  # sample → its row, its set
+    samples = from_columns(SAMPLES, {  # repeated values are taken from short arrays, not built per sample
         "sample_id": images.hashes, "label": np.tile(np.array([0, 1, 1, 1, 1], np.int8), n),
-        "generator": [canonical(g) for g in given] * n, "generator_original": given * n,
-        "split": np.repeat(splits, 5), "group_key": np.repeat(groups, 5),
-        "text_hash": text_hashes.take(pa.array(which_text)), "source_format": ["features:h5"] * (5 * n),
-        "source_uri": [str(path.resolve())] * (5 * n), "source_member": list(_IMAGE_SETS) * n,
-        "source_row": np.repeat(np.arange(start, start + n, dtype=np.int64), 5),
-        "ingested_at": pa.array([now] * (5 * n), SAMPLES.field("ingested_at").type),
+        "generator": pa.array([canonical(g) for g in given]).take(per_image),
+        "generator_original": pa.array(given).take(per_image),
+        "split": pa.array(splits).take(per_row), "group_key": pa.array(groups).take(per_row),
+        "text_hash": text_hashes.take(pa.array(which_text)), "source_format": _repeated("features:h5", 5 * n),
+        "source_uri": _repeated(str(path.resolve()), 5 * n), "source_member": pa.array(_IMAGE_SETS).take(per_image),
+        "source_row": start + per_row.astype(np.int64),
+        "ingested_at": _repeated(now, 5 * n, SAMPLES.field("ingested_at").type),
     })
     return _Chunk(samples, images.vectors, images.norms, images.keys, text_hashes, texts.keys, texts.vectors,
                   texts.norms, done)
