@@ -123,3 +123,11 @@ def test_keys_made_in_python_are_the_keys_duckdb_makes(tmp_path: Path) -> None:
     assert (made == keys_of(pa.table({"id": hexes}), "id")).all()
     with pytest.raises(ValueError, match="NULL"):
         keys_of(pa.array(["a", None]))
+
+
+def test_first_occurrence_marks_the_first_of_each_key() -> None:
+    made = keys_of(pa.array(_ids(40, 3)))
+    batch = made[np.random.default_rng(0).integers(0, 40, 200)]  # repeats, in no order
+    first = keys.first_occurrence(batch)
+    assert (np.flatnonzero(first) == np.sort(np.unique(batch, return_index=True)[1])).all()
+    assert (keys._sorted_distinct(batch) == np.unique(batch)).all()

@@ -80,7 +80,7 @@ class KeySet:
 
     def add(self, keys: np.ndarray) -> None:
         """Add keys (duplicates and keys already held are fine)."""
-        fresh = np.unique(keys[~self.contains(keys)])  # sorted, distinct: the batch's size, not the set's
+        fresh = _sorted_distinct(keys[~self.contains(keys)])  # the batch's size, not the set's
         if not len(fresh):
             return
         # one insertion into the sorted delta (a copy of at most DELTA_MAX keys), not a re-sort of it
@@ -266,8 +266,20 @@ def first_occurrence(keys: np.ndarray) -> np.ndarray:
     """Which entries are the first of their value (a batch may repeat an id)."""
     first = np.zeros(len(keys), bool)
     if len(keys):
-        first[np.unique(keys, return_index=True)[1]] = True
+        order = np.argsort(keys, kind="stable")  # equal keys stay in their order: the first comes first
+        ranked = keys[order]
+        new = np.ones(len(keys), bool)
+        new[1:] = ranked[1:] != ranked[:-1]
+        first[order[new]] = True
     return first
+
+
+def _sorted_distinct(keys: np.ndarray) -> np.ndarray:
+    """The distinct keys, sorted (np.unique's answer, in a fraction of its time on byte strings)."""
+    ranked = np.sort(keys)
+    new = np.ones(len(ranked), bool)
+    new[1:] = ranked[1:] != ranked[:-1]
+    return ranked[new]
 
 
 def _scan(query: KeyQuery, paths: list[Path], scratch: Path) -> Path:
