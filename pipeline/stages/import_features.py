@@ -149,7 +149,8 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
 def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: StoreKeys, result: ImportResult,
          now: datetime, writer: _Writer) -> None:
     """Write the slice's new samples and vectors (and, for a file's last slice, its ledger row) and
-    commit them at once, so a kill leaves the file to be read again, never half recorded."""
+    commit them at once (in the writer's thread), so a kill leaves the file to be read again, never
+    half recorded."""
     store = config.store
     tables: list[tuple[pa.Table, Path]] = []
     n = chunk.samples.num_rows
