@@ -8,7 +8,8 @@ its own process so CPU seconds are the stage's own.
 
 The floor: write+fsync of a 1 GB file, reading it back after it is dropped from the page cache
 (posix_fadvise; a measure of the disk where the kernel honours it), a numpy copy, SHA-256 and MD5
-over 3 KB rows (a vector's float32 bytes, what `vector_hash` hashes).
+over 3 KB rows (a vector's float32 bytes, what `vector_hash` hashes); then one 250 MB embeddings
+shard written by `write_parquet` and by pyarrow's writer as `write_parquet` called it before.
 """
 
 from __future__ import annotations
@@ -74,6 +75,40 @@ def floor(directory: Path) -> dict[str, float]:
     return out
 
 
+def writer_rates(directory: Path, rows: int = 163_840, dim: int = 768) -> dict[str, float]:
+    """MB/s of vector bytes one embeddings shard is written at (fsync'd): `write_parquet` as it is,
+    and pyarrow's writer with the options `write_parquet` used before `parquet_vectors`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store.atomic import VECTOR_GROUP_ROWS, atomic_write, write_parquet
+    from schemas import embeddings_schema
+
+    vectors = np.random.default_rng(1).standard_normal((rows, dim)).astype(np.float16)
+    schema = embeddings_schema(dim)
+    table = pa.Table.from_arrays([
+        pa.array(["m"] * rows), pa.array(["image"] * rows), pa.array([f"{i:064x}" for i in range(rows)]),
+        pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), type=schema.field("vector").type),
+        pa.array(np.ones(rows, np.float32)),
+    ], schema=schema)
+    others = ["model_key", "modality", "content_hash", "norm"]
+    out = {}
+    for name, write in (
+        ("write_parquet", lambda p: write_parquet(table, p)),
+        ("pyarrow_before", lambda p: atomic_write(p, lambda tmp: pq.write_table(
+            table, tmp, compression={**{o: "zstd" for o in others}, "vector": "none"}, write_page_checksum=True,
+            use_dictionary=others, write_statistics=others, row_group_size=VECTOR_GROUP_ROWS,
+            data_page_size=1 << 30, max_rows_per_page=VECTOR_GROUP_ROWS))),
+    ):
+        t, cpu = time.perf_counter(), time.process_time()
+        write(directory / f"{name}.parquet")
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+        out[f"{name}_mb_s"] = vectors.nbytes / 1e6 / seconds
+        out[f"{name}_cpu_s"] = cpu
+        (directory / f"{name}.parquet").unlink()
+    return out
+
+
 def import_once(tree: Path, sources: Path, store_dir: Path) -> dict[str, object]:
     """Run the stage of `tree` over `sources` into a new store, in a child process."""
     shutil.rmtree(store_dir, ignore_errors=True)
@@ -87,8 +122,9 @@ def import_once(tree: Path, sources: Path, store_dir: Path) -> dict[str, object]
         "t = time.perf_counter()\n"
         f"r = run(ImportConfig(Path({str(sources)!r}), 'h5', Store(Path({str(store_dir)!r})), 'bench'))\n"
         "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'cpu_s': u.ru_utime + u.ru_stime,\n"
-        "                  'user_s': u.ru_utime, 'sys_s': u.ru_stime, 'peak_rss_mb': u.ru_maxrss / 1024,\n"
+        "                  'user_s': u.ru_utime, 'sys_s': u.ru_stime, 'peak_rss_mb': int(hwm) / 1024,\n"
         "                  'samples': r.samples_added, 'vectors': r.vectors_added}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -116,6 +152,7 @@ def main() -> None:
     try:
         if args.floor:
             print(json.dumps({"floor": floor(base)}), flush=True)
+            print(json.dumps({"writers": writer_rates(base)}), flush=True)
         if not sources.exists():
             t = time.perf_counter()
             write_sources(sources, args.rows // 5)
