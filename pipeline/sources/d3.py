@@ -12,6 +12,10 @@ Webdataset form (as written by D3's own `wds_creation.py`): key `<dataset>__<spl
 `image_gen{k}`, so `--generators` must list the Parquet `model_gen0..3` order. The same D3 row gets
 the group `d3:<id>` in both forms, and its declared split is `<split>` (Parquet: the file's folder
 or name, `train`/`validation`/`test`).
+
+Each Parquet file or tar is one unit. A tar appended to, or a Parquet file rewritten with row groups
+added after the same bytes, is read from where the last read stopped (the ledger's resume point).
+The real images' index lives in the store's cache (`pipeline.sources.real_images`).
 """
 
 from __future__ import annotations
