@@ -139,7 +139,9 @@ def ingest(
         f"[green]ingested[/] {result.added} new samples "
         f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_split.items())) or 'none'}); "
         f"{result.already_in_store} already in the store, {result.duplicates_in_source} duplicates in the source; "
-        f"{result.units_skipped} source files unchanged since the last ingest (not read)."
+        f"{result.units_skipped} source files unchanged since the last ingest (not read)"
+        + (f"; {result.units_resumed} grown files read from where the last ingest stopped." if result.units_resumed
+           else ".")
     )
     if result.missing_captions:
         out.print(f"[yellow]{result.missing_captions} new samples have no caption[/]: image+text training "
