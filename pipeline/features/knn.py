@@ -6,12 +6,17 @@ split's features (image, text or both, L2-normalised after concatenation). Each 
 weighting of Wu et al. (2018); k is chosen by validation AUC.
 
 Bounded memory, whatever the number of rows: the index is planned by `pipeline index build`'s
-memory budget (exact, IVF, SQ8 or PQ, with lists of constant size searched at most KNN_NPROBE
-wide, so a query costs the same at any size) and filled in chunks from the feature stream; the
+memory budget (exact, IVF, SQ8 or fast-scan PQ, with lists of constant size searched at most
+KNN_NPROBE wide, so a query costs the same at any size) and filled in chunks from the feature stream; the
 validation split is searched first to choose k (its labels and a score per k stay in memory: what
 its AUC needs); then every split is searched a chunk at a time and each row's identity and chosen
 score stream to a temporary Arrow file (scores to a raw one), both returned memory-mapped. What
-grows with rows is a label byte per training row.
+grows with rows is a label byte per training row, and (compressed index) its matrix rows.
+
+A compressed index (PQ, SQ8) only proposes neighbours: its best `2 (k + 1)` candidates are scored
+again by exact inner product with the training features, gathered from the memory-mapped matrices
+by the matrix rows each index row came from (8 bytes a training row), so votes weigh exact
+similarities (the weight exp((cos − 1)/τ) magnifies a code's error of 0.03 by 1.5).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.features.index import DEFAULT_MAX_MEMORY, IndexConfig, build_in_memory, plan_index
+from pipeline.features.index import DEFAULT_MAX_MEMORY, IndexConfig, build_in_memory, exact_scores, plan_index
 from pipeline.features.loader import Batch, FeatureLoader, LoaderConfig
 from pipeline.features.vectors import normalise
 from pipeline.features.view import FeatureTable
@@ -67,13 +72,28 @@ def knn_scores(table: FeatureTable, features: str, splits: tuple[str, ...], excl
         return FeatureLoader(table, (split,), LoaderConfig(features, plan.chunk_rows, input_norm=input_norm))
 
     labels = np.zeros(n_train, np.int8)  # of each index row: the training stream's order
+    compressed = "PQ" in plan.factory or "SQ" in plan.factory
+    # matrix rows of each index row (compressed index: to re-score candidates exactly)
+    image_rows = np.zeros(n_train if compressed and features != "text" else 0, np.int64)
+    text_rows = np.zeros(n_train if compressed and features != "image" else 0, np.int64)
 
     def chunks() -> Iterator[np.ndarray]:
         at = 0
         for b in loader("train").epoch(0):
             labels[at:at + len(b.y)] = b.y.numpy()
+            if len(image_rows):
+                image_rows[at:at + len(b.y)] = b.column("image_row")
+            if len(text_rows):
+                text_rows[at:at + len(b.y)] = b.column("text_row")
             at += len(b.y)
             yield b.x.numpy()
+
+    def gather(index_rows: np.ndarray) -> np.ndarray:
+        """The features of these index rows, as the loader gives them."""
+        raw = input_norm == "raw"
+        parts = [m.gather(r[index_rows], raw) for m, r in ((table.images, image_rows), (table.texts, text_rows))
+                 if m is not None and len(r)]
+        return normalise(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
 
     def sample(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         # the stream is in a fixed pseudo-random order (the view's), so its first rows are a random sample
@@ -87,14 +107,25 @@ def knn_scores(table: FeatureTable, features: str, splits: tuple[str, ...], excl
 
     index, params = build_in_memory(plan, in_dim, chunks, sample, n_train,
                                     IndexConfig(Store(Path(".")), seed=seed, max_memory=max_memory),
-                                    max_breadth=KNN_NPROBE)
+                                    max_breadth=KNN_NPROBE, exact=gather if compressed else None)
     k_max = max(1, min(max(ks), n_train - 1))
     candidates = sorted({min(k, k_max) for k in ks})
+
+    def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not compressed:
+            sims, found = index.search(queries, k_max + 1)
+            return sims, found
+        found = index.search(queries, min(n_train, 2 * (k_max + 1)))[1]
+        sims = exact_scores(queries, found, gather)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k_max + 1]
+        sims, found = np.take_along_axis(sims, order, 1), np.take_along_axis(found, order, 1)
+        found[~np.isfinite(sims)] = -1
+        return sims, found
 
     def votes(split: str, ks: list[int]) -> Iterator[tuple[Batch, dict[int, np.ndarray]]]:
         position = 0  # a training row's own index row: the stream above met it at this position
         for b in loader(split).epoch(0):
-            sims, found = index.search(normalise(b.x.numpy()), k_max + 1)
+            sims, found = search(normalise(b.x.numpy()))
             own = np.arange(position, position + len(b.y))[:, None] if split == "train" else None
             position += len(b.y)
             yield b, _votes(sims, found, labels, own, ks)
