@@ -245,3 +245,65 @@ def test_kept_key_sets_make_a_new_file_cost_only_itself(tmp_path: Path, monkeypa
     assert again.samples_added == 35 and {p.parent.name for p in scanned} >= {"samples"}
     assert _count(store, "SELECT count(*) FROM samples") == _count(
         store, "SELECT count(DISTINCT sample_id) FROM samples") == 50
+
+
+def _half_edges() -> np.ndarray:
+    """float32 values where float32 → float16 can go wrong: every half's float32 image, one float32
+    ulp either side, the exact midpoints between neighbouring halves (ties: round to even), values
+    past the largest half, and float32 subnormals and zeros."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    images = halves[np.isfinite(halves)].astype(np.float32)
+    ordered = np.unique(images)
+    ties = ordered[:-1] + (ordered[1:] - ordered[:-1]) / np.float32(2)
+    past = np.array([65504, 65519.99, 65520, 65536, 1e30, np.inf, -np.inf], np.float32)
+    tiny = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, 2.98e-8, 2.99e-8, 5.96e-8], np.float32)
+    near = np.concatenate([np.nextafter(images, np.float32(np.inf)), np.nextafter(images, np.float32(-np.inf))])
+    return np.concatenate([images, ties, near, past, -past, tiny])
+
+
+def test_the_vectorised_cast_gives_numpys_bits_for_every_half_and_the_edges_of_rounding() -> None:
+    from pipeline.stages.import_features import _TORCH_CAST_MIN, _cast_into
+
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    assert halves.size >= _TORCH_CAST_MIN  # the torch path, not numpy's fallback
+    wide = np.empty(halves.shape, np.float32)
+    _cast_into(wide, halves)
+    expected = halves.astype(np.float32)
+    not_nan = ~np.isnan(halves)
+    assert np.array_equal(wide.view(np.uint32)[not_nan], expected.view(np.uint32)[not_nan])  # every half, ±0, ±inf
+    assert np.isnan(wide[~not_nan]).all()
+    edges = _half_edges()
+    narrow = np.empty(edges.shape, np.float16)
+    _cast_into(narrow, edges)
+    assert np.array_equal(narrow.view(np.uint16), edges.astype(np.float16).view(np.uint16))
+
+
+def test_slices_are_numpys_bytes_and_ids_with_nan_infinity_and_subnormals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_unit_rows` (torch casts, squares in a buffer) against the plain numpy path it replaced: the
+    vectors, norms and `vector_hash` ids byte for byte, for float16 and float32 sources. torch casts
+    the values past a multiple of its vector width one at a time and gives every NaN there as
+    0x7fffffff (numpy keeps the sign): the last value of the slice is such a NaN."""
+    from pipeline.features.vectors import normalise
+    from pipeline.stages import import_features as module
+
+    dim = 257  # odd: the last block (31 rows) ends in torch's one-at-a-time tail
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 64 * 3 * dim * 4)  # blocks of 64 rows: several per slice
+    monkeypatch.setattr(module, "_TORCH_CAST_MIN", 1024)
+    rng = np.random.default_rng(5)
+    for source_dtype in (np.float16, np.float32):
+        sets = [rng.normal(scale=s, size=(300, dim)).astype(source_dtype) for s in (1.0, 1e-3, 300.0)]
+        sets[1][:40, :] = rng.normal(scale=1e-6, size=(40, dim)).astype(source_dtype)  # float16 subnormals
+        sets[0][70, 5] = np.nan  # a NaN in the second block, infinities in the third
+        sets[2][140, 9], sets[2][141, 0] = np.inf, -np.inf
+        sets[0][200] = 0  # a zero vector stays zero
+        signalling = np.array([0x7C01, 0xFE00], np.uint16).view(np.float16)
+        sets[1][250, :] = signalling[np.arange(dim) % 2]  # NaN payloads
+        sets[2][289, -1] = signalling[1]  # -NaN, the slice's last value
+        for dtype in ("float16", "float32"):
+            with np.errstate(invalid="ignore"):
+                got = module._unit_rows("image", sets, 3, 290, dtype)
+                raw = np.stack([s[3:290] for s in sets], 1).reshape(-1, dim).astype(np.float32)
+                units = normalise(raw)
+                assert np.array_equal(got.vectors.view(np.uint8), units.astype(dtype).view(np.uint8))
+                assert np.array_equal(got.norms.view(np.uint32), np.linalg.norm(raw, axis=1).view(np.uint32))
+                assert got.hashes.to_pylist() == [module.vector_hash("image", v) for v in raw]

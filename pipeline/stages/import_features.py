@@ -58,6 +58,8 @@ Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 SLICE_ROWS = 16384  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
 _BLOCK_BYTES = 2 << 20  # float32 vectors read, normalised and hashed at a time: the CPU's cache, not fresh pages
+_TORCH_CAST_MIN = 1 << 16  # values: fewer are cast by numpy (not worth loading torch for)
+_CAST_PIECE = 32768  # torch's grain size (at::internal::GRAIN_SIZE): a copy this size runs in one thread
 _IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
 _TEXT_SETS = ("original_prompt", "positive_prompt")
 
@@ -301,22 +303,36 @@ class _Units:
 
 def _unit_rows(modality: str, sets: list[Any], first: int, last: int, dtype: str) -> _Units:
     """Rows first:last of several sets (HDF5 datasets or arrays) interleaved (row i·k + j is row i
-    of set j), read, normalised and hashed a block at a time into one array of the stored dtype."""
+    of set j), read, normalised and hashed a block at a time into one array of the stored dtype.
+
+    float16 sets are read as they are stored (no conversion in h5py or numpy) and cast with
+    `_cast_into`; a block with a row whose norm is not finite (a NaN or an infinity in it) is cast
+    again by numpy, so every byte (and every `vector_hash`) is numpy's whatever the values."""
     n, k, dim = last - first, len(sets), sets[0].shape[1]
     out = np.empty((n, k, dim), dtype)
     norms = np.empty((n, k), np.float32)
     step = max(1, _BLOCK_BYTES // (4 * k * dim))
     block = np.empty((step, k, dim), np.float32)
+    squares = np.empty((step * k, dim), np.float32)
+    half = all(np.dtype(values.dtype) == np.float16 for values in sets)
+    raw = np.empty((step, k, dim), np.float16) if half else block
     digests: list[bytes] = []
     for start in range(0, n, step):
         end = min(n, start + step)
-        rows = block[:end - start]
+        rows, stored = block[:end - start], raw[:end - start]
         for j, values in enumerate(sets):
-            rows[:, j] = values[first + start:first + end]
+            stored[:, j] = values[first + start:first + end]
         flat = rows.reshape(-1, dim)
-        norms[start:end] = _normalise_in_place(flat).reshape(-1, k)
+        if half:
+            _cast_into(rows, stored)
+        block_norms = _normalise_in_place(flat, squares)
+        exact = not np.isfinite(block_norms).all()
+        if exact and half:  # NaN payloads: numpy's cast, then the same normalising
+            np.copyto(rows, stored)
+            block_norms = _normalise_in_place(flat, squares)
+        norms[start:end] = block_norms.reshape(-1, k)
         digests += _vector_digests(modality, flat)
-        out[start:end] = rows
+        (np.copyto if exact else _cast_into)(out[start:end], rows)
     hashes, keys = hex_keys(digests)
     return _Units(out.reshape(n * k, dim), norms.reshape(-1), hashes, keys)
 
@@ -453,12 +469,35 @@ def _sample(sample_id: str, label: int, generator: str, split: str, group: str, 
     }
 
 
-def _normalise_in_place(vectors: np.ndarray) -> np.ndarray:
+def _normalise_in_place(vectors: np.ndarray, squares: np.ndarray | None = None) -> np.ndarray:
     """Scale float32 rows to unit length where they lie (as `normalise` does, to the bit: the vector
-    hashes of earlier imports must come out the same); returns the norms they had."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    vectors /= np.maximum(norms, 1e-12)
-    return norms[:, 0]
+    hashes of earlier imports must come out the same); returns the norms they had. The norms are
+    `np.linalg.norm`'s own steps (square, `add.reduce` along the row, square root), with the squares
+    in `squares` (at least as many rows) when given, not in a fresh array."""
+    if squares is not None:
+        squares = squares[:len(vectors)]
+    squares = np.multiply(vectors, vectors, out=squares)
+    norms = np.sqrt(np.add.reduce(squares, axis=1))
+    vectors /= np.maximum(norms, 1e-12)[:, None]
+    return norms
+
+
+def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
+    """`out[...] = values` for C-contiguous arrays of one shape. float16 <-> float32 is torch's
+    vectorised copy (F16C / AVX-512 conversions; numpy converts a value at a time), in pieces of
+    at most `_CAST_PIECE` values, which torch copies in the calling thread (no pool woken). Equal to
+    numpy's cast, round to nearest even, for every finite value and infinity; a NaN may come out
+    with another payload (`_unit_rows` casts a block with one by numpy instead)."""
+    pair = {np.dtype(out.dtype), np.dtype(values.dtype)}
+    if (pair != {np.dtype(np.float16), np.dtype(np.float32)} or values.size < _TORCH_CAST_MIN
+            or not (out.flags.c_contiguous and values.flags.c_contiguous) or out.shape != values.shape):
+        np.copyto(out, values)
+        return
+    import torch  # only here: an import with nothing to convert never loads it
+
+    target, source = torch.from_numpy(out.reshape(-1)), torch.from_numpy(values.reshape(-1))
+    for start in range(0, values.size, _CAST_PIECE):
+        target[start:start + _CAST_PIECE].copy_(source[start:start + _CAST_PIECE])
 
 
 def _vector_hashes(modality: str, units: np.ndarray) -> list[str]:
