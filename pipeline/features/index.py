@@ -326,6 +326,7 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
     if truth is None:
         params.update(recall_at_10=1.0, recall_by_breadth={})
         return index, params
+    reporter.start("index: tune search breadth", None, "")
     recall, by_breadth = _tune(index, plan, queries, own, truth.rows, config, params, faiss, max_breadth, exact)
     params.update(recall_at_10=recall, recall_by_breadth=by_breadth)
     return index, params
