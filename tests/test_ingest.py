@@ -208,7 +208,9 @@ def test_real_image_index_is_kept_in_the_store_and_built_again_only_when_the_fol
     shutil.copy(data.real_images / "000000.jpg", data.real_images / "000003.jpg")  # the missing one arrives
     (data.real_images / "000003.json").write_text(json.dumps({"url": "https://example.invalid/x.jpg"}))
     again = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
-    assert len(builds) == 2 and again.units_read == 1 and again.problems == {}
+    # the file is not read again: its one missing row is looked up in the new index, and found
+    assert len(builds) == 2 and again.units_read == 0 and again.problems == {}
+    assert again.rechecked == 1 and again.resolved == {"real_image_missing": 1}
     assert [p.name for p in cache.iterdir()] == [builds[1].name]  # the index of the old state is gone
     index = real_images.RealImageIndex(data.real_images, cache)
     assert index.find(None, "https://example.invalid/x.jpg") == index.find("000003", None) is not None

@@ -295,3 +295,123 @@ def test_a_d3_parquet_file_rewritten_with_row_groups_added_reads_only_those(tmp_
     pq.write_table(pa.concat_tables([new, old]), path, row_group_size=4)  # rewritten: read whole
     whole = ingest(IngestConfig(path.parent, "d3", store))
     assert (whole.units_resumed, whole.added, whole.already_in_store) == (0, 0, 36)
+
+
+@pytest.fixture
+def real_hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the real images (files) whose bytes D3 ingest hashes."""
+    from pipeline.sources import d3
+
+    seen: list[str] = []
+    hash_location = d3.hash_location
+
+    def recorded(loc: object, limits: common.Limits) -> object:
+        seen.append(Path(loc.uri).name)  # type: ignore[attr-defined]
+        return hash_location(loc, limits)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(d3, "hash_location", recorded)
+    return seen
+
+
+def _real_images_away(data: object, names: list[str], away: Path) -> None:
+    away.mkdir()
+    for name in names:
+        shutil.move(data.real_images / name, away / name)  # type: ignore[attr-defined]
+
+
+def _missing_status(store: Store) -> dict[str, int]:
+    from pipeline.stages.status import StatusConfig
+    from pipeline.stages.status import run as status
+
+    table = status(StatusConfig(store)).quarantine_by_reason
+    return {r["reason"]: r["inputs"] for r in table.to_pylist()}
+
+
+def test_a_grown_real_images_folder_reads_no_parquet_file_and_adds_the_images_now_found(
+        tmp_path: Path, real_hashed: list[str]) -> None:
+    from pipeline.sources.d3 import split_from_path
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / "src", rows=8, size=16, missing_real=0, broken_generated=0)
+    away = tmp_path / "later"
+    _real_images_away(data, ["000002.jpg", "000005.jpg", "000007.jpg"], away)
+    store = Store(tmp_path / "store")
+    first = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    assert first.added == 8 * 4 + 5 and first.problems == {"real_image_missing": 3}
+    assert _missing_status(store) == {"real_image_missing": 3}
+    shutil.move(away / "000002.jpg", data.real_images / "000002.jpg")  # two of the three arrive
+    shutil.move(away / "000005.jpg", data.real_images / "000005.jpg")
+    real_hashed.clear()
+    grown = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    assert (grown.units_read, grown.units_skipped, grown.rechecked) == (0, 1, 3)  # the file is not read
+    assert grown.resolved == {"real_image_missing": 2} and grown.problems == {}
+    assert grown.added == 2 and sorted(real_hashed) == ["000002.jpg", "000005.jpg"]
+    assert _missing_status(store) == {"real_image_missing": 1}
+    found = catalog.query(store, """
+        SELECT r.group_key, r.text, r.split, r.label, g.split AS generated_split FROM samples r
+        JOIN (SELECT DISTINCT group_key, split FROM samples WHERE label = 1) g USING (group_key)
+        WHERE r.label = 0 AND r.source_uri LIKE '%00000_.jpg' AND r.group_key IN ('d3:000002', 'd3:000005')
+        ORDER BY 1""").to_pylist()
+    prompts = dict(zip(*pq.read_table(data.parquet, columns=["id", "original_prompt"]).to_pydict().values(),
+                       strict=True))
+    assert [r["group_key"] for r in found] == ["d3:000002", "d3:000005"]
+    for r in found:  # as if read with the file: its caption, and the split of its group
+        assert r["text"] == prompts[r["group_key"][3:]] and r["split"] == r["generated_split"]
+    assert split_from_path(data.parquet) is None
+    real_hashed.clear()
+    same = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    assert (same.units_read, same.rechecked, same.added, real_hashed) == (0, 0, 0, [])  # a no-op
+    shutil.move(away / "000007.jpg", data.real_images / "000007.jpg")
+    last = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    assert (last.rechecked, last.resolved, last.added) == (1, {"real_image_missing": 1}, 1)  # resolved: not again
+    assert real_hashed == ["000007.jpg"] and _missing_status(store) == {}
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == 8 * 5
+
+
+def test_a_kill_before_the_real_images_folders_ledger_row_adds_nothing_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_hashed: list[str]) -> None:
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / "src", rows=6, size=16, missing_real=0, broken_generated=0)
+    away = tmp_path / "later"
+    _real_images_away(data, ["000001.jpg", "000003.jpg", "000004.jpg"], away)
+    store = Store(tmp_path / "store")
+    ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
+    for name in ("000001.jpg", "000003.jpg", "000004.jpg"):
+        shutil.move(away / name, data.real_images / name)
+    _kill_before_the_last_ledger(monkeypatch, str(data.real_images))
+    with pytest.raises(KeyboardInterrupt):
+        ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images, shard_rows=2))
+    assert len(_ids(store)) == 6 * 5  # the samples and their resolutions are in; the folder's row is not
+    real_hashed.clear()
+    again = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images, shard_rows=2))
+    assert (again.units_read, again.rechecked, again.added, real_hashed) == (0, 0, 0, [])
+    assert _missing_status(store) == {}
+    doubled = catalog.query(store, "SELECT count(*) - count(DISTINCT (reason, source_row)) FROM quarantine")
+    assert doubled.column(0)[0].as_py() == 0
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == 6 * 5
+
+
+def test_a_d3_file_grown_with_the_real_images_looks_up_only_the_old_rows_again(tmp_path: Path) -> None:
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / "src", rows=8, size=16, missing_real=0, broken_generated=0, row_group_size=4)
+    table = pq.read_table(data.parquet)
+    away = tmp_path / "later"
+    _real_images_away(data, ["000001.jpg", "000006.jpg"], away)
+    path, store = tmp_path / "d3" / "train-0.parquet", Store(tmp_path / "store")
+    path.parent.mkdir()
+    pq.write_table(table.slice(0, 4), path, row_group_size=4)
+    first = ingest(IngestConfig(path.parent, "d3", store, real_images=data.real_images, splits_from="source"))
+    assert first.problems == {"real_image_missing": 1}
+    with pq.ParquetWriter(path, table.schema) as writer:  # row 6's image still away, row 1's back
+        writer.write_table(table, row_group_size=4)
+    shutil.move(away / "000001.jpg", data.real_images / "000001.jpg")
+    grown = ingest(IngestConfig(path.parent, "d3", store, real_images=data.real_images, splits_from="source"))
+    assert (grown.units_resumed, grown.rechecked, grown.resolved) == (1, 1, {"real_image_missing": 1})
+    assert grown.added == 4 * 4 + 3 + 1 and grown.problems == {"real_image_missing": 1}
+    assert _missing_status(store) == {"real_image_missing": 1}
+    split = catalog.query(store, "SELECT DISTINCT split FROM samples").column(0).to_pylist()
+    assert split == ["train"]  # the found image takes the split the file declares (--splits source)

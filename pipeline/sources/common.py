@@ -91,6 +91,18 @@ class Problem:
     content_hash: str | None = None
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A problem quarantined by an earlier run that no longer holds (a D3 row whose real image the
+    folder now has). Quarantine is append-only, so it is recorded beside it as reason
+    `RESOLVED + reason` at the same place; `pipeline status` counts the pair as neither."""
+
+    reason: str  # the reason of the quarantine row it resolves
+    detail: str
+    location: Location  # that row's place (source_uri, source_member, source_row)
+
+
+RESOLVED = "resolved:"  # the reason prefix of a quarantine row that resolves an earlier one
 Item = Candidate | Problem
 # What reading a unit yields; it returns where the next read of its file may start (None: from the
 # beginning, as for any file that is not read as a growing one).

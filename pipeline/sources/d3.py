@@ -16,14 +16,24 @@ or name, `train`/`validation`/`test`).
 Each Parquet file or tar is one unit. A tar appended to, or a Parquet file rewritten with row groups
 added after the same bytes, is read from where the last read stopped (the ledger's resume point).
 The real images' index lives in the store's cache (`pipeline.sources.real_images`).
+
+The real-images folder is not part of the options that decide whether a Parquet file is read again:
+it is a unit of its own (`real_images_unit`: its `directory_fingerprint`, per D3 source). When it
+changed, only the rows quarantined as `real_image_missing` are looked up again (`recheck`: their
+id and URL columns read, no image column) and those now found become samples, each with a
+`Resolved` row beside its quarantine row. An image replaced in place (same name, new bytes) is not
+read again: its sample keeps the hash of the bytes first read.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
@@ -35,6 +45,7 @@ from pipeline.sources.common import (
     Items,
     Limits,
     Problem,
+    Resolved,
     Resume,
     Returning,
     Unit,
@@ -60,6 +71,7 @@ NUM_GENERATED = 4
 # the Parquet row's image_gen0). Only gen_0 was checked against real D3 bytes; when a store holds both
 # forms, ingest compares every gen_k with the Parquet sample of the same bytes and reports mismatches.
 DEFAULT_GENERATORS = ("deepfloyd-if", "sd-1.4", "sd-2.1", "sd-xl")
+REAL_MISSING = "real_image_missing"
 _URL_COLUMNS = ("url", "img_url")
 _SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
                 "test": "test", "testing": "test"}
@@ -83,11 +95,23 @@ class D3Source:
             raise PipelineError(f"{source} holds no D3 Parquet files or webdataset tars.")
 
     def options(self) -> dict[str, object]:
-        real = None
-        if self.real_images is not None and not self.tars:
-            self._real_fingerprint = directory_fingerprint(self.real_images)
-            real = [str(self.real_images.resolve()), self._real_fingerprint]
+        # the folder's path only: its state is `real_images_unit`'s, so a grown folder re-reads no file
+        real = {"path": str(self.real_images.resolve())} if self.real_images is not None and not self.tars else None
         return {"generators": list(self.generators) if self.tars else None, "real_images": real}
+
+    def real_images_unit(self) -> Unit | None:
+        """The real-images folder as a ledger unit of this D3 source: unread (changed since it was
+        recorded) means the rows quarantined as `real_image_missing` are looked up again."""
+        if self.real_images is None or self.tars:
+            return None
+        state = self._fingerprint()
+        return Unit(self.real_images, -1, -1, state, f"real images of {absolute(self.source)} at {state}")
+
+    def _fingerprint(self) -> str:
+        assert self.real_images is not None
+        if self._real_fingerprint is None:  # once: the index and the ledger see one state
+            self._real_fingerprint = directory_fingerprint(self.real_images)
+        return self._real_fingerprint
 
     def growing(self) -> list[Path]:
         # tars appended to, and Parquet files rewritten with row groups added after the same bytes,
@@ -179,7 +203,7 @@ class D3Source:
 
     def _real_index(self) -> RealImageIndex | None:
         if self.real_images is not None and self._index is None:
-            self._index = RealImageIndex(self.real_images, self.cache, self._real_fingerprint)
+            self._index = RealImageIndex(self.real_images, self.cache, self._fingerprint())
         return self._index
 
     def _real_sample(self, row: dict, url_col: str, group: str, index: RealImageIndex | None, uri: str,
@@ -189,16 +213,74 @@ class D3Source:
         if loc is None:
             why = "no --real-images given" if index is None else "not found in --real-images"
             yield Problem(
-                "real_image_missing",
+                REAL_MISSING,
                 f"row {row['id']}: real image {url or '(no url)'} {why}",
                 Location(uri=uri, member=url_col, row=global_row),
             )
             return
+        yield self._real_candidate(loc, row["id"], row["original_prompt"], group, split)
+
+    def _real_candidate(self, loc: Location, row_id: object, text: str | None, group: str,
+                        split: str | None) -> Item:
         hashed = hash_location(loc, self.limits)
         if isinstance(hashed, Problem):
-            yield Problem(hashed.reason, f"row {row['id']}: {hashed.detail}", loc)
+            return Problem(hashed.reason, f"row {row_id}: {hashed.detail}", loc)
+        return Candidate(hashed[0], hashed[1], loc, 0, REAL, group, text, split, None)
+
+    def recheck(self, missing: pa.RecordBatch) -> Iterator[Item | Resolved]:
+        """Look up again the rows quarantined as `real_image_missing` (`source_uri`,
+        `source_member`, `source_row`, sorted by file): for each now found, a `Resolved` and then
+        its sample (or the problem its image has). Reads only the id, URL and caption columns of
+        the row groups that hold them; rows of files no longer given, or not there, are left."""
+        index = self._real_index() if missing.num_rows else None
+        if index is None:
             return
-        yield Candidate(hashed[0], hashed[1], loc, 0, REAL, group, row["original_prompt"], split, None)
+        files = {absolute(p): p for p in self.files}
+        uris = missing.column("source_uri")
+        bounds = [0] + [i for i in range(1, len(uris)) if uris[i] != uris[i - 1]] + [len(uris)]
+        for begin, end in zip(bounds, bounds[1:], strict=False):
+            part = missing.slice(begin, end - begin)
+            uri = part.column("source_uri")[0].as_py()
+            if uri in files:
+                yield from self._recheck_file(files[uri], uri, part, index)
+
+    def _recheck_file(self, path: Path, uri: str, part: pa.RecordBatch, index: RealImageIndex
+                      ) -> Iterator[Item | Resolved]:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception:  # noqa: BLE001 - unreadable now: its next read (it changed) says why
+            return
+        names = set(pf.schema_arrow.names)
+        ends = [0]
+        for i in range(pf.metadata.num_row_groups):
+            ends.append(ends[-1] + pf.metadata.row_group(i).num_rows)
+        split = split_from_path(path)
+        for member in set(part.column("source_member").to_pylist()):
+            if member not in _URL_COLUMNS or member not in names or not {"id", "original_prompt"} <= names:
+                continue
+            rows = part.filter(pc.equal(part.column("source_member"), member)).column("source_row").to_pylist()
+            groups = sorted({bisect_right(ends, r) - 1 for r in rows if r is not None and 0 <= r < ends[-1]})
+            if not groups:
+                continue
+            try:
+                table = pf.read_row_groups(groups, columns=["id", member, "original_prompt"])
+            except Exception:  # noqa: BLE001 - a damaged file: left as it is
+                continue
+            first, taken = {}, 0  # where each row group read begins in `table`
+            for g in groups:
+                first[g], taken = taken, taken + ends[g + 1] - ends[g]
+            ids, urls, texts = (table.column(c).to_pylist() for c in ("id", member, "original_prompt"))
+            for r in rows:
+                if r is None or not 0 <= r < ends[-1]:
+                    continue
+                group_index = bisect_right(ends, r) - 1
+                at = first[group_index] + r - ends[group_index]
+                loc = index.find(ids[at], urls[at])
+                if loc is None:
+                    continue
+                yield Resolved(REAL_MISSING, f"row {ids[at]}: real image {urls[at] or '(no url)'} found in "
+                               f"--real-images since", Location(uri=uri, member=member, row=r))
+                yield self._real_candidate(loc, ids[at], texts[at], f"d3:{ids[at]}", split)
 
     # --- webdataset form ---
 

@@ -14,12 +14,18 @@ new rows are de-duplicated against the store's sample ids and quarantined inputs
 lookups in key sets (`pipeline.store.keys`: sorted, memory-mapped, kept between runs), so neither
 memory nor the cost of a chunk grows with the store; the store's rows are read only for the ids of a
 chunk it already holds (to tell a duplicate from a label conflict).
+
+D3's real-images folder is a ledger unit of its own, not an option: when it changed, only the rows
+quarantined as `real_image_missing` are looked up in its new index (`_recheck_real_images`, the
+quarantine streamed from one bounded DuckDB query); the Parquet files are not read again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,17 +42,19 @@ from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.common import (
     DEFAULT_MAX_BYTES,
+    RESOLVED,
     Candidate,
     Items,
     Limits,
     Problem,
+    Resolved,
     Resume,
     Returning,
     Unit,
     absolute,
     resume_holds,
 )
-from pipeline.sources.d3 import DEFAULT_GENERATORS, D3Source
+from pipeline.sources.d3 import DEFAULT_GENERATORS, REAL_MISSING, D3Source
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.generators import canonical
 from pipeline.sources.manifest import ManifestSource
@@ -61,6 +69,8 @@ from schemas import QUARANTINE, SAMPLES, SOURCES, SPLITS, from_rows
 Format = Literal["d3", "folder", "webdataset", "manifest"]
 FORMATS: tuple[str, ...] = get_args(Format)
 _UNIT_CHUNK = 65_536  # units checked against the ledger at a time
+_RECHECK_BATCH = 65_536  # quarantined rows looked up again at a time
+_RECHECK_MEMORY = "512MB"  # DuckDB's budget for finding them (spills beyond)
 # Keys (see `pipeline.store.keys`) of a ledger row as read by size and time, or by fingerprint, and of a
 # quarantined input: the same SQL over the store's rows and over a batch's, so lookups need no scan.
 _READ_BY_STAT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), size, mtime_ns)"
@@ -109,6 +119,8 @@ class IngestResult:
     units_read: int = 0
     units_skipped: int = 0  # read before, unchanged, same options: not opened again
     units_resumed: int = 0  # of units_read: grown files read from where the last read stopped
+    rechecked: int = 0  # D3 rows quarantined as real_image_missing looked up again (the folder changed)
+    resolved: Counter[str] = field(default_factory=Counter)  # of those, now found: by the reason resolved
     problems: Counter[str] = field(default_factory=Counter)
     shards: list[Path] = field(default_factory=list)
     by_split: Counter[str] = field(default_factory=Counter)
@@ -202,8 +214,63 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
                 if len(pending.units) >= config.shard_rows:
                     _flush(config.store, pending, result, now, known)
         _flush(config.store, pending, result, now, known)
+        folder = source.real_images_unit() if isinstance(source, D3Source) else None
+        if isinstance(source, D3Source) and folder is not None and unread([folder], known):
+            _recheck_real_images(config, source, folder, digest, now, result, known, reporter)
     result.added = sum(result.by_split.values())
     return result
+
+
+def _recheck_real_images(config: IngestConfig, source: D3Source, folder: Unit, digest: str, now: datetime,
+                         result: IngestResult, known: StoreKeys, reporter: Reporter) -> None:
+    """The real-images folder changed since it was recorded: look up the D3 rows quarantined as
+    missing their real image by earlier runs (this run's were looked up in this index) and not
+    resolved yet; those found become samples beside a `Resolved` row, committed together, and the
+    folder's ledger row comes last (a kill looks up again only what is still unresolved)."""
+    pending = _Pending()
+    for batch in _missing_real_images(config.store, source, now):
+        result.rechecked += batch.num_rows
+        for item in source.recheck(batch):
+            if isinstance(item, Resolved):
+                pending.problems.append(_resolved_row(item, now))
+                continue
+            reporter.advance("ingest", 1)
+            if isinstance(item, Problem):
+                pending.problems.append(_problem_row(item, now))
+            else:
+                pending.samples.append(_sample_row(item, config, now))
+            if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
+                _flush(config.store, pending, result, now, known)
+    pending.units.append(ledger_row(folder, digest, result.resolved[REAL_MISSING], now))
+    _flush(config.store, pending, result, now, known)
+
+
+def _missing_real_images(store: Store, source: D3Source, now: datetime) -> Iterator[pa.RecordBatch]:
+    """The quarantine rows of `source`'s Parquet files whose real image was missing, recorded before
+    this run and not resolved since, sorted by file and row, a batch at a time (DuckDB holds the
+    rest within `_RECHECK_MEMORY`, spilling to the store's scratch)."""
+    if not source.files or not catalog.shard_paths(store, "quarantine"):
+        return
+    scratch = store.root / "cache" / f".recheck-{uuid.uuid4().hex[:8]}"
+    try:
+        with catalog.connect(store) as con:
+            catalog.limit_memory(con, _RECHECK_MEMORY, scratch)
+            con.register("files", pa.table({"uri": [absolute(p) for p in source.files]}))
+            reader = con.sql("""
+                WITH q AS (SELECT reason, source_uri, source_member, source_row, recorded_at FROM quarantine
+                           WHERE stage = 'ingest' AND reason IN ($missing, $resolved) AND source_row IS NOT NULL
+                             AND source_member IS NOT NULL AND source_uri IN (SELECT uri FROM files))
+                SELECT m.source_uri, m.source_member, m.source_row FROM q m
+                ANTI JOIN (SELECT * FROM q WHERE reason = $resolved) r
+                       ON m.source_uri = r.source_uri AND m.source_member = r.source_member
+                      AND m.source_row = r.source_row
+                WHERE m.reason = $missing AND m.recorded_at <> $now
+                ORDER BY m.source_uri, m.source_member, m.source_row
+            """, params={"missing": REAL_MISSING, "resolved": RESOLVED + REAL_MISSING, "now": now}
+            ).to_arrow_reader(_RECHECK_BATCH)
+            yield from reader
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _chunks(units: Iterable[Unit], size: int) -> Iterator[list[Unit]]:
@@ -381,7 +448,8 @@ def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult
     """Problems not yet in quarantine (same reason, same place): a rerun records nothing twice.
     Returns them and their keys."""
     for r in rows:
-        result.problems[r["reason"]] += 1
+        if not r["reason"].startswith(RESOLVED):
+            result.problems[r["reason"]] += 1
     if not rows:
         return [], np.empty(0, "S16")
     keys = keys_of(pa.table({
@@ -393,7 +461,11 @@ def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult
     fresh = first_occurrence(keys)
     if catalog.shard_paths(store, "quarantine"):
         fresh &= ~known.get("problems").contains(keys)
-    return [r for r, new in zip(rows, fresh, strict=True) if new], keys[fresh]
+    new = [r for r, f in zip(rows, fresh, strict=True) if f]
+    for r in new:
+        if r["reason"].startswith(RESOLVED):
+            result.resolved[r["reason"].removeprefix(RESOLVED)] += 1
+    return new, keys[fresh]
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -435,6 +507,20 @@ def _problem_row(problem: Problem, now: datetime) -> dict[str, Any]:
         "stage": "ingest",
         "reason": problem.reason,
         "detail": problem.detail,
+        "source_uri": loc.uri,
+        "source_member": loc.member,
+        "source_row": loc.row,
+        "recorded_at": now,
+    }
+
+
+def _resolved_row(resolved: Resolved, now: datetime) -> dict[str, Any]:
+    loc = resolved.location
+    return {
+        "content_hash": None,
+        "stage": "ingest",
+        "reason": RESOLVED + resolved.reason,
+        "detail": resolved.detail,
         "source_uri": loc.uri,
         "source_member": loc.member,
         "source_row": loc.row,

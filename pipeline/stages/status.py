@@ -19,6 +19,7 @@ import pyarrow as pa
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter
+from pipeline.sources.common import RESOLVED
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from schemas import SAMPLES
@@ -78,7 +79,7 @@ def _status(store: Store, manifest: catalog.Manifest, q: Callable[..., pa.Table]
     hash, and writes a vector only for a sample of the store (its image, or its text): so the
     vectors of a model, less those of the conflicting samples, are the encoded samples."""
     samples = _sum(store, manifest, "samples")
-    quarantine = _sum(store, manifest, "quarantine")
+    quarantine = _unresolved(_sum(store, manifest, "quarantine"))
     conflicts = sum(n for (_, reason), n in quarantine.items() if reason == "label_conflict")
     if conflicts:
         excluded = q(f"SELECT {', '.join(catalog.COUNTED['samples'])}, count(*) FROM samples_all "
@@ -150,6 +151,16 @@ def _sum(store: Store, manifest: catalog.Manifest, dataset: str, model_key: str 
         for *key, n in counts:
             total[tuple(key)] += n
     return total
+
+
+def _unresolved(quarantine: Counter[tuple[Any, ...]]) -> Counter[tuple[Any, ...]]:
+    """Quarantine less what later runs resolved: a `resolved:<reason>` row (a D3 real image found
+    since) takes one `<reason>` row off; neither is shown."""
+    for (stage, reason), n in list(quarantine.items()):
+        if reason.startswith(RESOLVED):
+            quarantine[(stage, reason.removeprefix(RESOLVED))] -= n
+            del quarantine[(stage, reason)]
+    return quarantine
 
 
 def _groups_table(groups: Counter[tuple[Any, ...]]) -> pa.Table:
