@@ -307,3 +307,24 @@ def test_slices_are_numpys_bytes_and_ids_with_nan_infinity_and_subnormals(monkey
                 assert np.array_equal(got.vectors.view(np.uint8), units.astype(dtype).view(np.uint8))
                 assert np.array_equal(got.norms.view(np.uint32), np.linalg.norm(raw, axis=1).view(np.uint32))
                 assert got.hashes.to_pylist() == [module.vector_hash("image", v) for v in raw]
+
+
+def test_clip_retrieval_vectors_are_numpys_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.features.vectors import normalise
+    from pipeline.stages import import_features as module
+
+    monkeypatch.setattr(module, "_TORCH_CAST_MIN", 64)
+    rng = np.random.default_rng(6)
+    clean = rng.normal(size=(3, 4101)).astype(np.float16)
+    with_nan = clean.copy()
+    with_nan[-1, -1] = np.array(0xFE00, np.uint16).view(np.float16)  # -NaN in torch's one-at-a-time tail
+    for values in (clean, with_nan, clean.astype(np.float32), with_nan.astype(np.float32)):
+        with np.errstate(invalid="ignore"):
+            units, norms, exact = module._unit_vectors(values)
+            expected = normalise(values)
+            assert np.array_equal(units.view(np.uint32), expected.view(np.uint32))
+            assert np.array_equal(norms.view(np.uint32), np.linalg.norm(values.astype(np.float32), axis=1).view(
+                np.uint32))
+            for dtype in ("float16", "float32"):
+                assert np.array_equal(module._as_stored(units, dtype, exact).view(np.uint8),
+                                      expected.astype(dtype).view(np.uint8))

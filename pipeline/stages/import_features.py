@@ -401,7 +401,7 @@ def _clip_retrieval_slices(config: ImportConfig, unit: Unit, now: datetime) -> I
     for batch in meta.iter_batches(batch_size=SLICE_ROWS):
         end = start + batch.num_rows
         yield _clip_retrieval_chunk(config, meta_file, batch.to_pylist(), start,
-                                    np.array(img_v[start:end], np.float32), np.array(txt_v[start:end], np.float32),
+                                    np.array(img_v[start:end]), np.array(txt_v[start:end]),
                                     now, (unit, rows) if end == rows else None)
         start = end
 
@@ -410,7 +410,7 @@ def _clip_retrieval_chunk(config: ImportConfig, meta_file: Path, meta: list[dict
                           img_v: np.ndarray, txt_v: np.ndarray, now: datetime,
                           done: tuple[Unit, int] | None) -> _Chunk:
     root = config.source
-    img_norms, txt_norms = _normalise_in_place(img_v), _normalise_in_place(txt_v)
+    (img_v, img_norms, img_exact), (txt_v, txt_norms, txt_exact) = _unit_vectors(img_v), _unit_vectors(txt_v)
     samples: list[dict[str, Any]] = []
     img_h, txt_h = [], []
     paths = [_image_path(root, row) for row in meta]
@@ -433,8 +433,8 @@ def _clip_retrieval_chunk(config: ImportConfig, meta_file: Path, meta: list[dict
         txt_h.append(th)
     text_hashes = pa.array(txt_h, pa.string())
     image_keys = keys_of(pa.array(img_h, pa.string()))
-    return _Chunk(from_rows(SAMPLES, samples), img_v.astype(config.dtype), img_norms, image_keys, text_hashes,
-                  keys_of(text_hashes), txt_v.astype(config.dtype), txt_norms, done)
+    return _Chunk(from_rows(SAMPLES, samples), _as_stored(img_v, config.dtype, img_exact), img_norms, image_keys,
+                  text_hashes, keys_of(text_hashes), _as_stored(txt_v, config.dtype, txt_exact), txt_norms, done)
 
 
 def _image_path(root: Path, row: dict[str, Any]) -> Path | None:
@@ -480,6 +480,24 @@ def _normalise_in_place(vectors: np.ndarray, squares: np.ndarray | None = None) 
     norms = np.sqrt(np.add.reduce(squares, axis=1))
     vectors /= np.maximum(norms, 1e-12)[:, None]
     return norms
+
+
+def _unit_vectors(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """float32 unit rows of `values` (read as stored), their norms, and whether numpy cast them
+    (a norm that is not finite: see `_unit_rows`)."""
+    vectors = np.empty(values.shape, np.float32)
+    _cast_into(vectors, values)
+    norms = _normalise_in_place(vectors)
+    if np.isfinite(norms).all():
+        return vectors, norms, False
+    np.copyto(vectors, values)
+    return vectors, _normalise_in_place(vectors), True
+
+
+def _as_stored(vectors: np.ndarray, dtype: str, exact: bool) -> np.ndarray:
+    out = np.empty(vectors.shape, dtype)
+    (np.copyto if exact else _cast_into)(out, vectors)
+    return out
 
 
 def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
