@@ -89,8 +89,10 @@ def test_the_plan_fits_the_memory_budget() -> None:
     assert 768 % m == 0 and m >= 192  # at least 48 bytes a vector: 4-bit codes of at most 4 values each
     assert d3.bytes >= n * (m // 2 + 8) and 1.15 * d3.bytes <= 0.7 * 4 * gib  # codes, ids; lists grow in steps
     assert d3.build_bytes >= 2 * d3.train_rows * 768 * 4 + 3 * d3.chunk_rows * 768 * 4
-    # lists of ~1000 vectors found through a graph; a sample of ≥ 32 rows a list that fits beside its residuals
-    assert d3.nlist is not None and "_HNSW32" in d3.factory and n / d3.nlist <= 1.1 * LIST_ROWS
+    # lists of ~1000 vectors (found by a scan of the centroids); a sample of ≥ 32 rows a list that fits beside
+    # its residuals
+    assert d3.nlist is not None and d3.factory.startswith(f"IVF{d3.nlist},") and n / d3.nlist <= 1.1 * LIST_ROWS
+    assert "_HNSW32" in plan_index(20_000_000, 768, "auto", 8 * gib).factory  # past HNSW_QUANTISER_FROM lists
     assert d3.train_rows >= 32 * d3.nlist and 2 * d3.train_rows * 768 * 4 <= 0.5 * 4 * gib
     assert plan_index(n, 768, "auto", 16 * gib).kind == "ivf-sq8"
     assert plan_index(1_000_000, 768, "auto", 8 * gib).kind == "ivf"

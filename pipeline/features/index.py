@@ -77,9 +77,12 @@ CODEC_TRAIN_ROWS = 65536  # PQ codebooks need 256 rows per code at least: train 
 TWO_LEVEL_FROM = 256  # lists: above this many, k-means in two levels
 KMEANS_ITERATIONS = 20
 # lists: from this many a graph finds a vector's lists instead of a scan of every centroid. Measured
-# (random 768-d unit vectors against 10,922 centroids, 2 shared cores): 200 µs a vector either way,
-# the scan being one matrix product per batch; with fewer lists the scan is faster, with more the graph.
-HNSW_QUANTISER_FROM = 8192
+# (768-d unit queries near 10,922 random unit centroids, batches of 4,000, 2 shared cores): to add, a
+# vector's one list costs ~250 µs of CPU either way; to search, 8 lists cost 257 µs by the scan (exact)
+# against 815 µs by an HNSW32 graph at efSearch 64 (what apply_breadth sets), which found 61% of them
+# (ef 16: 254 µs, 35%). With fast-scan codes the lists cost less to scan than to find: the scan up to
+# D3's 10,922 lists, a graph only beyond 16,384 (not measured there).
+HNSW_QUANTISER_FROM = 16384
 # candidates a store's PQ index re-scores exactly (from the memory-mapped vectors) for each query:
 # measured (bench/index_d3.py), recall@10 after re-ranking 100 is that of exact scores over the same lists.
 RERANK = 100
