@@ -248,7 +248,6 @@ def test_leaks_through_a_pq_index_find_the_pairs_exact_search_finds_with_exact_s
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, planted = leaky_store(tmp_path, rows=2000, leaks=20)
     assert build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=200)).kind == "ivf-pq"
-    monkeypatch.setattr("pipeline.stages.leaks.LEAK_MARGIN", 0.5)  # every hit re-scored: none may be lost
     approx = find_leaks(LeakConfig(store, threshold=0.95))  # through the PQ index, the one in the store
     exact = find_leaks(LeakConfig(store, threshold=0.95, exact_search=True))
     assert (approx.index_kind, exact.index_kind) == ("ivf-pq", "flat")
