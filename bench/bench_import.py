@@ -7,7 +7,8 @@ its own process so CPU seconds are the stage's own.
     python bench/bench_import.py --rows 1000000 --sources /tmp/h5-1m --floor --tree . --tree /tmp/base
 
 The floor: write+fsync of a 1 GB file, reading it back after it is dropped from the page cache
-(posix_fadvise; a measure of the disk where the kernel honours it), a numpy copy, SHA-256 and MD5
+(posix_fadvise; a measure of the disk where the kernel honours it), a numpy copy, float16 <->
+float32 casts (numpy's and torch's, CPU time), SHA-256 and MD5
 over 3 KB rows (a vector's float32 bytes, what `vector_hash` hashes); then one 250 MB embeddings
 shard written by `write_parquet` and by pyarrow's writer as `write_parquet` called it before.
 """
@@ -66,12 +67,37 @@ def floor(directory: Path) -> dict[str, float]:
     for _ in range(8):
         np.copyto(b, a)
     out["memcpy_mb_s"] = 8 * len(a) / 1e6 / (time.perf_counter() - t)
+    out.update(cast_rates())
     rows = np.frombuffer(block[: 3072 * 20000], np.uint8).reshape(-1, 3072)
     for name in ("sha256", "md5"):
         t = time.perf_counter()
         for row in rows:
             hashlib.new(name, row).digest()
         out[f"{name}_3kB_rows_mb_s"] = rows.nbytes / 1e6 / (time.perf_counter() - t)
+    return out
+
+
+def cast_rates(values: int = 1 << 19, times: int = 64) -> dict[str, float]:
+    """MB/s (of float32) of float16 <-> float32 casts of 2 MB blocks, in CPU time: numpy's, and
+    torch's copy in pieces of its grain size in one thread (as `import_features._cast_into` does)."""
+    import torch
+
+    half = np.random.default_rng(2).standard_normal(values).astype(np.float16)
+    wide = half.astype(np.float32)
+
+    def pieces(out: np.ndarray, source: np.ndarray) -> None:
+        for a, b in zip(torch.from_numpy(out).split(32768), torch.from_numpy(source).split(32768), strict=True):
+            a.copy_(b)
+
+    out = {}
+    for name, cast in (("numpy", np.copyto), ("torch", pieces)):
+        for direction, target, source in (("f16_f32", np.empty_like(wide), half),
+                                          ("f32_f16", np.empty_like(half), wide)):
+            cast(target, source)
+            cpu = time.process_time()
+            for _ in range(times):
+                cast(target, source)
+            out[f"cast_{direction}_{name}_mb_s"] = times * wide.nbytes / 1e6 / (time.process_time() - cpu)
     return out
 
 
