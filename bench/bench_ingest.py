@@ -1,10 +1,13 @@
 """What a second ingest costs: a webdataset tar or CSV manifest grown by M after N, and a no-op D3
 ingest with many real images, then one with a D3 file added (the real images' index is needed
-again). Each ingest runs in its own process (peak RSS is its own).
+again); and D3 whose real-images folder grows by 1% (`d3grow`: --rows D3 rows, half of their real
+images missing at first, beside --real other images; then 1% more of each arrive). Each ingest runs
+in its own process (peak RSS is its own).
 
     python bench/bench_ingest.py tar --n 20000 --m 2000 --work /tmp/bench_ingest
     python bench/bench_ingest.py csv --n 20000 --m 2000 --work /tmp/bench_ingest
     python bench/bench_ingest.py d3 --real 200000 --work /tmp/bench_ingest
+    python bench/bench_ingest.py d3grow --rows 4000 --real 200000 --work /tmp/bench_ingest
 
 Prints one JSON line per ingest: wall and CPU seconds, bytes through read() (`rchar`) and from disk
 (`read_bytes`, 0 when the page cache holds the files), peak RSS, and the ingest's counts. Run the
@@ -24,6 +27,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Literal
 
 
 def _io() -> dict[str, int]:
@@ -53,6 +57,9 @@ def _one(args: argparse.Namespace) -> None:
         "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "added": result.added, "already": result.already_in_store, "units_read": result.units_read,
         "units_skipped": result.units_skipped, "units_resumed": getattr(result, "units_resumed", None),
+        # images and problems the read gave (D3: 5 a Parquet row read), D3 rows looked up again, found
+        "items": result.added + result.already_in_store + result.duplicates_in_source + sum(result.problems.values()),
+        "rechecked": getattr(result, "rechecked", None), "resolved": sum(getattr(result, "resolved", {}).values()),
     }), flush=True)
 
 
@@ -66,7 +73,7 @@ def _image(i: int) -> bytes:
     return i.to_bytes(8, "little") * 1024  # 8 KiB, distinct per i
 
 
-def _append_tar(path: Path, keys: range, mode: str) -> None:
+def _append_tar(path: Path, keys: range, mode: Literal["w", "a"]) -> None:
     with tarfile.open(path, mode) as tf:
         for i in keys:
             for name, data in ((f"{i:08d}.jpg", _image(i)), (f"{i:08d}.txt", f"caption {i}".encode())):
@@ -99,17 +106,21 @@ def _csv(args: argparse.Namespace, work: Path) -> None:
     _run("csv no-op", csv, "manifest", store)
 
 
+def _fill(real_images: Path, images: range) -> None:
+    """img2dataset-like: an image and its json sidecar, 1000 a folder."""
+    fill = real_images / "fill"
+    for i in images:
+        folder = fill / f"{i // 1000:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"x{i:09d}.jpg").write_bytes(i.to_bytes(8, "little"))
+        (folder / f"x{i:09d}.json").write_text(json.dumps({"url": f"https://example.invalid/{i}.jpg"}))
+
+
 def _d3(args: argparse.Namespace, work: Path) -> None:
     from pipeline.synthetic import make_d3
 
     data = make_d3(work / "d3", rows=40)
-    fill = data.real_images / "fill"
-    for i in range(args.real):  # img2dataset-like: an image and its json sidecar, 1000 a folder
-        folder = fill / f"{i // 1000:05d}"
-        if i % 1000 == 0:
-            folder.mkdir(parents=True)
-        (folder / f"x{i:09d}.jpg").write_bytes(i.to_bytes(8, "little"))
-        (folder / f"x{i:09d}.json").write_text(json.dumps({"url": f"https://example.invalid/{i}.jpg"}))
+    _fill(data.real_images, range(args.real))
     store, files = work / "store", work / "d3" / "files"
     files.mkdir()
     shutil.move(data.parquet, files / "part-0.parquet")
@@ -120,12 +131,36 @@ def _d3(args: argparse.Namespace, work: Path) -> None:
     _run("d3 one Parquet file added", files, "d3", store, data.real_images)
 
 
+def _d3grow(args: argparse.Namespace, work: Path) -> None:
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(work / "d3", rows=args.rows, size=16, missing_real=0, broken_generated=0, row_group_size=64)
+    later = work / "later"
+    later.mkdir()
+    away = sorted(data.real_images.glob("*.jpg"))[1::2]  # half the D3 rows' real images not downloaded yet
+    for path in away:
+        shutil.move(path, later / path.name)
+    _fill(data.real_images, range(args.real))
+    store = work / "store"
+    _run(f"d3grow first: {args.rows} rows, {len(away)} real missing, {args.real} other images",
+         data.parquet, "d3", store, data.real_images)
+    _run("d3grow no-op", data.parquet, "d3", store, data.real_images)
+    arrive = away[: max(1, len(away) // 100)]
+    for path in arrive:
+        shutil.move(later / path.name, path)
+    _fill(data.real_images, range(args.real, args.real + args.real // 100))
+    _run(f"d3grow folder grown 1%: {len(arrive)} missing real + {args.real // 100} other images",
+         data.parquet, "d3", store, data.real_images)
+    _run("d3grow no-op after", data.parquet, "d3", store, data.real_images)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["tar", "csv", "d3", "one"])
+    parser.add_argument("case", choices=["tar", "csv", "d3", "d3grow", "one"])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--m", type=int, default=2_000)
     parser.add_argument("--real", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, default=4_000)  # d3grow: D3 Parquet rows
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_ingest"))
     for name in ("label", "source", "format", "store", "real-images"):
         parser.add_argument(f"--{name}")
@@ -136,7 +171,7 @@ def main() -> None:
     work = args.work / args.case
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    {"tar": _tar, "csv": _csv, "d3": _d3}[args.case](args, work)
+    {"tar": _tar, "csv": _csv, "d3": _d3, "d3grow": _d3grow}[args.case](args, work)
 
 
 if __name__ == "__main__":

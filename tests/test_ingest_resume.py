@@ -338,6 +338,7 @@ def test_a_grown_real_images_folder_reads_no_parquet_file_and_adds_the_images_no
     store = Store(tmp_path / "store")
     first = ingest(IngestConfig(data.parquet, "d3", store, real_images=data.real_images))
     assert first.added == 8 * 4 + 5 and first.problems == {"real_image_missing": 3}
+    assert first.rechecked == 0  # this run's missing rows were looked up in this index already
     assert _missing_status(store) == {"real_image_missing": 3}
     shutil.move(away / "000002.jpg", data.real_images / "000002.jpg")  # two of the three arrive
     shutil.move(away / "000005.jpg", data.real_images / "000005.jpg")
