@@ -47,7 +47,7 @@ TAU = 0.07
 KNN_NPROBE = 8
 # Cost of a sample at D3 size (9.2M training rows, 10,922 lists, fast-scan codes), measured in parts
 # on 2 shared cores: finding its 8 lists ~0.26 ms of CPU (a scan of the centroids), scanning them
-# < 0.1 ms, re-scoring 102 candidates ~0.75 ms (gathering float16 rows and converting them dominates).
+# ~0.1 ms, re-scoring 102 candidates ~0.75 ms (gathering float16 rows and converting them dominates).
 COLUMNS = ("sample_id", "split", "label", "generator")
 _ROWS_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int8()),
                           ("generator", pa.string())])
