@@ -154,6 +154,10 @@ def ingest(
                   "(quarantined as label_conflict).")
     for reason, count in sorted(result.problems.items()):
         out.print(f"[yellow]quarantined[/] {count} × {reason} (see: pipeline sql \"SELECT * FROM quarantine\")")
+    if result.rechecked:
+        found = sum(result.resolved.values())
+        out.print(f"The real-images folder changed: {result.rechecked} rows whose image was missing looked up again, "
+                  f"{found} found and ingested (the source files themselves were not read again).")
 
 
 @app.command()
