@@ -98,3 +98,16 @@ def test_a_vanished_shard_rebuilds_the_layout(tmp_path: Path) -> None:
     assert second.generation != first.generation and second.rows == 200
     expected, _ = _stored(store, "image")
     assert np.array_equal(second.gather(np.arange(200)), expected)
+
+
+def test_float32_cast_equals_numpy_for_every_half() -> None:
+    from pipeline.features.vectors import TORCH_CAST_MIN, as_float32
+
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every bit pattern, NaNs included
+    assert halves.size >= TORCH_CAST_MIN  # the vectorised path
+    got, want = as_float32(halves.reshape(-1, 256)), halves.astype(np.float32).reshape(-1, 256)
+    finite = ~np.isnan(want)
+    assert got.dtype == np.float32 and np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.isnan(got[~finite]).all()
+    small = halves[:100]
+    assert np.array_equal(as_float32(small).view(np.uint32), small.astype(np.float32).view(np.uint32))

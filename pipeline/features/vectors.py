@@ -159,7 +159,7 @@ class VectorMatrix:
                 continue
             piece = piece_of[lo]
             local = sorted_rows[lo:hi] - self._starts[piece]
-            values = self._array(piece)[local].astype(np.float32)
+            values = as_float32(self._array(piece)[local])
             if raw:
                 norms = self._norms(piece)[local]
                 if np.isnan(norms).any():
@@ -175,7 +175,7 @@ class VectorMatrix:
         """(first row, float32 chunk) over every row in order; memory is one chunk."""
         for p, piece in enumerate(self._pieces):
             for at in range(0, piece.rows, size):
-                part = np.array(self._array(p)[at:at + size], np.float32)
+                part = as_float32(np.asarray(self._array(p)[at:at + size]))
                 if raw:
                     part *= np.asarray(self._norms(p)[at:at + size])[:, None]
                 yield int(self._starts[p]) + at, part
@@ -273,6 +273,23 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 # --- private -------------------------------------------------------------------------------
+
+
+
+TORCH_CAST_MIN = 1 << 16  # values: below this numpy's cast is as cheap as calling torch
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """A new float32 array of `values`. numpy casts float16 one element at a time; torch's copy
+    is vectorised (F16C/AVX), about 5x cheaper per batch here, with the same bits for every
+    finite and infinite value (a NaN stays NaN; its sign and payload may not)."""
+    if values.dtype != np.float16 or values.size < TORCH_CAST_MIN:
+        return np.array(values, np.float32)
+    import torch
+
+    out = np.empty(values.shape, np.float32)
+    torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
+    return out
 
 
 def _dim_dtype(shards: list[Path]) -> tuple[int, str]:
