@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import resource
 import uuid
 from collections import OrderedDict
@@ -128,6 +129,7 @@ class VectorMatrix:
         whole = self._maps.get(file)
         if whole is None:
             whole = np.load(file, mmap_mode="r") if npy else np.memmap(file, np.uint8, mode="r")
+            _advise(whole, mmap.MADV_RANDOM)
             self._maps[file] = whole
             if len(self._maps) > MAX_OPEN_MAPS:
                 self._maps.popitem(last=False)
@@ -174,11 +176,15 @@ class VectorMatrix:
     def chunks(self, size: int = 65536, raw: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 chunk) over every row in order; memory is one chunk."""
         for p, piece in enumerate(self._pieces):
+            array = self._array(p)
+            _advise(self._maps[piece.file], mmap.MADV_SEQUENTIAL)  # one pass in order: read ahead
             for at in range(0, piece.rows, size):
-                part = as_float32(np.asarray(self._array(p)[at:at + size]))
+                part = as_float32(np.asarray(array[at:at + size]))
                 if raw:
                     part *= np.asarray(self._norms(p)[at:at + size])[:, None]
                 yield int(self._starts[p]) + at, part
+            if piece.file in self._maps:
+                _advise(self._maps[piece.file], mmap.MADV_RANDOM)
 
     def has_norms(self) -> bool:
         return all(not np.isnan(self._norms(p)[:1]).any() for p in range(len(self._pieces)) if self._pieces[p].rows)
@@ -275,6 +281,19 @@ def normalise(x: np.ndarray) -> np.ndarray:
 # --- private -------------------------------------------------------------------------------
 
 
+
+
+def _advise(mapped: np.ndarray, advice: int) -> None:
+    """Tell the kernel how a mapped file will be read. Gathers are random rows: without
+    MADV_RANDOM each page fault reads ahead ~128 KB around a 1.5 KB vector, which is harmless
+    while the vectors fit the page cache and, beyond it (D3's 21 GB on a 24 GB machine), made
+    a scoring pass read the disk ~100x over (measured: 1 TB read in 28 min at 11.5M samples)."""
+    handle = getattr(mapped, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise"):
+        try:
+            handle.madvise(advice)
+        except OSError:
+            pass  # advice only
 
 TORCH_CAST_MIN = 1 << 16  # values: below this numpy's cast is as cheap as calling torch
 
