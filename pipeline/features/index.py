@@ -312,20 +312,10 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
         truth = TopK(_unit(queries), RECALL_K + 1, faiss)
     if plan.kind == "ivf-pq" and exact is not None:
         params["rerank"] = RERANK
-    if plan.factory.endswith("fs"):
-        _add_appending(index, chunks, n, truth, reporter)
-    elif plan.kind.startswith("ivf"):
+    if plan.kind.startswith("ivf") and not plan.factory.endswith("fs"):
         _add_in_two_passes(index, chunks, n, truth, reporter, faiss)
-    else:
-        reporter.start("index", n, "vectors")
-        at = 0
-        for chunk in chunks():
-            x = _unit(chunk)
-            index.add(x)
-            if truth is not None:
-                truth.update(x, at)
-            at += len(x)
-            reporter.advance("index", len(x))
+    else:  # flat, or fast-scan lists (which two passes would break)
+        _add_appending(index, chunks, n, truth, reporter)
     if truth is None:
         params.update(recall_at_10=1.0, recall_by_breadth={})
         return index, params

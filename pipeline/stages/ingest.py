@@ -202,12 +202,7 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
                 for item in reading:
                     items += 1
                     reporter.advance("ingest", 1)
-                    if isinstance(item, Problem):
-                        pending.problems.append(_problem_row(item, now))
-                    else:
-                        pending.samples.append(_sample_row(item, config, now))
-                    if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
-                        _flush(config.store, pending, result, now, known)
+                    _take(item, pending, config, result, now, known)
                 pending.units.append(ledger_row(unit, digest, items, now, reading.value))
                 result.units_read += 1
                 result.units_resumed += unit.resume is not None
@@ -219,6 +214,18 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
             _recheck_real_images(config, source, folder, digest, now, result, known, reporter)
     result.added = sum(result.by_split.values())
     return result
+
+
+
+def _take(item: Candidate | Problem, pending: _Pending, config: IngestConfig, result: IngestResult, now: datetime,
+          known: StoreKeys) -> None:
+    """One item read: a sample row or a quarantine row, flushed when a shard's worth is pending."""
+    if isinstance(item, Problem):
+        pending.problems.append(_problem_row(item, now))
+    else:
+        pending.samples.append(_sample_row(item, config, now))
+    if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
+        _flush(config.store, pending, result, now, known)
 
 
 def _recheck_real_images(config: IngestConfig, source: D3Source, folder: Unit, digest: str, now: datetime,
@@ -235,12 +242,7 @@ def _recheck_real_images(config: IngestConfig, source: D3Source, folder: Unit, d
                 pending.problems.append(_resolved_row(item, now))
                 continue
             reporter.advance("ingest", 1)
-            if isinstance(item, Problem):
-                pending.problems.append(_problem_row(item, now))
-            else:
-                pending.samples.append(_sample_row(item, config, now))
-            if max(len(pending.samples), len(pending.problems)) >= config.shard_rows:
-                _flush(config.store, pending, result, now, known)
+            _take(item, pending, config, result, now, known)
     pending.units.append(ledger_row(folder, digest, result.resolved[REAL_MISSING], now))
     _flush(config.store, pending, result, now, known)
 
