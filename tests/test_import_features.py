@@ -262,7 +262,8 @@ def _half_edges() -> np.ndarray:
 
 
 def test_the_vectorised_cast_gives_numpys_bits_for_every_half_and_the_edges_of_rounding() -> None:
-    from pipeline.stages.import_features import _TORCH_CAST_MIN, _cast_into
+    from pipeline.features.vectors import TORCH_CAST_MIN as _TORCH_CAST_MIN
+    from pipeline.features.vectors import cast_into as _cast_into
 
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     assert halves.size >= _TORCH_CAST_MIN  # the torch path, not numpy's fallback
@@ -288,7 +289,9 @@ def test_slices_are_numpys_bytes_and_ids_with_nan_infinity_and_subnormals(monkey
 
     dim = 257  # odd: the last block (31 rows) ends in torch's one-at-a-time tail
     monkeypatch.setattr(module, "_BLOCK_BYTES", 64 * 3 * dim * 4)  # blocks of 64 rows: several per slice
-    monkeypatch.setattr(module, "_TORCH_CAST_MIN", 1024)
+    from pipeline.features import vectors
+
+    monkeypatch.setattr(vectors, "TORCH_CAST_MIN", 1024)
     rng = np.random.default_rng(5)
     for source_dtype in (np.float16, np.float32):
         sets = [rng.normal(scale=s, size=(300, dim)).astype(source_dtype) for s in (1.0, 1e-3, 300.0)]
@@ -310,10 +313,11 @@ def test_slices_are_numpys_bytes_and_ids_with_nan_infinity_and_subnormals(monkey
 
 
 def test_clip_retrieval_vectors_are_numpys_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.features import vectors
     from pipeline.features.vectors import normalise
     from pipeline.stages import import_features as module
 
-    monkeypatch.setattr(module, "_TORCH_CAST_MIN", 64)
+    monkeypatch.setattr(vectors, "TORCH_CAST_MIN", 64)
     rng = np.random.default_rng(6)
     clean = rng.normal(size=(3, 4101)).astype(np.float16)
     with_nan = clean.copy()

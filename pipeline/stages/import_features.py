@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
-from pipeline.features.vectors import normalise
+from pipeline.features.vectors import cast_into, normalise
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.common import Unit, parquet_fingerprint, stat_unit
 from pipeline.sources.d3 import DEFAULT_GENERATORS
@@ -58,8 +58,6 @@ Layout = Literal["h5", "clip-retrieval"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 SLICE_ROWS = 16384  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
 _BLOCK_BYTES = 2 << 20  # float32 vectors read, normalised and hashed at a time: the CPU's cache, not fresh pages
-_TORCH_CAST_MIN = 1 << 16  # values: fewer are cast by numpy (not worth loading torch for)
-_CAST_PIECE = 32768  # torch's grain size (at::internal::GRAIN_SIZE): a copy this size runs in one thread
 _IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
 _TEXT_SETS = ("original_prompt", "positive_prompt")
 
@@ -306,7 +304,7 @@ def _unit_rows(modality: str, sets: list[Any], first: int, last: int, dtype: str
     of set j), read, normalised and hashed a block at a time into one array of the stored dtype.
 
     float16 sets are read as they are stored (no conversion in h5py or numpy) and cast with
-    `_cast_into`; a block with a row whose norm is not finite (a NaN or an infinity in it) is cast
+    `cast_into`; a block with a row whose norm is not finite (a NaN or an infinity in it) is cast
     again by numpy, so every byte (and every `vector_hash`) is numpy's whatever the values. A
     block is hashed in a second thread (hashlib lets go of the GIL for a row's bytes) while the
     next is read and normalised: two float32 blocks take turns."""
@@ -330,7 +328,7 @@ def _unit_rows(modality: str, sets: list[Any], first: int, last: int, dtype: str
                 stored[:, j] = values[first + start:first + end]
             flat = rows.reshape(-1, dim)
             if half:
-                _cast_into(rows, stored)
+                cast_into(rows, stored)
             block_norms = _normalise_in_place(flat, squares)
             exact = not np.isfinite(block_norms).all()
             if exact and half:  # NaN payloads: numpy's cast, then the same normalising
@@ -338,7 +336,7 @@ def _unit_rows(modality: str, sets: list[Any], first: int, last: int, dtype: str
                 block_norms = _normalise_in_place(flat, squares)
             norms[start:end] = block_norms.reshape(-1, k)
             hashed.append(hasher.submit(_vector_digests, modality, flat))
-            (np.copyto if exact else _cast_into)(out[start:end], rows)
+            (np.copyto if exact else cast_into)(out[start:end], rows)
         hashes, keys = hex_keys([digest for future in hashed for digest in future.result()])
     return _Units(out.reshape(n * k, dim), norms.reshape(-1), hashes, keys)
 
@@ -492,7 +490,7 @@ def _unit_vectors(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """float32 unit rows of `values` (read as stored), their norms, and whether numpy cast them
     (a norm that is not finite: see `_unit_rows`)."""
     vectors = np.empty(values.shape, np.float32)
-    _cast_into(vectors, values)
+    cast_into(vectors, values)
     norms = _normalise_in_place(vectors)
     if np.isfinite(norms).all():
         return vectors, norms, False
@@ -502,29 +500,8 @@ def _unit_vectors(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
 
 def _as_stored(vectors: np.ndarray, dtype: str, exact: bool) -> np.ndarray:
     out = np.empty(vectors.shape, dtype)
-    (np.copyto if exact else _cast_into)(out, vectors)
+    (np.copyto if exact else cast_into)(out, vectors)
     return out
-
-
-def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
-    """`out[...] = values` for C-contiguous arrays of one shape. float16 <-> float32 is torch's
-    vectorised copy (F16C / AVX-512 conversions; numpy converts a value at a time), in pieces of at
-    most `_CAST_PIECE` values, which torch copies in the calling thread (a whole 2 MB block at once
-    wakes its thread pool: 7.9 ms of CPU against 0.04 ms, measured on the shared 2-core machine).
-    Equal to numpy's cast, round to nearest even, for every finite value and infinity; a NaN may
-    come out otherwise (torch's scalar tail gives 0x7fffffff, a signalling NaN is made quiet), so
-    callers cast a block with a non-finite norm again by numpy."""
-    pair = {np.dtype(out.dtype), np.dtype(values.dtype)}
-    if (pair != {np.dtype(np.float16), np.dtype(np.float32)} or values.size < _TORCH_CAST_MIN
-            or not (out.flags.c_contiguous and values.flags.c_contiguous) or out.shape != values.shape):
-        np.copyto(out, values)
-        return
-    import torch  # only here: an import with nothing to convert never loads it
-
-    pieces = zip(torch.from_numpy(out.reshape(-1)).split(_CAST_PIECE),
-                 torch.from_numpy(values.reshape(-1)).split(_CAST_PIECE), strict=True)
-    for target, source in pieces:
-        target.copy_(source)
 
 
 def _vector_hashes(modality: str, units: np.ndarray) -> list[str]:
