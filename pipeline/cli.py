@@ -574,7 +574,15 @@ def index_build(
     if info.kind != "flat":
         tried = ", ".join(f"{b}: {r:.3f}" for b, r in info.recall_by_breadth.items())
         by = f" (by search breadth {tried})" if tried else ""
+        depths = info.params.get("recall_by_rerank") or {}
+        if depths:
+            by += f"; re-ranking {info.params['rerank']} candidates exactly (by depth " + \
+                ", ".join(f"{d}: {r:.3f}" for d, r in depths.items()) + ")"
         out.print(f"recall@10 against exact search: {info.recall_at_10:.4f}{by}")
+        if info.built and info.recall_at_10 is not None and info.recall_at_10 < target_recall:
+            out.print(f"[yellow]below the target {target_recall}:[/] no wider search or deeper re-ranking reached "
+                      "it (these vectors' neighbours are hard to tell apart); --kind flat searches exactly, and a "
+                      "larger --max-memory lets auto keep more of each vector.")
 
 
 @app.command()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.features import index as ix
 from pipeline.features.index import LIST_ROWS, IndexConfig, coarse_centroids, open_index, parse_memory, plan_index
 from pipeline.features.vectors import normalise, open_matrix
 from pipeline.runs import TrainConfig
@@ -85,7 +86,7 @@ def test_the_plan_fits_the_memory_budget() -> None:
     n = 11_500_000
     d3 = plan_index(n, 768, "auto", 4 * gib)  # D3: 35 GB as flat float32 vectors, 8.9 GB as SQ8 codes
     assert d3.kind == "ivf-pq" and d3.build_bytes <= 0.85 * 4 * gib  # the rest: the interpreter and libraries
-    m = int(re.search(r"PQ(\d+)x4fs", d3.factory).group(1))  # type: ignore[union-attr]  # fast-scan: 4 bits
+    m = int(re.search(r"PQ(\d+)x4$", d3.factory).group(1))  # type: ignore[union-attr]  # 4 bits, mappable
     assert 768 % m == 0 and m >= 192  # at least 48 bytes a vector: 4-bit codes of at most 4 values each
     assert d3.bytes >= n * (m // 2 + 8) and 1.15 * d3.bytes <= 0.7 * 4 * gib  # codes, ids; lists grow in steps
     assert d3.build_bytes >= 2 * d3.train_rows * 768 * 4 + 3 * d3.chunk_rows * 768 * 4
@@ -135,7 +136,7 @@ def test_a_small_budget_builds_a_quantised_index_that_still_finds_neighbours(tmp
                                    recall_queries=300))
     assert info.kind == "flat"  # 4000 vectors: exact search fits 16MB
     quantised = build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=300, max_memory=2**24))
-    assert quantised.kind == "ivf-pq" and quantised.params["factory"].endswith(f"PQ{DIM // 2}x4fs")
+    assert quantised.kind == "ivf-pq" and quantised.params["factory"].endswith(f"PQ{DIM // 2}x4")
     # 4-bit codes, re-ranked exactly: recall@10 is that of the lists searched
     assert quantised.params["rerank"] > 10 and quantised.recall_at_10 is not None and quantised.recall_at_10 > 0.9
     index = open_index(store, None, kind="ivf-pq")  # the one just built over these vectors
@@ -161,6 +162,68 @@ def test_re_ranking_orders_the_candidates_by_exact_similarity(tmp_path: Path) ->
     # an index built before re-ranking (no "rerank" in its params) is searched as it was
     index.info.params.pop("rerank")
     assert np.array_equal(index.search(queries, 10)[1], coded_rows)
+
+
+def noisy_clusters(n: int, dim: int, per_cluster: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around a few centres with isotropic noise: a vector's neighbours are barely closer
+    than the rest of its cluster, so 4-bit codes rank them poorly (bench_scale's D3 store, scaled down)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(1, n // per_cluster), dim)).astype(np.float32) * 2
+    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, dim), np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def tuned(x: np.ndarray, nlist: int, target: float) -> dict[str, object]:
+    plan = plan_index(len(x), x.shape[1], "ivf-pq", 2**28, nlist=nlist)
+
+    def sample(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.sort(rng.choice(len(x), min(count, len(x)), replace=False))
+        return rows, x[rows]
+
+    config = IndexConfig(Store(Path(".")), recall_queries=300, target_recall=target)
+    return ix.build_in_memory(plan, x.shape[1], lambda: (x[i:i + 4096] for i in range(0, len(x), 4096)), sample,
+                              len(x), config, exact=lambda rows: x[rows])[1]
+
+
+def test_where_the_codes_limit_recall_the_tuning_re_ranks_deeper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ix, "RERANKS", (10, 20, 40, 80, 160, 320))  # D3's depths, for 24k vectors
+    params = tuned(noisy_clusters(24_000, 64, 3000), nlist=24, target=0.95)
+    by_depth = {int(k): v for k, v in params["recall_by_rerank"].items()}  # type: ignore[attr-defined]
+    assert by_depth[10] < 0.6  # the codes' own top 10 (measured 0.30): the shallowest re-rank misses most
+    assert params["recall_at_10"] >= 0.95 and params["rerank"] > 80  # measured: 320 needed
+    assert by_depth[params["rerank"]] == params["recall_at_10"]  # type: ignore[index]
+    assert all(by_depth[d] < 0.95 for d in by_depth if d < params["rerank"])  # type: ignore[operator]
+
+
+def test_where_no_breadth_reaches_the_target_the_tuning_stops_at_the_plateau(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ix, "RERANKS", (10, 20, 40, 80, 160, 320))
+    params = tuned(noisy_clusters(24_000, 64, 3000), nlist=48, target=0.999)
+    by_breadth: dict[int, float] = params["recall_by_breadth"]  # type: ignore[assignment]
+    widest = max(ix._breadths("ivf-pq", {"nlist": 48}))
+    assert max(by_breadth) < widest  # two doublings without gain: no wider breadth tried
+    chosen = params["nprobe"]
+    assert all(by_breadth[b] < by_breadth[chosen] + ix.PLATEAU for b in by_breadth if b > chosen)  # type: ignore[index]
+    assert all(by_breadth[b] < by_breadth[chosen] for b in by_breadth if b < chosen)  # type: ignore[index]
+    assert params["recall_at_10"] < 0.999 and params["recall_at_10"] >= by_breadth[chosen] - ix.PLATEAU  # type: ignore[index,operator]
+
+
+def test_a_bulk_search_scans_a_fast_scan_copy_of_the_mapped_codes(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=800, dim=DIM)
+    info = build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=300))
+    index = open_index(store, None, kind="ivf-pq")
+    queries = normalise(open_matrix(store, info.model_key, "image").gather(np.arange(0, 4000, 25)))
+    one_by_one = np.concatenate([index.search(q[None], 10)[1] for q in queries])
+    assert index.fast is None  # a few queries scan the mapped codes
+    bulk = index.search(queries, 10)[1]
+    assert len(queries) >= ix.FAST_SCAN_FROM and index.fast is not None
+    assert index.fast.nprobe == info.params["nprobe"]
+    same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(one_by_one, bulk, strict=True)])
+    assert same >= 0.95  # the same codes; fast-scan rounds the distances of the candidates to 8 bits
+    index.set_breadth(1)
+    import faiss
+
+    assert index.fast.nprobe == 1 and faiss.extract_index_ivf(index.index).nprobe == 1
 
 
 def test_flat_index_is_exact_and_rebuilt_only_when_embeddings_change(tmp_path: Path) -> None:

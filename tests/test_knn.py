@@ -112,7 +112,7 @@ def test_a_compressed_index_votes_with_exact_similarities(tmp_path: Path, monkey
     monkeypatch.setattr("pipeline.features.index.EXACT_BELOW", 0)
     monkeypatch.setattr("pipeline.features.index.LIST_ROWS", 64)
     monkeypatch.setattr("pipeline.features.knn.plan_index",
-                        lambda n, dim, kind, memory: ix.plan_index(n, dim, "ivf-pq", memory))
+                        lambda n, dim, kind, memory, **kw: ix.plan_index(n, dim, "ivf-pq", memory, **kw))
     rows, approx = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
     assert approx.index_params["factory"].endswith("x4fs") and approx.index_params["rerank"] > 0
     assert rows.column("sample_id").to_pylist() == exact_rows.column("sample_id").to_pylist()

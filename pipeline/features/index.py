@@ -3,13 +3,19 @@
 Inner product on L2-normalised vectors (= cosine similarity). Like autofaiss does for
 clip-retrieval, `auto` picks the most exact index whose build and search fit `max_memory`:
 exact search (flat) below `EXACT_BELOW` vectors, then IVF over full vectors, IVF with 8-bit
-scalar quantisation, IVF with product quantisation (the most sub-quantisers that fit). The product
-codes are FAISS' fast-scan ones (`PQ{m}x4fs`: 4 bits a sub-quantiser, scanned with SIMD shuffles
-held in registers): measured on 768-d vectors (bench/index_d3.py), 10-30× the queries a second of
-8-bit codes of the same bytes, codebooks trained in a tenth of the time. What 4-bit codes lose in
-ranking, re-ranking gives back: a store's index scores its best `RERANK` candidates again by exact
-inner product with the vectors themselves (memory-mapped, `features.vectors`), so recall@10 is
-that of the lists searched, not of the codes.
+scalar quantisation, IVF with product quantisation (the most sub-quantisers that fit). Product
+codes have 4 bits a sub-quantiser (`PQ{m}x4`), which FAISS scans with SIMD shuffles held in
+registers once they are packed in its fast-scan layout (`IndexIVFPQFastScan`): measured on 768-d
+vectors (bench/index_d3.py), 10-30× the queries a second of 8-bit codes of the same bytes,
+codebooks trained in a tenth of the time. What 4-bit codes lose in ranking, re-ranking gives
+back: a store's index scores its best `params["rerank"]` candidates again by exact inner product
+with the vectors themselves (memory-mapped, `features.vectors`). How deep is tuned with the
+breadth: where the codes are what limits recall@10, deeper (`RERANKS`).
+
+Written as a plain IVF-PQ index, whose lists FAISS maps instead of reading, so a short-lived
+process that searches a few vectors (`pipeline neighbors`) holds only the lists it scans; a search
+of many vectors at once (leaks) packs a fast-scan copy in memory first (`FAST_SCAN_FROM`), which
+takes seconds at D3's size.
 
 Time linear in rows: IVF lists hold about `LIST_ROWS` vectors whatever the store's size (up to the
 lists a bounded training sample can place), so a query that scans a fixed number of lists costs
@@ -24,10 +30,12 @@ and the exact neighbours of the recall queries; the lists are then sized exactly
 second pass adds every vector without the doubling growth of a vector that is appended to (a third
 more memory, measured). `plan_index` estimates the peak of every phase; the plan must fit.
 Searches map the index file (`open_index`), so they hold only what they touch, as page cache
-(fast-scan lists are read into memory: the index's size, which the plan keeps within the budget).
+(a fast-scan copy is the index's size, which the plan keeps within the budget).
 Approximate indexes tune their search breadth (IVF `nprobe`, HNSW `efSearch`) up to
 `target_recall` and report the recall@10 they reach against exact search on sampled queries,
-excluding each query's own vector.
+excluding each query's own vector. Where no breadth reaches the target, the tuning stops where a
+wider search stops adding recall, and the index is built all the same: its recall is reported
+(and shown by `pipeline status`), for the user to judge.
 
 Row r of the index is row r of the model's vector matrix. On disk:
 `indexes/<model_key>/<index_id>/` holds `index.faiss`, `ids.arrow` (content hash of each row,
@@ -83,9 +91,21 @@ KMEANS_ITERATIONS = 20
 # (ef 16: 254 µs, 35%). With fast-scan codes the lists cost less to scan than to find: the scan up to
 # D3's 10,922 lists, a graph only beyond 16,384 (not measured there).
 HNSW_QUANTISER_FROM = 16384
-# candidates a store's PQ index re-scores exactly (from the memory-mapped vectors) for each query:
-# measured (bench/index_d3.py), recall@10 after re-ranking 100 is that of exact scores over the same lists.
-RERANK = 100
+# candidates a store's PQ index may re-score exactly (from the memory-mapped vectors) for each query; the
+# tuning keeps the fewest that reach the recall of the deepest. On clustered vectors (bench/index_d3.py)
+# 100 reach the recall of exact scores over the same lists. On clusters of 5,750 vectors around a centre
+# with isotropic noise (bench_scale's D3 store: neighbours barely closer than the rest of their cluster;
+# bench/index_rerank.py, 300k vectors, 16 of 292 lists, which held every neighbour) 4-bit codes need
+# more: recall@10 0.78 / 0.97 / 1.0 re-ranking 100 / 400 / 1,600 (8-bit codes of the same bytes, 33×
+# longer to build: 0.83 / 0.98 / 1.0). The tuning chose nprobe 8, 400 candidates: 0.958. The same codes
+# packed for fast-scan, whose distances are rounded to 8 bits, rank worse: 0.37 / 0.66 / 0.94.
+RERANKS = (100, 200, 400, 800, 1600, 3200)
+# queries in one search from which a 4-bit PQ index is searched through a fast-scan copy, packed in
+# memory once (0.03 s for 200k vectors); fewer scan the mapped codes (~0.3 µs a code: 0.5 s for 1,365
+# lists of D3's index), without reading the whole index for a few queries. Fast-scan ranks worse (above):
+# its one bulk user, the leak scan, scores every hit again exactly, and near-duplicates stand far apart.
+FAST_SCAN_FROM = 64
+PLATEAU = 0.002  # recall@10 gained by doubling the breadth below which a wider search is not tried
 _HNSW_LINK_BYTES = 32 * 2 * 4 + 64  # per centroid in an HNSW32 graph: level-0 links, upper levels, bookkeeping
 # shares of the budget: the built index and one list number per vector; the chunks in flight (a float32
 # chunk, its unit copy, FAISS' residuals); the training sample and its residuals (before any vector is added).
@@ -162,18 +182,29 @@ class OpenIndex:
     index: Any  # faiss.Index
     ids: pa.ChunkedArray  # content hash of each row, memory-mapped
     matrix: VectorMatrix | None = None  # the vectors of the rows (same layout), for exact scores
+    fast: Any = None  # a fast-scan copy of a 4-bit PQ index, packed at its first search of many queries
 
     def search(self, queries: np.ndarray, k: int, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Similarities and row numbers of the k nearest rows ([-1] where fewer exist). An index built
         to re-rank (`params["rerank"]`) scores that many candidates again exactly, unless `rerank` is False."""
         k = max(1, min(k, self.index.ntotal))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        index = self._searcher(len(queries))
         candidates = self.info.params.get("rerank") if rerank and self.matrix is not None else None
         if candidates:
             assert self.matrix is not None
-            return reranked_search(self.index, queries, k, candidates, self.matrix.gather)
-        sims, rows = self.index.search(queries, k)
+            return reranked_search(index, queries, k, candidates, self.matrix.gather)
+        sims, rows = index.search(queries, k)
         return sims, rows
+
+    def set_breadth(self, breadth: int) -> None:
+        """Search this many IVF lists (HNSW: candidates) from now on."""
+        import faiss
+
+        name = "nprobe" if self.info.kind.startswith("ivf") else "efSearch"
+        for index in (self.index, self.fast):
+            if index is not None:
+                apply_breadth(index, self.info.kind, {**self.info.params, name: breadth}, faiss)
 
     def similarities(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact inner products of queries[i] with the vectors of rows[i, j] (-inf where rows < 0)."""
@@ -183,6 +214,24 @@ class OpenIndex:
 
     def hashes(self, rows: np.ndarray) -> list[str]:
         return self.ids.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
+
+    def _searcher(self, queries: int) -> Any:
+        if queries >= FAST_SCAN_FROM and self.fast is None:
+            self.fast = fast_scan_copy(self.index)
+        return self.fast if queries >= FAST_SCAN_FROM and self.fast is not None else self.index
+
+
+def fast_scan_copy(index: Any) -> Any:
+    """A fast-scan copy (codes packed in memory) of a 4-bit IVF-PQ index, searched as wide; None for
+    any other index. The copy shares the original's coarse quantiser: keep the original."""
+    import faiss
+
+    pq_index = faiss.downcast_index(index)
+    if not isinstance(pq_index, faiss.IndexIVFPQ) or pq_index.pq.nbits != 4:
+        return None
+    fast = faiss.IndexIVFPQFastScan(pq_index)
+    fast.nprobe = pq_index.nprobe
+    return fast
 
 
 def parse_memory(text: str) -> int:
@@ -195,8 +244,10 @@ def parse_memory(text: str) -> int:
 
 
 def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
-               nlist: int | None = None, hnsw_m: int = 32) -> Plan:
-    """The index for n vectors within `max_memory`: the requested kind, or (auto) the most exact that fits."""
+               nlist: int | None = None, hnsw_m: int = 32, mappable: bool = True) -> Plan:
+    """The index for n vectors within `max_memory`: the requested kind, or (auto) the most exact that fits.
+    PQ codes are in FAISS' fast-scan layout unless the index is to be written and mapped (`mappable`):
+    then in the plain layout, and packed when searched in bulk (`OpenIndex`)."""
     chunk = _chunk_rows(dim, max_memory)
     buffers = 3 * chunk * dim * 4  # a float32 chunk, its unit copy, FAISS' residuals of it
     if kind == "flat" or (kind == "auto" and n < EXACT_BELOW and 2 * n * dim * 4 <= max_memory * _INDEX_SHARE):
@@ -211,8 +262,8 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_M
     centroids = lists * (dim * 4 + (_HNSW_LINK_BYTES if graph else 0))
     training = 2 * train_rows * dim * 4 + centroids  # the sample and FAISS' residuals of it
     codecs = [("ivf", "Flat", dim * 4), ("ivf-sq8", "SQ8", dim)]
-    # fast-scan: 4 bits a sub-quantiser, so m sub-quantisers take m / 2 bytes
-    codecs += [("ivf-pq", f"PQ{m}x4fs", (m + 1) // 2) for m in _pq_sizes(dim)]
+    # 4 bits a sub-quantiser, so m sub-quantisers take m / 2 bytes
+    codecs += [("ivf-pq", f"PQ{m}x4" + ("" if mappable else "fs"), (m + 1) // 2) for m in _pq_sizes(dim)]
     wanted = [c for c in codecs if kind in ("auto", c[0])]
     plans = []
     for name, codec, per_vector in wanted:
@@ -222,9 +273,11 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_M
         # two passes hold the list number of every vector; fast-scan lists, appended to in one pass,
         # grow in steps (measured: 15% above their codes)
         held = int(1.15 * size) if fast_scan else size + n * 4
+        # a bulk search of a written 4-bit index holds its fast-scan copy: blocks of 32 codes, ids
+        searched = int(1.15 * (size + lists * 32 * per_vector)) if codec.endswith("x4") else size
         build = max(training, held + buffers)
         plans.append(Plan(name, f"{quantiser},{codec}", lists, train_rows, size, build, chunk))
-        if build <= max_memory * _USABLE and held <= max_memory * _INDEX_SHARE:
+        if build <= max_memory * _USABLE and max(held, searched) <= max_memory * _INDEX_SHARE:
             return plans[-1]
     return _fits(plans[-1], max_memory)
 
@@ -288,8 +341,8 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
 
     `sample(count, rng)` gives `count` random rows: their row numbers and vectors (to train on, and
     to query for the recall estimate). The search breadth is tuned up to `max_breadth` at most.
-    Given `exact` (the vectors of any rows), a PQ index re-ranks its best `RERANK` candidates by
-    exact inner product (`params["rerank"]`), in tuning as in searches (`OpenIndex.search`).
+    Given `exact` (the vectors of any rows), a PQ index re-ranks its best `params["rerank"]` candidates
+    by exact inner product, in tuning as in searches (`OpenIndex.search`); how many is tuned.
 
     Returns the index (search breadth tuned) and its params, with `recall_at_10` and
     `recall_by_breadth` added. Vectors are L2-normalised as they are added.
@@ -311,7 +364,7 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
         own, queries = sample(count, np.random.default_rng(config.seed + 1))
         truth = TopK(_unit(queries), RECALL_K + 1, faiss)
     if plan.kind == "ivf-pq" and exact is not None:
-        params["rerank"] = RERANK
+        params["rerank"] = RERANKS[-1]  # the tuning keeps the fewest that do as well
     if plan.kind.startswith("ivf") and not plan.factory.endswith("fs"):
         _add_in_two_passes(index, chunks, n, truth, reporter, faiss)
     else:  # flat, or fast-scan lists (which two passes would break)
@@ -351,6 +404,7 @@ def exact_scores(queries: np.ndarray, rows: np.ndarray, gather: Gather, block: i
     """Inner products of queries[i] with the vectors of rows[i, j] (-inf where rows < 0), `block`
     queries at a time (each row read once a block, in ascending order: page-cache friendly)."""
     out = np.full(rows.shape, -np.inf, np.float32)
+    block = max(1, min(block, 2**16 // max(1, rows.shape[1])))  # at most 65,536 vectors gathered at a time
     for lo in range(0, len(rows), block):
         part = rows[lo:lo + block]
         valid = part >= 0
@@ -527,6 +581,9 @@ def _train(index: Any, plan: Plan, sample: np.ndarray, seed: int, faiss: Any) ->
     assert plan.nlist is not None
     ivf = faiss.extract_index_ivf(index)
     ivf.quantizer.add(coarse_centroids(sample, plan.nlist, seed, faiss))
+    codec = faiss.downcast_index(ivf)
+    if isinstance(codec, faiss.IndexIVFPQ):
+        codec.do_polysemous_training = False  # FAISS' default, for Hamming filtering we never do: 5× the time
     index.train(sample)
 
 
@@ -596,25 +653,60 @@ def _breadths(kind: str, params: dict[str, Any]) -> list[int]:
 def _tune(index: Any, plan: Plan, queries: np.ndarray, own: np.ndarray, exact: np.ndarray, config: IndexConfig,
           params: dict[str, Any], faiss: Any, max_breadth: int | None = None,
           gather: Gather | None = None) -> tuple[float, dict[int, float]]:
-    """Smallest search breadth reaching the target recall@10 (or the widest tried); its recall
-    (re-ranked as the index will be searched, where `params["rerank"]`)."""
+    """Smallest search breadth reaching the target recall@10, or else the narrowest beyond which a
+    wider search adds less than PLATEAU (or the widest tried); then, where the index re-ranks
+    (`params["rerank"]`, set to the deepest), the fewest candidates that reach the target, or do as
+    well as the deepest. Returns the recall at what was chosen, and the recall by breadth (at the
+    deepest re-rank); `params["recall_by_rerank"]` holds the recall by depth at the chosen breadth.
+
+    Stopping at the plateau matters where nothing reaches the target: at D3's size every wider
+    breadth costs minutes to try and doubles what every later search scans, for nothing."""
     queries = _unit(queries)
     name = "nprobe" if plan.kind.startswith("ivf") else "efSearch"
+    deepest = params.get("rerank") if gather is not None else None
+
+    def recall(breadth: int, depth: int | None) -> float:
+        # the index as built (a fast-scan copy would double the memory): bulk searches of a written
+        # index scan the same codes packed, whose distances FAISS rounds to 8 bits before re-ranking
+        params[name] = breadth
+        apply_breadth(index, plan.kind, params, faiss)
+        if depth:
+            assert gather is not None
+            approx = reranked_search(index, queries, RECALL_K + 1, depth, gather)[1]
+        else:
+            approx = index.search(queries, RECALL_K + 1)[1]
+        return recall_at(approx, exact, own)
+
     by_breadth: dict[int, float] = {}
     breadths = _breadths(plan.kind, params)
     if max_breadth:
         breadths = [b for b in breadths if b <= max_breadth] or breadths[:1]
+    chosen = breadths[0]  # the narrowest with the best recall so far
     for breadth in breadths:
-        params[name] = breadth
-        apply_breadth(index, plan.kind, params, faiss)
-        if params.get("rerank") and gather is not None:
-            approx = reranked_search(index, queries, RECALL_K + 1, params["rerank"], gather)[1]
-        else:
-            approx = index.search(queries, RECALL_K + 1)[1]
-        by_breadth[breadth] = recall_at(approx, exact, own)
+        by_breadth[breadth] = recall(breadth, deepest)
         if by_breadth[breadth] >= config.target_recall:
+            chosen = breadth
             break
-    return by_breadth[params[name]], by_breadth
+        if by_breadth[breadth] >= by_breadth[chosen] + PLATEAU:
+            chosen = breadth
+        elif len([b for b in by_breadth if b > chosen]) >= 2:  # two doublings gained nothing: a plateau
+            break
+    params[name] = chosen
+    best = by_breadth[chosen]
+    if deepest:
+        by_depth = {}
+        for depth in [d for d in RERANKS if d < deepest]:
+            by_depth[depth] = recall(chosen, depth)
+            if by_depth[depth] >= min(config.target_recall, best - PLATEAU):
+                break
+        else:
+            depth = deepest
+        by_depth[deepest] = best
+        params["rerank"] = depth
+        params["recall_by_rerank"] = {str(d): r for d, r in sorted(by_depth.items())}
+        best = by_depth[depth]
+    apply_breadth(index, plan.kind, params, faiss)
+    return best, by_breadth
 
 
 def _write_ids(matrix: VectorMatrix, store: Store, tmp: Path) -> None:

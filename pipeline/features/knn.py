@@ -69,7 +69,7 @@ def knn_scores(table: FeatureTable, features: str, splits: tuple[str, ...], excl
     the process' own memory, and vanishes with its last reference."""
     probe = FeatureLoader(table, ("train",), LoaderConfig(features, input_norm=input_norm))
     n_train, in_dim = probe.count(), probe.in_dim
-    plan = plan_index(n_train, in_dim, "auto", max_memory)
+    plan = plan_index(n_train, in_dim, "auto", max_memory, mappable=False)  # in memory: fast-scan
 
     def loader(split: str) -> FeatureLoader:
         return FeatureLoader(table, (split,), LoaderConfig(features, plan.chunk_rows, input_norm=input_norm))

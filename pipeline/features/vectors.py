@@ -28,6 +28,7 @@ import json
 import mmap
 import resource
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -321,8 +322,10 @@ def cast_into(out: np.ndarray, values: np.ndarray) -> None:
         return
     import torch  # only here: an import with nothing to convert never loads it
 
-    pieces = zip(torch.from_numpy(out.reshape(-1)).split(_CAST_PIECE),
-                 torch.from_numpy(values.reshape(-1)).split(_CAST_PIECE), strict=True)
+    with warnings.catch_warnings():  # a read-only source (a mapped file) is only read: torch's warning is moot
+        warnings.simplefilter("ignore", UserWarning)
+        source_pieces = torch.from_numpy(values.reshape(-1)).split(_CAST_PIECE)
+    pieces = zip(torch.from_numpy(out.reshape(-1)).split(_CAST_PIECE), source_pieces, strict=True)
     for target, source in pieces:
         target.copy_(source)
 

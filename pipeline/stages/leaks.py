@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
-from pipeline.features.index import DEFAULT_MAX_MEMORY, OpenIndex, apply_breadth, open_index
+from pipeline.features.index import DEFAULT_MAX_MEMORY, OpenIndex, open_index
 from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open_matrix, shards_of
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
@@ -182,12 +182,8 @@ def _set_breadth(index: OpenIndex, nprobe: int | None) -> None:
     LEAK_NPROBE). A near-duplicate (cosine ≥ 0.95) is far closer than a tenth neighbour and falls in its
     original's list or a neighbouring one, so the scan needs no more breadth than that; a bounded breadth
     over lists of fixed size keeps the cost of a query the same at any store size."""
-    import faiss
-
-    params = index.info.params
     if index.info.kind.startswith("ivf"):
-        breadth = nprobe or min(LEAK_NPROBE, params.get("nprobe", LEAK_NPROBE))
-        apply_breadth(index.index, index.info.kind, {**params, "nprobe": breadth}, faiss)
+        index.set_breadth(nprobe or min(LEAK_NPROBE, index.info.params.get("nprobe", LEAK_NPROBE)))
 
 
 def _split_codes(table: FeatureTable, rows: int) -> np.ndarray:
