@@ -111,3 +111,43 @@ def test_float32_cast_equals_numpy_for_every_half() -> None:
     assert np.isnan(got[~finite]).all()
     small = halves[:100]
     assert np.array_equal(as_float32(small).view(np.uint32), small.astype(np.float32).view(np.uint32))
+
+
+class _Advice:
+    """Stands in for a mapping's mmap: records what is asked for ahead."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def madvise(self, option: int, start: int, length: int) -> None:
+        import mmap
+
+        assert option == mmap.MADV_WILLNEED and start % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0
+        self.calls.append((start, length))
+
+
+def test_rows_close_together_are_asked_for_ahead_and_scattered_rows_are_not(tmp_path: Path) -> None:
+    import mmap
+
+    dim, header = 384, 1000  # 768-byte rows from byte 1000: rows straddle pages
+    path = tmp_path / "v.bin"
+    path.write_bytes(b"\0" * (header + 20000 * dim * 2))
+    mapped = np.memmap(path, np.uint8, mode="r")
+    advice = _Advice()
+    mapped._mmap = advice  # type: ignore[attr-defined]
+    array = np.ndarray((20000, dim), np.float16, buffer=mapped, offset=header)
+    dense = np.arange(5000, 5600)
+    vectors._prefetch(mapped, array, dense)
+    assert len(advice.calls) == 1  # one run of pages
+    start, length = advice.calls[0]
+    assert start <= header + 5000 * dim * 2 and start + length >= header + 5600 * dim * 2
+    advice.calls.clear()
+    vectors._prefetch(mapped, array, np.sort(np.random.default_rng(0).choice(20000, 600, replace=False)))
+    assert advice.calls == []  # scattered: left to the page faults
+    advice.calls.clear()
+    two = np.r_[np.arange(100, 400), np.arange(15000, 15300)]
+    vectors._prefetch(mapped, array, two)
+    covered = [(s, s + n) for s, n in advice.calls]
+    assert len(covered) == 2 and all(any(s <= header + r * dim * 2 and header + (r + 1) * dim * 2 <= e
+                                         for s, e in covered) for r in two)
+    assert sum(n for _, n in advice.calls) <= (600 * dim * 2 // mmap.PAGESIZE + 4) * mmap.PAGESIZE

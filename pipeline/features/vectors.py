@@ -51,6 +51,16 @@ READ_ROWS = 16384  # rows per Parquet batch while copying or checking shards (bo
 
 
 MAX_OPEN_MAPS = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)  # each map holds a descriptor
+# Rows gathered at once from which, where they lie close together (at most a run of pages per
+# PREFETCH_DENSE rows, runs closer than PREFETCH_GAP pages merged), their pages are asked for ahead
+# (MADV_WILLNEED, a call a run) before they are touched: a page fault reads one page and waits for it,
+# a run asked for is read as one request. Measured on this machine's disk (11.5M-vector store beyond the
+# page cache): 8,192 consecutive rows 2.08 s by page faults, 0.069 s asked for; 8,192 random rows
+# 1.2-1.4 s either way (about 6,000 reads a second), so scattered rows are left to the faults. A
+# scoring pass in matrix order (`FeatureLoader`, order "rows") reads at the disk's speed.
+PREFETCH_FROM = 256
+PREFETCH_GAP = 4  # pages: a merged run reads at most 4 pages it was not asked for between two it was
+PREFETCH_DENSE = 4
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,10 @@ class VectorMatrix:
                 continue
             piece = piece_of[lo]
             local = sorted_rows[lo:hi] - self._starts[piece]
-            values = as_float32(self._array(piece)[local])
+            array = self._array(piece)
+            if hi - lo >= PREFETCH_FROM:
+                _prefetch(self._maps[self._pieces[piece].file], array, local)
+            values = as_float32(array[local])
             if raw:
                 norms = self._norms(piece)[local]
                 if np.isnan(norms).any():
@@ -295,6 +308,28 @@ def _advise(mapped: np.ndarray, advice: int) -> None:
             handle.madvise(advice)
         except OSError:
             pass  # advice only
+
+def _prefetch(mapped: np.ndarray, array: np.ndarray, rows: np.ndarray) -> None:
+    """Ask the kernel to read the pages of these (ascending) rows of `array`, a view of `mapped`."""
+    handle = getattr(mapped, "_mmap", None)
+    if handle is None or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    # where array's data starts in the mapping (numpy maps from the allocation boundary below its offset)
+    base = (array.__array_interface__["data"][0] - mapped.__array_interface__["data"][0]
+            + getattr(mapped, "offset", 0) % mmap.ALLOCATIONGRANULARITY)
+    row_bytes = array.strides[0]
+    first = (base + rows * row_bytes) // mmap.PAGESIZE
+    last = (base + rows * row_bytes + row_bytes - 1) // mmap.PAGESIZE
+    cut = np.flatnonzero(first[1:] - last[:-1] > PREFETCH_GAP) + 1
+    if len(cut) + 1 > len(rows) // PREFETCH_DENSE:
+        return  # scattered: a call a row costs as much as the faults it saves
+    starts, ends = first[np.r_[0, cut]], last[np.r_[cut - 1, len(rows) - 1]]
+    try:
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            handle.madvise(mmap.MADV_WILLNEED, start * mmap.PAGESIZE, (end - start + 1) * mmap.PAGESIZE)
+    except (OSError, ValueError):
+        pass  # advice only
+
 
 TORCH_CAST_MIN = 1 << 16  # values: fewer are cast by numpy (not worth loading torch for)
 _CAST_PIECE = 32768  # torch's grain size (at::internal::GRAIN_SIZE): a copy this size runs in one thread
