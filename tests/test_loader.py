@@ -56,6 +56,29 @@ def test_batches_mix_classes_and_carry_the_stored_vectors(table) -> None:
         assert np.allclose(x[:8], images[sid], atol=1e-3) and np.allclose(x[8:], texts[text_of[sid]], atol=1e-3)
 
 
+def test_a_pass_in_row_order_yields_every_row_once_sorted_by_matrix_row(table) -> None:
+    store, ft = table
+    view = FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300))
+    rows = FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300, order="rows"))
+    by_view = {sid: x for b in view.epoch(0) for sid, x in zip(b.sample_id, b.x.numpy(), strict=True)}
+    batches = list(rows.epoch(0))
+    assert all(len(b.y) == 300 for b in batches[:-1]) and 0 < len(batches[-1].y) <= 300
+    ids = np.concatenate([b.sample_id for b in batches])
+    image_rows = np.concatenate([b.column("image_row") for b in batches])
+    assert len(ids) == len(set(ids.tolist())) == len(by_view)  # every row once
+    assert (np.diff(image_rows) >= 0).all()  # in file order
+    for b in batches:  # the same vectors and labels as the view's order gives them
+        for sid, x, y in zip(b.sample_id, b.x.numpy(), b.y.numpy(), strict=True):
+            assert np.array_equal(x, by_view[sid])
+        assert set(b.y.tolist()) <= {0, 1}
+    text, text_view = (FeatureLoader(ft, ("test",), LoaderConfig("text", 256, order=o)) for o in ("rows", "view"))
+    text_rows = np.concatenate([b.column("text_row") for b in text.epoch(0)])
+    assert (np.diff(text_rows) >= 0).all() and len(text_rows) == sum(len(b.y) for b in text_view.epoch(0))
+    assert text.skipped_missing_text == text_view.skipped_missing_text
+    with pytest.raises(PipelineError, match="order"):
+        FeatureLoader(ft, SPLITS, LoaderConfig(order="rows", shuffle=True))
+
+
 def test_memory_is_bounded_by_the_buffer_not_the_store(table) -> None:
     _, ft = table
     loader = FeatureLoader(ft, ("train",), LoaderConfig(batch_size=256, shuffle=True, buffer_rows=2048))

@@ -211,7 +211,7 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
     reporter.start("robustness", len(names), "perturbations")
     for name in names:
         table = feature_table(store, model_key, train_config.pairing, name)
-        loader_config = LoaderConfig(train_config.features, 8192, **_input_norm(train_config))
+        loader_config = LoaderConfig(train_config.features, 8192, **_input_norm(train_config), order="rows")
         # scored batch by batch like a run's scores: numbers and group keys kept, no vector or id per row
         collected, groups = ScoreCollector(1 << 16), GroupKeys(store, f"{run_id}-robustness")
         try:

@@ -269,7 +269,7 @@ def _nearest_training(store: Store, config: Any, metrics: dict[str, Any],
         return {}
     wanted = set(picked)
     queries: dict[str, np.ndarray] = {}
-    for b in FeatureLoader(table, ("val", "test"), LoaderConfig("image", 8192)).epoch(0):
+    for b in FeatureLoader(table, ("val", "test"), LoaderConfig("image", 8192, order="rows")).epoch(0):
         for j in np.flatnonzero(np.isin(b.sample_id.astype(str), list(wanted))):
             queries[str(b.sample_id[j])] = b.x[j].numpy()
     if not queries:
@@ -279,7 +279,7 @@ def _nearest_training(store: Store, config: Any, metrics: dict[str, Any],
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
     best = np.full(len(names), -np.inf)
     best_id = np.array([""] * len(names), dtype=object)
-    for b in FeatureLoader(table, ("train",), LoaderConfig("image", 8192)).epoch(0):
+    for b in FeatureLoader(table, ("train",), LoaderConfig("image", 8192, order="rows")).epoch(0):
         x = b.x.numpy()
         sims = q @ (x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)).T
         j = sims.argmax(1)

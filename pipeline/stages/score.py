@@ -62,7 +62,8 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
                                [run_id]).fetchall()[0]
             rel = con.sql(
                 f"SELECT v.* FROM read_parquet([{parts}]) v WHERE v.split IN ('train', 'val', 'test') {need_text} "
-                "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id)",
+                "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id) "
+                f"ORDER BY v.{'text_row' if config.features == 'text' else 'image_row'}",  # vectors in file order
                 params={"run": run_id},
             )
             stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1

@@ -197,7 +197,8 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
 
     fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
-    all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm))
+    all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm,
+                                                            order="rows"))  # vectors read in file order
     score_batches(model, all_splits, config.fit, sinks)
     x, y, eval_split = evaluation_set(table, config.features, config.input_norm)
     extra = {
