@@ -138,7 +138,7 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
 
         info = run(IndexConfig(store, KEY))
         return {"kind": info.kind, "factory": info.params.get("factory"), "recall_at_10": info.recall_at_10,
-                "nprobe": info.params.get("nprobe")}
+                "nprobe": info.params.get("nprobe"), "rerank": info.params.get("rerank")}
     if stage == "leaks":
         from pipeline.stages.leaks import LeakConfig, run
 
