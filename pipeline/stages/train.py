@@ -164,8 +164,8 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
                     sinks: tuple[ScoreSink, ...]) -> tuple[dict[str, Any], dict]:
     loaders = {
         split: FeatureLoader(table, (split,), LoaderConfig(
-            config.features, config.batch_size, shuffle=split == "train",
-            buffer_rows=config.shuffle_buffer, seed=config.seed, input_norm=config.input_norm))
+            config.features, config.batch_size, shuffle=split == "train", buffer_rows=config.shuffle_buffer,
+            seed=config.seed, input_norm=config.input_norm, order="view" if split == "train" else "rows"))
         for split in SPLITS
     }
     model = build_model(loaders["train"].in_dim, config.fit)
