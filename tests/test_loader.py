@@ -60,7 +60,8 @@ def test_a_pass_in_row_order_yields_every_row_once_sorted_by_matrix_row(table) -
     store, ft = table
     view = FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300))
     rows = FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300, order="rows"))
-    by_view = {sid: x for b in view.epoch(0) for sid, x in zip(b.sample_id, b.x.numpy(), strict=True)}
+    by_view = {sid: (x, y) for b in view.epoch(0)
+               for sid, x, y in zip(b.sample_id, b.x.numpy(), b.y.numpy(), strict=True)}
     batches = list(rows.epoch(0))
     assert all(len(b.y) == 300 for b in batches[:-1]) and 0 < len(batches[-1].y) <= 300
     ids = np.concatenate([b.sample_id for b in batches])
@@ -69,8 +70,7 @@ def test_a_pass_in_row_order_yields_every_row_once_sorted_by_matrix_row(table) -
     assert (np.diff(image_rows) >= 0).all()  # in file order
     for b in batches:  # the same vectors and labels as the view's order gives them
         for sid, x, y in zip(b.sample_id, b.x.numpy(), b.y.numpy(), strict=True):
-            assert np.array_equal(x, by_view[sid])
-        assert set(b.y.tolist()) <= {0, 1}
+            assert np.array_equal(x, by_view[sid][0]) and y == by_view[sid][1]
     text, text_view = (FeatureLoader(ft, ("test",), LoaderConfig("text", 256, order=o)) for o in ("rows", "view"))
     text_rows = np.concatenate([b.column("text_row") for b in text.epoch(0)])
     assert (np.diff(text_rows) >= 0).all() and len(text_rows) == sum(len(b.y) for b in text_view.epoch(0))
@@ -207,3 +207,26 @@ def test_view_build_and_epoch_memory_stay_flat_when_rows_grow_tenfold(tmp_path: 
     held = large["rows"] * 2 * 768 * 4 // 1024  # KB of float32 vectors a non-streaming epoch would hold
     assert large["epoch_kb"] - small["epoch_kb"] < held / 2, measured
     assert large["view_kb"] - small["view_kb"] < held / 2, measured
+
+
+def test_batches_made_ahead_keep_their_order_raise_their_errors_and_stop_with_the_consumer() -> None:
+    from pipeline.features.loader import _ahead
+
+    closed = []
+
+    def numbers(fail_at: int | None = None):
+        try:
+            for i in range(100):
+                if i == fail_at:
+                    raise ValueError("bad row group")
+                yield i
+        finally:
+            closed.append(True)
+
+    assert list(_ahead(numbers(), 2)) == list(range(100))
+    with pytest.raises(ValueError, match="bad row group"):
+        list(_ahead(numbers(fail_at=7), 2))
+    first = _ahead(numbers(), 2)
+    assert [next(first) for _ in range(3)] == [0, 1, 2]
+    first.close()  # the consumer leaves early: the producer stops and its source is closed
+    assert len(closed) == 3

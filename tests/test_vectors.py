@@ -45,6 +45,19 @@ def test_shards_are_mapped_in_place_not_copied(tmp_path: Path) -> None:
     assert sum(f.stat().st_size for f in cache.iterdir()) < 1500 * 4 + 4096
 
 
+def test_a_large_gather_runs_in_parts_in_threads_with_the_same_result(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    store = planted_store(tmp_path, rows=300, dim=12)
+    matrix = open_matrix(store, "planted", "image")
+    expected, norms = _stored(store, "image")
+    monkeypatch.setattr(vectors, "GATHER_PARALLEL_FROM", 64)
+    monkeypatch.setattr(vectors, "MAX_OPEN_MAPS", 2)  # threads map and let go of files under each other
+    rows = np.random.default_rng(1).integers(0, matrix.rows, 5000)  # repeats too
+    assert np.array_equal(matrix.gather(rows), expected[rows])
+    assert np.allclose(matrix.gather(rows, raw=True), expected[rows] * norms[rows, None], rtol=1e-6)
+    assert matrix.gather(np.zeros(0, np.int64)).shape == (0, 12)
+
+
 def test_a_shard_that_cannot_be_mapped_is_copied_and_rows_keep_their_order(tmp_path: Path) -> None:
     store = planted_store(tmp_path, rows=100, dim=8)
     shard = vectors.shards_of(store, "planted", "image")[0]
