@@ -58,8 +58,21 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     assert run.run_id in text and "RANDOM" not in text  # imported features: no random-weights claim
     assert "tpr_at_fpr_1" in text and "group-bootstrap" in text and "false positive" in text
     assert "no image bytes" in text  # imported features: the gallery says so instead of a broken image
+    assert "scored since" not in text  # every figure counts the same samples
     with pytest.raises(PipelineError, match="--split must be one of train, val, test"):
         write_report(ReportConfig(planted, run.run_id, tmp_path / "r2", split="nope"))
+
+
+def test_a_report_after_new_samples_were_scored_says_which_figures_count_them(tmp_path: Path) -> None:
+    store = planted_store(tmp_path, rows=120, signal=2.5)
+    run = train(store, TrainConfig.from_dict(FAST))
+    planted_store(tmp_path, rows=60, signal=2.5, seed=1, file_name="0001.h5")  # new samples, same store
+    assert run_score(ScoreConfig(store, run.run_id)).scored == 300
+    text = write_report(ReportConfig(store, run.run_id, tmp_path / "report")).page.read_text()
+    then = load_run(store, run.run_id)[2]["test"]["n"]
+    now = int(re.search(r"n = (\d+) test samples", text).group(1))  # type: ignore[union-attr]
+    assert now > then and f"({then} test samples then; the figures above also count the {now - then} scored " \
+        "since by <code>pipeline score</code>)" in text
 
 
 def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:

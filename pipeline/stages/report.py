@@ -120,6 +120,9 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"Thresholded metrics at {threshold}.</p>",
         html.table(["metric", f"{split}"], [[m, _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
         _threshold_note(metrics),
+        f"<p>As the run was trained ({metrics.get(split, {}).get('n')} {html.e(split)} samples then; the figures "
+        f"above also count the {len(y) - int(metrics.get(split, {}).get('n') or 0)} scored since by "
+        "<code>pipeline score</code>):</p>" if 0 < (metrics.get(split, {}).get("n") or 0) < len(y) else "",
         html.table(["split", "n", "ROC AUC", "AP", "accuracy @ 0.5"],
                    [html.metric_row(s, metrics.get(s, {})) for s in ("train", "val", "test")]),
         "<h2>Per generator</h2>",
