@@ -98,7 +98,7 @@ HNSW_QUANTISER_FROM = 16384
 # bench/index_rerank.py, 300k vectors, 16 of 292 lists, which held every neighbour) 4-bit codes need
 # more: recall@10 0.78 / 0.97 / 1.0 re-ranking 100 / 400 / 1,600 (8-bit codes of the same bytes, 33×
 # longer to build: 0.83 / 0.98 / 1.0). The tuning chose nprobe 8, 400 candidates: 0.958. The same codes
-# packed for fast-scan, whose distances are rounded to 8 bits, rank worse: 0.37 / 0.66 / 0.94.
+# packed for fast-scan, whose distances are rounded to 8 bits, rank worse: 0.38 / 0.70 / 0.95.
 RERANKS = (100, 200, 400, 800, 1600, 3200)
 # queries in one search from which a 4-bit PQ index is searched through a fast-scan copy, packed in
 # memory once (0.03 s for 200k vectors); fewer scan the mapped codes (~0.3 µs a code: 0.5 s for 1,365
