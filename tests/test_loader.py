@@ -79,6 +79,23 @@ def test_a_pass_in_row_order_yields_every_row_once_sorted_by_matrix_row(table) -
         FeatureLoader(ft, SPLITS, LoaderConfig(order="rows", shuffle=True))
 
 
+def test_a_sort_spill_left_by_a_killed_process_is_removed_and_a_live_ones_kept(table) -> None:
+    import os
+
+    _, ft = table
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left = ft.directory / f"sort-{dead}-x1"  # a killed pass's DuckDB spill
+    (left / "duckdb_temp_block-0.block").parent.mkdir()
+    (left / "duckdb_temp_block-0.block").write_bytes(b"\0" * 1024)
+    live = ft.directory / f"sort-{os.getppid()}-x2"
+    live.mkdir()
+    assert sum(len(b.y) for b in FeatureLoader(ft, ("val",), LoaderConfig(order="rows")).epoch(0)) > 0
+    assert not left.exists() and live.exists()
+    live.rmdir()
+    assert not list(ft.directory.glob("sort-*"))  # the pass's own spill is gone with it
+
+
 def test_memory_is_bounded_by_the_buffer_not_the_store(table) -> None:
     _, ft = table
     loader = FeatureLoader(ft, ("train",), LoaderConfig(batch_size=256, shuffle=True, buffer_rows=2048))

@@ -18,7 +18,9 @@ to gather from disk, consecutive ones 0.025-0.07 s (`vectors.PREFETCH_FROM`).
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
 import tempfile
 import threading
 from collections.abc import Generator, Iterator
@@ -157,33 +159,23 @@ class FeatureLoader:
         from pipeline.store import catalog
 
         key = "text_row" if self.config.features == "text" else "image_row"
-        parts = ", ".join("'" + str(p).replace("'", "''") + "'" for p in self.table.parts)
-        splits = ", ".join("'" + s.replace("'", "''") + "'" for s in self.splits)
-        rows = f"FROM read_parquet([{parts}]) WHERE split IN ({splits})"
-        with tempfile.TemporaryDirectory(prefix="sort-", dir=self.table.directory) as spill, \
-                duckdb.connect() as con:
+        rows = f"FROM {self.table.parts_sql} WHERE split IN (SELECT unnest($splits))"
+        splits = {"splits": list(self.splits)}
+        with _spill_directory(self.table.directory) as spill, duckdb.connect() as con:
             catalog.limit_memory(con, SORT_MEMORY, Path(spill))
             self.skipped_missing_text = 0
             if self.config.features != "image":
-                self.skipped_missing_text = int(con.execute(f"SELECT count(*) {rows} AND text_row IS NULL")
-                                                .fetchall()[0][0])
+                self.skipped_missing_text = int(
+                    con.execute(f"SELECT count(*) {rows} AND text_row IS NULL", splits).fetchall()[0][0])
                 rows += " AND text_row IS NOT NULL"
-            columns = ", ".join(_SCHEMA.names)
-            relation = con.sql(f"SELECT {columns} {rows} ORDER BY {key}, sample_id")
-            stream = getattr(relation, "to_arrow_reader", None) or relation.fetch_record_batch  # DuckDB 2 / 1
-            pending: list[pa.Table] = []
-            held = 0
-            for record in stream(self.config.batch_size):
-                pending.append(pa.Table.from_batches([record]))
-                held += record.num_rows
-                if held >= self.config.batch_size:
-                    table = pa.concat_tables(pending).cast(_SCHEMA)
-                    full = held - held % self.config.batch_size
-                    for start in range(0, full, self.config.batch_size):
-                        yield self._batch(table.slice(start, self.config.batch_size).combine_chunks())
-                    pending, held = [table.slice(full)], held - full
-            if held:
-                yield self._batch(pa.concat_tables(pending).cast(_SCHEMA).combine_chunks())
+            sorted_rows = con.sql(f"SELECT {', '.join(_SCHEMA.names)} {rows} ORDER BY {key}, sample_id", params=splits)
+            rest = _SCHEMA.empty_table()
+            unused = np.random.default_rng(0)  # (_drain shuffles only when the config does: never here)
+            for record in sorted_rows.to_arrow_reader(self.config.batch_size):
+                rows_now = pa.concat_tables([rest, pa.Table.from_batches([record]).cast(_SCHEMA)])
+                rest = yield from self._drain(rows_now, unused, keep_tail=True)
+            if rest.num_rows:
+                yield from self._drain(rest, unused, keep_tail=False)
 
     def _drain(self, rows: pa.Table, rng: np.random.Generator, keep_tail: bool) -> Generator[Batch, None, pa.Table]:
         if self.config.shuffle:
@@ -232,6 +224,17 @@ class FeatureLoader:
 
 
 T = TypeVar("T")
+
+
+def _spill_directory(directory: Path) -> tempfile.TemporaryDirectory[str]:
+    """A directory for DuckDB's sort to spill into, removed after; those of killed processes go first."""
+    from pipeline.store.atomic import pid_alive
+
+    for old in directory.glob("sort-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"sort-{os.getpid()}-", dir=directory)
 
 
 def _ahead(source: Iterator[T], depth: int) -> Iterator[T]:

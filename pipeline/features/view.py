@@ -65,6 +65,11 @@ class FeatureTable:
         return self.images.dim
 
     @property
+    def parts_sql(self) -> str:
+        """The view's rows as a DuckDB table expression."""
+        return "read_parquet([" + ", ".join(f"'{_q(str(p))}'" for p in self.parts) + "])"
+
+    @property
     def text_dim(self) -> int:
         return self.texts.dim if self.texts is not None else 0
 

@@ -216,7 +216,6 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     return result
 
 
-
 def _take(item: Candidate | Problem, pending: _Pending, config: IngestConfig, result: IngestResult, now: datetime,
           known: StoreKeys) -> None:
     """One item read: a sample row or a quarantine row, flushed when a shard's worth is pending."""

@@ -104,6 +104,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
     alarm = result.alarm = _text_alarm(store, config, metrics)
     n_fp, n_fn = int(np.sum(~y & (p > chosen))), int(np.sum(y & (p <= chosen)))
     gallery = _gallery(store, config, metrics, fp + fn, len(fp), (n_fp, n_fn), directory, chosen)
+    then = int(metrics.get(split, {}).get("n") or 0)  # the split's samples when the run was trained
     body = [
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
         html.banner(metrics.get("random_weights")),
@@ -120,9 +121,8 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"Thresholded metrics at {threshold}.</p>",
         html.table(["metric", f"{split}"], [[m, _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
         _threshold_note(metrics),
-        f"<p>As the run was trained ({metrics.get(split, {}).get('n')} {html.e(split)} samples then; the figures "
-        f"above also count the {len(y) - int(metrics.get(split, {}).get('n') or 0)} scored since by "
-        "<code>pipeline score</code>):</p>" if 0 < (metrics.get(split, {}).get("n") or 0) < len(y) else "",
+        f"<p>As the run was trained ({then} {html.e(split)} samples then; the figures above also count the "
+        f"{len(y) - then} scored since by <code>pipeline score</code>):</p>" if 0 < then < len(y) else "",
         html.table(["split", "n", "ROC AUC", "AP", "accuracy @ 0.5"],
                    [html.metric_row(s, metrics.get(s, {})) for s in ("train", "val", "test")]),
         "<h2>Per generator</h2>",

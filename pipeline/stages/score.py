@@ -51,7 +51,6 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
         raise PipelineError(f"Run {run_id} needs embeddings of {model_key}, which this store lacks.")
     table = feature_table(store, model_key, config.pairing, reporter=reporter)
     loader = FeatureLoader(table, SPLITS, LoaderConfig(config.features, BATCH_ROWS, input_norm=config.input_norm))
-    parts = ", ".join("'" + str(p).replace("'", "''") + "'" for p in table.parts)
     need_text = "AND v.text_row IS NOT NULL" if config.features != "image" else ""
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     writer = ScoreWriter(store, run_id, f"scored-{stamp}")  # rows stream to a temp file: nothing kept per row
@@ -61,7 +60,7 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
             done = con.execute("SELECT count(DISTINCT sample_id) FROM scores WHERE run_id = ?",
                                [run_id]).fetchall()[0]
             rel = con.sql(
-                f"SELECT v.* FROM read_parquet([{parts}]) v WHERE v.split IN ('train', 'val', 'test') {need_text} "
+                f"SELECT v.* FROM {table.parts_sql} v WHERE v.split IN ('train', 'val', 'test') {need_text} "
                 "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id) "
                 f"ORDER BY v.{'text_row' if config.features == 'text' else 'image_row'}",  # vectors in file order
                 params={"run": run_id},
