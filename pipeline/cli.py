@@ -6,6 +6,7 @@ Every failure the user can fix arrives as a `PipelineError` and is printed as on
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,17 @@ def _errors(ctx: typer.Context) -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: everything written so far is kept; run again to resume.")
         raise typer.Exit(130) from None
+    except Exception as exc:  # a full disk, from Python or from DuckDB's spill: one sentence, not a traceback
+        if not _disk_full(exc) or (ctx.find_root().obj or {}).get("debug"):
+            raise
+        err.print(f"[bold red]error:[/] the disk is full ({exc}). Free some space and run the command again: "
+                  "every file is written whole or not at all, so nothing written before this is lost.",
+                  highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
 
 
 def _parse_splits(text: str) -> tuple[float, float, float]:

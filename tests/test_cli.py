@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -13,6 +14,22 @@ runner = CliRunner()
 def _run(*args: str) -> tuple[int, str]:
     result = runner.invoke(app, list(args))
     return result.exit_code, result.output
+
+
+def test_a_full_disk_is_one_sentence_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import duckdb
+
+    for exc in (OSError(errno.ENOSPC, "No space left on device", "/s/x.tmp"),
+                duckdb.IOException('IO Error: Could not write file "/s/t.tmp": No space left on device')):
+        def full(*args: object, exc: Exception = exc, **kwargs: object) -> None:
+            raise exc
+
+        monkeypatch.setattr("pipeline.stages.status.StatusConfig", lambda store: None)
+        monkeypatch.setattr("pipeline.stages.status.run", full)
+        code, out = _run("status", "--store", str(tmp_path))
+        assert code == 1 and "the disk is full" in out and "Traceback" not in out, out
 
 
 def test_demo_runs_end_to_end_and_labels_random_weights(tmp_path: Path) -> None:
