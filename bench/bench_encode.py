@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from pipeline.encoding.clip import ModelSpec, load
-from pipeline.stages.encode import BF16_EMULATED, EncodeConfig, Encoder, cpu_bf16_native, default_workers
+from pipeline.encoding.units import BF16_EMULATED, Encoder, cpu_bf16_native, default_workers
+from pipeline.stages.encode import EncodeConfig
 from pipeline.stages.encode import run as encode
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest

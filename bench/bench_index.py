@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from pipeline.features.index import IndexConfig, open_index, recall_at
-from pipeline.stages.encode import embeddings_table
 from pipeline.stages.index import run as build_index
-from pipeline.store import catalog
+from pipeline.store import writes
 from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
+from pipeline.synthetic import embeddings_table
 
 DIM = 768
 KEY = "synthetic-768"
@@ -48,7 +48,7 @@ def make_store(root: Path, rows: int, noise: float = 0.03, seed: int = 0) -> tup
         shards.append(write_parquet(embeddings_table(KEY, "image", hashes, x, "float16"),
                                     store.new_shard(directory, "image")))
     with writing(store):
-        catalog.commit(store, shards)
+        writes.commit(store, shards)
     queries = centres[rng.integers(0, len(centres), 1000)] + rng.normal(0, noise, (1000, DIM)).astype(np.float32)
     return store, queries / np.linalg.norm(queries, axis=1, keepdims=True)
 

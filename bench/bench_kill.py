@@ -44,7 +44,7 @@ elif stage == "encode":
     cfg = encode.EncodeConfig(store, ModelSpec("Tiny-ViT-16"), workers=0, batch_size=4, shard_rows=8)
     run = lambda: encode.run(cfg)
 elif stage == "train":
-    from pipeline.runs import TrainConfig
+    from pipeline.runs.config import TrainConfig
     from pipeline.stages import train
     cfg = train.TrainJob(store, TrainConfig.from_dict({"epochs": 2, "batch_size": 16}), skip_existing=True)
     run = lambda: train.run(cfg)
@@ -53,8 +53,8 @@ elif stage == "index":
     cfg = index.IndexConfig(store)
     run = lambda: index.run(cfg)
 elif stage == "rebuild":
-    from pipeline.store import catalog
-    run = lambda: catalog.rebuild(store)
+    from pipeline.store import catalog, writes
+    run = lambda: writes.rebuild(store)
 print("START", flush=True)
 run()
 print("DONE", flush=True)

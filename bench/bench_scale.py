@@ -111,14 +111,14 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         table = feature_table(store, KEY)
         return {"rows": table.rows, "parts": len(table.parts)}
     if stage.startswith("train"):
-        from pipeline.runs import TrainConfig
+        from pipeline.runs.config import TrainConfig
         from pipeline.stages.train import TrainJob, run
 
         result = run(TrainJob(store, TrainConfig.from_dict(TRAIN), skip_existing=True))
         (work / "run.json").write_text(json.dumps({"run_id": result.run_id}))
         return {"skipped": result.skipped, "test_auc": result.metrics.get("test", {}).get("auc")}
     if stage == "sweep":
-        from pipeline.stages.sweep import SweepConfig, run
+        from pipeline.compositions.sweep import SweepConfig, run
 
         configs = tuple({**TRAIN, "seed": s, "steps_per_epoch": 20, "__overrides__": {"seed": s}} for s in (1, 2, 3))
         result = run(SweepConfig(store, configs))

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from scipy import optimize
 
+from pipeline.encoding.units import BF16_EMULATED, cpu_bf16_native
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
-from pipeline.stages.encode import BF16_EMULATED, cpu_bf16_native
 from pipeline.stages.import_features import ImportConfig
 from pipeline.stages.import_features import run as import_features
 from pipeline.store.layout import Store

@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,7 @@ def decode_rate(template: Any, info: dict[str, Any], args: argparse.Namespace, r
     from pipeline.stages.encode import pending_images_sql
     from pipeline.store import catalog
 
-    with catalog.connect(template, read_only=True) as con:
+    with catalog.connect(template) as con:
         pending = con.sql(pending_images_sql(False) + f" LIMIT {rows}", params={"key": info["model_key"]}).arrow()
     if isinstance(pending, pa.RecordBatchReader):
         pending = pending.read_all()
@@ -260,7 +261,7 @@ def text_encode(args: argparse.Namespace, device: Any) -> tuple[float, float]:
 
     loaded = load(ModelSpec(args.model), device)
     spec = EncodeSpec.from_info(ModelSpec(args.model), loaded.info, "float16", 10**8)
-    unit = EncodeTexts(spec, DEVICE, HALF, loaded)
+    unit = EncodeTexts(replace(spec, device=DEVICE, precision=HALF), loaded)
     rng = np.random.default_rng(0)
     words = ["a", "photo", "of", "cat", "dog", "red", "city", "at", "night", "painting", "portrait", "sunset"]
     texts = [" ".join(rng.choice(words, 12)) for _ in range(2048 if SMOKE else 20_480)]

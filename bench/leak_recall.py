@@ -32,7 +32,7 @@ def plant(h5_dir: Path, pairs: int, seed: int = 1) -> int:
     """Replace the real image of `pairs` val/test groups by a near-copy of a training group's image."""
     import h5py
 
-    from pipeline.stages.ingest import assign_split
+    from pipeline.sources.ledger import assign_split
 
     rng = np.random.default_rng(seed)
     files = sorted(h5_dir.glob("*.h5"))

@@ -9,7 +9,9 @@ read the same message.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import PipelineError
@@ -75,3 +77,13 @@ def within(config: Any, name: str, low: float, high: float, *, low_open: bool = 
     if too_low or too_high:
         span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise PipelineError(f"{flag(name)} must lie in {span}, not {value}.")
+
+
+def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
+    """A TOML file as a dict, or a sentence naming the file and what is wrong with it."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PipelineError(f"Cannot read the {what} {path}: {exc.strerror or exc}.") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"The {what} {path} is not valid TOML: {exc}.") from exc

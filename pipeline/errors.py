@@ -3,3 +3,9 @@
 
 class PipelineError(Exception):
     """A failure the user can act on; the CLI prints its message without a traceback."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without its final full stop (for use inside a sentence)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")

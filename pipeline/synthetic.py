@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from schemas import embeddings_schema, from_columns
+
 GENERATORS = (
     "CompVis/stable-diffusion-v1-4",
     "stabilityai/stable-diffusion-2-1-base",
@@ -103,3 +105,18 @@ def encode_image(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
+
+
+def embeddings_table(model_key: str, modality: str, hashes: list[str], vectors: np.ndarray, dtype: str,
+                     norms: np.ndarray | None = None) -> pa.Table:
+    """Embedding rows of one model and modality from unit vectors (and their norms, when known): for
+    benchmarks and tests that need a store of vectors without encoding anything."""
+    schema = embeddings_schema(vectors.shape[1], dtype)
+    flat = pa.array(vectors.astype(dtype, copy=False).ravel())
+    return from_columns(schema, {
+        "model_key": [model_key] * len(hashes),
+        "modality": [modality] * len(hashes),
+        "content_hash": hashes,
+        "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+        "norm": None if norms is None else pa.array(np.asarray(norms, np.float32)),
+    })

@@ -99,7 +99,7 @@ def train_run(store: Store, config: object, skip_existing: bool = False) -> obje
 
 def locked(store: Store) -> object:
     """The store's writer lock, for tests that change the catalog directly."""
-    from pipeline.store.lock import writing
+    from pipeline.store.writes import writing
 
     return writing(store)
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages.encode import run as encode
-from pipeline.store import catalog
+from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
 from tests.conftest import encode_config, locked
 
@@ -25,7 +25,7 @@ def test_rebuild_from_parquet_gives_the_same_views(d3_store: Store) -> None:
     encode(encode_config(d3_store))
     before = _counts(d3_store)
     assert all(before)
-    catalog.rebuild(d3_store)  # takes the writer lock itself
+    writes.rebuild(d3_store)  # takes the writer lock itself
     assert _counts(d3_store) == before
 
 
@@ -38,13 +38,13 @@ def test_orphan_shards_are_registered_and_temps_removed(d3_store: Store) -> None
     with locked(d3_store):  # (taking the lock reconciles too: plant the files after it)
         shutil.copy(orphan, copy)  # as if renamed into place just before a crash
         stale.write_bytes(b"half a file")  # an untagged temp: a writer from before temps had owners
-        result = catalog.reconcile(d3_store)
+        result = writes.reconcile(d3_store)
     assert (result.added, result.temps_removed) == (1, 1)
     assert not stale.exists()
     assert _counts(d3_store)[0] == 2 * before[0]  # the views see the orphan's rows
     with locked(d3_store):
         copy.unlink()
-        assert catalog.reconcile(d3_store).dropped == 1
+        assert writes.reconcile(d3_store).dropped == 1
     assert _counts(d3_store) == before
 
 
@@ -60,7 +60,7 @@ def test_store_can_be_moved(d3_store: Store, tmp_path: Path) -> None:
 def test_empty_store_has_typed_empty_views(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     with locked(store):
-        catalog.commit(store, [])
+        writes.commit(store, [])
     table = catalog.query(store, "SELECT * FROM samples")
     assert table.num_rows == 0 and "sample_id" in table.column_names
     assert catalog.query(store, "SELECT * FROM scores").num_rows == 0
@@ -92,9 +92,9 @@ def test_a_rebuild_killed_half_way_leaves_the_old_catalog_readable(d3_store: Sto
     def die(*args: object) -> None:
         raise KeyboardInterrupt  # as a SIGKILL would stop it: after deriving, before the swap
 
-    monkeypatch.setattr(catalog, "_write_manifest", die)
+    monkeypatch.setattr(writes, "write_manifest", die)
     with pytest.raises(KeyboardInterrupt):
-        catalog.rebuild(d3_store)
+        writes.rebuild(d3_store)
     monkeypatch.undo()
     assert catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py() == before
 
@@ -103,7 +103,7 @@ def test_readers_need_only_the_manifest_and_old_stores_still_read(d3_store: Stor
     before = _counts(d3_store)
     d3_store.catalog_path.unlink()  # readers never open catalog.duckdb
     assert _counts(d3_store) == before
-    catalog.rebuild(d3_store)
+    writes.rebuild(d3_store)
     assert d3_store.catalog_path.exists()
     d3_store.manifest_path.unlink()  # a store from before manifests: its catalog.duckdb is read
     assert _counts(d3_store) == before

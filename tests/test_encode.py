@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from pipeline.stages.encode import pending_images_sql, write_pending
 from pipeline.stages.encode import run as encode
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest
-from pipeline.store import catalog
+from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 from tests.conftest import TINY, encode_config, jpeg, kill_when, locked
@@ -75,7 +76,7 @@ def test_float32_storage_and_dtype_conflict(d3_store: Store) -> None:
 
 def _pending_rows(store: Store, model_key: str, tmp: Path) -> pa.Table:
     path = tmp / "pending.parquet"
-    with catalog.connect(store, read_only=True) as con:
+    with catalog.connect(store) as con:
         write_pending(con, pending_images_sql(False), model_key, path)
     return pq.read_table(path)
 
@@ -84,7 +85,7 @@ def test_units_are_arrow_in_arrow_out_and_pure(d3_store: Store, tmp_path: Path) 
     loaded = load(ModelSpec(TINY), torch.device("cpu"))
     spec = EncodeSpec.from_info(ModelSpec(TINY), loaded.info, "float16", 64_000_000)
     rows = _pending_rows(d3_store, loaded.model_key, tmp_path).slice(0, 8)
-    images = EncodeImages(spec, "cpu", "fp32", loaded)
+    images = EncodeImages(replace(spec, device="cpu"), loaded)
     out1, out2 = images(rows), images(rows)
     assert out1.schema == spec.schema and out1.equals(out2) and out1.num_rows == 8
     # decoding in another worker, then encoding, gives the very same rows
@@ -96,7 +97,7 @@ def test_units_are_arrow_in_arrow_out_and_pure(d3_store: Store, tmp_path: Path) 
     assert images.scale is not None
     expected = torch.stack([images.to_tensor(p) for p in pictures])
     assert torch.equal(images._tensors(pictures), expected)
-    texts = EncodeTexts(spec, "cpu", "fp32", loaded)(pa.table({"text_hash": ["h1"], "text": ["a red cat"]}))
+    texts = EncodeTexts(replace(spec, device="cpu"), loaded)(pa.table({"text_hash": ["h1"], "text": ["a red cat"]}))
     assert texts.schema == spec.schema and texts.column("modality").to_pylist() == ["text"]
     # the stage stores what the unit returns
     encode(encode_config(d3_store))
@@ -152,7 +153,7 @@ def test_started_batches_finish_in_any_order_with_the_same_rows(d3_store: Store,
     loaded = load(ModelSpec(TINY), torch.device("cpu"))
     spec = EncodeSpec.from_info(ModelSpec(TINY), loaded.info, "float32", 64_000_000)
     rows = _pending_rows(d3_store, loaded.model_key, tmp_path)
-    images = EncodeImages(spec, "cpu", "fp32", loaded)
+    images = EncodeImages(replace(spec, device="cpu"), loaded)
     decoded = DecodeImages(spec).decode(rows)
     assert not decoded.ok.all() and decoded.ok.any()  # the truncated image
     # the Arrow form round-trips, zero-copy
@@ -165,7 +166,7 @@ def test_started_batches_finish_in_any_order_with_the_same_rows(d3_store: Store,
     failed = Decoded(decoded.rows.slice(0, 2), np.zeros((2, *spec.picture_shape), np.uint8), np.zeros(2, bool))
     out = images.finish(images.start(failed))
     assert out.column("vector").null_count == 2 and out.num_rows == 2
-    texts = EncodeTexts(spec, "cpu", "fp32", loaded)
+    texts = EncodeTexts(replace(spec, device="cpu"), loaded)
     batch = pa.table({"text_hash": ["h1", "h2"], "text": ["a red cat", "a dog"]})
     started = texts.start(batch)
     assert texts.finish(started).equals(texts(batch))
@@ -224,7 +225,7 @@ def test_pending_rows_stream_in_chunks_sorted_by_location(
     monkeypatch.setattr(stage, "_PENDING_CHUNK", 7)
     key = load(ModelSpec(TINY), torch.device("cpu")).model_key
     path = tmp_path / "pending.parquet"
-    with catalog.connect(d3_store, read_only=True) as con:
+    with catalog.connect(d3_store) as con:
         n = write_pending(con, pending_images_sql(False), key, path)
     assert n == _count(d3_store, "SELECT count(DISTINCT sample_id) FROM samples")
     assert pq.ParquetFile(path).metadata.num_row_groups == -(-n // 7)
@@ -265,7 +266,7 @@ def test_resume_after_kill_between_shard_write_and_catalog_update(
 ) -> None:
     import pipeline.engines.local as local
 
-    real_commit = catalog.commit_staged
+    real_commit = writes.commit_staged
     calls = {"n": 0}
 
     def dying_commit(store: Store, files: list) -> list:
@@ -275,18 +276,18 @@ def test_resume_after_kill_between_shard_write_and_catalog_update(
         return real_commit(store, files)
 
     monkeypatch.setattr(local, "COMMIT_EVERY_SHARDS", 1)
-    monkeypatch.setattr(catalog, "commit_staged", dying_commit)
+    monkeypatch.setattr(writes, "commit_staged", dying_commit)
     with pytest.raises(KeyboardInterrupt):
         encode(encode_config(d3_store, shard_rows=8, batch_size=8))
     assert list(d3_store.staging_dir.rglob("image-*.parquet"))  # left for the next writer
-    monkeypatch.setattr(catalog, "commit_staged", real_commit)
+    monkeypatch.setattr(writes, "commit_staged", real_commit)
     encode(encode_config(d3_store, shard_rows=8, batch_size=8))
     _assert_complete_without_duplicates(d3_store)
 
 
 def _assert_complete_without_duplicates(store: Store) -> None:
     with locked(store):
-        catalog.reconcile(store)
+        writes.reconcile(store)
     samples = _count(store, "SELECT count(*) FROM samples")
     rows = _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'image'")
     distinct = _count(store, "SELECT count(DISTINCT content_hash) FROM embeddings WHERE modality = 'image'")

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.compositions import sweep
 from pipeline.encoding.units import EncodeImages
 from pipeline.errors import PipelineError
 from pipeline.stages.encode import run as encode
@@ -184,13 +185,11 @@ def _blind_probe(path: str, token: str) -> tuple[bool, str]:
     return False, "node-without-the-store"
 
 
-_GRID = [{"lr": lr, "epochs": 3, "batch_size": 64, "__overrides__": {"lr": lr}} for lr in (1e-3, 3e-3)]
+_GRID = [sweep.SweepPoint({"lr": lr, "epochs": 3, "batch_size": 64}, {"lr": lr}) for lr in (1e-3, 3e-3)]
 
 
 @pytest.mark.ray
 def test_tune_sweep_gives_the_local_sweeps_runs(ray_cluster: Any, tmp_path: Path) -> None:
-    from pipeline.stages import sweep
-
     store = planted_store(tmp_path / "a", rows=120)
     other = Store(tmp_path / "b")
     shutil.copytree(store.root, other.root)
@@ -213,9 +212,7 @@ def test_tune_sweep_gives_the_local_sweeps_runs(ray_cluster: Any, tmp_path: Path
 
 
 def test_sweep_samples_draw_a_seeded_subset(tmp_path: Path) -> None:
-    from pipeline.stages import sweep
-
-    grid = tuple({"lr": lr, "__overrides__": {"lr": lr}} for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2))
+    grid = tuple(sweep.SweepPoint({"lr": lr}, {"lr": lr}) for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2))
     store = Store(tmp_path)
     first = sweep.chosen(sweep.SweepConfig(store, grid, samples=2, seed=5))
     assert len(first) == 2 and first == sweep.chosen(sweep.SweepConfig(store, grid, samples=2, seed=5))
@@ -234,5 +231,5 @@ def test_cli_engine_flags_are_checked_with_a_sentence(d3_store: Store) -> None:
     assert result.exit_code == 2 and "need --engine ray" in result.output
     result = runner.invoke(app, ["encode", "--model", "Tiny-ViT-16", "--store", str(d3_store.root),
                                  "--engine", "spark"])
-    assert result.exit_code == 2 and "--engine must be one of local, ray" in result.output
+    assert result.exit_code == 2 and "'spark' is not one of 'local', 'ray'" in result.output
     assert "--ray-address" in runner.invoke(app, ["encode", "--help"]).output

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shortcuts
+from pipeline.compositions.experiment import ExperimentConfig, seed_spread
+from pipeline.compositions.experiment import run as run_exp
 from pipeline.errors import PipelineError
-from pipeline.runs import TrainConfig
-from pipeline.stages.experiment import ExperimentConfig, seed_spread
-from pipeline.stages.experiment import run as run_exp
+from pipeline.evaluation import alarms as shortcuts
+from pipeline.evaluation.results import SplitMetrics
+from pipeline.runs.config import TrainConfig
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
@@ -20,8 +21,9 @@ from tests.conftest import train_run as train
 FAST = {"epochs": 3, "batch_size": 128, "lr": 1e-2}
 
 
-def _cell(value: float, lo: float, hi: float) -> dict:
-    return {"intervals": {"all": {"auc": {"value": value, "lo": lo, "hi": hi, "n": 100}}}, "auc": value}
+def _cell(value: float, lo: float, hi: float) -> SplitMetrics:
+    return SplitMetrics.from_json({"intervals": {"all": {"auc": {"value": value, "lo": lo, "hi": hi, "n": 100}}},
+                                   "auc": value, "n": 100})
 
 
 def test_text_alarm_rules() -> None:
@@ -43,8 +45,8 @@ def test_caption_shortcut_alarm_from_runs_fires_on_a_planted_store_only(tmp_path
         train(store, TrainConfig.from_dict({**options, "features": "text"}))
         found = shortcuts.text_only_summary(store, method.model_key, "as-ingested")
         assert found is not None
-        alarm = shortcuts.text_alarm(found[1], method.metrics["test"])
-        assert (alarm is not None) == expected, (name, found[1]["auc"], alarm)
+        alarm = shortcuts.text_alarm(found[1], method.metrics.test)
+        assert (alarm is not None) == expected, (name, found[1].auc, alarm)
     assert shortcuts.text_only_summary(store, method.model_key, "shared") is None
 
 
@@ -55,9 +57,9 @@ def test_a_run_trained_on_one_generator_drops_on_an_unlike_one(tmp_path: Path) -
     like = catalog.query(store, "SELECT DISTINCT generator FROM samples WHERE source_member = 'image_gen0'"
                          ).column(0)[0].as_py()
     run = train(store, TrainConfig.from_dict({**FAST, "epochs": 4, "features": "image", "train_generators": [like]}))
-    cells = run.metrics["test"]["intervals"]
-    assert cells[like]["auc"]["value"] > 0.85 and cells[unlike]["auc"]["value"] < 0.7
-    assert cells[unlike]["auc"]["hi"] < cells[like]["auc"]["lo"]
+    cells = run.metrics.test.intervals
+    assert cells[like]["auc"].value > 0.85 and cells[unlike]["auc"].value < 0.7
+    assert cells[unlike]["auc"].hi < cells[like]["auc"].lo
 
 
 @pytest.mark.slow
@@ -86,14 +88,14 @@ def test_run_metrics_are_in_sql_with_intervals_and_a_val_threshold(tmp_path: Pat
     rows = catalog.query(store, "SELECT split, generator, metric, value, lo, hi, n FROM metrics WHERE run_id = ?",
                          [run.run_id]).to_pylist()
     test_auc = next(r for r in rows if (r["split"], r["generator"], r["metric"]) == ("test", "all", "auc"))
-    assert test_auc["value"] == pytest.approx(run.metrics["test"]["auc"])
-    assert test_auc["lo"] <= test_auc["value"] <= test_auc["hi"] and test_auc["n"] == run.metrics["test"]["n"]
+    assert test_auc["value"] == pytest.approx(run.metrics.test.auc)
+    assert test_auc["lo"] <= test_auc["value"] <= test_auc["hi"] and test_auc["n"] == run.metrics.test.n
     metrics = {r["metric"] for r in rows if r["split"] == "test"}
     assert {"auc", "ap", "acc", "real_acc", "fake_acc", "balanced_acc", "eer", "tpr_at_fpr_1",
             "tpr_at_fpr_5", "acc_at_val_threshold"} <= metrics
     train_rows = [r for r in rows if r["split"] == "train"]
     assert train_rows and all(r["lo"] is None for r in train_rows)  # train: values, no intervals
-    assert 0 < run.metrics["test"]["at_val_threshold"]["threshold"] < 1
+    assert run.metrics.test.at_val_threshold is not None and 0 < run.metrics.test.at_val_threshold.threshold < 1
 
 
 def _two_family_store(root: Path, rows: int = 300, dim: int = 16) -> Store:
@@ -155,4 +157,4 @@ def test_format_probe_reads_headers_and_sees_the_png_fakes(d3_store: Store) -> N
     assert probe.read > 0 and probe.auc is not None
     assert 0.6 < probe.auc["value"] <= 1.0 and probe.auc["lo"] <= probe.auc["value"] <= probe.auc["hi"]
     assert "Format probe" in probe.sentence()
-    assert (probe.alarm is not None) == (probe.auc["value"] >= shortcuts.PROBE_AUC_ALARM)
+    assert (probe.alarm is not None) == (probe.auc.value >= shortcuts.PROBE_AUC_ALARM)

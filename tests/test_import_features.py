@@ -219,7 +219,7 @@ def test_kept_key_sets_make_a_new_file_cost_only_itself(tmp_path: Path, monkeypa
     pytest.importorskip("h5py")
     from pipeline.store import catalog as catalog_module
     from pipeline.store import keys
-    from pipeline.store.lock import writing
+    from pipeline.store.writes import writing
 
     store = Store(tmp_path / "store")
     _h5(tmp_path / "src" / "0000.h5", rows=7, image_dim=8, text_dim=8)

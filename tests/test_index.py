@@ -11,13 +11,15 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.features import index as ix
 from pipeline.features.index import LIST_ROWS, IndexConfig, coarse_centroids, open_index, parse_memory, plan_index
+from pipeline.features.leaks import leaking_ids
 from pipeline.features.vectors import normalise, open_matrix
-from pipeline.runs import TrainConfig
+from pipeline.runs.config import TrainConfig
+from pipeline.sources.ledger import assign_split
 from pipeline.stages.encode import run as encode
 from pipeline.stages.index import run as build_index
-from pipeline.stages.ingest import IngestConfig, assign_split
+from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest
-from pipeline.stages.leaks import LeakConfig, leaking_ids
+from pipeline.stages.leaks import LeakConfig
 from pipeline.stages.leaks import run as find_leaks
 from pipeline.stages.neighbors import NeighborQuery
 from pipeline.stages.neighbors import run as neighbors
@@ -353,8 +355,8 @@ def test_training_can_exclude_leaking_test_samples(tmp_path: Path) -> None:
     assert ids == {_real_id(store, j) for _, j in pairs}
     kept = train(store, TrainConfig.from_dict({**config, "exclude_leaks": False}))
     dropped = train(store, TrainConfig.from_dict(config))
-    assert dropped.metrics["excluded_leaks"] == {"val": 0, "test": 3}
-    assert dropped.metrics["test"]["n"] == kept.metrics["test"]["n"] - 3
+    assert dropped.metrics.excluded_leaks == {"val": 0, "test": 3}
+    assert dropped.metrics.test.n == kept.metrics.test.n - 3
     assert dropped.config_hash != kept.config_hash
     # new embeddings make the scan stale: refuse rather than exclude the wrong samples
     leaky_store(tmp_path, rows=20, leaks=0, seed=4, file_name="0001.h5")

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.sources.ledger import assign_split
 from pipeline.sources.locations import Location
-from pipeline.stages.ingest import IngestConfig, assign_split
+from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest
 from pipeline.store import catalog
 from pipeline.store.layout import Store

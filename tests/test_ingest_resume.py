@@ -16,7 +16,7 @@ import pytest
 from pipeline.sources import common, manifest, webdataset
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest
-from pipeline.store import catalog
+from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
 
 
@@ -108,7 +108,7 @@ def test_a_rewritten_tar_is_read_whole(tmp_path: Path, hashed: list[str]) -> Non
 
 def _kill_before_the_last_ledger(monkeypatch: pytest.MonkeyPatch, last: str) -> None:
     """The next ingest dies as it commits the ledger row of `last` (its samples committed)."""
-    commit = catalog.commit
+    commit = writes.commit
 
     def killed(s: Store, files: Iterable[Path]) -> None:
         files = list(files)
@@ -117,11 +117,11 @@ def _kill_before_the_last_ledger(monkeypatch: pytest.MonkeyPatch, last: str) -> 
         if any(last in r for f in ledger for r in pq.read_table(f).column("source_uri").to_pylist()):
             for f in ledger:
                 f.unlink()  # not yet written when the kill came
-            monkeypatch.setattr(catalog, "commit", commit)
+            monkeypatch.setattr(writes, "commit", commit)
             raise KeyboardInterrupt
         commit(s, ledger)
 
-    monkeypatch.setattr(catalog, "commit", killed)
+    monkeypatch.setattr(writes, "commit", killed)
 
 
 def test_a_kill_between_samples_and_ledger_reads_the_growth_again_without_duplicates(
@@ -226,7 +226,7 @@ def test_a_ledger_written_before_resume_points_still_skips_and_then_resumes(tmp_
     for path in catalog.shard_paths(store, "sources"):  # as an older release wrote it
         table = pq.read_table(path)
         pq.write_table(table.drop_columns(list(old)).replace_schema_metadata(table.schema.metadata), path)
-    catalog.rebuild(store)
+    writes.rebuild(store)
     assert not set(old) & set(pq.read_schema(catalog.shard_paths(store, "sources")[0]).names)
     assert ingest(_config(tar, store)).units_skipped == 1
     _tar(tar, range(4, 6), "a")

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.store import catalog, keys
+from pipeline.store import catalog, keys, writes
 from pipeline.store.atomic import write_parquet
 from pipeline.store.keys import KeyQuery, KeySet, StoreKeys, keys_of, scratch_dir
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import SAMPLES, from_rows
 
 
@@ -48,7 +48,7 @@ def _commit_samples(store: Store, ids: list[str]) -> None:
     rows = [{"sample_id": i, "label": 0, "generator": "real", "split": "train", "group_key": i,
              "source_format": "folder", "source_uri": "/x", "ingested_at": now} for i in ids]
     with writing(store):
-        catalog.commit(store, [write_parquet(from_rows(SAMPLES, rows),
+        writes.commit(store, [write_parquet(from_rows(SAMPLES, rows),
                                              store.new_shard(store.dataset_dir("samples"), "t"))])
 
 
@@ -75,7 +75,7 @@ def test_sets_are_kept_between_runs_and_only_new_shards_scanned(tmp_path: Path,
     # a shard gone (set aside by verify --repair): the set is built again without its ids
     gone = catalog.shard_paths(store, "samples")[0]
     with writing(store):
-        catalog.forget(store, [gone])
+        writes.forget(store, [gone])
     gone.unlink()
     with writing(store), StoreKeys(store, queries) as known:
         held = known.get("ids")

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.features.knn import KNN_NPROBE, KS, knn_scores
 from pipeline.features.view import feature_table
-from pipeline.stages.ingest import assign_split
+from pipeline.sources.ledger import assign_split
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from schemas import SPLITS

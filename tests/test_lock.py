@@ -13,9 +13,10 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.stages import ingest
-from pipeline.store import catalog, lock
+from pipeline.store import catalog, lock, writes
 from pipeline.store.atomic import remove_stale_temps
 from pipeline.store.layout import Store
+from pipeline.store.writes import writing
 from pipeline.synthetic import SyntheticD3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 with writing(Store(Path(sys.argv[1]))):
     print("HELD", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -112,8 +113,8 @@ def test_two_ingests_at_once_double_nothing(tmp_path: Path, d3: SyntheticD3) -> 
 
 def test_the_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
-    with lock.writing(store):
-        with lock.writing(store):
+    with writing(store):
+        with writing(store):
             assert lock.holds(store)
         assert lock.holds(store)
     assert not lock.holds(store)
@@ -146,7 +147,7 @@ def test_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "store"
     path.write_text("not a store")
     with pytest.raises(PipelineError, match="is a file, not a store directory"):
-        with lock.writing(Store(path)):
+        with writing(Store(path)):
             pass
 
 
@@ -160,19 +161,19 @@ def test_staged_shards_are_committed_by_the_lock_holder_or_adopted_by_the_next(d
     staged.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(samples, staged)  # a worker's complete shard (a copy: its rows count twice, visibly)
     assert _samples_count(d3_store) == 59  # staged files are invisible to readers
-    with lock.writing(d3_store):
-        assert catalog.commit_staged(d3_store, [staged]) == [final]
+    with writing(d3_store):
+        assert writes.commit_staged(d3_store, [staged]) == [final]
     assert _samples_count(d3_store) == 2 * 59 and not staged.exists()
     orphan = d3_store.staged(d3_store.dataset_dir("samples") / "samples-worker-2.parquet")
     shutil.copy(samples, orphan)  # its driver died before committing it
-    with lock.writing(d3_store):  # the next writer adopts it
+    with writing(d3_store):  # the next writer adopts it
         pass
     assert _samples_count(d3_store) == 3 * 59
 
 
 def test_commits_outside_the_lock_are_refused(d3_store: Store) -> None:
     with pytest.raises(RuntimeError, match="outside the writer lock"):
-        catalog.commit(d3_store, [])
+        writes.commit(d3_store, [])
 
 
 def _samples_count(store: Store) -> int:

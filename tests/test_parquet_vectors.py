@@ -11,7 +11,7 @@ import pytest
 from pipeline.features.vectors import mappable_pieces
 from pipeline.store import parquet_vectors
 from pipeline.store.atomic import write_parquet
-from pipeline.store.catalog import count_rows
+from pipeline.store.manifest import count_rows
 from schemas import embeddings_schema
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.sources.perturb import parse_ops
+from pipeline.sources.perturbations import parse_ops
 from pipeline.stages.perturb import PerturbConfig
 from pipeline.stages.perturb import run as perturb
 from pipeline.store import catalog
@@ -103,10 +103,10 @@ def test_ops_from_toml(tmp_path) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 def test_robustness_and_training_on_one_format_everywhere(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Encode → train → perturb → encode only the new images → robustness; and a run on jpeg:95 everywhere."""
-    from pipeline.runs import TrainConfig
+    from pipeline.compositions.experiment import ExperimentConfig
+    from pipeline.compositions.experiment import run as run_exp
+    from pipeline.runs.config import TrainConfig
     from pipeline.stages import encode
-    from pipeline.stages.experiment import ExperimentConfig
-    from pipeline.stages.experiment import run as run_exp
     from pipeline.stages.ingest import IngestConfig
     from pipeline.stages.ingest import run as ingest
     from pipeline.synthetic import make_d3
@@ -132,13 +132,13 @@ def test_robustness_and_training_on_one_format_everywhere(tmp_path) -> None:  # 
     assert (result.page.parent / "robustness.png").exists()
     # the training view still holds only the samples as ingested
     assert train(store, TrainConfig.from_dict({"epochs": 3, "batch_size": 64, "lr": 1e-2, "features": "image"}),
-                 skip_existing=True).metrics["test"]["n"] == run.metrics["test"]["n"]
+                 skip_existing=True).metrics.test.n == run.metrics.test.n
 
     everywhere = perturb(PerturbConfig(store, ("jpeg:95",), ("train", "val", "test")))
     encode.run(encode_config(store))
     on_jpeg = train(store, TrainConfig.from_dict({"epochs": 2, "batch_size": 64, "lr": 1e-2, "features": "image",
                                                  "perturbation": "jpeg:95"}))
-    n_scored = sum(on_jpeg.metrics[s]["n"] for s in ("train", "val", "test"))
+    n_scored = sum(on_jpeg.metrics.split(s).n for s in ("train", "val", "test"))
     assert n_scored == everywhere.derived
     with pytest.raises(PipelineError, match="No samples derived by jpeg:10"):
         train(store, TrainConfig.from_dict({"epochs": 1, "perturbation": "jpeg:10"}))

@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.compositions.experiment import ExperimentConfig
+from pipeline.compositions.experiment import run as run_exp
 from pipeline.errors import PipelineError
+from pipeline.evaluation.loss import evaluation_loss, evaluation_set
 from pipeline.features.view import feature_table
 from pipeline.present.figures import DPI, FIG_SIZE
-from pipeline.runs import TrainConfig, evaluation_loss, evaluation_set, load_run
-from pipeline.stages.experiment import ExperimentConfig
-from pipeline.stages.experiment import run as run_exp
+from pipeline.runs.config import TrainConfig
+from pipeline.runs.record import load_run
 from pipeline.stages.landscape import LandscapeConfig, filter_normalised_direction, surface
 from pipeline.stages.landscape import run as landscape
 from pipeline.stages.report import ReportConfig
@@ -80,8 +82,8 @@ def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
     labels = [label for label, _ in result.rows]
     assert any(label.startswith("kNN") for label in labels) and len(labels) == 5
     knn, text_only = dict(result.rows)[labels[-1]], dict(result.rows)[labels[-2]]
-    assert knn.metrics["detector"] == "knn"
-    assert knn.metrics["test"]["auc"] > 0.8 > text_only.metrics["test"]["auc"] + 0.2  # the signal is in the images
+    assert knn.metrics.detector == "knn"
+    assert knn.metrics.test.auc > 0.8 > text_only.metrics.test.auc + 0.2  # the signal is in the images
     assert result.page.exists() and result.path.exists()
     assert _referenced_files_exist(result.page) == ["auc.png"]
     assert "[" in result.markdown.split("| Baseline 1")[1].split("\n")[0]  # cells carry intervals
@@ -92,14 +94,14 @@ def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
 def test_knn_on_shuffled_labels_stays_near_chance(tmp_path: Path) -> None:
     store = planted_store(tmp_path, rows=300, signal=2.5, shuffle_labels=True)
     run = train(store, TrainConfig.from_dict({"detector": "knn", "features": "image"}))
-    assert abs(run.metrics["test"]["auc"] - 0.5) < 0.15
+    assert abs(run.metrics.test.auc - 0.5) < 0.15
 
 
 def test_landscape_centre_equals_the_run_evaluation_loss(planted: Store, tmp_path: Path) -> None:
     run = train(planted, TrainConfig.from_dict({**FAST, "name": "with SAM"}))
     result = landscape(LandscapeConfig(planted, (run.run_id,), dims=1, steps=5, output=tmp_path / "l.png"))
     s = result.surfaces[0]
-    assert s.centre_loss == pytest.approx(run.metrics["eval_loss"], abs=1e-6)
+    assert s.centre_loss == pytest.approx(run.metrics.eval_loss, abs=1e-6)
     assert s.losses.shape == (5,) and np.all(np.isfinite(s.losses))
     assert s.losses.max() > s.centre_loss  # moving away from trained weights costs something
     # and independently of the recorded number: the objective on the fixed evaluation set

@@ -13,6 +13,7 @@ from pipeline.stages.ingest import run as ingest
 from pipeline.stages.status import StatusConfig, StoreStatus
 from pipeline.stages.status import run as status
 from pipeline.store import catalog
+from pipeline.store import manifest as manifests
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3
 from tests.conftest import encode_config, jpeg
@@ -91,7 +92,7 @@ def test_status_counts_are_what_a_scan_of_every_row_gives(
     assert expected["missing_captions"] >= 1
     assert _shown(status(StatusConfig(store))) == expected
     # the counts come from the manifest: no shard is read to count it
-    monkeypatch.setattr(catalog, "count_rows", lambda *a: pytest.fail("a shard was read to count it"))
+    monkeypatch.setattr(manifests, "count_rows", lambda *a: pytest.fail("a shard was read to count it"))
     assert _shown(status(StatusConfig(store))) == expected
 
 
@@ -114,7 +115,7 @@ def test_a_manifest_without_counts_is_counted_from_the_shards_then_filled_in(tmp
     assert _shown(status(StatusConfig(store))) == expected
     _h5(tmp_path / "h5" / "0001.h5", rows=2, image_dim=8, text_dim=8, seed=4)
     import_features(ImportConfig(tmp_path / "h5", "h5", store, "m"))  # a writer fills the counts in
-    assert all(s.counts is not None for s in catalog.read_manifest(store).shards.values()
-               if s.dataset in catalog.COUNTED)
+    assert all(s.counts is not None for s in manifests.read_manifest(store).shards.values()
+               if s.dataset in manifests.COUNTED)
     assert _shown(status(StatusConfig(store))) == _scanned(store)
     assert np.sum([g["samples"] for g in _scanned(store)["groups"]]) == 40

@@ -1,6 +1,7 @@
 """End-to-end training on planted stores; runs, scores and sweeps in SQL."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +9,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from pipeline.compositions.experiment import ExperimentConfig
+from pipeline.compositions.experiment import run as run_exp
+from pipeline.compositions.sweep import SweepConfig, expand
+from pipeline.compositions.sweep import run as run_sweep
 from pipeline.errors import PipelineError
-from pipeline.runs import TrainConfig, load_run
-from pipeline.stages.experiment import ExperimentConfig
-from pipeline.stages.experiment import run as run_exp
+from pipeline.runs.config import TrainConfig
+from pipeline.runs.record import load_run
 from pipeline.stages.score import ScoreConfig
 from pipeline.stages.score import run as run_score
-from pipeline.stages.sweep import SweepConfig, expand
-from pipeline.stages.sweep import run as run_sweep
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
@@ -36,29 +38,29 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 def test_planted_signal_is_found_and_shuffled_control_is_not(planted: Store, tmp_path: Path) -> None:
     found = train(planted, _config(features="image"))
-    assert found.metrics["test"]["auc"] > 0.95
-    assert all(v > 0.9 for v in found.metrics["test"]["auc_by_generator"].values())
+    assert found.metrics.test.auc > 0.95
+    assert all(v > 0.9 for v in found.metrics.test.auc_by_generator.values())
     control = planted_store(tmp_path, rows=600, dim=16, signal=4.0, shuffle_labels=True)
     null = train(control, _config(features="image"))
-    assert abs(null.metrics["test"]["auc"] - 0.5) < 0.12
+    assert abs(null.metrics.test.auc - 0.5) < 0.12
 
 
 def test_shared_pairing_removes_the_text_shortcut(planted: Store) -> None:
     as_ingested = train(planted, _config(features="text"))
     shared = train(planted, _config(features="text", pairing="shared"))
-    assert as_ingested.metrics["test"]["auc"] > 0.95  # prompts and captions differ: text alone separates
-    assert abs(shared.metrics["test"]["auc"] - 0.5) < 0.12
+    assert as_ingested.metrics.test.auc > 0.95  # prompts and captions differ: text alone separates
+    assert abs(shared.metrics.test.auc - 0.5) < 0.12
 
 
 def test_same_seed_same_metrics_and_a_complete_run_record(planted: Store) -> None:
     a = train(planted, _config(seed=3))
     b = train(planted, _config(seed=3))
-    assert a.metrics["history"] == b.metrics["history"] and a.metrics["test"] == b.metrics["test"]
+    assert a.metrics.history == b.metrics.history and a.metrics.test == b.metrics.test
     assert a.config_hash == b.config_hash and a.run_id != b.run_id
     row = catalog.query(planted, "SELECT * FROM runs WHERE run_id = ?", [a.run_id]).to_pylist()[0]
-    assert row["test_auc"] == pytest.approx(a.metrics["test"]["auc"])
-    assert json.loads(row["metrics_json"])["best_epoch"] == a.metrics["best_epoch"]
-    assert len(a.metrics["history"]) == 6
+    assert row["test_auc"] == pytest.approx(a.metrics.test.auc)
+    assert json.loads(row["metrics_json"])["best_epoch"] == a.metrics.best_epoch
+    assert len(a.metrics.history) == 6
     # a score for every sample of every split
     n_samples = catalog.query(planted, "SELECT count(*) FROM samples").column(0)[0].as_py()
     per_split = catalog.query(
@@ -75,16 +77,11 @@ def test_same_seed_same_metrics_and_a_complete_run_record(planted: Store) -> Non
 def test_sweep_skips_configs_already_run_and_never_imports_open_clip(planted: Store, tmp_path: Path) -> None:
     grid = tmp_path / "grid.toml"
     grid.write_text('[base]\nepochs = 2\nbatch_size = 256\n[grid]\nsam = [true, false]\nlr = [0.001]\n')
-    script = (
-        "import sys; from pathlib import Path; from pipeline.stages.sweep import SweepConfig, grid_configs, run; "
-        "from pipeline.store.layout import Store; "
-        "r = run(SweepConfig(Store(Path(sys.argv[1])), tuple(grid_configs(Path(sys.argv[2]))), jobs=2)); "
-        "print([row.skipped for row in r.rows]); print('open_clip' in sys.modules)"
-    )
-    root = str(Path(__file__).resolve().parents[1])
-    first = subprocess.run([sys.executable, "-c", script, str(planted.root), str(grid)], capture_output=True,
-                           text=True, cwd=root, check=True)
-    assert first.stdout.split() == ["[False,", "False]", "False"], first.stderr
+    first = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--grid", str(grid), "--store",
+                            str(planted.root), "--jobs", "2"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "COLUMNS": "200"})
+    assert first.stdout.count(" trained ") == 2 and "skipped" not in first.stdout, first.stdout
+    assert "open_clip imported by this sweep: no" in first.stdout
     grid_spec = {"base": {"epochs": 2, "batch_size": 256}, "grid": {"sam": [True, False]}}
     again = run_sweep(SweepConfig(planted, tuple(expand(grid_spec))))
     assert [r.skipped for r in again.rows] == [True, True]
@@ -130,8 +127,8 @@ def test_a_run_records_the_metrics_of_its_scores_computed_from_names(planted: St
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.runs import jsonable
-    from pipeline.stages.train import BOOT_CELLS, MIN_BOOT, N_BOOT
+    from pipeline.evaluation.bootstrap import BOOT_CELLS, MIN_BOOT, N_BOOT
+    from pipeline.evaluation.results import jsonable
     from trainer.metrics import evaluate_by_generator, summary
 
     run = train(planted, _config(features="image", epochs=1, seed=4))
@@ -144,7 +141,7 @@ def test_a_run_records_the_metrics_of_its_scores_computed_from_names(planted: St
     groups = np.array([keys[i] for i in scores["sample_id"]], object)[test]
     n_boot = max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // int(test.sum())))
     by_gen = evaluate_by_generator(y, p, gens, groups, 0.5, np.random.default_rng([4, 2]), n_boot)
-    recorded = run.metrics["test"]
+    recorded = run.metrics.test.to_json()
     assert jsonable(summary(y, p, gens)["auc_by_generator"]) == jsonable(recorded["auc_by_generator"])
     assert jsonable({g: {m: e.as_dict() for m, e in d.items()} for g, d in by_gen.items()}) == \
         jsonable(recorded["intervals"])
@@ -162,7 +159,7 @@ def test_scores_stream_to_a_temp_file_that_only_a_committed_run_publishes(plante
     def fail(*args: object) -> None:
         raise RuntimeError("metrics failed")
 
-    monkeypatch.setattr(train_stage, "_summaries", fail)
+    monkeypatch.setattr(train_stage, "summarise_splits", fail)
     with pytest.raises(RuntimeError, match="metrics failed"):
         train(planted, _config(features="image", epochs=1, seed=11))
     assert sorted(scores_dir.iterdir()) == before  # no shard, no temp file left behind
@@ -172,7 +169,7 @@ def test_score_collector_keeps_codes_and_the_leak_mask_and_group_codes_sort_as_k
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.runs import GroupKeys, ScoreCollector, group_codes
+    from pipeline.evaluation.scores import GroupKeys, ScoreCollector, group_codes
 
     collector = ScoreCollector(1, excluded={"b"})  # capacity 1: grows as rows come
     for part in ({"sample_id": ["a", "b"], "split": ["test", "val"], "label": [1, 0], "generator": ["z", "real"]},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runs import TrainConfig
+from pipeline.runs.config import TrainConfig
 from pipeline.stages import train
 from pipeline.store.layout import Store
 from tests.conftest import planted_store

@@ -10,8 +10,8 @@ import pytest
 
 import pipeline.features.vectors as vectors
 from pipeline.features.vectors import mappable_pieces, open_matrix
-from pipeline.store import catalog
-from pipeline.store.lock import writing
+from pipeline.store import writes
+from pipeline.store.writes import writing
 from tests.conftest import planted_store
 
 
@@ -105,7 +105,7 @@ def test_a_vanished_shard_rebuilds_the_layout(tmp_path: Path) -> None:
     first = open_matrix(store, "planted", "image")
     gone = vectors.shards_of(store, "planted", "image")[0]
     with writing(store):
-        catalog.forget(store, [gone])
+        writes.forget(store, [gone])
     gone.unlink()
     second = open_matrix(store, "planted", "image")
     assert second.generation != first.generation and second.rows == 200

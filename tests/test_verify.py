@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.stages import encode, verify
-from pipeline.store import catalog
+from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
 from schemas import SCHEMA_VERSION
 from tests.conftest import encode_config
@@ -60,7 +60,7 @@ def test_damaged_embedding_shard_is_named_and_repair_recomputes_exactly_it(d3_st
     damage(shard)
     if damage is _truncate:  # readers meet it (a flipped bit in a page only a checksum finds: verify)
         with pytest.raises(PipelineError, match=rf"Shard {rel} is damaged .*pipeline verify --repair"):
-            catalog.query(d3_store, "SELECT count(*) FROM embeddings")
+            catalog.query(Store(d3_store.root), "SELECT count(*) FROM embeddings")  # (a new command)
     result = verify.run(verify.VerifyConfig(d3_store))
     assert [d.path for d in result.damaged] == [rel]
     repaired = verify.run(verify.VerifyConfig(d3_store, repair=True))
@@ -79,7 +79,7 @@ def test_shard_of_another_schema_version_is_named(d3_store: Store) -> None:
     shard = catalog.shard_paths(d3_store, "samples")[0]
     _restamp(shard, version=SCHEMA_VERSION + 1)
     with pytest.raises(PipelineError, match=r"schema version .*pipeline verify --repair"):
-        catalog.query(d3_store, "SELECT count(*) FROM samples")
+        catalog.query(Store(d3_store.root), "SELECT count(*) FROM samples")  # (a new command)
     damaged = verify.run(verify.VerifyConfig(d3_store)).damaged
     assert len(damaged) == 1 and "version" in damaged[0].problem
 
@@ -89,7 +89,7 @@ def test_rebuild_with_a_bad_shard_keeps_views_over_the_healthy_ones(d3_store: St
     n_embeddings = catalog.query(d3_store, "SELECT count(*) FROM embeddings").column(0)[0].as_py()
     bad = catalog.shard_paths(d3_store, "samples")[0]
     _truncate(bad)
-    result = catalog.rebuild(d3_store)
+    result = writes.rebuild(d3_store)
     assert d3_store.relative(bad) in result.ignored
     # samples of the bad shard are gone from the views, every other table reads
     assert catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py() == 0
@@ -102,7 +102,7 @@ def test_a_file_stamped_as_another_table_is_not_registered(d3_store: Store) -> N
     shard = catalog.shard_paths(d3_store, "quarantine")[0]
     stray = d3_store.dataset_dir("samples") / "stray.parquet"
     stray.write_bytes(shard.read_bytes())  # a quarantine shard dropped among the samples
-    result = catalog.rebuild(d3_store)
+    result = writes.rebuild(d3_store)
     assert "samples/stray.parquet" in result.ignored
     assert catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py() == 59
 
@@ -116,7 +116,7 @@ def test_a_foreign_file_in_samples_blocks_nothing(d3_store: Store) -> None:
 
 
 def catalog_writer(store: Store):  # noqa: ANN201 - small helper
-    from pipeline.store.lock import writing
+    from pipeline.store.writes import writing
 
     return writing(store)
 

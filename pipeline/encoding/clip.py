@@ -53,6 +53,17 @@ def register_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
+def known_models() -> dict[str, list[str]]:
+    """Every open_clip architecture known here (ours included) with its pretrained tags."""
+    import open_clip
+
+    register_configs()
+    tags: dict[str, list[str]] = {}
+    for name, tag in open_clip.list_pretrained():
+        tags.setdefault(name, []).append(tag)
+    return {name: tags.get(name, []) for name in open_clip.list_models()}
+
+
 def load(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Create the model, its eval transform and tokenizer; compute the model key."""
     import open_clip

@@ -1,7 +1,7 @@
 """The units of work of `encode`: Arrow rows in, Arrow rows out, one model per instance.
 
 `DecodeImages(spec)` reads, re-hashes and decodes pending sample rows; it needs no model, so it
-runs in decoding processes or Ray tasks. `EncodeImages(spec, device, precision)` and
+runs in decoding processes or Ray tasks. `EncodeImages(spec)` and
 `EncodeTexts(...)` load the model once, in their constructor, and return rows of
 `schemas.encoded_schema`: a vector and its norm, or the reason there is none. Both engines
 (`pipeline/engines/`) call exactly these; only where they run differs. Each model unit also splits
@@ -45,10 +45,14 @@ class EncodeSpec:
     preprocess: dict[str, Any] = field(default_factory=dict)  # as model.json records it
     dtype: str = "float16"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"  # where the model runs: auto | cpu | cuda | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16
 
     @staticmethod
-    def from_info(model: ModelSpec, info: dict[str, Any], dtype: str, max_pixels: int) -> EncodeSpec:
-        return EncodeSpec(model, info["model_key"], int(info["dim"]), dict(info["preprocess"]), dtype, max_pixels)
+    def from_info(model: ModelSpec, info: dict[str, Any], dtype: str, max_pixels: int, device: str = "auto",
+                  precision: str = "fp32") -> EncodeSpec:
+        return EncodeSpec(model, info["model_key"], int(info["dim"]), dict(info["preprocess"]), dtype, max_pixels,
+                          device, precision)
 
     @property
     def schema(self) -> pa.Schema:
@@ -247,11 +251,9 @@ class DecodeImages:
 class EncodeImages:
     """Pending or decoded sample rows → encoded-schema image rows. Loads the model once, here."""
 
-    def __init__(
-        self, spec: EncodeSpec, device: str = "auto", precision: str = "fp32", loaded: LoadedModel | None = None
-    ) -> None:
+    def __init__(self, spec: EncodeSpec, loaded: LoadedModel | None = None) -> None:
         self.spec = spec
-        self.encoder = _encoder(spec, device, precision, loaded)
+        self.encoder = _encoder(spec, loaded)
         _, self.to_tensor = split_transform(spec.preprocess)
         self.scale = _plain_normalise(self.to_tensor)  # (mean, std), or None: apply the steps per picture
         self._mean_std = None if self.scale is None else tuple(
@@ -300,11 +302,9 @@ class EncodeImages:
 class EncodeTexts:
     """Rows with `text_hash` and `text` → encoded-schema text rows. Loads the model once, here."""
 
-    def __init__(
-        self, spec: EncodeSpec, device: str = "auto", precision: str = "fp32", loaded: LoadedModel | None = None
-    ) -> None:
+    def __init__(self, spec: EncodeSpec, loaded: LoadedModel | None = None) -> None:
         self.spec = spec
-        self.encoder = _encoder(spec, device, precision, loaded)
+        self.encoder = _encoder(spec, loaded)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         return self.finish(self.start(rows))
@@ -357,9 +357,9 @@ def _plain_normalise(tail: Any) -> tuple[tuple[float, ...], tuple[float, ...]] |
     return None
 
 
-def _encoder(spec: EncodeSpec, device: str, precision: str, loaded: LoadedModel | None) -> Encoder:
-    where = resolve_device(device)
-    encoder = Encoder(loaded or load(spec.model, where), where, precision)
+def _encoder(spec: EncodeSpec, loaded: LoadedModel | None) -> Encoder:
+    where = resolve_device(spec.device)
+    encoder = Encoder(loaded or load(spec.model, where), where, spec.precision)
     if encoder.loaded.model_key != spec.model_key:
         raise PipelineError(
             f"{spec.model.name} now loads as {encoder.loaded.model_key}, not {spec.model_key} as the store "

@@ -14,16 +14,12 @@ back, so the GPU always has the next batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import multiprocessing
 import shutil
 import time
-from collections import Counter
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,99 +27,19 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.encoding.clip import LoadedModel
+from pipeline.encoding.jobs import EncodeJob, JobResult, stage_encoded
 from pipeline.encoding.units import (
     Decoded,
     DecodeImages,
     EncodeImages,
-    EncodeSpec,
     EncodeTexts,
     default_workers,
     resolve_device,
-    split_encoded,
 )
 from pipeline.reporting import Reporter
-from pipeline.store import catalog
-from pipeline.store.atomic import write_parquet
-from pipeline.store.layout import Store
+from pipeline.store.writes import Committer
 
-COMMIT_EVERY_SHARDS = 8  # staged shards per catalog update …
-COMMIT_EVERY_SECONDS = 10.0  # … or sooner, so that `status` follows a long run
 PREFETCH = 2  # decoded batches each worker keeps ready (they wait in shared memory)
-
-
-@dataclass(frozen=True)
-class EncodeJob:
-    """One modality's pending work for one model: plain data, so any engine can run it."""
-
-    store: Store
-    spec: EncodeSpec
-    modality: Literal["image", "text"]
-    pending: Path  # Parquet file of pending rows, sorted for locality
-    rows: int
-    batch_size: int
-    shard_rows: int
-    device: str = "auto"
-    precision: str = "fp32"
-
-
-@dataclass
-class EngineResult:
-    encoded: int = 0
-    quarantined: Counter[str] = field(default_factory=Counter)
-    shards: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
-    forward_passes: int = 0
-    device: str = ""
-
-
-def stage_encoded(store: Store, spec: EncodeSpec, encoded: pa.Table) -> list[Path]:
-    """Write encoded rows as complete staged shards (embeddings, quarantine); return their paths.
-
-    A shard's name derives from the hashes it holds, so a retried worker rewrites its own file
-    instead of adding a second copy of the same rows.
-    """
-    if not encoded.num_rows:
-        return []
-    embeddings, quarantine = split_encoded(encoded, spec, datetime.now(UTC))
-    hashes = sorted(encoded.column("content_hash").to_pylist())
-    digest = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:20]
-    modality = encoded.column("modality")[0].as_py()
-    staged: list[Path] = []
-    if quarantine.num_rows:
-        final = store.dataset_dir("quarantine") / f"decode-{spec.model_key[:40]}-{digest}.parquet"
-        staged.append(write_parquet(quarantine, store.staged(final)))
-    if embeddings.num_rows:
-        final = store.embeddings_dir(spec.model_key) / f"{modality}-{digest}.parquet"
-        staged.append(write_parquet(embeddings, store.staged(final)))
-    return staged
-
-
-def count_outcomes(encoded: pa.Table, result: EngineResult) -> None:
-    vectors, reasons = encoded.column("vector"), encoded.column("reason")
-    result.encoded += len(vectors) - vectors.null_count
-    if reasons.null_count < len(reasons):
-        result.quarantined.update(r for r in reasons.to_pylist() if r is not None)
-
-
-class Committer:
-    """Collects staged shards and commits them to the catalog in batches (the lock holder only)."""
-
-    def __init__(self, store: Store, result: EngineResult) -> None:
-        self.store = store
-        self.result = result
-        self.staged: list[Path] = []
-        self.last = time.monotonic()
-
-    def add(self, staged: list[Path]) -> None:
-        self.staged.extend(staged)
-        if len(self.staged) >= COMMIT_EVERY_SHARDS or time.monotonic() - self.last > COMMIT_EVERY_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.staged:
-            self.result.shards.extend(catalog.commit_staged(self.store, self.staged))
-        self.staged = []
-        self.last = time.monotonic()
 
 
 class LocalEngine:
@@ -133,31 +49,31 @@ class LocalEngine:
         self.workers = workers
         self.loaded = loaded  # a model the caller already loaded (to learn its key): reuse it
 
-    def run(self, job: EncodeJob, reporter: Reporter) -> EngineResult:
+    def run(self, job: EncodeJob, reporter: Reporter) -> JobResult:
         batches: Generator[Any, None, None]
         if job.modality == "text":
             batches = pending_batches(job.pending, job.batch_size)
         else:  # the workers start first: they decode while the model is built
-            device = resolve_device(job.device)
+            device = resolve_device(job.spec.device)
             workers = default_workers(device) if self.workers is None else self.workers
             batches = _decoded(job, workers, pin=device.type == "cuda")
         with contextlib.closing(batches):  # closing ends the decoding workers, also on an error
             return self._run(job, batches, reporter)
 
-    def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> EngineResult:
-        result = EngineResult()
+    def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> JobResult:
+        result = JobResult()
         unit: EncodeImages | EncodeTexts
         if job.modality == "text":
-            unit = EncodeTexts(job.spec, job.device, job.precision, self.loaded)
+            unit = EncodeTexts(job.spec, self.loaded)
         else:
-            unit = EncodeImages(job.spec, job.device, job.precision, self.loaded)
+            unit = EncodeImages(job.spec, self.loaded)
         result.device = str(unit.encoder.device)
         reporter.start(f"{job.modality}s", job.rows, "img" if job.modality == "image" else "texts")
-        committer = Committer(job.store, result)
+        committer = Committer(job.store)
         buffer: list[pa.Table] = []
         started = time.perf_counter()
         for encoded in _one_ahead(unit, batches):
-            count_outcomes(encoded, result)
+            result.count(encoded)
             reporter.advance(f"{job.modality}s", encoded.num_rows)
             buffer.append(encoded)
             if sum(t.num_rows for t in buffer) >= job.shard_rows:
@@ -166,6 +82,7 @@ class LocalEngine:
         if buffer:
             committer.add(stage_encoded(job.store, job.spec, pa.concat_tables(buffer)))
         committer.flush()
+        result.shards = committer.committed
         result.seconds = time.perf_counter() - started
         result.forward_passes = (unit.encoder.image_forward_passes if job.modality == "image"
                                  else unit.encoder.text_forward_passes)

@@ -22,20 +22,24 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline.encoding.jobs import EncodeJob, JobResult, stage_encoded
 from pipeline.encoding.units import DecodeImages, EncodeImages, EncodeSpec, EncodeTexts
-from pipeline.engines.local import Committer, EncodeJob, EngineResult, count_outcomes, stage_encoded
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
+from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
+from pipeline.store.writes import Committer
+from trainer.fit import FitConfig
 
 INSTALL = "pip install 'clipdetect-pipeline[ray]'"
+DEFAULT_EPOCHS = FitConfig().epochs
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,7 @@ def check_store_visible(store: Store) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
-    from pipeline.stages.encode import work_dir
-
-    probe = work_dir(store) / "probes" / f"{token}.txt"
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text(token)
+    probe = write_text(store.work_dir / "probes" / f"{token}.txt", token)
     try:
         read = ray.remote(num_cpus=0)(_read_probe)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -108,7 +108,7 @@ class RayEngine:
         self.started_ray = False
         self.checked = False
 
-    def run(self, job: EncodeJob, reporter: Reporter) -> EngineResult:
+    def run(self, job: EncodeJob, reporter: Reporter) -> JobResult:
         ray = import_ray()
         if not ray.is_initialized():
             self.started_ray = connect(self.options)
@@ -130,7 +130,7 @@ class RayEngine:
             import_ray().shutdown()
             self.started_ray = False
 
-    def _run(self, ray: Any, job: EncodeJob, reporter: Reporter) -> EngineResult:
+    def _run(self, ray: Any, job: EncodeJob, reporter: Reporter) -> JobResult:
         import ray.data
 
         context = ray.data.DataContext.get_current()
@@ -139,10 +139,10 @@ class RayEngine:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         per_actor = self.options.gpus_per_actor if self.options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
         actors = self.options.actors or (max(1, int(gpus // per_actor)) if per_actor else _nodes(ray))
-        device = job.device if job.device != "auto" else ("cuda" if per_actor else "cpu")
+        device = job.spec.device if job.spec.device != "auto" else ("cuda" if per_actor else "cpu")
         if device == "cuda" and not gpus:
             raise PipelineError("--device cuda was asked for, but the Ray cluster has no GPUs.")
-        if device == "cpu" and job.precision == "fp16":
+        if device == "cpu" and job.spec.precision == "fp16":
             raise PipelineError("--precision fp16 needs GPU actors; on CPU actors use bf16 or fp32.")
         cpus_per_actor = 0 if per_actor else _cpus_per_actor(ray, actors)
         root = str(job.store.root.resolve())
@@ -156,14 +156,14 @@ class RayEngine:
                                 batch_format="pyarrow", num_cpus=0.5)
             unit = EncodeImages  # looked up at run time, so a test can swap in a failing one
         ds = ds.map_batches(
-            unit, fn_constructor_args=(job.spec, device, job.precision), batch_size=job.batch_size,
+            unit, fn_constructor_args=(replace(job.spec, device=device),), batch_size=job.batch_size,
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=per_actor, num_cpus=cpus_per_actor,
         )
         ds = ds.map_batches(_stage, fn_kwargs={"root": root, "spec": job.spec}, batch_size=job.shard_rows,
                             batch_format="pyarrow", num_cpus=0.25)
-        result = EngineResult(device=f"ray:{actors}x{device}")  # forward passes happen in actors: not counted
-        committer = Committer(job.store, result)
+        result = JobResult(device=f"ray:{actors}x{device}")  # forward passes happen in actors: not counted
+        committer = Committer(job.store)
         reporter.start(f"{job.modality}s", job.rows, "img" if job.modality == "image" else "texts")
         started = time.perf_counter()
         for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -173,6 +173,7 @@ class RayEngine:
                 reporter.advance(f"{job.modality}s", row["rows"])
                 committer.add([Path(p) for p in row["paths"]])
         committer.flush()
+        result.shards = committer.committed
         result.seconds = time.perf_counter() - started
         return result
 
@@ -215,8 +216,8 @@ def _decode(batch: pa.Table, spec: EncodeSpec) -> pa.Table:
 
 def _stage(batch: pa.Table, root: str, spec: EncodeSpec) -> pa.Table:
     """Write one staged shard (plus its quarantine rows) from encoded rows; say what it holds."""
-    counts = EngineResult()
-    count_outcomes(batch, counts)
+    counts = JobResult()
+    counts.count(batch)
     paths = stage_encoded(Store(Path(root)), spec, batch)
     reasons = [r for r, n in counts.quarantined.items() for _ in range(n)]
     return pa.table({
@@ -246,11 +247,25 @@ def _cpus_per_actor(ray: Any, actors: int) -> float:
 # --- sweeps: Ray Tune ------------------------------------------------------------------------
 
 
-def tune_sweep(store: Store, configs: list[dict[str, Any]], sweep: Any, reporter: Reporter) -> list[Any]:
-    """Run each config as one Ray Tune trial (an ordinary `train` run); return the sweep's rows.
+@dataclass(frozen=True)
+class TuneOptions:
+    scheduler: str = "fifo"  # fifo | asha (stops weak trials early on per-epoch val AUC)
+    address: str | None = None  # None: start a local Ray instance
+    cpus_per_trial: float = 1.0
 
-    Every trial reports its validation AUC per epoch, so ASHA (`sweep.scheduler == "asha"`) can stop
-    weak ones early; a stopped trial writes no run and comes back with `stopped_after` set.
+
+# A trial: (store root, flat training options, torch threads, reporter) -> plain data with run_id,
+# skipped, val_auc, test_auc. The caller (a composition) owns what a trial is; the engine only runs it.
+Trial = Callable[[Path, dict[str, Any], int, Reporter], dict[str, Any]]
+
+
+def tune_sweep(store: Store, configs: list[dict[str, Any]], trial: Trial, options: TuneOptions,
+               reporter: Reporter) -> list[dict[str, Any]]:
+    """Run `trial` once per config as a Ray Tune trial; return each config's outcome, in order.
+
+    Every trial reports its validation AUC per epoch (through the reporter it is given), so ASHA
+    can stop weak ones early; a stopped trial writes no run and comes back with `stopped_after`.
+    `configs` need an `epochs` option only where they differ from the default.
     """
     import_ray()
     try:
@@ -258,22 +273,18 @@ def tune_sweep(store: Store, configs: list[dict[str, Any]], sweep: Any, reporter
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     except ImportError:
         raise PipelineError(f"--engine ray needs Ray Tune, which is not installed: {INSTALL}") from None
-    from pipeline.runs import TrainConfig
-    from pipeline.stages.sweep import SweepRow
 
-    started_ray = connect(RayOptions(sweep.ray_address))
-    from pipeline.stages.encode import work_dir
-
-    storage = work_dir(store) / "tune" / uuid.uuid4().hex[:8]  # on the shared store, as Tune needs
+    started_ray = connect(RayOptions(options.address))
+    storage = store.work_dir / "tune" / uuid.uuid4().hex[:8]  # on the shared store, as Tune needs
     try:
         check_store_visible(store)
-        epochs = max(TrainConfig.from_dict(_options(c)).fit.epochs for c in configs)
+        epochs = max(int(c.get("epochs", DEFAULT_EPOCHS)) for c in configs)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
-                     if sweep.scheduler == "asha" else FIFOScheduler())
+                     if options.scheduler == "asha" else FIFOScheduler())
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, root=str(store.root.resolve()), configs=configs,
-                                 threads=max(1, int(sweep.cpus_per_trial))),
-            {"cpu": sweep.cpus_per_trial},
+            tune.with_parameters(_trial, root=str(store.root.resolve()), configs=configs, trial=trial,
+                                 threads=max(1, int(options.cpus_per_trial))),
+            {"cpu": options.cpus_per_trial},
         )
         tuner = tune.Tuner(
             trainable,
@@ -288,32 +299,27 @@ def tune_sweep(store: Store, configs: list[dict[str, Any]], sweep: Any, reporter
         shutil.rmtree(storage, ignore_errors=True)
         if started_ray:
             import_ray().shutdown()
-    rows: list[SweepRow] = [SweepRow("", None, False, None, None, {})] * len(configs)
+    outcomes: list[dict[str, Any]] = [{} for _ in configs]
     for k in range(len(results)):
         result = results[k]
         i = (result.config or {})["i"]
-        flat, metrics = configs[i], result.metrics or {}
+        metrics = result.metrics or {}
         if result.error and not metrics.get("run_id"):
-            raise PipelineError(f"Sweep trial {i} ({flat.get('__overrides__')}) failed: {result.error}")
-        name = flat.get("name")
+            raise PipelineError(f"Sweep trial {i} ({configs[i]}) failed: {result.error}")
         if metrics.get("run_id"):
-            rows[i] = SweepRow(metrics["run_id"], name, bool(metrics["skipped"]), _num(metrics.get("val_auc")),
-                               _num(metrics.get("test_auc")), flat.get("__overrides__", {}))
+            outcomes[i] = {key: metrics.get(key) for key in ("run_id", "skipped", "val_auc", "test_auc")}
         else:
-            rows[i] = SweepRow("", name, False, _num(metrics.get("val_auc")), None, flat.get("__overrides__", {}),
-                               stopped_after=metrics.get("training_iteration"))
-    return rows
+            outcomes[i] = {"val_auc": metrics.get("val_auc"), "stopped_after": metrics.get("training_iteration")}
+    return outcomes
 
 
-def _trial(params: dict[str, Any], root: str, configs: list[dict[str, Any]], threads: int) -> None:
-    """One Tune trial: one sweep config trained as an ordinary run (runs in a Ray worker)."""
+def _trial(params: dict[str, Any], root: str, configs: list[dict[str, Any]], trial: Trial, threads: int) -> None:
+    """One Tune trial: one config trained by `trial` (runs in a Ray worker)."""
     from ray import tune
 
-    from pipeline.stages.sweep import _run_one
-
-    row = _run_one(Path(root), configs[params["i"]], threads, _TuneReporter())
-    tune.report({"val_auc": _nan(row.val_auc), "test_auc": _nan(row.test_auc), "run_id": row.run_id,
-                 "skipped": row.skipped})
+    outcome = trial(Path(root), configs[params["i"]], threads, _TuneReporter())
+    tune.report({"val_auc": _nan(outcome.get("val_auc")), "test_auc": _nan(outcome.get("test_auc")),
+                 "run_id": outcome["run_id"], "skipped": bool(outcome.get("skipped"))})
 
 
 class _TuneReporter(Silent):
@@ -340,13 +346,5 @@ def _progress(reporter: Reporter) -> Any:
     return Progress()
 
 
-def _options(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if k != "__overrides__"}
-
-
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
-
-
-def _num(value: Any) -> float | None:
-    return None if value is None or value != value else float(value)

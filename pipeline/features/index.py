@@ -66,7 +66,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import catalog
+from pipeline.store import writes
 from pipeline.store.atomic import atomic_write, write_parquet
 from pipeline.store.layout import Store
 from schemas import INDEX_IDS, INDEXES, from_rows
@@ -325,7 +325,7 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
         "recall_at_10": recall, "build_seconds": seconds, "path": store.relative(directory / "index.faiss"),
         "created_at": datetime.now(UTC),
     }])
-    catalog.commit(store, [write_parquet(record, directory / "index.parquet")])
+    writes.commit(store, [write_parquet(record, directory / "index.parquet")])
     _drop_superseded(store, directory, config.modality, plan.kind, fp)
     return info
 
@@ -728,7 +728,7 @@ def _drop_superseded(store: Store, current: Path, modality: str, kind: str, fp: 
         if d.name.startswith(f"{modality}-{kind}-") or not record.exists() or read_info(record).fingerprint != fp:
             stale.append(d)
     if stale:
-        catalog.forget(store, [d / "index.parquet" for d in stale])
+        writes.forget(store, [d / "index.parquet" for d in stale])
     for d in stale:
         (d / "index.parquet").unlink(missing_ok=True)  # first, so a crash leaves no visible record
         shutil.rmtree(d)

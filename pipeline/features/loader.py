@@ -26,7 +26,7 @@ import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,15 +34,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.choices import Features, InputNorm
+from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.features.view import FeatureTable
 from schemas import FEATURE_VIEW
 
-FEATURE_SETS = ("image", "text", "image+text")
-INPUT_NORMS = ("l2", "raw")
 # the view's columns, all nullable: parts written by DuckDB differ in which ones they declare non-null
 _SCHEMA = pa.schema([f.with_nullable(True) for f in FEATURE_VIEW]).remove_metadata()
-ORDERS = ("view", "rows")
+Order = Literal["view", "rows"]
 # Batches made ahead of the one in use. Beyond the page cache (D3's 11.5M vectors evicted, shuffled
 # 2048-row batches of image+text) a batch took 214-226 ms to gather against a SAM step's 94 ms; a
 # step with its loading took 268-293 ms made in turn, 199-203 ms made ahead (the disk is the bound).
@@ -79,24 +79,22 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class LoaderConfig:
-    features: str = "image+text"
+class LoaderConfig(Validated):
+    features: Features = "image+text"
     batch_size: int = 2048
     shuffle: bool = False
     buffer_rows: int = 65536
     seed: int = 0
-    input_norm: str = "l2"  # l2: unit vectors as stored | raw: scaled back by each vector's norm
-    order: str = "view"  # view: the view's (shuffled if `shuffle`) | rows: by matrix row, for one pass over all
+    input_norm: InputNorm = "l2"  # l2: unit vectors as stored | raw: scaled back by each vector's norm
+    order: Order = "view"  # view: the view's (shuffled if `shuffle`) | rows: by matrix row, for one pass over all
+
+    def check(self) -> None:
+        if self.order == "rows" and self.shuffle:
+            raise PipelineError("A loader in matrix-row order does not shuffle.")
 
 
 class FeatureLoader:
     def __init__(self, table: FeatureTable, splits: tuple[str, ...], config: LoaderConfig) -> None:
-        if config.features not in FEATURE_SETS:
-            raise PipelineError(f"--features must be one of {', '.join(FEATURE_SETS)}.")
-        if config.input_norm not in INPUT_NORMS:
-            raise PipelineError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}.")
-        if config.order not in ORDERS or (config.order == "rows" and config.shuffle):
-            raise PipelineError(f"order must be one of {', '.join(ORDERS)} (rows: without shuffle).")
         if config.features != "image" and table.texts is None:
             raise PipelineError(f"The store has no text vectors for {table.model_key}: use --features image.")
         self.table = table
@@ -156,13 +154,13 @@ class FeatureLoader:
         """Every row of the splits, sorted by the matrix row of its image (text: of its text), in batches."""
         import duckdb
 
-        from pipeline.store import catalog
+        from pipeline.store import duck
 
         key = "text_row" if self.config.features == "text" else "image_row"
         rows = f"FROM {self.table.parts_sql} WHERE split IN (SELECT unnest($splits))"
         splits = {"splits": list(self.splits)}
         with _spill_directory(self.table.directory) as spill, duckdb.connect() as con:
-            catalog.limit_memory(con, SORT_MEMORY, Path(spill))
+            duck.limit_memory(con, SORT_MEMORY, Path(spill))
             self.skipped_missing_text = 0
             if self.config.features != "image":
                 self.skipped_missing_text = int(

@@ -35,9 +35,11 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import catalog
-from pipeline.store.atomic import atomic_write, write_text
+from pipeline.store import catalog, duck
+from pipeline.store.atomic import write_text
+from pipeline.store.duck import literal
 from pipeline.store.layout import Store, safe_name
+from pipeline.store.stream import ParquetStream
 
 PAIRINGS = ("as-ingested", "shared")
 VIEW_VERSION = 1
@@ -67,7 +69,7 @@ class FeatureTable:
     @property
     def parts_sql(self) -> str:
         """The view's rows as a DuckDB table expression."""
-        return "read_parquet([" + ", ".join(f"'{_q(str(p))}'" for p in self.parts) + "])"
+        return "read_parquet([" + ", ".join(literal(str(p)) for p in self.parts) + "])"
 
     @property
     def text_dim(self) -> int:
@@ -153,56 +155,58 @@ def _build_part(store: Store, directory: Path, manifest: dict[str, Any], images:
                 covered: list[str]) -> dict[str, Any]:
     earlier = [directory / p["file"] for p in manifest["parts"]]
     name = f"part-{fingerprint(store, [store.root / c for c in covered], pairing, len(earlier))}.parquet"
-    path = directory / name
     spill = store.root / "cache" / "duckdb-tmp"
-
-    def write(tmp: Path) -> None:
-        with catalog.connect(store, read_only=True) as con:
-            _limit(con, spill)
-            con.register("image_offsets", images.shard_offsets())
-            if texts is not None:
-                con.register("text_offsets", texts.shard_offsets())
-            sql = _view_sql(store, images, texts, pairing, perturbation, earlier)
-            con.execute(f"COPY ({sql}) TO '{_q(str(tmp))}' "
-                        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
-
-    atomic_write(path, write)
+    with catalog.connect(store) as con, ParquetStream(directory / name, group_rows=ROW_GROUP_ROWS) as stream:
+        _limit(con, spill)
+        con.register("image_offsets", images.shard_offsets())
+        if texts is not None:
+            con.register("text_offsets", texts.shard_offsets())
+        sql, params = _view_sql(store, images, texts, pairing, perturbation, earlier)
+        for batch in duck.batches(con.sql(sql, params=params), ROW_GROUP_ROWS):
+            stream.write(batch)
+        path = stream.finalize()
     meta = pq.read_metadata(path)
     missing = _count_missing_text(path)
     return {"file": name, "rows": meta.num_rows, "missing_text": missing, "shards": covered}
 
 
 def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pairing: str,
-              perturbation: str | None, earlier: list[Path]) -> str:
-    root = _q(str(store.root.resolve()))
+              perturbation: str | None, earlier: list[Path]) -> tuple[str, dict[str, object]]:
+    params: dict[str, object] = {"root": str(store.root.resolve()) + "/",
+                                 "image_files": images.shard_offsets().column("path").to_pylist()}
 
-    def rows_of(matrix: VectorMatrix, offsets: str) -> str:
-        files = ", ".join(f"'{_q(p)}'" for p in matrix.shard_offsets().column("path").to_pylist())
+    def rows_of(files: str, offsets: str) -> str:
         # a content hash written twice (an import and an encode of the same image) keeps its first row
         return (f"SELECT v.content_hash, min(v.file_row_number + o.offset) AS row "
-                f"FROM read_parquet([{files}], filename = true, file_row_number = true) v "
-                f"JOIN {offsets} o ON v.filename = '{root}/' || o.path GROUP BY v.content_hash")
+                f"FROM read_parquet(${files}, filename = true, file_row_number = true) v "
+                f"JOIN {offsets} o ON v.filename = $root || o.path GROUP BY v.content_hash")
 
-    where = "derived_from IS NULL" if perturbation is None else f"perturbation = '{_q(perturbation)}'"
+    where = "derived_from IS NULL"
+    if perturbation is not None:
+        where, params["perturbation"] = "perturbation = $perturbation", perturbation
     if earlier:  # an appended part: only samples no earlier part holds
-        listed = ", ".join(f"'{_q(store.relative(p))}'" for p in earlier)
-        where += f" AND sample_id NOT IN (SELECT sample_id FROM read_parquet([{listed}]))"
+        where += " AND sample_id NOT IN (SELECT sample_id FROM read_parquet($earlier))"
+        params["earlier"] = [str(p) for p in earlier]
     text_key = "s.text_hash" if pairing == "as-ingested" else "coalesce(g.shared_text_hash, s.text_hash)"
-    text_cte = f", t AS ({rows_of(texts, 'text_offsets')})" if texts is not None else ""
-    text_join = f"LEFT JOIN t ON t.content_hash = {text_key}" if texts is not None else ""
+    text_cte = text_join = ""
+    if texts is not None:
+        params["text_files"] = texts.shard_offsets().column("path").to_pylist()
+        text_cte = f", t AS ({rows_of('text_files', 'text_offsets')})"
+        text_join = f"LEFT JOIN t ON t.content_hash = {text_key}"
     text_row = "t.row" if texts is not None else "NULL::BIGINT"
     shared = ("LEFT JOIN (SELECT group_key, any_value(text_hash) FILTER (WHERE label = 1) AS shared_text_hash "
               "FROM samples GROUP BY group_key) g ON g.group_key = s.group_key") if pairing == "shared" else ""
-    return f"""
+    sql = f"""
         WITH s AS (
             SELECT DISTINCT ON (sample_id) sample_id, split, label, generator, group_key, text_hash
             FROM samples WHERE {where}
-        ), i AS ({rows_of(images, 'image_offsets')}){text_cte}
+        ), i AS ({rows_of('image_files', 'image_offsets')}){text_cte}
         SELECT s.sample_id, s.split, s.label, s.generator, s.group_key,
                i.row AS image_row, {text_row} AS text_row
         FROM s JOIN i ON i.content_hash = s.sample_id {shared} {text_join}
         ORDER BY s.split, hash(s.sample_id)
     """
+    return sql, params
 
 
 def _count_missing_text(path: Path) -> int:
@@ -216,7 +220,7 @@ def _count_missing_text(path: Path) -> int:
 
 
 def _limit(con: duckdb.DuckDBPyConnection, spill: Path) -> None:
-    catalog.limit_memory(con, DUCKDB_MEMORY, spill, DUCKDB_THREADS)
+    duck.limit_memory(con, DUCKDB_MEMORY, spill, DUCKDB_THREADS)
     con.execute("SET preserve_insertion_order = true")
 
 
@@ -230,8 +234,3 @@ def _drop_stale_parts(directory: Path, manifest: dict[str, Any]) -> None:
     for stale in directory.glob("part-*.parquet"):
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
-
-
-def _q(text: str) -> str:
-    return text.replace("'", "''")
-

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.results import RunMetrics, SplitMetrics
+
 RANDOM_NOTE = ("Embeddings from a CLIP with RANDOM weights (and, in the demo, synthetic images): these "
                "figures test the pipeline; they are not results about CLIP.")
 
@@ -62,14 +64,14 @@ def estimate(value: Any, lo: Any = None, hi: Any = None, spread: tuple[float, fl
     return out
 
 
-def metric_row(name: str, m: dict[str, Any]) -> list[Any]:
-    return [name, m.get("n"), pct(m.get("auc")), pct(m.get("ap")), pct(m.get("accuracy"))]
+def metric_row(name: str, m: SplitMetrics) -> list[Any]:
+    return [name, m.n, pct(m.auc), pct(m.ap), pct(m.accuracy)]
 
 
-def history(metrics: dict[str, Any]) -> str:
-    history = metrics.get("history") or []
+def history(metrics: RunMetrics) -> str:
+    history = metrics.history
     if not history:
-        by_k = metrics.get("val_auc_by_k")
+        by_k = metrics.val_auc_by_k
         return table(["k", "val AUC"], [[k, pct(v)] for k, v in by_k.items()]) if by_k else "<p>none</p>"
     cols = [c for c in ("epoch", "train_loss", "lr", "val_auc", "val_ap") if c in history[0]]
     return table(cols, [[num(h.get(c)) for c in cols] for h in history])

@@ -1,17 +1,41 @@
-"""The terminal: rich progress bars behind the `Reporter` protocol, tables, and stage results as text.
+"""The terminal: rich progress bars behind the `Reporter` protocol, tables, and every stage result as text.
 
-Everything the CLI shows goes through here; stages return data and never print.
+Everything the CLI shows goes through here, one `show_*` function per result; stages return data
+and never print. Text that comes from the data or the user (captions, paths, error messages) is
+printed with rich markup escaped, so a `[` in it is shown, not interpreted.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:  # the results rendered here; imported for their types only (a renderer runs no stage)
+    from pipeline.compositions.demo import DemoResult
+    from pipeline.compositions.experiment import ExperimentResult
+    from pipeline.compositions.sweep import SweepResult
+    from pipeline.stages.encode import EncodeResult
+    from pipeline.stages.import_features import ImportResult
+    from pipeline.stages.index import IndexInfo
+    from pipeline.stages.ingest import IngestResult
+    from pipeline.stages.landscape import LandscapeResult
+    from pipeline.stages.leaks import LeakResult
+    from pipeline.stages.neighbors import NeighborResult
+    from pipeline.stages.perturb import PerturbResult
+    from pipeline.stages.report import ReportResult
+    from pipeline.stages.score import ScoreResult
+    from pipeline.stages.sql import SqlResult
+    from pipeline.stages.status import StoreStatus
+    from pipeline.stages.train import TrainResult
+    from pipeline.stages.verify import VerifyResult
+    from pipeline.store.writes import Reconciled
 
 out = Console()
 err = Console(stderr=True)
@@ -46,7 +70,7 @@ class RichReporter:
             self.progress.advance(self.tasks[task], n)
 
     def note(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]{message}[/]", highlight=False)
+        self.progress.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "epoch":
@@ -55,7 +79,7 @@ class RichReporter:
                 f"epoch {data['epoch']:>3}  loss {data['train_loss']:.4f}  val auc {val_auc:.4f}", highlight=False)
         elif kind == "row":
             verb = "reused" if data["skipped"] else "trained"
-            self.progress.console.print(f"{data['label']}: {verb} {data['run_id']}", highlight=False)
+            self.progress.console.print(f"{escape(data['label'])}: {verb} {data['run_id']}", highlight=False)
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -65,12 +89,29 @@ class RichReporter:
         self.progress.stop()
 
 
+# --- pieces ----------------------------------------------------------------------------------
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+def alarm(text: str) -> None:
+    """A banner for a sentence that says the numbers beside it mislead (a shortcut, a tiny test split)."""
+    label = "SHORTCUT" if text.startswith("Shortcut") else "WARNING"
+    err.print(f"[bold white on red] {label} [/] [bold red]{escape(text)}[/]")
+
+
+def warning(text: str) -> None:
+    err.print(f"[bold yellow]warning[/]: {escape(text)}")
+
+
 def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50) -> None:
-    view = Table(title=title, header_style="bold", title_justify="left")
+    view = Table(title=escape(title) if title else None, header_style="bold", title_justify="left")
     for name in table.column_names:
-        view.add_column(name, overflow="fold")
+        view.add_column(escape(name), overflow="fold")
     for row in table.slice(0, max_rows).to_pylist():
-        view.add_row(*(cell(v) for v in row.values()))
+        view.add_row(*(escape(cell(v)) for v in row.values()))
     out.print(view)
     if table.num_rows > max_rows:
         out.print(f"[dim]… {table.num_rows - max_rows} more rows (use --format csv --output FILE)[/]")
@@ -94,12 +135,82 @@ def cell(value: Any) -> str:
     return "NULL" if value is None else str(value)
 
 
-def show_status(result: Any) -> None:
+def random_banner(random_weights: bool | None) -> None:
+    if random_weights:
+        out.print("[bold yellow]RANDOM-WEIGHT EMBEDDINGS[/]: the features come from a CLIP with random "
+                  "weights; these metrics test the pipeline, they say nothing about CLIP.")
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return f"{float('nan') if value is None else value:.{digits}f}"
+
+
+# --- one renderer per result -----------------------------------------------------------------
+
+
+def show_ingest(result: IngestResult) -> None:
+    out.print(
+        f"[green]ingested[/] {result.added} new samples "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_split.items())) or 'none'}); "
+        f"{result.already_in_store} already in the store, {result.duplicates_in_source} duplicates in the source; "
+        f"{result.units_skipped} source files unchanged since the last ingest (not read)"
+        + (f"; {result.units_resumed} grown files read from where the last ingest stopped." if result.units_resumed
+           else ".")
+    )
+    if result.missing_captions:
+        out.print(f"[yellow]{result.missing_captions} new samples have no caption[/]: image+text training "
+                  "leaves them out.")
+    for (here, there), count in result.generator_mismatches.most_common(4):
+        out.print(f"[yellow]{count} images are already in the store as {escape(repr(there))}[/], named "
+                  f"{escape(repr(here))} here: check --generators (D3's gen_0..gen_3 follow the Parquet "
+                  "model_gen0..3).")
+    if result.label_conflicts:
+        out.print(f"[yellow]{result.label_conflicts} images appear under two labels[/] and are used as neither "
+                  "(quarantined as label_conflict).")
+    for reason, count in sorted(result.problems.items()):
+        out.print(f"[yellow]quarantined[/] {count} × {escape(reason)} "
+                  "(see: pipeline sql \"SELECT * FROM quarantine\")")
+    if result.rechecked:
+        found = sum(result.resolved.values())
+        out.print(f"The real-images folder changed: {result.rechecked} rows whose image was missing looked up again, "
+                  f"{found} found and ingested (the source files themselves were not read again).")
+
+
+def show_encode(result: EncodeResult) -> None:
+    for text in result.warnings:
+        warning(text)
+    if result.random_weights:
+        out.print("[bold yellow]RANDOM WEIGHTS[/]: no pretrained checkpoint was given; these vectors "
+                  "carry no meaning beyond testing the pipeline.")
+    if result.nothing_to_do:
+        out.print(f"[green]nothing to encode[/]: every image and text is cached for {escape(result.model_key)} "
+                  "(0 forward passes).")
+        return
+    out.print(
+        f"[green]encoded[/] {result.images_encoded} images and {result.texts_encoded} texts with "
+        f"{escape(result.model_key)} on {result.device} ({result.images_per_second:,.1f} img/s); "
+        f"{len(result.shards)} shards written."
+    )
+    for reason, count in sorted(result.quarantined.items()):
+        out.print(f"[yellow]quarantined[/] {count} × {escape(reason)}")
+
+
+def show_sql(result: SqlResult, max_rows: int) -> None:
+    if result.written is not None:
+        err.print(f"[green]wrote[/] {result.table.num_rows} rows to {escape(str(result.written))}")
+    elif result.text is not None:
+        out.file.write(result.text)
+        out.file.flush()
+    else:
+        render_table(result.table, max_rows=max_rows)
+
+
+def show_status(result: StoreStatus) -> None:
     out.print(f"[bold]{result.samples}[/] samples")
     render_table(result.by_split_label_generator, "samples by split, label, generator")
     if result.quarantine_by_reason.num_rows:
         render_table(result.quarantine_by_reason, "quarantine")
-    if getattr(result, "missing_captions", 0):
+    if result.missing_captions:
         out.print(f"[yellow]{result.missing_captions} samples have no caption[/]: image+text training leaves "
                   "them out.")
     view = Table(title="embeddings by model", header_style="bold", title_justify="left")
@@ -108,31 +219,190 @@ def show_status(result: Any) -> None:
         view.add_column(col, justify="right")
     for m in result.models:
         weights = "[yellow]random[/]" if m.random_weights else "pretrained"
-        view.add_row(m.model_key, weights, str(m.images_encoded), str(m.images_pending),
+        view.add_row(escape(m.model_key), weights, str(m.images_encoded), str(m.images_pending),
                      str(m.texts_encoded), str(m.texts_pending))
     out.print(view)
     if result.derived is not None and result.derived.num_rows:
         render_table(result.derived, "runs (best test AUC), indexes (vectors, recall@10), leak scans")
 
 
-def print_encode_result(result: Any) -> None:
-    if result.random_weights:
-        out.print("[bold yellow]RANDOM WEIGHTS[/]: no pretrained checkpoint was given; these vectors "
-                  "carry no meaning beyond testing the pipeline.")
-    if result.nothing_to_do:
-        out.print(f"[green]nothing to encode[/]: every image and text is cached for {result.model_key} "
-                  "(0 forward passes).")
+def show_import(result: ImportResult) -> None:
+    out.print(f"[green]imported[/] {result.samples_added} samples and {result.vectors_added} vectors "
+              f"as {escape(result.model_key)}; {result.already_present} samples were already present"
+              + (f"; {result.units_skipped} unchanged files skipped unread." if result.units_skipped else "."))
+
+
+def show_train(result: TrainResult) -> None:
+    m = result.metrics
+    for text in result.warnings:
+        warning(text)
+    random_banner(m.random_weights)
+    out.print(f"[green]run[/] {result.run_id}: {m.chosen}, val AUC {_f(m.val.auc)}, test AUC {_f(m.test.auc)}, "
+              f"AP {_f(m.test.ap)}, accuracy {_f(m.test.accuracy)}")
+    for gen, value in m.test.auc_by_generator.items():
+        out.print(f"  {escape(gen)}: test AUC {_f(value)}")
+    out.print(f'[dim]scores: pipeline sql "SELECT * FROM scores WHERE run_id = \'{result.run_id}\' LIMIT 10"[/]')
+    if m.left_out.no_image_vector:
+        out.print(f"[yellow]left out[/] {m.left_out.no_image_vector} samples without an image vector for this "
+                  "model (not encoded yet, or quarantined at decode: `pipeline status` shows which).")
+    if m.left_out.no_text_vector:
+        out.print(f"[yellow]left out[/] {m.left_out.no_text_vector} samples without a text vector "
+                  f"({m.features} features need one): an empty or missing caption, or a caption "
+                  "not encoded yet; --features image keeps them.")
+    for text in result.alarms:
+        alarm(text)
+
+
+def show_sweep(result: SweepResult) -> None:
+    view = Table(title="sweep", header_style="bold", title_justify="left")
+    for col in ("run_id", "options", "status", "val AUC", "test AUC"):
+        view.add_column(col)
+    for row in result.rows:
+        opts = ", ".join(f"{k}={v}" for k, v in row.overrides.items())
+        status = ("skipped (exists)" if row.skipped else "trained" if row.stopped_after is None
+                  else f"stopped after {row.stopped_after} reports (asha)")
+        view.add_row(row.run_id, escape(opts), status, cell(row.val_auc), cell(row.test_auc))
+    out.print(view)
+    out.print(f"open_clip imported by this sweep: {'yes' if result.open_clip_imported else 'no'}")
+
+
+def show_experiment(result: ExperimentResult) -> None:
+    from rich.markdown import Markdown
+
+    out.print(Markdown(result.markdown))
+    for text in result.alarms:
+        alarm(text)
+    out.print(f"[green]wrote[/] {escape(str(result.path))} and {escape(str(result.page))} ({result.seconds:.1f} s)")
+
+
+def show_perturb(result: PerturbResult) -> None:
+    for op, n in result.by_op.items():
+        out.print(f"  {escape(op)}: {n} new samples")
+    out.print(f"[green]derived[/] {result.derived} samples ({result.existing} already derived, "
+              f"{result.undecodable} sources undecodable) in {result.seconds:.1f} s; "
+              "next: `pipeline encode` (encodes only the new images), then `pipeline experiment robustness --run RUN`.")
+
+
+def show_score(result: ScoreResult) -> None:
+    out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
+              f"({result.already_scored} already had a score).")
+
+
+def show_index(info: IndexInfo, target_recall: float) -> None:
+    verb = "built" if info.built else "up to date (embeddings unchanged), reused"
+    out.print(f"[green]{verb}[/] {info.kind} index {info.index_id}: {info.vectors:,} × {info.dim} "
+              f"{info.modality} vectors of {escape(info.model_key)}, params {escape(str(info.params))}, "
+              f"{info.build_seconds:.2f} s")
+    if info.kind == "flat":
         return
-    out.print(
-        f"[green]encoded[/] {result.images_encoded} images and {result.texts_encoded} texts with "
-        f"{result.model_key} on {result.device} ({result.images_per_second:,.1f} img/s); "
-        f"{len(result.shards)} shards written."
-    )
-    for reason, count in sorted(result.quarantined.items()):
-        out.print(f"[yellow]quarantined[/] {count} × {reason}")
+    tried = ", ".join(f"{b}: {r:.3f}" for b, r in info.recall_by_breadth.items())
+    by = f" (by search breadth {tried})" if tried else ""
+    depths = info.params.get("recall_by_rerank") or {}
+    if depths:
+        by += f"; re-ranking {info.params['rerank']} candidates exactly (by depth " + \
+            ", ".join(f"{d}: {r:.3f}" for d, r in depths.items()) + ")"
+    out.print(f"recall@10 against exact search: {info.recall_at_10:.4f}{by}")
+    if info.built and info.recall_at_10 is not None and info.recall_at_10 < target_recall:
+        out.print(f"[yellow]below the target {target_recall}:[/] no wider search or deeper re-ranking reached "
+                  "it (these vectors' neighbours are hard to tell apart); --kind flat searches exactly, and a "
+                  "larger --max-memory lets auto keep more of each vector.")
 
 
-def random_banner(random_weights: bool | None) -> None:
-    if random_weights:
-        out.print("[bold yellow]RANDOM-WEIGHT EMBEDDINGS[/]: the features come from a CLIP with random "
-                  "weights; these metrics test the pipeline, they say nothing about CLIP.")
+def show_neighbors(result: NeighborResult, k: int, modality: str) -> None:
+    random_banner(result.random_weights)
+    render_table(short_ids(result.rows), title=f"{k} nearest {modality} neighbours of {result.query} "
+                                               f"({result.index_kind} index, {result.model_key})")
+
+
+def show_leaks(result: LeakResult) -> None:
+    random_banner(result.random_weights)
+    approx = "" if result.index_kind == "flat" else f" (approximate {result.index_kind} index, recall@10 " \
+        f"{result.recall_at_10:.3f}; --exact searches exhaustively)"
+    out.print(f"searched {result.queries:,} val/test images at similarity ≥ {result.threshold}{approx}: "
+              f"{result.pair_count:,} cross-split pairs")
+    if result.by_split_pair.num_rows:
+        render_table(result.by_split_pair, title="pairs per split pair")
+    out.print(f'[dim]pipeline sql "SELECT * FROM leaks WHERE threshold = {result.threshold} ORDER BY similarity '
+              'DESC"; train/experiment/report take --exclude-leaks[/]')
+
+
+def show_report(result: ReportResult) -> None:
+    if result.alarm:
+        alarm(result.alarm)
+    out.print(f"[green]wrote[/] {escape(str(result.page))} with {', '.join(f.name for f in result.files)}")
+
+
+def show_landscape(result: LandscapeResult) -> None:
+    for s in result.surfaces:
+        rec = "–" if s.recorded_eval_loss is None else f"{s.recorded_eval_loss:.6f}"
+        out.print(f"{escape(s.label)}: loss at the trained weights {s.centre_loss:.6f} (run recorded {rec}); "
+                  f"range {s.losses.min():.4f} … {s.losses.max():.4f}")
+    out.print(f"[green]wrote[/] {escape(str(result.png))} and {escape(str(result.data))}")
+
+
+def show_models(tags: dict[str, list[str]]) -> None:
+    view = Table(header_style="bold")
+    view.add_column("architecture")
+    view.add_column("pretrained tags")
+    for name, found in tags.items():
+        view.add_row(name, ", ".join(found) or "[dim](random weights / local checkpoint)[/]")
+    out.print(view)
+
+
+def show_rebuild(result: Reconciled) -> None:
+    out.print(f"[green]rebuilt[/] the catalog from {result.added} shards.")
+    for rel in result.ignored:
+        out.print(f"[yellow]left out[/] {escape(rel)}: it is not a readable shard of this pipeline; "
+                  "`pipeline verify` says why and `pipeline verify --repair` moves it aside.")
+
+
+def show_verify(result: VerifyResult, store: Path, repair: bool) -> None:
+    out.print(f"checked {result.shards_checked} shards, {result.rows_checked} rows.")
+    if result.healthy:
+        out.print("[green]no damage found[/]")
+        return
+    render_table(pa.table({
+        "shard": [d.path for d in result.damaged],
+        "in views": ["yes" if d.committed else "no" for d in result.damaged],
+        "problem": [d.problem for d in result.damaged],
+        "rows": [d.rows for d in result.damaged],
+        "then": [d.remedy for d in result.damaged],
+    }), title="damaged shards")
+    if repair:
+        out.print(f"[green]moved[/] {len(result.repaired)} files to {escape(str(store / 'damaged'))}; rerun the "
+                  "stages named above to restore what they held.")
+    else:
+        out.print("run `pipeline verify --repair` to move them aside.")
+
+
+def demo_intro() -> None:
+    out.rule("[bold]pipeline demo")
+    out.print("[bold yellow]Synthetic data, random weights.[/] The images are drawn by numpy and the "
+              "CLIP model is a tiny open_clip config with random weights; nothing here is a real result.")
+
+
+def show_demo(result: DemoResult) -> None:
+    root = result.store.root
+    ing = result.ingested
+    out.print(f"[green]ingest[/]: {ing.added} samples from {result.data.rows} D3 rows; "
+              f"quarantined {dict(ing.problems)} (a D3 row without its LAION image is reported, not dropped).")
+    out.print("[green]encode, first run[/]:", end=" ")
+    show_encode(result.encoded)
+    out.print("[green]encode, second run[/]:", end=" ")
+    show_encode(result.encoded_again)
+    run = result.trained
+    out.print(f"[green]train[/] (CVaR + AUC + SAM on image+text, from the cache, no CLIP call): run {run.run_id}, "
+              f"test AUC {_f(run.metrics.test.auc, 3)} "
+              "[yellow](random-weight CLIP on synthetic images: a pipeline check, not a result)[/]")
+    show_status(result.status)
+    for title, query, table in result.queries:
+        out.print(f"[dim]$ pipeline sql --store {escape(str(root))} \"{escape(query)}\"[/]")
+        render_table(table, title)
+    nb = result.neighbours
+    out.print(f"[dim]$ pipeline neighbors --store {escape(str(root))} --sample-id {nb.query[:12]} -k 3 "
+              f"--run {run.run_id}[/]")
+    render_table(short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)")
+    out.print(f"[green]report[/]: {escape(str(result.report.page))} (ROC, AUC per generator, score histograms, "
+              "confusion)")
+    example = "SELECT * FROM samples LIMIT 5"
+    out.print(f"Store: {escape(str(root))}  (try: pipeline sql --store {escape(str(root))} \"{example}\")")

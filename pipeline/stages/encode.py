@@ -3,8 +3,8 @@
 It first decides what is pending, without importing torch or loading any weights: the model key
 follows from the arguments and the store's model.json, and pending rows are an anti-join in DuckDB,
 streamed to a Parquet file in chunks (never a Python list of every row). With nothing pending it
-stops there, in about a second. Otherwise an engine runs the units of work
-(`pipeline.encoding.units`) over that file: `local` in this process with decoding workers, `ray`
+stops there, in about a second. Otherwise it hands one `EncodeJob` per modality
+(`pipeline.encoding.jobs`) to an engine: `local` in this process with decoding workers, `ray`
 across a Ray cluster. Workers write staged shards; this process, holding the writer lock, commits.
 """
 
@@ -18,26 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from pipeline.choices import Device, Engine, Precision, VectorDtype
 from pipeline.config import Validated, at_least
 from pipeline.encoding.clip import LoadedModel, ModelSpec, recorded_info
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.images import DEFAULT_MAX_PIXELS
-from pipeline.store import catalog
+from pipeline.store import catalog, duck
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.stream import ParquetStream
+from pipeline.store.writes import writing
 
 if TYPE_CHECKING:
-    from pipeline.engines.local import EngineResult
-from schemas import embeddings_schema, from_columns
+    from pipeline.encoding.jobs import JobResult
 
-Precision = Literal["fp32", "bf16", "fp16"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
-Engine = Literal["local", "ray"]
 _PENDING_CHUNK = 65536  # rows per Arrow batch while streaming the pending set to disk
 _PENDING_ROW_GROUP = 1024  # rows per row group of the pending file: the Ray engine's unit of reading
 PENDING_MEMORY = "512MB"  # DuckDB's budget while finding pending work, whatever the store's size
@@ -52,7 +46,7 @@ class EncodeConfig(Validated):
     precision: Precision = "fp32"
     batch_size: int = 64
     workers: int | None = None  # None: default_workers(device)
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: VectorDtype = "float16"
     shard_rows: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
     text_batch_size: int = 256
@@ -78,15 +72,35 @@ class EncodeResult:
     model_key: str
     random_weights: bool
     device: str
-    images_encoded: int = 0
-    texts_encoded: int = 0
-    quarantined: Counter[str] = field(default_factory=Counter)
-    image_forward_passes: int = 0
-    text_forward_passes: int = 0
-    shards: list[Path] = field(default_factory=list)
-    image_seconds: float = 0.0
     engine: str = "local"
     model_loaded: bool = False  # False: the pending work was found without loading any weights
+    images: JobResult | None = None  # what the image job did (None: nothing was pending)
+    texts: JobResult | None = None
+    warnings: list[str] = field(default_factory=list)  # sentences for the user (e.g. emulated bf16)
+
+    @property
+    def images_encoded(self) -> int:
+        return self.images.encoded if self.images else 0
+
+    @property
+    def texts_encoded(self) -> int:
+        return self.texts.encoded if self.texts else 0
+
+    @property
+    def image_forward_passes(self) -> int:
+        return self.images.forward_passes if self.images else 0
+
+    @property
+    def text_forward_passes(self) -> int:
+        return self.texts.forward_passes if self.texts else 0
+
+    @property
+    def quarantined(self) -> Counter[str]:
+        return sum((job.quarantined for job in (self.texts, self.images) if job), Counter())
+
+    @property
+    def shards(self) -> list[Path]:
+        return [s for job in (self.texts, self.images) if job for s in job.shards]
 
     @property
     def nothing_to_do(self) -> bool:
@@ -94,8 +108,9 @@ class EncodeResult:
 
     @property
     def images_per_second(self) -> float:
-        done = self.images_encoded + sum(self.quarantined.values())
-        return done / self.image_seconds if self.image_seconds else 0.0
+        if not self.images or not self.images.seconds:
+            return 0.0
+        return (self.images.encoded + sum(self.images.quarantined.values())) / self.images.seconds
 
 
 def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
@@ -106,22 +121,6 @@ def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` first.")
     with writing(store, reporter, config.wait):
         return _encode(config, reporter)
-
-
-def embeddings_table(
-    model_key: str, modality: str, hashes: list[str], vectors: np.ndarray, dtype: str,
-    norms: np.ndarray | None = None,
-) -> pa.Table:
-    """Embedding rows of one model and modality from unit vectors (and their norms, when known)."""
-    schema = embeddings_schema(vectors.shape[1], dtype)
-    flat = pa.array(vectors.astype(dtype, copy=False).ravel())
-    return from_columns(schema, {
-        "model_key": [model_key] * len(hashes),
-        "modality": [modality] * len(hashes),
-        "content_hash": hashes,
-        "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
-        "norm": None if norms is None else pa.array(np.asarray(norms, np.float32)),
-    })
 
 
 def pending_texts_sql() -> str:
@@ -152,39 +151,19 @@ def pending_images_sql(retry_quarantined: bool) -> str:
 
 
 def write_pending(con: Any, sql: str, model_key: str, path: Path) -> int:
-    """Stream the rows of `sql` (on a catalog connection) into a Parquet file in chunks; return the count."""
-    rows = 0
-    writer: pq.ParquetWriter | None = None
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        for batch in con.sql(sql, params={"key": model_key}).to_arrow_reader(_PENDING_CHUNK):
-            if not batch.num_rows:
-                continue
-            if writer is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
-            writer.write_batch(batch, row_group_size=min(_PENDING_ROW_GROUP, _PENDING_CHUNK))
-            rows += batch.num_rows
-        if writer is not None:
-            writer.close()
-            writer = None
-            tmp.replace(path)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-    return rows
+    """Stream the rows of `sql` (on a catalog connection) into a Parquet file in chunks; return the count
+    (no file when there are none)."""
+    with ParquetStream(path, group_rows=_PENDING_ROW_GROUP, compression="zstd") as stream:
+        for batch in duck.batches(con.sql(sql, params={"key": model_key}), _PENDING_CHUNK):
+            stream.write(batch)
+        if stream.rows:
+            stream.finalize()
+        return stream.rows
 
 
 def pending_dir(store: Store) -> Path:
-    """Where pending-row files live while a run uses them: inside the store (Ray workers on other
-    nodes read them), outside `staging/` and the datasets, so nobody adopts or registers them."""
-    return work_dir(store) / "pending"
-
-
-def work_dir(store: Store) -> Path:
-    """The encode driver's scratch space in the store; only the writer-lock holder uses it."""
-    return store.root / ".encode"
+    """Where pending-row files live while a run uses them (see `Store.work_dir`)."""
+    return store.work_dir / "pending"
 
 
 # --- private -------------------------------------------------------------------------------
@@ -216,10 +195,16 @@ def _run_jobs(
     config: EncodeConfig, info: dict[str, Any], jobs: dict[str, tuple[Path, int]], loaded: LoadedModel | None,
     reporter: Reporter,
 ) -> EncodeResult:
-    from pipeline.encoding.units import EncodeSpec
-    from pipeline.engines.local import EncodeJob, LocalEngine
+    from pipeline.encoding.jobs import EncodeJob
+    from pipeline.encoding.units import BF16_EMULATED, EncodeSpec, cpu_bf16_native, resolve_device
+    from pipeline.engines.local import LocalEngine
 
-    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels)
+    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels, config.device, config.precision)
+    result = EncodeResult(info["model_key"], config.model.random_weights, config.device,
+                          engine=config.engine, model_loaded=True)
+    if config.precision == "bf16" and config.engine == "local" and resolve_device(config.device).type == "cpu" \
+            and not cpu_bf16_native():
+        result.warnings.append(f"{BF16_EMULATED}; consider --precision fp32.")
     engine: Any
     if config.engine == "ray":
         from pipeline.engines.ray import RayEngine, RayOptions
@@ -227,41 +212,32 @@ def _run_jobs(
         engine = RayEngine(RayOptions(config.ray_address, config.actors, config.gpus_per_actor))
     else:
         engine = LocalEngine(config.workers, loaded)
-    result = EncodeResult(info["model_key"], config.model.random_weights, config.device,
-                          engine=config.engine, model_loaded=True)
+    def run_job(modality: Literal["image", "text"], batch_size: int) -> JobResult | None:
+        path, rows = jobs[modality]
+        if not rows:
+            return None
+        done: JobResult = engine.run(EncodeJob(config.store, spec, modality, path, rows, batch_size,
+                                               config.shard_rows), reporter)
+        result.device = done.device or result.device
+        return done
+
     try:
-        for modality in ("text", "image"):
-            path, rows = jobs[modality]
-            if rows:
-                batch = config.text_batch_size if modality == "text" else config.batch_size
-                job = EncodeJob(config.store, spec, modality, path, rows, batch,  # type: ignore[arg-type]
-                                config.shard_rows, config.device, config.precision)
-                _add(result, modality, engine.run(job, reporter))
+        result.texts = run_job("text", config.text_batch_size)
+        result.images = run_job("image", config.batch_size)
     finally:
         engine.close()
     return result
 
 
-def _add(result: EncodeResult, modality: str, done: EngineResult) -> None:
-    result.device = done.device or result.device
-    result.shards.extend(done.shards)
-    result.quarantined.update(done.quarantined)
-    if modality == "text":
-        result.texts_encoded, result.text_forward_passes = done.encoded, done.forward_passes
-    else:
-        result.images_encoded, result.image_forward_passes = done.encoded, done.forward_passes
-        result.image_seconds = done.seconds
-
-
 def _pending(store: Store, config: EncodeConfig, model_key: str) -> dict[str, tuple[Path, int]]:
     run_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
     out = {}
-    spill = work_dir(store) / "duckdb-tmp"
+    spill = store.work_dir / "duckdb-tmp"
     try:
-        with catalog.connect(store, read_only=True) as con:
+        with catalog.connect(store) as con:
             # the anti-joins, the per-image dedup and the sort spill beyond this. Measured peak RSS of the
             # pending-images query: unbounded 404 MB at 1M rows, 1050 MB at 4M; bounded 369 MB at 1M, 705 at 8M
-            catalog.limit_memory(con, PENDING_MEMORY, spill)
+            duck.limit_memory(con, PENDING_MEMORY, spill)
             queries = (("text", pending_texts_sql()), ("image", pending_images_sql(config.retry_quarantined)))
             for modality, sql in queries:
                 path = pending_dir(store) / f"{modality}-{run_id}.parquet"
@@ -292,16 +268,3 @@ def _sweep_pending(store: Store) -> None:
     if directory.exists():
         for leftover in directory.iterdir():
             leftover.unlink(missing_ok=True)
-
-
-_MOVED = {"Encoder", "resolve_device", "cpu_bf16_native", "BF16_EMULATED", "default_workers"}
-
-
-def __getattr__(name: str) -> Any:
-    """Torch-bound helpers now live in `pipeline.encoding.units`; importing them from here stays
-    possible without making `import pipeline.stages.encode` import torch (the no-op must not)."""
-    if name in _MOVED:
-        from pipeline.encoding import units
-
-        return getattr(units, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.choices import FeatureLayout, VectorDtype
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.features.vectors import cast_into, normalise
@@ -45,17 +46,16 @@ from pipeline.reporting import Reporter, Silent
 from pipeline.sources.common import Unit, parquet_fingerprint, stat_unit
 from pipeline.sources.d3 import DEFAULT_GENERATORS
 from pipeline.sources.generators import canonical
+from pipeline.sources.ledger import assign_split, ledger_queries, ledger_row, text_hash, unread
 from pipeline.sources.webdataset import parse_label
-from pipeline.stages.ingest import assign_split, ledger_queries, ledger_row, text_hash, unread
-from pipeline.store import catalog
+from pipeline.store import writes
 from pipeline.store.atomic import write_parquet
 from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, hex_keys, keys_of
 from pipeline.store.layout import Store, safe_name
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import SAMPLES, SOURCES, embeddings_schema, from_columns, from_rows
 
-Layout = Literal["h5", "clip-retrieval"]
-LAYOUTS: tuple[str, ...] = get_args(Layout)
+LAYOUTS: tuple[str, ...] = get_args(FeatureLayout)
 SLICE_ROWS = 16384  # source rows (h5: 5 images and 2 texts each) read, hashed and written at a time
 _BLOCK_BYTES = 2 << 20  # float32 vectors read, normalised and hashed at a time: the CPU's cache, not fresh pages
 _IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
@@ -65,14 +65,14 @@ _TEXT_SETS = ("original_prompt", "positive_prompt")
 @dataclass(frozen=True)
 class ImportConfig(Validated):
     source: Path
-    layout: Layout
+    layout: FeatureLayout
     store: Store
     model_key: str  # names the model that produced the features, e.g. ViT-L-14__openai__imported
     generators: tuple[str, ...] = DEFAULT_GENERATORS
     generator: str | None = None  # clip-retrieval: the whole source's generator ('real' → label 0)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: str = "0"
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: VectorDtype = "float16"
     wait: bool = True
 
     def check(self) -> None:
@@ -204,7 +204,7 @@ class _Writer:
             pending.result()
 
     def _write(self, tables: list[tuple[pa.Table, Path]]) -> None:
-        catalog.commit(self.store, [write_parquet(table, path) for table, path in tables])
+        writes.commit(self.store, [write_parquet(table, path) for table, path in tables])
 
     def __enter__(self) -> _Writer:
         return self

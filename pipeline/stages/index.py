@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.features.index import IndexConfig, IndexInfo, build_index
 from pipeline.reporting import Reporter, Silent
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 
 __all__ = ["IndexConfig", "IndexInfo", "run"]
 

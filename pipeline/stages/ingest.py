@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol, get_args
 import numpy as np
 import pyarrow as pa
 
+from pipeline.choices import GroupBy, SourceFormat
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
@@ -52,29 +53,24 @@ from pipeline.sources.common import (
     Returning,
     Unit,
     absolute,
-    resume_holds,
 )
 from pipeline.sources.d3 import DEFAULT_GENERATORS, REAL_MISSING, D3Source
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.generators import canonical
+from pipeline.sources.ledger import assign_split, ledger_queries, ledger_row, resume_points, text_hash, unread
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.webdataset import WebdatasetSource
-from pipeline.store import catalog
+from pipeline.store import catalog, duck, writes
 from pipeline.store.atomic import write_parquet
 from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
-from schemas import QUARANTINE, SAMPLES, SOURCES, SPLITS, from_rows
+from pipeline.store.writes import writing
+from schemas import QUARANTINE, SAMPLES, SOURCES, from_rows
 
-Format = Literal["d3", "folder", "webdataset", "manifest"]
-FORMATS: tuple[str, ...] = get_args(Format)
+FORMATS: tuple[str, ...] = get_args(SourceFormat)
 _UNIT_CHUNK = 65_536  # units checked against the ledger at a time
 _RECHECK_BATCH = 65_536  # quarantined rows looked up again at a time
 _RECHECK_MEMORY = "512MB"  # DuckDB's budget for finding them (spills beyond)
-# Keys (see `pipeline.store.keys`) of a ledger row as read by size and time, or by fingerprint, and of a
-# quarantined input: the same SQL over the store's rows and over a batch's, so lookups need no scan.
-_READ_BY_STAT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), size, mtime_ns)"
-_READ_BY_PRINT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), fingerprint)"
 _PROBLEM = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(source_member, chr(1)), "
             "coalesce(source_row::VARCHAR, chr(1)))")
 
@@ -82,13 +78,13 @@ _PROBLEM = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(so
 @dataclass(frozen=True)
 class IngestConfig(Validated):
     source: Path
-    format: Format
+    format: SourceFormat
     store: Store
     real_images: Path | None = None
     generator: str | None = None
     label_map: Path | None = None
     generators: tuple[str, ...] = DEFAULT_GENERATORS
-    group_by: Literal["stem", "image"] = "stem"
+    group_by: GroupBy = "stem"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: str = "0"
     splits_from: Literal["hash", "source"] = "hash"  # `--splits source`: keep the source's own splits
@@ -154,22 +150,6 @@ def open_source(config: IngestConfig) -> Source:
     if config.format == "webdataset":
         return WebdatasetSource(config.source, config.generator, config.label_map, limits)
     return ManifestSource(config.source, limits)
-
-
-def assign_split(group_key: str, fractions: tuple[float, ...], seed: str) -> str:
-    """Deterministic split from a hash of the group key: same key, same split, on any machine."""
-    digest = hashlib.sha256(f"{seed}\x00{group_key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    edge = 0.0
-    for name, fraction in zip(SPLITS, fractions, strict=True):
-        edge += fraction
-        if u < edge:
-            return name
-    return SPLITS[-1]
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -255,7 +235,7 @@ def _missing_real_images(store: Store, source: D3Source, now: datetime) -> Itera
     scratch = store.root / "cache" / f".recheck-{uuid.uuid4().hex[:8]}"
     try:
         with catalog.connect(store) as con:
-            catalog.limit_memory(con, _RECHECK_MEMORY, scratch)
+            duck.limit_memory(con, _RECHECK_MEMORY, scratch)
             con.register("files", pa.table({"uri": [absolute(p) for p in source.files]}))
             reader = con.sql("""
                 WITH q AS (SELECT reason, source_uri, source_member, source_row, recorded_at FROM quarantine
@@ -292,58 +272,6 @@ def _options_digest(config: IngestConfig, source: Source) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def ledger_queries(digest: str) -> dict[str, KeyQuery]:
-    """Key-set queries (for `StoreKeys`) of the ledger rows written with these options."""
-    these = f"options_digest = '{digest}'"  # a hex digest: nothing to escape
-    return {"read by stat": KeyQuery("sources", _READ_BY_STAT, these),
-            "read by print": KeyQuery("sources", _READ_BY_PRINT, f"{these} AND fingerprint IS NOT NULL")}
-
-
-def resume_points(store: Store, digest: str, files: list[Path]) -> dict[str, Resume]:
-    """Where each growing file's next read starts (by uri): the resume point of its latest ledger row
-    with these options, if the bytes before it are still those read (taken on trust, with no read,
-    when the file's size and time are those the row recorded). One query over the ledger."""
-    if not files or not catalog.shard_paths(store, "sources"):
-        return {}
-    paths = {absolute(p): p for p in files}
-    latest = catalog.query_with(store, """
-        SELECT source_uri, size, mtime_ns, resume_offset, resume_tail, resume_rows FROM sources
-        WHERE options_digest = ? AND source_uri IN (SELECT uri FROM growing)
-        QUALIFY row_number() OVER (PARTITION BY source_uri ORDER BY recorded_at DESC) = 1
-    """, {"growing": pa.table({"uri": list(paths)})}, [digest])
-    points: dict[str, Resume] = {}
-    for row in latest.to_pylist():
-        if row["resume_offset"] is None:
-            continue  # read before this ledger kept resume points, or a file that cannot be resumed
-        point = Resume(row["resume_offset"], row["resume_tail"], row["resume_rows"] or 0)
-        try:
-            st = paths[row["source_uri"]].stat()
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) or resume_holds(row["source_uri"], point):
-            points[row["source_uri"]] = point
-    return points
-
-
-def unread(units: list[Unit], known: StoreKeys) -> list[Unit]:
-    """The units the ledger does not hold as read, unchanged (same path, size and time, or same
-    fingerprint), with the options of `known`'s `ledger_queries`: a lookup in key sets, no scan."""
-    if not units or not catalog.shard_paths(known.store, "sources"):
-        return units
-    table = pa.table({
-        "source_uri": [u.uri for u in units],
-        "size": pa.array([u.size for u in units], pa.int64()),
-        "mtime_ns": pa.array([u.mtime_ns for u in units], pa.int64()),
-        "fingerprint": pa.array([u.fingerprint for u in units], pa.string()),
-        "extra": pa.array([u.extra for u in units], pa.string()),
-    })
-    read = known.get("read by stat").contains(keys_of(table, _READ_BY_STAT))
-    printed = np.array([u.fingerprint is not None for u in units])
-    if printed.any():
-        read |= printed & known.get("read by print").contains(keys_of(table, _READ_BY_PRINT))
-    return [u for u, done in zip(units, read, strict=True) if not done]
-
-
 def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime, known: StoreKeys) -> None:
     """De-duplicate the chunk against itself and the store, then write and commit it at once:
     samples, quarantine and the ledger rows of units finished (ledger last, so a kill re-reads)."""
@@ -362,7 +290,7 @@ def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime,
         written.append(write_parquet(from_rows(SOURCES, pending.units),
                                      store.new_shard(store.dataset_dir("sources"), "sources")))
     if written:
-        catalog.commit(store, written)
+        writes.commit(store, written)
     if samples:  # later chunks of this run (and later runs) must find them
         known.add("samples", keys_of(pa.array([r["sample_id"] for r in samples], pa.string())))
     if problems:
@@ -543,24 +471,6 @@ def _conflict_row(row: dict[str, Any], other: str, other_label: int, now: dateti
         "source_member": row["source_member"],
         "source_row": row["source_row"],
         "recorded_at": now,
-    }
-
-
-def ledger_row(unit: Unit, digest: str, items: int, now: datetime,
-               resume: Resume | None = None) -> dict[str, Any]:
-    """The ledger row of a unit read; `resume`: where the next read of its (growing) file starts."""
-    return {
-        "source_uri": unit.uri,
-        "size": unit.size,
-        "mtime_ns": unit.mtime_ns,
-        "fingerprint": unit.fingerprint,
-        "extra": unit.extra,
-        "options_digest": digest,
-        "items": items,
-        "recorded_at": now,
-        "resume_offset": resume.offset if resume else None,
-        "resume_tail": resume.tail if resume else None,
-        "resume_rows": resume.rows if resume else None,
     }
 
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
+from pipeline.choices import LandscapeDims
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
+from pipeline.evaluation.loss import evaluation_loss, evaluation_set
 from pipeline.features.view import feature_table
 from pipeline.present.figures import DPI, FIG_SIZE, figure, save_png
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import evaluation_loss, evaluation_set, load_run
+from pipeline.runs.record import load_run
 from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
 
@@ -32,7 +33,7 @@ from pipeline.store.layout import Store
 class LandscapeConfig(Validated):
     store: Store
     runs: tuple[str, ...]
-    dims: Literal[1, 2] = 1
+    dims: LandscapeDims = 1
     steps: int | None = None  # points per axis; default 41 (1-D) or 17 (2-D)
     span: float = 1.0  # coordinates run over [-span, span]
     seed: int = 0
@@ -110,7 +111,7 @@ def run(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeR
     reporter.start("landscape", len(config.runs) * steps**config.dims, "points")
     for run_id in config.runs:
         run_config, model, metrics = load_run(config.store, run_id)
-        table = feature_table(config.store, metrics["model_key"], run_config.pairing)
+        table = feature_table(config.store, metrics.model_key, run_config.pairing)
         x, y, _ = evaluation_set(table, run_config.features, run_config.input_norm)
         gen = torch.Generator().manual_seed(config.seed)
         directions = [filter_normalised_direction(model, gen) for _ in range(config.dims)]
@@ -121,8 +122,8 @@ def run(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeR
         losses = surface(model, x, y, loss_of, directions, coords, reporter)
         centre = float(losses[(steps // 2,) * config.dims])
         label = run_config.name or ("SAM" if run_config.fit.sam else "no SAM")
-        surfaces.append(RunSurface(run_id, f"{label} ({run_id[-13:]})", losses, centre, metrics.get("eval_loss")))
-        random_weights = random_weights or bool(metrics.get("random_weights"))
+        surfaces.append(RunSurface(run_id, f"{label} ({run_id[-13:]})", losses, centre, metrics.eval_loss))
+        random_weights = random_weights or bool(metrics.random_weights)
     name = "landscape-" + "-vs-".join(r[-13:] for r in config.runs) + f"-{config.dims}d"
     png = config.output or config.store.root / "reports" / f"{name}.png"
     _plot(png, coords, surfaces, config.dims, random_weights)

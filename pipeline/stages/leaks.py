@@ -31,15 +31,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Validated, at_least, within
-from pipeline.errors import PipelineError
 from pipeline.features.index import DEFAULT_MAX_MEMORY, OpenIndex, open_index
+from pipeline.features.leaks import DEFAULT_THRESHOLD, META_FINGERPRINT, META_THRESHOLD
 from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open_matrix, shards_of
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import catalog
+from pipeline.store import catalog, duck, writes
 from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import LEAKS, SPLITS, from_columns
 
 SPLIT_ORDER = {split: i for i, split in enumerate(SPLITS)}
@@ -50,15 +50,7 @@ QUERY_ROWS = 16384  # matrix rows whose val/test images are searched at a time
 # recall of the pairs at nprobe 1 / 2 / 4 / 8 was 0.998 / 0.9995 / 1 / 1 (2,000 pairs, 100k
 # samples) and 1 / 1 / 1 / 1 (4,000 pairs, 200k); those indexes reached recall@10 0.99 at nprobe 1.
 LEAK_NPROBE = 4
-# A compressed index (PQ, SQ8) only proposes neighbours: its scores are no test of the threshold.
-# Measured (bench/leak_recall.py, 100k images, IVF98,PQ384x4fs): the codes scored planted pairs
-# 0.06-0.16 below their exact cosine (all 2,000 were in the top 11), so a scan trusting them found
-# 3% of the pairs. Every hit of a compressed index is scored again exactly from the vectors
-# (k + 1 rows gathered per image) and kept if that score reaches the threshold.
-DEFAULT_THRESHOLD = 0.95
 DUCKDB_MEMORY = "512MB"  # the grouping of every sample id (exact duplicates) spills beyond this
-_META_THRESHOLD = b"pipeline.leak_threshold"
-_META_FINGERPRINT = b"pipeline.embeddings_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -81,6 +73,7 @@ class LeakConfig(Validated):
 @dataclass
 class LeakResult:
     model_key: str
+    random_weights: bool | None
     threshold: float
     index_kind: str
     recall_at_10: float | None
@@ -117,7 +110,7 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     directory = store.dataset_dir("leaks") / model_key
     prefix = f"image-t{config.threshold:.4f}-"
     path = directory / f"{prefix}{fp}.parquet"
-    meta = {_META_THRESHOLD: str(config.threshold).encode(), _META_FINGERPRINT: fp.encode()}
+    meta = {META_THRESHOLD: str(config.threshold).encode(), META_FINGERPRINT: fp.encode()}
     schema = LEAKS.with_metadata({**(LEAKS.metadata or {}), **meta})
     reporter.start("leaks", queries, "images")
 
@@ -129,10 +122,10 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
                 out.write_table(table.cast(schema))
 
     atomic_write(path, write)
-    catalog.commit(store, [path])
+    writes.commit(store, [path])
     stale = [p for p in directory.glob(f"{prefix}*.parquet") if p != path]
     if stale:
-        catalog.forget(store, stale)
+        writes.forget(store, stale)
     for p in stale:
         p.unlink()
     counts = catalog.query(
@@ -142,36 +135,8 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
         [str(path)],
     )
     total = pq.read_metadata(path).num_rows
-    return LeakResult(model_key, config.threshold, index.info.kind, index.info.recall_at_10, queries, total,
-                      counts, path)
-
-
-def leaking_ids(store: Store, model_key: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[set[str], str]:
-    """Evaluation samples (val/test) with a near or exact duplicate in an earlier split.
-
-    Uses the scan of `pipeline leaks` at the lowest threshold ≤ `threshold`; returns the ids and
-    the scan's fingerprint. Refuses when no scan exists or the embeddings changed since.
-    """
-    scans = []
-    for path in sorted((store.dataset_dir("leaks") / model_key).glob("image-t*.parquet")):
-        meta = pq.read_schema(path).metadata or {}
-        t = float(meta.get(_META_THRESHOLD, b"nan"))
-        if t <= threshold + 1e-9:
-            scans.append((t, path, meta.get(_META_FINGERPRINT, b"").decode()))
-    if not scans:
-        raise PipelineError(
-            f"No leak scan of {model_key} at threshold {threshold} or below: run "
-            f"`pipeline leaks --model-key {model_key} --threshold {threshold}` first."
-        )
-    _, path, scanned = min(scans)
-    current = fingerprint(store, shards_of(store, model_key, "image"))
-    if scanned != current:
-        raise PipelineError(
-            f"The embeddings of {model_key} changed since `pipeline leaks` ran; run it again."
-        )
-    table = pq.read_table(path, columns=["sample_b", "similarity"])
-    keep = table.filter(pc.greater_equal(table.column("similarity"), pa.scalar(threshold, pa.float32())))
-    return set(keep.column("sample_b").to_pylist()), f"{path.name}@{threshold}"
+    return LeakResult(model_key, store.model_info(model_key).get("random_weights"), config.threshold,
+                      index.info.kind, index.info.recall_at_10, queries, total, counts, path)
 
 
 # --- private -------------------------------------------------------------------------------
@@ -250,7 +215,7 @@ def _exact_pairs(store: Store, model_key: str, threshold: float) -> Iterator[pa.
         FROM first f JOIN coded c ON c.sample_id = f.sample_id AND c.o > f.o
     """
     with catalog.connect(store) as con:
-        catalog.limit_memory(con, DUCKDB_MEMORY, store.root / "cache" / "duckdb-tmp")
+        duck.limit_memory(con, DUCKDB_MEMORY, store.root / "cache" / "duckdb-tmp")
         for batch in con.sql(sql).to_arrow_reader(65536):
             if batch.num_rows:
                 yield from_columns(LEAKS, {

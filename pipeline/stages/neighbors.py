@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.choices import Modality
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.features.index import OpenIndex, open_index
@@ -24,7 +24,7 @@ from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class NeighborQuery(Validated):
     k: int = 10
     model_key: str | None = None
     run_id: str | None = None
-    modality: Literal["image", "text"] = "image"
+    modality: Modality = "image"
     wait: bool = True
 
     def check(self) -> None:
@@ -82,8 +82,8 @@ def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
     import torch
 
     from pipeline.encoding.clip import ModelSpec, load
+    from pipeline.encoding.units import Encoder
     from pipeline.sources.images import UndecodableImage, decode_rgb
-    from pipeline.stages.encode import Encoder
 
     info = store.model_info(model_key)
     if not info.get("architecture"):

@@ -31,12 +31,12 @@ from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.images import UndecodableImage, decode_rgb
 from pipeline.sources.locations import Location, LocationReader
-from pipeline.sources.perturb import Perturbation, parse_ops
-from pipeline.store import catalog
+from pipeline.sources.perturbations import Perturbation, parse_ops
+from pipeline.store import catalog, duck, writes
 from pipeline.store.atomic import write_bytes, write_parquet
 from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store, safe_name
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import SAMPLES, SPLITS, from_rows
 
 FLUSH_ROWS = 2000  # derived sample rows per samples shard
@@ -160,7 +160,7 @@ def _sources(store: Store, config: PerturbConfig) -> Iterator[tuple[int, Iterato
     spill = store.root / "cache" / f"perturb-tmp-{os.getpid()}"
     try:
         with catalog.connect(store) as con:
-            catalog.limit_memory(con, DUCKDB_MEMORY, spill)
+            duck.limit_memory(con, DUCKDB_MEMORY, spill)
             splits = list(config.splits)
             total = con.execute(f"SELECT count(*) FROM ({chosen})", splits).fetchall()[0][0]
             if not total and not con.execute(f"SELECT 1 FROM samples WHERE split IN ({placeholders}) LIMIT 1",
@@ -190,7 +190,7 @@ def _flush(store: Store, pending: list[dict[str, Any]]) -> int:
     if not pending:
         return 0
     shard = write_parquet(from_rows(SAMPLES, pending), store.new_shard(store.dataset_dir("samples"), "derived"))
-    catalog.commit(store, [shard])
+    writes.commit(store, [shard])
     n = len(pending)
     pending.clear()
     return n

@@ -13,26 +13,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import shortcuts
+from pipeline.choices import Split
 from pipeline.config import Validated, within
 from pipeline.errors import PipelineError
+from pipeline.evaluation import alarms, bootstrap
+from pipeline.evaluation.results import RunMetrics
+from pipeline.evaluation.scores import GroupKeys, ScoreArrays, ScoreCollector
+from pipeline.features.leaks import leaking_ids
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter
-from pipeline.runs import GroupKeys, ScoreArrays, ScoreCollector, load_run_record
+from pipeline.runs.record import load_run_record
 from pipeline.sources.locations import Location, LocationReader
-from pipeline.stages.train import bootstrap_replicates
-from pipeline.store import catalog
+from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
-from trainer.metrics import METRICS, confusion, evaluate_by_generator, summary
+from trainer.metrics import METRICS, confusion
 
 GALLERY = 6  # false positives and as many false negatives
 
@@ -53,7 +56,7 @@ class ReportConfig(Validated):
     store: Store
     run_id: str
     output: Path | None = None  # default STORE/reports/run-RUN
-    split: Literal["train", "val", "test"] = "test"
+    split: Split = "test"
     threshold: float = 0.5
     exclude_leaks: bool = False
 
@@ -63,73 +66,74 @@ class ReportConfig(Validated):
 
 def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
     store, run_id, output, split, threshold = cfg.store, cfg.run_id, cfg.output, cfg.split, cfg.threshold
-    exclude_leaks = cfg.exclude_leaks
     config, metrics = load_run_record(store, run_id)
     leaking: set[str] = set()
-    excluded_note = ""
-    if exclude_leaks:
-        from pipeline.stages.leaks import leaking_ids
-
-        leaking, _ = leaking_ids(store, metrics["model_key"], config.leak_threshold)
+    if cfg.exclude_leaks:
+        leaking, _ = leaking_ids(store, metrics.model_key, config.leak_threshold)
     read = _read_scores(store, run_id, split, leaking)
     if read is None:
         raise PipelineError(f"Run {run_id} has no scores in the {split!r} split.")
     s, groups, fp, fn = read
-    if exclude_leaks:
-        excluded_note = (f"{int(s.excluded.sum())} leaking {split} samples excluded "
-                         f"(similarity ≥ {config.leak_threshold}).")
     keep = ~s.excluded
     y = s.label[keep].astype(bool)
     p = s.score[keep].astype(np.float64)
     gens = np.array(s.generators, object)[s.generator[keep]]  # one name object per generator, not per row
     groups = groups[keep]
-    n_boot = bootstrap_replicates(len(y))
+    stored = metrics.split(split)
+    recomputed = cfg.exclude_leaks and not config.exclude_leaks
+    if recomputed:  # the run kept its leaking samples: these numbers are new ones, drawn by the same policy
+        intervals = bootstrap.by_generator(y, p, gens, groups, config.seed, split)
+        n_boot = bootstrap.bootstrap_replicates(len(y))
+        basis = (f"recomputed without the {int(s.excluded.sum())} leaking {split} samples (similarity ≥ "
+                 f"{config.leak_threshold}); the run's stored numbers include them")
+    else:  # the run's own numbers, as stored: the `metrics` view shows the same
+        intervals = stored.intervals
+        n_boot = stored.bootstrap.replicates if stored.bootstrap else 0
+        basis = f"as the run recorded them (n = {stored.n} {split} samples when it was trained)"
     directory = output or store.root / "reports" / f"run-{run_id}"
     result = ReportResult(directory)
-    rw = metrics.get("random_weights")
-    stats = summary(y, p, gens, threshold)
-    per_gen = cast(dict[str, float], stats["auc_by_generator"])
+    rw = metrics.random_weights
     result.files.append(figures.roc(directory / "roc.png", y, p, gens, split, rw))
-    rng = np.random.default_rng(config.seed)
-    by_gen = evaluate_by_generator(y, p, gens, groups, threshold, rng, n_boot)
-    cells = {g: by_gen[g]["auc"].as_dict() for g in [*per_gen, "all"]}
+    names = [g for g in intervals if g != "all"]
+    cells = {g: intervals[g]["auc"].as_dict() for g in [*names, "all"] if "auc" in intervals.get(g, {})}
     result.files.append(figures.bars_ci(directory / "auc_by_generator.png", cells,
                                         f"{split} ROC AUC per generator (each against all real)", rw))
     result.files.append(figures.histograms(directory / "scores.png", y, p, gens, split, rw))
     result.files.append(figures.confusion(directory / "confusion.png", confusion(y, p, threshold), threshold, rw))
-    if metrics.get("history"):
-        result.files.append(figures.learning_curve(directory / "learning_curve.png", metrics["history"],
-                                                   metrics.get("best_epoch"), rw))
-    chosen = (metrics.get("test", {}).get("at_val_threshold") or {}).get("threshold", threshold)
-    alarm = result.alarm = _text_alarm(store, config, metrics)
+    if metrics.history:
+        result.files.append(figures.learning_curve(directory / "learning_curve.png", list(metrics.history),
+                                                   metrics.best_epoch, rw))
+    chosen_at = metrics.test.at_val_threshold
+    chosen = chosen_at.threshold if chosen_at else threshold
+    alarm = result.alarm = alarms.text_alarm_for(store, config.features, config.pairing, metrics)
     n_fp, n_fn = int(np.sum(~y & (p > chosen))), int(np.sum(y & (p <= chosen)))
     gallery = _gallery(store, config, metrics, fp + fn, len(fp), (n_fp, n_fn), directory, chosen)
-    then = int(metrics.get(split, {}).get("n") or 0)  # the split's samples when the run was trained
+    then = stored.n  # the split's samples when the run was trained
+    overall = intervals.get("all", {})
     body = [
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
-        html.banner(metrics.get("random_weights")),
+        html.banner(metrics.random_weights),
         f'<p class="alarm">{html.e(alarm)}</p>' if alarm else "",
-        f'<p class="alarm">{html.e(small)}</p>' if (small := shortcuts.small_sample_note(metrics.get("test", {})))
-        else "",
-        f"<p>Model key <code>{html.e(metrics.get('model_key'))}</code>; detector {html.e(config.detector)}; "
+        f'<p class="alarm">{html.e(small)}</p>' if (small := alarms.small_sample_note(metrics.test)) else "",
+        f"<p>Model key <code>{html.e(metrics.model_key)}</code>; detector {html.e(config.detector)}; "
         f"features {html.e(config.features)}; text pairing {html.e(config.pairing)}. Figures on the "
-        f"<b>{html.e(split)}</b> split "
-        f"({len(y)} samples). {html.e(excluded_note)}</p>",
+        f"<b>{html.e(split)}</b> split ({len(y)} samples).</p>",
         "<h2>Metrics</h2>",
         f"<p>× 100, with 95% group-bootstrap intervals ({n_boot} replicates; a real image and the images "
-        f"generated from its caption are resampled together); n = {len(y)} {html.e(split)} samples. "
-        f"Thresholded metrics at {threshold}.</p>",
-        html.table(["metric", f"{split}"], [[m, _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
+        f"generated from its caption are resampled together), {html.e(basis)}. Thresholded metrics at 0.5; "
+        f"the confusion matrix at {threshold}.</p>",
+        html.table(["metric", f"{split}"], [[m, _cell(overall[m].as_dict())] for m in METRICS if m in overall]),
         _threshold_note(metrics),
-        f"<p>As the run was trained ({then} {html.e(split)} samples then; the figures above also count the "
-        f"{len(y) - then} scored since by <code>pipeline score</code>):</p>" if 0 < then < len(y) else "",
+        f"<p>The figures also count the {len(y) - then} {html.e(split)} samples scored since by "
+        "<code>pipeline score</code>; the tables do not.</p>" if 0 < then < len(y) and not recomputed else "",
         html.table(["split", "n", "ROC AUC", "AP", "accuracy @ 0.5"],
-                   [html.metric_row(s, metrics.get(s, {})) for s in ("train", "val", "test")]),
+                   [html.metric_row(name, metrics.split(name)) for name in ("train", "val", "test")]),
         "<h2>Per generator</h2>",
         html.table(["generator", "n", f"{split} ROC AUC", "AP", "EER", "TPR @ 1% FPR"],
-                   [[g, by_gen[g]["auc"].n, _cell(by_gen[g]["auc"].as_dict()), _cell(by_gen[g]["ap"].as_dict()),
-                     _cell(by_gen[g]["eer"].as_dict()), _cell(by_gen[g]["tpr_at_fpr_1"].as_dict())]
-                    for g in [*per_gen, "all"]]),
+                   [[g, intervals[g]["auc"].n, _cell(intervals[g]["auc"].as_dict()),
+                     _cell(intervals[g]["ap"].as_dict()), _cell(intervals[g]["eer"].as_dict()),
+                     _cell(intervals[g]["tpr_at_fpr_1"].as_dict())]
+                    for g in [*names, "all"] if g in intervals]),
         '<div class="figs">' + "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in result.files) + "</div>",
         "<h2>Errors</h2>" + gallery,
         "<h2>History</h2>" + html.history(metrics),
@@ -147,12 +151,12 @@ def _cell(cell: dict[str, Any]) -> str:
     return text
 
 
-def _threshold_note(metrics: dict[str, Any]) -> str:
-    chosen = metrics.get("test", {}).get("at_val_threshold")
+def _threshold_note(metrics: RunMetrics) -> str:
+    chosen = metrics.test.at_val_threshold
     if not chosen:
         return ""
-    rows = [[m, _cell(c)] for m, c in chosen["metrics"].items()]
-    return (f"<p>At the threshold chosen on val (balanced accuracy, t = {chosen['threshold']:.3f}) and applied "
+    rows = [[m, _cell(c.as_dict())] for m, c in chosen.metrics.items()]
+    return (f"<p>At the threshold chosen on val (balanced accuracy, t = {chosen.threshold:.3f}) and applied "
             "to test:</p>" + html.table(["metric", "test"], rows))
 
 
@@ -169,7 +173,7 @@ def _read_scores(store: Store, run_id: str, split: str, leaking: set[str]
         with catalog.connect(store) as con:
             rel = con.sql("SELECT sample_id, split, label, generator, score FROM scores WHERE run_id = $run "
                           "AND split = $split", params={"run": run_id, "split": split})
-            for batch in rel.to_arrow_reader(1 << 16):
+            for batch in duck.batches(rel, 1 << 16):
                 rows = pa.Table.from_batches([batch])
                 score = rows.column("score").to_numpy()
                 collected.write(rows, score)
@@ -202,15 +206,7 @@ def _top(kept: list[Pick], ids: pa.ChunkedArray, score: np.ndarray, mask: np.nda
     return sorted(both, key=lambda t: (-t[2] if highest else t[2], t[3]))[:GALLERY]
 
 
-def _text_alarm(store: Store, config: Any, metrics: dict[str, Any]) -> str | None:
-    """The shortcut sentence, from this run if it is text-only, else from a text-only run beside it."""
-    if config.features == "text":
-        return shortcuts.text_alarm(metrics.get("test", {}))
-    found = shortcuts.text_only_summary(store, metrics["model_key"], config.pairing)
-    return shortcuts.text_alarm(found[1], metrics.get("test", {})) if found else None
-
-
-def _gallery(store: Store, config: Any, metrics: dict[str, Any], picks: list[Pick], n_fp_shown: int,
+def _gallery(store: Store, config: Any, metrics: RunMetrics, picks: list[Pick], n_fp_shown: int,
              errors: tuple[int, int], directory: Path, threshold: float) -> str:
     """Thumbnails of the most confident mistakes at `threshold`, each beside its nearest training image."""
     if not picks:
@@ -263,11 +259,11 @@ def _thumb(reader: LocationReader, row: dict[str, Any], directory: Path) -> str:
     return f'<img src="gallery/{path.name}" alt="{html.e(row["sample_id"][:12])}">'
 
 
-def _nearest_training(store: Store, config: Any, metrics: dict[str, Any],
+def _nearest_training(store: Store, config: Any, metrics: RunMetrics,
                       picked: list[str]) -> dict[str, tuple[str, float]]:
     """Each picked sample's most similar training image (cosine of image embeddings), by one streaming pass."""
     try:
-        table = feature_table(store, metrics["model_key"], config.pairing)
+        table = feature_table(store, metrics.model_key, config.pairing)
     except PipelineError:
         return {}
     wanted = set(picked)

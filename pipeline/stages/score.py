@@ -9,13 +9,14 @@ import pyarrow as pa
 
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
+from pipeline.evaluation.scores import ScoreWriter, bound_memory
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import ScoreWriter, bound_memory, load_run
-from pipeline.store import catalog
+from pipeline.runs.record import load_run
+from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import SPLITS
 from trainer.fit import predict
 
@@ -46,7 +47,7 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
     reporter = reporter or Silent()
     store, run_id = cfg.store, cfg.run_id
     config, model, metrics = load_run(store, run_id)
-    model_key = metrics["model_key"]
+    model_key = metrics.model_key
     if model_key not in catalog.model_keys(store):
         raise PipelineError(f"Run {run_id} needs embeddings of {model_key}, which this store lacks.")
     table = feature_table(store, model_key, config.pairing, reporter=reporter)
@@ -73,7 +74,7 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
         if not writer.rows:
             return ScoreResult(run_id, 0, already)
         with writing(store, reporter, cfg.wait):
-            catalog.commit(store, [writer.publish()])
+            writes.commit(store, [writer.publish()])
     finally:
         writer.discard()
     return ScoreResult(run_id, writer.rows, already)

@@ -23,10 +23,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.choices import SqlFormat
 from pipeline.config import Validated
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.reporting import Reporter
 from pipeline.store import catalog
+from pipeline.store import manifest as manifests
 from pipeline.store.atomic import atomic_write
 from pipeline.store.layout import Store
 from schemas import TABLES
@@ -40,11 +42,32 @@ class SqlConfig(Validated):
     store: Store
     query: str
     allow_files: bool = False  # let a plain SELECT read files outside the store
+    format: SqlFormat = "table"  # table: for the terminal | csv, json: text | parquet: a file
+    output: Path | None = None  # a file outside the store (parquet needs one)
+
+    def check(self) -> None:
+        if self.format == "parquet" and self.output is None:
+            raise PipelineError("--format parquet writes a file: give --output FILE.")
+        if self.output is not None:
+            check_output(self.store, self.output)
 
 
-def run(config: SqlConfig, reporter: Reporter | None = None) -> pa.Table:
-    """Run one query that cannot write or fetch anything and return its result."""
-    return run_query(config.store, config.query, config.allow_files)
+@dataclass
+class SqlResult:
+    table: pa.Table
+    written: Path | None = None  # the --output file
+    text: str | None = None  # csv or json for stdout
+
+
+def run(config: SqlConfig, reporter: Reporter | None = None) -> SqlResult:
+    """Run one query that cannot write or fetch anything; write or format its result as asked."""
+    table = run_query(config.store, config.query, config.allow_files)
+    if config.output is not None:
+        return SqlResult(table, written=export(table, config.output, "parquet" if config.format == "table"
+                                               else config.format))
+    if config.format != "table":
+        return SqlResult(table, text=to_text(table, config.format))
+    return SqlResult(table)
 
 
 def run_query(store: Store, sql: str, allow_files: bool = False) -> pa.Table:
@@ -52,7 +75,7 @@ def run_query(store: Store, sql: str, allow_files: bool = False) -> pa.Table:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise PipelineError(f"The query does not parse: {_first_line(exc)}") from exc
+        raise PipelineError(f"The query does not parse: {first_line(exc)}") from exc
     if len(statements) != 1:
         raise PipelineError(f"Give exactly one statement, not {len(statements)}.")
     kind = statements[0].type.name
@@ -60,9 +83,8 @@ def run_query(store: Store, sql: str, allow_files: bool = False) -> pa.Table:
     if kind not in (_ALLOWED if not allow_files else {"SELECT"}):
         what = "a plain SELECT" if allow_files else "SELECT or EXPLAIN"
         raise PipelineError(f"`pipeline sql` is read-only: a {kind} statement is not allowed, only {what}.")
-    catalog.require_store(store)
-    manifest = catalog.read_manifest(store)
-    catalog.check_shards(store, manifest)
+    manifests.require_store(store)
+    manifest = catalog.snapshot(store).manifest
     con = sandbox(allow_files)
     try:
         _register(con, store, manifest)
@@ -70,12 +92,12 @@ def run_query(store: Store, sql: str, allow_files: bool = False) -> pa.Table:
     except duckdb.PermissionException as exc:
         raise PipelineError(
             "`pipeline sql` reads only the store's tables: "
-            f"{_first_line(exc).removeprefix('Permission Error: ')}"
+            f"{first_line(exc).removeprefix('Permission Error: ')}"
             + ("" if allow_files or kind != "SELECT" else " (pass --allow-files to let a SELECT read other files)")
             + "."
         ) from exc
     except duckdb.Error as exc:
-        raise PipelineError(f"The query failed: {_first_line(exc)}.") from exc
+        raise PipelineError(f"The query failed: {first_line(exc)}.") from exc
     finally:
         con.close()
 
@@ -136,7 +158,7 @@ def to_text(table: pa.Table, fmt: str) -> str:
     raise PipelineError(f"--format {fmt} cannot be printed: give --output FILE.")
 
 
-def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: catalog.Manifest) -> None:
+def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.Manifest) -> None:
     """Each table as an Arrow dataset over its committed shards: DuckDB reads through Arrow, never
     opening a file itself. Files lacking newer columns read them as NULL (the declared schema)."""
     root = store.root.resolve()
@@ -176,7 +198,3 @@ def _flat(table: pa.Table) -> pa.Table:
             col = pa.array([json.dumps(v) for v in col.to_pylist()], pa.string())
         cols.append(col)
     return pa.Table.from_arrays(cols, names=table.column_names)
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0].rstrip(".")

@@ -20,7 +20,8 @@ from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter
 from pipeline.sources.common import RESOLVED
-from pipeline.store import catalog
+from pipeline.store import catalog, duck
+from pipeline.store import manifest as manifests
 from pipeline.store.layout import Store
 from schemas import SAMPLES
 
@@ -60,10 +61,10 @@ class StatusConfig(Validated):
 
 def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
     """What the store holds; reads only (never waits for a writer, never changes the catalog)."""
-    manifest = catalog.read_manifest(config.store)
+    manifest = catalog.snapshot(config.store).manifest
     with catalog.connect(config.store) as con:  # one connection: its views are set up once
         spill = Path(tempfile.gettempdir()) / f"pipeline-status-{os.getpid()}"
-        catalog.limit_memory(con, DUCKDB_MEMORY, spill)
+        duck.limit_memory(con, DUCKDB_MEMORY, spill)
         try:
             return _status(config.store, manifest,
                            lambda sql, params=None: con.sql(sql, params=params or None).to_arrow_table())
@@ -71,7 +72,7 @@ def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
             shutil.rmtree(spill, ignore_errors=True)
 
 
-def _status(store: Store, manifest: catalog.Manifest, q: Callable[..., pa.Table]) -> StoreStatus:
+def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Table]) -> StoreStatus:
     """Counts are sums of the manifest's per-shard counts; rows are read only where they cannot be:
     the distinct texts, and the samples that a label conflict takes out of the `samples` view.
 
@@ -82,7 +83,7 @@ def _status(store: Store, manifest: catalog.Manifest, q: Callable[..., pa.Table]
     quarantine = _unresolved(_sum(store, manifest, "quarantine"))
     conflicts = sum(n for (_, reason), n in quarantine.items() if reason == "label_conflict")
     if conflicts:
-        excluded = q(f"SELECT {', '.join(catalog.COUNTED['samples'])}, count(*) FROM samples_all "
+        excluded = q(f"SELECT {', '.join(manifests.COUNTED['samples'])}, count(*) FROM samples_all "
                      f"WHERE sample_id IN ({_CONFLICTS}) GROUP BY ALL").to_pylist()
         for row in excluded:
             *key, n = row.values()
@@ -141,13 +142,13 @@ _ORPHAN_TEXTS = f"""
 """
 
 
-def _sum(store: Store, manifest: catalog.Manifest, dataset: str, model_key: str | None = None
+def _sum(store: Store, manifest: manifests.Manifest, dataset: str, model_key: str | None = None
          ) -> Counter[tuple[Any, ...]]:
-    """The dataset's rows by `catalog.COUNTED[dataset]`, from the manifest (or, for shards committed
+    """The dataset's rows by `manifests.COUNTED[dataset]`, from the manifest (or, for shards committed
     before the manifest kept counts, from the shards themselves)."""
     total: Counter[tuple[Any, ...]] = Counter()
     for shard in manifest.of(dataset, model_key):
-        counts = shard.counts if shard.counts is not None else catalog.count_rows(store.root / shard.path, dataset)
+        counts = shard.counts if shard.counts is not None else manifests.count_rows(store.root / shard.path, dataset)
         for *key, n in counts:
             total[tuple(key)] += n
     return total

@@ -12,47 +12,38 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
+from pipeline.evaluation import alarms
+from pipeline.evaluation.bootstrap import summarise_splits, validation_summary
+from pipeline.evaluation.loss import evaluation_loss, evaluation_set
+from pipeline.evaluation.results import LeftOut, RunMetrics
+from pipeline.evaluation.scores import (
+    GroupKeys,
+    ScoreCollector,
+    ScoreSink,
+    ScoreWriter,
+    bound_memory,
+    score_batches,
+    seen_by,
+)
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import (
-    GroupKeys,
-    ScoreArrays,
-    ScoreCollector,
-    ScoreWriter,
-    TrainConfig,
-    bound_memory,
-    config_hash,
-    evaluation_loss,
-    evaluation_set,
-    existing_run,
-    run_metrics,
-    write_run,
-)
+from pipeline.runs.config import TrainConfig, config_hash
+from pipeline.runs.record import existing_run, run_metrics, write_run
 from pipeline.store import catalog
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import SPLITS
-from trainer.fit import FitConfig, build_model, fit, predict
-from trainer.metrics import choose_threshold, evaluate, evaluate_by_generator, summary
+from trainer.fit import build_model, fit
 
 KNN_SLICE_ROWS = 65_536  # kNN scores reach the score sinks this many rows at a time
-
-
-class ScoreSink(Protocol):
-    """Where scored batches go: `ScoreWriter` (the run's score shard), `ScoreCollector` (numbers for
-    metrics), `GroupKeys` (group keys, ranked once scoring is done)."""
-
-    def write(self, rows: pa.Table, scores: np.ndarray) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,10 +60,18 @@ class TrainJob(Validated):
 class TrainResult:
     run_id: str
     config_hash: str
-    model_key: str
-    random_weights: bool | None
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     skipped: bool = False  # a run with the same config hash already existed
+    alarms: list[str] = field(default_factory=list)  # sentences: shortcuts that make the numbers mislead
+    warnings: list[str] = field(default_factory=list)  # sentences: how the run was made (e.g. emulated bf16)
+
+    @property
+    def model_key(self) -> str:
+        return self.metrics.model_key
+
+    @property
+    def random_weights(self) -> bool | None:
+        return self.metrics.random_weights
 
 
 def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
@@ -92,7 +91,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
     chash = config_hash(config, model_key, table, leak_scan)
     random_weights = store.model_info(model_key).get("random_weights")
     if job.skip_existing and (found := existing_run(store, chash)):
-        return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
+        return _result(store, config, found, chash, run_metrics(store, found), skipped=True)
 
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
     # Scores stream to a temp file as they are computed; metrics see numbers only (`ScoreArrays`).
@@ -106,32 +105,42 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
             extra, state = _fit_mlp(table, config, excluded, reporter, sinks)
         scores = collector.arrays()
         scores.group = keys.codes()
-        metrics = {
-            "model_key": model_key,
-            "random_weights": random_weights,
-            "detector": config.detector,
-            "features": config.features,
-            "pairing": config.pairing,
-            **extra,
-            **_summaries(scores, config.seed),
-            "left_out": _left_out(store, table, config, writer.rows),
-            "excluded_leaks": {split: int(np.sum((scores.split == SPLITS.index(split)) & scores.excluded))
-                               for split in ("val", "test")} if config.exclude_leaks else None,
-        }
+        splits = summarise_splits(scores, config.seed)
+        excluded_counts = {split: int(np.sum((scores.split == SPLITS.index(split)) & scores.excluded))
+                           for split in ("val", "test")} if config.exclude_leaks else None
         del scores, collector
+        metrics = RunMetrics(model_key=model_key, random_weights=random_weights, detector=config.detector,
+                             features=config.features, pairing=config.pairing, train=splits["train"],
+                             val=splits["val"], test=splits["test"],
+                             left_out=_left_out(store, table, config, writer.rows),
+                             excluded_leaks=excluded_counts, **extra)
         # Fitting needs no lock (it reads immutable files); committing does. A parallel sweep job may
         # have finished the same config meanwhile: then its run stands and this one is not written.
         with writing(store, reporter, job.wait):
             if job.skip_existing and (found := existing_run(store, chash)):
-                return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
-            write_run(store, run_id, chash, config, model_key, metrics, state, writer)
+                return _result(store, config, found, chash, run_metrics(store, found), skipped=True)
+            write_run(store, run_id, chash, config, metrics, state, writer)
     finally:
         writer.discard()
         keys.discard()
-    return TrainResult(run_id, chash, model_key, random_weights, metrics)
+    return _result(store, config, run_id, chash, metrics)
 
 
-def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: int) -> dict[str, int]:
+def _result(store: Store, config: TrainConfig, run_id: str, chash: str, metrics: RunMetrics,
+            skipped: bool = False) -> TrainResult:
+    """The run with the alarms its numbers need beside them (a text shortcut shown by this run, or by
+    a text-only run on the same embeddings and pairing)."""
+    alarm = alarms.text_alarm_for(store, config.features, config.pairing, metrics)
+    warnings = []
+    if config.fit.bf16 and not skipped:
+        from pipeline.encoding.units import BF16_EMULATED, cpu_bf16_native
+
+        if not cpu_bf16_native():
+            warnings.append(f"{BF16_EMULATED}; consider --fp32.")
+    return TrainResult(run_id, chash, metrics, skipped, [alarm] if alarm else [], warnings)
+
+
+def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: int) -> LeftOut:
     """Samples of the store this run could not use, by why: no image vector for this model (not encoded
     yet, or quarantined at decode), or, for text and image+text features, no text vector (empty or
     missing caption, or the caption not encoded yet)."""
@@ -140,14 +149,14 @@ def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: in
     with catalog.connect(store) as con:
         bound_memory(con, store)  # (a count of distinct ids holds every id: let DuckDB spill)
         total = con.execute(f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which}", params).fetchall()[0][0]
-    return {"no_image_vector": max(0, int(total) - table.rows),
-            "no_text_vector": max(0, table.rows - scored) if config.features != "image" else 0}
+    return LeftOut(no_image_vector=max(0, int(total) - table.rows),
+                   no_text_vector=max(0, table.rows - scored) if config.features != "image" else 0)
 
 
 def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str], str | None]:
     if not config.exclude_leaks:
         return set(), None
-    from pipeline.stages.leaks import leaking_ids
+    from pipeline.features.leaks import leaking_ids
 
     return leaking_ids(store, model_key, config.leak_threshold)
 
@@ -177,7 +186,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
             if only is None:
                 yield b.x, b.y
                 continue
-            keep = torch.from_numpy(_seen(b.rows, only))
+            keep = torch.from_numpy(seen_by(b.rows, only))
             if int(keep.sum()) >= 2:  # BatchNorm needs two rows
                 yield b.x[keep], b.y[keep]
 
@@ -186,8 +195,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     def validate(m: torch.nn.Module) -> dict[str, Any]:
         collector = ScoreCollector(val_rows, excluded)
         score_batches(m, loaders["val"], config.fit, (collector,), only)
-        s = collector.arrays()
-        return _summarise(s, "val") if s.label.size else {"auc": float("nan"), "n": 0}
+        return validation_summary(collector.arrays())
 
     reporter.start("epochs", config.fit.epochs, "epochs")
 
@@ -203,7 +211,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     x, y, eval_split = evaluation_set(table, config.features, config.input_norm)
     extra = {
         "best_epoch": fitted.best_epoch,
-        "history": fitted.history,
+        "history": tuple(fitted.history),
         "eval_loss": evaluation_loss(model, x, y, config.fit),
         "eval_set": {"split": eval_split, "rows": int(len(y))},
         "skipped_missing_text": all_splits.skipped_missing_text,
@@ -219,28 +227,9 @@ def _fit_knn(table: FeatureTable, config: TrainConfig, excluded: set[str],
     for start in range(0, rows.num_rows, KNN_SLICE_ROWS):  # (both memory-mapped: slices cost no copy)
         for sink in sinks:
             sink.write(rows.slice(start, KNN_SLICE_ROWS), fitted.scores[start:start + KNN_SLICE_ROWS])
-    extra = {"k": fitted.k, "val_auc_by_k": fitted.val_auc_by_k, "index": fitted.index_params}
+    extra = {"k": fitted.k, "val_auc_by_k": {str(k): v for k, v in fitted.val_auc_by_k.items()},
+             "index": fitted.index_params}
     return extra, None
-
-
-def score_batches(model: torch.nn.Module, loader: FeatureLoader, fit_config: FitConfig, sinks: tuple[ScoreSink, ...],
-           only: tuple[str, ...] | None = None) -> None:
-    """Score every row of the loader's splits batch by batch, handing each batch to every sink (a
-    `ScoreWriter`, a `ScoreCollector`); nothing per row is kept here. `only`: keep the rows `_seen` allows."""
-    for b in loader.epoch(0):
-        rows, probs = b.rows, predict(model, [b.x], fit_config)
-        if only is not None:  # (the whole batch is scored: a batch's shape may change the last bits of a score)
-            keep = _seen(rows, only)
-            rows, probs = rows.filter(pa.array(keep)), probs[keep]
-        for sink in sinks:
-            sink.write(rows, probs)
-
-
-def _seen(rows: pa.Table, only: tuple[str, ...]) -> np.ndarray:
-    """Rows a run restricted to `only` may learn from: every real image and those generators' images."""
-    real = pc.equal(rows.column("label"), 0)
-    return pc.or_(real, pc.is_in(rows.column("generator"), value_set=pa.array(only, pa.string()))) \
-        .to_numpy(zero_copy_only=False)
 
 
 def _check_generators(store: Store, config: TrainConfig) -> None:
@@ -253,53 +242,3 @@ def _check_generators(store: Store, config: TrainConfig) -> None:
     if unknown or not config.train_generators:
         raise PipelineError(f"Unknown generator(s) {', '.join(unknown) or '(none given)'}; the store has: "
                             f"{', '.join(sorted(known))}.")
-
-
-def _summarise(s: ScoreArrays, split: str) -> dict[str, Any]:
-    mask = s.of(split)
-    if not mask.any():
-        return {"n": 0}
-    return summary(s.label[mask], s.score[mask], s.generator[mask], names=s.generators)
-
-
-N_BOOT = 1000  # bootstrap replicates per interval ...
-BOOT_CELLS = 200_000_000  # ... fewer (down to MIN_BOOT) when replicates x samples would pass this
-MIN_BOOT = 200
-
-
-def bootstrap_replicates(n: int) -> int:
-    """Replicates for an interval over `n` samples: `N_BOOT`, fewer for large `n` (cost is replicates x n)."""
-    return max(MIN_BOOT, min(N_BOOT, BOOT_CELLS // max(n, 1)))
-
-
-def _summaries(s: ScoreArrays, seed: int) -> dict[str, dict[str, Any]]:
-    """Each split's summary plus every metric per generator with a 95% group-bootstrap interval.
-
-    Groups come from the samples' `group_key` (a real image and the images generated from its
-    caption are resampled together). The train split gets values without intervals (it is not a
-    result, and it is the largest). A threshold chosen on val (Youden's J) is applied to test.
-    """
-    assert s.group is not None
-    out: dict[str, dict[str, Any]] = {}
-    for i, split in enumerate(SPLITS):
-        mask = s.of(split)
-        if not mask.any():
-            out[split] = {"n": 0}
-            continue
-        y, p, g, grp = s.label[mask], s.score[mask], s.generator[mask], s.group[mask]
-        n_boot = 0 if split == "train" else bootstrap_replicates(int(mask.sum()))
-        rng = np.random.default_rng([seed, i])
-        out[split] = summary(y, p, g, names=s.generators)
-        by_gen = evaluate_by_generator(y, p, g, grp, 0.5, rng, n_boot, names=s.generators)
-        out[split]["intervals"] = {gen: {m: e.as_dict() for m, e in d.items()} for gen, d in by_gen.items()}
-        out[split]["bootstrap"] = {"replicates": n_boot, "level": 0.95, "unit": "group_key", "seed": [seed, i]}
-        out[split]["groups"] = int(len(np.unique(grp)))
-    val, test = s.of("val"), s.of("test")
-    if val.any() and test.any():
-        threshold = choose_threshold(s.label[val], s.score[val])
-        chosen = evaluate(s.label[test], s.score[test], s.group[test], threshold,
-                          np.random.default_rng([seed, len(SPLITS)]), out["test"]["bootstrap"]["replicates"])
-        out["test"]["at_val_threshold"] = {
-            "threshold": threshold,
-            "metrics": {m: chosen[m].as_dict() for m in ("acc", "real_acc", "fake_acc", "balanced_acc")}}
-    return out

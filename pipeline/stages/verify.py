@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Validated
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import catalog
+from pipeline.store import manifest as manifests
+from pipeline.store import writes
 from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
-from pipeline.store.lock import writing
+from pipeline.store.writes import writing
 from schemas import QUARANTINE, from_rows, schema_problem
 
 AFTER_REPAIR = {
@@ -71,7 +72,7 @@ class VerifyResult:
 
 def run(config: VerifyConfig, reporter: Reporter | None = None) -> VerifyResult:
     reporter = reporter or Silent()
-    catalog.require_store(config.store)
+    manifests.require_store(config.store)
     if not config.repair:
         return _check(config.store, reporter)
     with writing(config.store, reporter, config.wait):
@@ -104,8 +105,8 @@ def check_shard(store: Store, path: Path, expected_rows: int | None) -> tuple[in
 
 def _check(store: Store, reporter: Reporter) -> VerifyResult:
     result = VerifyResult()
-    manifest = catalog.read_manifest(store)
-    on_disk = {store.relative(p): p for p in catalog.shard_files(store)}
+    manifest = manifests.read_manifest(store)
+    on_disk = {store.relative(p): p for p in manifests.shard_files(store)}
     reporter.start("verify", len(on_disk) + len(set(manifest.shards) - on_disk.keys()), "shard")
     for rel, shard in sorted(manifest.shards.items()):
         reporter.advance("verify", 1)
@@ -152,16 +153,16 @@ def _repair(store: Store, result: VerifyResult) -> None:
                 "source_row": None, "recorded_at": now,
             })
     if reset_ledger:  # lost samples must come back: the next ingest may skip nothing
-        for shard in catalog.read_manifest(store).of("sources"):
+        for shard in manifests.read_manifest(store).of("sources"):
             target = _aside(store, shard.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(store.root / shard.path, target)
             moved.append(shard.path)
-    catalog.forget(store, moved)
+    writes.forget(store, moved)
     if quarantined:
         path = write_parquet(from_rows(QUARANTINE, quarantined),
                              store.new_shard(store.dataset_dir("quarantine"), "verify"))
-        catalog.commit(store, [path])
+        writes.commit(store, [path])
     result.repaired = moved
 
 

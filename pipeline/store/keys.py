@@ -30,7 +30,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import catalog
+from pipeline.store import catalog, duck
 from pipeline.store.atomic import pid_alive, write_text
 from pipeline.store.layout import Store
 
@@ -147,7 +147,7 @@ class StoreKeys:
 
     def __enter__(self) -> StoreKeys:
         # a shard damaged since its commit stops the writer here, as a query over the views would
-        catalog.check_shards(self.store, catalog.read_manifest(self.store))
+        catalog.snapshot(self.store)  # stops with a sentence if a committed shard is damaged
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -288,7 +288,7 @@ def _scan(query: KeyQuery, paths: list[Path], scratch: Path) -> Path:
     listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
     out = scratch / f"scan.{uuid.uuid4().hex[:8]}.keys"
     with duckdb.connect() as con:
-        catalog.limit_memory(con, DUCKDB_MEMORY, scratch, threads=2)
+        duck.limit_memory(con, DUCKDB_MEMORY, scratch, threads=2)
         reader = con.sql(
             f"SELECT DISTINCT {key_sql(query.expression)} AS k FROM read_parquet([{listed}], union_by_name = true) "
             f"WHERE ({query.where}) AND ({query.expression}) IS NOT NULL ORDER BY k").to_arrow_reader(1 << 16)

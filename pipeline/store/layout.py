@@ -9,7 +9,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,15 @@ DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", 
 @dataclass(frozen=True)
 class Store:
     root: Path
+    # The catalog snapshot this Store object carries down a command (`pipeline.store.catalog.snapshot`):
+    # a one-item list, so a frozen Store can hold it; not part of equality, hashing or pickling.
+    snapshot_slot: list[Any] = field(default_factory=list, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Store, (self.root,))  # a worker process opens its own snapshot
 
     @property
     def catalog_path(self) -> Path:
@@ -41,6 +47,13 @@ class Store:
     def staging_dir(self) -> Path:
         """Where workers put complete shards for the lock holder to commit (same layout as the store)."""
         return self.root / "staging"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space of the writer-lock holder inside the store (pending-row files, Ray probes and Tune
+        trials): inside, so that Ray workers on other nodes see it; outside `staging/` and the datasets,
+        so that nobody adopts or registers what lies there."""
+        return self.root / ".encode"
 
     def staged(self, final: Path) -> Path:
         """The staging path of a shard whose final place in the store is `final`."""

@@ -1,17 +1,9 @@
 """One writer per store: an advisory lock on STORE/.lock, taken by every stage that writes.
 
-`writing(store)` holds the lock while a stage changes the store. It is re-entrant within a process
-(an experiment that trains five runs may hold it around all of them). Each time a process takes it
-afresh, the catalog is reconciled with the files on disk: staged shards left by workers are
-adopted, temp files of dead writers swept (never a live process's), scores of runs that never
-committed swept, vanished files forgotten. When the lock is given back after the manifest changed,
-`catalog.duckdb` (the copy for people's own DuckDB sessions) is rewritten beside and swapped in.
-Stages that compute for long and write little (train) take it only to commit. A second writer
-waits (saying who holds it) or, with `wait=False`, stops with a sentence. Readers never take it:
-they read the manifest, which the holder replaces atomically.
-
-Distributed writers follow the same rule: workers write complete shards into STORE/staging/ and
-only the lock holder moves them into place and commits them (`catalog.commit_staged`).
+`held(store)` is re-entrant within a process (an experiment that trains five runs may hold it
+around all of them). A second writer waits (saying who holds it) or, with `wait=False`, stops with
+a sentence. Readers never take it: they read the manifest, which the holder replaces atomically.
+What a writer does once it holds the lock (reconcile, commit) is `pipeline.store.commit`'s.
 """
 
 from __future__ import annotations
@@ -35,7 +27,6 @@ from pipeline.store.layout import Store
 class _Held:
     fd: int
     depth: int
-    manifest_stamp: tuple[int, int] | None
 
 
 # Locks this process holds, by store root: process-wide by nature (an fcntl lock belongs to the
@@ -49,19 +40,17 @@ def owner() -> str:
 
 
 @contextmanager
-def writing(store: Store, reporter: Reporter | None = None, wait: bool = True,
-            reconcile: bool = True) -> Iterator[None]:
-    """Hold the store's writer lock; reconcile the catalog when this process takes it afresh."""
-    from pipeline.store import catalog  # catalog imports layout; the lock sits above both
-
+def held(store: Store, reporter: Reporter | None = None, wait: bool = True) -> Iterator[bool]:
+    """Hold the store's writer lock; yields True when this call took it afresh, False when this
+    process already held it (the lock is re-entrant within a process)."""
     key = _key(store)
-    held = _HELD.get(key)
-    if held is not None:
-        held.depth += 1
+    outer = _HELD.get(key)
+    if outer is not None:
+        outer.depth += 1
         try:
-            yield
+            yield False
         finally:
-            held.depth -= 1
+            outer.depth -= 1
         return
     if store.root.exists() and not store.root.is_dir():
         raise PipelineError(f"--store {store.root} is a file, not a store directory.")
@@ -70,13 +59,9 @@ def writing(store: Store, reporter: Reporter | None = None, wait: bool = True,
     except OSError as exc:
         raise PipelineError(f"Cannot create the store {store.root} ({exc.strerror or exc}).") from exc
     fd = _acquire(store, reporter or Silent(), wait)
-    _HELD[_key(store)] = held = _Held(fd, 1, _manifest_stamp(store))
+    _HELD[_key(store)] = _Held(fd, 1)
     try:
-        if reconcile:
-            catalog.reconcile(store)
-        yield
-        if _catalog_file_stale(store, held.manifest_stamp):
-            catalog.write_catalog_file(store)  # on success only: a failing stage's error stays the one shown
+        yield True
     finally:
         del _HELD[_key(store)]
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -150,20 +135,3 @@ def _describe(path: Path) -> str:
     return f"pid {pid} on {host}{command}{since}"
 
 
-def _catalog_file_stale(store: Store, stamp_at_start: tuple[int, int] | None) -> bool:
-    """Whether `catalog.duckdb` lags the manifest (changed now, or by a writer that failed before
-    rewriting it)."""
-    try:
-        catalog_mtime = store.catalog_path.stat().st_mtime_ns
-    except OSError:
-        return store.manifest_path.exists()
-    stamp = _manifest_stamp(store)
-    return stamp is not None and (stamp != stamp_at_start or stamp[1] > catalog_mtime)
-
-
-def _manifest_stamp(store: Store) -> tuple[int, int] | None:
-    try:
-        st = store.manifest_path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns

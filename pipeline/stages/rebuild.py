@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter
-from pipeline.store import catalog
+from pipeline.store import writes
 from pipeline.store.layout import Store
 
 
@@ -24,5 +24,5 @@ class RebuildConfig(Validated):
             raise PipelineError(f"No store at {self.store.root}: nothing to rebuild.")
 
 
-def run(config: RebuildConfig, reporter: Reporter | None = None) -> catalog.Reconciled:
-    return catalog.rebuild(config.store, reporter, config.wait)
+def run(config: RebuildConfig, reporter: Reporter | None = None) -> writes.Reconciled:
+    return writes.rebuild(config.store, reporter, config.wait)

@@ -10,37 +10,33 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from pipeline.evaluation.results import RunMetrics, SplitMetrics
 from pipeline.sources.locations import Location, LocationReader
 from pipeline.store import catalog
 from pipeline.store.layout import Store
-from trainer.metrics import evaluate
+from trainer.metrics import Estimate, evaluate
 
 TEXT_AUC_ALARM = 0.9  # a text-only test AUC at or above this is a shortcut whatever the method does
 PROBE_AUC_ALARM = 0.9
 PROBE_SAMPLES = 4000  # per split: the probe reads file headers only, but of this many files at most
 
 
-def auc_cell(summary: dict[str, Any], generator: str = "all") -> dict[str, Any] | None:
-    """The AUC estimate {value, lo, hi, n} of a split summary (None when the run predates intervals)."""
-    return ((summary.get("intervals") or {}).get(generator) or {}).get("auc")
-
-
-def text_alarm(text_test: dict[str, Any], method_test: dict[str, Any] | None = None) -> str | None:
+def text_alarm(text_test: SplitMetrics, method_test: SplitMetrics | None = None) -> str | None:
     """One sentence when the text-only row's test AUC says the captions alone separate the classes."""
-    text = auc_cell(text_test) or ({"value": text_test.get("auc"), "lo": None, "hi": None}
-                                   if text_test.get("auc") is not None else None)
-    if text is None or text["value"] is None:
+    text = text_test.estimate("auc")
+    if text is None or math.isnan(text.value):
         return None
-    method = auc_cell(method_test or {})
-    high = text["value"] >= TEXT_AUC_ALARM
-    overlap = (method is not None and text["lo"] is not None and method["lo"] is not None
-               and text["lo"] > 0.5 and text["hi"] >= method["lo"])
+    method = method_test.estimate("auc") if method_test is not None else None
+    high = text.value >= TEXT_AUC_ALARM
+    overlap = (method is not None and not math.isnan(text.lo) and not math.isnan(method.lo)
+               and text.lo > 0.5 and text.hi >= method.lo)
     if not (high or overlap):
         return None
     why = (f"text-only test AUC {_fmt(text)}" + (f" against the image+text method's {_fmt(method)}"
@@ -50,12 +46,21 @@ def text_alarm(text_test: dict[str, Any], method_test: dict[str, Any] | None = N
             "its generated siblings the same text.")
 
 
+def text_alarm_for(store: Store, features: str, pairing: str, metrics: RunMetrics) -> str | None:
+    """The shortcut sentence of a run: from its own test numbers if it is text-only, else from the
+    newest text-only run on the same embeddings and pairing, against this run's."""
+    if features == "text":
+        return text_alarm(metrics.test)
+    found = text_only_summary(store, metrics.model_key, pairing)
+    return text_alarm(found[1], metrics.test) if found else None
+
+
 MIN_GROUPS = 30  # fewer independent groups than this in test: the intervals cannot be trusted
 
 
-def small_sample_note(test: dict[str, Any]) -> str | None:
+def small_sample_note(test: SplitMetrics) -> str | None:
     """A warning sentence when the test split is too small for its numbers (or intervals) to mean much."""
-    n, groups = test.get("n"), test.get("groups")
+    n, groups = test.n, test.groups
     if not n:
         return None
     if groups is not None and groups < MIN_GROUPS:
@@ -65,16 +70,16 @@ def small_sample_note(test: dict[str, Any]) -> str | None:
     return None
 
 
-def text_only_summary(store: Store, model_key: str, pairing: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest text-only run on these embeddings and pairing: (run_id, its test summary)."""
+def text_only_summary(store: Store, model_key: str, pairing: str) -> tuple[str, SplitMetrics] | None:
+    """The newest text-only run on these embeddings and pairing: (run_id, its test numbers)."""
     if not catalog.shard_paths(store, "runs"):
         return None
     rows = catalog.query(store, "SELECT run_id, metrics_json FROM runs WHERE model_key = ? AND features = 'text' "
                                 "ORDER BY created_at DESC", [model_key]).to_pylist()
     for row in rows:
-        metrics = json.loads(row["metrics_json"])
-        if metrics.get("pairing") == pairing and metrics.get("test", {}).get("n"):
-            return row["run_id"], metrics["test"]
+        metrics = RunMetrics.from_json(json.loads(row["metrics_json"]))
+        if metrics.pairing == pairing and metrics.test.n:
+            return row["run_id"], metrics.test
     return None
 
 
@@ -82,7 +87,7 @@ def text_only_summary(store: Store, model_key: str, pairing: str) -> tuple[str, 
 class FormatProbe:
     """How well file format, JPEG quality and size alone predict the label on the test split."""
 
-    auc: dict[str, Any] | None  # {value, lo, hi, n} of the lookup probe; None when no bytes were readable
+    auc: Estimate | None  # of the lookup probe; None when no bytes were readable
     bytes_per_pixel_auc: float | None  # the best single continuous cue, either direction
     read: int
     unreadable: int
@@ -129,11 +134,11 @@ def format_probe(store: Store, seed: int = 0, per_split: int = PROBE_SAMPLES) ->
     labels = np.array([r["label"] for _, r in test])
     scores = np.array([(c[1] + prior) / (c[0] + c[1] + 1) if (c := table.get(f[:4])) else prior for f, _ in test])
     groups = np.array([r["group_key"] for _, r in test])
-    auc = evaluate(labels, scores, groups, rng=np.random.default_rng(seed), n_boot=500)["auc"].as_dict()
+    auc = evaluate(labels, scores, groups, rng=np.random.default_rng(seed), n_boot=500)["auc"]
     bpp_auc = evaluate(labels, np.array([f[4] for f, _ in test]))["auc"].value
     bpp = None if np.isnan(bpp_auc) else max(bpp_auc, 1 - bpp_auc)
     alarm = None
-    if auc["value"] is not None and auc["value"] >= PROBE_AUC_ALARM:
+    if not math.isnan(auc.value) and auc.value >= PROBE_AUC_ALARM:
         alarm = ("Shortcut: file format, JPEG quality or size alone separate the classes, so a detector may "
                  "learn the container instead of the image; re-encode every split alike "
                  "(e.g. `pipeline perturb --ops jpeg:95 --splits train,val,test`).")
@@ -165,12 +170,12 @@ def _jpeg_quality(img: Image.Image) -> int | None:
 _STD_LUMA_MEAN = 57.625  # mean of the JPEG standard luminance table (Annex K), quality 50
 
 
-def _fmt(cell: dict[str, Any] | None) -> str:
+def _fmt(cell: Estimate | None) -> str:
     if cell is None:
         return "–"
-    if cell.get("lo") is None or cell.get("hi") is None:
-        return _pct(cell["value"])
-    return f"{_pct(cell['value'])} [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
+    if math.isnan(cell.lo) or math.isnan(cell.hi):
+        return _pct(cell.value)
+    return f"{_pct(cell.value)} [{_pct(cell.lo)}, {_pct(cell.hi)}]"
 
 
 def _pct(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""Stage `sweep`: many training configs over the same cached features; CLIP is never loaded.
+"""`pipeline sweep`: many training configs over the same cached features; CLIP is never loaded.
 
 A grid file (TOML) has `[base]` options for every run, and either `[grid]` (lists of values,
 crossed) or `[[runs]]` (one table per run); `samples` draws that many of them at random (seeded)
@@ -15,24 +15,35 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import tomllib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import Validated, at_least
+from pipeline.choices import Engine, Scheduler
+from pipeline.config import Validated, at_least, read_toml
 from pipeline.errors import PipelineError
 from pipeline.features.view import feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import TrainConfig
+from pipeline.runs.config import TrainConfig
 from pipeline.stages import train
-from pipeline.stages.train import TrainJob
 from pipeline.store.layout import Store
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One config of a sweep: every training option, and those the grid set (what the table shows)."""
+
+    options: dict[str, Any]
+    overrides: dict[str, Any]
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.options)
 
 
 @dataclass
@@ -52,16 +63,12 @@ class SweepResult:
     open_clip_imported: bool = False
 
 
-def grid_configs(grid_file: Path) -> list[dict[str, Any]]:
-    try:
-        spec = tomllib.loads(grid_file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PipelineError(f"Cannot read grid {grid_file}: {exc}") from exc
-    return expand(spec)
+def grid_points(grid_file: Path) -> list[SweepPoint]:
+    return expand(read_toml(grid_file, "grid"))
 
 
-def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """[base] + either the Cartesian product of [grid] or the listed [[runs]] (flat option dicts)."""
+def expand(spec: dict[str, Any]) -> list[SweepPoint]:
+    """[base] + either the Cartesian product of [grid] or the listed [[runs]]."""
     base = spec.get("base", {})
     grid, runs = spec.get("grid"), spec.get("runs")
     if (grid is None) == (runs is None):
@@ -72,21 +79,21 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
         overrides = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
     else:
         overrides = list(runs or [])
-    configs = [{**base, **o, "__overrides__": o} for o in overrides]
-    for c in configs:  # validate every config before running any
-        TrainConfig.from_dict({k: v for k, v in c.items() if k != "__overrides__"})
-    return configs
+    points = [SweepPoint({**base, **o}, o) for o in overrides]
+    for p in points:  # validate every config before running any
+        _ = p.config
+    return points
 
 
 @dataclass(frozen=True)
 class SweepConfig(Validated):
     store: Store
-    configs: tuple[dict[str, Any], ...]  # flat option dicts, as `expand` gives them
+    points: tuple[SweepPoint, ...]
     jobs: int = 1
-    engine: Literal["local", "ray"] = "local"
+    engine: Engine = "local"
     samples: int | None = None  # None: every config; N: N of them drawn at random with `seed`
     seed: int = 0
-    scheduler: Literal["fifo", "asha"] = "fifo"  # ray engine only
+    scheduler: Scheduler = "fifo"  # ray engine only
     ray_address: str | None = None  # ray engine: None starts a local Ray instance
     cpus_per_trial: float = 1.0
 
@@ -98,52 +105,60 @@ class SweepConfig(Validated):
             raise PipelineError("--scheduler and --ray-address need --engine ray.")
 
 
-def chosen(config: SweepConfig) -> list[dict[str, Any]]:
+def chosen(config: SweepConfig) -> list[SweepPoint]:
     """The configs a sweep runs: all, or `samples` of them drawn without replacement (seeded)."""
-    configs = list(config.configs)
-    if config.samples is None or config.samples >= len(configs):
-        return configs
-    picked = np.random.default_rng(config.seed).choice(len(configs), size=config.samples, replace=False)
-    return [configs[i] for i in sorted(picked)]
+    points = list(config.points)
+    if config.samples is None or config.samples >= len(points):
+        return points
+    picked = np.random.default_rng(config.seed).choice(len(points), size=config.samples, replace=False)
+    return [points[i] for i in sorted(picked)]
 
 
 def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
     """Train every config not trained yet; `jobs` > 1 trains in parallel processes (CLIP never loaded)."""
     reporter = reporter or Silent()
-    store, configs, jobs = config.store, chosen(config), config.jobs
-    reporter.start("sweep", len(configs), "runs")
+    store, points, jobs = config.store, chosen(config), config.jobs
+    reporter.start("sweep", len(points), "runs")
     # build each feature table once, here, so parallel jobs never race to build it
-    for c in configs:
-        cfg = TrainConfig.from_dict({k: v for k, v in c.items() if k != "__overrides__"})
+    for p in points:
+        cfg = p.config
         feature_table(store, resolve_model_key(store, cfg.model_key), cfg.pairing)
     if config.engine == "ray":
-        from pipeline.engines.ray import tune_sweep
+        from pipeline.engines.ray import TuneOptions, tune_sweep
 
-        rows = tune_sweep(store, configs, config, reporter)
+        options = TuneOptions(config.scheduler, config.ray_address, config.cpus_per_trial)
+        outcomes = tune_sweep(store, [p.options for p in points], train_one, options, reporter)
+        rows = [_row(p, o) for p, o in zip(points, outcomes, strict=True)]
     elif jobs == 1:
         rows = []
-        for c in configs:
-            rows.append(_run_one(store.root, c, threads=None))
+        for p in points:
+            rows.append(_row(p, train_one(store.root, p.options, None)))
             reporter.advance("sweep", 1)
     else:
         threads = max(1, (os.cpu_count() or 2) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            rows = list(pool.map(_run_one, [store.root] * len(configs), configs, [threads] * len(configs)))
+            outcomes = list(pool.map(train_one, [store.root] * len(points), [p.options for p in points],
+                                     [threads] * len(points)))
+        rows = [_row(p, o) for p, o in zip(points, outcomes, strict=True)]
     return SweepResult(rows, open_clip_imported="open_clip" in sys.modules)
 
 
-def _run_one(root: Path, flat: dict[str, Any], threads: int | None, reporter: Reporter | None = None) -> SweepRow:
-    """Train one config of a sweep (or find its run); the local engine and every Tune trial call this."""
+def train_one(root: Path, options: dict[str, Any], threads: int | None,
+              reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train one config of a sweep (or find its run): what the local engine and every Tune trial call.
+    Returns plain data (it crosses process boundaries): run_id, skipped, val_auc, test_auc."""
     if threads:
         torch.set_num_threads(threads)
-    overrides = flat.get("__overrides__", {})
-    config = TrainConfig.from_dict({k: v for k, v in flat.items() if k != "__overrides__"})
-    result = train.run(TrainJob(Store(root), config, skip_existing=True), reporter)
-    return SweepRow(
-        run_id=result.run_id,
-        name=config.name,
-        skipped=result.skipped,
-        val_auc=result.metrics.get("val", {}).get("auc"),
-        test_auc=result.metrics.get("test", {}).get("auc"),
-        overrides=overrides,
-    )
+    result = train.run(train.TrainJob(Store(root), TrainConfig.from_dict(options), skip_existing=True), reporter)
+    return {"run_id": result.run_id, "skipped": result.skipped, "val_auc": result.metrics.val.auc,
+            "test_auc": result.metrics.test.auc}
+
+
+def _row(point: SweepPoint, outcome: dict[str, Any]) -> SweepRow:
+    return SweepRow(outcome.get("run_id") or "", point.options.get("name"), bool(outcome.get("skipped")),
+                    _num(outcome.get("val_auc")), _num(outcome.get("test_auc")), point.overrides,
+                    stopped_after=outcome.get("stopped_after"))
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or value != value else float(value)

@@ -21,25 +21,28 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from pipeline import shortcuts
+from pipeline.choices import Experiment
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
+from pipeline.evaluation import alarms, bootstrap
+from pipeline.evaluation.scores import GroupKeys, ScoreCollector, score_batches
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
 from pipeline.present import figures, html
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import GroupKeys, ScoreCollector, TrainConfig, load_run
+from pipeline.runs.config import TrainConfig
+from pipeline.runs.record import load_run
 from pipeline.stages import train
 from pipeline.stages.report import ReportResult
 from pipeline.stages.train import TrainJob, TrainResult
 from pipeline.store import catalog
 from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
-from trainer.metrics import evaluate_by_generator
+from trainer.metrics import Estimate
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
 TABLES = ("table1", "table2", "generalization", "robustness")
@@ -83,7 +86,7 @@ def rows_for(table: str) -> list[tuple[str, dict[str, Any]]]:
 @dataclass(frozen=True)
 class ExperimentConfig(Validated):
     store: Store
-    table: Literal["table1", "table2", "generalization", "robustness"]
+    table: Experiment
     base: dict[str, Any] = field(default_factory=dict)  # training options every row shares
     seeds: int = 1  # table1/table2/generalization: runs per row with seeds base, base+1, …
     run_id: str | None = None  # robustness: the trained run that scores the perturbed samples
@@ -106,7 +109,7 @@ def run(config: ExperimentConfig, reporter: Reporter | None = None) -> Experimen
     else:
         result = _paper_table(config, reporter)
     result.seconds = time.perf_counter() - started
-    if result.rows and (small := shortcuts.small_sample_note(result.rows[0][1].metrics.get("test", {}))):
+    if result.rows and (small := alarms.small_sample_note(result.rows[0][1].metrics.test)):
         result.alarms.append(small)
     result.markdown = to_markdown(result)
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -131,11 +134,11 @@ def _paper_table(config: ExperimentConfig, reporter: Reporter) -> ExperimentResu
         result.cells[label] = [_auc(run, g) for g in result.columns]
     if config.table == "table1":
         runs = dict(result.rows)
-        alarm = shortcuts.text_alarm(runs[TEXT_ROW].metrics.get("test", {}), runs[METHOD_ROW].metrics.get("test", {}))
+        alarm = alarms.text_alarm(runs[TEXT_ROW].metrics.test, runs[METHOD_ROW].metrics.test)
         if alarm:
             result.alarms.append(alarm)
         if config.format_probe:
-            probe = shortcuts.format_probe(config.store, seed=int(config.base.get("seed", 0)))
+            probe = alarms.format_probe(config.store, seed=int(config.base.get("seed", 0)))
             if probe.alarm:
                 result.alarms.append(probe.alarm)
             result.notes.append(probe.sentence())
@@ -187,10 +190,11 @@ def _generalization(config: ExperimentConfig, reporter: Reporter) -> ExperimentR
 
 
 def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResult:
-    """The run scores its test split and each perturbation's derived test samples; AUC with intervals."""
+    """The run scores each perturbation's derived test samples; AUC with intervals. The row `none` (the
+    test split as ingested) is the run's own stored numbers, as its report and the `metrics` view show."""
     store, run_id = config.store, config.run_id or ""
     train_config, model, metrics = load_run(store, run_id)
-    model_key = metrics["model_key"]
+    model_key = metrics.model_key
     counts = catalog.query(store, (
         "SELECT s.perturbation, count(*) AS n, count(e.content_hash) AS encoded FROM samples s "
         "LEFT JOIN (SELECT DISTINCT content_hash FROM embeddings WHERE model_key = ? AND modality = 'image') e "
@@ -204,19 +208,21 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
     if missing:
         result.notes.append("Derived samples not encoded yet are left out: " + ", ".join(missing)
                             + "; run `pipeline encode` (it encodes only the new images).")
-    run = TrainResult(run_id, "", model_key, metrics.get("random_weights"), metrics, skipped=True)
-    names = [None, *sorted((c["perturbation"] for c in counts if c["encoded"]), key=_weak_to_strong)]
-    rng = np.random.default_rng(train_config.seed)
+    run = TrainResult(run_id, "", metrics, skipped=True)
+    names = sorted((c["perturbation"] for c in counts if c["encoded"]), key=_weak_to_strong)
     evaluated: dict[str, dict[str, Cell]] = {}
+    if metrics.test.n:
+        evaluated["none"] = {g: c for g in [*metrics.test.generators, "all"]
+                             if (c := _cell(metrics.test.estimate("auc", g))) is not None}
     reporter.start("robustness", len(names), "perturbations")
     for name in names:
         table = feature_table(store, model_key, train_config.pairing, name)
-        loader_config = LoaderConfig(train_config.features, 8192, **_input_norm(train_config), order="rows")
+        loader_config = LoaderConfig(train_config.features, 8192, input_norm=train_config.input_norm, order="rows")
         # scored batch by batch like a run's scores: numbers and group keys kept, no vector or id per row
         collected, groups = ScoreCollector(1 << 16), GroupKeys(store, f"{run_id}-robustness")
         try:
-            train.score_batches(model, FeatureLoader(table, ("test",), loader_config), train_config.fit,
-                                (collected, groups))
+            score_batches(model, FeatureLoader(table, ("test",), loader_config), train_config.fit,
+                          (collected, groups))
             codes = groups.codes() if collected.rows else None
         finally:
             groups.discard()
@@ -224,9 +230,9 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
         if codes is None:
             continue
         s = collected.arrays()
-        by_gen = evaluate_by_generator(s.label, s.score, s.generator, codes, 0.5, rng,
-                                       train.bootstrap_replicates(collected.rows), names=s.generators)
-        evaluated[name or "none"] = {g: d["auc"].as_dict() for g, d in by_gen.items()}
+        by_gen = bootstrap.by_generator(s.label, s.score, s.generator, codes, train_config.seed, "test",
+                                        names=s.generators)
+        evaluated[name] = {g: c for g, d in by_gen.items() if (c := _cell(d["auc"])) is not None}
     result.columns = sorted({g for cells in evaluated.values() for g in cells} - {"all"}) + ["all"]
     for label, cells in evaluated.items():
         result.rows.append((label, run))
@@ -240,8 +246,8 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
     if "none" in evaluated:
         result.curves["none"] = {g: [(0.0, c)] for g, c in evaluated["none"].items()}
     result.notes.append(f"Run `{run_id}` ({train_config.features}, pairing {train_config.pairing}) scores the "
-                        "test split as ingested (row none) and each perturbation's copies of it; AUC × 100 "
-                        "[95% group-bootstrap interval].")
+                        "test split as ingested (row none: the run's own numbers) and each perturbation's copies "
+                        "of it; AUC × 100 [95% group-bootstrap interval].")
     return result
 
 
@@ -251,33 +257,25 @@ def _weak_to_strong(name: str) -> tuple[str, float]:
     return op, -value if op in ("jpeg", "resize", "crop") else value  # lower quality/scale/kept = stronger
 
 
-def _input_norm(config: TrainConfig) -> dict[str, Any]:
-    """The run's input scaling, where this version of the loader knows the option."""
-    norm = getattr(config, "input_norm", None)
-    return {"input_norm": norm} if norm is not None and "input_norm" in LoaderConfig.__dataclass_fields__ else {}
-
-
 # --- rendering -----------------------------------------------------------------------------------
 
 
 def _generators(result: ExperimentResult) -> list[str]:
     gens: set[str] = set()
     for _, run in result.rows:
-        gens.update(run.metrics.get("test", {}).get("auc_by_generator", {}))
+        gens.update(run.metrics.test.generators)
     return sorted(gens)
 
 
-def generator_columns(result: ExperimentResult) -> list[str]:
-    return [c for c in result.columns if c != "all"] if result.columns else _generators(result)
-
-
 def _auc(run: TrainResult, generator: str) -> Cell | None:
-    test = run.metrics.get("test", {})
-    cell = shortcuts.auc_cell(test, generator)
-    if cell is not None:
-        return cell
-    value = test.get("auc") if generator == "all" else test.get("auc_by_generator", {}).get(generator)
-    return None if value is None else {"value": value, "lo": None, "hi": None, "n": test.get("n")}
+    return _cell(run.metrics.test.estimate("auc", generator))
+
+
+def _cell(estimate: Estimate | None) -> Cell | None:
+    """A table cell {value, lo, hi, n} (None where a number is undefined on the data)."""
+    if estimate is None or np.isnan(estimate.value):
+        return None
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in estimate.as_dict().items()}
 
 
 def seed_spread(result: ExperimentResult, label: str, column: int) -> tuple[float, float] | None:
@@ -321,10 +319,10 @@ def to_markdown(result: ExperimentResult) -> str:
     lines += [f"**{a}**" for a in result.alarms] + ([""] if result.alarms else [])
     if result.rows:
         run0 = result.rows[0][1]
-        lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.get('pairing')}`. Cells: AUC × 100 "
+        lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.pairing}`. Cells: AUC × 100 "
                   + (f"[95% group-bootstrap interval of the first seed]; mean ± sd over {seeds} seeds."
                      if seeds > 1 else "[95% group-bootstrap interval]."), ""]
-        excluded = run0.metrics.get("excluded_leaks")
+        excluded = run0.metrics.excluded_leaks
         if excluded:
             lines += [f"Leaking samples left out of the metrics (near-duplicates of an earlier split): "
                       f"{excluded.get('val', 0)} val, {excluded.get('test', 0)} test.", ""]

@@ -9,20 +9,39 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline.encoding.clip import ModelSpec
 from pipeline.reporting import Reporter, Silent
-from pipeline.runs import TrainConfig
-from pipeline.stages import encode, ingest, neighbors, report, train
+from pipeline.runs.config import TrainConfig
+from pipeline.stages import encode, ingest, neighbors, report, sql, status, train
 from pipeline.stages.encode import EncodeConfig, EncodeResult
 from pipeline.stages.ingest import IngestConfig, IngestResult
 from pipeline.stages.neighbors import NeighborQuery, NeighborResult
 from pipeline.stages.report import ReportConfig, ReportResult
+from pipeline.stages.status import StatusConfig, StoreStatus
 from pipeline.stages.train import TrainJob, TrainResult
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.synthetic import SyntheticD3, make_d3
 
 DEMO_MODEL = "Tiny-ViT-16"
+# What the demo asks of the store in SQL (shown with the command that asks it).
+QUERIES = (
+    ("samples per generator and split",
+     "SELECT generator, split, count(*) AS n FROM samples GROUP BY ALL ORDER BY generator, split"),
+    ("why inputs were quarantined",
+     "SELECT stage, reason, count(*) AS n, any_value(detail) AS example FROM quarantine GROUP BY ALL"),
+    ("each sample with its image and text vectors (first rows)",
+     "SELECT s.generator, s.label, left(s.text, 40) AS text, len(i.vector) AS image_dim, "
+     "len(t.vector) AS text_dim FROM samples s "
+     "JOIN embeddings i ON i.modality = 'image' AND i.content_hash = s.sample_id "
+     "JOIN embeddings t ON t.modality = 'text' AND t.content_hash = s.text_hash LIMIT 5"),
+    ("the detector's test scores by generator",
+     "SELECT generator, count(*) AS n, round(avg(score), 3) AS mean_score, "
+     "round(avg(((score > 0.5)::INT = label)::INT), 3) AS accuracy "
+     "FROM scores WHERE split = 'test' GROUP BY 1 ORDER BY 1"),
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,8 @@ class DemoResult:
     trained: TrainResult
     report: ReportResult
     neighbours: NeighborResult
+    status: StoreStatus
+    queries: list[tuple[str, str, pa.Table]]  # title, SQL, result
 
 
 def run(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
@@ -63,4 +84,6 @@ def run(config: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
     first_test = catalog.query(store, "SELECT sample_id FROM scores WHERE split = 'test' ORDER BY sample_id LIMIT 1")
     neighbours = neighbors.run(NeighborQuery(store, sample_id=first_test.column(0)[0].as_py(), k=3,
                                              run_id=trained.run_id), reporter)
-    return DemoResult(data, store, ingested, encoded, encoded_again, trained, page, neighbours)
+    answers = [(title, query, sql.run_query(store, query)) for title, query in QUERIES]
+    return DemoResult(data, store, ingested, encoded, encoded_again, trained, page, neighbours,
+                      status.run(StatusConfig(store)), answers)

@@ -1,0 +1,1 @@
+"""A run: its definition and hash (`config`), and its record in the store (`record`)."""
