@@ -16,6 +16,11 @@ def _run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def _flat(text: str) -> str:
+    """Terminal output as one line: box drawing and line wraps gone (rich wraps at the terminal's width)."""
+    return " ".join("".join(" " if "\u2500" <= ch <= "\u257f" else ch for ch in text).split())
+
+
 def test_a_full_disk_is_one_sentence_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -61,7 +66,7 @@ def test_errors_are_one_sentence_without_traceback(tmp_path: Path) -> None:
     code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"))
     assert code == 2 and out.startswith("error: No store at") and "Traceback" not in out
     code, out = _run("ingest", str(tmp_path), "--format", "nope", "--store", str(tmp_path / "s"))
-    assert code == 2 and "'nope' is not one of 'd3', 'folder', 'webdataset', 'manifest'" in out
+    assert code == 2 and "'nope' is not one of 'd3', 'folder', 'webdataset', 'manifest'" in _flat(out)
     assert "Traceback" not in out
     code, out = _run("sql", "SELECT 1", "--store", str(tmp_path / "none"), "--format", "parquet")
     assert code == 2 and "--output" in out
@@ -124,7 +129,7 @@ def test_index_neighbors_leaks_report_landscape_from_the_cli(tmp_path: Path) -> 
     code, out = _run("neighbors", *store)
     assert code == 2 and "exactly one" in out and "Traceback" not in out
     code, out = _run("index", "build", *store, "--kind", "annoy")
-    assert code == 2 and "'annoy' is not one of" in out
+    assert code == 2 and "'annoy' is not one of" in _flat(out)
 
 
 def test_models_lists_architectures_with_their_pretrained_tags() -> None:
@@ -140,3 +145,68 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path) -> No
     code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "64", "--bf16")
     assert code == 0, out
     assert ("no native bf16" in out) == (not cpu_bf16_native())
+
+
+def test_a_no_op_encode_through_the_command_imports_neither_torch_nor_open_clip(tmp_path: Path) -> None:
+    """`pipeline encode` with nothing pending decides so from the catalog alone: as a user types it, in a
+    fresh process, it must not import torch or open_clip (last round a compatibility shim pulled torch
+    into this path; the stage-level test could not see it)."""
+    import subprocess
+    import sys
+
+    data = make_d3(tmp_path / "src", rows=3, size=32)
+    store = str(tmp_path / "store")
+    assert _run("ingest", str(data.parquet), "--format", "d3", "--real-images", str(data.real_images),
+                "--store", store)[0] == 0
+    assert _run("encode", "--model", "Tiny-ViT-16", "--store", store, "--workers", "0")[0] == 0
+    probe = ("import sys\nfrom pipeline.cli import main\nsys.argv = ['pipeline', 'encode', '--model', 'Tiny-ViT-16', "
+             f"'--store', {store!r}]\ntry:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+             "print('RESULT', code, 'torch' in sys.modules, 'open_clip' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert "nothing to encode" in done.stdout, done.stdout + done.stderr
+    assert "RESULT 0 False False" in done.stdout, done.stdout + done.stderr
+
+
+def test_import_features_rebuild_and_verify_from_the_cli(tmp_path: Path) -> None:
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "feats"
+    src.mkdir()
+    with h5py.File(src / "0000.h5", "w") as f:
+        for name in ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3", "original_prompt",
+                     "positive_prompt"):
+            f[name] = rng.normal(size=(20, 8)).astype(np.float32)
+    store = ["--store", str(tmp_path / "store")]
+    code, out = _run("import-features", str(src), "--layout", "h5", "--model-key", "tiny-feats", *store)
+    assert code == 0 and "imported 100 samples" in out, out
+    code, out = _run("import-features", str(src), "--layout", "h5", "--model-key", "tiny-feats", *store)
+    assert code == 0 and "1 unchanged files skipped unread" in out, out
+    code, out = _run("import-features", str(src), "--layout", "parquet", "--model-key", "x", *store)
+    assert code == 2 and "'parquet' is not one of 'h5', 'clip-retrieval'" in _flat(out) and "Traceback" not in out
+    code, out = _run("catalog", "rebuild", *store)
+    assert code == 0 and "rebuilt the catalog from" in out, out
+    code, out = _run("verify", *store)
+    assert code == 0 and "no damage found" in out, out
+    code, out = _run("status", *store)
+    assert code == 0 and "tiny-feats" in out and "100" in out, out
+
+
+def test_perturb_encode_and_the_robustness_and_generalization_experiments_from_the_cli(tmp_path: Path) -> None:
+    data = make_d3(tmp_path / "src", rows=16, size=32)
+    store = ["--store", str(tmp_path / "store")]
+    assert _run("ingest", str(data.parquet), "--format", "d3", "--real-images", str(data.real_images), *store)[0] == 0
+    assert _run("encode", "--model", "Tiny-ViT-16", "--workers", "0", *store)[0] == 0
+    code, out = _run("train", *store, "--epochs", "2", "--batch-size", "32", "--features", "image", "--no-sam")
+    assert code == 0, out
+    run_id = out.split("run ", 1)[1].split(":", 1)[0].strip()
+    code, out = _run("perturb", "--ops", "jpeg:50", *store)
+    assert code == 0 and "jpeg:50" in out, out
+    assert _run("encode", "--model", "Tiny-ViT-16", "--workers", "0", *store)[0] == 0
+    code, out = _run("experiment", "robustness", "--run", run_id, *store)
+    assert code == 0 and "jpeg:50" in out and "wrote" in out, out
+    code, out = _run("experiment", "generalization", "--epochs", "1", "--batch-size", "32", *store)
+    assert code == 0 and "train on" in out and "wrote" in out, out
+    code, out = _run("experiment", "robustness", *store)
+    assert code == 2 and "needs --run" in out

@@ -231,5 +231,5 @@ def test_cli_engine_flags_are_checked_with_a_sentence(d3_store: Store) -> None:
     assert result.exit_code == 2 and "need --engine ray" in result.output
     result = runner.invoke(app, ["encode", "--model", "Tiny-ViT-16", "--store", str(d3_store.root),
                                  "--engine", "spark"])
-    assert result.exit_code == 2 and "'spark' is not one of 'local', 'ray'" in result.output
+    assert result.exit_code == 2 and "'spark' is not one of" in result.output
     assert "--ray-address" in runner.invoke(app, ["encode", "--help"]).output

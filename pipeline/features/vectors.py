@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import catalog
+from pipeline.store import cache, catalog
 from pipeline.store.atomic import atomic_write, write_text
 from pipeline.store.layout import Store
 from schemas import MODALITIES, SCHEMA_VERSION
@@ -100,7 +100,8 @@ class VectorMatrix:
     """The concatenated segments of one model and modality: gather rows, stream chunks."""
 
     def __init__(self, directory: Path, generation: str, segments: list[Segment], dim: int, dtype: str,
-                 root: Path) -> None:
+                 root: Path, pins: cache.Pins | None = None) -> None:
+        self.pins = pins  # the cache files this matrix reads, kept while it lives (`store.cache`)
         self.directory = directory
         self.generation = generation
         self.segments = segments
@@ -223,9 +224,6 @@ class VectorMatrix:
             if piece.file in self._maps:
                 _advise(self._maps[piece.file], mmap.MADV_RANDOM)
 
-    def has_norms(self) -> bool:
-        return all(not np.isnan(self._norms(p)[:1]).any() for p in range(len(self._pieces)) if self._pieces[p].rows)
-
 
 def shards_of(store: Store, model_key: str, modality: str) -> list[Path]:
     if modality not in MODALITIES:
@@ -242,21 +240,25 @@ def open_matrix(store: Store, model_key: str, modality: str, reporter: Reporter 
     shards = shards_of(store, model_key, modality)
     directory = store.root / "cache" / "vectors" / model_key / modality
     current = {store.relative(p): p for p in shards}
-    layout = _read_layout(directory)
-    if layout is not None:
-        generation, segments, dim, dtype = layout
-        covered = {path for s in segments for path, _ in s.shards}
-        if not covered <= current.keys() or not all(_present(directory, s) for s in segments):
-            layout = None
-    if layout is None:
-        generation, segments, dim, dtype = uuid.uuid4().hex[:12], [], *_dim_dtype(shards)
-        covered = set()
-    new = [rel for rel in current if rel not in covered]  # catalog order: name order, i.e. time order
-    if new:
-        segments = [*segments, *_lay_out(directory, [current[r] for r in new], store,
-                                          sum(s.rows for s in segments), dim, dtype, reporter, modality)]
-        _write_layout(directory, generation, segments, dim, dtype)
-    return VectorMatrix(directory, generation, segments, dim, dtype, store.root)
+    with cache.building(directory):  # one builder at a time; readers pin the segments they map
+        layout = _read_layout(directory)
+        if layout is not None:
+            generation, segments, dim, dtype = layout
+            covered = {path for s in segments for path, _ in s.shards}
+            if not covered <= current.keys() or not all(_present(directory, s) for s in segments):
+                layout = None
+        if layout is None:
+            generation, segments, dim, dtype = uuid.uuid4().hex[:12], [], *_dim_dtype(shards)
+            covered = set()
+        new = [rel for rel in current if rel not in covered]  # catalog order: name order, i.e. time order
+        if new:
+            segments = [*segments, *_lay_out(directory, [current[r] for r in new], store,
+                                              sum(s.rows for s in segments), dim, dtype, reporter, modality)]
+            _write_layout(directory, generation, segments, dim, dtype)
+        files = _segment_files(segments)
+        pins = cache.pin(directory / f for f in sorted(files))
+        cache.sweep([*directory.glob("seg-*.npy"), *directory.glob("pq-*.npy")], files)
+    return VectorMatrix(directory, generation, segments, dim, dtype, store.root, pins)
 
 
 def mappable_pieces(path: Path, dim: int) -> tuple[tuple[int, int], ...] | None:
@@ -525,7 +527,8 @@ def _write_layout(directory: Path, generation: str, segments: list[Segment], dim
                       "pieces": [list(p) for p in s.pieces]} for s in segments],
     }
     write_text(directory / "layout.json", json.dumps(data))
-    keep = {f"{s.name}.norms.npy" for s in segments} | {f"{s.name}.npy" for s in segments if s.kind == "npy"}
-    for stale in [*directory.glob("seg-*.npy"), *directory.glob("pq-*.npy")]:
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
+
+
+def _segment_files(segments: list[Segment]) -> set[str]:
+    """The files of the cache a layout's segments read (norms always; vectors when copied, not mapped)."""
+    return {f"{s.name}.norms.npy" for s in segments} | {f"{s.name}.npy" for s in segments if s.kind == "npy"}

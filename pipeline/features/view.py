@@ -25,7 +25,7 @@ image and its generated siblings carry the same text: text alone can then not te
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import catalog, duck
+from pipeline.store import cache, catalog, duck
 from pipeline.store.atomic import write_text
 from pipeline.store.duck import literal
 from pipeline.store.layout import Store, safe_name
@@ -61,6 +61,7 @@ class FeatureTable:
     images: VectorMatrix
     texts: VectorMatrix | None
     rows: int
+    pins: cache.Pins | None = field(default=None, compare=False, repr=False)  # its parts, kept while it lives
 
     @property
     def dim(self) -> int:
@@ -111,22 +112,24 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
     directory = store.root / "cache" / "views" / model_key / name
     covered = {store.relative(p) for p in samples + vectors}
     layout = {"image": images.segment_names, "text": texts.segment_names if texts else []}
-    found = _read_manifest(directory)
-    manifest: dict[str, Any] = {"version": VIEW_VERSION, "layout": layout, "parts": []}
-    if found is not None and _extendable(found, directory, covered, layout, text_shards, store):
-        manifest = found
-    known = {p for part in manifest["parts"] for p in part["shards"]}
-    if covered - known:
-        part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered))
-        manifest["parts"].append(part)
-        manifest["layout"] = layout
-        write_text(directory / "view.json", json.dumps(manifest))
-        _drop_stale_parts(directory, manifest)
-    parts = tuple(directory / p["file"] for p in manifest["parts"])
+    with cache.building(directory):  # one builder of this view at a time; its readers pin their parts
+        found = _read_manifest(directory)
+        manifest: dict[str, Any] = {"version": VIEW_VERSION, "layout": layout, "parts": []}
+        if found is not None and _extendable(found, directory, covered, layout, text_shards, store):
+            manifest = found
+        known = {p for part in manifest["parts"] for p in part["shards"]}
+        if covered - known:
+            part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered))
+            manifest["parts"].append(part)
+            manifest["layout"] = layout
+            write_text(directory / "view.json", json.dumps(manifest))
+        parts = tuple(directory / p["file"] for p in manifest["parts"])
+        pins = cache.pin(parts)
+        cache.sweep(directory.glob("part-*.parquet"), {p.name for p in parts})  # (parts pinned by others stay)
     rows = sum(int(p["rows"]) for p in manifest["parts"])
     salt = pairing if perturbation is None else f"{pairing}|{perturbation}"
     return FeatureTable(directory, parts, model_key, pairing, fingerprint(store, samples + vectors, salt),
-                        images, texts, rows)
+                        images, texts, rows, pins)
 
 
 # --- private -------------------------------------------------------------------------------
@@ -156,15 +159,17 @@ def _build_part(store: Store, directory: Path, manifest: dict[str, Any], images:
     earlier = [directory / p["file"] for p in manifest["parts"]]
     name = f"part-{fingerprint(store, [store.root / c for c in covered], pairing, len(earlier))}.parquet"
     spill = store.root / "cache" / "duckdb-tmp"
-    with catalog.connect(store) as con, ParquetStream(directory / name, group_rows=ROW_GROUP_ROWS) as stream:
+    with catalog.connect(store) as con:
         _limit(con, spill)
         con.register("image_offsets", images.shard_offsets())
         if texts is not None:
             con.register("text_offsets", texts.shard_offsets())
         sql, params = _view_sql(store, images, texts, pairing, perturbation, earlier)
-        for batch in duck.batches(con.sql(sql, params=params), ROW_GROUP_ROWS):
-            stream.write(batch)
-        path = stream.finalize()
+        rows = duck.batches(con.sql(sql, params=params), ROW_GROUP_ROWS)
+        with ParquetStream(directory / name, rows.schema, group_rows=ROW_GROUP_ROWS) as stream:
+            for batch in rows:
+                stream.write(batch)
+            path = stream.finalize()
     meta = pq.read_metadata(path)
     missing = _count_missing_text(path)
     return {"file": name, "rows": meta.num_rows, "missing_text": missing, "shards": covered}
@@ -228,9 +233,3 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     path = directory / "view.json"
     return json.loads(path.read_text()) if path.exists() else None
 
-
-def _drop_stale_parts(directory: Path, manifest: dict[str, Any]) -> None:
-    keep = {p["file"] for p in manifest["parts"]}
-    for stale in directory.glob("part-*.parquet"):
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)

@@ -37,8 +37,8 @@ from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import catalog, duck, writes
-from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write
 from pipeline.store.layout import Store
+from pipeline.store.stream import ParquetStream
 from pipeline.store.writes import writing
 from schemas import LEAKS, SPLITS, from_columns
 
@@ -114,15 +114,12 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     schema = LEAKS.with_metadata({**(LEAKS.metadata or {}), **meta})
     reporter.start("leaks", queries, "images")
 
-    def write(tmp: Path) -> None:
-        with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION, write_page_checksum=True) as out:
-            for table in _near_pairs(index, matrix, split_of_row, config, model_key, reporter):
-                out.write_table(table.cast(schema))
-            for table in _exact_pairs(store, model_key, config.threshold):
-                out.write_table(table.cast(schema))
-
-    atomic_write(path, write)
-    writes.commit(store, [path])
+    with ParquetStream(path, schema) as stream:  # pairs stream to disk: memory is one chunk of queries
+        for table in _near_pairs(index, matrix, split_of_row, config, model_key, reporter):
+            stream.write(table)
+        for table in _exact_pairs(store, model_key, config.threshold):
+            stream.write(table)
+        writes.commit(store, [stream.finalize()])
     stale = [p for p in directory.glob(f"{prefix}*.parquet") if p != path]
     if stale:
         writes.forget(store, stale)

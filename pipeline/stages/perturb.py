@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import time
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import Validated, at_least
+from pipeline.config import Validated, at_least, read_toml
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.images import UndecodableImage, decode_rgb
@@ -61,10 +60,7 @@ class PerturbConfig(Validated):
     @staticmethod
     def ops_from_toml(path: Path) -> tuple[str, ...]:
         """A TOML file `[ops]` table: jpeg = [90, 75], blur = [1, 2] → ("jpeg:90,75", "blur:1,2")."""
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise PipelineError(f"Cannot read {path}: {exc}") from exc
+        data = read_toml(path, "operations file")
         ops = data.get("ops", data)
         if not isinstance(ops, dict):
             raise PipelineError(f"{path} must hold an [ops] table such as jpeg = [90, 75].")

@@ -13,7 +13,6 @@ is no longer committed and is swept; indexes, leak scans → build them again.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,11 +137,7 @@ def _repair(store: Store, result: VerifyResult) -> None:
     moved: list[str] = []
     reset_ledger = False
     for damage in result.damaged:
-        source = store.root / damage.path
-        if source.exists():
-            target = _aside(store, damage.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+        writes.set_aside(store, damage.path)
         moved.append(damage.path)
         reset_ledger |= damage.committed and damage.dataset == "samples"
         if damage.committed:
@@ -154,9 +149,7 @@ def _repair(store: Store, result: VerifyResult) -> None:
             })
     if reset_ledger:  # lost samples must come back: the next ingest may skip nothing
         for shard in manifests.read_manifest(store).of("sources"):
-            target = _aside(store, shard.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(store.root / shard.path, target)
+            writes.set_aside(store, shard.path)
             moved.append(shard.path)
     writes.forget(store, moved)
     if quarantined:
@@ -165,14 +158,6 @@ def _repair(store: Store, result: VerifyResult) -> None:
         writes.commit(store, [path])
     result.repaired = moved
 
-
-def _aside(store: Store, rel: str) -> Path:
-    target = store.root / "damaged" / rel
-    n = 1
-    while target.exists():
-        target = target.with_name(f"{target.stem}.{n}{target.suffix}")
-        n += 1
-    return target
 
 
 def _short(why: str | None) -> str:

@@ -7,7 +7,6 @@ one, and is the only place a value is spliced into SQL text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,8 @@ def limit_memory(con: duckdb.DuckDBPyConnection, memory: str, spill: Path, threa
         con.execute("SET threads = ?", [int(threads)])
 
 
-def batches(rel: Any, rows: int) -> Iterator[pa.RecordBatch]:
-    """A relation's result as Arrow record batches of about `rows` rows, streamed (never all at once)."""
+def batches(rel: Any, rows: int) -> pa.RecordBatchReader:
+    """A relation's result as a reader of Arrow record batches of about `rows` rows, streamed (never all
+    at once); its `schema` is known before the first batch, even when there is none."""
     stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
-    yield from stream(rows)
+    return stream(rows)

@@ -136,6 +136,23 @@ def forget(store: Store, files: Iterable[Path | str]) -> None:
     write_manifest(store, manifest)
 
 
+def set_aside(store: Store, rel: str) -> Path | None:
+    """Move a shard (damaged, or made stale by a repair) to `STORE/damaged/<its path>`, never over an
+    earlier one; the caller `forget`s it in the same session. None when the file was already gone."""
+    _require_lock(store)
+    source = store.root / rel
+    if not source.exists():
+        return None
+    target = store.root / "damaged" / rel
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.stem}.{n}{target.suffix}")
+        n += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+    return target
+
+
 def reconcile(store: Store) -> Reconciled:
     """Make the manifest match the files: sweep dead writers' temps, adopt staged and orphan shards,
     drop vanished ones, sweep scores of runs that never committed. Runs when the lock is taken."""
