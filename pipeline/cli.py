@@ -18,27 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline import choices as c
 from pipeline.allocator import fix_mmap_threshold
-from pipeline.choices import (
-    Detector,
-    Device,
-    Engine,
-    Experiment,
-    FeatureLayout,
-    Features,
-    GroupBy,
-    IndexKind,
-    InputNorm,
-    LandscapeDims,
-    Modality,
-    Pairing,
-    Precision,
-    Scheduler,
-    SourceFormat,
-    Split,
-    SqlFormat,
-    VectorDtype,
-)
 from pipeline.errors import PipelineError
 from pipeline.present import terminal as show
 from pipeline.store.layout import DEFAULT_STORE, Store
@@ -74,6 +55,13 @@ ExcludeLeaksOpt = Annotated[bool | None, typer.Option(
     "--exclude-leaks/--keep-leaks", help="Leave val/test samples with a near-duplicate in an earlier split "
     "out of the metrics (needs `pipeline leaks`).")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file of training options (flags override it).")]
+PairingOpt = Annotated[c.Pairing | None, typer.Option(help="as-ingested | shared (one text per real image and its "
+                                                      "generated siblings: removes caption shortcuts)")]
+FeaturesOpt = Annotated[c.Features | None, typer.Option(help="What the detector sees (train: image+text; "
+                                                        "generalization: image).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the train split (default 32).")]
+BatchOpt = Annotated[int | None, typer.Option(help="Samples per step (default 2048).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed of weights, dropout and shuffling (default 0).")]
 
 
 @app.callback()
@@ -126,7 +114,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return parts[0], parts[1], parts[2]
 
 
-def _names(text: str | None) -> dict[str, tuple[str, ...]]:
+def _names(text: str | None) -> dict[str, Any]:
     """`generators=` for a config when the flag was given (else the config's default applies)."""
     return {} if text is None else {"generators": tuple(g.strip() for g in text.split(","))}
 
@@ -149,7 +137,7 @@ def _options(config: Path | None) -> dict[str, Any]:
 def ingest(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="The source: a file or directory, per --format.")],
-    format: Annotated[SourceFormat, typer.Option("--format", "-f", help="What SOURCE is.")],
+    format: Annotated[c.SourceFormat, typer.Option("--format", "-f", help="What SOURCE is.")],
     store: StoreOpt = DEFAULT_STORE,
     real_images: Annotated[Path | None, typer.Option(
         help="d3: downloaded LAION images (folder or img2dataset output), matched by id or URL.")] = None,
@@ -157,7 +145,7 @@ def ingest(
         help="webdataset: generator of every image ('real' for photographs).")] = None,
     label_map: Annotated[Path | None, typer.Option(help="webdataset: CSV with key,label,generator per key.")] = None,
     generators: GeneratorsOpt = None,
-    group_by: Annotated[GroupBy, typer.Option(help="folder: split unit, 'stem' (same file name) or 'image'.")]
+    group_by: Annotated[c.GroupBy, typer.Option(help="folder: split unit, 'stem' (same file name) or 'image'.")]
     = "stem",
     splits: Annotated[str, typer.Option(help="train,val,test fractions, or 'source' to keep the split the "
                                         "source declares (D3's train/validation/test files or keys, a "
@@ -194,18 +182,18 @@ def encode(
         help="open_clip tag (openai, laion2b_s34b_b79k, …) or a local checkpoint file. "
         "Omit for random weights (testing only).")] = None,
     store: StoreOpt = DEFAULT_STORE,
-    device: Annotated[Device, typer.Option(help="Where the model runs.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help="fp16 on GPU only; bf16 on a CPU without native bf16 "
+    device: Annotated[c.Device, typer.Option(help="Where the model runs.")] = "auto",
+    precision: Annotated[c.Precision, typer.Option(help="fp16 on GPU only; bf16 on a CPU without native bf16 "
                                                  "is emulated and slow (a warning says so).")] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (0: decode in this process). "
                                                 "Default: 0 on a small CPU box, most cores with a GPU.")] = None,
-    dtype: Annotated[VectorDtype, typer.Option(help="Stored vector type.")] = "float16",
+    dtype: Annotated[c.VectorDtype, typer.Option(help="Stored vector type.")] = "float16",
     shard_rows: Annotated[int, typer.Option(help="Vectors per Parquet shard (the unit of resume).")] = 4096,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are quarantined.")] = 64_000_000,
     seed: Annotated[int, typer.Option(help="Seed of random weights (when --pretrained is omitted).")] = 0,
     retry_quarantined: Annotated[bool, typer.Option(help="Try quarantined images again.")] = False,
-    engine: Annotated[Engine, typer.Option(help="local: this machine | ray: a Ray cluster (pip install "
+    engine: Annotated[c.Engine, typer.Option(help="local: this machine | ray: a Ray cluster (pip install "
                                            "'clipdetect-pipeline[ray]'); every node must see --store at the "
                                            "same path (shared filesystem).")] = "local",
     ray_address: RayAddressOpt = None,
@@ -239,7 +227,7 @@ def sql(
     ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="One SELECT over samples, embeddings, quarantine, runs, scores.")],
     store: StoreOpt = DEFAULT_STORE,
-    format: Annotated[SqlFormat, typer.Option("--format", help="table: for the terminal; csv and json go to "
+    format: Annotated[c.SqlFormat, typer.Option("--format", help="table: for the terminal; csv and json go to "
                                               "stdout (or --output); parquet needs --output.")] = "table",
     output: Annotated[Path | None, typer.Option(help="File to write (outside the store).")] = None,
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
@@ -270,7 +258,7 @@ def status(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
 def import_features(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Folder (or file) of precomputed features.")],
-    layout: Annotated[FeatureLayout, typer.Option(help="h5: the reference code's NNNN.h5 | clip-retrieval.")],
+    layout: Annotated[c.FeatureLayout, typer.Option(help="h5: the reference code's NNNN.h5 | clip-retrieval.")],
     model_key: Annotated[str, typer.Option(help="Name of the model that made them, e.g. ViT-L-14__openai.")],
     store: StoreOpt = DEFAULT_STORE,
     generators: GeneratorsOpt = None,
@@ -296,12 +284,10 @@ def train_cmd(
     config: ConfigOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     model_key: ModelKeyOpt = None,
-    features: Annotated[Features | None, typer.Option(help="What the detector sees (default image+text).")]
-    = None,
-    pairing: Annotated[Pairing | None, typer.Option(help="as-ingested | shared (one text per real image and "
-                                                    "its generated siblings: removes caption shortcuts)")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    features: FeaturesOpt = None,
+    pairing: PairingOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
     lr: Annotated[float | None, typer.Option()] = None,
     cvar: Annotated[bool | None, typer.Option("--cvar/--no-cvar", help="CVaR loss (level --cvar-alpha).")] = None,
     cvar_alpha: Annotated[float | None, typer.Option()] = None,
@@ -310,12 +296,12 @@ def train_cmd(
     sam: Annotated[bool | None, typer.Option("--sam/--no-sam", help="SAM optimiser (radius --sam-rho).")] = None,
     sam_rho: Annotated[float | None, typer.Option()] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 autocast for the MLP.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    detector: Annotated[Detector | None, typer.Option(help="mlp (the paper's) | knn (vote of the nearest "
+    seed: SeedOpt = None,
+    detector: Annotated[c.Detector | None, typer.Option(help="mlp (the paper's) | knn (vote of the nearest "
                                                       "training samples, k chosen on val)")] = None,
     exclude_leaks: ExcludeLeaksOpt = None,
     leak_threshold: Annotated[float | None, typer.Option(help="Cosine similarity of a near-duplicate.")] = None,
-    input_norm: Annotated[InputNorm | None, typer.Option(help="l2 (unit vectors, as stored) | raw (each vector "
+    input_norm: Annotated[c.InputNorm | None, typer.Option(help="l2 (unit vectors, as stored) | raw (each vector "
                                                          "times its stored norm: the reference code's inputs)")]
     = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Stop each epoch after this many batches "
@@ -347,11 +333,11 @@ def sweep_cmd(
     grid: Annotated[Path, typer.Option(help="TOML with \\[base] and \\[grid] (crossed lists) or \\[\\[runs]].")],
     store: StoreOpt = DEFAULT_STORE,
     jobs: Annotated[int, typer.Option(help="Runs in parallel (processes).")] = 1,
-    engine: Annotated[Engine, typer.Option(help="local: this machine | ray: one Ray Tune trial per config "
+    engine: Annotated[c.Engine, typer.Option(help="local: this machine | ray: one Ray Tune trial per config "
                                            "(store on a filesystem every node sees).")] = "local",
     samples: Annotated[int | None, typer.Option(help="Run N configs drawn at random from the grid.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --samples draw.")] = 0,
-    scheduler: Annotated[Scheduler, typer.Option(help="Ray Tune scheduler: fifo | asha (stops weak trials "
+    scheduler: Annotated[c.Scheduler, typer.Option(help="Ray Tune scheduler: fifo | asha (stops weak trials "
                                                  "early on per-epoch val AUC).")] = "fifo",
     ray_address: RayAddressOpt = None,
 ) -> None:
@@ -368,19 +354,18 @@ def sweep_cmd(
 @app.command("experiment")
 def experiment_cmd(
     ctx: typer.Context,
-    table: Annotated[Experiment, typer.Argument(help="Which experiment.")],
+    table: Annotated[c.Experiment, typer.Argument(help="Which experiment.")],
     store: StoreOpt = DEFAULT_STORE,
     model_key: ModelKeyOpt = None,
     config: ConfigOpt = None,
-    pairing: Annotated[Pairing | None, typer.Option(help="Text pairing of every row.")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    pairing: PairingOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
     exclude_leaks: ExcludeLeaksOpt = None,
     seeds: Annotated[int, typer.Option(help="Runs per row (seeds --seed, +1, …): mean ± sd beside the intervals.")] = 1,
     run_id: Annotated[str | None, typer.Option("--run", help="robustness: the trained run to test.")] = None,
-    features: Annotated[Features | None, typer.Option(help="generalization: image (default) | text | image+text")]
-    = None,
-    seed: Annotated[int | None, typer.Option(help="The first seed.")] = None,
+    features: FeaturesOpt = None,
+    seed: SeedOpt = None,
 ) -> None:
     """The paper's tables and the evaluations the field reports, as runs with 95% intervals.
 
@@ -445,9 +430,9 @@ def index_build(
     ctx: typer.Context,
     store: StoreOpt = DEFAULT_STORE,
     model_key: ModelKeyOpt = None,
-    kind: Annotated[IndexKind, typer.Option(help="auto: the most exact that fits --max-memory (flat below 100k "
+    kind: Annotated[c.IndexKind, typer.Option(help="auto: the most exact that fits --max-memory (flat below 100k "
                                             "vectors, then ivf, ivf-sq8, ivf-pq).")] = "auto",
-    vectors: Annotated[Modality, typer.Option(help="Which vectors.")] = "image",
+    vectors: Annotated[c.Modality, typer.Option(help="Which vectors.")] = "image",
     nlist: Annotated[int | None, typer.Option(help="IVF lists (default: one per ~1024 vectors, as many as "
                                               "the training sample can place).")] = None,
     max_memory: MaxMemoryOpt = "4GB",
@@ -476,7 +461,7 @@ def neighbors(
     store: StoreOpt = DEFAULT_STORE,
     model_key: ModelKeyOpt = None,
     run: Annotated[str | None, typer.Option("--run", help="Show this run's score of each neighbour.")] = None,
-    vectors: Annotated[Modality, typer.Option(help="Which vectors to compare.")] = "image",
+    vectors: Annotated[c.Modality, typer.Option(help="Which vectors to compare.")] = "image",
     wait: WaitOpt = True,
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
@@ -516,7 +501,7 @@ def report(
     run: Annotated[str, typer.Option("--run", help="The run to report.")],
     store: StoreOpt = DEFAULT_STORE,
     output: Annotated[Path | None, typer.Option(help="Directory (default STORE/reports/run-RUN).")] = None,
-    split: Annotated[Split, typer.Option(help="Which split the figures show.")] = "test",
+    split: Annotated[c.Split, typer.Option(help="Which split the figures show.")] = "test",
     threshold: Annotated[float, typer.Option(help="Score threshold of the confusion matrix.")] = 0.5,
     exclude_leaks: Annotated[bool, typer.Option(help="Leave leaking samples out (needs `pipeline leaks`).")] = False,
 ) -> None:
@@ -533,7 +518,7 @@ def landscape(
     ctx: typer.Context,
     run: Annotated[list[str], typer.Option("--run", help="A run; give --run twice to compare (e.g. SAM vs not).")],
     store: StoreOpt = DEFAULT_STORE,
-    dims: Annotated[LandscapeDims, typer.Option(help="1: a curve; 2: a contour plot.")] = 1,
+    dims: Annotated[c.LandscapeDims, typer.Option(help="1: a curve; 2: a contour plot.")] = 1,
     steps: Annotated[int | None, typer.Option(help="Points per axis (default 41 for 1-D, 17 for 2-D).")] = None,
     span: Annotated[float, typer.Option(help="Coordinates run over [-span, span].")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the random directions.")] = 0,

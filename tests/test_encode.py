@@ -264,7 +264,6 @@ def test_hostile_inputs_are_quarantined_and_the_run_completes(tmp_path: Path) ->
 def test_resume_after_kill_between_shard_write_and_catalog_update(
     d3_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.engines.local as local
 
     real_commit = writes.commit_staged
     calls = {"n": 0}
@@ -275,7 +274,7 @@ def test_resume_after_kill_between_shard_write_and_catalog_update(
             raise KeyboardInterrupt("simulated kill")
         return real_commit(store, files)
 
-    monkeypatch.setattr(local, "COMMIT_EVERY_SHARDS", 1)
+    monkeypatch.setattr(writes, "COMMIT_EVERY_SHARDS", 1)
     monkeypatch.setattr(writes, "commit_staged", dying_commit)
     with pytest.raises(KeyboardInterrupt):
         encode(encode_config(d3_store, shard_rows=8, batch_size=8))

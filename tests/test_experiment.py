@@ -155,6 +155,6 @@ def test_format_probe_reads_headers_and_sees_the_png_fakes(d3_store: Store) -> N
     """Synthetic D3: real images are JPEG, half the generators write PNG, so format alone says something."""
     probe = shortcuts.format_probe(d3_store, per_split=500)
     assert probe.read > 0 and probe.auc is not None
-    assert 0.6 < probe.auc["value"] <= 1.0 and probe.auc["lo"] <= probe.auc["value"] <= probe.auc["hi"]
+    assert 0.6 < probe.auc.value <= 1.0 and probe.auc.lo <= probe.auc.value <= probe.auc.hi
     assert "Format probe" in probe.sentence()
     assert (probe.alarm is not None) == (probe.auc.value >= shortcuts.PROBE_AUC_ALARM)

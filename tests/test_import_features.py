@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.stages.import_features import ImportConfig
 from pipeline.stages.import_features import run as import_features
-from pipeline.store import catalog
+from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
 from tests.conftest import jpeg
 
@@ -235,12 +235,12 @@ def test_kept_key_sets_make_a_new_file_cost_only_itself(tmp_path: Path, monkeypa
     scanned.clear()
     lost = catalog_module.shard_paths(store, "samples")[0]
     with writing(store):
-        catalog_module.forget(store, [lost])
+        writes.forget(store, [lost])
     lost.unlink()
     for shard in catalog_module.shard_paths(store, "sources"):  # and the ledger reset, as verify does
         shard.unlink()
     with writing(store):
-        catalog_module.reconcile(store)
+        writes.reconcile(store)
     again = import_features(ImportConfig(tmp_path / "src", "h5", store, "m"))
     assert again.samples_added == 35 and {p.parent.name for p in scanned} >= {"samples"}
     assert _count(store, "SELECT count(*) FROM samples") == _count(

@@ -247,3 +247,63 @@ def test_batches_made_ahead_keep_their_order_raise_their_errors_and_stop_with_th
     assert [next(first) for _ in range(3)] == [0, 1, 2]
     first.close()  # the consumer leaves early: the producer stops and its source is closed
     assert len(closed) == 3
+
+
+def test_a_rebuilt_view_keeps_the_parts_a_live_table_reads_and_drops_them_once_it_is_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from pipeline.features import view
+    from pipeline.store.layout import Store
+
+    store = planted_store(tmp_path, rows=50, dim=4)
+    first = feature_table(store, "planted")
+    monkeypatch.setattr(view, "MAX_PARTS", 1)  # the next change rebuilds the view instead of appending
+    planted_store(tmp_path, rows=30, dim=4, seed=1, file_name="0001.h5")
+    second = feature_table(Store(store.root), "planted")  # (another trainer: its own Store, its own pins)
+    assert set(second.parts).isdisjoint(first.parts) and all(p.exists() for p in first.parts)
+    ids = np.concatenate([b.sample_id for b in FeatureLoader(first, SPLITS, LoaderConfig()).epoch(0)])
+    assert len(ids) == first.rows == 250  # the first trainer reads every row of its own view still
+    del first, ids
+    gc.collect()
+    third = feature_table(Store(store.root), "planted")
+    assert third.parts == second.parts
+    assert sorted(p.name for p in third.directory.glob("part-*.parquet")) == sorted(p.name for p in third.parts)
+
+
+def test_two_trainers_build_the_same_view_while_an_import_appends(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from pipeline.features import view
+    from pipeline.store.layout import Store
+
+    store = planted_store(tmp_path, rows=40, dim=4)
+    monkeypatch.setattr(view, "MAX_PARTS", 2)  # appends and rebuilds both happen
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def trainer() -> None:
+        try:
+            for _ in range(4):
+                table = feature_table(Store(store.root), "planted")
+                rows = sum(len(b.sample_id) for b in FeatureLoader(table, SPLITS, LoaderConfig()).epoch(0))
+                assert rows == table.rows
+                seen.append(rows)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def importer() -> None:
+        try:
+            for k in range(1, 4):
+                planted_store(tmp_path, rows=10, dim=4, seed=k, file_name=f"{k:04d}.h5")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=f) for f in (trainer, trainer, importer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(seen) == 8 and feature_table(Store(store.root), "planted").rows == 5 * (40 + 3 * 10)

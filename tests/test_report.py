@@ -71,10 +71,11 @@ def test_a_report_after_new_samples_were_scored_says_which_figures_count_them(tm
     planted_store(tmp_path, rows=60, signal=2.5, seed=1, file_name="0001.h5")  # new samples, same store
     assert run_score(ScoreConfig(store, run.run_id)).scored == 300
     text = write_report(ReportConfig(store, run.run_id, tmp_path / "report")).page.read_text()
-    then = load_run(store, run.run_id)[2]["test"]["n"]
-    now = int(re.search(r"n = (\d+) test samples", text).group(1))  # type: ignore[union-attr]
-    assert now > then and f"({then} test samples then; the figures above also count the {now - then} scored " \
-        "since by <code>pipeline score</code>)" in text
+    then = load_run(store, run.run_id)[2].test.n
+    now = int(re.search(r"Figures on the <b>test</b> split \((\d+) samples\)", text).group(1))  # type: ignore[union-attr]
+    assert now > then and f"n = {then} test samples when it was trained" in text
+    assert f"The figures also count the {now - then} test samples scored since by <code>pipeline score</code>; " \
+        "the tables do not." in text
 
 
 def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:

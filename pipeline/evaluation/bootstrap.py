@@ -9,6 +9,7 @@ once, when it is trained, and stored (`evaluation.results`); pages read them bac
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def summarise_splits(s: ScoreArrays, seed: int) -> dict[str, SplitMetrics]:
             continue
         y, p, g, grp = s.label[mask], s.score[mask], s.generator[mask], s.group[mask]
         n_boot = 0 if split == "train" else bootstrap_replicates(int(mask.sum()))
-        point = summary(y, p, g, names=s.generators)
+        point: dict[str, Any] = summary(y, p, g, names=s.generators)
         intervals = by_generator(y, p, g, grp, seed, split, s.generators, replicates=n_boot)
         out[split] = SplitMetrics(
             n=int(point["n"]), auc=point["auc"], ap=point["ap"], accuracy=point["accuracy"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.choices import Features, InputNorm
 from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import FeatureTable
@@ -13,8 +14,8 @@ from trainer.fit import FitConfig
 EVAL_ROWS = 2048  # the fixed evaluation set: the first rows of the val split in table order
 
 
-def evaluation_set(table: FeatureTable, features: str,
-                   input_norm: str = "l2") -> tuple[torch.Tensor, torch.Tensor, str]:
+def evaluation_set(table: FeatureTable, features: Features,
+                   input_norm: InputNorm = "l2") -> tuple[torch.Tensor, torch.Tensor, str]:
     """The fixed set a run's evaluation loss (and its loss landscape) is computed on.
 
     The first `EVAL_ROWS` rows of the val split in the feature table's fixed order (the test split

@@ -91,7 +91,7 @@ class SplitMetrics:
         return SplitMetrics(
             n=int(data.get("n") or 0),
             auc=_float(data.get("auc")), ap=_float(data.get("ap")), accuracy=_float(data.get("accuracy")),
-            auc_by_generator={g: _float(v) for g, v in (data.get("auc_by_generator") or {}).items()},
+            auc_by_generator={g: _nan(v) for g, v in (data.get("auc_by_generator") or {}).items()},
             intervals={g: {m: _estimate(e) for m, e in d.items()} for g, d in (data.get("intervals") or {}).items()},
             bootstrap=None if boot is None else Bootstrap(int(boot["replicates"]), float(boot.get("level", 0.95)),
                                                           str(boot.get("unit", "group_key")),
@@ -100,6 +100,23 @@ class SplitMetrics:
             at_val_threshold=None if not chosen else AtThreshold(float(chosen["threshold"]), {
                 m: _estimate(e) for m, e in (chosen.get("metrics") or {}).items()}),
         )
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A sentence that says a run's numbers mislead, with the evidence behind it (stored with the run,
+    shown wherever its numbers are)."""
+
+    kind: str  # e.g. text_shortcut, format_shortcut, small_test
+    sentence: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sentence": self.sentence, "evidence": self.evidence}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Alarm:
+        return Alarm(str(data["kind"]), str(data["sentence"]), dict(data.get("evidence") or {}))
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,7 @@ class RunMetrics:
     k: int | None = None
     val_auc_by_k: dict[str, float] | None = None
     index: dict[str, Any] | None = None
+    alarms: tuple[Alarm, ...] = ()  # computed once, when the run was trained
     version: int = METRICS_VERSION
 
     def split(self, name: str) -> SplitMetrics:
@@ -158,6 +176,8 @@ class RunMetrics:
                     "left_out": {"no_image_vector": self.left_out.no_image_vector,
                                  "no_text_vector": self.left_out.no_text_vector},
                     "excluded_leaks": self.excluded_leaks})
+        if self.alarms:
+            out["alarms"] = [a.to_json() for a in self.alarms]
         return jsonable(out)
 
     @staticmethod
@@ -176,7 +196,8 @@ class RunMetrics:
             eval_loss=_float(data.get("eval_loss")), eval_set=data.get("eval_set"),
             skipped_missing_text=data.get("skipped_missing_text"),
             k=data.get("k"), val_auc_by_k=None if by_k is None else {str(k): v for k, v in by_k.items()},
-            index=data.get("index"), version=int(data.get("version", 1)),
+            index=data.get("index"), alarms=tuple(Alarm.from_json(a) for a in data.get("alarms") or ()),
+            version=int(data.get("version", 1)),
         )
 
 

@@ -92,7 +92,7 @@ class GroupKeys:
         try:
             if not self.rows:
                 return np.zeros(0, np.int32)
-            keys = {"keys": str(self.stream.close())}
+            keys: dict[str, object] = {"keys": str(self.stream.close())}
             if self.lookup:
                 return _ranked(self.store, self.rows, "SELECT f.file_row_number AS i, coalesce(k.group_key, f.key) "
                                "AS key FROM read_parquet($keys, file_row_number = true) f "

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.choices import Features, InputNorm
 from pipeline.features.index import DEFAULT_MAX_MEMORY, IndexConfig, build_in_memory, exact_scores, plan_index
 from pipeline.features.loader import Batch, FeatureLoader, LoaderConfig
 from pipeline.features.vectors import normalise
@@ -61,8 +62,8 @@ class KnnFit:
     index_params: dict[str, Any]
 
 
-def knn_scores(table: FeatureTable, features: str, splits: tuple[str, ...], exclude: set[str],
-               seed: int = 0, ks: tuple[int, ...] = KS, input_norm: str = "l2",
+def knn_scores(table: FeatureTable, features: Features, splits: tuple[str, ...], exclude: set[str],
+               seed: int = 0, ks: tuple[int, ...] = KS, input_norm: InputNorm = "l2",
                max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[pa.Table, KnnFit]:
     """Columns (sample_id, split, label, generator) of every row of `splits`, split by split, and the
     fitted vote. The table is memory-mapped from a file already unlinked: it costs page cache, not

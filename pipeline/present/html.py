@@ -73,7 +73,7 @@ def history(metrics: RunMetrics) -> str:
     if not history:
         by_k = metrics.val_auc_by_k
         return table(["k", "val AUC"], [[k, pct(v)] for k, v in by_k.items()]) if by_k else "<p>none</p>"
-    cols = [c for c in ("epoch", "train_loss", "lr", "val_auc", "val_ap") if c in history[0]]
+    cols: list[str] = [c for c in ("epoch", "train_loss", "lr", "val_auc", "val_ap") if c in history[0]]
     return table(cols, [[num(h.get(c)) for c in cols] for h in history])
 
 

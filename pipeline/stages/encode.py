@@ -154,7 +154,8 @@ def write_pending(con: Any, sql: str, model_key: str, path: Path) -> int:
     """Stream the rows of `sql` (on a catalog connection) into a Parquet file in chunks; return the count
     (no file when there are none)."""
     rows = duck.batches(con.sql(sql, params={"key": model_key}), _PENDING_CHUNK)
-    with ParquetStream(path, rows.schema, group_rows=_PENDING_ROW_GROUP, compression="zstd") as stream:
+    group = min(_PENDING_ROW_GROUP, _PENDING_CHUNK)
+    with ParquetStream(path, rows.schema, group_rows=group, compression="zstd") as stream:
         for batch in rows:
             stream.write(batch)
         if stream.rows:

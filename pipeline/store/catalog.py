@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline.errors import PipelineError, first_line
 from pipeline.store.atomic import atomic_write
-from pipeline.store.duck import literal
+from pipeline.store.duck import literal, sql_type
 from pipeline.store.layout import Store
 from pipeline.store.manifest import (
     REPAIR,
@@ -87,6 +87,13 @@ def snapshot(store: Store) -> Snapshot:
         held.pop().close()
     held.append(snap)
     return snap
+
+
+def forget_snapshot(store: Store) -> None:
+    """Drop the snapshot this Store object carries: the next read takes a new one (manifest read, every
+    shard checked), as a new command would."""
+    while store.snapshot_slot:
+        store.snapshot_slot.pop().close()
 
 
 @contextmanager
@@ -207,10 +214,7 @@ def _select(con: duckdb.DuckDBPyConnection, schema: pa.Schema, paths: list[str],
     per file at each query, so only when the files differ."""
     column_sets = {s.columns or tuple(schema.names) for s in shards}
     present = set().union(*column_sets)
-    rel = con.from_arrow(schema.empty_table())
-    cols = []
-    for name, dtype in zip(rel.columns, rel.dtypes, strict=True):
-        cols.append(f'"{name}"' if name in present else f'NULL::{dtype} AS "{name}"')
+    cols = [f'"{f.name}"' if f.name in present else f'NULL::{sql_type(f.type)} AS "{f.name}"' for f in schema]
     return f"SELECT {', '.join(cols)} FROM {_read(paths, by_name=len(column_sets) > 1)}"
 
 
@@ -241,10 +245,7 @@ def _read(paths: list[str], by_name: bool = False) -> str:
 
 
 def _empty_select(con: duckdb.DuckDBPyConnection, schema: pa.Schema) -> str:
-    rel = con.from_arrow(schema.empty_table())
-    cols = ", ".join(
-        f'NULL::{dtype} AS "{name}"' for name, dtype in zip(rel.columns, rel.dtypes, strict=True)
-    )
+    cols = ", ".join(f'NULL::{sql_type(f.type)} AS "{f.name}"' for f in schema)
     return f"SELECT {cols} WHERE false"
 
 

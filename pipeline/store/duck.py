@@ -33,3 +33,23 @@ def batches(rel: Any, rows: int) -> pa.RecordBatchReader:
     at once); its `schema` is known before the first batch, even when there is none."""
     stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
     return stream(rows)
+
+
+_TYPES = {"string": "VARCHAR", "large_string": "VARCHAR", "bool": "BOOLEAN", "int8": "TINYINT", "int16": "SMALLINT",
+          "int32": "INTEGER", "int64": "BIGINT", "uint8": "UTINYINT", "uint16": "USMALLINT", "uint32": "UINTEGER",
+          "uint64": "UBIGINT", "halffloat": "FLOAT", "float": "FLOAT", "double": "DOUBLE", "binary": "BLOB",
+          "large_binary": "BLOB"}
+
+
+def sql_type(arrow: pa.DataType) -> str:
+    """DuckDB's name of an Arrow type (for `NULL::TYPE` in a view), without handing DuckDB an Arrow
+    object: registering one imports pandas, a second of start-up for every command."""
+    if pa.types.is_timestamp(arrow):
+        return "TIMESTAMP WITH TIME ZONE" if arrow.tz else "TIMESTAMP"
+    if pa.types.is_fixed_size_list(arrow):
+        return f"{sql_type(arrow.value_type)}[{arrow.list_size}]"
+    if pa.types.is_list(arrow) or pa.types.is_large_list(arrow):
+        return f"{sql_type(arrow.value_type)}[]"
+    if str(arrow) not in _TYPES:
+        raise TypeError(f"no DuckDB type known for {arrow}")
+    return _TYPES[str(arrow)]

@@ -55,6 +55,7 @@ def writing(store: Store, reporter: Reporter | None = None, wait: bool = True,
         stamp = _manifest_stamp(store)
         if reconcile:
             _reconcile(store)
+        catalog.forget_snapshot(store)  # a writer starts from what is on disk now, every shard checked again
         yield
         if _catalog_file_stale(store, stamp):
             catalog.write_catalog_file(store)  # on success only: a failing stage's error stays the one shown
