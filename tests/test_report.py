@@ -24,6 +24,7 @@ from pipeline.stages.report import ReportConfig
 from pipeline.stages.report import run as write_report
 from pipeline.stages.score import ScoreConfig
 from pipeline.stages.score import run as run_score
+from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
 from tests.conftest import train_run as train
@@ -139,3 +140,51 @@ def test_filter_normalised_directions_and_weights_restored() -> None:
     with torch.no_grad():
         assert out[1] == pytest.approx(float(model(x).sum()), abs=1e-5)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_the_reports_intervals_are_the_metrics_views(tmp_path: Path) -> None:
+    """One interval per quantity: the report reads what training stored (the `metrics` view), never a
+    second bootstrap (last round the report drew with another seed: [61.11, 100] against [64.00, 100])."""
+    import math
+
+    store = planted_store(tmp_path, rows=150, signal=1.0)
+    run = train(store, TrainConfig.from_dict({**FAST, "features": "image", "seed": 3}))
+    shown = write_report(ReportConfig(store, run.run_id, tmp_path / "report")).intervals
+    rows = catalog.query(store, "SELECT generator, metric, value, lo, hi, n FROM metrics WHERE run_id = ? "
+                                "AND split = 'test' AND metric NOT LIKE '%_at_val_threshold'", [run.run_id]).to_pylist()
+    assert rows and len(rows) == sum(len(d) for d in shown.values())
+
+    def same(a: float | None, b: float) -> bool:
+        return (a is None and math.isnan(b)) or (a is not None and a == pytest.approx(b, abs=1e-9))
+
+    for r in rows:
+        e = shown[r["generator"]][r["metric"]]
+        assert same(r["value"], e.value) and same(r["lo"], e.lo) and same(r["hi"], e.hi) and r["n"] == e.n, r
+
+
+def test_the_robustness_row_none_is_the_runs_stored_test_auc(d3_store: Store) -> None:
+    import math
+
+    from pipeline.compositions.experiment import ExperimentConfig
+    from pipeline.compositions.experiment import run as run_experiment
+    from pipeline.stages.encode import run as encode
+    from pipeline.stages.perturb import PerturbConfig
+    from pipeline.stages.perturb import run as perturb
+    from tests.conftest import encode_config
+
+    encode(encode_config(d3_store))
+    run = train(d3_store, TrainConfig.from_dict({**FAST, "features": "image", "batch_size": 16}))
+    perturb(PerturbConfig(d3_store, ("jpeg:50",)))
+    encode(encode_config(d3_store))
+    result = run_experiment(ExperimentConfig(d3_store, "robustness", run_id=run.run_id))
+    stored = {r["generator"]: r for r in catalog.query(
+        d3_store, "SELECT generator, value, lo, hi FROM metrics WHERE run_id = ? AND split = 'test' "
+                  "AND metric = 'auc'", [run.run_id]).to_pylist()}
+    none = dict(zip(result.columns, result.cells["none"], strict=True))
+    for generator, cell in none.items():
+        if cell is None:
+            continue
+        for key in ("value", "lo", "hi"):
+            want = stored[generator][key]
+            assert (cell[key] is None and (want is None or math.isnan(want))) or cell[key] == pytest.approx(want)
+    assert "jpeg:50" in result.cells

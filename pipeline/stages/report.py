@@ -35,7 +35,7 @@ from pipeline.sources.locations import Location, LocationReader
 from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
-from trainer.metrics import METRICS, confusion
+from trainer.metrics import METRICS, Estimate, confusion
 
 GALLERY = 6  # false positives and as many false negatives
 
@@ -45,6 +45,7 @@ class ReportResult:
     directory: Path
     files: list[Path] = field(default_factory=list)
     alarm: str | None = None  # the text-shortcut sentence, when there is one
+    intervals: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # shown: generator -> metric -> estimate
 
     @property
     def page(self) -> Path:
@@ -91,7 +92,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         n_boot = stored.bootstrap.replicates if stored.bootstrap else 0
         basis = f"as the run recorded them (n = {stored.n} {split} samples when it was trained)"
     directory = output or store.root / "reports" / f"run-{run_id}"
-    result = ReportResult(directory)
+    result = ReportResult(directory, intervals=intervals)
     rw = metrics.random_weights
     result.files.append(figures.roc(directory / "roc.png", y, p, gens, split, rw))
     names = [g for g in intervals if g != "all"]
