@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.features.index import IndexConfig, open_index, recall_at
+from pipeline.features.ann.build import IndexConfig, open_index
+from pipeline.features.ann.search import recall_at
 from pipeline.stages.index import run as build_index
 from pipeline.store import writes
 from pipeline.store.atomic import write_parquet

@@ -133,7 +133,7 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         result = run(ScoreConfig(store, json.loads((work / "run.json").read_text())["run_id"]))
         return {"new_samples": added, "scored": result.scored, "already": result.already_scored}
     if stage == "index build":
-        from pipeline.features.index import IndexConfig
+        from pipeline.features.ann.build import IndexConfig
         from pipeline.stages.index import run
 
         info = run(IndexConfig(store, KEY))

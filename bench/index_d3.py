@@ -52,11 +52,13 @@ def main() -> None:
 
     import faiss
 
-    from pipeline.features import index as ix
+    from pipeline.features.ann import build as ann_build
+    from pipeline.features.ann import plan as ann_plan
+    from pipeline.features.ann import search as ann_search
     from pipeline.reporting import Silent
     from pipeline.store.layout import Store
 
-    plan = ix.plan_index(args.plan_rows, DIM, "auto", args.max_memory)
+    plan = ann_plan.plan_index(args.plan_rows, DIM, "auto", args.max_memory)
     if args.factory:
         plan = dataclasses.replace(plan, factory=args.factory, kind="ivf-pq" if "PQ" in args.factory else plan.kind)
     print(f"plan for {args.plan_rows:,}: {plan.factory}, {args.plan_rows / (plan.nlist or 1):.0f} vectors a list, "
@@ -75,7 +77,7 @@ def main() -> None:
     if not store_file.exists() or store_file.stat().st_size != n * DIM * 2:
         out = np.lib.format.open_memmap(store_file.with_suffix(".tmp.npy"), "w+", np.float16, (n, DIM))
         for start in range(0, n, 65536):
-            out[start:start + 65536] = ix._unit(rows(start, min(65536, n - start)))
+            out[start:start + 65536] = ann_search.unit_rows(rows(start, min(65536, n - start)))
         out.flush()
         del out
         store_file.with_suffix(".tmp.npy").rename(store_file)
@@ -108,16 +110,16 @@ def main() -> None:
             marks[task] = time.perf_counter()
 
     t = time.perf_counter()
-    x = ix._unit(sample(plan.train_rows, rng)[1])
+    x = ann_search.unit_rows(sample(plan.train_rows, rng)[1])
     t_sample = time.perf_counter() - t
     t = time.perf_counter()
-    centroids = ix.coarse_centroids(x, plan.nlist or 1, 0, faiss)
+    centroids = ann_build.coarse_centroids(x, plan.nlist or 1, 0, faiss)
     t_kmeans = time.perf_counter() - t
     del x, centroids
     started = time.perf_counter()
-    config = ix.IndexConfig(Store(Path(".")), recall_queries=200)
+    config = ann_build.IndexConfig(Store(Path(".")), recall_queries=200)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    index, params = ix.build_in_memory(dataclasses.replace(plan), DIM, chunks, sample, n, config, Timer(), faiss,
+    index, params = ann_build.build_in_memory(dataclasses.replace(plan), DIM, chunks, sample, n, config, Timer(), faiss,
                                        exact=gather)
     total = time.perf_counter() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -138,7 +140,8 @@ def main() -> None:
           "vectors once, fast-scan, or twice)")
     codes = n * (plan.bytes - (plan.nlist or 0) * (DIM * 4 + 320)) / D3_ROWS
     print(f"build CPU {build_cpu:.0f} s (wall {total:.0f} s; the machine may be shared)")
-    queries = ix._unit(sample(args.queries, np.random.default_rng(7))[1])  # fresh draws, as the recall queries
+    # fresh draws, as the recall queries
+    queries = ann_search.unit_rows(sample(args.queries, np.random.default_rng(7))[1])
     search(index, params, n, gather, queries, args, faiss)
     print(f"peak anon {peak[0]:.0f} MB (baseline {base:.0f} MB); the plan's estimate at this size: "
           f"{(codes + n * 4 + 3 * plan.chunk_rows * DIM * 4) / 2**20:.0f} MB + centroids, training peak "
@@ -148,26 +151,39 @@ def main() -> None:
 def search(index: object, params: dict, n: int, gather: object, queries: np.ndarray, args: argparse.Namespace,
            faiss: object) -> None:
     """Queries a CPU second and recall@10 (against exact search over the file) at several breadths."""
-    from pipeline.features import index as ix
+    from pipeline.features.ann import build as ann_build
+    from pipeline.features.ann import search as ann_search
 
     vectors = np.load(args.work / f"index_d3-{n}.f16", mmap_mode="r")
-    truth = ix.exact_neighbours((np.asarray(vectors[s:s + 65536], np.float32) for s in range(0, n, 65536)),
-                                queries, ix.RECALL_K)
+    truth = exact_neighbours((np.asarray(vectors[s:s + 65536], np.float32) for s in range(0, n, 65536)),
+                             queries, ann_search.RECALL_K)
     own = np.full(len(queries), -1)
     breadths = sorted(set(args.nprobe) | {params["nprobe"]})
     for nprobe in breadths:
-        ix.apply_breadth(index, "ivf-pq", {**params, "nprobe": nprobe}, faiss)
+        ann_search.apply_breadth(index, "ivf-pq", {**params, "nprobe": nprobe}, faiss)
         line = f"nprobe {nprobe:>4}:"
-        for rerank in (0, ix.RERANK):
+        for rerank in (0, ann_build.RERANK):
             c0, t0 = time.process_time(), time.perf_counter()
             if rerank:
-                found = ix.reranked_search(index, queries, ix.RECALL_K, rerank, gather)[1]
+                found = ann_search.reranked_search(index, queries, ann_search.RECALL_K, rerank, gather)[1]
             else:
-                found = index.search(queries, ix.RECALL_K)[1]  # type: ignore[attr-defined]
+                found = index.search(queries, ann_search.RECALL_K)[1]  # type: ignore[attr-defined]
             cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-            line += (f"  rerank {rerank:>3}: recall@10 {ix.recall_at(found, truth, own):.3f}, "
+            line += (f"  rerank {rerank:>3}: recall@10 {ann_search.recall_at(found, truth, own):.3f}, "
                      f"{len(queries) / cpu:,.0f} q per CPU s ({len(queries) / wall:,.0f} q/s wall)")
         print(line, flush=True)
+
+
+def exact_neighbours(chunks: Iterator[np.ndarray], queries: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the exact k nearest rows by inner product, over rows given in chunks."""
+    from pipeline.features.ann.search import TopK
+
+    top = TopK(queries, k)
+    start = 0
+    for chunk in chunks:
+        top.update(chunk, start)
+        start += len(chunk)
+    return top.rows
 
 
 if __name__ == "__main__":

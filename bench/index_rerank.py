@@ -36,7 +36,9 @@ def main() -> None:
 
     import faiss
 
-    from pipeline.features import index as ix
+    from pipeline.features.ann import build as ann_build
+    from pipeline.features.ann import plan as ann_plan
+    from pipeline.features.ann import search as ann_search
     from pipeline.store.layout import Store
 
     n, d = args.rows, args.dim
@@ -45,13 +47,13 @@ def main() -> None:
     x = (centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, d), np.float32))
     x = x.astype(np.float16).astype(np.float32)  # as the store keeps them
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    plan = ix.plan_index(n, d, "ivf-pq", 2**34)
+    plan = ann_plan.plan_index(n, d, "ivf-pq", 2**34)
     assert plan.nlist is not None
     own = rng.choice(n, args.queries, replace=False)
     queries = x[own]
-    truth = faiss.knn(queries, x, ix.RECALL_K + 1, faiss.METRIC_INNER_PRODUCT)[1]
+    truth = faiss.knn(queries, x, ann_search.RECALL_K + 1, faiss.METRIC_INNER_PRODUCT)[1]
     sample = x[rng.choice(n, min(n, plan.train_rows), replace=False)]
-    centroids = ix.coarse_centroids(sample, plan.nlist, 0, faiss)
+    centroids = ann_build.coarse_centroids(sample, plan.nlist, 0, faiss)
     gather = lambda rows: x[rows]  # noqa: E731
     breadths = sorted({b for b in (1, 4, 16, 64, plan.nlist // 4) if b <= plan.nlist})
     print(f"{n} vectors, {d}-d, {len(centres)} clusters, {plan.nlist} lists, {args.queries} queries")
@@ -72,10 +74,10 @@ def main() -> None:
             cells = []
             for depth in depths:
                 if depth is None:
-                    found = index.search(queries, ix.RECALL_K + 1)[1]
+                    found = index.search(queries, ann_search.RECALL_K + 1)[1]
                 else:
-                    found = ix.reranked_search(index, queries, ix.RECALL_K + 1, depth, gather)[1]
-                cells.append(f"{'lists' if depth is None else depth}: {ix.recall_at(found, truth, own):.3f}")
+                    found = ann_search.reranked_search(index, queries, ann_search.RECALL_K + 1, depth, gather)[1]
+                cells.append(f"{'lists' if depth is None else depth}: {ann_search.recall_at(found, truth, own):.3f}")
             print(f"  nprobe {breadth:5d}  " + "  ".join(cells))
 
     def sampled(count: int, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +85,8 @@ def main() -> None:
         return rows, x[rows]
 
     started = time.perf_counter()
-    params = ix.build_in_memory(plan, d, lambda: (x[i:i + 32768] for i in range(0, n, 32768)), sampled, n,
-                                ix.IndexConfig(Store(Path(".")), recall_queries=args.queries), exact=gather)[1]
+    params = ann_build.build_in_memory(plan, d, lambda: (x[i:i + 32768] for i in range(0, n, 32768)), sampled, n,
+                                ann_build.IndexConfig(Store(Path(".")), recall_queries=args.queries), exact=gather)[1]
     print(f"planner ({plan.factory}, {time.perf_counter() - started:.0f} s): nprobe {params['nprobe']}, "
           f"re-rank {params['rerank']}, recall@10 {params['recall_at_10']:.3f}; by breadth "
           f"{params['recall_by_breadth']}; by depth {params['recall_by_rerank']}")

@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--nlist", type=int)
     args = parser.parse_args()
 
-    from pipeline.features.index import IndexConfig
+    from pipeline.features.ann.build import IndexConfig
     from pipeline.stages.import_features import ImportConfig
     from pipeline.stages.import_features import run as import_features
     from pipeline.stages.index import run as build_index
@@ -112,7 +112,8 @@ def score_gap(store: object, key: str, kind: str, truth: set[tuple[str, str]], n
     """How far the index's own scores (codes, no re-scoring) of the true pairs are from their exact similarity."""
     import faiss
 
-    from pipeline.features.index import apply_breadth, open_index
+    from pipeline.features.ann.build import open_index
+    from pipeline.features.ann.search import apply_breadth
     from pipeline.features.vectors import normalise
 
     index = open_index(store, key, "image", kind)  # type: ignore[arg-type]

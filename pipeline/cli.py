@@ -442,7 +442,7 @@ def index_build(
     wait: WaitOpt = True,
 ) -> None:
     """Build a FAISS index (cosine similarity) over one model's cached vectors; reused until they change."""
-    from pipeline.features.index import parse_memory
+    from pipeline.features.ann.plan import parse_memory
     from pipeline.stages import index as stage
 
     with _running(ctx) as reporter:
@@ -486,7 +486,7 @@ def leaks(
     wait: WaitOpt = True,
 ) -> None:
     """Find near-duplicate images across splits (and exact ones by hash); write them to the `leaks` view."""
-    from pipeline.features.index import parse_memory
+    from pipeline.features.ann.plan import parse_memory
     from pipeline.stages import leaks as stage
 
     with _running(ctx) as reporter:

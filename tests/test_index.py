@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.features import index as ix
-from pipeline.features.index import LIST_ROWS, IndexConfig, coarse_centroids, open_index, parse_memory, plan_index
+from pipeline.features.ann import build as ann_build
+from pipeline.features.ann.build import PLATEAU, IndexConfig, coarse_centroids, open_index
+from pipeline.features.ann.plan import LIST_ROWS, parse_memory, plan_index
+from pipeline.features.ann.search import FAST_SCAN_FROM
 from pipeline.features.leaks import leaking_ids
 from pipeline.features.vectors import normalise, open_matrix
 from pipeline.runs.config import TrainConfig
@@ -125,7 +127,7 @@ def test_two_level_k_means_places_centroids_about_as_well_as_one_level(monkeypat
     x = normalise(centres[rng.integers(0, 400, 20_000)] + rng.normal(0, 0.05, (20_000, DIM)))
     two = coarse_centroids(x, 400)  # above TWO_LEVEL_FROM: two levels
     assert two.shape == (400, DIM) and np.allclose(np.linalg.norm(two, axis=1), 1, atol=1e-4)
-    monkeypatch.setattr("pipeline.features.index.TWO_LEVEL_FROM", 10_000)
+    monkeypatch.setattr("pipeline.features.ann.build.TWO_LEVEL_FROM", 10_000)
     one = coarse_centroids(x, 400)
     closest = {name: float(np.mean(np.max(x @ c.T, axis=1))) for name, c in (("two", two), ("one", one))}
     assert closest["two"] > 0.88 and closest["two"] >= closest["one"] - 0.03, closest  # truth: 0.96
@@ -183,12 +185,12 @@ def tuned(x: np.ndarray, nlist: int, target: float) -> dict[str, object]:
         return rows, x[rows]
 
     config = IndexConfig(Store(Path(".")), recall_queries=300, target_recall=target)
-    return ix.build_in_memory(plan, x.shape[1], lambda: (x[i:i + 4096] for i in range(0, len(x), 4096)), sample,
+    return ann_build.build_in_memory(plan, x.shape[1], lambda: (x[i:i + 4096] for i in range(0, len(x), 4096)), sample,
                               len(x), config, exact=lambda rows: x[rows])[1]
 
 
 def test_where_the_codes_limit_recall_the_tuning_re_ranks_deeper(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ix, "RERANKS", (10, 20, 40, 80, 160, 320))  # D3's depths, for 24k vectors
+    monkeypatch.setattr(ann_build, "RERANKS", (10, 20, 40, 80, 160, 320))  # D3's depths, for 24k vectors
     params = tuned(noisy_clusters(24_000, 64, 3000), nlist=24, target=0.95)
     by_depth = {int(k): v for k, v in params["recall_by_rerank"].items()}  # type: ignore[attr-defined]
     assert by_depth[10] < 0.6  # the codes' own top 10 (measured 0.30): the shallowest re-rank misses most
@@ -199,15 +201,15 @@ def test_where_the_codes_limit_recall_the_tuning_re_ranks_deeper(monkeypatch: py
 
 def test_where_no_breadth_reaches_the_target_the_tuning_stops_at_the_plateau(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ix, "RERANKS", (10, 20, 40, 80, 160, 320))
+    monkeypatch.setattr(ann_build, "RERANKS", (10, 20, 40, 80, 160, 320))
     params = tuned(noisy_clusters(24_000, 64, 3000), nlist=48, target=0.999)
     by_breadth: dict[int, float] = params["recall_by_breadth"]  # type: ignore[assignment]
-    widest = max(ix._breadths("ivf-pq", {"nlist": 48}))
+    widest = max(ann_build._breadths("ivf-pq", {"nlist": 48}))
     assert max(by_breadth) < widest  # two doublings without gain: no wider breadth tried
     chosen = params["nprobe"]
-    assert all(by_breadth[b] < by_breadth[chosen] + ix.PLATEAU for b in by_breadth if b > chosen)  # type: ignore[index]
+    assert all(by_breadth[b] < by_breadth[chosen] + PLATEAU for b in by_breadth if b > chosen)  # type: ignore[index]
     assert all(by_breadth[b] < by_breadth[chosen] for b in by_breadth if b < chosen)  # type: ignore[index]
-    assert params["recall_at_10"] < 0.999 and params["recall_at_10"] >= by_breadth[chosen] - ix.PLATEAU  # type: ignore[index,operator]
+    assert params["recall_at_10"] < 0.999 and params["recall_at_10"] >= by_breadth[chosen] - PLATEAU  # type: ignore[index,operator]
 
 
 def test_a_bulk_search_scans_a_fast_scan_copy_of_the_mapped_codes(tmp_path: Path) -> None:
@@ -218,7 +220,7 @@ def test_a_bulk_search_scans_a_fast_scan_copy_of_the_mapped_codes(tmp_path: Path
     one_by_one = np.concatenate([index.search(q[None], 10)[1] for q in queries])
     assert index.fast is None  # a few queries scan the mapped codes
     bulk = index.search(queries, 10)[1]
-    assert len(queries) >= ix.FAST_SCAN_FROM and index.fast is not None
+    assert len(queries) >= FAST_SCAN_FROM and index.fast is not None
     assert index.fast.nprobe == info.params["nprobe"]
     same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(one_by_one, bulk, strict=True)])
     assert same >= 0.95  # the same codes; fast-scan rounds the distances of the candidates to 8 bits
@@ -296,8 +298,8 @@ def test_leaks_finds_planted_cross_split_duplicates_and_none_in_a_clean_store(tm
 def test_leaks_through_an_ivf_index_find_the_pairs_exact_search_finds(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     store, planted = leaky_store(tmp_path, rows=2000, leaks=20)
-    monkeypatch.setattr("pipeline.features.index.EXACT_BELOW", 0)
-    monkeypatch.setattr("pipeline.features.index.LIST_ROWS", 128)  # 78 lists over 10,000 images
+    monkeypatch.setattr("pipeline.features.ann.plan.EXACT_BELOW", 0)
+    monkeypatch.setattr("pipeline.features.ann.plan.LIST_ROWS", 128)  # 78 lists over 10,000 images
     approx = find_leaks(LeakConfig(store, threshold=0.95))
     exact = find_leaks(LeakConfig(store, threshold=0.95, exact_search=True))
     assert (approx.index_kind, exact.index_kind) == ("ivf", "flat")

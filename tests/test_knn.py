@@ -96,8 +96,8 @@ def test_with_k_1_a_training_sample_gets_its_twin_s_label_not_its_own(tmp_path: 
 def test_an_approximate_index_votes_as_the_exact_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, _, _ = knn_store(tmp_path)
     exact_rows, exact = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
-    monkeypatch.setattr("pipeline.features.index.EXACT_BELOW", 0)
-    monkeypatch.setattr("pipeline.features.index.LIST_ROWS", 64)  # 25 lists over 1,600 training rows
+    monkeypatch.setattr("pipeline.features.ann.plan.EXACT_BELOW", 0)
+    monkeypatch.setattr("pipeline.features.ann.plan.LIST_ROWS", 64)  # 25 lists over 1,600 training rows
     rows, approx = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
     assert approx.index_params["factory"].startswith("IVF25,") and approx.index_params["nprobe"] <= KNN_NPROBE
     assert rows.column("sample_id").to_pylist() == exact_rows.column("sample_id").to_pylist()
@@ -105,14 +105,14 @@ def test_an_approximate_index_votes_as_the_exact_one(tmp_path: Path, monkeypatch
 
 
 def test_a_compressed_index_votes_with_exact_similarities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.features import index as ix
+    from pipeline.features.ann.plan import plan_index
 
     store, _, _ = knn_store(tmp_path)
     exact_rows, exact = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
-    monkeypatch.setattr("pipeline.features.index.EXACT_BELOW", 0)
-    monkeypatch.setattr("pipeline.features.index.LIST_ROWS", 64)
+    monkeypatch.setattr("pipeline.features.ann.plan.EXACT_BELOW", 0)
+    monkeypatch.setattr("pipeline.features.ann.plan.LIST_ROWS", 64)
     monkeypatch.setattr("pipeline.features.knn.plan_index",
-                        lambda n, dim, kind, memory, **kw: ix.plan_index(n, dim, "ivf-pq", memory, **kw))
+                        lambda n, dim, kind, memory, **kw: plan_index(n, dim, "ivf-pq", memory, **kw))
     rows, approx = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
     assert approx.index_params["factory"].endswith("x4fs") and approx.index_params["rerank"] > 0
     assert rows.column("sample_id").to_pylist() == exact_rows.column("sample_id").to_pylist()

@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.choices import Features, InputNorm
-from pipeline.features.index import DEFAULT_MAX_MEMORY, IndexConfig, build_in_memory, exact_scores, plan_index
+from pipeline.features.ann.build import IndexConfig, build_in_memory
+from pipeline.features.ann.plan import DEFAULT_MAX_MEMORY, plan_index
+from pipeline.features.ann.search import exact_scores
 from pipeline.features.loader import Batch, FeatureLoader, LoaderConfig
 from pipeline.features.vectors import normalise
 from pipeline.features.view import FeatureTable

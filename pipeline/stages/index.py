@@ -1,8 +1,9 @@
-"""Stage `index build`: a FAISS index over one model's cached vectors (see `pipeline.features.index`)."""
+"""Stage `index build`: a FAISS index over one model's cached vectors (see `pipeline.features.ann.build`)."""
 
 from __future__ import annotations
 
-from pipeline.features.index import IndexConfig, IndexInfo, build_index
+from pipeline.features.ann.build import IndexConfig, build_index
+from pipeline.features.ann.search import IndexInfo
 from pipeline.reporting import Reporter, Silent
 from pipeline.store.writes import writing
 

@@ -30,8 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.choices import IndexKind
 from pipeline.config import Validated, at_least, within
-from pipeline.features.index import DEFAULT_MAX_MEMORY, OpenIndex, open_index
+from pipeline.features.ann.build import open_index
+from pipeline.features.ann.plan import DEFAULT_MAX_MEMORY
+from pipeline.features.ann.search import OpenIndex
 from pipeline.features.leaks import DEFAULT_THRESHOLD, META_FINGERPRINT, META_THRESHOLD
 from pipeline.features.vectors import VectorMatrix, fingerprint, normalise, open_matrix, shards_of
 from pipeline.features.view import FeatureTable, feature_table, resolve_model_key
@@ -99,7 +102,7 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     store = config.store
     model_key = resolve_model_key(store, config.model_key)
     fp = fingerprint(store, shards_of(store, model_key, "image"))
-    kind = "flat" if config.exact_search else "auto"
+    kind: IndexKind = "flat" if config.exact_search else "auto"
     index = open_index(store, model_key, "image", kind, reporter, config.max_memory)
     matrix = open_matrix(store, model_key, "image")
     if index.info.params.get("matrix") != matrix.generation:  # rows laid out anew since: rows differ

@@ -18,7 +18,8 @@ import pyarrow as pa
 from pipeline.choices import Modality
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
-from pipeline.features.index import OpenIndex, open_index
+from pipeline.features.ann.build import open_index
+from pipeline.features.ann.search import OpenIndex
 from pipeline.features.vectors import normalise
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent

@@ -1,0 +1,234 @@
+"""Searching a built FAISS index: the file mapped, candidates re-ranked exactly, recall measured.
+
+Written as a plain IVF-PQ index, whose lists FAISS maps instead of reading, so a short-lived
+process that searches a few vectors (`pipeline neighbors`) holds only the lists it scans; a search
+of many vectors at once (leaks) packs a fast-scan copy in memory first (`FAST_SCAN_FROM`), which
+takes seconds at D3's size. A store's PQ index scores its best `params["rerank"]` candidates again
+by exact inner product with the vectors themselves (memory-mapped, `features.vectors`).
+
+Row r of the index is row r of the model's vector matrix; `ids.arrow` (uncompressed, mapped) holds
+the content hash of each row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix, shards_of
+from pipeline.features.view import resolve_model_key
+from pipeline.store.layout import Store
+
+RECALL_K = 10
+# queries in one search from which a 4-bit PQ index is searched through a fast-scan copy, packed in
+# memory once (0.03 s for 200k vectors); fewer scan the mapped codes (~0.3 µs a code: 0.5 s for 1,365
+# lists of D3's index), without reading the whole index for a few queries. Fast-scan ranks worse (above):
+# its one bulk user, the leak scan, scores every hit again exactly, and near-duplicates stand far apart.
+FAST_SCAN_FROM = 64
+
+Gather = Callable[[np.ndarray], np.ndarray]  # row numbers → their unit vectors (float32)
+
+
+@dataclass
+class IndexInfo:
+    index_id: str
+    model_key: str
+    modality: str
+    kind: str
+    params: dict[str, Any]
+    vectors: int
+    dim: int
+    fingerprint: str
+    recall_at_10: float | None
+    build_seconds: float
+    directory: Path
+    built: bool = True  # False: an index of these embeddings existed and was reused
+    recall_by_breadth: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class OpenIndex:
+    info: IndexInfo
+    index: Any  # faiss.Index
+    ids: pa.ChunkedArray  # content hash of each row, memory-mapped
+    matrix: VectorMatrix | None = None  # the vectors of the rows (same layout), for exact scores
+    fast: Any = None  # a fast-scan copy of a 4-bit PQ index, packed at its first search of many queries
+
+    def search(self, queries: np.ndarray, k: int, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and row numbers of the k nearest rows ([-1] where fewer exist). An index built
+        to re-rank (`params["rerank"]`) scores that many candidates again exactly, unless `rerank` is False."""
+        k = max(1, min(k, self.index.ntotal))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        index = self._searcher(len(queries))
+        candidates = self.info.params.get("rerank") if rerank and self.matrix is not None else None
+        if candidates:
+            assert self.matrix is not None
+            return reranked_search(index, queries, k, candidates, self.matrix.gather)
+        sims, rows = index.search(queries, k)
+        return sims, rows
+
+    def set_breadth(self, breadth: int) -> None:
+        """Search this many IVF lists (HNSW: candidates) from now on."""
+        import faiss
+
+        name = "nprobe" if self.info.kind.startswith("ivf") else "efSearch"
+        for index in (self.index, self.fast):
+            if index is not None:
+                apply_breadth(index, self.info.kind, {**self.info.params, name: breadth}, faiss)
+
+    def similarities(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact inner products of queries[i] with the vectors of rows[i, j] (-inf where rows < 0)."""
+        if self.matrix is None:
+            raise PipelineError("The vectors of this index are not open; rebuild it with `pipeline index build`.")
+        return exact_scores(np.ascontiguousarray(queries, np.float32), rows, self.matrix.gather)
+
+    def hashes(self, rows: np.ndarray) -> list[str]:
+        return self.ids.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
+
+    def _searcher(self, queries: int) -> Any:
+        if queries >= FAST_SCAN_FROM and self.fast is None:
+            self.fast = fast_scan_copy(self.index)
+        return self.fast if queries >= FAST_SCAN_FROM and self.fast is not None else self.index
+
+
+def fast_scan_copy(index: Any) -> Any:
+    """A fast-scan copy (codes packed in memory) of a 4-bit IVF-PQ index, searched as wide; None for
+    any other index. The copy shares the original's coarse quantiser: keep the original."""
+    import faiss
+
+    pq_index = faiss.downcast_index(index)
+    if not isinstance(pq_index, faiss.IndexIVFPQ) or pq_index.pq.nbits != 4:
+        return None
+    fast = faiss.IndexIVFPQFastScan(pq_index)
+    fast.nprobe = pq_index.nprobe
+    return fast
+
+
+def open_built(store: Store, info: IndexInfo, modality: str) -> OpenIndex:
+    """An index already built, ready to search. The index file is memory-mapped, not read: a search holds
+    only the lists it scans, as page cache the kernel may drop."""
+    import faiss
+
+    index = faiss.read_index(str(info.directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
+    apply_breadth(index, info.kind, info.params, faiss)
+    # chunks left as written: combining them would copy every hash into the process' memory
+    ids = pa.ipc.open_file(pa.memory_map(str(info.directory / "ids.arrow"))).read_all().column(0)
+    matrix = open_matrix(store, info.model_key, modality)
+    # rows laid out anew since the build: row r of the matrix is no longer row r of the index
+    return OpenIndex(info, index, ids, matrix if info.params.get("matrix") == matrix.generation else None)
+
+
+def exact_scores(queries: np.ndarray, rows: np.ndarray, gather: Gather, block: int = 256) -> np.ndarray:
+    """Inner products of queries[i] with the vectors of rows[i, j] (-inf where rows < 0), `block`
+    queries at a time (each row read once a block, in ascending order: page-cache friendly)."""
+    out = np.full(rows.shape, -np.inf, np.float32)
+    block = max(1, min(block, 2**16 // max(1, rows.shape[1])))  # at most 65,536 vectors gathered at a time
+    for lo in range(0, len(rows), block):
+        part = rows[lo:lo + block]
+        valid = part >= 0
+        if not valid.any():
+            continue
+        unique, where = np.unique(part[valid], return_inverse=True)
+        vectors = unit_rows(gather(unique))  # as the index holds them: float16 rounding leaves norms ≠ 1
+        query_of = np.nonzero(valid)[0] + lo
+        scores = np.einsum("ij,ij->i", vectors[where], queries[query_of])
+        block_out = out[lo:lo + block]
+        block_out[valid] = scores
+    return out
+
+
+def reranked_search(index: Any, queries: np.ndarray, k: int, candidates: int,
+                    gather: Gather) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of the index's `candidates` nearest rows, by exact inner product."""
+    rows = index.search(queries, max(k, min(candidates, index.ntotal)))[1]
+    sims = exact_scores(queries, rows, gather)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    sims, rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+    rows[~np.isfinite(sims)] = -1
+    return sims, rows
+
+
+def read_info(path: Path) -> IndexInfo:
+    row = pq.read_table(path).to_pylist()[0]
+    return IndexInfo(row["index_id"], row["model_key"], row["modality"], row["kind"],
+                     json.loads(row["params_json"]), row["vectors"], row["dim"], row["fingerprint"],
+                     row["recall_at_10"], row["build_seconds"], path.parent)
+
+
+class TopK:
+    """The exact k nearest rows (inner product) of fixed queries, over rows met chunk by chunk.
+
+    Memory is the queries and k results each (FAISS' brute-force search works in small blocks)."""
+
+    def __init__(self, queries: np.ndarray, k: int, faiss: Any = None) -> None:
+        if faiss is None:
+            import faiss
+        self.faiss = faiss
+        self.queries = np.ascontiguousarray(queries, np.float32)
+        self.k = k
+        self.sims = np.full((len(queries), 0), -np.inf, np.float32)
+        self.rows = np.zeros((len(queries), 0), np.int64)
+
+    def update(self, chunk: np.ndarray, start: int) -> None:
+        """Take in rows start, start + 1, … (the vectors of `chunk`)."""
+        keep = min(self.k, len(chunk))
+        if not len(self.queries) or not keep:
+            return
+        sims, rows = self.faiss.knn(self.queries, np.ascontiguousarray(chunk, np.float32), keep,
+                                    self.faiss.METRIC_INNER_PRODUCT)
+        sims = np.concatenate([self.sims, sims], 1)
+        rows = np.concatenate([self.rows, rows + start], 1)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :self.k]
+        self.sims, self.rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray, own: np.ndarray, k: int = RECALL_K) -> float:
+    """Mean fraction of each query's exact top-k (its own row excluded) found in the approximate top-k."""
+    hits = []
+    for a, e, me in zip(approx, exact, own, strict=True):
+        truth = [r for r in e if r != me and r >= 0][:k]
+        found = [r for r in a if r != me and r >= 0][:k]
+        if truth:
+            hits.append(len(set(truth) & set(found)) / len(truth))
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def apply_breadth(index: Any, kind: str, params: dict[str, Any], faiss: Any) -> None:
+    if kind.startswith("ivf"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = params["nprobe"]
+        quantiser = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantiser, "hnsw"):
+            quantiser.hnsw.efSearch = max(64, 2 * params["nprobe"])
+    elif kind == "hnsw":
+        index.hnsw.efSearch = params["efSearch"]
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """x as float32 with rows scaled to unit norm, in place when x is already float32."""
+    x = np.asarray(x, np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(x)
+
+
+# --- private -------------------------------------------------------------------------------
+
+
+def current(store: Store, model_key: str | None, modality: str, kind: str) -> IndexInfo | None:
+    """An index of this kind (`auto`: any) over exactly the current vectors of this modality, if one was built."""
+    key = resolve_model_key(store, model_key)
+    fp = fingerprint(store, shards_of(store, key, modality), modality)
+    for record in sorted((store.dataset_dir("indexes") / key).glob(f"{modality}-*/index.parquet")):
+        info = read_info(record)
+        if info.fingerprint == fp and kind in ("auto", info.kind) and (record.parent / "ids.arrow").exists():
+            info.built = False
+            return info
+    return None
