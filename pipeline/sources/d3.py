@@ -35,6 +35,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -203,7 +204,7 @@ class D3Source:
         loc = Location(uri=uri, member=column, row=global_row)
         cell = row[column]
         # plain binary holds the bytes; the Hugging Face image struct the bytes or a path beside the file
-        image = {"bytes": cell} if isinstance(cell, bytes) else cell or {}
+        image: dict[str, Any] = {"bytes": cell} if isinstance(cell, bytes) else cell or {}
         data, relative = image.get("bytes") or b"", image.get("path")
         if not data and not relative:  # D3 has rows whose generator gave no image
             return Problem("image_missing", f"row {row['id']} {column} holds no image", loc)
