@@ -19,11 +19,13 @@ from PIL import Image
 
 from schemas import embeddings_schema, from_columns
 
+# model_gen0..3 in D3's own column order (its record 1275001022128), which the default --generators of
+# the webdataset form and h5 imports assume: synthetic rows of any form name each column as D3 does
 GENERATORS = (
-    "CompVis/stable-diffusion-v1-4",
+    "DeepFloyd/IF-I-M-v1.0",
     "stabilityai/stable-diffusion-2-1-base",
     "stabilityai/stable-diffusion-xl-base-1.0",
-    "DeepFloyd/IF-I-M-v1.0",
+    "CompVis/stable-diffusion-v1-4",
 )
 _OBJECTS = ("a red bicycle", "two cats", "an old lighthouse", "a bowl of ramen", "a mountain lake",
             "a vintage car", "a wooden cabin", "a city street", "a sunflower field", "a sailing boat")

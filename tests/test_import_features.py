@@ -46,12 +46,13 @@ def test_reference_h5_layout(tmp_path: Path) -> None:
     assert again.samples_added == again.vectors_added == 0
     # generator names given as Hugging Face ids land under the canonical names ingest uses
     other = Store(tmp_path / "other")
-    hf = ("DeepFloyd/IF-I-M-v1.0", "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1-base",
-          "stabilityai/stable-diffusion-xl-base-1.0")
-    import_features(ImportConfig(src, "h5", other, "ViT-L-14__openai__imported", generators=hf))
+    hf = ("DeepFloyd/IF-I-M-v1.0", "stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-xl-base-1.0",
+          "CompVis/stable-diffusion-v1-4")  # D3's model_gen0..3
+    named = import_features(ImportConfig(src, "h5", other, "ViT-L-14__openai__imported", generators=hf))
+    assert named.generator_warnings == []
     names = catalog.query(other, "SELECT DISTINCT generator, generator_original FROM samples ORDER BY 1").to_pylist()
     assert [(r["generator"], r["generator_original"]) for r in names] == [
-        ("deepfloyd-if", hf[0]), ("real", "real"), ("sd-1.4", hf[1]), ("sd-2.1", hf[2]), ("sd-xl", hf[3])]
+        ("deepfloyd-if", hf[0]), ("real", "real"), ("sd-1.4", hf[3]), ("sd-2.1", hf[1]), ("sd-xl", hf[2])]
 
 
 def test_clip_retrieval_layout(tmp_path: Path) -> None:

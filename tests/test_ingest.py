@@ -163,6 +163,8 @@ def test_d3_webdataset_and_parquet_forms_agree(tmp_path: Path) -> None:
     rotated = order[1:] + order[:1]
     wrong = ingest(IngestConfig(tar, "d3", from_parquet, generators=rotated))
     assert sum(wrong.generator_mismatches.values()) == 8 and wrong.added == 0
+    [warning] = wrong.generator_warnings  # the order itself, before the bytes were compared
+    assert "pass --generators deepfloyd-if,sd-2.1,sd-xl,sd-1.4" in warning
 
 
 def test_splits_source_keeps_d3_file_splits(tmp_path: Path) -> None:
@@ -261,11 +263,13 @@ def test_d3_webdataset_form(tmp_path: Path) -> None:
     tar = _tar(tmp_path / "d3-000.tar", members)
     store = Store(tmp_path / "store")
     result = ingest(IngestConfig(tar, "d3", store))
-    assert result.added == 10
+    assert result.added == 10 and result.generator_warnings == []
     rows = _samples(store)
     assert {r["generator"] for r in rows} == {"real", "sd-1.4", "sd-2.1", "sd-xl", "deepfloyd-if"}
-    gen0 = catalog.query(store, "SELECT generator FROM samples WHERE source_member LIKE '%gen_0%'").column(0)
-    assert set(gen0.to_pylist()) == {"deepfloyd-if"}  # D3's model_gen0 is DeepFloyd/IF-I-M-v1.0
+    slots = catalog.query(store, "SELECT DISTINCT generator_original, generator FROM samples WHERE label = 1")
+    # D3's model_gen0..3 (record 1275001022128): DeepFloyd/IF-I-M-v1.0, SD 2.1, SD XL base 1.0, SD 1.4
+    assert dict(zip(*slots.to_pydict().values(), strict=True)) == {
+        "gen_0": "deepfloyd-if", "gen_1": "sd-2.1", "gen_2": "sd-xl", "gen_3": "sd-1.4"}
     assert {r["text"] for r in rows} == {"caption a1", "caption a2"}
     assert len({(r["group_key"], r["split"]) for r in rows}) == 2
 

@@ -1,17 +1,21 @@
 """ELSA D3: Parquet export (one row → 4 generated + 1 real sample) or its webdataset form.
 
-Parquet columns: `id`, `original_prompt`, `positive_prompt`, `url` (or `img_url`), and for
-k = 0..3 `image_gen{k}` (Hugging Face image struct {bytes, path}) and `model_gen{k}`, the name of
-the generator of that column (the truth about which generator made which image). Generated
-samples get the prompt, the real one its original caption; all five share the group `d3:<id>`, so
-they always fall into one split. The real image comes from `--real-images`, matched by id or URL.
+Parquet columns: `id`, `original_prompt`, `positive_prompt` (strings), `url` (or `img_url`), and for
+k = 0..3 `image_gen{k}` (the image: the Hugging Face image struct {bytes, path}, or plain binary) and
+`model_gen{k}`, the name of the generator of that column (the truth about which generator made which
+image). A column of another type (a list of prompts, an image as a string) is refused in one sentence
+naming the file and the column. Generated samples get the prompt, the real one its original
+caption; all five share the group `d3:<id>`, so they always fall into one split. The real image
+comes from `--real-images`, matched by id or URL.
 
-Webdataset form (as written by D3's own `wds_creation.py`): key `<dataset>__<split>__<id>`, members
+Webdataset form (as written by CoDE's `wds_creation.py`): key `<dataset>__<split>__<id>`, members
 `KEY.real.jpg`, `KEY.gen_0.jpg` … `KEY.gen_3.jpg`, `KEY.caption.txt`, `KEY.url.txt` (optionally
-`KEY.prompt.txt`). It carries no generator names: `gen_k` is the image of the Parquet row's
-`image_gen{k}`, so `--generators` must list the Parquet `model_gen0..3` order. The same D3 row gets
-the group `d3:<id>` in both forms, and its declared split is `<split>` (Parquet: the file's folder
-or name, `train`/`validation`/`test`).
+`KEY.prompt.txt`; CoDE's shards have none, so generated images get the caption). It carries no
+generator names: `gen_k` is the Parquet row's `image_gen{k}` re-encoded, so `--generators` lists the
+Parquet `model_gen0..3` order, by default D3's own (`DEFAULT_GENERATORS`). The order in use is
+checked against what can be seen (`pipeline.sources.d3_order`). The same D3 row gets the group
+`d3:<id>` in both forms, and its declared split is `<split>` (Parquet: the file's folder or name,
+`train`/`validation`/`test`).
 
 Each Parquet file or tar is one unit. A tar appended to, or a Parquet file rewritten with row groups
 added after the same bytes, is read from where the last read stopped (the ledger's resume point).
@@ -31,12 +35,13 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.sources.common import (
     REAL,
     Candidate,
@@ -62,16 +67,19 @@ from pipeline.sources.common import (
     tar_candidate_or_problem,
     tar_text,
 )
+from pipeline.sources.d3_order import D3_ORDER, OrderCheck, OrderTally
 from pipeline.sources.generators import canonical
 from pipeline.sources.locations import Location
 from pipeline.sources.real_images import RealImageIndex
+from pipeline.store.layout import Store
 
 NUM_GENERATED = 4
-# D3 stores `DeepFloyd/IF-I-M-v1.0` in model_gen0 (a webdataset record's gen_0 is byte-identical to
-# the Parquet row's image_gen0). Only gen_0 was checked against real D3 bytes; when a store holds both
-# forms, ingest compares every gen_k with the Parquet sample of the same bytes and reports mismatches.
-DEFAULT_GENERATORS = ("deepfloyd-if", "sd-1.4", "sd-2.1", "sd-xl")
+# D3's model_gen0..3 (record 1275001022128: DeepFloyd/IF-I-M-v1.0, SD 2.1, SD XL base 1.0, SD 1.4). CoDE's
+# shards keep the columns (its gen_k.jpg is that row's image_gen{k} pixel for pixel, re-encoded), and so
+# does the reference code's h5 (get_data.py writes the Parquet's image_gen{k} as dataset image_gen{k}).
+DEFAULT_GENERATORS = D3_ORDER
 REAL_MISSING = "real_image_missing"
+_MODEL_COLUMNS = tuple((f"model_gen{k}", f"gen{k}") for k in range(NUM_GENERATED))  # and the name of a null
 _URL_COLUMNS = ("url", "img_url")
 _SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
                 "test": "test", "testing": "test"}
@@ -88,6 +96,7 @@ class D3Source:
         self.generators = tuple(canonical(g) for g in generators)
         self.limits = limits
         self._index: RealImageIndex | None = None
+        self.tally = OrderTally()  # the model_gen0..3 orders of the Parquet rows read
         tars = [source] if source.suffix == ".tar" else sorted(source.glob("**/*.tar")) if source.is_dir() else []
         self.tars = tars
         self.files = [] if tars else ([source] if source.is_file() else sorted(source.glob("**/*.parquet")))
@@ -98,6 +107,11 @@ class D3Source:
         # the folder's path only: its state is `real_images_unit`'s, so a grown folder re-reads no file
         real = {"path": str(self.real_images.resolve())} if self.real_images is not None and not self.tars else None
         return {"generators": list(self.generators) if self.tars else None, "real_images": real}
+
+    def order_check(self, store: Store) -> OrderCheck:
+        """The check of this source's generator order against the store's other D3 forms and, for the
+        Parquet form, against the rows it reads."""
+        return OrderCheck(store, "webdataset" if self.tars else "parquet", self.generators, self.tally)
 
     def real_images_unit(self) -> Unit | None:
         """The real-images folder as a ledger unit of this D3 source: unread (changed since it was
@@ -145,7 +159,7 @@ class D3Source:
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # noqa: BLE001 - a JPEG given as --format d3, a truncated file, …
-            raise PipelineError(f"{path} is not a readable Parquet file, so not D3 ({_first_line(exc)}).") from exc
+            raise PipelineError(f"{path} is not a readable Parquet file, so not D3 ({first_line(exc)}).") from exc
         names = set(pf.schema_arrow.names)
         url_col = next((c for c in _URL_COLUMNS if c in names), None)
         required = {"id", "original_prompt", "positive_prompt"} | {
@@ -155,6 +169,7 @@ class D3Source:
         if missing or url_col is None:
             need = missing + ([] if url_col else ["url (or img_url)"])
             raise PipelineError(f"{path} is not in the D3 layout: it lacks {', '.join(need)}.")
+        _check_types(path, pf.schema_arrow, url_col)
         spans = _row_group_spans(pf.metadata)
         todo = [i for i, (begin, _, _) in enumerate(spans) if begin >= start]
         if not todo:
@@ -168,28 +183,33 @@ class D3Source:
             try:
                 batch = next(batches, None)
             except Exception as exc:  # noqa: BLE001 - a page that does not decode, wherever it is
-                raise PipelineError(f"{path} is damaged after row {row_base} ({_first_line(exc)}).") from exc
+                raise PipelineError(f"{path} is damaged after row {row_base} ({first_line(exc)}).") from exc
             if batch is None:
                 break
             rows = batch.to_pylist()
             for i, row in enumerate(rows):
                 global_row = row_base + i
                 group = f"d3:{row['id']}"
+                models = tuple([str(row[column] or fallback) for column, fallback in _MODEL_COLUMNS])
+                self.tally.add(models, path)
                 for k in range(NUM_GENERATED):
-                    yield self._generated(path, uri, row, k, global_row, group, split)
+                    yield self._generated(path, uri, row, k, models[k], global_row, group, split)
                 yield from self._real_sample(row, url_col, group, index, uri, global_row, split)
             row_base += len(rows)
         return resume_point(path, spans[-1][1], row_base)
 
-    def _generated(self, path: Path, uri: str, row: dict, k: int, global_row: int, group: str,
+    def _generated(self, path: Path, uri: str, row: dict, k: int, original: str, global_row: int, group: str,
                    split: str | None) -> Item:
         column = f"image_gen{k}"
         loc = Location(uri=uri, member=column, row=global_row)
-        cell = row[column] or {}
-        data = cell.get("bytes") or b""
-        original = str(row[f"model_gen{k}"] or f"gen{k}")
-        if not data and cell.get("path"):
-            hashed = hash_location(Location(uri=absolute(path.parent / cell["path"])), self.limits)
+        cell = row[column]
+        # plain binary holds the bytes; the Hugging Face image struct the bytes or a path beside the file
+        image: dict[str, Any] = {"bytes": cell} if isinstance(cell, bytes) else cell or {}
+        data, relative = image.get("bytes") or b"", image.get("path")
+        if not data and not relative:  # D3 has rows whose generator gave no image
+            return Problem("image_missing", f"row {row['id']} {column} holds no image", loc)
+        if not data and relative:
+            hashed = hash_location(Location(uri=absolute(path.parent / relative)), self.limits)
             if isinstance(hashed, Problem):
                 return Problem(hashed.reason, f"row {row['id']} {column}: {hashed.detail}", loc)
             sample_id, size = hashed
@@ -251,6 +271,10 @@ class D3Source:
         except Exception:  # noqa: BLE001 - unreadable now: its next read (it changed) says why
             return
         names = set(pf.schema_arrow.names)
+        try:
+            _check_types(path, pf.schema_arrow, next((c for c in _URL_COLUMNS if c in names), None))
+        except PipelineError:
+            return  # refused at its next read, with the reason
         ends = [0]
         for i in range(pf.metadata.num_row_groups):
             ends.append(ends[-1] + pf.metadata.row_group(i).num_rows)
@@ -321,6 +345,38 @@ class D3Source:
         return entries.value
 
 
+def _check_types(path: Path, schema: pa.Schema, url_col: str | None) -> None:
+    """Refuse, in one sentence naming the column, a D3 Parquet file whose texts are not one string
+    per row (a list of prompts: which one made the images is unknown) or whose images are neither
+    plain binary nor the Hugging Face image struct {bytes, path}. Columns it lacks are not looked at."""
+    kinds = {field.name: field.type for field in schema}
+    if "id" in kinds and pa.types.is_nested(kinds["id"]):
+        raise PipelineError(f"{path} is not in the D3 layout: its column id holds {kinds['id']}, not one id per row.")
+    for name in ["original_prompt", "positive_prompt", *([url_col] if url_col else []),
+                 *(f"model_gen{k}" for k in range(NUM_GENERATED))]:
+        kind = kinds.get(name, pa.null())
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            raise PipelineError(f"{path} is not in the D3 layout: its column {name} holds {kind}, not one "
+                                "text per row.")
+    for k in range(NUM_GENERATED):
+        kind = kinds.get(f"image_gen{k}", pa.null())
+        if not (_is_binary(kind) or pa.types.is_null(kind) or (pa.types.is_struct(kind) and _image_struct(kind))):
+            raise PipelineError(f"{path} is not in the D3 layout: its column image_gen{k} holds {kind}, not image "
+                                "bytes (binary, or the Hugging Face image struct {bytes, path}).")
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+
+
+def _image_struct(kind: pa.StructType) -> bool:
+    """{bytes: binary, path: string}, either field optional but not both."""
+    fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+    raw, where = fields.get("bytes"), fields.get("path")
+    return (raw is not None or where is not None) and (raw is None or _is_binary(raw) or pa.types.is_null(raw)) \
+        and (where is None or pa.types.is_string(where) or pa.types.is_large_string(where) or pa.types.is_null(where))
+
+
 def _row_group_spans(meta: pq.FileMetaData) -> list[tuple[int, int, int]]:
     """(first byte, end byte, rows up to its end) of each row group."""
     spans = []
@@ -353,8 +409,3 @@ def split_from_path(path: Path) -> str | None:
         if match:
             return _SPLIT_NAMES[match.group(1)]
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__).rstrip(".")

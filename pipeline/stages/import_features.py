@@ -45,6 +45,7 @@ from pipeline.features.vectors import cast_into, normalise
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.common import Unit, parquet_fingerprint, stat_unit
 from pipeline.sources.d3 import DEFAULT_GENERATORS
+from pipeline.sources.d3_order import OrderCheck
 from pipeline.sources.generators import canonical
 from pipeline.sources.ledger import assign_split, ledger_queries, ledger_row, text_hash, unread
 from pipeline.sources.webdataset import parse_label
@@ -88,6 +89,8 @@ class ImportResult:
     already_present: int = 0  # rows of the files read whose sample the store held already
     units_read: int = 0  # source files (h5 files, clip-retrieval shards) read
     units_skipped: int = 0  # imported before, unchanged, same options: not opened
+    # h5: sentences where --generators disagrees with the store's D3 samples (`pipeline.sources.d3_order`)
+    generator_warnings: list[str] = field(default_factory=list)
     shards: list[Path] = field(default_factory=list)
 
 
@@ -131,6 +134,8 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
     }, maintained=("samples", "image", "text")) as known, _Writer(store) as writer:
         todo = unread(units, known)
         result.units_skipped = len(units) - len(todo)
+        if todo and config.layout == "h5":  # image_gen0..3 named by --generators: checked before a write
+            result.generator_warnings = OrderCheck(store, "h5", config.generators).tell(reporter)
         if todo:
             reporter.start("import", None, "samples")
         for unit in todo:

@@ -123,6 +123,9 @@ class IngestResult:
     # images already in the store under another generator name: (name here, name there) → count.
     # Ingesting D3's webdataset form into a store holding its Parquet form checks --generators.
     generator_mismatches: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # D3: sentences where the --generators order disagrees with the Parquet rows read or the store's
+    # other D3 forms (also noted through the reporter as found); see `pipeline.sources.d3_order`
+    generator_warnings: list[str] = field(default_factory=list)
 
 
 class Source(Protocol):
@@ -171,11 +174,14 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     pending = _Pending()
     queries = {**ledger_queries(digest), "samples": KeyQuery("samples", "sample_id"),
                "problems": KeyQuery("quarantine", _PROBLEM, "stage = 'ingest'")}
+    check = source.order_check(config.store) if isinstance(source, D3Source) else None
     with StoreKeys(config.store, queries, maintained=("samples", "problems")) as known:
         resume = resume_points(config.store, digest, source.growing())
         for chunk in _chunks(source.units(resume), _UNIT_CHUNK):
             todo = unread(chunk, known)
             result.units_skipped += len(chunk) - len(todo)
+            if todo and check is not None:
+                check.tell(reporter)  # the webdataset form's order against the store: before it writes
             for unit in todo:
                 items = 0
                 reading = Returning(source.items(unit))
@@ -189,6 +195,8 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
                 if len(pending.units) >= config.shard_rows:
                     _flush(config.store, pending, result, now, known)
         _flush(config.store, pending, result, now, known)
+        if check is not None and result.units_read:
+            result.generator_warnings = check.tell(reporter)
         folder = source.real_images_unit() if isinstance(source, D3Source) else None
         if isinstance(source, D3Source) and folder is not None and unread([folder], known):
             _recheck_real_images(config, source, folder, digest, now, result, known, reporter)
