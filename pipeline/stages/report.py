@@ -119,7 +119,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<p>× 100, with 95% group-bootstrap intervals ({n_boot} replicates; a real image and the images "
         f"generated from its caption are resampled together); n = {len(y)} {html.e(split)} samples. "
         f"Thresholded metrics at {threshold}.</p>",
-        html.table(["metric", f"{split}"], [[m, _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
+        html.table(["metric", f"{split}"], [[html.metric_name(m), _cell(by_gen["all"][m].as_dict())] for m in METRICS]),
         _threshold_note(metrics),
         f"<p>As the run was trained ({then} {html.e(split)} samples then; the figures above also count the "
         f"{len(y) - then} scored since by <code>pipeline score</code>):</p>" if 0 < then < len(y) else "",
@@ -137,21 +137,19 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<pre>{html.e(json.dumps(config.flat(), indent=2, default=str))}</pre>",
     ]
     write_text(result.page, html.page(f"run {run_id}", body))
+    html.index_reports(store.root / "reports", result.page, "run report", run_id, metrics.get("model_key"))
     return result
 
 
 def _cell(cell: dict[str, Any]) -> str:
-    text = html.pct(cell.get("value"))
-    if cell.get("lo") is not None and not np.isnan(cell["lo"]):
-        text += f" [{html.pct(cell['lo'])}, {html.pct(cell['hi'])}]"
-    return text
+    return html.cell(cell)
 
 
 def _threshold_note(metrics: dict[str, Any]) -> str:
     chosen = metrics.get("test", {}).get("at_val_threshold")
     if not chosen:
         return ""
-    rows = [[m, _cell(c)] for m, c in chosen["metrics"].items()]
+    rows = [[html.metric_name(m), _cell(c)] for m, c in chosen["metrics"].items()]
     return (f"<p>At the threshold chosen on val (balanced accuracy, t = {chosen['threshold']:.3f}) and applied "
             "to test:</p>" + html.table(["metric", "test"], rows))
 
