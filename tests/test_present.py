@@ -38,12 +38,12 @@ def test_every_metric_key_has_a_readers_name() -> None:
 
 
 def test_a_degenerate_interval_says_so_and_a_real_one_is_shown() -> None:
-    assert html.cell(cell(1.0, 1.0, 1.0)) == "100.00 (interval not informative)"
-    assert html.cell(cell(0.75, 0.75, 0.75)) == "75.00 (interval not informative)"
-    assert html.cell(cell(0.8261, 0.5, 1.0)) == "82.61 [50.00, 100.00]"
-    assert html.cell(cell(0.8, None, None)) == "80.00"
-    assert html.cell(cell(0.8, float("nan"), float("nan"))) == "80.00"
-    assert html.cell(None) == "–"
+    assert html.estimate_text(cell(1.0, 1.0, 1.0)) == "100.00 (interval not informative)"
+    assert html.estimate_text(cell(0.75, 0.75, 0.75)) == "75.00 (interval not informative)"
+    assert html.estimate_text(cell(0.8261, 0.5, 1.0)) == "82.61 [50.00, 100.00]"
+    assert html.estimate_text(cell(0.8, None, None)) == "80.00"
+    assert html.estimate_text(cell(0.8, float("nan"), float("nan"))) == "80.00"
+    assert html.estimate_text(None) == "–"
     flat = html.estimate(1.0, 1.0, 1.0)
     assert "interval not informative" in flat and "[100.00" not in flat
     assert "[50.00, 100.00]" in html.estimate(0.8, 0.5, 1.0)

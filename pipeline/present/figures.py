@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.present.html import degenerate, pct, short
+from pipeline.present.html import NOT_INFORMATIVE, estimate_text, interval, pct, short
 from pipeline.store.atomic import atomic_write
 from trainer.metrics import roc_auc, roc_curve
 
@@ -186,10 +186,7 @@ def draw_bars_ci(cells: Mapping[str, Mapping[str, Any] | None], title: str) -> A
     ax.barh(range(len(names)), np.nan_to_num(v), height=0.6, xerr=err, capsize=4,
             color=["dimgrey" if n in ("all", "overall") else "tab:blue" for n in names],
             error_kw={"elinewidth": 1.6, "ecolor": "tab:orange", "capthick": 1.6})
-    labels = []
-    for name, cell in zip(names, cells.values(), strict=True):
-        bounds = _interval_label(cell or {}, 1)
-        labels.append(f"{_column_name(name)}\n{pct((cell or {}).get('value'), 1)}" + (f" {bounds}" if bounds else ""))
+    labels = [f"{_column_name(name)}\n{estimate_text(cell, 1)}" for name, cell in cells.items()]
     ax.set_yticks(range(len(names)), labels, fontsize=SMALL)
     ax.invert_yaxis()
     auc_axis(ax, "x", "ROC AUC × 100 (orange: 95% group-bootstrap interval)")
@@ -199,13 +196,6 @@ def draw_bars_ci(cells: Mapping[str, Mapping[str, Any] | None], title: str) -> A
 
 def bars_ci(path: Path, cells: Mapping[str, Mapping[str, Any] | None], title: str, random_weights: Any = False) -> Path:
     return save_png(draw_bars_ci(cells, title), path, random_weights)
-
-
-def _interval_label(cell: Mapping[str, Any], digits: int) -> str:
-    lo, hi = cell.get("lo"), cell.get("hi")
-    if lo is None or hi is None or np.isnan(lo) or np.isnan(hi):
-        return ""
-    return "(interval not informative)" if degenerate(lo, hi, digits) else f"[{pct(lo, digits)}, {pct(hi, digits)}]"
 
 
 # --- experiments ------------------------------------------------------------------------------------------
@@ -263,11 +253,11 @@ def draw_heatmap(values: Mapping[str, Sequence[Cell | None]], columns: list[str]
             continue
         colour = "white" if abs(v - CHANCE) > 30 else "black"  # the ends of RdBu are dark
         cell = values[rows[i]][j] or {}
-        bounds = _interval_label(cell, 0)
+        bounds = interval(cell.get("lo"), cell.get("hi"), 0)
         ax.text(j, i - (0.14 if bounds else 0), f"{v:.1f}", ha="center", va="center", fontsize=LABEL + 1,
                 fontweight="bold", color=colour)
         if bounds:
-            flat = bounds.startswith("(")
+            flat = bounds == NOT_INFORMATIVE
             ax.text(j, i + 0.24, "not informative" if flat else bounds, ha="center", va="center",
                     fontsize=SMALL - 2 if flat else SMALL, fontstyle="italic" if flat else "normal", color=colour)
     for i, row in enumerate(rows):

@@ -113,7 +113,7 @@ def interval(lo: Any, hi: Any, digits: int = 2) -> str | None:
     return NOT_INFORMATIVE if degenerate(lo, hi, digits) else f"[{pct(lo, digits)}, {pct(hi, digits)}]"
 
 
-def cell(estimate: Mapping[str, Any] | None, digits: int = 2) -> str:
+def estimate_text(estimate: Mapping[str, Any] | None, digits: int = 2) -> str:
     """Plain text of an estimate {value, lo, hi}: '82.61 [50.00, 100.00]' or '100.00 (interval not informative)'."""
     if not estimate or _missing(estimate.get("value")):
         return "–"

@@ -142,7 +142,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
 
 
 def _cell(cell: dict[str, Any]) -> str:
-    return html.cell(cell)
+    return html.estimate_text(cell)
 
 
 def _threshold_note(metrics: dict[str, Any]) -> str:
