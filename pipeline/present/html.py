@@ -57,7 +57,7 @@ background:#eee}
 .nothumb{display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
 .ci{font-size:12px;color:#555}.sd{font-size:12px;color:#1f5fa0}
 .na{font-style:italic;color:#8a6d00;display:inline-block;white-space:normal;max-width:7.5em;line-height:1.2}
-.index td{text-align:left}.index code{overflow-wrap:normal;font-size:13px}
+.index td,.index th{text-align:left}.index code{overflow-wrap:normal;font-size:13px}
 code.run{font-size:11px;color:#666}
 table{line-height:22px}
 @media (max-width:600px){body{padding:8px 10px 32px}h1{font-size:1.35em}
