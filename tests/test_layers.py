@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("encoding", ("pipeline.encoding",)),
     ("evaluation", ("pipeline.evaluation",)),
     ("runs", ("pipeline.runs",)),
-    ("renderers", ("pipeline.present.html", "pipeline.present.figures")),
+    ("renderers", ("pipeline.present.names", "pipeline.present.html", "pipeline.present.figures")),
     ("engines", ("pipeline.engines",)),
     ("stages", ("pipeline.stages",)),
     ("compositions", ("pipeline.compositions",)),

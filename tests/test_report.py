@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.compositions.experiment import ExperimentConfig
 from pipeline.compositions.experiment import run as run_exp
 from pipeline.errors import PipelineError
@@ -28,6 +30,8 @@ from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
 from tests.conftest import train_run as train
+
+runner = CliRunner()
 
 FAST = {"epochs": 3, "batch_size": 128, "lr": 1e-2}
 PNG_SIZE = (int(FIG_SIZE[0] * DPI), int(FIG_SIZE[1] * DPI))
@@ -59,7 +63,8 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     assert set(_referenced_files_exist(result.page)) == names
     text = result.page.read_text()
     assert run.run_id in text and "RANDOM" not in text  # imported features: no random-weights claim
-    assert "tpr_at_fpr_1" in text and "group-bootstrap" in text and "false positive" in text
+    assert "TPR @ 1% FPR" in text and "group-bootstrap" in text and "false positive" in text
+    assert not re.search(r"<td>(tpr_at_fpr_1|real_acc|balanced_acc)</td>", text)  # keys get their readers' names
     assert "no image bytes" in text  # imported features: the gallery says so instead of a broken image
     assert "scored since" not in text  # every figure counts the same samples
     with pytest.raises(PipelineError, match="--split must be one of train, val, test"):
@@ -88,6 +93,8 @@ def test_experiment_table1_has_knn_row_and_an_html_page(planted: Store) -> None:
     assert knn.metrics.test.auc > 0.8 > text_only.metrics.test.auc + 0.2  # the signal is in the images
     assert result.page.exists() and result.path.exists()
     assert _referenced_files_exist(result.page) == ["auc.png"]
+    index = (planted.root / "reports" / "index.html").read_text()
+    assert f"<a href='{result.page.parent.name}/index.html'>table1</a>" in index  # the stage keeps the index
     assert "[" in result.markdown.split("| Baseline 1")[1].split("\n")[0]  # cells carry intervals
     with pytest.raises(PipelineError, match="keeps no weights"):
         run_score(ScoreConfig(planted, knn.run_id))
@@ -188,3 +195,25 @@ def test_the_robustness_row_none_is_the_runs_stored_test_auc(d3_store: Store) ->
             want = stored[generator][key]
             assert (cell[key] is None and (want is None or math.isnan(want))) or cell[key] == pytest.approx(want)
     assert "jpeg:50" in result.cells
+
+
+def test_report_and_landscape_commands_write_phone_readable_pages_listed_in_the_index(planted: Store) -> None:
+    run = train(planted, TrainConfig.from_dict({**FAST, "name": "for the index"}))
+    store = ["--store", str(planted.root)]
+    done = runner.invoke(app, ["report", *store, "--run", run.run_id])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(app, ["landscape", *store, "--run", run.run_id, "--steps", "3"])
+    assert done.exit_code == 0, done.output
+    reports = planted.root / "reports"
+    page = (reports / f"run-{run.run_id}" / "index.html").read_text()
+    assert "<meta name='viewport' content='width=device-width, initial-scale=1'>" in page
+    assert page.count("<table") == page.count("<div class='scroll'><table") > 3  # every table scrolls sideways
+    assert "TPR @ 1% FPR" in page and "balanced accuracy" in page
+    assert "[100.00, 100.00]" not in page  # a bootstrap that cannot vary is called what it is
+    index = (reports / "index.html").read_text()
+    assert "name='viewport'" in index
+    links = dict((kind, link) for link, kind in re.findall(r"<a href='([^']+)'>([^<]+)</a>", index))
+    assert links["run report"] == f"run-{run.run_id}/index.html"
+    assert links["landscape (1-D)"].endswith("-1d.png") and (reports / links["landscape (1-D)"]).is_file()
+    row = index.split(f"run-{run.run_id}/index.html")[1].split("</tr>")[0]
+    assert f"<code>{run.run_id}</code>" in row and "<code>planted</code>" in row  # its run and model key

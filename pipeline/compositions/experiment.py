@@ -59,6 +59,7 @@ class ExperimentResult:
     columns: list[str] = field(default_factory=list)
     cells: dict[str, list[Cell | None]] = field(default_factory=dict)  # row -> a cell per column
     curves: dict[str, dict[str, list[tuple[float, Cell]]]] = field(default_factory=dict)  # robustness
+    trained: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # generalization: row -> its generators
     alarms: list[str] = field(default_factory=list)  # shortcut sentences
     notes: list[str] = field(default_factory=list)  # other sentences (format probe, what is missing)
     seconds: float = 0.0
@@ -117,6 +118,7 @@ def run(config: ExperimentConfig, reporter: Reporter | None = None) -> Experimen
     directory = config.store.root / "reports" / f"{config.table}-{key}-{stamp}"
     result.path = write_text(directory / "table.md", result.markdown)
     result.page = _page(result, directory).page
+    html.index_reports(config.store.root / "reports", result.page, config.table, config.run_id, key)
     return result
 
 
@@ -177,6 +179,7 @@ def _generalization(config: ExperimentConfig, reporter: Reporter) -> ExperimentR
         options = {"train_generators": list(only) if only else None, "name": f"generalization: {label}"}
         result.seed_runs[label] = _train_seeds(config, {**base, **options}, label, reporter)
         result.rows.append((label, result.seed_runs[label][0]))
+        result.trained[label] = only
     result.columns = [*gens, "all"]
     for label, run in result.rows:
         result.cells[label] = [_auc(run, g) for g in result.columns]
@@ -343,7 +346,7 @@ def _page(result: ExperimentResult, directory: Path) -> ReportResult:
     values = {label: result.cells[label] for label, _ in result.rows}
     if result.table == "generalization":
         out.files.append(figures.heatmap(directory / "matrix.png", values, result.columns,
-                                         "Test AUC: rows trained on, columns tested on", random))
+                                         "Test AUC: rows trained on, columns tested on", random, result.trained))
     elif result.table == "robustness":
         out.files.append(figures.robustness(directory / "robustness.png", result.curves, random))
     else:

@@ -1,42 +1,83 @@
-"""Static HTML pages: one stylesheet, escaped cells, tables of metrics, the random-weights banner."""
+"""Static HTML pages: one stylesheet for phones and desktops, escaped cells, tables of metrics × 100 with
+their intervals, the random-weights banner, and the index of every report in `STORE/reports/`."""
 
 from __future__ import annotations
 
 import html
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.evaluation.results import RunMetrics, SplitMetrics
+from pipeline.present.names import PERCENT_KEYS, metric_name
+from pipeline.store.atomic import write_text
 
 RANDOM_NOTE = ("Embeddings from a CLIP with RANDOM weights (and, in the demo, synthetic images): these "
                "figures test the pipeline; they are not results about CLIP.")
+NOT_INFORMATIVE = "interval not informative"
+NOT_INFORMATIVE_WHY = ("Every bootstrap replicate gave the same value (for AUC 100: no resample mixes the "
+                       "classes), so this interval says nothing about how uncertain the value is.")
 
-
-
-_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child{text-align:left}.warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em}
-.figs img{width:48%;margin:1%}.side{display:flex;gap:1em;align-items:flex-start}.side img{width:50%}
-pre{background:#f7f7f7;padding:.6em;overflow:auto}
+# Tables sit in a horizontally scrolling box (a phone scrolls the table, not the page) with the row
+# label column pinned; figures never grow beyond their own pixels (blurry) nor beyond the screen.
+_CSS = """*{box-sizing:border-box}
+body{font:16px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1120px;
+padding:12px 16px 48px;color:#1d1d1f;-webkit-text-size-adjust:100%;text-size-adjust:100%}
+h1{font-size:1.6em;line-height:1.25;overflow-wrap:anywhere}h2{font-size:1.25em;margin-top:1.6em}
+code{overflow-wrap:anywhere}
+.scroll{overflow-x:auto;max-width:100%;margin:.6em 0}
+table{border-collapse:separate;border-spacing:0;font-variant-numeric:tabular-nums}
+td,th{border:solid #ccc;border-width:0 1px 1px 0;padding:4px 8px;text-align:right;white-space:nowrap;
+vertical-align:top}
+tr:first-child>*{border-top-width:1px}
+th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left;white-space:normal;min-width:6em;max-width:16em;
+position:sticky;left:0;background:#fff;border-left-width:1px;z-index:1}
+th:first-child{background:#f3f3f3}
+.warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em}
 .alarm{background:#f8d7da;border:2px solid #c0392b;color:#721c24;padding:.7em;font-weight:600}
-img.wide{max-width:100%;display:block;margin:1em 0}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
-.card{margin:0;border:1px solid #ddd;padding:.4em;font-size:12px;background:#fafafa}
-.pair{display:flex;gap:4px}.pair img,.nothumb{width:160px;height:160px;object-fit:contain;background:#eee}
-.nothumb{display:flex;align-items:center;justify-content:center;color:#888}
-.results td{white-space:nowrap;vertical-align:top}.ci{font-size:11px;color:#555}.sd{font-size:11px;color:#1f5fa0}
-code.run{font-size:10px;color:#666}.card.wrong{border:2px solid #c0392b}
-.results th:first-child{text-align:left}img.wide{max-width:100%;width:820px}img.wide.broad{width:100%}"""
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:13px}
+img{max-width:100%;height:auto}
+.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,460px),1fr));gap:16px;
+align-items:start;margin:1em 0}
+.figs img{width:100%;max-width:640px;display:block}
+img.wide,img.wide.broad{display:block;margin:1em 0;width:auto;max-width:100%}
+.side{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.side img{flex:1 1 320px;max-width:640px}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(330px,100%),1fr));gap:.8em}
+.card{margin:0;border:1px solid #ddd;padding:.4em;font-size:13px;background:#fafafa;overflow-wrap:anywhere}
+.card.wrong{border:2px solid #c0392b}
+.pair{display:flex;gap:4px}
+.pair img,.nothumb{width:calc(50% - 2px);max-width:160px;aspect-ratio:1;height:auto;object-fit:contain;
+background:#eee}
+.nothumb{display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
+.ci{font-size:12px;color:#555}.sd{font-size:12px;color:#1f5fa0}
+.na{font-style:italic;color:#8a6d00;display:inline-block;white-space:normal;max-width:7.5em;line-height:1.2}
+.index td,.index th{text-align:left}.index code{overflow-wrap:normal;font-size:13px}
+code.run{font-size:11px;color:#666}
+table{line-height:22px}
+@media (max-width:600px){body{padding:8px 10px 32px}h1{font-size:1.35em}
+td,th{padding:3px 6px}td:first-child,th:first-child{min-width:7.5em;max-width:11em}}"""
 
 
 def page(title: str, body: list[str]) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def banner(random_weights: Any) -> str:
     return f'<p class="warn">{RANDOM_NOTE}</p>' if random_weights else ""
+
+
+def scroll(table_html: str) -> str:
+    """A table in a box that scrolls sideways when the screen is narrower than the table."""
+    return f"<div class='scroll'>{table_html}</div>"
 
 
 def table(header: list[str], rows: list[list[Any]], escape_last: bool = True) -> str:
@@ -44,21 +85,52 @@ def table(header: list[str], rows: list[list[Any]], escape_last: bool = True) ->
     body = "".join(
         "<tr>" + "".join(f"<td>{v if (not escape_last and i == len(r) - 1) else e(v)}</td>" for i, v in enumerate(r))
         + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return scroll(f"<table><tr>{head}</tr>{body}</table>")
 
 
-def raw_table(header: list[str], rows: list[list[str]]) -> str:
+def raw_table(header: list[str], rows: list[list[str]], css_class: str = "results") -> str:
     """A table whose cells are HTML already (escape what goes into them)."""
     head = "".join(f"<th>{e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table class='results'><tr>{head}</tr>{body}</table>"
+    return scroll(f"<table class='{css_class}'><tr>{head}</tr>{body}</table>")
+
+
+# --- numbers ---------------------------------------------------------------------------------------
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def degenerate(lo: Any, hi: Any, digits: int = 2) -> bool:
+    """An interval of zero width at the precision shown: the bootstrap could not vary the value."""
+    return not (_missing(lo) or _missing(hi)) and pct(lo, digits) == pct(hi, digits)
+
+
+def interval(lo: Any, hi: Any, digits: int = 2) -> str | None:
+    """'[lo, hi]' × 100, 'interval not informative' for a degenerate one, None without one."""
+    if _missing(lo) or _missing(hi):
+        return None
+    return NOT_INFORMATIVE if degenerate(lo, hi, digits) else f"[{pct(lo, digits)}, {pct(hi, digits)}]"
+
+
+def estimate_text(estimate: Mapping[str, Any] | None, digits: int = 2) -> str:
+    """Plain text of an estimate {value, lo, hi}: '82.61 [50.00, 100.00]' or '100.00 (interval not informative)'."""
+    if not estimate or _missing(estimate.get("value")):
+        return "–"
+    text = pct(estimate["value"], digits)
+    bounds = interval(estimate.get("lo"), estimate.get("hi"), digits)
+    return text if bounds is None else f"{text} ({bounds})" if bounds == NOT_INFORMATIVE else f"{text} {bounds}"
 
 
 def estimate(value: Any, lo: Any = None, hi: Any = None, spread: tuple[float, float] | None = None) -> str:
     """A cell: the value, its interval below it in small type, and mean ± sd over seeds if given."""
     out = f"<b>{pct(value)}</b>"
-    if lo is not None and hi is not None and not (isinstance(lo, float) and np.isnan(lo)):
-        out += f"<br><span class='ci'>[{pct(lo)}, {pct(hi)}]</span>"
+    bounds = interval(lo, hi)
+    if bounds == NOT_INFORMATIVE:
+        out += f"<br><span class='ci na' title='{e(NOT_INFORMATIVE_WHY)}'>{NOT_INFORMATIVE}</span>"
+    elif bounds is not None:
+        out += f"<br><span class='ci'>{bounds}</span>"
     if spread is not None:
         out += f"<br><span class='sd'>{pct(spread[0])} ± {pct(spread[1])}</span>"
     return out
@@ -72,17 +144,18 @@ def history(metrics: RunMetrics) -> str:
     history = metrics.history
     if not history:
         by_k = metrics.val_auc_by_k
-        return table(["k", "val AUC"], [[k, pct(v)] for k, v in by_k.items()]) if by_k else "<p>none</p>"
+        return table(["k", metric_name("val_auc")], [[k, pct(v)] for k, v in by_k.items()]) if by_k else "<p>none</p>"
     cols: list[str] = [c for c in ("epoch", "train_loss", "lr", "val_auc", "val_ap") if c in history[0]]
-    return table(cols, [[num(h.get(c)) for c in cols] for h in history])
+    return table([metric_name(c) + (" × 100" if c in PERCENT_KEYS else "") for c in cols],
+                 [[pct(h.get(c)) if c in PERCENT_KEYS else num(h.get(c)) for c in cols] for h in history])
 
 
 def e(value: Any) -> str:
     return html.escape("–" if value is None else str(value))
 
 
-def pct(value: Any) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * float(value):.2f}"
+def pct(value: Any, digits: int = 2) -> str:
+    return "–" if _missing(value) else f"{100 * float(value):.{digits}f}"
 
 
 def num(value: Any) -> str:
@@ -91,3 +164,87 @@ def num(value: Any) -> str:
 
 def short(name: str) -> str:
     return name.split("/")[-1][:28]
+
+
+# --- the index of reports ----------------------------------------------------------------------------
+
+ABOUT = ".about.json"  # beside a report: what it is, written by the stage that wrote the report
+_STAMPED = re.compile(r"^(?P<kind>[a-z0-9]+)-(?P<model>.+)-(?P<stamp>\d{8}-\d{6})$")
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    link: str  # relative to the reports folder
+    kind: str
+    runs: tuple[str, ...]
+    model: str | None
+    written: datetime
+
+
+def index_reports(reports: Path, written: Path | None = None, kind: str | None = None, run: str | None = None,
+                  model: str | None = None) -> Path:
+    """Note what `written` is (its kind, its run or runs joined by commas, its model key) beside it, then
+    rewrite `reports/index.html` atomically.
+
+    The index lists every report under `reports` (each `*/index.html` page and each top-level PNG, the
+    landscapes), newest first; reports written before this index existed get what their names say.
+    Cost grows with the number of reports (a stat and a small JSON read each), never with rows.
+    """
+    if written is not None and kind and written.resolve().is_relative_to(reports.resolve()):
+        write_text(_about_path(written), json.dumps({"kind": kind, "run": run, "model": model,
+                                                     "written": datetime.now(UTC).isoformat()}))
+    entries = sorted((_entry(reports, path) for path in _report_files(reports)),
+                     key=lambda r: (r.written, r.link), reverse=True)
+    rows = [[f"<a href='{e(r.link)}'>{e(r.kind)}</a>", f"{r.written:%Y-%m-%d %H:%M}",
+             "<br>".join(f"<code>{e(run)}</code>" for run in r.runs) or "–",
+             f"<code>{e(r.model)}</code>" if r.model else "–"]
+            for r in entries]
+    body = ["<h1>Reports</h1>",
+            f"<p>{len(entries)} report{'s' if len(entries) != 1 else ''} in <code>{e(reports)}</code>, newest first. "
+            "This page is rewritten whenever <code>pipeline report</code>, <code>experiment</code> or "
+            "<code>landscape</code> writes one.</p>",
+            raw_table(["report", "written (UTC)", "run", "model key"], rows, "index") if rows
+            else "<p>No reports yet.</p>"]
+    return write_text(reports / "index.html", page("Reports", body))
+
+
+def _about_path(report: Path) -> Path:
+    return report.parent / ABOUT if report.name == "index.html" else report.with_name(report.name + ABOUT)
+
+
+def _report_files(reports: Path) -> list[Path]:
+    if not reports.is_dir():
+        return []
+    return [*reports.glob("*/index.html"), *(p for p in reports.glob("*.png") if p.is_file())]
+
+
+def _entry(reports: Path, path: Path) -> ReportEntry:
+    about = _read_json(_about_path(path))
+    written = (datetime.fromisoformat(about["written"]) if about.get("written")
+               else datetime.fromtimestamp(path.stat().st_mtime, UTC))
+    name = path.parent.name if path.name == "index.html" else path.stem
+    kind, run, model = _from_name(path, name)
+    runs = about.get("run") or run
+    return ReportEntry(path.relative_to(reports).as_posix(), about.get("kind") or kind,
+                       tuple(r.strip() for r in runs.split(",")) if runs else (), about.get("model") or model, written)
+
+
+def _from_name(path: Path, name: str) -> tuple[str, str | None, str | None]:
+    """What a report's name says about it (reports written before `.about.json` files existed)."""
+    if name.startswith("run-"):
+        return "run report", name[4:], None
+    if path.suffix == ".png":
+        data = _read_json(path.with_suffix(".json"))
+        kind = "landscape" + (f" ({data['dims']}-D)" if data.get("dims") else "")
+        return kind if name.startswith("landscape") else "figure", ", ".join(data.get("runs", [])) or None, None
+    if match := _STAMPED.match(name):
+        return match["kind"], None, match["model"]
+    return "page", None, None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.loss import evaluation_loss, evaluation_set
 from pipeline.features.view import feature_table
 from pipeline.present.figures import DPI, FIG_SIZE, figure, save_png
+from pipeline.present.html import index_reports
 from pipeline.reporting import Reporter, Silent
 from pipeline.runs.record import load_run
 from pipeline.store.atomic import write_text
@@ -133,6 +134,7 @@ def run(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeR
         "method": "filter-normalised random directions (Li et al. 2018); biases/BN not perturbed; "
                   "the run's objective on its fixed evaluation set, eval mode",
     }, indent=1))
+    index_reports(config.store.root / "reports", png, f"landscape ({config.dims}-D)", ", ".join(config.runs))
     return LandscapeResult(coords, surfaces, png, data)
 
 

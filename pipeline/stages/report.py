@@ -123,7 +123,8 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<p>× 100, with 95% group-bootstrap intervals ({n_boot} replicates; a real image and the images "
         f"generated from its caption are resampled together), {html.e(basis)}. Thresholded metrics at 0.5; "
         f"the confusion matrix at {threshold}.</p>",
-        html.table(["metric", f"{split}"], [[m, _cell(overall[m].as_dict())] for m in METRICS if m in overall]),
+        html.table(["metric", f"{split}"],
+                   [[html.metric_name(m), _cell(overall[m].as_dict())] for m in METRICS if m in overall]),
         _threshold_note(metrics),
         f"<p>The figures also count the {len(y) - then} {html.e(split)} samples scored since by "
         "<code>pipeline score</code>; the tables do not.</p>" if 0 < then < len(y) and not recomputed else "",
@@ -142,21 +143,19 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<pre>{html.e(json.dumps(config.flat(), indent=2, default=str))}</pre>",
     ]
     write_text(result.page, html.page(f"run {run_id}", body))
+    html.index_reports(store.root / "reports", result.page, "run report", run_id, metrics.model_key)
     return result
 
 
 def _cell(cell: dict[str, Any]) -> str:
-    text = html.pct(cell.get("value"))
-    if cell.get("lo") is not None and not np.isnan(cell["lo"]):
-        text += f" [{html.pct(cell['lo'])}, {html.pct(cell['hi'])}]"
-    return text
+    return html.estimate_text(cell)
 
 
 def _threshold_note(metrics: RunMetrics) -> str:
     chosen = metrics.test.at_val_threshold
     if not chosen:
         return ""
-    rows = [[m, _cell(c.as_dict())] for m, c in chosen.metrics.items()]
+    rows = [[html.metric_name(m), _cell(c.as_dict())] for m, c in chosen.metrics.items()]
     return (f"<p>At the threshold chosen on val (balanced accuracy, t = {chosen.threshold:.3f}) and applied "
             "to test:</p>" + html.table(["metric", "test"], rows))
 
