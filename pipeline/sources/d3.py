@@ -64,6 +64,7 @@ from pipeline.sources.common import (
 )
 from pipeline.sources.generators import canonical
 from pipeline.sources.locations import Location
+from pipeline.sources.reading import ensure_regular
 from pipeline.sources.real_images import RealImageIndex
 
 NUM_GENERATED = 4
@@ -143,6 +144,7 @@ class D3Source:
         the next read starts: the end of the last row group (row groups written after it, in a file
         whose bytes before it are the same, are read alone)."""
         try:
+            ensure_regular(path)  # pyarrow opens it by name: a FIFO must not get that far
             pf = pq.ParquetFile(path)
         except Exception as exc:  # noqa: BLE001 - a JPEG given as --format d3, a truncated file, …
             raise PipelineError(f"{path} is not a readable Parquet file, so not D3 ({_first_line(exc)}).") from exc
@@ -188,8 +190,9 @@ class D3Source:
         cell = row[column] or {}
         data = cell.get("bytes") or b""
         original = str(row[f"model_gen{k}"] or f"gen{k}")
-        if not data and cell.get("path"):
-            hashed = hash_location(Location(uri=absolute(path.parent / cell["path"])), self.limits)
+        if not data and cell.get("path"):  # a file beside the Parquet file, never one outside its folder
+            beside = Limits.within([path.parent], self.limits.max_bytes)
+            hashed = hash_location(Location(uri=absolute(path.parent / cell["path"])), beside)
             if isinstance(hashed, Problem):
                 return Problem(hashed.reason, f"row {row['id']} {column}: {hashed.detail}", loc)
             sample_id, size = hashed

@@ -27,6 +27,7 @@ from pipeline.encoding.clip import LoadedModel, ModelSpec, recorded_info
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.images import DEFAULT_MAX_PIXELS
+from pipeline.sources.reading import DEFAULT_MAX_BYTES
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
@@ -55,6 +56,7 @@ class EncodeConfig(Validated):
     dtype: Literal["float16", "float32"] = "float16"
     shard_rows: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES  # the most read of one image; more: quarantined as too_large
     text_batch_size: int = 256
     retry_quarantined: bool = False
     wait: bool = True  # wait for another writer of the store instead of stopping
@@ -64,7 +66,7 @@ class EncodeConfig(Validated):
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
     def check(self) -> None:
-        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels", "actors"):
+        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels", "max_bytes", "actors"):
             at_least(self, name, 1)
         at_least(self, "gpus_per_actor", 0)
         if self.workers is not None and self.workers < 0:
@@ -219,7 +221,7 @@ def _run_jobs(
     from pipeline.encoding.units import EncodeSpec
     from pipeline.engines.local import EncodeJob, LocalEngine
 
-    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels)
+    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels, config.max_bytes)
     engine: Any
     if config.engine == "ray":
         from pipeline.engines.ray import RayEngine, RayOptions
