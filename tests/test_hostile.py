@@ -394,6 +394,124 @@ def test_neighbors_image_is_read_bounded_and_named(d3_store: Store, tmp_path: Pa
     assert code == 2 and "FIFO, not a regular file" in out, out
 
 
+def _clip_folder(root: Path, rows: list[dict[str, object]], image: list[list[float]], text: list[list[float]]) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    np.save(root / "img_emb" / "img_emb_0.npy", np.array(image, np.float32))
+    np.save(root / "text_emb" / "text_emb_0.npy", np.array(text, np.float32))
+    pq.write_table(pa.Table.from_pylist(rows), root / "metadata" / "metadata_0.parquet")
+    return root
+
+
+def test_import_features_reads_no_file_outside_its_folder_and_stores_no_unsound_vector(tmp_path: Path) -> None:
+    import hashlib
+
+    import numpy as np
+
+    root = tmp_path / "feats"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.jpg").write_bytes(jpeg((9, 90, 9)))
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.write_bytes(b"a file of this machine that no features file may bring into the store")
+    (root / "images" / "escape.jpg").symlink_to(secret)
+    os.mkfifo(root / "images" / "pipe.jpg")
+    paths = ["images/a.jpg", "/etc/passwd", "../outside/secret.jpg", "images/escape.jpg", "images/pipe.jpg",
+             "gone.jpg", None, None, None, None, None]
+    rng = np.random.default_rng(0)
+    image, text = rng.normal(size=(11, 8)).tolist(), rng.normal(size=(11, 8)).tolist()
+    image[6][3] = float("nan")  # row 6: a NaN in its image vector
+    text[7][0] = float("inf")  # row 7: an infinity in its text vector
+    image[8] = [0.0] * 8  # row 8: no direction
+    image[10] = image[9]  # rows 9 and 10: the same vector, labelled real and generated
+    rows = [{"image_path": p, "caption": f"caption {i}", "label": i % 2} for i, p in enumerate(paths)]
+    _clip_folder(root, rows, image, text)
+    store = tmp_path / "store"
+    code, out = _cli_within(300, "import-features", str(root), "--layout", "clip-retrieval", "--model-key", "m",
+                            "--store", str(store))
+    assert code == 0, out
+    s = Store(store)
+    ids = set(catalog.query(s, "SELECT sample_id FROM samples_all").column(0).to_pylist())
+    forbidden = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (secret, Path("/etc/passwd")) if p.exists()}
+    assert hashlib.sha256(jpeg((9, 90, 9))).hexdigest() in ids and not ids & forbidden
+    assert _count(s, "samples_all WHERE source_uri LIKE '%secret%' OR source_uri LIKE '/etc/%'") == 0
+    assert len(ids) == 7  # 11 rows less the NaN and zero image vectors and the conflicting pair
+    reasons = catalog.query(s, "SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 1").to_pylist()
+    assert reasons == [{"reason": "label_conflict", "n": 2}, {"reason": "nonfinite_vector", "n": 2},
+                       {"reason": "zero_vector", "n": 1}], reasons
+    assert _count(s, "quarantine WHERE stage = 'import' AND source_row IN (6, 7, 8, 9, 10)") == 5
+    unsound = "embeddings WHERE NOT isfinite(list_dot_product(vector, vector)) OR list_dot_product(vector, vector) < .9"
+    assert _count(s, unsound) == 0 and _count(s, "embeddings") == 8 + 10
+    # a second run (the file touched) records nothing twice
+    os.utime(root / "metadata" / "metadata_0.parquet")
+    code, out = _cli_within(300, "import-features", str(root), "--layout", "clip-retrieval", "--model-key", "m",
+                            "--store", str(store))
+    assert code == 0 and _count(s, "quarantine") == 5 and _count(s, "samples") == 7, out
+
+
+def test_import_features_image_roots_admit_a_folder_the_user_names(tmp_path: Path) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import run as import_features
+
+    (tmp_path / "pictures").mkdir()
+    picture = tmp_path / "pictures" / "p.jpg"
+    picture.write_bytes(jpeg((200, 1, 1)))
+    root = _clip_folder(tmp_path / "feats", [{"image_path": str(picture), "caption": "c", "label": 1}],
+                        np.ones((1, 8)).tolist(), np.ones((1, 8)).tolist())
+    alone = import_features(ImportConfig(root, "clip-retrieval", Store(tmp_path / "s1"), "m"))
+    assert alone.image_paths_unread == {"outside_source": 1}
+    named = import_features(ImportConfig(root, "clip-retrieval", Store(tmp_path / "s2"), "m",
+                                         image_roots=(tmp_path / "pictures",)))
+    assert not named.image_paths_unread
+    row = catalog.query(Store(tmp_path / "s2"), "SELECT sample_id, byte_length FROM samples").to_pylist()[0]
+    assert row == {"sample_id": hashlib.sha256(picture.read_bytes()).hexdigest(), "byte_length": picture.stat().st_size}
+
+
+@pytest.mark.parametrize("bad", ["1-D", "strings", "objects", "3-D", "not npy"])
+def test_import_features_bad_arrays_are_one_sentence_naming_the_file(tmp_path: Path, bad: str) -> None:
+    import numpy as np
+
+    root = _clip_folder(tmp_path / "feats", [{"caption": "c", "label": 0}], [[1.0, 2.0]], [[1.0, 2.0]])
+    target = root / "img_emb" / "img_emb_0.npy"
+    if bad == "not npy":
+        target.write_bytes(b"\x93NUMPY garbage")
+    else:
+        array = {"1-D": np.ones(2, np.float32), "strings": np.array([["a", "b"]]),
+                 "objects": np.array([[{"x": 1}, None]], dtype=object), "3-D": np.ones((1, 2, 2), np.float32)}[bad]
+        np.save(target, array, allow_pickle=True)
+    code, out = _run("import-features", str(root), "--layout", "clip-retrieval", "--model-key", "m",
+                     "--store", str(tmp_path / "s"))
+    assert code == 2 and out.startswith("error:") and "img_emb_0.npy" in out.replace(" ", ""), out
+
+
+def test_import_features_bad_h5_datasets_are_one_sentence(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    (tmp_path / "h5").mkdir()
+    with h5py.File(tmp_path / "h5" / "0000.h5", "w") as h:
+        for name in ["real", "image_gen0", "image_gen1", "image_gen2", "image_gen3", "original_prompt"]:
+            h[name] = np.ones((3, 8), np.float32)
+        h["positive_prompt"] = np.array([b"a", b"b", b"c"])
+    code, out = _run("import-features", str(tmp_path / "h5"), "--layout", "h5", "--model-key", "m",
+                     "--store", str(tmp_path / "s"))
+    assert code == 2 and "0000.h5datasetpositive_prompt" in out.replace(" ", "") and "2-D float" in out, out
+    with h5py.File(tmp_path / "h5" / "0000.h5", "a") as h:
+        del h["positive_prompt"]
+        h["positive_prompt"] = np.ones((2, 8), np.float32)
+    code, out = _run("import-features", str(tmp_path / "h5"), "--layout", "h5", "--model-key", "m",
+                     "--store", str(tmp_path / "s"))
+    assert code == 2 and "different numbers of rows" in out, out
+
+
 def test_ingest_keeps_names_that_are_not_utf8_and_never_blocks_on_fifos(tmp_path: Path) -> None:
     from pipeline.stages.encode import run as encode
     from tests.conftest import encode_config

@@ -171,13 +171,17 @@ def test_an_unchanged_file_is_not_opened_and_a_changed_one_adds_only_new_rows(
     touched = import_features(ImportConfig(src, "h5", store, "m"))
     assert opened == ["0001.h5"] and (touched.samples_added, touched.vectors_added) == (0, 0)
     assert touched.already_present == 15
-    # rewritten with two more rows: only those are new
+    # rewritten with two more rows: only those are new. The file is one random stream, so its new
+    # `real` rows 3-4 are the vectors the old file had as image_gen0 rows 0-1: the same content labelled
+    # real and generated, quarantined as label_conflict (the stored twins leave the samples view too)
     opened.clear()
     _h5(src / "0001.h5", rows=5, image_dim=8, text_dim=8, seed=1)
     grown = import_features(ImportConfig(src, "h5", store, "m"))
-    assert opened == ["0001.h5"] and grown.samples_added == 10 and grown.already_present == 15
-    assert _count(store, "SELECT count(*) FROM samples") == 55
-    assert _count(store, "SELECT count(DISTINCT sample_id) FROM samples") == 55
+    assert opened == ["0001.h5"] and grown.samples_added == 10 and grown.already_present == 13
+    assert grown.label_conflicts == 2 and grown.quarantined == {"label_conflict": 2}
+    assert _count(store, "SELECT count(*) FROM samples_all") == 55
+    assert _count(store, "SELECT count(*) FROM samples") == _count(
+        store, "SELECT count(DISTINCT sample_id) FROM samples") == 53
 
 
 def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

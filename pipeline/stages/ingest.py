@@ -75,8 +75,8 @@ _RECHECK_MEMORY = "512MB"  # DuckDB's budget for finding them (spills beyond)
 # quarantined input: the same SQL over the store's rows and over a batch's, so lookups need no scan.
 _READ_BY_STAT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), size, mtime_ns)"
 _READ_BY_PRINT = "concat_ws(chr(0), source_uri, coalesce(extra, chr(1)), fingerprint)"
-_PROBLEM = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(source_member, chr(1)), "
-            "coalesce(source_row::VARCHAR, chr(1)))")
+PROBLEM_KEY = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(source_member, chr(1)), "
+               "coalesce(source_row::VARCHAR, chr(1)))")
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     result = IngestResult()
     pending = _Pending()
     queries = {**ledger_queries(digest), "samples": KeyQuery("samples", "sample_id"),
-               "problems": KeyQuery("quarantine", _PROBLEM, "stage = 'ingest'")}
+               "problems": KeyQuery("quarantine", PROBLEM_KEY, "stage = 'ingest'")}
     with StoreKeys(config.store, queries, maintained=("samples", "problems")) as known:
         resume = resume_points(config.store, digest, source.growing())
         for chunk in _chunks(source.units(resume), _UNIT_CHUNK):
@@ -422,16 +422,16 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: I
                     if canonical(info["stored_generator"] or "") != row["generator"]:  # not just an old spelling
                         result.generator_mismatches[(row["generator"], info["stored_generator"])] += 1
                 continue
-            other = _where(info["stored_uri"], info["stored_member"], None)
-            conflicts.append(_conflict_row(row, other, int(info["stored_label"]), now))
+            other = where(info["stored_uri"], info["stored_member"], None)
+            conflicts.append(conflict_row(row, other, int(info["stored_label"]), now))
             continue
         if info["labels"] > 1:
             twin = first_of.setdefault(row["sample_id"], row)
             if twin is not row:
-                conflicts.append(_conflict_row(row, _where(twin["source_uri"], twin["source_member"],
-                                                           twin["source_row"]), int(twin["label"]), now))
-                conflicts.append(_conflict_row(twin, _where(row["source_uri"], row["source_member"],
-                                                            row["source_row"]), int(row["label"]), now))
+                conflicts.append(conflict_row(row, where(twin["source_uri"], twin["source_member"],
+                                                         twin["source_row"]), int(twin["label"]), now))
+                conflicts.append(conflict_row(twin, where(row["source_uri"], row["source_member"],
+                                                          row["source_row"]), int(row["label"]), now))
             continue
         if not info["first"]:
             result.duplicates_in_source += 1
@@ -458,7 +458,7 @@ def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult
         "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
         "source_member": pa.array([r["source_member"] for r in rows], pa.string()),
         "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),
-    }), _PROBLEM)
+    }), PROBLEM_KEY)
     fresh = first_occurrence(keys)
     if catalog.shard_paths(store, "quarantine"):
         fresh &= ~known.get("problems").contains(keys)
@@ -529,14 +529,17 @@ def _resolved_row(resolved: Resolved, now: datetime) -> dict[str, Any]:
     }
 
 
-def _conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetime) -> dict[str, Any]:
-    here = _where(row["source_uri"], row["source_member"], row["source_row"])
+def conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetime,
+                 stage: str = "ingest") -> dict[str, Any]:
+    """The quarantine row of a sample row whose bytes are labelled `other_label` at place `other`
+    (import-features writes them too, as stage `import`)."""
+    here = where(row["source_uri"], row["source_member"], row["source_row"])
     names = {0: "real", 1: "generated"}
     detail = (f"the same bytes are labelled {names[int(row['label'])]} ({row['generator']}) at {here} "
               f"and {names[other_label]} at {other}; neither copy is used")
     return {
         "content_hash": row["sample_id"],
-        "stage": "ingest",
+        "stage": stage,
         "reason": "label_conflict",
         "detail": detail,
         "source_uri": row["source_uri"],
@@ -564,7 +567,7 @@ def ledger_row(unit: Unit, digest: str, items: int, now: datetime,
     }
 
 
-def _where(uri: str | None, member: str | None, row: int | None) -> str:
+def where(uri: str | None, member: str | None, row: int | None) -> str:
     text = str(uri)
     if member:
         text += f" [{member}]"
