@@ -92,6 +92,7 @@ _IMAGE_SETS = ("real", "image_gen0", "image_gen1", "image_gen2", "image_gen3")
 _TEXT_SETS = ("original_prompt", "positive_prompt")
 MIN_NORM = 1e-12  # `normalise` divides by at least this: a shorter vector cannot be made unit length
 STAGE = "import"  # quarantine's stage of what this stage refuses
+_LABELLED = "concat_ws(chr(0), sample_id, label::VARCHAR)"  # the key of a sample id under one label
 # A vector's fault, as quarantined (0: none)
 _FAULTS = {1: ("nonfinite_vector", "holds NaN or infinite values (or its norm overflows float32)"),
            2: ("zero_vector", f"is all zeros (its norm is below {MIN_NORM:g}): it has no direction")}
@@ -158,6 +159,7 @@ class _Chunk:
     image_ok: np.ndarray | None = None  # rows whose image vector is sound (None: all)
     text_ok: np.ndarray | None = None  # text rows whose vector is sound (None: all)
     problems: list[dict[str, Any]] = field(default_factory=list)  # quarantine rows of the unsound ones
+    sample_text: np.ndarray | None = None  # sample i's row of the texts (None: row i)
 
 
 def run(config: ImportConfig, reporter: Reporter | None = None) -> ImportResult:
@@ -181,6 +183,7 @@ def _import(config: ImportConfig, reporter: Reporter) -> ImportResult:
         "image": KeyQuery("embeddings", "content_hash", "modality = 'image'", key),
         "text": KeyQuery("embeddings", "content_hash", "modality = 'text'", key),
         "problems": KeyQuery("quarantine", PROBLEM_KEY, f"stage = '{STAGE}'"),  # opened only if a slice has some
+        "labelled": KeyQuery("samples", _LABELLED),  # opened only if a slice holds stored ids; covers what it scanned
     }, maintained=("samples", "image", "text", "problems")) as known, _Writer(store) as writer:
         todo = unread(units, known)
         result.units_skipped = len(units) - len(todo)
@@ -215,15 +218,19 @@ def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: Stor
         ids = chunk.sample_keys
         stored = known.get("samples").contains(ids)
         usable = np.ones(n, bool) if chunk.image_ok is None else chunk.image_ok
-        conflicted, conflicts = _label_conflicts(store, chunk.samples, ids, usable, stored, writer, now)
+        first = _first_of(ids, usable)
+        conflicted, conflicts = _label_conflicts(store, chunk.samples, ids, usable, first, stored, known, writer, now)
         if conflicts:
             problems += conflicts
             usable = usable & ~conflicted
-        fresh = _first_of(ids, usable) & ~stored
+            first = _first_of(ids, usable)
+        fresh = first & ~stored
         result.already_present += int(usable.sum() - fresh.sum())
+        # a vector is kept only for a sample of the store (status counts on it): not for a sample left out
         for modality, hashes, keys, vectors, norms, ok in (
-            ("image", chunk.samples.column("sample_id"), ids, chunk.image_vectors, chunk.image_norms, chunk.image_ok),
-            ("text", chunk.text_hashes, chunk.text_keys, chunk.text_vectors, chunk.text_norms, chunk.text_ok),
+            ("image", chunk.samples.column("sample_id"), ids, chunk.image_vectors, chunk.image_norms, usable),
+            ("text", chunk.text_hashes, chunk.text_keys, chunk.text_vectors, chunk.text_norms,
+             _texts_used(chunk, usable)),
         ):
             keep = _first_of(keys, ok) & ~known.get(modality).contains(keys)
             if keep.any():
@@ -254,6 +261,15 @@ def _add(config: ImportConfig, key: str, digest: str, chunk: _Chunk, known: Stor
     result.shards.extend(path for _, path in tables if path.parent.name not in ("sources", "quarantine"))
 
 
+def _texts_used(chunk: _Chunk, usable: np.ndarray) -> np.ndarray | None:
+    """Which text rows are sound and read by a usable sample (None: all of them)."""
+    if usable.all():
+        return chunk.text_ok  # every text row is some sample's
+    used = np.zeros(len(chunk.text_keys), bool)
+    used[usable.nonzero()[0] if chunk.sample_text is None else chunk.sample_text[usable]] = True
+    return used if chunk.text_ok is None else used & chunk.text_ok
+
+
 def _first_of(keys: np.ndarray, ok: np.ndarray | None) -> np.ndarray:
     """Which entries are the first of their key among the `ok` ones (None: all are)."""
     if ok is None or ok.all():
@@ -264,14 +280,17 @@ def _first_of(keys: np.ndarray, ok: np.ndarray | None) -> np.ndarray:
     return first
 
 
-def _label_conflicts(store: Store, samples: pa.Table, ids: np.ndarray, usable: np.ndarray, stored: np.ndarray,
-                     writer: _Writer, now: datetime) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _label_conflicts(store: Store, samples: pa.Table, ids: np.ndarray, usable: np.ndarray, first: np.ndarray,
+                     stored: np.ndarray, known: StoreKeys, writer: _Writer,
+                     now: datetime) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Which usable rows hold content that is also labelled the other way, in this slice or in the store
-    (this run's earlier slices included), and their quarantine rows, as ingest writes them. Costs
-    nothing when no id repeats in the slice and none is stored (the first import of new features)."""
+    (this run's earlier slices included), and their quarantine rows, as ingest writes them. `first`:
+    which usable rows are the first of their id. Costs nothing when no id repeats in the slice and
+    none is stored (the first import of new features); a stored id is looked up in the key set of
+    (id, label) pairs, and only one not found there (a conflict, or a row of this run) in the store."""
     conflicted = np.zeros(len(ids), bool)
     rows: list[dict[str, Any]] = []
-    repeated = usable & ~_first_of(ids, usable)
+    repeated = usable & ~first
     if repeated.any():  # the same content twice in a slice: rare, so looked at row by row
         groups: dict[bytes, list[int]] = {}
         for i in np.flatnonzero(usable & np.isin(ids, ids[repeated])):
@@ -286,6 +305,9 @@ def _label_conflicts(store: Store, samples: pa.Table, ids: np.ndarray, usable: n
                 rows.append(conflict_row(row, where(other["source_uri"], other["source_member"], other["source_row"]),
                                          int(other["label"]), now, STAGE))
     asked = np.flatnonzero(stored & usable & ~conflicted)
+    if len(asked):
+        pairs = samples.select(["sample_id", "label"]).take(asked)
+        asked = asked[~known.get("labelled").contains(keys_of(pairs, _LABELLED))]  # not stored under this label
     if len(asked):
         writer.wait()  # this run's earlier slices are committed, so the query sees them
         table = pa.table({"i": pa.array(asked, pa.int64()), "sample_id": samples.column("sample_id").take(asked),
@@ -550,7 +572,7 @@ def _h5_chunk(config: ImportConfig, path: Path, start: int, images: _Units, text
                                 lambda i: (uri, _TEXT_SETS[i % 2], start + i // 2), now)
     return _Chunk(samples, images.vectors, images.norms, images.keys, text_hashes, texts.keys, texts.vectors,
                   texts.norms, done, None if image_faults is None else image_faults == 0,
-                  None if text_faults is None else text_faults == 0, problems)
+                  None if text_faults is None else text_faults == 0, problems, which_text)
 
 
 # --- clip-retrieval output -----------------------------------------------------------------
