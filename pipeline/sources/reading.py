@@ -32,11 +32,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # far above any real image; a 6 GB "image" is a mistake
@@ -53,6 +53,12 @@ CHANGED = "changed_since_ingest"  # not the bytes the store recorded
 _URI = "file://"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class Readable(Protocol):
+    """What the readers below take: a file object, a tar member, a bounded part of either."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class Unreadable(OSError):
@@ -76,7 +82,7 @@ class Limits:
     roots: tuple[str, ...] | None = None
 
     @staticmethod
-    def within(folders: list[Path] | tuple[Path, ...], max_bytes: int = DEFAULT_MAX_BYTES) -> Limits:
+    def within(folders: Sequence[str | Path], max_bytes: int = DEFAULT_MAX_BYTES) -> Limits:
         return Limits(max_bytes, tuple(os.path.realpath(path_of(f)) for f in folders))
 
 
@@ -132,30 +138,51 @@ def path_of(uri: str | Path) -> str:
 # --- opening -------------------------------------------------------------------------------
 
 
-@contextmanager
-def opened(path: str | Path, limits: Limits = DEFAULT_LIMITS, whole: bool = True) -> Iterator[tuple[BinaryIO, int]]:
-    """A regular file open for reading, and its size as `fstat` gives it. `whole`: the file itself is
-    what will be read, so its size must be within `limits.max_bytes` (a tar or Parquet file that
-    holds the bytes is not bounded by it). Raises `Unreadable`."""
+def open_regular(path: str | Path, limits: Limits = DEFAULT_LIMITS, whole: bool = True) -> tuple[BinaryIO, int]:
+    """A regular file open for reading (the caller closes it: `with f:`), and its size as `fstat`
+    gives it. `whole`: the file itself is what will be read, so its size must be within
+    `limits.max_bytes` (a tar or Parquet file that holds the bytes is not bounded by it). Raises
+    `Unreadable`."""
+    fd, size = _open_fd(path, limits, whole)
+    try:
+        return open(fd, "rb"), size  # noqa: SIM115 - the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_fd(path: str | Path, limits: Limits, whole: bool) -> tuple[int, int]:
+    """`open_regular`'s descriptor. Messages are made only on failure: this runs once per image."""
     name = path_of(path)
-    shown = text_of(name)
-    target = _confined(name, shown, limits.roots)
+    target = name if limits.roots is None else _confined(name, limits.roots)
     try:
         st = os.stat(target)  # a special file is refused before any open
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(name, st.st_mode)
+        fd = os.open(target, _OPEN_FLAGS if limits.roots is None else _OPEN_FLAGS | _NOFOLLOW)
+    except Unreadable:
+        raise
     except OSError as exc:
-        raise Unreadable(UNREADABLE, f"{shown}: {exc.strerror or exc}") from exc
-    _check_regular(st, shown)
-    flags = _OPEN_FLAGS | (_NOFOLLOW if limits.roots is not None else 0)
+        raise Unreadable(UNREADABLE, f"{text_of(name)}: {exc.strerror or exc}") from exc
     try:
-        f = open(target, "rb", opener=lambda p, _: os.open(p, flags))  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise Unreadable(UNREADABLE, f"{shown}: {exc.strerror or exc}") from exc
-    with f:
-        st = os.fstat(f.fileno())  # what was opened, whatever the name leads to now
-        _check_regular(st, shown)
+        st = os.fstat(fd)  # what was opened, whatever the name leads to now
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(name, st.st_mode)
         if whole and st.st_size > limits.max_bytes:
-            raise Unreadable(TOO_LARGE, f"{shown} holds {st.st_size} bytes, over --max-bytes {limits.max_bytes}")
-        yield f, st.st_size
+            raise Unreadable(TOO_LARGE, f"{text_of(name)} holds {st.st_size} bytes, over --max-bytes "
+                             f"{limits.max_bytes}")
+        return fd, st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def opened(path: str | Path, limits: Limits = DEFAULT_LIMITS, whole: bool = True) -> Iterator[tuple[BinaryIO, int]]:
+    """`open_regular` as a context manager: the file is closed on leaving."""
+    f, size = open_regular(path, limits, whole)
+    with f:
+        yield f, size
 
 
 def ensure_regular(path: str | Path) -> None:
@@ -170,19 +197,21 @@ def ensure_regular(path: str | Path) -> None:
 
 def read_file(path: str | Path, limits: Limits = DEFAULT_LIMITS, expect: Expected | None = None) -> bytes:
     """The bytes of a whole file, read in chunks up to the cap, checked against `expect`."""
-    shown = text_of(path_of(path))
     known = expect.size if expect is not None else None
-    with opened(path, limits, whole=False) as (f, size):
+    fd, size = _open_fd(path, limits, whole=False)
+    try:
         if known is not None and size != known:  # seen on fstat: nothing is read
-            raise Unreadable(CHANGED, f"{shown} holds {size} bytes; {known} were recorded at ingest")
+            raise Unreadable(CHANGED, f"{_shown(path)} holds {size} bytes; {known} were recorded at ingest")
         if size > limits.max_bytes:
-            raise Unreadable(TOO_LARGE, f"{shown} holds {size} bytes, over --max-bytes {limits.max_bytes}")
-        data = read_capped(f, min(known, limits.max_bytes) if known is not None else limits.max_bytes)
+            raise Unreadable(TOO_LARGE, f"{_shown(path)} holds {size} bytes, over --max-bytes {limits.max_bytes}")
+        data = read_capped(_Descriptor(fd), min(known, limits.max_bytes) if known is not None else limits.max_bytes)
+    finally:
+        os.close(fd)
     if data is None:
         if known is not None:
-            raise Unreadable(CHANGED, f"{shown} grew past the {known} bytes recorded at ingest while read")
-        raise Unreadable(TOO_LARGE, f"{shown} grew over --max-bytes {limits.max_bytes} while read")
-    check_digest(data, expect, shown)
+            raise Unreadable(CHANGED, f"{_shown(path)} grew past the {known} bytes recorded at ingest while read")
+        raise Unreadable(TOO_LARGE, f"{_shown(path)} grew over --max-bytes {limits.max_bytes} while read")
+    check_digest(data, expect, path)
     return data
 
 
@@ -190,24 +219,24 @@ def read_range(path: str | Path, offset: int, length: int, limits: Limits = DEFA
                expect: Expected | None = None, what: str = "") -> bytes:
     """`length` bytes at `offset` of a file (a tar member), checked against `expect`; `what` names
     the part in messages."""
-    shown = text_of(path_of(path)) + (f" member {text_of(what)}" if what else "")
     if length > limits.max_bytes:
-        raise Unreadable(TOO_LARGE, f"{shown} holds {length} bytes, over --max-bytes {limits.max_bytes}")
-    with opened(path, limits, whole=False) as (f, size):
+        raise Unreadable(TOO_LARGE, f"{_shown(path, what)} holds {length} bytes, over --max-bytes {limits.max_bytes}")
+    f, size = open_regular(path, limits, whole=False)
+    with f:
         if offset < 0 or offset + length > size:
             reason = CHANGED if expect is not None else UNREADABLE
-            raise Unreadable(reason, f"{shown} lies at bytes {offset}..{offset + length}, past the file's end "
-                                     f"({size})")
+            raise Unreadable(reason, f"{_shown(path, what)} lies at bytes {offset}..{offset + length}, past the "
+                                     f"file's end ({size})")
         f.seek(offset)
         data = read_capped(_Bounded(f, length), length) or b""  # the member's bytes, not those after it
     if len(data) != length:
         raise Unreadable(CHANGED if expect is not None else UNREADABLE,
-                         f"{shown}: {len(data)} of its {length} bytes could be read")
-    check_digest(data, expect, shown)
+                         f"{_shown(path, what)}: {len(data)} of its {length} bytes could be read")
+    check_digest(data, expect, path, what)
     return data
 
 
-def read_capped(f: BinaryIO, cap: int) -> bytes | None:
+def read_capped(f: Readable, cap: int) -> bytes | None:
     """At most `cap` bytes of a stream, in chunks; None if it holds more (at most `cap + 1` read)."""
     parts, got = [], 0
     while got <= cap and (chunk := f.read(min(CHUNK, cap + 1 - got))):
@@ -216,7 +245,7 @@ def read_capped(f: BinaryIO, cap: int) -> bytes | None:
     return None if got > cap else b"".join(parts)
 
 
-def sha256_stream(f: BinaryIO, limit: int) -> tuple[str, int] | None:
+def sha256_stream(f: Readable, limit: int) -> tuple[str, int] | None:
     """Hash a stream chunk by chunk, never holding it; None if it holds more than `limit` bytes."""
     digest = hashlib.sha256()
     size = 0
@@ -230,27 +259,30 @@ def sha256_stream(f: BinaryIO, limit: int) -> tuple[str, int] | None:
 
 def hash_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> tuple[str, int]:
     """SHA-256 and size of a whole file, streamed (ingest: the bytes are never held). Raises `Unreadable`."""
-    with opened(path, limits) as (f, _):
-        hashed = sha256_stream(f, limits.max_bytes)
+    fd, _ = _open_fd(path, limits, whole=True)
+    try:
+        hashed = sha256_stream(_Descriptor(fd), limits.max_bytes)
+    finally:
+        os.close(fd)
     if hashed is None:
-        raise Unreadable(TOO_LARGE, f"{text_of(path_of(path))} grew over --max-bytes {limits.max_bytes} while read")
+        raise Unreadable(TOO_LARGE, f"{_shown(path)} grew over --max-bytes {limits.max_bytes} while read")
     return hashed
 
 
 def hash_range(path: str | Path, offset: int, length: int, limits: Limits = DEFAULT_LIMITS,
                what: str = "") -> tuple[str, int]:
     """SHA-256 of `length` bytes at `offset` (a tar member), streamed. Raises `Unreadable`."""
-    shown = text_of(path_of(path)) + (f" member {text_of(what)}" if what else "")
     if length > limits.max_bytes:
-        raise Unreadable(TOO_LARGE, f"{shown} holds {length} bytes, over --max-bytes {limits.max_bytes}")
-    with opened(path, limits, whole=False) as (f, size):
+        raise Unreadable(TOO_LARGE, f"{_shown(path, what)} holds {length} bytes, over --max-bytes {limits.max_bytes}")
+    f, size = open_regular(path, limits, whole=False)
+    with f:
         if offset < 0 or offset + length > size:
-            raise Unreadable(UNREADABLE, f"{shown} lies at bytes {offset}..{offset + length}, past the file's end "
-                             f"({size})")
+            raise Unreadable(UNREADABLE, f"{_shown(path, what)} lies at bytes {offset}..{offset + length}, past the "
+                             f"file's end ({size})")
         f.seek(offset)
         hashed = sha256_stream(_Bounded(f, length), length)
     if hashed is None or hashed[1] != length:
-        raise Unreadable(UNREADABLE, f"{shown}: the file ends inside it")
+        raise Unreadable(UNREADABLE, f"{_shown(path, what)}: the file ends inside it")
     return hashed
 
 
@@ -356,13 +388,23 @@ class CappedLines:
 # --- private -------------------------------------------------------------------------------
 
 
+class _Descriptor:
+    """`read` on a descriptor: a stream without a file object's buffer (ingest hashes one per image)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def read(self, n: int = -1, /) -> bytes:
+        return os.read(self._fd, n if n >= 0 else CHUNK)
+
+
 class _Bounded:
     """At most `length` bytes of a file object, read from where it stands."""
 
-    def __init__(self, f: BinaryIO, length: int) -> None:
+    def __init__(self, f: Readable, length: int) -> None:
         self._f, self._left = f, length
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1, /) -> bytes:
         if self._left <= 0:
             return b""
         n = self._left if n < 0 else min(n, self._left)
@@ -371,25 +413,29 @@ class _Bounded:
         return data
 
 
-def _confined(name: str, shown: str, roots: tuple[str, ...] | None) -> str:
-    """The path to open: `name` itself, or (with roots) its real path, if that lies inside a root."""
-    if roots is None:
-        return name
+def _shown(path: str | Path, what: str = "") -> str:
+    """A path (and the part of it read) as text for a message."""
+    return text_of(path_of(path)) + (f" member {text_of(what)}" if what else "")
+
+
+def _confined(name: str, roots: tuple[str, ...]) -> str:
+    """The real path of `name`, if that lies inside one of the `roots`."""
     real = os.path.realpath(name)
     if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
-        raise Unreadable(OUTSIDE, f"{shown} leads outside the folders it may be read from ({', '.join(roots)})")
+        raise Unreadable(OUTSIDE, f"{text_of(name)} leads outside the folders it may be read from "
+                         f"({', '.join(roots)})")
     return real
 
 
-def _check_regular(st: os.stat_result, shown: str) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise Unreadable(NOT_REGULAR, f"{shown} is a {kind(st.st_mode)}, not a regular file")
+def _not_regular(name: str, mode: int) -> Unreadable:
+    return Unreadable(NOT_REGULAR, f"{text_of(name)} is a {kind(mode)}, not a regular file")
 
 
-def check_digest(data: bytes, expect: Expected | None, shown: str) -> None:
-    """Raise `Unreadable` (`changed_since_ingest`) unless `data` has the SHA-256 `expect` names."""
+def check_digest(data: bytes, expect: Expected | None, where: str | Path, what: str = "") -> None:
+    """Raise `Unreadable` (`changed_since_ingest`) unless `data` has the SHA-256 `expect` names;
+    `where` (a path, and the `what` part of it) names it in the message."""
     if expect is not None and expect.sha256 is not None and hashlib.sha256(data).hexdigest() != expect.sha256:
-        raise Unreadable(CHANGED, f"{shown}: the bytes no longer match the sha256 recorded at ingest")
+        raise Unreadable(CHANGED, f"{_shown(where, what)}: the bytes no longer match the sha256 recorded at ingest")
 
 
 def kind(mode: int) -> str:

@@ -319,9 +319,9 @@ def _label_conflicts(store: Store, samples: pa.Table, ids: np.ndarray, usable: n
             GROUP BY c.i ORDER BY c.i
         """, {"c": table}).to_pylist()
         for other in others:
-            i = int(other["i"])
-            conflicted[i] = True
-            rows.append(conflict_row(samples.slice(i, 1).to_pylist()[0], where(other["uri"], other["member"], None),
+            at = int(other["i"])
+            conflicted[at] = True
+            rows.append(conflict_row(samples.slice(at, 1).to_pylist()[0], where(other["uri"], other["member"], None),
                                      int(other["label"]), now, STAGE))
     return conflicted, rows
 
@@ -417,7 +417,7 @@ def _repeated(value: object, n: int, type: pa.DataType | None = None) -> pa.Arra
 
 def _options_digest(config: ImportConfig, key: str) -> str:
     """What, besides a file's bytes, decides the rows it becomes: a change means read it again."""
-    options = {
+    options: dict[str, Any] = {
         "stage": "import-features", "layout": config.layout, "model_key": key,
         "generators": list(config.generators), "generator": config.generator,
         "splits": list(config.split_fractions), "split_seed": config.split_seed, "dtype": config.dtype,
@@ -807,7 +807,7 @@ def _check_arrays(path: Path, images: dict[str, Any], texts: dict[str, Any]) -> 
         shape, dtype = tuple(values.shape), np.dtype(values.dtype)
         if len(shape) != 2 or dtype.kind != "f" or not shape[1]:
             where_ = f"{path} dataset {name}" if name else str(path)
-            raise PipelineError(f"{where_} holds a {'×'.join(map(str, shape)) or 'scalar'} array of {dtype}; "
+            raise PipelineError(f"{where_} holds a {len(shape)}-D array of shape {shape} and type {dtype}; "
                                 "import-features needs 2-D float vectors (one row per item).")
     rows = {name: values.shape[0] for name, values in {**images, **texts}.items()}
     if len(set(rows.values())) > 1:
