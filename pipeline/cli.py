@@ -22,6 +22,7 @@ from pipeline import choices as c
 from pipeline.allocator import fix_mmap_threshold
 from pipeline.errors import PipelineError
 from pipeline.present import terminal as show
+from pipeline.sources.reading import DEFAULT_MAX_BYTES  # (standard library only: start-up stays light)
 from pipeline.store.layout import DEFAULT_STORE, Store
 
 app = typer.Typer(
@@ -54,6 +55,8 @@ RayAddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join: au
 ExcludeLeaksOpt = Annotated[bool | None, typer.Option(
     "--exclude-leaks/--keep-leaks", help="Leave val/test samples with a near-duplicate in an earlier split "
     "out of the metrics (needs `pipeline leaks`).")]
+MaxBytesOpt = Annotated[int, typer.Option(help="Largest image read (a file, tar member or Parquet cell); a larger "
+                                           "one is quarantined as too_large without being read.")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file of training options (flags override it).")]
 PairingOpt = Annotated[c.Pairing | None, typer.Option(help="as-ingested | shared (one text per real image and its "
                                                       "generated siblings: removes caption shortcuts)")]
@@ -151,8 +154,7 @@ def ingest(
                                         "source declares (D3's train/validation/test files or keys, a "
                                         "manifest's split column).")] = "0.8,0.1,0.1",
     split_seed: Annotated[str, typer.Option(help="Salt of the split hash.")] = "0",
-    max_bytes: Annotated[int, typer.Option(help="Largest image file read; larger ones are quarantined as "
-                                           "too_large without being read.")] = 64 * 1024 * 1024,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
     wait: WaitOpt = True,
 ) -> None:
     """Add the images of SOURCE (with captions, labels, generators) to the store as samples.
@@ -191,6 +193,7 @@ def encode(
     dtype: Annotated[c.VectorDtype, typer.Option(help="Stored vector type.")] = "float16",
     shard_rows: Annotated[int, typer.Option(help="Vectors per Parquet shard (the unit of resume).")] = 4096,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are quarantined.")] = 64_000_000,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
     seed: Annotated[int, typer.Option(help="Seed of random weights (when --pretrained is omitted).")] = 0,
     retry_quarantined: Annotated[bool, typer.Option(help="Try quarantined images again.")] = False,
     engine: Annotated[c.Engine, typer.Option(help="local: this machine | ray: a Ray cluster (pip install "
@@ -216,6 +219,7 @@ def encode(
         config = stage.EncodeConfig(
             store=Store(store), model=ModelSpec(model, pretrained, seed), device=device, precision=precision,
             batch_size=batch_size, workers=workers, dtype=dtype, shard_rows=shard_rows, max_pixels=max_pixels,
+            max_bytes=max_bytes,
             retry_quarantined=retry_quarantined, engine=engine, ray_address=ray_address, actors=actors,
             gpus_per_actor=gpus_per_actor, wait=wait)
         result = stage.run(config, reporter)
@@ -265,15 +269,22 @@ def import_features(
     generator: Annotated[str | None, typer.Option(help="clip-retrieval without a label column: the "
                                                   "generator of every image ('real' for photographs).")] = None,
     splits: SplitsOpt = "0.8,0.1,0.1",
+    images: Annotated[list[Path] | None, typer.Option(
+        "--images", help="clip-retrieval: a folder that image_path values may point into besides SOURCE "
+        "(repeatable); paths leading anywhere else are not read.")] = None,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
     wait: WaitOpt = True,
 ) -> None:
-    """Import CLIP features computed elsewhere, as samples plus embeddings, without re-encoding."""
+    """Import CLIP features computed elsewhere, as samples plus embeddings, without re-encoding.
+
+    Vectors that are not finite or have zero length, and contents found under both labels, are
+    quarantined with a reason; a features file may name image files only inside its own folder."""
     from pipeline.stages import import_features as stage
 
     with _running(ctx) as reporter:
         config = stage.ImportConfig(source=source, layout=layout, store=Store(store), model_key=model_key,
                                     generator=generator, split_fractions=_fractions(splits), wait=wait,
-                                    **_names(generators))
+                                    image_roots=tuple(images or ()), max_bytes=max_bytes, **_names(generators))
         result = stage.run(config, reporter)
     show.show_import(result)
 
@@ -462,6 +473,7 @@ def neighbors(
     model_key: ModelKeyOpt = None,
     run: Annotated[str | None, typer.Option("--run", help="Show this run's score of each neighbour.")] = None,
     vectors: Annotated[c.Modality, typer.Option(help="Which vectors to compare.")] = "image",
+    max_bytes: Annotated[int, typer.Option(help="Largest --image file read.")] = DEFAULT_MAX_BYTES,
     wait: WaitOpt = True,
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
@@ -469,7 +481,7 @@ def neighbors(
 
     with _running(ctx) as reporter:
         result = stage.run(stage.NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors,
-                                               wait=wait), reporter)
+                                               wait=wait, max_bytes=max_bytes), reporter)
     show.show_neighbors(result, k, vectors)
 
 

@@ -315,3 +315,247 @@ def test_a_tar_grown_by_a_broken_member_quarantines_the_break_and_keeps_what_was
     assert code == 0 and "unreadable_archive" in out, out
     ids = catalog.query(Store(store), "SELECT sample_id FROM samples_all").column(0).to_pylist()
     assert len(ids) == len(set(ids)) == 3
+
+
+# --- every input path is bounded (issue 19: items 6, 9, 13, 14) -------------------------------
+
+_CLI = "from pipeline.cli import main; main()"
+
+
+def _cli_within(seconds: int, *args: str) -> tuple[int, str]:
+    """`pipeline ARGS` in a child process that must end within `seconds`: a read that blocks (a FIFO)
+    fails the test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "200"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CLI, *args], capture_output=True, text=True, env=env,
+                              timeout=seconds)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"pipeline {' '.join(args)} did not end within {seconds} s") from exc
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out
+    return done.returncode, " ".join(out.split())
+
+
+def _sparse(path: Path, size: int) -> None:
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)  # 1.5 GB that occupy no disk
+
+
+def _reasons(store: Path, where: str = "true") -> dict[str, str]:
+    rows = catalog.query(Store(store), f"SELECT source_uri, reason FROM quarantine WHERE {where}").to_pylist()
+    return {Path(r["source_uri"]).name: r["reason"] for r in rows}
+
+
+def test_encode_quarantines_fifos_devices_huge_and_swapped_files_without_blocking(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    for i, name in enumerate("abcde"):
+        (root / "real" / f"{name}.jpg").write_bytes(jpeg((40 * i, 90, 9)))
+    store = tmp_path / "store"
+    code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
+    assert code == 0 and "ingested 5 new samples" in out, out
+    (root / "real" / "b.jpg").unlink()
+    os.mkfifo(root / "real" / "b.jpg")  # no writer: a plain open would block encode forever
+    _sparse(root / "real" / "c.jpg", 3 * 1024**3 // 2)  # read whole, this held 2.4 GB
+    (tmp_path / "other.jpg").write_bytes(jpeg((1, 1, 250)))
+    (root / "real" / "d.jpg").unlink()
+    (root / "real" / "d.jpg").symlink_to(tmp_path / "other.jpg")  # a link to other bytes
+    (root / "real" / "e.jpg").unlink()
+    (root / "real" / "e.jpg").symlink_to("/dev/zero")
+    code, out = _cli_within(600, "encode", "--model", "Tiny-ViT-16", "--store", str(store), "--workers", "0")
+    assert code == 0, out
+    assert _reasons(store) == {"b.jpg": "not_a_regular_file", "c.jpg": "changed_since_ingest",
+                               "d.jpg": "changed_since_ingest", "e.jpg": "not_a_regular_file"}
+    details = catalog.query(Store(store), "SELECT detail FROM quarantine ORDER BY source_uri").column(0).to_pylist()
+    assert "FIFO" in details[0] and "1610612736 bytes" in details[1] and "character device" in details[3], details
+    assert _count(Store(store), "embeddings WHERE modality = 'image'") == 1  # a.jpg
+
+
+def test_neighbors_image_is_read_bounded_and_named(d3_store: Store, tmp_path: Path) -> None:
+    from pipeline.stages.encode import run as encode
+    from tests.conftest import encode_config
+
+    encode(encode_config(d3_store))
+    store = ("--store", str(d3_store.root))
+    text = tmp_path / "notes.jpg"
+    text.write_text("these are not pixels")
+    code, out = _run("neighbors", "--image", str(text), "-k", "2", *store)
+    assert code == 2 and "not_an_image" in out and "BytesIO" not in out and "notes.jpg" in out.replace(" ", ""), out
+    _sparse(tmp_path / "huge.jpg", 3 * 1024**3 // 2)
+    code, out = _run("neighbors", "--image", str(tmp_path / "huge.jpg"), *store)
+    assert code == 2 and "too_large" in out and "1610612736 bytes" in out, out
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    code, out = _cli_within(300, "neighbors", "--image", str(fifo), *store)
+    assert code == 2 and "FIFO, not a regular file" in out, out
+
+
+def _clip_folder(root: Path, rows: list[dict[str, object]], image: list[list[float]], text: list[list[float]]) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    np.save(root / "img_emb" / "img_emb_0.npy", np.array(image, np.float32))
+    np.save(root / "text_emb" / "text_emb_0.npy", np.array(text, np.float32))
+    pq.write_table(pa.Table.from_pylist(rows), root / "metadata" / "metadata_0.parquet")
+    return root
+
+
+def test_import_features_reads_no_file_outside_its_folder_and_stores_no_unsound_vector(tmp_path: Path) -> None:
+    import hashlib
+
+    import numpy as np
+
+    root = tmp_path / "feats"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.jpg").write_bytes(jpeg((9, 90, 9)))
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.write_bytes(b"a file of this machine that no features file may bring into the store")
+    (root / "images" / "escape.jpg").symlink_to(secret)
+    os.mkfifo(root / "images" / "pipe.jpg")
+    paths = ["images/a.jpg", "/etc/passwd", "../outside/secret.jpg", "images/escape.jpg", "images/pipe.jpg",
+             "gone.jpg", None, None, None, None, None]
+    rng = np.random.default_rng(0)
+    image, text = rng.normal(size=(11, 8)).tolist(), rng.normal(size=(11, 8)).tolist()
+    image[6][3] = float("nan")  # row 6: a NaN in its image vector
+    text[7][0] = float("inf")  # row 7: an infinity in its text vector
+    image[8] = [0.0] * 8  # row 8: no direction
+    image[10] = image[9]  # rows 9 and 10: the same vector, labelled real and generated
+    rows = [{"image_path": p, "caption": f"caption {i}", "label": i % 2} for i, p in enumerate(paths)]
+    _clip_folder(root, rows, image, text)
+    store = tmp_path / "store"
+    code, out = _cli_within(300, "import-features", str(root), "--layout", "clip-retrieval", "--model-key", "m",
+                            "--store", str(store))
+    assert code == 0, out
+    s = Store(store)
+    ids = set(catalog.query(s, "SELECT sample_id FROM samples_all").column(0).to_pylist())
+    forbidden = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (secret, Path("/etc/passwd")) if p.exists()}
+    assert hashlib.sha256(jpeg((9, 90, 9))).hexdigest() in ids and not ids & forbidden
+    assert _count(s, "samples_all WHERE source_uri LIKE '%secret%' OR source_uri LIKE '/etc/%'") == 0
+    assert len(ids) == 7  # 11 rows less the NaN and zero image vectors and the conflicting pair
+    reasons = catalog.query(s, "SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 1").to_pylist()
+    assert reasons == [{"reason": "label_conflict", "n": 2}, {"reason": "nonfinite_vector", "n": 2},
+                       {"reason": "zero_vector", "n": 1}], reasons
+    assert _count(s, "quarantine WHERE stage = 'import' AND source_row IN (6, 7, 8, 9, 10)") == 5
+    unsound = "embeddings WHERE NOT isfinite(list_dot_product(vector, vector)) OR list_dot_product(vector, vector) < .9"
+    # vectors only for the samples kept: 7 images; the texts of rows 0-5 (row 7's is unsound)
+    assert _count(s, unsound) == 0 and _count(s, "embeddings") == 7 + 6
+    # a second run (the file touched) records nothing twice
+    os.utime(root / "metadata" / "metadata_0.parquet")
+    code, out = _cli_within(300, "import-features", str(root), "--layout", "clip-retrieval", "--model-key", "m",
+                            "--store", str(store))
+    assert code == 0 and _count(s, "quarantine") == 5 and _count(s, "samples") == 7, out
+
+
+def test_import_features_image_roots_admit_a_folder_the_user_names(tmp_path: Path) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import run as import_features
+
+    (tmp_path / "pictures").mkdir()
+    picture = tmp_path / "pictures" / "p.jpg"
+    picture.write_bytes(jpeg((200, 1, 1)))
+    root = _clip_folder(tmp_path / "feats", [{"image_path": str(picture), "caption": "c", "label": 1}],
+                        np.ones((1, 8)).tolist(), np.ones((1, 8)).tolist())
+    alone = import_features(ImportConfig(root, "clip-retrieval", Store(tmp_path / "s1"), "m"))
+    assert alone.image_paths_unread == {"outside_source": 1}
+    named = import_features(ImportConfig(root, "clip-retrieval", Store(tmp_path / "s2"), "m",
+                                         image_roots=(tmp_path / "pictures",)))
+    assert not named.image_paths_unread
+    row = catalog.query(Store(tmp_path / "s2"), "SELECT sample_id, byte_length FROM samples").to_pylist()[0]
+    assert row == {"sample_id": hashlib.sha256(picture.read_bytes()).hexdigest(), "byte_length": picture.stat().st_size}
+
+
+@pytest.mark.parametrize("bad", ["1-D", "strings", "objects", "3-D", "not npy"])
+def test_import_features_bad_arrays_are_one_sentence_naming_the_file(tmp_path: Path, bad: str) -> None:
+    import numpy as np
+
+    root = _clip_folder(tmp_path / "feats", [{"caption": "c", "label": 0}], [[1.0, 2.0]], [[1.0, 2.0]])
+    target = root / "img_emb" / "img_emb_0.npy"
+    if bad == "not npy":
+        target.write_bytes(b"\x93NUMPY garbage")
+    else:
+        array = {"1-D": np.ones(2, np.float32), "strings": np.array([["a", "b"]]),
+                 "objects": np.array([[{"x": 1}, None]], dtype=object), "3-D": np.ones((1, 2, 2), np.float32)}[bad]
+        np.save(target, array, allow_pickle=True)
+    code, out = _run("import-features", str(root), "--layout", "clip-retrieval", "--model-key", "m",
+                     "--store", str(tmp_path / "s"))
+    assert code == 2 and out.startswith("error:") and "img_emb_0.npy" in out.replace(" ", ""), out
+
+
+def test_import_features_bad_h5_datasets_are_one_sentence(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    (tmp_path / "h5").mkdir()
+    with h5py.File(tmp_path / "h5" / "0000.h5", "w") as h:
+        for name in ["real", "image_gen0", "image_gen1", "image_gen2", "image_gen3", "original_prompt"]:
+            h[name] = np.ones((3, 8), np.float32)
+        h["positive_prompt"] = np.array([b"a", b"b", b"c"])
+    code, out = _run("import-features", str(tmp_path / "h5"), "--layout", "h5", "--model-key", "m",
+                     "--store", str(tmp_path / "s"))
+    assert code == 2 and "0000.h5datasetpositive_prompt" in out.replace(" ", "") and "2-D float" in out, out
+    with h5py.File(tmp_path / "h5" / "0000.h5", "a") as h:
+        del h["positive_prompt"]
+        h["positive_prompt"] = np.ones((2, 8), np.float32)
+    code, out = _run("import-features", str(tmp_path / "h5"), "--layout", "h5", "--model-key", "m",
+                     "--store", str(tmp_path / "s"))
+    assert code == 2 and "different numbers of rows" in out, out
+
+
+def test_ingest_keeps_names_that_are_not_utf8_and_never_blocks_on_fifos(tmp_path: Path) -> None:
+    from pipeline.stages.encode import run as encode
+    from tests.conftest import encode_config
+
+    root = os.fsencode(tmp_path / "imgs")
+    for cls in (b"real", b"sd\xe9"):
+        os.makedirs(root + b"/" + cls)
+    with open(root + b"/real/caf\xe9.jpg", "wb") as f:
+        f.write(jpeg((10, 20, 30)))
+    with open(root + b"/real/caf\xe9.txt", "wb") as f:
+        f.write(b"a caption")
+    with open(root + b"/sd\xe9/caf\xe9.jpg", "wb") as f:
+        f.write(jpeg((200, 20, 30)))
+    with open(root + b"/real/ok.jpg", "wb") as f:
+        f.write(jpeg((90, 90, 30)))
+    os.mkfifo(root + b"/real/ok.txt")  # a sidecar caption that is a FIFO: no caption, no hang
+    os.mkfifo(root + b"/real/pipe.jpg")
+    store = tmp_path / "store"
+    code, out = _cli_within(300, "ingest", os.fsdecode(root), "--format", "folder", "--store", str(store))
+    assert code == 0 and "ingested 3 new samples" in out and "1 × not_a_regular_file" in out, out
+    rows = {r["source_uri"].rpartition("/imgs/")[2]: r for r in catalog.query(
+        Store(store), "SELECT source_uri, group_key, generator_original, text FROM samples").to_pylist()}
+    assert sorted(rows) == ["real/caf%E9.jpg", "real/ok.jpg", "sd%E9/caf%E9.jpg"]  # kept byte for byte, as URIs
+    assert rows["real/caf%E9.jpg"]["source_uri"].startswith("file:///")
+    # one group: the same stem in both classes; names that need no URI shown with \x escapes
+    assert rows["real/caf%E9.jpg"]["group_key"] == rows["sd%E9/caf%E9.jpg"]["group_key"] == "stem:caf\\xe9"
+    assert rows["sd%E9/caf%E9.jpg"]["generator_original"] == "sd\\xe9"
+    assert [rows[k]["text"] for k in sorted(rows)] == ["a caption", None, None]
+    result = encode(encode_config(Store(store)))  # the URI leads back to the file
+    assert result.images_encoded == 3 and not result.quarantined
+
+
+def test_a_manifest_line_over_the_cap_is_quarantined_and_the_rest_read(tmp_path: Path) -> None:
+    from pipeline.sources.manifest import MAX_LINE_BYTES
+
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg((30 * i, 9, 9)))
+    long, over = "y" * (3 * MAX_LINE_BYTES // 4), "z" * (MAX_LINE_BYTES + 10)  # 1.5 MB: read; 2 MB+: not
+    manifest = _manifest(tmp_path, ["0.jpg,a,0,real", "1.jpg,b,1,sdxl", f"2.jpg,{long},1,sdxl",
+                                    f"3.jpg,{over},0,real", "4.jpg,e,0,real", "5.jpg,f,1,sdxl"])
+    store = tmp_path / "s"
+    code, out = _run("ingest", str(manifest), "--format", "manifest", "--store", str(store))
+    assert code == 0 and "ingested 5 new samples" in out and "1 × line_too_long" in out, out
+    row = catalog.query(Store(store), "SELECT source_row, detail FROM quarantine").to_pylist()[0]
+    assert row["source_row"] == 5 and "m.csv line 5" in row["detail"]
+    assert _count(Store(store), f"samples WHERE length(text) = {len(long)}") == 1

@@ -82,6 +82,12 @@ def test_hostile_inputs_are_named(data: bytes, reason: str) -> None:
     assert info.value.reason == reason
 
 
+def test_a_non_image_is_named_by_its_bytes_not_by_a_python_object() -> None:
+    with pytest.raises(UndecodableImage) as info:
+        decode_rgb(b"<html>not pixels</html>")
+    assert info.value.detail == "23 bytes in no image format PIL reads (they begin 3c 68 74 6d 6c 3e 6e 6f)"
+
+
 def test_pixel_limit_is_checked_before_decoding() -> None:
     data = _bytes(Image.new("RGB", (100, 100)))
     with pytest.raises(UndecodableImage) as info:

@@ -172,13 +172,17 @@ def test_an_unchanged_file_is_not_opened_and_a_changed_one_adds_only_new_rows(
     touched = import_features(ImportConfig(src, "h5", store, "m"))
     assert opened == ["0001.h5"] and (touched.samples_added, touched.vectors_added) == (0, 0)
     assert touched.already_present == 15
-    # rewritten with two more rows: only those are new
+    # rewritten with two more rows: only those are new. The file is one random stream, so its new
+    # `real` rows 3-4 are the vectors the old file had as image_gen0 rows 0-1: the same content labelled
+    # real and generated, quarantined as label_conflict (the stored twins leave the samples view too)
     opened.clear()
     _h5(src / "0001.h5", rows=5, image_dim=8, text_dim=8, seed=1)
     grown = import_features(ImportConfig(src, "h5", store, "m"))
-    assert opened == ["0001.h5"] and grown.samples_added == 10 and grown.already_present == 15
-    assert _count(store, "SELECT count(*) FROM samples") == 55
-    assert _count(store, "SELECT count(DISTINCT sample_id) FROM samples") == 55
+    assert opened == ["0001.h5"] and grown.samples_added == 10 and grown.already_present == 13
+    assert grown.label_conflicts == 2 and grown.quarantined == {"label_conflict": 2}
+    assert _count(store, "SELECT count(*) FROM samples_all") == 55
+    assert _count(store, "SELECT count(*) FROM samples") == _count(
+        store, "SELECT count(DISTINCT sample_id) FROM samples") == 53
 
 
 def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +207,8 @@ def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, mo
         query, paths, scratch))
     shutil.rmtree(store.root / "cache" / "keys")  # no key sets kept from the first import: each built once
     result = import_features(ImportConfig(tmp_path / "more", "h5", store, "m"))
-    assert len(scans) == len({q for q, _ in scans}) == 4  # the ledger, sample ids, image and text hashes
+    # the ledger, sample ids, image and text hashes, and (id, label) pairs (this folder repeats stored ids)
+    assert len(scans) == len({q for q, _ in scans}) == 5
     assert (result.samples_added, result.already_present, result.units_read) == (25, 35 + 25, 3)
     assert result.vectors_added == 25 + 10
     assert _count(store, "SELECT count(*) FROM samples") == _count(
@@ -333,3 +338,38 @@ def test_clip_retrieval_vectors_are_numpys_bytes(monkeypatch: pytest.MonkeyPatch
             for dtype in ("float16", "float32"):
                 assert np.array_equal(module._as_stored(units, dtype, exact).view(np.uint8),
                                       expected.astype(dtype).view(np.uint8))
+
+
+def test_a_vector_under_both_labels_is_a_conflict_across_slices_and_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    h5py = pytest.importorskip("h5py")
+    from pipeline.stages import import_features as module
+
+    monkeypatch.setattr(module, "SLICE_ROWS", 2)  # rows 0-1 and 2-3 are read, checked and committed apart
+    rng = np.random.default_rng(4)
+    sets = {name: rng.normal(size=(4, 8)).astype(np.float32) for name in
+            ["real", "image_gen0", "image_gen1", "image_gen2", "image_gen3", "original_prompt", "positive_prompt"]}
+    sets["image_gen2"][3] = sets["real"][0]  # slice 2 brings slice 1's real image as a generated one
+    (tmp_path / "a").mkdir()
+    with h5py.File(tmp_path / "a" / "0000.h5", "w") as h:
+        for name, values in sets.items():
+            h[name] = values
+    store = Store(tmp_path / "store")
+    first = import_features(ImportConfig(tmp_path / "a", "h5", store, "m"))
+    assert first.label_conflicts == 1 and first.quarantined == {"label_conflict": 1}
+    assert first.samples_added == 19  # the generated copy is not added, and the real one leaves the view
+    conflict = catalog.query(store, "SELECT * FROM quarantine").to_pylist()[0]
+    assert (conflict["stage"], conflict["source_member"], conflict["source_row"]) == ("import", "image_gen2", 3)
+    assert "labelled generated" in conflict["detail"] and "and real at" in conflict["detail"]
+    assert _count(store, "SELECT count(*) FROM samples") == 18
+    # another file brings a stored generated image as a real one: a conflict with the store
+    (tmp_path / "b").mkdir()
+    with h5py.File(tmp_path / "b" / "0001.h5", "w") as h:
+        for name, values in sets.items():
+            h[name] = values[1:2] if name != "real" else sets["image_gen0"][2:3]
+    second = import_features(ImportConfig(tmp_path / "b", "h5", store, "m"))
+    assert second.label_conflicts == 1 and second.already_present == 4
+    assert _count(store, "SELECT count(*) FROM samples") == 17
+    # nothing of what was left out has a vector: status counts vectors as encoded samples
+    assert _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'image' AND content_hash NOT IN "
+                  "(SELECT sample_id FROM samples_all)") == 0

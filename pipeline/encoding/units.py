@@ -11,7 +11,6 @@ a GPU before reading the last one back.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.vectors import normalise
 from pipeline.sources.images import DEFAULT_MAX_PIXELS, UndecodableImage, decode_rgb
 from pipeline.sources.locations import Location, LocationReader
+from pipeline.sources.reading import DEFAULT_MAX_BYTES, Expected, Limits, Unreadable
 from schemas import QUARANTINE, embeddings_schema, encoded_schema, from_columns
 
 PIXELS = "pixels"  # the column DecodeImages adds: the picture after resize/crop, uint8 H×W×3
@@ -45,14 +45,15 @@ class EncodeSpec:
     preprocess: dict[str, Any] = field(default_factory=dict)  # as model.json records it
     dtype: str = "float16"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES  # the most read of one image (a file, tar member or Parquet cell)
     device: str = "auto"  # where the model runs: auto | cpu | cuda | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16
 
     @staticmethod
-    def from_info(model: ModelSpec, info: dict[str, Any], dtype: str, max_pixels: int, device: str = "auto",
-                  precision: str = "fp32") -> EncodeSpec:
+    def from_info(model: ModelSpec, info: dict[str, Any], dtype: str, max_pixels: int,
+                  max_bytes: int = DEFAULT_MAX_BYTES, device: str = "auto", precision: str = "fp32") -> EncodeSpec:
         return EncodeSpec(model, info["model_key"], int(info["dim"]), dict(info["preprocess"]), dtype, max_pixels,
-                          device, precision)
+                          max_bytes, device, precision)
 
     @property
     def schema(self) -> pa.Schema:
@@ -204,8 +205,10 @@ class Decoded:
 class DecodeImages:
     """Pending sample rows → encoded-schema rows without vectors, plus a `pixels` column.
 
-    The bytes are hashed again as they are read: a file replaced since ingest no longer matches its
-    `sample_id`, and is quarantined as `changed_since_ingest` rather than encoded under it.
+    Reads are bounded (`pipeline.sources.reading`: regular files only, non-blocking opens, at most
+    `spec.max_bytes`) and checked against what ingest recorded: a file replaced since (another size,
+    seen before a byte is read; or other bytes, which no longer match its `sample_id`) is
+    quarantined as `changed_since_ingest` rather than encoded under it.
     """
 
     def __init__(self, spec: EncodeSpec) -> None:
@@ -217,7 +220,7 @@ class DecodeImages:
         return self.decode(rows).as_table()
 
     def decode(self, rows: pa.Table) -> Decoded:
-        self.reader = self.reader or LocationReader()
+        self.reader = self.reader or LocationReader(Limits(self.spec.max_bytes))
         shape = self.spec.picture_shape
         pictures = np.zeros((rows.num_rows, *shape), np.uint8)
         ok = np.zeros(rows.num_rows, bool)
@@ -234,11 +237,11 @@ class DecodeImages:
     def _decode(self, row: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None, str | None]:
         assert self.reader is not None
         try:
-            data = self.reader.read(Location.from_row(row))
-        except OSError as exc:
+            data = self.reader.read(Location.from_row(row), Expected.of(row))
+        except Unreadable as exc:
+            return None, exc.reason, exc.detail
+        except OSError as exc:  # not one of the reader's own: an I/O error in the middle of a read
             return None, "unreadable", str(exc) or type(exc).__name__
-        if hashlib.sha256(data).hexdigest() != row["sample_id"]:
-            return None, "changed_since_ingest", "the bytes no longer match the sha256 recorded at ingest"
         try:
             picture = np.asarray(self.to_picture(decode_rgb(data, self.spec.max_pixels)), np.uint8)
         except UndecodableImage as exc:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.evaluation.results import RunMetrics, SplitMetrics
 from pipeline.sources.locations import Location, LocationReader
+from pipeline.sources.reading import Expected
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from trainer.metrics import Estimate, evaluate
@@ -148,7 +149,7 @@ def format_probe(store: Store, seed: int = 0, per_split: int = PROBE_SAMPLES) ->
 def _header_features(reader: LocationReader, row: dict[str, Any]) -> tuple[Any, ...] | None:
     """(format, JPEG quality estimate, width, height, bytes per pixel) from the file header."""
     try:
-        data = reader.read(Location.from_row(row))
+        data = reader.read(Location.from_row(row), Expected.of(row, digest=False))  # bounded; the size checked
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             return img.format, _jpeg_quality(img), width, height, len(data) / max(1, width * height)

@@ -230,6 +230,16 @@ def show_import(result: ImportResult) -> None:
     out.print(f"[green]imported[/] {result.samples_added} samples and {result.vectors_added} vectors "
               f"as {escape(result.model_key)}; {result.already_present} samples were already present"
               + (f"; {result.units_skipped} unchanged files skipped unread." if result.units_skipped else "."))
+    if result.label_conflicts:
+        out.print(f"[yellow]{result.label_conflicts} contents appear under two labels[/] and are used as neither "
+                  "(quarantined as label_conflict).")
+    for reason, count in sorted(result.quarantined.items()):
+        out.print(f"[yellow]quarantined[/] {count} × {escape(reason)} "
+                  "(see: pipeline sql \"SELECT * FROM quarantine WHERE stage = 'import'\")")
+    if result.image_paths_unread:
+        why = ", ".join(f"{escape(r)} {n}" for r, n in sorted(result.image_paths_unread.items()))
+        out.print(f"[yellow]{sum(result.image_paths_unread.values())} image_path values were not read[/] ({why}); "
+                  "those rows keep features-only ids; --images DIR allows a folder you trust.")
 
 
 def show_train(result: TrainResult) -> None:

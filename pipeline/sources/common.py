@@ -1,5 +1,5 @@
-"""What every source adapter yields, and the helpers they share (safe reading, tar scanning,
-resume points).
+"""What every source adapter yields, and the helpers they share (tar scanning, resume points).
+Every file is opened through `pipeline.sources.reading` (bounded, non-blocking, regular files only).
 
 A source is read as *units* (a file: a Parquet file, a tar, an image; or a manifest row), each with
 the facts that say whether it changed since it was ingested (size, modification time, and for
@@ -19,22 +19,23 @@ import hashlib
 import io
 import json
 import os
-import stat
 import tarfile
 from collections.abc import Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pipeline.errors import PipelineError
+from pipeline.sources import reading
 from pipeline.sources.locations import Location
+from pipeline.sources.reading import DEFAULT_MAX_BYTES, TEXT_MAX_BYTES, Limits, Unreadable, opened, text_of
+
+__all__ = ["DEFAULT_MAX_BYTES", "Limits"]  # defined in `reading`; adapters and ingest import them from here
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REAL = "real"
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # far above any real image; a 6 GB "image" is a mistake
 RESUME_WINDOW = 64 * 1024  # bytes before a resume point whose digest says the file was not rewritten
-_CHUNK = 1 << 20
 _Y = TypeVar("_Y")
 _R = TypeVar("_R")
 
@@ -109,13 +110,6 @@ Item = Candidate | Problem
 Items = Generator[Item, None, Resume | None]
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What ingest refuses to read: files over `max_bytes` (reason `too_large`)."""
-
-    max_bytes: int = DEFAULT_MAX_BYTES
-
-
 class Returning(Generic[_Y, _R]):
     """Iterates a generator and keeps what it returns (`value`, once it is exhausted)."""
 
@@ -140,7 +134,7 @@ def tail_digest(path: Path | str, end: int) -> str | None:
     """A digest of the `RESUME_WINDOW` bytes before `end` (and of `end`); None if the file is shorter."""
     start = max(0, end - RESUME_WINDOW)
     try:
-        with open(path, "rb") as f:
+        with opened(path, whole=False) as (f, _):
             f.seek(start)
             window = f.read(end - start)
     except OSError:
@@ -161,30 +155,15 @@ def resume_holds(path: Path | str, resume: Resume) -> bool:
     return tail_digest(path, resume.offset) == resume.tail
 
 
-def absolute(path: Path) -> str:
-    """An absolute, normalised path without resolving symlinks: `Path.resolve` costs an lstat per
-    path component, which at one call per image dominated ingest."""
-    return os.path.abspath(path)
+def absolute(path: Path | str) -> str:
+    """An absolute, normalised path without resolving symlinks (`Path.resolve` costs an lstat per
+    path component, which at one call per image dominated ingest); a name that is not UTF-8 becomes
+    a `file://` URI of its bytes (`reading.uri_of`), which every reader opens."""
+    return reading.uri_of(path)
 
 
 def is_image(path: Path | str) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
-def sha256_stream(f: _Readable, limit: int) -> tuple[str, int] | None:
-    """Hash a stream chunk by chunk; None if it holds more than `limit` bytes."""
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := f.read(_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            return None
-        digest.update(chunk)
-    return digest.hexdigest(), size
 
 
 def hash_bytes(data: bytes) -> str:
@@ -196,50 +175,27 @@ def hash_file(path: Path, limits: Limits) -> tuple[str, int, Location] | Problem
     unreadable) becomes a problem without reading it."""
     loc = Location(uri=absolute(path))
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        return Problem("unreadable", f"{path}: {exc.strerror or exc}", loc)
-    if not stat.S_ISREG(st.st_mode):
-        return Problem("not_a_regular_file", f"{path} is a {_kind(st.st_mode)}, not a regular file", loc)
-    if st.st_size > limits.max_bytes:
-        return Problem("too_large", f"{path} holds {st.st_size} bytes, over --max-bytes {limits.max_bytes}", loc)
-    try:
-        with open(path, "rb") as f:
-            hashed = sha256_stream(f, limits.max_bytes)
-    except OSError as exc:
-        return Problem("unreadable", f"{path}: {exc.strerror or exc}", loc)
-    if hashed is None:
-        return Problem("too_large", f"{path} grew over --max-bytes {limits.max_bytes} while read", loc)
-    return hashed[0], hashed[1], loc
+        sample_id, size = reading.hash_file(path, limits)
+    except Unreadable as exc:
+        return Problem(exc.reason, exc.detail, loc)
+    return sample_id, size, loc
 
 
 def hash_location(loc: Location, limits: Limits) -> tuple[str, int] | Problem:
     """Hash the bytes at a file or tar-member location (offset and length) by streaming them."""
-    if loc.offset is None:
-        whole = hash_file(Path(loc.uri), limits)
-        return whole if isinstance(whole, Problem) else (whole[0], whole[1])
-    length = loc.length if loc.length is not None else 0
-    if length > limits.max_bytes:
-        return Problem("too_large", f"{loc.uri} member {loc.member} holds {length} bytes, over --max-bytes "
-                       f"{limits.max_bytes}", loc)
     try:
-        with open(loc.uri, "rb") as f:
-            f.seek(loc.offset)
-            part = sha256_stream(_Bounded(f, length), limits.max_bytes)
-    except OSError as exc:
-        return Problem("unreadable", f"{loc.uri}: {exc.strerror or exc}", loc)
-    if part is None:  # cannot happen: the length was checked against the limit
-        return Problem("too_large", f"{loc.uri} member {loc.member} is over --max-bytes {limits.max_bytes}", loc)
-    return part
+        if loc.offset is None:
+            return reading.hash_file(loc.uri, limits)
+        return reading.hash_range(loc.uri, loc.offset, loc.length or 0, limits, loc.member or "")
+    except Unreadable as exc:
+        return Problem(exc.reason, exc.detail, loc)
 
 
 def parquet_fingerprint(path: Path) -> str | None:
     """A digest of a Parquet file's footer (schema, row groups, statistics): same digest, same file
     for ingest's purposes, even after a copy that changed its modification time."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
+        with opened(path, whole=False) as (f, end):
             if end < 12:
                 return None
             f.seek(end - 8)
@@ -268,7 +224,7 @@ class TarEntry:
 
 def split_key(name: str) -> tuple[str, str]:
     """webdataset convention: the key is the path up to the first dot of the file name."""
-    head, _, base = name.rpartition("/")
+    head, _, base = text_of(name).rpartition("/")  # a member name that is not UTF-8: a key all the same
     stem, dot, suffix = base.partition(".")
     return (f"{head}/{stem}" if head else stem), suffix if dot else ""
 
@@ -288,14 +244,11 @@ def iter_tar_entries(path: Path, start: int = 0) -> Generator[tuple[tarfile.TarF
     it is no tar, or where it breaks off (entries before it were yielded)."""
     with ExitStack() as stack:
         try:
-            if start:
-                raw = stack.enter_context(open(path, "rb"))
-                raw.seek(start)
-                tf = stack.enter_context(tarfile.open(fileobj=raw, mode="r:"))
-            else:
-                tf = stack.enter_context(tarfile.open(path))
+            raw, _ = stack.enter_context(opened(path, whole=False))  # a FIFO named .tar never blocks
+            raw.seek(start)
+            tf = stack.enter_context(tarfile.open(fileobj=raw, mode="r:" if start else "r:*"))
         except (tarfile.TarError, OSError) as exc:
-            raise DamagedArchive(f"{path} is not a readable tar archive ({exc}).") from exc
+            raise DamagedArchive(f"{text_of(path)} is not a readable tar archive ({exc}).") from exc
         current: TarEntry | None = None
         try:
             for member in tf:
@@ -308,7 +261,8 @@ def iter_tar_entries(path: Path, start: int = 0) -> Generator[tuple[tarfile.TarF
                     current = TarEntry(key)
                 current.members[suffix.lower()] = member
         except (tarfile.TarError, OSError) as exc:
-            raise DamagedArchive(f"{path} is damaged after {current.key if current else 'its start'} ({exc}).") from exc
+            raise DamagedArchive(f"{text_of(path)} is damaged after {current.key if current else 'its start'} "
+                                 f"({exc}).") from exc
         if current is not None:
             yield tf, current
         # `offset` stands at the first block that is no header: the end-of-archive blocks `tar -r`
@@ -323,16 +277,16 @@ def tar_member_hash(tf: tarfile.TarFile, member: tarfile.TarInfo, limits: Limits
     f = tf.extractfile(member)
     if f is None:
         return hash_bytes(b""), 0
-    return sha256_stream(f, limits.max_bytes)
+    return reading.sha256_stream(f, limits.max_bytes)
 
 
 def tar_location(path: Path, member: tarfile.TarInfo) -> Location:
     return Location(
-        uri=absolute(path), member=member.name, offset=member.offset_data, length=member.size
+        uri=absolute(path), member=text_of(member.name), offset=member.offset_data, length=member.size
     )
 
 
-def tar_text(tf: tarfile.TarFile, entry: TarEntry, suffix: str, limit: int = 1 << 20) -> str | None:
+def tar_text(tf: tarfile.TarFile, entry: TarEntry, suffix: str, limit: int = TEXT_MAX_BYTES) -> str | None:
     member = entry.members.get(suffix)
     if member is None:
         return None
@@ -356,8 +310,8 @@ def tar_candidate_or_problem(
     loc = tar_location(tar, member)
     hashed = tar_member_hash(tf, member, limits)
     if hashed is None:
-        return Problem("too_large", f"{tar.name} member {member.name} holds {member.size} bytes, over "
-                       f"--max-bytes {limits.max_bytes}", loc)
+        return Problem("too_large", f"{text_of(tar.name)} member {text_of(member.name)} holds {member.size} "
+                       f"bytes, over --max-bytes {limits.max_bytes}", loc)
     return hashed[0], hashed[1], loc
 
 
@@ -366,7 +320,7 @@ def directory_fingerprint(root: Path) -> str:
     digest = hashlib.sha256()
     if root.is_file():
         st = root.stat()
-        digest.update(f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -375,28 +329,5 @@ def directory_fingerprint(root: Path) -> str:
                 st = os.stat(os.path.join(dirpath, name))
             except OSError:
                 continue
-            digest.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            digest.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-class _Bounded:
-    """At most `length` bytes of a file object, read from where it stands."""
-
-    def __init__(self, f: IO[bytes], length: int) -> None:
-        self._f, self._left = f, length
-
-    def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return name
-    return "special file"

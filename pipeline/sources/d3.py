@@ -70,6 +70,7 @@ from pipeline.sources.common import (
 from pipeline.sources.d3_order import D3_ORDER, OrderCheck, OrderTally
 from pipeline.sources.generators import canonical
 from pipeline.sources.locations import Location
+from pipeline.sources.reading import ensure_regular
 from pipeline.sources.real_images import RealImageIndex
 from pipeline.store.layout import Store
 
@@ -157,6 +158,7 @@ class D3Source:
         the next read starts: the end of the last row group (row groups written after it, in a file
         whose bytes before it are the same, are read alone)."""
         try:
+            ensure_regular(path)  # pyarrow opens it by name: a FIFO must not get that far
             pf = pq.ParquetFile(path)
         except Exception as exc:  # noqa: BLE001 - a JPEG given as --format d3, a truncated file, …
             raise PipelineError(f"{path} is not a readable Parquet file, so not D3 ({first_line(exc)}).") from exc
@@ -208,8 +210,9 @@ class D3Source:
         data, relative = image.get("bytes") or b"", image.get("path")
         if not data and not relative:  # D3 has rows whose generator gave no image
             return Problem("image_missing", f"row {row['id']} {column} holds no image", loc)
-        if not data and relative:
-            hashed = hash_location(Location(uri=absolute(path.parent / relative)), self.limits)
+        if not data and relative:  # a file beside the Parquet file, never one outside its folder
+            beside = Limits.within([path.parent], self.limits.max_bytes)
+            hashed = hash_location(Location(uri=absolute(path.parent / relative)), beside)
             if isinstance(hashed, Problem):
                 return Problem(hashed.reason, f"row {row['id']} {column}: {hashed.detail}", loc)
             sample_id, size = hashed

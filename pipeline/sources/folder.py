@@ -3,20 +3,24 @@
 Captions come from a sidecar `.txt` with the image's stem, or from `root/captions.csv`
 (columns `path` relative to root, or `file`/`filename`, and `caption`). Group key: the file stem
 (`--group-by stem`, so `real/0001.jpg` and `sdxl/0001.png` share a split) or the image itself.
-Each image file is one unit: a grown folder costs only its new files.
+Each image file is one unit: a grown folder costs only its new files. A file name that is not
+UTF-8 is kept as the OS gives it (its `source_uri` a `file://` URI of its bytes; its group key and
+class name shown with \\xNN escapes), so such a file is ingested like any other.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.sources import reading
 from pipeline.sources.common import REAL, Candidate, Items, Limits, Resume, Unit, hash_file, is_image, stat_unit
 from pipeline.sources.generators import canonical
+from pipeline.sources.reading import Unreadable, text_of
 
 GROUP_BY = ("stem", "image")
 
@@ -33,7 +37,10 @@ class FolderSource:
 
     def options(self) -> dict[str, object]:
         csv_path = self.root / "captions.csv"
-        digest = hashlib.sha256(csv_path.read_bytes()).hexdigest() if csv_path.is_file() else None
+        try:
+            digest = reading.hash_file(csv_path, Limits(sys.maxsize))[0] if csv_path.exists() else None
+        except Unreadable as exc:
+            raise PipelineError(f"{exc.detail}: captions.csv must be a readable file.") from exc
         return {"group_by": self.group_by, "captions_csv": digest}
 
     def growing(self) -> list[Path]:
@@ -46,7 +53,7 @@ class FolderSource:
                 yield stat_unit(path, extra=_sidecar_digest(txt), payload=class_dir.name)
 
     def items(self, unit: Unit) -> Items:
-        class_name = str(unit.payload)
+        class_name = text_of(unit.payload)
         label = 0 if class_name.lower() == REAL else 1
         hashed = hash_file(unit.path, self.limits)
         if not isinstance(hashed, tuple):
@@ -55,7 +62,7 @@ class FolderSource:
         sample_id, size, loc = hashed
         rel = unit.path.relative_to(self.root).as_posix()
         text = self.captions.get(rel) or self.captions.get(unit.path.name) or _sidecar(unit.path)
-        group = f"stem:{unit.path.stem}" if self.group_by == "stem" else ""
+        group = f"stem:{text_of(unit.path.stem)}" if self.group_by == "stem" else ""
         generator = REAL if label == 0 else canonical(class_name)
         yield Candidate(sample_id, size, loc, label, generator, group, text, None,
                         None if label == 0 else class_name)
@@ -73,19 +80,14 @@ def _images(root: Path) -> Iterator[Path]:
 
 
 def _sidecar(path: Path) -> str | None:
-    txt = path.with_suffix(".txt")
-    try:
-        return txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
-    except OSError:
-        return None
+    """The caption in `<stem>.txt` (its first MiB: a bounded read; a FIFO or device there is no caption)."""
+    text = reading.read_text(path.with_suffix(".txt"))
+    return None if text is None else text.strip()
 
 
 def _sidecar_digest(txt: Path) -> str | None:
     """A changed sidecar caption makes its image a changed unit."""
-    try:
-        return hashlib.sha256(txt.read_bytes()[: 1 << 20]).hexdigest() if txt.is_file() else None
-    except OSError:
-        return None
+    return reading.head_digest(txt)
 
 
 def _captions_csv(root: Path) -> dict[str, str]:
@@ -93,6 +95,7 @@ def _captions_csv(root: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     try:
+        reading.ensure_regular(path)  # a FIFO there would block the open below
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = set(reader.fieldnames or [])
@@ -100,5 +103,5 @@ def _captions_csv(root: Path) -> dict[str, str]:
             if key is None or "caption" not in fields:
                 raise PipelineError(f"{path} needs a 'caption' column and one of path, file, filename.")
             return {row[key]: row["caption"] for row in reader}
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
         raise PipelineError(f"{path} is not a readable UTF-8 CSV file ({exc}).") from exc

@@ -43,8 +43,9 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             img.load()
     except UndecodableImage:
         raise
-    except UnidentifiedImageError as exc:
-        raise UndecodableImage("not_an_image", str(exc)) from exc
+    except UnidentifiedImageError as exc:  # PIL's own message names its BytesIO object, not the input
+        raise UndecodableImage("not_an_image", f"{len(data)} bytes in no image format PIL reads "
+                               f"(they begin {data[:8].hex(' ')})") from exc
     except Image.DecompressionBombError as exc:
         raise UndecodableImage("too_many_pixels", str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

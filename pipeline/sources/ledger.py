@@ -1,5 +1,6 @@
 """The ingest ledger: which source units were read, with which options, and where a growing file
-resumes; and the content keys every source shares (split by group hash, text hash).
+resumes; the content keys every source shares (split by group hash, text hash); and the quarantine
+rows both ingest and import-features write (a problem's key, a label conflict).
 
 Ingest and import-features both record each unit (a file, or a manifest row) they read in the
 `sources` dataset. A unit unchanged since (same path, size and time, or the same Parquet footer
@@ -116,3 +117,39 @@ def ledger_row(unit: Unit, digest: str, items: int, now: datetime,
         "resume_tail": resume.tail if resume else None,
         "resume_rows": resume.rows if resume else None,
     }
+
+
+# The key (see `pipeline.store.keys`) of a quarantined input: a rerun records the same problem at the
+# same place once.
+PROBLEM_KEY = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(source_member, chr(1)), "
+               "coalesce(source_row::VARCHAR, chr(1)))")
+
+
+def conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetime,
+                 stage: str = "ingest") -> dict[str, Any]:
+    """The quarantine row of a sample row whose bytes are labelled `other_label` at place `other`
+    (import-features writes them too, as stage `import`)."""
+    here = where(row["source_uri"], row["source_member"], row["source_row"])
+    names = {0: "real", 1: "generated"}
+    detail = (f"the same bytes are labelled {names[int(row['label'])]} ({row['generator']}) at {here} "
+              f"and {names[other_label]} at {other}; neither copy is used")
+    return {
+        "content_hash": row["sample_id"],
+        "stage": stage,
+        "reason": "label_conflict",
+        "detail": detail,
+        "source_uri": row["source_uri"],
+        "source_member": row["source_member"],
+        "source_row": row["source_row"],
+        "recorded_at": now,
+    }
+
+
+def where(uri: str | None, member: str | None, row: int | None) -> str:
+    """A place in a source, for a sentence: the file, the tar member or Parquet column, the row."""
+    text = str(uri)
+    if member:
+        text += f" [{member}]"
+    if row is not None:
+        text += f" row {row}"
+    return text

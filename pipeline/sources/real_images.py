@@ -33,6 +33,7 @@ from pipeline.sources.common import (
     tar_location,
 )
 from pipeline.sources.locations import Location
+from pipeline.sources.reading import TEXT_MAX_BYTES, opened
 from pipeline.store.atomic import pid_alive
 
 FORMAT = 1  # of the files below: a change builds every index again
@@ -181,7 +182,8 @@ def _write_sorted(work: Path, name: str, parts: list[tuple[np.ndarray, np.ndarra
 
 
 def _keys(texts: Iterable[str]) -> np.ndarray:
-    return np.frombuffer(b"".join(hashlib.md5(t.encode()).digest() for t in texts), _KEY)
+    # a file name that is not UTF-8 matches no D3 id, but must not stop the index being built
+    return np.frombuffer(b"".join(hashlib.md5(t.encode("utf-8", "surrogateescape")).digest() for t in texts), _KEY)
 
 
 def _lookup(keys: np.ndarray, rows: np.ndarray, text: str) -> int | None:
@@ -210,8 +212,8 @@ def _sweep(cache: Path, place: str, keep: Path) -> None:
 
 def _url_from_file(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return _url_from_json(f.read(1 << 20))
+        with opened(path, whole=False) as (f, _):  # a FIFO named .json never blocks
+            return _url_from_json(f.read(TEXT_MAX_BYTES))
     except OSError:
         return None
 

@@ -33,6 +33,7 @@ from pipeline.sources.common import (
 )
 from pipeline.sources.generators import canonical
 from pipeline.sources.locations import Location
+from pipeline.sources.reading import ensure_regular
 
 
 class WebdatasetSource:
@@ -94,6 +95,7 @@ class WebdatasetSource:
 
 def _read_label_map(path: Path) -> dict[str, tuple[int, str]]:
     try:
+        ensure_regular(path)  # a FIFO there would block the open below
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not {"key", "label"} <= set(reader.fieldnames or []):

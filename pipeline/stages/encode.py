@@ -24,6 +24,7 @@ from pipeline.encoding.clip import LoadedModel, ModelSpec, recorded_info
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter, Silent
 from pipeline.sources.images import DEFAULT_MAX_PIXELS
+from pipeline.sources.reading import DEFAULT_MAX_BYTES
 from pipeline.store import catalog, duck
 from pipeline.store.layout import Store
 from pipeline.store.stream import ParquetStream
@@ -49,6 +50,7 @@ class EncodeConfig(Validated):
     dtype: VectorDtype = "float16"
     shard_rows: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES  # the most read of one image; more: quarantined as too_large
     text_batch_size: int = 256
     retry_quarantined: bool = False
     wait: bool = True  # wait for another writer of the store instead of stopping
@@ -58,7 +60,7 @@ class EncodeConfig(Validated):
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
     def check(self) -> None:
-        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels", "actors"):
+        for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels", "max_bytes", "actors"):
             at_least(self, name, 1)
         at_least(self, "gpus_per_actor", 0)
         if self.workers is not None and self.workers < 0:
@@ -201,7 +203,8 @@ def _run_jobs(
     from pipeline.encoding.units import BF16_EMULATED, EncodeSpec, cpu_bf16_native, resolve_device
     from pipeline.engines.local import LocalEngine
 
-    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels, config.device, config.precision)
+    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels, config.max_bytes,
+                                config.device, config.precision)
     result = EncodeResult(info["model_key"], config.model.random_weights, config.device,
                           engine=config.engine, model_loaded=True)
     if config.precision == "bf16" and config.engine == "local" and resolve_device(config.device).type == "cpu" \

@@ -57,7 +57,17 @@ from pipeline.sources.common import (
 from pipeline.sources.d3 import DEFAULT_GENERATORS, REAL_MISSING, D3Source
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.generators import canonical
-from pipeline.sources.ledger import assign_split, ledger_queries, ledger_row, resume_points, text_hash, unread
+from pipeline.sources.ledger import (
+    PROBLEM_KEY,
+    assign_split,
+    conflict_row,
+    ledger_queries,
+    ledger_row,
+    resume_points,
+    text_hash,
+    unread,
+    where,
+)
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.webdataset import WebdatasetSource
 from pipeline.store import catalog, duck, writes
@@ -71,8 +81,6 @@ FORMATS: tuple[str, ...] = get_args(SourceFormat)
 _UNIT_CHUNK = 65_536  # units checked against the ledger at a time
 _RECHECK_BATCH = 65_536  # quarantined rows looked up again at a time
 _RECHECK_MEMORY = "512MB"  # DuckDB's budget for finding them (spills beyond)
-_PROBLEM = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce(source_member, chr(1)), "
-            "coalesce(source_row::VARCHAR, chr(1)))")
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
     result = IngestResult()
     pending = _Pending()
     queries = {**ledger_queries(digest), "samples": KeyQuery("samples", "sample_id"),
-               "problems": KeyQuery("quarantine", _PROBLEM, "stage = 'ingest'")}
+               "problems": KeyQuery("quarantine", PROBLEM_KEY, "stage = 'ingest'")}
     check = source.order_check(config.store) if isinstance(source, D3Source) else None
     with StoreKeys(config.store, queries, maintained=("samples", "problems")) as known:
         resume = resume_points(config.store, digest, source.growing())
@@ -358,16 +366,16 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: I
                     if canonical(info["stored_generator"] or "") != row["generator"]:  # not just an old spelling
                         result.generator_mismatches[(row["generator"], info["stored_generator"])] += 1
                 continue
-            other = _where(info["stored_uri"], info["stored_member"], None)
-            conflicts.append(_conflict_row(row, other, int(info["stored_label"]), now))
+            other = where(info["stored_uri"], info["stored_member"], None)
+            conflicts.append(conflict_row(row, other, int(info["stored_label"]), now))
             continue
         if info["labels"] > 1:
             twin = first_of.setdefault(row["sample_id"], row)
             if twin is not row:
-                conflicts.append(_conflict_row(row, _where(twin["source_uri"], twin["source_member"],
-                                                           twin["source_row"]), int(twin["label"]), now))
-                conflicts.append(_conflict_row(twin, _where(row["source_uri"], row["source_member"],
-                                                            row["source_row"]), int(row["label"]), now))
+                conflicts.append(conflict_row(row, where(twin["source_uri"], twin["source_member"],
+                                                         twin["source_row"]), int(twin["label"]), now))
+                conflicts.append(conflict_row(twin, where(row["source_uri"], row["source_member"],
+                                                          row["source_row"]), int(row["label"]), now))
             continue
         if not info["first"]:
             result.duplicates_in_source += 1
@@ -394,7 +402,7 @@ def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult
         "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
         "source_member": pa.array([r["source_member"] for r in rows], pa.string()),
         "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),
-    }), _PROBLEM)
+    }), PROBLEM_KEY)
     fresh = first_occurrence(keys)
     if catalog.shard_paths(store, "quarantine"):
         fresh &= ~known.get("problems").contains(keys)
@@ -463,29 +471,3 @@ def _resolved_row(resolved: Resolved, now: datetime) -> dict[str, Any]:
         "source_row": loc.row,
         "recorded_at": now,
     }
-
-
-def _conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetime) -> dict[str, Any]:
-    here = _where(row["source_uri"], row["source_member"], row["source_row"])
-    names = {0: "real", 1: "generated"}
-    detail = (f"the same bytes are labelled {names[int(row['label'])]} ({row['generator']}) at {here} "
-              f"and {names[other_label]} at {other}; neither copy is used")
-    return {
-        "content_hash": row["sample_id"],
-        "stage": "ingest",
-        "reason": "label_conflict",
-        "detail": detail,
-        "source_uri": row["source_uri"],
-        "source_member": row["source_member"],
-        "source_row": row["source_row"],
-        "recorded_at": now,
-    }
-
-
-def _where(uri: str | None, member: str | None, row: int | None) -> str:
-    text = str(uri)
-    if member:
-        text += f" [{member}]"
-    if row is not None:
-        text += f" row {row}"
-    return text

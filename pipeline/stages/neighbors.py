@@ -16,13 +16,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.choices import Modality
-from pipeline.config import Validated
+from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.features.ann.build import open_index
 from pipeline.features.ann.search import OpenIndex
 from pipeline.features.vectors import normalise
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
+from pipeline.sources.reading import DEFAULT_MAX_BYTES, Limits, Unreadable, read_file, text_of
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.writes import writing
@@ -38,12 +39,14 @@ class NeighborQuery(Validated):
     run_id: str | None = None
     modality: Modality = "image"
     wait: bool = True
+    max_bytes: int = DEFAULT_MAX_BYTES  # --image: the most read of the file
 
     def check(self) -> None:
         if (self.sample_id is None) == (self.image is None):
             raise PipelineError("Give exactly one of --sample-id ID or --image FILE.")
         if self.k < 1:
             raise PipelineError("-k must be at least 1.")
+        at_least(self, "max_bytes", 1)
 
 
 @dataclass
@@ -72,14 +75,15 @@ def _query(q: NeighborQuery) -> NeighborResult:
         label = own
     else:
         assert q.image is not None
-        own, vector, label = None, encode_image_file(q.store, model_key, q.image), str(q.image)
+        own, vector, label = None, encode_image_file(q.store, model_key, q.image, q.max_bytes), str(q.image)
     rows = _neighbours(q, index, vector, own)
     info = q.store.model_info(model_key)
     return NeighborResult(label, model_key, index.info.kind, info.get("random_weights"), rows)
 
 
-def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
-    """One image file → the L2-normalised vector the store's model gives it (CPU, fp32)."""
+def encode_image_file(store: Store, model_key: str, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """One image file → the L2-normalised vector the store's model gives it (CPU, fp32). The file is
+    read bounded (`reading.read_file`: a regular file, at most `max_bytes`, a FIFO never blocks)."""
     import torch
 
     from pipeline.encoding.clip import ModelSpec, load
@@ -93,13 +97,13 @@ def encode_image_file(store: Store, model_key: str, path: Path) -> np.ndarray:
             "image file cannot be encoded for it; query with --sample-id instead."
         )
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PipelineError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+        data = read_file(path, Limits(max_bytes))
+    except Unreadable as exc:
+        raise PipelineError(f"Cannot read --image: {exc.detail} ({exc.reason}).") from exc
     try:
         picture = decode_rgb(data)
     except UndecodableImage as exc:
-        raise PipelineError(f"{path} cannot be decoded ({exc.reason}: {exc.detail}).") from exc
+        raise PipelineError(f"--image {text_of(path)} cannot be decoded: {exc.detail} ({exc.reason}).") from exc
     spec = ModelSpec(info["architecture"], info.get("pretrained"), info.get("seed") or 0)
     loaded = load(spec, torch.device("cpu"))
     if loaded.model_key != model_key:

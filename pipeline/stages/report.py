@@ -32,6 +32,7 @@ from pipeline.present import figures, html
 from pipeline.reporting import Reporter
 from pipeline.runs.record import load_run_record
 from pipeline.sources.locations import Location, LocationReader
+from pipeline.sources.reading import Expected
 from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
@@ -252,7 +253,7 @@ def _thumb(reader: LocationReader, row: dict[str, Any], directory: Path) -> str:
     if not row:
         return '<div class="nothumb">no sample</div>'
     try:
-        data = figures.thumbnail_png(reader.read(Location.from_row(row)))
+        data = figures.thumbnail_png(reader.read(Location.from_row(row), Expected.of(row)))  # bounded, verified
     except Exception:  # noqa: BLE001 - imported features, moved or broken files: say so on the page
         return '<div class="nothumb">no image bytes</div>'
     path = write_bytes(directory / "gallery" / f"{row['sample_id'][:16]}.png", data)
