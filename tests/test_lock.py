@@ -178,3 +178,23 @@ def test_commits_outside_the_lock_are_refused(d3_store: Store) -> None:
 
 def _samples_count(store: Store) -> int:
     return catalog.query(store, "SELECT count(*) FROM samples").column(0)[0].as_py()
+
+
+def test_a_no_op_encode_never_waits_for_another_writer(d3_store: Store) -> None:
+    """Nothing pending is a reader's answer: `pipeline encode` says so at once while another process
+    holds the writer lock (it takes the lock only when there is work)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.stages.encode import run as encode
+    from tests.conftest import encode_config
+
+    encode(encode_config(d3_store))
+    holder = _hold(d3_store, 60)
+    try:
+        result = CliRunner().invoke(app, ["encode", "--model", "Tiny-ViT-16", "--store", str(d3_store.root),
+                                          "--no-wait"])
+        assert result.exit_code == 0 and "nothing to encode" in result.output, result.output
+    finally:
+        holder.kill()
+        holder.communicate()

@@ -81,8 +81,8 @@ def write_run(store: Store, run_id: str, chash: str, config: TrainConfig, metric
     scores_path = scores.publish()
     run_row = from_rows(RUNS, [{
         "run_id": run_id, "name": config.name, "config_hash": chash, "model_key": metrics.model_key,
-        "features": config.features, "val_auc": recorded["val"].get("auc"),
-        "test_auc": recorded["test"].get("auc"), "config_json": json.dumps(flat, default=str),
+        "features": config.features, "val_auc": _finite(metrics.val.auc),
+        "test_auc": _finite(metrics.test.auc), "config_json": json.dumps(flat, default=str),
         "metrics_json": json.dumps(recorded),
         "checkpoint": store.relative(checkpoint) if checkpoint else None,
         "created_at": datetime.now(UTC),
@@ -109,3 +109,7 @@ def metric_rows(run_id: str, metrics: RunMetrics) -> list[dict[str, Any]]:
             rows.append({"run_id": run_id, "split": split, "generator": "all",
                          "metric": f"{metric}_at_val_threshold", **e})
     return rows
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or value != value else float(value)

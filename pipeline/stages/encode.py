@@ -11,6 +11,7 @@ across a Ray cluster. Workers write staged shards; this process, holding the wri
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -121,6 +122,11 @@ def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
     store = config.store
     if not store.exists():
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` first.")
+    info = recorded_info(_model_infos(store), config.model)
+    if info is not None:  # a model encoded before: whether anything is pending needs no lock and no weights
+        store.record_model(info["model_key"], {**info, "dtype": config.dtype})  # (compares: refuses a new dtype)
+        if not _anything_pending(store, config, info["model_key"]):
+            return EncodeResult(info["model_key"], config.model.random_weights, config.device, engine=config.engine)
     with writing(store, reporter, config.wait):
         return _encode(config, reporter)
 
@@ -250,6 +256,19 @@ def _pending(store: Store, config: EncodeConfig, model_key: str) -> dict[str, tu
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     return out
+
+
+def _anything_pending(store: Store, config: EncodeConfig, model_key: str) -> bool:
+    """Whether the committed catalog has a text or an image this model has not encoded: a reader's question
+    (nothing written, no lock taken, so a no-op never waits behind another writer)."""
+    spill = Path(tempfile.mkdtemp(prefix="pipeline-encode-"))
+    try:
+        with catalog.connect(store) as con:
+            duck.limit_memory(con, PENDING_MEMORY, spill)
+            return any(bool(con.execute(f"SELECT EXISTS ({sql})", {"key": model_key}).fetchall()[0][0])
+                       for sql in (pending_texts_sql(), pending_images_sql(config.retry_quarantined)))
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _model_infos(store: Store) -> list[dict[str, Any]]:
