@@ -4,6 +4,7 @@ Build tables with `from_rows` / `from_columns`: a misspelt column is an error, n
 """
 
 from schemas.tables import (
+    ALARMS,
     EMBEDDING_DTYPES,
     FEATURE_VIEW,
     INDEX_IDS,
@@ -30,6 +31,7 @@ from schemas.tables import (
 )
 
 __all__ = [
+    "ALARMS",
     "EMBEDDING_DTYPES",
     "INDEXES",
     "FEATURE_VIEW",

@@ -153,7 +153,9 @@ METRICS = stamp(
             pa.field("value", pa.float64()),
             pa.field("lo", pa.float64()),  # 95% group-bootstrap interval
             pa.field("hi", pa.float64()),
-            pa.field("n", pa.int64(), nullable=False),  # samples behind the value
+            pa.field("n", pa.int64(), nullable=False),  # samples the value is over (real_acc: the real ones, …)
+            pa.field("n_real", pa.int64()),  # real images behind it (NULL: a run from before these were recorded)
+            pa.field("n_fake", pa.int64()),  # generated images behind it
         ]
     ),
 )
@@ -239,6 +241,19 @@ FEATURE_VIEW = stamp(
             pa.field("group_key", pa.string()),
             pa.field("image_row", pa.int64(), nullable=False),  # row of cache/vectors/<model>/image
             pa.field("text_row", pa.int64()),  # row of cache/vectors/<model>/text (NULL: no text vector)
+        ]
+    ),
+)
+
+
+ALARMS = stamp(
+    "alarms",
+    pa.schema(
+        [  # the `alarms` view: one row per alarm a run stored in its metrics (read from `runs.metrics_json`)
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),  # text_shortcut | text_undecided | format_shortcut | …
+            pa.field("sentence", pa.string(), nullable=False),
+            pa.field("evidence", pa.string()),  # JSON: the numbers behind the sentence
         ]
     ),
 )
