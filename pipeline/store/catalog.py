@@ -35,7 +35,7 @@ from pipeline.store.manifest import (
     require_store,
     stat_problem,
 )
-from schemas import TABLES
+from schemas import ALARMS, TABLES
 
 
 @dataclass
@@ -197,6 +197,23 @@ def _define_views(con: duckdb.DuckDBPyConnection, store: Store, manifest: Manife
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
     con.execute(f"CREATE OR REPLACE VIEW samples AS {samples_view(manifest)}")
     con.execute(f"CREATE OR REPLACE VIEW embeddings AS {_embeddings_select(manifest, root, absolute)}")
+    con.execute(f"CREATE OR REPLACE VIEW alarms AS {alarms_view()}")
+
+
+def alarms_view() -> str:
+    """`alarms`: one row per alarm a run stored in its metrics (`metrics_json`'s "alarms"), evidence as JSON.
+
+    Derived from `runs` rather than written as a dataset of its own: a run's metrics are the one record
+    of its alarms, so the two cannot disagree, and there is no second file to write, commit or sweep.
+    (A run trained before alarms were stored has no rows here.)"""
+    columns = {
+        "run_id": "run_id",
+        "kind": "json_extract_string(alarm, '$.kind')",
+        "sentence": "json_extract_string(alarm, '$.sentence')",
+        "evidence": "json_extract(alarm, '$.evidence')::VARCHAR",
+    }
+    select = ", ".join(f'{columns[f.name]} AS "{f.name}"' for f in ALARMS)  # (the declared columns, in order)
+    return f"SELECT {select} FROM (SELECT run_id, unnest(json_extract(metrics_json, '$.alarms[*]')) AS alarm FROM runs)"
 
 
 def samples_view(manifest: Manifest) -> str:
