@@ -337,8 +337,8 @@ def show_leaks(result: LeakResult) -> None:
 
 
 def show_report(result: ReportResult) -> None:
-    if result.alarm:
-        alarm(result.alarm)
+    for text in result.alarms:
+        alarm(text)
     out.print(f"[green]wrote[/] {escape(str(result.page))} with {', '.join(f.name for f in result.files)}")
 
 
@@ -404,6 +404,8 @@ def show_demo(result: DemoResult) -> None:
     out.print(f"[green]train[/] (CVaR + AUC + SAM on image+text, from the cache, no CLIP call): run {run.run_id}, "
               f"test AUC {_f(run.metrics.test.auc, 3)} "
               "[yellow](random-weight CLIP on synthetic images: a pipeline check, not a result)[/]")
+    for text in run.alarms:  # the run's stored alarms (the report page shows them too)
+        alarm(text)
     show_status(result.status)
     for title, query, table in result.queries:
         out.print(f"[dim]$ pipeline sql --store {escape(str(root))} \"{escape(query)}\"[/]")
