@@ -4,6 +4,7 @@ Mirrors `pipeline/evaluation/alarms.py` and `probes.py`, through the command whe
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -72,7 +73,9 @@ def test_train_alone_raises_the_shortcut_alarm_on_the_demo_store_once_and_stores
     done = runner.invoke(app, ["report", "--store", str(demo.root), "--run", run["run_id"]])
     assert done.exit_code == 0, done.output
     page = (demo.root / "reports" / f"run-{run['run_id']}" / "index.html").read_text()
-    assert page.count('class="alarm"') == len(stored.alarms) and "Shortcut checks" in page
+    shortcuts = [a for a in stored.alarms if a.kind in alarms.SHORTCUT_KINDS]
+    assert page.count('class="alarm"') == len(shortcuts) == 2 and "Shortcut checks" in page
+    assert all(html.escape(a.sentence, quote=True) in page for a in stored.alarms)
     assert "one false positive is already" in page  # TPR at 1% FPR from a handful of real images, marked
 
 

@@ -49,6 +49,7 @@ from trainer.metrics import Estimate
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
 ALARMS_STORED = 3  # the RunMetrics version from which runs store their alarms and checks
+KIND_ORDER = ("text_shortcut", "text_undecided", "format_shortcut", "small_test", "too_few")  # shown in this order
 TABLES = ("table1", "table2", "generalization", "robustness")
 TEXT_ROW = "Text only, BCE (shortcut check)"
 METHOD_ROW = "Method: image+text, CVaR+AUC+SAM"
@@ -64,7 +65,8 @@ class ExperimentResult:
     cells: dict[str, list[Cell | None]] = field(default_factory=dict)  # row -> a cell per column
     curves: dict[str, dict[str, list[tuple[float, Cell]]]] = field(default_factory=dict)  # robustness
     trained: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # generalization: row -> its generators
-    alarms: list[str] = field(default_factory=list)  # the runs' stored alarms, each once (with the rows raising it)
+    alarms: list[str] = field(default_factory=list)  # shortcuts: the runs' stored ones, each once (rows raising it)
+    warnings: list[str] = field(default_factory=list)  # the runs' stored small-test / too-few alarms, each once
     notes: list[str] = field(default_factory=list)  # other sentences (format probe, what is missing)
     seconds: float = 0.0
     markdown: str = ""
@@ -113,7 +115,9 @@ def run(config: ExperimentConfig, reporter: Reporter | None = None) -> Experimen
     else:
         result = _paper_table(config, reporter)
     result.seconds = time.perf_counter() - started
-    result.alarms = [*_stored_alarms(result), *result.alarms]
+    stored = _stored_alarms(result)
+    result.alarms = [*result.alarms, *stored[0]]  # (this experiment's own first: robustness and the text)
+    result.warnings = [*result.warnings, *stored[1]]
     result.markdown = to_markdown(result)
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     key = result.rows[0][1].model_key if result.rows else (config.run_id or "none")
@@ -142,9 +146,10 @@ def _paper_table(config: ExperimentConfig, reporter: Reporter) -> ExperimentResu
     return result
 
 
-def _stored_alarms(result: ExperimentResult) -> list[str]:
+def _stored_alarms(result: ExperimentResult) -> tuple[list[str], list[str]]:
     """The alarms the table's runs stored, each kind once: its first sentence, then the rows that raised it
-    (their own numbers differ, the finding is the same). Runs from before alarms were stored say so."""
+    (each row's own numbers differ; the sentence quotes the first one's). Shortcuts, then warnings (runs
+    from before alarms were stored are named among the warnings)."""
     if result.table == "robustness":  # every row is the one run
         runs = {label: [run] for label, run in result.rows[:1]}
     else:
@@ -159,14 +164,19 @@ def _stored_alarms(result: ExperimentResult) -> list[str]:
                 raised = by_kind.setdefault(a.kind, (a.sentence, []))[1]
                 if label not in raised:
                     raised.append(label)
-    if result.table == "robustness":
-        out = [sentence for sentence, _ in by_kind.values()]
-    else:
-        out = [f"{sentence} (Raised by {'every row' if len(rows) == len(runs) > 1 else '; '.join(rows)}.)"
-               for sentence, rows in by_kind.values()]
+    kinds = sorted(by_kind, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER))
+    out: tuple[list[str], list[str]] = ([], [])
+    for kind in kinds:
+        sentence, rows = by_kind[kind]
+        if result.table != "robustness":
+            who = "every row" if len(rows) == len(runs) > 1 else "; ".join(rows)
+            # (a text alarm quotes its run's own AUC: say whose; the other kinds' numbers are the rows' common data)
+            quoted = f"; the run AUC quoted is {rows[0]}'s" if len(rows) > 1 and kind.startswith("text_") else ""
+            sentence += f" (Raised by {who}{quoted}.)"
+        out[0 if kind in alarms.SHORTCUT_KINDS else 1].append(sentence)
     if unchecked:
-        out.append(f"Not checked for shortcuts: {'; '.join(unchecked)} (trained before runs stored their alarms; "
-                   "train again to check).")
+        out[1].append(f"Not checked for shortcuts: {'; '.join(unchecked)} (trained before runs stored their alarms; "
+                      "train again to check).")
     return out
 
 
@@ -348,7 +358,8 @@ def to_markdown(result: ExperimentResult) -> str:
     if random:
         lines += ["**Embeddings from a CLIP with RANDOM weights: these numbers test the pipeline, "
                   "they are not results about CLIP.**", ""]
-    lines += [f"**{a}**" for a in result.alarms] + ([""] if result.alarms else [])
+    lines += [line for a in result.alarms for line in (f"**{a}**", "")]  # (a paragraph each)
+    lines += [line for w in result.warnings for line in (f"Warning: {w}", "")]
     if result.rows:
         run0 = result.rows[0][1]
         lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.pairing}`. Cells: AUC × 100 "
@@ -400,6 +411,7 @@ def _page(result: ExperimentResult, directory: Path) -> ReportResult:
     body = [
         f"<h1>{html.e(result.table)}</h1>", html.banner(random),
         *(f'<p class="alarm">{html.e(a)}</p>' for a in result.alarms),
+        *(f'<p class="warn">{html.e(w)}</p>' for w in result.warnings),
         *(f"<p>{html.e(n.replace('`', ''))}</p>" for n in result.notes),
         ("<p>Cells: test ROC AUC × 100 as the mean ± sd over seeds (bold, blue); below it the first seed's value "
          "and its 95% group-bootstrap interval.</p>" if any(len(v) > 1 for v in result.seed_runs.values()) else

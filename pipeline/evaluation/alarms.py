@@ -36,7 +36,9 @@ MIN_GROUPS = 30  # fewer independent test groups than this: the intervals cannot
 MIN_PER_CLASS = 10  # fewer real (or generated) test images than this behind a number: it means little
 MIXED_FOR_SHARED = 0.5  # advise --pairing shared when at least this share of groups holds both classes
 LOW_FPR = {"tpr_at_fpr_1": 0.01, "tpr_at_fpr_5": 0.05}
-_TPR_NAME = {"tpr_at_fpr_1": "TPR at 1% FPR", "tpr_at_fpr_5": "TPR at 5% FPR"}
+# Kinds that say the numbers measure something else than the images (shown as alarms); the others say how far
+# the numbers can be read (small_test, too_few: shown as warnings).
+SHORTCUT_KINDS = ("text_shortcut", "text_undecided", "format_shortcut")
 
 
 def run_alarms(metrics: RunMetrics, checks: dict[str, Any]) -> tuple[Alarm, ...]:
@@ -181,16 +183,23 @@ def small_test_alarm(test: SplitMetrics) -> Alarm | None:
         "n": test.n, "groups": test.groups, "rule": f"test groups < {MIN_GROUPS}"})
 
 
+def unresolved(metric: str, e: Estimate) -> str | None:
+    """Why a TPR at a low FPR cannot be read off these real images (one false positive is already more
+    than that FPR), or None."""
+    fpr = LOW_FPR.get(metric)
+    if fpr is None or e.n_real is None or math.isnan(e.value) or e.n_real * fpr >= 1:
+        return None
+    return (f"from {e.n_real} real images one false positive is already {100 / max(1, e.n_real):.0f}% FPR, "
+            f"so {fpr:.0%} FPR cannot be resolved")
+
+
 def caveat(metric: str, e: Estimate) -> str | None:
     """Why one number rests on too few images to mean much, or None (also None when the run did not
-    record its class counts)."""
+    record its class counts): `unresolved`, or fewer than `MIN_PER_CLASS` real or generated images."""
     if e.n_real is None or e.n_fake is None or math.isnan(e.value):
         return None
-    fpr = LOW_FPR.get(metric)
-    if fpr is not None and e.n_real * fpr < 1:
-        one = 100 / max(1, e.n_real)
-        return (f"from {e.n_real} real images one false positive is already {one:.0f}% FPR, so "
-                f"{fpr:.0%} cannot be resolved")
+    if (why := unresolved(metric, e)) is not None:
+        return why
     if e.n_real < MIN_PER_CLASS or e.n_fake < MIN_PER_CLASS:
         return f"rests on {e.n_real} real and {e.n_fake} generated images"
     return None
@@ -199,13 +208,16 @@ def caveat(metric: str, e: Estimate) -> str | None:
 def too_few_alarm(test: SplitMetrics) -> Alarm | None:
     """One sentence for the test numbers that rest on too few images (`caveat`), with the counts."""
     overall = test.intervals.get("all", {})
-    parts, evidence = [], {}
-    for metric, name in _TPR_NAME.items():
-        e = overall.get(metric)
-        if e is not None and e.n_real is not None and LOW_FPR[metric] * e.n_real < 1:
-            parts.append(f"{name} rests on {e.n_real} real images (one false positive is already "
-                         f"{100 / max(1, e.n_real):.0f}% FPR)")
-            evidence[metric] = estimate_json(e)
+    parts: list[str] = []
+    evidence: dict[str, Any] = {}
+    unresolved = [m for m in LOW_FPR if (e := overall.get(m)) is not None and e.n_real is not None
+                  and LOW_FPR[m] * e.n_real < 1]
+    if unresolved:
+        n_real = overall[unresolved[0]].n_real or 0
+        rates = " and ".join(f"{100 * LOW_FPR[m]:.0f}%" for m in unresolved)
+        parts.append(f"TPR at {rates} FPR rest{'s' if len(unresolved) == 1 else ''} on {n_real} real images "
+                     f"(one false positive is already {100 / max(1, n_real):.0f}% FPR)")
+        evidence.update({m: estimate_json(overall[m]) for m in unresolved})
     auc = overall.get("auc")
     fakes = {g: d["auc"].n_fake for g, d in test.intervals.items() if g != "all" and "auc" in d}
     if auc is not None and auc.n_real is not None and auc.n_real < MIN_PER_CLASS:

@@ -337,7 +337,7 @@ def show_leaks(result: LeakResult) -> None:
 
 
 def show_report(result: ReportResult) -> None:
-    for text in result.alarms:
+    for text in [*result.alarms, *result.warnings]:
         alarm(text)
     out.print(f"[green]wrote[/] {escape(str(result.page))} with {', '.join(f.name for f in result.files)}")
 

@@ -46,7 +46,8 @@ GALLERY = 6  # false positives and as many false negatives
 class ReportResult:
     directory: Path
     files: list[Path] = field(default_factory=list)
-    alarms: list[str] = field(default_factory=list)  # the sentences of the run's stored alarms
+    alarms: list[str] = field(default_factory=list)  # the run's stored shortcut alarms (sentences)
+    warnings: list[str] = field(default_factory=list)  # its other stored alarms: small test, too few images
     intervals: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # shown: generator -> metric -> estimate
 
     @property
@@ -108,7 +109,8 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
                                                    metrics.best_epoch, rw))
     chosen_at = metrics.test.at_val_threshold
     chosen = chosen_at.threshold if chosen_at else threshold
-    result.alarms = [a.sentence for a in metrics.alarms]
+    result.alarms = [a.sentence for a in metrics.alarms if a.kind in alarms.SHORTCUT_KINDS]
+    result.warnings = [a.sentence for a in metrics.alarms if a.kind not in alarms.SHORTCUT_KINDS]
     n_fp, n_fn = int(np.sum(~y & (p > chosen))), int(np.sum(y & (p <= chosen)))
     gallery = _gallery(store, config, metrics, fp + fn, len(fp), (n_fp, n_fn), directory, chosen)
     then = stored.n  # the split's samples when the run was trained
@@ -118,6 +120,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
         html.banner(metrics.random_weights),
         *(f'<p class="alarm">{html.e(sentence)}</p>' for sentence in result.alarms),
+        *(f'<p class="warn">{html.e(sentence)}</p>' for sentence in result.warnings),
         _unchecked(metrics),
         f"<p>Model key <code>{html.e(metrics.model_key)}</code>; detector {html.e(config.detector)}; "
         f"features {html.e(config.features)}; text pairing {html.e(config.pairing)}. Figures on the "
@@ -157,8 +160,10 @@ def _cell(cell: dict[str, Any]) -> str:
 
 
 def _marked(metric: str, e: Estimate, notes: list[str]) -> str:
-    """The cell of an estimate, with a numbered mark when it rests on too few images (`alarms.caveat`)."""
-    why = alarms.caveat(metric, e)
+    """The cell of an estimate, with a numbered mark when its operating point cannot be resolved on these
+    real images (`alarms.unresolved`; numbers on few images of a class are said once, by the warning and
+    the n columns, not on every cell)."""
+    why = alarms.unresolved(metric, e)
     if why is None:
         return _cell(e.as_dict())
     text = f"{html.metric_name(metric)}: {why}"
@@ -170,8 +175,8 @@ def _marked(metric: str, e: Estimate, notes: list[str]) -> str:
 def _notes(notes: list[str]) -> str:
     if not notes:
         return ""
-    return ("<p>Numbers on too few images (the intervals say how uncertain; these say why they can barely be "
-            "read):</p><ol>" + "".join(f"<li>{html.e(n)}</li>" for n in notes) + "</ol>")
+    return ("<p>Marked numbers cannot be read at the rate they name:</p><ol>"
+            + "".join(f"<li>{html.e(n)}</li>" for n in notes) + "</ol>")
 
 
 def _unchecked(metrics: RunMetrics) -> str:
