@@ -11,10 +11,12 @@ file alone, tell real from generated?
   and scored on test: categorical cues by their rate of generated images on train, continuous ones in
   the direction train ranks them.
 
-Both read a sample of whole groups: a split's first rows by the MD5 of their group key (the same rows
-for the same data in any store), at most `TEXT_ROWS` / `FORMAT_ROWS` per split. Their cost is bounded
-whatever the store's size: a top-N scan of the view (a few columns of every row, in DuckDB), then
-vectors or files of the sample only. Results are kept under `STORE/cache/probes/`, named by what they
+Both read a bounded sample of each split, chosen by content (the same rows for the same data in any
+store): the text probe whole groups (a split's first rows by the MD5 of their group key, at most
+`TEXT_ROWS`), the format probe clusters of rows that lie together in their source files (at most
+`FORMAT_ROWS`: a D3 Parquet row group is then read once, not once per image). Their cost is bounded
+whatever the store's size: a top-N scan (a few columns of every row, in DuckDB), then the vectors or
+files of the sample only. Results are kept under `STORE/cache/probes/`, named by what they
 read (the rows' content fingerprint, the model, the seed), so the rows of a table on the same data
 compute each probe once. The results are plain JSON: a run stores them as `RunMetrics.checks`.
 """
@@ -43,7 +45,7 @@ from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
 from trainer.metrics import Estimate, evaluate, roc_auc
 
-PROBE_VERSION = 1  # a change to what a probe computes: cached results under another name
+PROBE_VERSION = 2  # a change to what a probe computes: cached results under another name
 TEXT_ROWS = 20_000  # per split: the text probe's sample (D3: about 4,000 groups of 5)
 FORMAT_ROWS = 2_000  # per split: the format probe reads these files' bytes
 SHRINKAGE = 0.1  # λ = SHRINKAGE × the mean eigenvalue of S_w: keeps the solve stable when d nears the rows
@@ -128,20 +130,12 @@ def format_probe(store: Store, table: FeatureTable, seed: int, limit: int = FORM
     found: dict[str, list[tuple[tuple[Any, ...], int, str]]] = {}
     unreadable = 0
     for split in ("train", "test"):
-        picked = _sample(store, table, split, limit, with_text=False)
-        rows = catalog.query_with(store, (
-            "SELECT DISTINCT ON (s.sample_id) s.sample_id, p.label, p.group_key, s.source_uri, s.source_member, "
-            "s.source_row, s.byte_offset, s.byte_length FROM samples s JOIN picked p USING (sample_id) "
-            "WHERE s.source_format NOT LIKE 'features:%' ORDER BY s.sample_id"),
-            {"picked": picked.select(["sample_id", "label", "group_key"])}).to_pylist()
-        rows.sort(key=lambda r: (r["source_uri"], r["source_member"] or "", r["source_row"] or 0,
-                                 r["byte_offset"] or 0))  # one read per Parquet row group, not per image
         found[split] = []
-        for row in rows:
+        for row in _files_sample(store, table, split, limit):  # (in location order: row groups read once)
             cues = _header_features(reader, row)
             unreadable += cues is None
             if cues is not None:
-                found[split].append((cues, int(row["label"]), str(row["group_key"] or row["sample_id"])))
+                found[split].append((cues, int(row["label"]), str(row["group_key"])))
     read = sum(len(v) for v in found.values())
     if any(len({label for _, label, _ in found[s]}) < 2 for s in found):
         return {"ran": False, "read": read, "unreadable": unreadable,
@@ -162,6 +156,38 @@ def format_probe(store: Store, table: FeatureTable, seed: int, limit: int = FORM
         cues[name] = estimate_json(_auc(y_test, scores, groups, seed))
     return {"ran": True, "read": read, "unreadable": unreadable, "train_rows": len(train), "test_rows": len(test),
             "test_groups": int(groups.max()) + 1, "sampled": limit, "cues": cues}
+
+
+BUCKET_ROWS = 64  # consecutive rows of a source file the format probe takes together
+
+
+def _files_sample(store: Store, table: FeatureTable, split: str, limit: int) -> list[dict[str, Any]]:
+    """At most `limit` samples of a split that the run reads and whose bytes the store can reach, taken in
+    clusters: source files (their base names) and runs of `BUCKET_ROWS` rows inside one, in the order of
+    their MD5. A Parquet source (D3) is read a row group at a time, so a run of consecutive rows costs one
+    read per image column where the same number of scattered rows would cost one each; separate files and
+    tar members cost one small read apiece either way. Which samples: a function of file names and row
+    numbers, the same wherever the data is stored. Rows come back sorted by location."""
+    which = "derived_from IS NULL" if table.perturbation is None else "perturbation = $perturbation"
+    bucket = ("md5_number(regexp_extract(source_uri, '[^/]*$') || ':' || coalesce(source_member, '') || ':' "
+              f"|| coalesce((source_row // {BUCKET_ROWS})::VARCHAR, ''))")
+    located = ("sample_id, label, coalesce(group_key, sample_id) AS group_key, source_uri, source_member, "
+               "source_row, byte_offset, byte_length")
+    # the first 4 × limit candidates by cluster, then those the view holds (a sample without an image vector is
+    # not the run's): a semi-join whose build side is the candidates, never the view's millions of ids
+    sql = (f"WITH s AS (SELECT DISTINCT ON (sample_id) {located} FROM samples WHERE split = $split AND {which} "
+           "AND source_format NOT LIKE 'features:%'), "
+           f"c AS (SELECT *, {bucket} AS bucket FROM s ORDER BY bucket, sample_id LIMIT $wanted) "
+           f"SELECT * EXCLUDE (bucket) FROM c WHERE sample_id IN (SELECT sample_id FROM {table.parts_sql} "
+           "WHERE split = $split) ORDER BY bucket, sample_id LIMIT $limit")
+    params: dict[str, object] = {"split": split, "limit": limit, "wanted": 4 * limit}
+    if table.perturbation is not None:
+        params["perturbation"] = table.perturbation
+    with catalog.connect(store) as con:
+        duck.limit_memory(con, SAMPLE_MEMORY, store.root / "cache" / "duckdb-tmp")
+        rows = con.sql(sql, params=params).to_arrow_table().to_pylist()
+    return sorted(rows, key=lambda r: (r["source_uri"], r["source_member"] or "", r["source_row"] or 0,
+                                       r["byte_offset"] or 0))
 
 
 def _lookup(train: list[Any], labels: np.ndarray, test: list[Any]) -> np.ndarray:

@@ -107,6 +107,7 @@ class FeatureTable:
     rows: int
     row_digest: RowDigest = field(default_factory=RowDigest)  # every row: sample, label, split, generator, group
     text_digest: RowDigest = field(default_factory=RowDigest)  # rows with a text vector, with the text they get
+    perturbation: str | None = None  # the samples `perturb` derived by this operation; None: the samples as ingested
     pins: cache.Pins | None = field(default=None, compare=False, repr=False)  # its parts, kept while it lives
 
     def data_fingerprint(self, features: str) -> str:
@@ -183,7 +184,8 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
     rows = sum(int(p["rows"]) for p in manifest["parts"])
     row_digest = sum((RowDigest.from_json(p["digest_rows"]) for p in manifest["parts"]), RowDigest())
     text_digest = sum((RowDigest.from_json(p["digest_text"]) for p in manifest["parts"]), RowDigest())
-    return FeatureTable(directory, parts, model_key, pairing, images, texts, rows, row_digest, text_digest, pins)
+    return FeatureTable(directory, parts, model_key, pairing, images, texts, rows, row_digest, text_digest,
+                        perturbation, pins)
 
 
 # --- private -------------------------------------------------------------------------------
