@@ -475,11 +475,14 @@ def show_index(info: IndexInfo, target_recall: float) -> None:
                   "larger --max-memory lets auto keep more of each vector.")
 
 
+_WHOLE_TEXT = 'pipeline sql "SELECT sample_id, text FROM samples WHERE sample_id LIKE \'PREFIX%\'"'
+
+
 def show_neighbors(result: NeighborResult, k: int, modality: str) -> None:
     random_banner(result.random_weights)
     render_table(short_ids(result.rows), title=f"{k} nearest {modality} neighbours of {result.query} "
                                                f"({result.index_kind} index, {result.model_key})",
-                 whole='pipeline sql "SELECT sample_id, text FROM samples WHERE sample_id LIKE \'PREFIX%\'"')
+                 whole=_WHOLE_TEXT)
 
 
 def show_leaks(result: LeakResult) -> None:
@@ -566,7 +569,8 @@ def show_demo(result: DemoResult) -> None:
     nb = result.neighbours
     out.print(f"[dim]$ pipeline neighbors --store {escape(str(root))} --sample-id {nb.query[:12]} -k 3 "
               f"--run {run.run_id}[/]")
-    render_table(short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)")
+    render_table(short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)",
+                 whole=_WHOLE_TEXT)
     out.print(f"[green]report[/]: {escape(str(result.report.page))} (ROC, AUC per generator, score histograms, "
               "confusion)")
     example = "SELECT * FROM samples LIMIT 5"
