@@ -209,8 +209,8 @@ def _kinds(table: pa.Table, cells: list[list[str]]) -> list[tables.Kind]:
             found.append("token")
         elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
             found.append("text")  # bytes, structs, maps: shown as text
-        elif not any(any(ch.isspace() for ch in v) for v in shown):
-            found.append("token")
+        elif all(v.isascii() and not any(ch.isspace() for ch in v) for v in shown):
+            found.append("token")  # one ASCII word each: an id, a name, a URL (a caption in Japanese is text)
         else:
             found.append("label" if max(len(v) for v in shown) <= LABEL_MAX else "text")
     return found
