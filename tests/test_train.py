@@ -73,8 +73,11 @@ def test_same_seed_same_metrics_and_a_complete_run_record(planted: Store) -> Non
 
 
 def test_sweep_skips_configs_already_run_and_never_imports_open_clip(planted: Store, tmp_path: Path) -> None:
+    # fp32: the same numbers whatever the thread count, so --jobs 2 (one thread each) and --jobs 1 share
+    # hashes (bf16 runs would not: their hash carries the thread count, tests/test_train_threads.py)
     grid = tmp_path / "grid.toml"
-    grid.write_text('[base]\nepochs = 2\nbatch_size = 256\n[grid]\nsam = [true, false]\nlr = [0.001]\n')
+    grid.write_text('[base]\nepochs = 2\nbatch_size = 256\nprecision = "fp32"\n[grid]\nsam = [true, false]\n'
+                    'lr = [0.001]\n')
     script = (
         "import sys; from pathlib import Path; from pipeline.stages.sweep import SweepConfig, grid_configs, run; "
         "from pipeline.store.layout import Store; "
@@ -85,7 +88,7 @@ def test_sweep_skips_configs_already_run_and_never_imports_open_clip(planted: St
     first = subprocess.run([sys.executable, "-c", script, str(planted.root), str(grid)], capture_output=True,
                            text=True, cwd=root, check=True)
     assert first.stdout.split() == ["[False,", "False]", "False"], first.stderr
-    grid_spec = {"base": {"epochs": 2, "batch_size": 256}, "grid": {"sam": [True, False]}}
+    grid_spec = {"base": {"epochs": 2, "batch_size": 256, "precision": "fp32"}, "grid": {"sam": [True, False]}}
     again = run_sweep(SweepConfig(planted, tuple(expand(grid_spec))))
     assert [r.skipped for r in again.rows] == [True, True]
     assert catalog.query(planted, "SELECT count(DISTINCT config_hash) FROM runs").column(0)[0].as_py() >= 2

@@ -13,7 +13,6 @@ can stop weak trials early (a stopped trial writes no run; the sweep lists it as
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import tomllib
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
@@ -126,19 +124,20 @@ def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
             rows.append(_run_one(store.root, c, threads=None))
             reporter.advance("sweep", 1)
     else:
-        threads = max(1, (os.cpu_count() or 2) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            rows = list(pool.map(_run_one, [store.root] * len(configs), configs, [threads] * len(configs)))
+            rows = list(pool.map(_run_one, [store.root] * len(configs), configs, [None] * len(configs),
+                                 [None] * len(configs), [jobs] * len(configs)))
     return SweepResult(rows, open_clip_imported="open_clip" in sys.modules)
 
 
-def _run_one(root: Path, flat: dict[str, Any], threads: int | None, reporter: Reporter | None = None) -> SweepRow:
-    """Train one config of a sweep (or find its run); the local engine and every Tune trial call this."""
-    if threads:
-        torch.set_num_threads(threads)
+def _run_one(root: Path, flat: dict[str, Any], threads: int | None, reporter: Reporter | None = None,
+             jobs: int = 1) -> SweepRow:
+    """Train one config of a sweep (or find its run); the local engine and every Tune trial call this.
+    `threads`: the CPUs a scheduler gave this trial (Ray); `jobs`: local jobs sharing the cores. The
+    train stage picks the thread count from them (`trainer.threads.choose_threads`)."""
     overrides = flat.get("__overrides__", {})
     config = TrainConfig.from_dict({k: v for k, v in flat.items() if k != "__overrides__"})
-    result = train.run(TrainJob(Store(root), config, skip_existing=True), reporter)
+    result = train.run(TrainJob(Store(root), config, skip_existing=True, jobs=jobs, max_threads=threads), reporter)
     return SweepRow(
         run_id=result.run_id,
         name=config.name,

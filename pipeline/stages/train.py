@@ -7,6 +7,7 @@ validation epoch, test metrics and one score per sample of every split. It lands
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.allocator import step_buffers_reused
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
@@ -42,8 +44,10 @@ from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.lock import writing
 from schemas import SPLITS
-from trainer.fit import FitConfig, build_model, fit, predict
+from trainer.fit import GEMM_THREAD_INDEPENDENT, FitConfig, build_model, fit, predict
 from trainer.metrics import choose_threshold, evaluate, evaluate_by_generator, summary
+from trainer.precision import resolve_precision
+from trainer.threads import choose_threads, numbers_depend_on_threads
 
 KNN_SLICE_ROWS = 65_536  # kNN scores reach the score sinks this many rows at a time
 
@@ -63,6 +67,19 @@ class TrainJob(Validated):
     config: TrainConfig = field(default_factory=TrainConfig)
     skip_existing: bool = False  # a run with the same config hash is returned instead of trained again
     wait: bool = True  # wait for another writer of the store instead of stopping
+    jobs: int = 1  # training jobs running side by side (a sweep's --jobs): they share the cores
+    max_threads: int | None = None  # the CPUs a scheduler gave this job (Ray), if any
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How a run computed: precision and threads as resolved, each with the sentence saying why."""
+
+    precision: str  # fp32 | bf16
+    precision_why: str
+    threads: int
+    threads_why: str
+    thread_dependent: bool  # the numbers depend on the thread count (no MKL strict mode): the hash includes it
 
 
 @dataclass
@@ -73,6 +90,7 @@ class TrainResult:
     random_weights: bool | None
     metrics: dict[str, Any]
     skipped: bool = False  # a run with the same config hash already existed
+    compute: Compute | None = None  # None for a kNN run
 
 
 def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
@@ -89,10 +107,13 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
                             f"{config.perturbation} --splits train,val,test` and `pipeline encode` first.")
     table = feature_table(store, model_key, config.pairing, config.perturbation)
     excluded, leak_scan = _leaks(store, model_key, config)
-    chash = config_hash(config, model_key, table, leak_scan)
+    config, compute = _resolve_compute(config, job)
+    chash = config_hash(config, model_key, table, leak_scan,
+                        threads=compute.threads if compute and compute.thread_dependent else None)
     random_weights = store.model_info(model_key).get("random_weights")
     if job.skip_existing and (found := existing_run(store, chash)):
-        return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True)
+        return TrainResult(found, chash, model_key, random_weights, run_metrics(store, found), skipped=True,
+                           compute=compute)
 
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
     # Scores stream to a temp file as they are computed; metrics see numbers only (`ScoreArrays`).
@@ -103,7 +124,14 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         if config.detector == "knn":
             extra, state = _fit_knn(table, config, excluded, sinks)
         else:
-            extra, state = _fit_mlp(table, config, excluded, reporter, sinks)
+            assert compute is not None
+            previous = torch.get_num_threads()
+            torch.set_num_threads(compute.threads)
+            try:
+                extra, state = _fit_mlp(table, config, excluded, reporter, sinks)
+            finally:
+                torch.set_num_threads(previous)
+            extra["compute"] = dataclasses.asdict(compute)
         scores = collector.arrays()
         scores.group = keys.codes()
         metrics = {
@@ -128,7 +156,19 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
     finally:
         writer.discard()
         keys.discard()
-    return TrainResult(run_id, chash, model_key, random_weights, metrics)
+    return TrainResult(run_id, chash, model_key, random_weights, metrics, compute=compute)
+
+
+def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, Compute | None]:
+    """The config with its precision resolved for this machine (`auto` → fp32 or bf16), and how the
+    run will compute. The resolved precision is what the hash and the stored config say."""
+    if config.detector != "mlp":
+        return config, None
+    precision, precision_why = resolve_precision(config.fit.precision, "cpu")
+    depends = numbers_depend_on_threads("cpu", GEMM_THREAD_INDEPENDENT)
+    threads, threads_why = choose_threads(config.threads, job.jobs, depends, job.max_threads)
+    resolved = dataclasses.replace(config, fit=dataclasses.replace(config.fit, precision=precision))
+    return resolved, Compute(precision, precision_why, threads, threads_why, depends)
 
 
 def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: int) -> dict[str, int]:
@@ -191,11 +231,12 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
 
     reporter.start("epochs", config.fit.epochs, "epochs")
 
-    def on_epoch(record: dict[str, Any]) -> None:
+    def on_epoch(record: dict[str, Any]) -> None:  # record: the epoch's metrics, samples_per_s, seconds, eta
         reporter.event("epoch", record)
         reporter.advance("epochs", 1)
 
-    fitted = fit(model, train_batches, validate, config.fit, on_epoch)
+    with step_buffers_reused():  # a step's batch-sized tensors come back from the heap, not the kernel
+        fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
     all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm,
                                                             order="rows"))  # vectors read in file order
@@ -204,6 +245,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     extra = {
         "best_epoch": fitted.best_epoch,
         "history": fitted.history,
+        "timing": fitted.timing,
         "eval_loss": evaluation_loss(model, x, y, config.fit),
         "eval_set": {"split": eval_split, "rows": int(len(y))},
         "skipped_missing_text": all_splits.skipped_missing_text,
