@@ -28,7 +28,7 @@ def test_cores_are_shared_by_jobs_and_capped_by_a_scheduler(machine) -> None:  #
     assert choose_threads(jobs=2)[0] == 4
     assert choose_threads(jobs=16)[0] == 1
     n, why = choose_threads(limit=2)
-    assert n == 2 and "2 CPUs given to this job" in why
+    assert n == 2 and "at most 2 threads for this job" in why
 
 
 def test_busy_cores_are_left_out_only_where_the_numbers_do_not_depend_on_the_count(machine) -> None:  # noqa: ANN001

@@ -32,7 +32,7 @@ def choose_threads(requested: int | None = None, jobs: int = 1, numbers_depend_o
     1. `requested` (a user's --threads) wins.
     2. Otherwise start from the cores this process may run on (its CPU affinity, and the cgroup
        CPU quota where one is set: never `os.cpu_count()` alone) shared among `jobs` concurrent jobs,
-       and at most `limit` (the CPUs a scheduler such as Ray gave this job).
+       and at most `limit` (the CPUs a scheduler such as Ray gave this job, torch's own count).
     3. When the run's numbers do not depend on the thread count, also leave out the cores other
        processes are keeping busy, measured over `probe_seconds` from /proc/stat (the load average
        where that is missing): on a shared machine two threads contending for one free core burn
@@ -49,7 +49,7 @@ def choose_threads(requested: int | None = None, jobs: int = 1, numbers_depend_o
     share = max(1, cores // max(1, jobs))
     why = f"{cores} usable core{'s' if cores > 1 else ''}" + (f" shared by {jobs} jobs" if jobs > 1 else "")
     if limit is not None and limit < share:
-        share, why = max(1, limit), f"{limit} CPU{'s' if limit > 1 else ''} given to this job"
+        share, why = max(1, limit), f"at most {limit} thread{'s' if limit > 1 else ''} for this job"
     if numbers_depend_on_threads:
         return share, f"{share} thread{'s' if share > 1 else ''}: {why} (not lowered for load: this run's " \
                       "numbers depend on its thread count)"

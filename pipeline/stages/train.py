@@ -166,7 +166,10 @@ def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, C
         return config, None
     precision, precision_why = resolve_precision(config.fit.precision, "cpu")
     depends = numbers_depend_on_threads("cpu", GEMM_THREAD_INDEPENDENT)
-    threads, threads_why = choose_threads(config.threads, job.jobs, depends, job.max_threads)
+    # torch's own count caps it: physical cores by default, or what OMP_NUM_THREADS (set by a user, or by
+    # Ray for its workers) asked for
+    limit = min(job.max_threads or torch.get_num_threads(), torch.get_num_threads())
+    threads, threads_why = choose_threads(config.threads, job.jobs, depends, limit)
     resolved = dataclasses.replace(config, fit=dataclasses.replace(config.fit, precision=precision))
     return resolved, Compute(precision, precision_why, threads, threads_why, depends)
 
