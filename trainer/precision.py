@@ -56,9 +56,9 @@ def resolve_precision(requested: str, device_type: str = "cpu") -> tuple[str, st
     if requested == "fp32":
         return "fp32", "fp32, as asked"
     if requested == "bf16":
-        return "bf16", ("bf16 autocast, as asked" if native else f"bf16 autocast, as asked, but {where}")
+        return "bf16", ("bf16, as asked" if native else f"bf16, as asked, but {where}")
     if native:
-        return "bf16", f"bf16 autocast: {where} (--precision fp32 to turn it off)"
+        return "bf16", f"bf16 products (fp32 results): {where}; --precision fp32 turns it off"
     return "fp32", f"fp32: {where}"
 
 
