@@ -24,6 +24,7 @@ mode cannot be switched on: the fp32 figures then show what that mode costs (or 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -347,10 +348,17 @@ def our_epoch(loader: Any, precision: str) -> float:
 
 
 def epoch_table() -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        _epochs(make_store(root, ARGS.rows))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _epochs(store: Any) -> None:
     from pipeline.features.loader import FeatureLoader, LoaderConfig
     from pipeline.features.view import feature_table
 
-    store = make_store(Path(tempfile.mkdtemp(prefix="bench-train-")), ARGS.rows)
     loader = FeatureLoader(feature_table(store, "bench"), ("train",), LoaderConfig("image+text", BATCH, shuffle=True))
     full = np.concatenate([b.x.numpy() for b in loader.epoch(0)])
     labels = np.concatenate([b.y.numpy() for b in loader.epoch(0)]).astype(np.float32)
