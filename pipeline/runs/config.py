@@ -19,7 +19,8 @@ from pipeline.choices import Detector, Features, InputNorm, Pairing
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
 from pipeline.features.view import FeatureTable
-from trainer.fit import FitConfig
+from trainer.fit import ARITHMETIC, FitConfig
+from trainer.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TrainConfig(Validated):
     perturbation: str | None = None
     fit: FitConfig = field(default_factory=FitConfig)
     name: str | None = None
+    # torch threads (None: `trainer.threads.choose_threads` decides). Not in the hash as asked: the
+    # count used enters it where the numbers depend on it (no MKL strict mode), see `config_hash`
+    threads: int | None = None
 
     def check(self) -> None:
         within(self, "leak_threshold", 0, 1, low_open=True)
@@ -52,7 +56,10 @@ class TrainConfig(Validated):
             raise PipelineError("--batch-size must be at least 2 (BatchNorm needs two samples).")
         at_least(self, "shuffle_buffer", 1)
         at_least(self, "steps_per_epoch", 1)
+        at_least(self, "threads", 1)
         fit = self.fit
+        if fit.precision not in PRECISIONS:
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, not {fit.precision!r}.")
         at_least(fit, "epochs", 1)
         within(fit, "cvar_alpha", 0, 1, low_open=True)
         within(fit, "auc_gamma", 0, 1)
@@ -68,7 +75,11 @@ class TrainConfig(Validated):
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> TrainConfig:
-        """Flat keys (as in TOML): TrainConfig fields and FitConfig fields side by side."""
+        """Flat keys (as in TOML): TrainConfig fields and FitConfig fields side by side. The former
+        `bf16 = true/false` reads as `precision = "bf16"/"fp32"`."""
+        if "bf16" in data and "precision" not in data:
+            data = {**{k: v for k, v in data.items() if k != "bf16"},
+                    "precision": "bf16" if data["bf16"] else "fp32"}
         own = {f.name for f in dataclasses.fields(TrainConfig)} - {"fit"}
         fit_fields = {f.name for f in dataclasses.fields(FitConfig)}
         unknown = sorted(set(data) - own - fit_fields)
@@ -88,13 +99,20 @@ class TrainConfig(Validated):
         return out
 
 
-def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None) -> str:
-    """The run's identity: its config (less `name`, and less `pairing` for image features), the model key,
-    the content fingerprint of the rows it reads and, with --exclude-leaks, of the samples it leaves out."""
+def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None,
+                threads: int | None = None) -> str:
+    """What determines a run's numbers: its config (less `name`, less `pairing` for image features, and
+    precision as resolved, not `auto`), the trainer's arithmetic version, the model key, the content
+    fingerprint of the rows it reads and, with --exclude-leaks, of the samples it leaves out, and
+    `threads` where the numbers depend on the thread count (no MKL strict mode; none otherwise)."""
     flat = config.flat()
     flat.pop("name")
+    flat.pop("threads")
     if config.features == "image":  # the pairing changes which text a row gets: an image-only run reads none
         flat.pop("pairing")
+    flat["arithmetic"] = ARITHMETIC
+    if threads is not None:
+        flat["threads"] = threads
     for optional in ("train_generators", "perturbation"):  # absent: runs made before the option keep their hash
         if flat.get(optional) is None:
             flat.pop(optional, None)
