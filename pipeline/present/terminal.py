@@ -405,7 +405,7 @@ def show_experiment(result: ExperimentResult) -> None:
     for note in result.notes:
         out.print(escape(note.replace("`", "")))
     _experiment_table(result)
-    for text in result.alarms:
+    for text in [*result.alarms, *result.warnings]:  # shortcuts, then how far the numbers can be read
         alarm(text)
     runs = [r for seeded in result.seed_runs.values() for r in seeded]
     out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
