@@ -200,3 +200,9 @@ def test_format_probe_reads_the_runs_rows_and_alarms_on_any_single_cue(d3_store:
     assert alarm is not None and alarm.kind == "format_shortcut" and "bytes per pixel alone" in alarm.sentence
     assert "file format alone" not in alarm.sentence  # only the cues that separate are named
     assert probes.format_probe(d3_store, table, seed=0, limit=500) == probe  # deterministic
+    # the sample comes in runs of rows that lie together in a source file (a Parquet row group read once)
+    rows = probes._files_sample(d3_store, table, "train", 40)
+    blocks = {(r["source_uri"], r["source_member"], None if r["source_row"] is None
+               else r["source_row"] // probes.BUCKET_ROWS) for r in rows}
+    assert len(rows) == 40 and len(blocks) < len(rows) / 2, (len(rows), blocks)
+    assert rows == probes._files_sample(d3_store, table, "train", 40)  # chosen by content: the same rows again
