@@ -202,7 +202,9 @@ def ingest(
 @app.command()
 def encode(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, Tiny-ViT-16.")],
+    model: Annotated[str | None, typer.Option(help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, Tiny-ViT-16. "
+                                              "Default: the model the store was encoded with (its only one).")]
+    = None,
     pretrained: Annotated[str | None, typer.Option(
         help="open_clip tag (openai, laion2b_s34b_b79k, …) or a local checkpoint file. "
         "Omit for random weights (testing only).")] = None,
@@ -239,8 +241,11 @@ def encode(
     from pipeline.stages import encode as stage
 
     with _running(ctx) as reporter:
+        if model is None and pretrained is not None:
+            raise PipelineError("--pretrained needs --model (the architecture its weights belong to).")
         config = stage.EncodeConfig(
-            store=Store(store), model=ModelSpec(model, pretrained, seed), device=device, precision=precision,
+            store=Store(store), model=ModelSpec(model, pretrained, seed) if model else None, device=device,
+            precision=precision,
             batch_size=batch_size, workers=workers, dtype=dtype, shard_rows=shard_rows, max_pixels=max_pixels,
             max_bytes=max_bytes,
             retry_quarantined=retry_quarantined, engine=engine, ray_address=ray_address, actors=actors,
