@@ -131,6 +131,10 @@ def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` first.")
     if config.model is None:
         config = replace(config, model=store_model(store))
+    if config.engine == "ray" and config.ray_address:  # before loading a model: a dead address is said at once
+        from pipeline.engines.ray import check_address
+
+        check_address(config.ray_address)
     info = recorded_info(_model_infos(store), config.spec)
     if info is not None:  # a model encoded before: whether anything is pending needs no lock and no weights
         store.record_model(info["model_key"], {**info, "dtype": config.dtype})  # (compares: refuses a new dtype)
