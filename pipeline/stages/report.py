@@ -36,6 +36,7 @@ from pipeline.sources.reading import Expected
 from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
+from pipeline.store.outputs import check_output
 from trainer.metrics import METRICS, Estimate, confusion
 
 GALLERY = 6  # false positives and as many false negatives
@@ -64,6 +65,8 @@ class ReportConfig(Validated):
 
     def check(self) -> None:
         within(self, "threshold", 0, 1, low_open=True, high_open=True)
+        if self.output is not None:  # outside the store, or a folder of its own under STORE/reports/
+            check_output(self.store, self.output, "directory", own="reports")
 
 
 def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:

@@ -31,6 +31,7 @@ from pipeline.store import catalog
 from pipeline.store import manifest as manifests
 from pipeline.store.atomic import atomic_write
 from pipeline.store.layout import Store
+from pipeline.store.outputs import check_output
 from schemas import TABLES
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
@@ -49,7 +50,7 @@ class SqlConfig(Validated):
         if self.format == "parquet" and self.output is None:
             raise PipelineError("--format parquet writes a file: give --output FILE.")
         if self.output is not None:
-            check_output(self.store, self.output)
+            check_output(self.store, self.output)  # outside the store, a new or regular file
 
 
 @dataclass
@@ -114,21 +115,6 @@ def sandbox(allow_files: bool = False) -> duckdb.DuckDBPyConnection:
         "temp_directory": str(spill),
         "lock_configuration": True,
     })
-
-
-def check_output(store: Store, path: Path) -> None:
-    """Refuse an export path inside the store, a directory, or a folder that cannot be written."""
-    target = path.expanduser().resolve()
-    root = store.root.expanduser().resolve()
-    if target == root or root in target.parents:
-        raise PipelineError(f"--output {path} is inside the store {store.root}; write the result elsewhere.")
-    if target.is_dir():
-        raise PipelineError(f"--output {path} is a directory; give a file name.")
-    parent = target.parent
-    if not parent.is_dir():
-        raise PipelineError(f"--output {path}: the folder {parent} does not exist.")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise PipelineError(f"--output {path} cannot be written (permission denied).")
 
 
 def export(table: pa.Table, path: Path, fmt: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.store import parquet_vectors
 
 PARQUET_COMPRESSION = "zstd"
@@ -29,18 +31,44 @@ _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tm
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure."""
+    """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure.
+    Only a regular file (or nothing) at `path` is replaced: a device, FIFO, socket, link or directory
+    there stops the write with a sentence, checked before writing and again just before the rename."""
+    refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        refuse_non_regular(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def refuse_non_regular(path: Path) -> None:
+    """Stop with a sentence if something other than a regular file sits at `path` (a rename would
+    replace a device node, a FIFO or a symbolic link itself, and fail on a directory)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise PipelineError(f"{path} is {not_regular(mode)}; the pipeline replaces only regular files, so it "
+                            "writes nothing there.")
+
+
+def not_regular(mode: int) -> str:
+    """What a non-regular file is, as a noun phrase ("a FIFO")."""
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 def temp_path(path: Path) -> Path:
