@@ -140,3 +140,84 @@ def test_repairing_a_samples_shard_lets_the_next_ingest_restore_exactly_it(tmp_p
     again = ingest(config)  # the ledger was reset with the repair: the source is read again
     assert again.units_read == 1 and again.added == 10
     assert catalog.query(store, "SELECT sample_id FROM samples ORDER BY 1").column(0).to_pylist() == before
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_a_doubled_store_is_named_by_verify_and_rebuild_and_undone_by_repair(d3_store: Store) -> None:
+    """Two writers at once (a lock file removed under its holder) could commit the same rows twice:
+    verify, catalog rebuild and verify --repair must see it (issue 19 item 3)."""
+    import shutil
+
+    encode.run(encode_config(d3_store))
+    root = str(d3_store.root)
+    vectors = _vectors(d3_store)
+    sample = catalog.shard_paths(d3_store, "samples")[0]
+    embedded = catalog.shard_paths(d3_store, "embeddings")[-1]
+    shutil.copy(sample, sample.with_name("samples-9999999999999-00000000.parquet"))
+    shutil.copy(embedded, embedded.with_name("zz-copy.parquet"))
+    rc, out = _cli("catalog", "rebuild", "--store", root)  # (adopts the copies, as any writer would)
+    n_samples = pq.read_metadata(sample).num_rows
+    n_vectors = pq.read_metadata(embedded).num_rows
+    assert rc == 0 and f"doubled: {n_samples} rows of samples" in out and f"{n_vectors} rows of embeddings" in out, out
+    rc, out = _cli("verify", "--store", root)
+    assert rc == 1 and f"doubled: {n_samples} rows of samples" in out and "verify --repair" in out, out
+    rc, out = _cli("verify", "--repair", "--store", root)
+    assert rc == 0 and "kept one of each: 1 shards rewritten" in out, out
+    store = Store(d3_store.root)
+    counts = catalog.query(store, "SELECT count(*) AS n, count(DISTINCT sample_id) AS d FROM samples").to_pylist()
+    assert counts == [{"n": 59, "d": 59}]
+    assert _vectors(store) == vectors
+    assert catalog.query(store, "SELECT count(*) FROM embeddings").column(0)[0].as_py() == len(vectors)
+    rc, out = _cli("verify", "--store", root)
+    assert rc == 0 and "no damage found" in out, out
+
+
+def test_a_deleted_samples_shard_is_damage_until_repaired_and_ingest_brings_it_back(tmp_path: Path) -> None:
+    """Issue 19 item 4, its sequence through the command: before, the lock's reconcile forgot the shard,
+    `verify --repair` found no damage, ingest read nothing (ledger) and the samples were lost for good."""
+    from pipeline.synthetic import make_d3
+
+    data = make_d3(tmp_path / "src", rows=8, size=32)
+    root = str(tmp_path / "store")
+    ingest = ("ingest", str(data.parquet), "--format", "d3", "--real-images", str(data.real_images),
+              "--store", root)
+    assert _cli(*ingest)[0] == 0
+    store = Store(Path(root))
+    before = catalog.query(store, "SELECT sample_id FROM samples ORDER BY 1").column(0).to_pylist()
+    catalog.shard_paths(store, "samples")[0].unlink()
+    for args in (("status",), ("sql", "SELECT count(*) FROM samples"), ("encode", "--model", "Tiny-ViT-16")):
+        rc, out = _cli(*args, "--store", root)
+        assert rc == 2 and "the file is missing" in out and "verify --repair" in out, (args, out)
+    rc, out = _cli("index", "build", "--store", root)  # a writer: its reconcile keeps the shard named
+    assert rc == 2 and "the file is missing" in out, out
+    rc, out = _cli("verify", "--repair", "--store", root)
+    assert rc == 0 and "missing" in out and "moved" in out, out  # (the table wraps its cells)
+    rc, out = _cli(*ingest)
+    assert rc == 0, out
+    assert catalog.query(Store(Path(root)), "SELECT sample_id FROM samples ORDER BY 1").column(0).to_pylist() == before
+
+
+def test_a_folder_that_is_not_a_store_is_never_made_one(tmp_path: Path) -> None:
+    """Issue 19 item 11: `catalog rebuild --store DIR` made any folder a store, and `verify --repair`
+    then moved the user's own Parquet files into DIR/damaged/."""
+    folder = tmp_path / "my-data"
+    (folder / "samples").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), folder / "mine.parquet")
+    pq.write_table(pa.table({"y": [3]}), folder / "samples" / "theirs.parquet")
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    for args in (("catalog", "rebuild"), ("verify", "--repair"), ("verify",), ("index", "build"),
+                 ("encode", "--model", "Tiny-ViT-16")):
+        rc, out = _cli(*args, "--store", str(folder))
+        assert rc == 2 and ("is not a store" in out or "No store at" in out), (args, out)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
+    rc, out = _cli("train", "--store", str(tmp_path / "typo"))
+    assert rc == 2 and not (tmp_path / "typo").exists(), out

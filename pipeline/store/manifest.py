@@ -115,6 +115,22 @@ def require_store(store: Store) -> None:
         )
 
 
+def recognisable(store: Store) -> bool:
+    """Whether a folder is a store even if its manifest and catalog are lost: one of its dataset
+    folders holds a Parquet file stamped as that dataset's (a user's own Parquet files are not)."""
+    if exists(store):
+        return True
+    for dataset in DATASETS:
+        for path in sorted(store.dataset_dir(dataset).rglob("*.parquet"))[:4]:
+            try:
+                metadata = pq.read_schema(path).metadata
+            except Exception:  # noqa: BLE001 - a file that does not read is no evidence either way
+                continue
+            if schema_problem(metadata, dataset, "it") is None:
+                return True
+    return False
+
+
 def check_shards(store: Store, manifest: Manifest, datasets: Iterable[str] | None = None) -> None:
     """Stop with one sentence if a committed shard was damaged or replaced since its commit.
 
