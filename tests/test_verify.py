@@ -221,3 +221,75 @@ def test_a_folder_that_is_not_a_store_is_never_made_one(tmp_path: Path) -> None:
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
     rc, out = _cli("train", "--store", str(tmp_path / "typo"))
     assert rc == 2 and not (tmp_path / "typo").exists(), out
+
+
+def _flip_in_place(path: Path, column: int = 0) -> None:
+    """Flip one bit inside a data page of `column`, in place, and put the modification time back: size,
+    mtime and inode stay those committed (issue 19 item 5)."""
+    import os
+
+    col = pq.ParquetFile(path).metadata.row_group(0).column(column)
+    at = col.data_page_offset + col.total_compressed_size // 2
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_a_bit_flipped_in_place_reaches_no_reader(d3_store: Store) -> None:
+    """Before: status, sql and train ran (rc 0) on a shard flipped in place with its mtime put back,
+    and sql returned a changed sample_id; only verify saw it."""
+    encode.run(encode_config(d3_store))
+    root = str(d3_store.root)
+    _flip_in_place(catalog.shard_paths(d3_store, "samples")[0])
+    for args in (("status",), ("sql", "SELECT sample_id FROM samples ORDER BY 1"),
+                 ("train", "--epochs", "1", "--batch-size", "16")):
+        rc, out = _cli(*args, "--store", root)
+        assert rc == 2 and "is damaged" in out and "CRC" in out and "verify --repair" in out, (args, out)
+
+
+def test_a_flipped_vector_page_stops_training(d3_store: Store) -> None:
+    encode.run(encode_config(d3_store))
+    vectors = next(p for p in catalog.shard_paths(d3_store, "embeddings") if p.name.startswith("image"))
+    names = pq.read_schema(vectors).names
+    _flip_in_place(vectors, names.index("vector"))
+    rc, out = _cli("train", "--epochs", "1", "--batch-size", "16", "--store", str(d3_store.root))
+    assert rc == 2 and "is damaged" in out and vectors.name in out.replace(" ", ""), out  # (wrapped)
+
+
+def test_a_copied_or_chmodded_store_still_reads_and_is_checked_once(d3_store: Store, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(d3_store.root, copy, copy_function=shutil.copy2)  # cp -a: new inodes, same times
+    for shard in catalog.shard_paths(d3_store, "samples"):
+        os.chmod(shard, 0o640)  # the change time moves, the bytes do not
+    for root in (copy, d3_store.root):
+        assert catalog.query(Store(root), "SELECT count(*) FROM samples").column(0)[0].as_py() == 59
+        checked = root / "cache" / "checked" / "checked.json"
+        assert checked.exists()  # the next command reads nothing for these shards
+    with writes.writing(Store(copy)):  # a writer records the new inodes and times in the manifest
+        pass
+    manifest = (copy / "manifest.json").read_text()
+    assert all(str(p.stat().st_ino) in manifest for p in catalog.shard_paths(Store(copy), "samples"))
+
+
+def test_a_format_1_manifest_reads_and_the_next_writer_fills_in_the_digests(d3_store: Store) -> None:
+    import json
+
+    data = json.loads(d3_store.manifest_path.read_text())
+    data["format"] = 1
+    for shard in data["shards"].values():
+        for key in ("inode", "ctime_ns", "digest"):
+            shard.pop(key)
+    d3_store.manifest_path.write_text(json.dumps(data))
+    assert catalog.query(Store(d3_store.root), "SELECT count(*) FROM samples").column(0)[0].as_py() == 59
+    with writes.writing(Store(d3_store.root)):
+        pass
+    data = json.loads(d3_store.manifest_path.read_text())
+    assert data["format"] == 2 and all(s.get("digest") for s in data["shards"].values())

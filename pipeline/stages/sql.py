@@ -35,6 +35,10 @@ from pipeline.store.outputs import check_output
 from schemas import TABLES
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
+# Every page read is checked against its CRC (a few percent of a scan's time, measured in
+# bench/bench_snapshot.py): a bit flipped in a data page stops the query instead of changing a value.
+_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 _ALLOWED = {"SELECT", "EXPLAIN"}
 
 
@@ -150,14 +154,14 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
     root = store.root.resolve()
     for name, schema in TABLES.items():
         paths = [str(root / s.path) for s in manifest.of(name)]
-        con.register(f"_{name}", ds.dataset(paths, schema=schema, format="parquet") if paths else schema.empty_table())
+        con.register(f"_{name}", ds.dataset(paths, schema=schema, format=_PARQUET) if paths else schema.empty_table())
         con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
     con.execute(f"CREATE VIEW samples AS {catalog.samples_view(manifest)}")
     parts = []
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
         paths = [str(root / s.path) for s in manifest.of("embeddings", key)]
         newest = _widen(pq.read_schema(paths[-1]))  # shards named by time: the newest has every column
-        con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format="parquet"))
+        con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format=_PARQUET))
         norm = "norm" if "norm" in newest.names else "NULL::FLOAT AS norm"
         parts.append(f"SELECT model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector, {norm} "
                      f"FROM _embeddings_{i}")

@@ -235,10 +235,13 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
     ignored: list[str] = []
     for rel, path in sorted(on_disk.items()):
         known = manifest.shards.get(rel)
-        if known is not None and known.size >= 0 and not stat_problem(store, known, read_footer=False):
-            if known.counts is None and known.dataset in COUNTED:  # a manifest from before the counts
-                manifest.shards[rel] = replace(known, counts=count_rows(path, known.dataset))
-            continue
+        if known is not None and known.size >= 0:
+            if not stat_problem(store, known, read_footer=False):
+                manifest.shards[rel] = _filled_in(store, path, known)
+                continue
+            if stat_problem(store, known):  # changed since its commit: it stays committed, and damaged
+                continue
+            # intact after a copy or a change of its metadata: its new stat is recorded below
         shard = describe(store, path)
         if isinstance(shard, str) or (known is not None and known.num_rows != shard.num_rows):
             # A committed shard that changed stays committed, so every reader names it until
@@ -257,6 +260,18 @@ def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
     write_manifest(store, manifest)
     return Reconciled(added=added, missing=missing, temps_removed=temps, adopted=adopted,
                       swept=swept, ignored=tuple(ignored))
+
+
+def _filled_in(store: Store, path: Path, known: Shard) -> Shard:
+    """A shard of an older manifest with what this version records: its counts, inode, change time and
+    footer digest (read once, by the first writer after an upgrade)."""
+    if known.counts is None and known.dataset in COUNTED:
+        known = replace(known, counts=count_rows(path, known.dataset))
+    if known.digest is None:
+        found = footer(store, path)
+        if isinstance(found, Shard):
+            known = replace(known, inode=found.inode, ctime_ns=found.ctime_ns, digest=found.digest)
+    return known
 
 
 def _missing_of_old_manifest(store: Store) -> dict[str, Shard]:
