@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.children import die_with
 from pipeline.choices import Engine, Scheduler
 from pipeline.config import Validated, at_least, read_toml
 from pipeline.errors import PipelineError
@@ -136,7 +137,9 @@ def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
             reporter.advance("sweep", 1)
     else:
         threads = max(1, (os.cpu_count() or 2) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        # each worker ends with this process, also when it is killed (else they train on, ~800 MB each)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with,
+                                 initargs=(os.getpid(),)) as pool:
             outcomes = list(pool.map(train_one, [store.root] * len(points), [p.options for p in points],
                                      [threads] * len(points)))
         rows = [_row(p, o) for p, o in zip(points, outcomes, strict=True)]

@@ -116,19 +116,26 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def remove_stale_temps(directory: Path) -> int:
+def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = True) -> int:
     """Delete temp files left by dead writers under `directory`; returns how many were removed.
 
     A temp of a live process on this host is kept; one of another host is kept for a day;
-    an untagged one (written before temps carried owners) is a dead writer's.
+    an untagged one (written before temps carried owners) is a dead writer's. `strict=False` (a
+    reader sweeping): a temp it may not remove (a read-only store) is left for a writer.
     """
     if not directory.exists():
         return 0
     removed = 0
-    for tmp in (*directory.rglob(".*.tmp"), *directory.rglob(".*.tmp.wal")):  # (.wal: a DuckDB temp's log)
+    walk = directory.rglob if recursive else directory.glob
+    for tmp in (*walk(".*.tmp"), *walk(".*.tmp.wal")):  # (.wal: a DuckDB temp's log)
         if temp_owner_alive(tmp):
             continue
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            if strict:
+                raise
+            continue
         removed += 1
     return removed
 
