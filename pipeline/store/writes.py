@@ -4,9 +4,12 @@ Only the process holding the store's writer lock (`pipeline.store.lock`) changes
 `writing(store)` holds the lock while a stage changes the store; each time a process takes it
 afresh, the manifest is reconciled with the files on disk: staged shards left by workers are
 adopted, temp files of dead writers swept (never a live process's), scores of runs that never
-committed swept, vanished files forgotten. When the lock is given back after the manifest changed,
-`catalog.duckdb` (the copy for people's own DuckDB sessions) is rewritten beside and swapped in.
-Stages that compute for long and write little (train) take it only to commit.
+committed swept, shards copied or touched since their commit checked and their new stat recorded;
+a committed file that vanished stays named, as damage, until `pipeline verify --repair`. When the
+lock is given back after the manifest changed, `catalog.duckdb` (the copy for people's own DuckDB
+sessions) is rewritten beside and swapped in. Stages that compute for long and write little (train)
+take it only to commit. Every change checks first that the lock is still held (`lock.check`: its
+file was not removed or replaced), and only `ingest` and `import-features` may make a new store.
 
 Distributed writers follow the same rule: workers write complete shards into STORE/staging/ and
 only the lock holder moves them into place and commits them (`commit_staged`).
