@@ -279,6 +279,20 @@ def test_a_copied_or_chmodded_store_still_reads_and_is_checked_once(d3_store: St
     assert all(str(p.stat().st_ino) in manifest for p in catalog.shard_paths(Store(copy), "samples"))
 
 
+def test_a_bit_flipped_in_a_copy_after_its_first_read_reaches_no_reader(d3_store: Store, tmp_path: Path) -> None:
+    """A copy (new inodes) is checked by its footers at its first read; a bit flipped in place after
+    that (mtime put back) is seen by the next reader through the page CRCs."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(d3_store.root, copy, copy_function=shutil.copy2)
+    rc, _ = _cli("status", "--store", str(copy))
+    assert rc == 0
+    _flip_in_place(catalog.shard_paths(Store(copy), "samples")[0])
+    rc, out = _cli("sql", "SELECT sample_id FROM samples ORDER BY 1", "--store", str(copy))
+    assert rc == 2 and "is damaged" in out and "CRC" in out, out
+
+
 def test_a_format_1_manifest_reads_and_the_next_writer_fills_in_the_digests(d3_store: Store) -> None:
     import json
 

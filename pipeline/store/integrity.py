@@ -208,6 +208,13 @@ class Checked:
             self._known = self._read()
         return self._known.get(rel) == [digest, *stat]
 
+    def inode(self, rel: str, digest: str | None) -> int | None:
+        """The inode on which `rel` was last found intact with this footer digest (a copied store's new one)."""
+        if self._known is None:
+            self._known = self._read()
+        known = self._known.get(rel)
+        return known[1] if isinstance(known, list) and len(known) == 5 and known[0] == digest else None
+
     def add(self, rel: str, digest: str | None, stat: Stat) -> None:
         self.found[rel] = [digest, *stat]
 

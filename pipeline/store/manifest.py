@@ -288,7 +288,11 @@ def stat_problem(store: Store, shard: Shard, read_footer: bool = True, checked: 
         return f"its size changed from {shard.size} to {st.st_size} bytes since it was committed"
     if shard.digest is not None and described.digest != shard.digest:
         return "its footer is not the one committed"
-    if shard.digest is not None and st.st_ino == shard.inode:  # written in place: the footer may be intact
+    # Written in place (on the inode committed, or on the one a copy was last found intact on): the
+    # footer may be intact while a page is not. A copy not yet read once is checked by its footer only.
+    copied_to = checked.inode(shard.path, shard.digest) if checked is not None else None
+    in_place = st.st_ino in (shard.inode, copied_to)
+    if shard.digest is not None and in_place:
         problem = page_crc_problem(path)
         if problem:
             return problem
