@@ -172,7 +172,7 @@ def lock_removed(tree: Path, stores: dict[str, Path], work: Path) -> tuple[str, 
     (store / ".lock").unlink()
     second, _ = rc(tree, ["encode", *TINY, "--store", str(store)])
     out, _ = first.communicate("go\n", timeout=300)
-    rows = sql(tree, store, "SELECT count(*), count(DISTINCT (modality, content_hash)) FROM embeddings")
+    rows = sql(tree, store, "SELECT count(*) AS n, count(DISTINCT (modality, content_hash)) AS k FROM embeddings")
     said = "stopped" if "stopped" in out else "rc 0"
     return f"first {said}, second {second}", f"embeddings rows, distinct keys: {rows}"
 
@@ -197,7 +197,8 @@ def bit_flip(tree: Path, stores: dict[str, Path], work: Path) -> tuple[str, str]
     store = copy(stores, "trained", work)
     ids = sql(tree, store, "SELECT sample_id FROM samples ORDER BY 1")
     shard = sorted((store / "samples").glob("*.parquet"))[0]
-    col = pq.ParquetFile(shard).metadata.row_group(0).column(0)
+    meta = pq.ParquetFile(shard).metadata
+    col = meta.row_group(0).column(meta.schema.to_arrow_schema().names.index("sample_id"))
     at = col.data_page_offset + col.total_compressed_size // 2
     st = shard.stat()
     with open(shard, "r+b") as f:
@@ -206,12 +207,14 @@ def bit_flip(tree: Path, stores: dict[str, Path], work: Path) -> tuple[str, str]
         f.seek(at)
         f.write(bytes([byte ^ 0x01]))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    codes = [rc(tree, args + ["--store", str(store)])[0] for args in
-             (["status"], ["sql", "SELECT sample_id FROM samples ORDER BY 1", "--format", "csv"],
-              ["train", "--epochs", "1", "--batch-size", "16", "--seed", "9"])]
+    got = [rc(tree, args + ["--store", str(store)]) for args in
+           (["status"], ["sql", "SELECT sample_id FROM samples ORDER BY 1", "--format", "csv"],
+            ["train", "--epochs", "1", "--batch-size", "16", "--seed", "9"])]
     now = sql(tree, store, "SELECT sample_id FROM samples ORDER BY 1")
     changed = "sql returns changed ids" if now != ids and not now.startswith("(sql rc") else "no changed id returned"
-    return f"status {codes[0]}, sql {codes[1]}, train {codes[2]}", changed
+    named = [name for name, (_, said) in zip(("status", "sql", "train"), got, strict=True) if "damaged" in said]
+    return (f"status {got[0][0]}, sql {got[1][0]}, train {got[2][0]}",
+            f"{changed}; damage named by: {', '.join(named) or 'none'}")
 
 
 def dead_temp(tree: Path, stores: dict[str, Path], work: Path) -> tuple[str, str]:
@@ -319,7 +322,7 @@ CASES: dict[str, Case] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", type=Path, action="append", help="a code tree (repeatable)")
-    parser.add_argument("--only", help="run the cases whose name holds this text")
+    parser.add_argument("--only", help="run the cases whose name holds one of these texts (comma-separated)")
     args = parser.parse_args()
     trees = [t.resolve() for t in args.tree or [ROOT]]
     print("| case | tree | exit | found |\n|---|---|---|---|")
@@ -330,7 +333,7 @@ def main() -> None:
             (base / str(i)).mkdir()
             stores[tree] = make_stores(tree, base / str(i))
         for name, case in CASES.items():
-            if args.only and args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             for i, tree in enumerate(trees):
                 work = Path(tempfile.mkdtemp(prefix="case-", dir=base / str(i)))
