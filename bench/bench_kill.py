@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.children import alive, descendants  # noqa: E402 - this tree's pipeline
+
 CHILD = r"""
 import sys, json
 from pathlib import Path
@@ -119,39 +121,14 @@ def kill_at_random(stage: str, store: Path, src: tuple[Path, Path], delay: float
         family |= descendants(p.pid)
         time.sleep(0.05)
     family |= descendants(p.pid)
-    alive = p.poll() is None
+    mid_run = p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.communicate()
     time.sleep(5)
-    left = [q for q in family if running(q)]
+    left = [q for q in family if alive(q)]
     for q in left:
         os.kill(q, signal.SIGKILL)
-    return alive, len(left)
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            found.add(kid)
-            todo.append(kid)
-    return found
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    return mid_run, len(left)
 
 
 def snapshot(store_dir: Path) -> dict[str, object]:

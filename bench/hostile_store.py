@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kill import alive, descendants  # noqa: E402 - (this checkout's pipeline.children)
 from hostile_inputs import pipeline  # noqa: E402 - the same child runner (rc, seconds, RSS, output)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,30 +245,6 @@ def not_a_store(tree: Path, stores: dict[str, Path], work: Path) -> tuple[str, s
                                                                f"now holds {', '.join(added[:4])}")
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            found.add(kid)
-            todo.append(kid)
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def killed_parent(which: str) -> Case:
     def case(tree: Path, stores: dict[str, Path], work: Path) -> tuple[str, str]:
         if which == "encode":
@@ -283,18 +260,18 @@ def killed_parent(which: str) -> Case:
         family: set[int] = set()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            family |= _descendants(proc.pid)
+            family |= descendants(proc.pid)
             if len(family) > workers:  # the workers and multiprocessing's resource tracker
                 break
             time.sleep(0.1)
         time.sleep(2)
-        family |= _descendants(proc.pid)
+        family |= descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         time.sleep(10)
-        left = [p for p in family if _running(p)]
+        left = [p for p in family if alive(p)]
         rss = sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-                  for p in left if _running(p)) / 1e6
+                  for p in left if alive(p)) / 1e6
         for p in left:
             os.kill(p, signal.SIGKILL)
         return "killed", f"{len(left)} of its {len(family)} processes still running 10 s later ({rss:.0f} MB)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from pipeline.children import alive, descendants
 from pipeline.cli import app
 from pipeline.store.atomic import temp_path
 from pipeline.store.layout import Store
@@ -21,31 +22,6 @@ from tests.conftest import planted_store
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "from pipeline.cli import main; main()"
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _helper(pid: int) -> bool:
@@ -64,21 +40,21 @@ def _kill_parent_when(args: list[str], workers: int, timeout: float = 240) -> se
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            family |= _descendants(proc.pid)
+            family |= descendants(proc.pid)
             if sum(not _helper(p) for p in family) >= workers:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the command ended before its workers started"
-        family |= _descendants(proc.pid)
+        family |= descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         until = time.monotonic() + 30  # a condition to wait for, not a speed: they end within a second
-        while time.monotonic() < until and any(_running(p) for p in family):
+        while time.monotonic() < until and any(alive(p) for p in family):
             time.sleep(0.2)
-        return {p for p in family if _running(p)}
+        return {p for p in family if alive(p)}
     finally:
         for p in family | {proc.pid}:
-            if _running(p):
+            if alive(p):
                 os.kill(p, signal.SIGKILL)
 
 

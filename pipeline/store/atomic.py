@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.children import alive as pid_alive
 from pipeline.errors import PipelineError
 from pipeline.store import parquet_vectors
 
@@ -151,26 +152,6 @@ def temp_owner_alive(tmp: Path) -> bool:
         except OSError:
             return False
     return pid_alive(int(match["pid"]))
-
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def _host() -> str:
