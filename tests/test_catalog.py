@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.stages.encode import run as encode
 from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
@@ -43,8 +44,12 @@ def test_orphan_shards_are_registered_and_temps_removed(d3_store: Store) -> None
     assert not stale.exists()
     assert _counts(d3_store)[0] == 2 * before[0]  # the views see the orphan's rows
     with locked(d3_store):
-        copy.unlink()
-        assert writes.reconcile(d3_store).dropped == 1
+        copy.unlink()  # a committed shard deleted behind the pipeline's back: damage, not forgotten
+        assert writes.reconcile(d3_store).missing == 1
+    with pytest.raises(PipelineError, match="samples-orphan.parquet is damaged .the file is missing.*verify --repair"):
+        _counts(Store(d3_store.root))
+    with locked(d3_store):
+        writes.forget(d3_store, [copy])
     assert _counts(d3_store) == before
 
 

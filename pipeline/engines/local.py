@@ -14,7 +14,9 @@ back, so the GPU always has the next batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Generator, Iterator
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.children import die_with
 from pipeline.encoding.clip import LoadedModel
 from pipeline.encoding.jobs import EncodeJob, JobResult, stage_encoded
 from pipeline.encoding.units import (
@@ -128,7 +131,8 @@ def _decoded(job: EncodeJob, workers: int, pin: bool) -> Generator[Decoded, None
     loader = torch.utils.data.DataLoader(
         _DecodedBatches(job, _fits_in_shared_memory(workers * (PREFETCH + 1) * picture_bytes)),
         batch_size=None, num_workers=workers, prefetch_factor=PREFETCH, pin_memory=pin,
-        worker_init_fn=_single_threaded_worker, collate_fn=_identity, multiprocessing_context=context,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()), collate_fn=_identity,
+        multiprocessing_context=context,
     )
     return _owning(iter(loader))  # iter() starts the workers now
 
@@ -169,5 +173,8 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _single_threaded_worker(_: int) -> None:
+def _worker_init(owner: int, _: int) -> None:
+    # A worker is forked by the forkserver, not by `owner`: it must end when `owner` does, or it and
+    # the forkserver (which waits for its workers) run on, orphaned, after a kill (575 MB measured).
+    die_with(owner)
     torch.set_num_threads(1)  # decoding workers must not compete with the model's threads

@@ -548,12 +548,23 @@ def show_rebuild(result: Reconciled) -> None:
     for rel in result.ignored:
         out.print(f"[yellow]left out[/] {escape(rel)}: it is not a readable shard of this pipeline; "
                   "`pipeline verify` says why and `pipeline verify --repair` moves it aside.")
+    for d in result.doubled:
+        out.print(f"[red]doubled[/]: {d.rows} rows of {escape(d.table)} repeat a key an earlier row holds (two "
+                  f"writers at once), in {len(d.shards)} shards; `pipeline verify --repair` keeps one of each.")
 
 
 def show_verify(result: VerifyResult, store: Path, repair: bool) -> None:
     out.print(f"checked {result.shards_checked} shards, {result.rows_checked} rows.")
     if result.healthy:
         out.print("[green]no damage found[/]")
+        return
+    for d in result.doubled:
+        done = (f"kept one of each: {len(d.shards)} shards rewritten without the copies (the originals moved "
+                "to damaged/)" if repair else "run `pipeline verify --repair` to keep one of each")
+        out.print(f"[red]doubled[/]: {d.rows} rows of {escape(d.table)} repeat a key an earlier row holds (two "
+                  f"writers at once), in {', '.join(escape(s) for s in d.shards[:3])}"
+                  f"{' …' if len(d.shards) > 3 else ''}; {done}.")
+    if not result.damaged:
         return
     render_table(pa.table({
         "shard": [d.path for d in result.damaged],

@@ -37,6 +37,7 @@ from pipeline.sources.reading import Expected
 from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
+from pipeline.store.outputs import check_output
 from pipeline.store.writes import require_writable
 from trainer.metrics import METRICS, Estimate, confusion
 
@@ -67,6 +68,8 @@ class ReportConfig(Validated):
 
     def check(self) -> None:
         within(self, "threshold", 0, 1, low_open=True, high_open=True)
+        if self.output is not None:  # outside the store, or a folder of its own under STORE/reports/
+            check_output(self.store, self.output, "directory", own="reports")
 
 
 def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:

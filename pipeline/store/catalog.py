@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.errors import PipelineError, first_line
-from pipeline.store.atomic import atomic_write
+from pipeline.store.atomic import atomic_write, remove_stale_temps
 from pipeline.store.duck import literal, sql_type
 from pipeline.store.layout import Store
 from pipeline.store.manifest import (
@@ -80,6 +80,8 @@ def snapshot(store: Store) -> Snapshot:
     held = store.snapshot_slot
     if held and held[0].stamp == stamp and stamp is not None:
         return held[0]
+    if not held:
+        sweep_dead_temps(store)
     manifest = read_manifest(store)
     check_shards(store, manifest)
     snap = Snapshot(store, manifest, stamp)
@@ -87,6 +89,17 @@ def snapshot(store: Store) -> Snapshot:
         held.pop().close()
     held.append(snap)
     return snap
+
+
+# Where readers write temp files (report's group keys beside the scores, pages, derived caches) and
+# workers write staged shards: a reader killed there leaves a temp that no writer may come to sweep.
+READER_TEMPS = (("scores", False), ("reports", True), ("cache", True), ("staging", True))
+
+
+def sweep_dead_temps(store: Store) -> int:
+    """Remove the temp files of dead processes where readers and workers write them (each command does,
+    once, with its first snapshot: a stat per file in those folders); writers sweep the whole store."""
+    return sum(remove_stale_temps(store.root / folder, recursive, strict=False) for folder, recursive in READER_TEMPS)
 
 
 def forget_snapshot(store: Store) -> None:

@@ -132,7 +132,8 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
     index, params = build_in_memory(plan, matrix.dim, lambda: (c for _, c in matrix.chunks(plan.chunk_rows)),
                                     sample, matrix.rows, config, reporter, faiss, exact=matrix.gather)
     seconds = time.perf_counter() - started
-    if directory.exists():
+    if directory.exists():  # (--force): its record leaves the catalog first, so no reader meets a missing shard
+        writes.forget(store, [directory / "index.parquet"])
         shutil.rmtree(directory)
     atomic_write(directory / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
     atomic_write(directory / "ids.arrow", lambda tmp: _write_ids(matrix, store, tmp))
