@@ -148,7 +148,8 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         from pipeline.stages.neighbors import NeighborQuery, run
 
         sid = json.loads((work / "probe.json").read_text())["sample_id"]
-        return {"rows": run(NeighborQuery(store, sample_id=sid, k=10, model_key=KEY)).rows.num_rows}
+        result = run(NeighborQuery(store, sample_id=sid, k=10, model_key=KEY))
+        return {"rows": result.rows.num_rows, "index": result.index_kind, "note": result.note}
     if stage == "report":
         from pipeline.stages.report import ReportConfig, run
 

@@ -285,6 +285,95 @@ def test_neighbours_of_a_sample_put_its_planted_duplicate_first(tmp_path: Path) 
         neighbors(NeighborQuery(store))
 
 
+def _indexed_store(tmp_path: Path, rows: int = 600) -> tuple[Store, list[tuple[int, int]]]:
+    """A leaky store with an IVF-PQ index (re-ranked) and its lookup, as a large store would have."""
+    store, pairs = leaky_store(tmp_path, rows=rows)
+    info = build_index(IndexConfig(store, kind="ivf-pq", nlist=16, recall_queries=200))
+    assert info.kind == "ivf-pq" and (info.directory / "lookup.json").exists()
+    return store, pairs
+
+
+def test_neighbours_through_the_index_lookup_read_no_table_of_the_store(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    store, pairs = _indexed_store(tmp_path)
+    run = train(store, TrainConfig.from_dict({"epochs": 1, "batch_size": 256}))
+    i, j = pairs[0]
+    query, duplicate = _real_id(store, j), _real_id(store, i)
+    by_sql = {}
+    for run_id in (None, run.run_id):
+        by_sql[run_id] = neighbors(NeighborQuery(store, sample_id=query[:10], k=5, run_id=run_id))
+    # the same searches through the lookup, with every SQL query over samples or embeddings refused
+    # (what a scan would need); only the run's own scores may still be read in SQL
+    real_query = catalog.query
+
+    def no_scans(store_: Store, sql: str, params: list[object] | None = None) -> object:
+        assert "samples" not in sql and "embeddings" not in sql, sql
+        return real_query(store_, sql, params)
+
+    monkeypatch.setattr(catalog, "query", no_scans)
+    monkeypatch.setattr(catalog, "query_with", lambda *a, **k: pytest.fail("query_with scans the samples"))
+    for run_id in (None, run.run_id):
+        result = neighbors(NeighborQuery(store, sample_id=query[:10], k=5, run_id=run_id))
+        assert result.index_kind == "ivf-pq" and result.note is None
+        assert result.rows.to_pylist()[0]["sample_id"] == duplicate  # the planted duplicate first
+        assert result.rows.schema == by_sql[run_id].rows.schema
+        assert result.rows.to_pylist() == by_sql[run_id].rows.to_pylist()
+    monkeypatch.setattr(catalog, "query", real_query)  # a miss in the lookup asks SQL, to tell why
+    with pytest.raises(PipelineError, match="No sample whose id starts with"):
+        neighbors(NeighborQuery(store, sample_id="ffffffffffff0000"))
+
+
+def test_the_sql_path_is_what_an_index_without_a_lookup_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, pairs = _indexed_store(tmp_path)
+    query = _real_id(store, pairs[0][1])
+    through_lookup = neighbors(NeighborQuery(store, sample_id=query, k=5)).rows
+    (next((store.dataset_dir("indexes")).rglob("lookup.json"))).unlink()  # as an index of an older release
+    assert neighbors(NeighborQuery(store, sample_id=query, k=5)).rows.to_pylist() == through_lookup.to_pylist()
+
+
+def test_neighbours_search_an_index_older_than_the_vectors_and_say_what_it_misses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, pairs = _indexed_store(tmp_path)
+    leaky_store(tmp_path, rows=20, leaks=0, seed=4, file_name="0001.h5")  # 100 more images, not indexed
+    monkeypatch.setattr("pipeline.stages.neighbors.EXACT_BELOW", 10)  # as if the store were large
+    result = neighbors(NeighborQuery(store, sample_id=_real_id(store, pairs[0][1]), k=5))
+    assert result.index_kind == "ivf-pq" and result.rows.to_pylist()[0]["sample_id"] == _real_id(store, pairs[0][0])
+    assert result.note is not None and "3,000 of the 3,100 image vectors" in result.note
+    bare, bare_pairs = leaky_store(tmp_path / "bare", rows=100)  # no index at all, and "large": a sentence
+    with pytest.raises(PipelineError, match="No index over the image vectors .*`pipeline index build"):
+        neighbors(NeighborQuery(bare, sample_id=_real_id(bare, bare_pairs[0][1]), k=5))
+
+
+def test_neighbors_command_answers_while_another_process_holds_the_writer_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.test_lock import _hold
+
+    store, pairs = _indexed_store(tmp_path)
+    holder = _hold(store, 600)  # an encode, say, that runs for minutes
+    try:
+        answered = threading.Event()
+        out: dict[str, object] = {}
+
+        def ask() -> None:
+            out["result"] = CliRunner().invoke(app, ["neighbors", "--sample-id", _real_id(store, pairs[0][1])[:12],
+                                                     "-k", "3", "--store", str(store.root)])
+            answered.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        assert answered.wait(120), "pipeline neighbors waited for the writer"  # a guard against a hang, no timing
+        result = out["result"]
+        assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+        assert _real_id(store, pairs[0][0])[:16] in result.output  # type: ignore[attr-defined]
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
 def test_neighbours_of_an_image_file_encode_it_with_the_store_model(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240)]

@@ -45,6 +45,7 @@ from pipeline.choices import IndexKind, Modality
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
 from pipeline.features.ann.coarse import Coarse, faiss_threads, train_coarse
+from pipeline.features.ann.lookup import write_lookup
 from pipeline.features.ann.plan import CODEC_TRAIN_ROWS, DEFAULT_MAX_MEMORY, Plan, plan_index
 from pipeline.features.ann.search import (
     RECALL_K,
@@ -63,7 +64,7 @@ from pipeline.features.ann.search import (
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import writes
+from pipeline.store import catalog, writes
 from pipeline.store.atomic import atomic_write, write_parquet
 from pipeline.store.layout import Store
 from schemas import INDEX_IDS, INDEXES, from_rows
@@ -139,7 +140,11 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
     if directory.exists():
         shutil.rmtree(directory)
     atomic_write(directory / "index.faiss", partial(_write_index, index=index, faiss=faiss))
+    del index  # written: its memory goes back before the lookup sorts its keys
     atomic_write(directory / "ids.arrow", lambda tmp: _write_ids(matrix, store, tmp))
+    reporter.start("index: lookup", None, "")
+    ids = pa.ipc.open_file(pa.memory_map(str(directory / "ids.arrow"))).read_all().column(0)
+    write_lookup(store, directory, ids, config.modality, catalog.shard_paths(store, "samples"))
     params["matrix"] = matrix.generation  # row r of the index is row r of this layout of the vectors
     recall = params.pop("recall_at_10")
     by_breadth = params.pop("recall_by_breadth")
