@@ -7,7 +7,9 @@ takes seconds at D3's size. A store's PQ index scores its best `params["rerank"]
 by exact inner product with the vectors themselves (memory-mapped, `features.vectors`).
 
 Row r of the index is row r of the model's vector matrix; `ids.arrow` (uncompressed, mapped) holds
-the content hash of each row.
+the content hash of each row, and the lookup beside it (`ann.lookup`) finds rows and samples by id.
+Writers open an index with `open_index`, which builds one where none is current; readers with
+`open_for_reading`, which never builds, and takes an index that misses vectors added since.
 """
 
 from __future__ import annotations
