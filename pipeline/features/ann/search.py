@@ -8,8 +8,8 @@ by exact inner product with the vectors themselves (memory-mapped, `features.vec
 
 Row r of the index is row r of the model's vector matrix; `ids.arrow` (uncompressed, mapped) holds
 the content hash of each row, and the lookup beside it (`ann.lookup`) finds rows and samples by id.
-Writers open an index with `open_index`, which builds one where none is current; readers with
-`open_for_reading`, which never builds, and takes an index that misses vectors added since.
+Writers open an index with `build.open_index`, which builds one where none is current; readers
+with `open_for_reading`, which never builds, and takes an index that misses vectors added since.
 """
 
 from __future__ import annotations
