@@ -51,7 +51,6 @@ class NeighborQuery(Validated):
     model_key: str | None = None
     run_id: str | None = None
     modality: Modality = "image"
-    wait: bool = True  # not read: neighbours never wait for a writer (the CLI's --wait is to go)
     max_bytes: int = DEFAULT_MAX_BYTES  # --image: the most read of the file
 
     def check(self) -> None:
