@@ -291,7 +291,7 @@ def _samples_by_sql(q: NeighborQuery, hits: list[tuple[float, str]]) -> pa.Table
     sql = f"""
         WITH hit AS (SELECT DISTINCT ON ({key}) * FROM samples WHERE {key} IN (SELECT content_hash FROM found))
         SELECT n.rank, s.sample_id, round(n.similarity, 4) AS similarity, s.label, s.generator, s.split,
-               {score}, left(s.text, 40) AS text
+               {score}, s.text
         FROM found n
         LEFT JOIN hit s ON s.{key} = n.content_hash
         {score_join}
