@@ -258,7 +258,7 @@ def _samples_by_lookup(store: Store, lookup: Lookup, hits: list[tuple[float, str
                        FROM cand c JOIN s ON s.file = c.file AND s.row = c.row JOIN hit h ON h.rank = c.rank
                        WHERE s.{key} = h.content_hash ORDER BY c.rank, c.file, c.row)
         SELECT h.rank, f.sample_id, round(h.similarity, 4) AS similarity, f.label, f.generator, f.split,
-               {score}left(f.text, 40) AS text
+               {score}f.text
         FROM hit h LEFT JOIN found f ON f.rank = h.rank {score_join}
         ORDER BY h.rank
     """
