@@ -9,8 +9,8 @@ Each stage then runs in its own process, so its peak memory is its own:
     import, import again (the same files: skipped unread), status, sql (aggregate, point), view
     (the training view, built once), train (a fixed number of steps on the view), train again (the
     same config: found, nothing recomputed), sweep (3 configs), score (after importing 500 new
-    samples), index build (default 4 GB budget), leaks, neighbours, report, and a no-op encode on a
-    store that also holds real image samples.
+    samples), index build (default 4 GB budget; `index rebuild` builds it again on a kept store),
+    leaks, neighbours, report, and a no-op encode on a store that also holds real image samples.
 
 Peak RSS is the kernel's high-water mark (it counts pages of the memory-mapped vectors the stage
 touched, which the kernel can drop at will); peak anon is sampled anonymous memory (what the
@@ -45,6 +45,7 @@ STEPS = 50
 TRAIN = {"model_key": KEY, "epochs": 1, "steps_per_epoch": STEPS, "hidden": 256, "batch_size": 2048}
 STAGES = ("import", "import again", "status", "sql aggregate", "sql point", "view", "train", "train again", "sweep",
           "score", "index build", "leaks", "neighbours", "report", "encode no-op")
+ON_REQUEST = ("index rebuild",)  # run only when --stages names them
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -132,11 +133,11 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         added = import_features(ImportConfig(work / "new", "h5", store, KEY)).samples_added
         result = run(ScoreConfig(store, json.loads((work / "run.json").read_text())["run_id"]))
         return {"new_samples": added, "scored": result.scored, "already": result.already_scored}
-    if stage == "index build":
+    if stage in ("index build", "index rebuild"):  # rebuild: even where these vectors have one (--keep stores)
         from pipeline.features.ann.build import IndexConfig
         from pipeline.stages.index import run
 
-        info = run(IndexConfig(store, KEY))
+        info = run(IndexConfig(store, KEY, force=stage == "index rebuild"))
         return {"kind": info.kind, "factory": info.params.get("factory"), "recall_at_10": info.recall_at_10,
                 "nprobe": info.params.get("nprobe"), "rerank": info.params.get("rerank")}
     if stage == "leaks":
@@ -148,7 +149,8 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         from pipeline.stages.neighbors import NeighborQuery, run
 
         sid = json.loads((work / "probe.json").read_text())["sample_id"]
-        return {"rows": run(NeighborQuery(store, sample_id=sid, k=10, model_key=KEY)).rows.num_rows}
+        result = run(NeighborQuery(store, sample_id=sid, k=10, model_key=KEY))
+        return {"rows": result.rows.num_rows, "index": result.index_kind, "note": result.note}
     if stage == "report":
         from pipeline.stages.report import ReportConfig, run
 
@@ -311,7 +313,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="build the store here and keep it")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("SMALL", "LARGE"))
     parser.add_argument("--stages", help="comma-separated subset to run again on a --keep store "
-                        f"(default: all, from import): {', '.join(STAGES)}")
+                        f"(default: all, from import): {', '.join(STAGES)}; or {', '.join(ON_REQUEST)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -322,7 +324,7 @@ def main() -> None:
         compare(*args.compare)
     else:
         stages = STAGES if not args.stages else tuple(x.strip() for x in args.stages.split(","))
-        if unknown := set(stages) - set(STAGES):
+        if unknown := set(stages) - set(STAGES) - set(ON_REQUEST):
             parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
         if "import" not in stages and args.keep is None:
             parser.error("--stages without import needs --keep DIR (a store built before)")

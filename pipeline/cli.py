@@ -524,14 +524,14 @@ def neighbors(
     run: Annotated[str | None, typer.Option("--run", help="Show this run's score of each neighbour.")] = None,
     vectors: Annotated[c.Modality, typer.Option(help="Which vectors to compare.")] = "image",
     max_bytes: Annotated[int, typer.Option(help="Largest --image file read.")] = DEFAULT_MAX_BYTES,
-    wait: WaitOpt = True,
 ) -> None:
-    """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
+    """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split.
+    A reader: it never waits for a writer and never builds an index."""
     from pipeline.stages import neighbors as stage
 
     with _running(ctx) as reporter:
         result = stage.run(stage.NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors,
-                                               wait=wait, max_bytes=max_bytes), reporter)
+                                               max_bytes=max_bytes), reporter)
     show.show_neighbors(result, k, vectors)
 
 
