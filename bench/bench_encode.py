@@ -81,7 +81,8 @@ def matmul_rate(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: in
 
 
 def model_shapes(loaded: LoadedModel, batch: int) -> list[tuple[int, int, int]]:
-    """(tokens, in, out) of every linear layer of the image tower at this batch size."""
+    """(tokens, in, out) of the image tower's linear layers at this batch size, each shape once (every
+    block repeats them: their rate is the rate of the whole)."""
     visual = loaded.model.visual
     size = loaded.info["preprocess"]["image_size"]
     size = size if isinstance(size, int) else size[0]
@@ -94,7 +95,7 @@ def model_shapes(loaded: LoadedModel, batch: int) -> list[tuple[int, int, int]]:
         elif isinstance(module, torch.nn.Linear) and not isinstance(module, torch.nn.modules.linear.
                                                                       NonDynamicallyQuantizableLinear):
             shapes.append((tokens, module.in_features, module.out_features))
-    return shapes
+    return sorted(set(shapes))
 
 
 def gflop_per_image(loaded: LoadedModel, size: int) -> float:
