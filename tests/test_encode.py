@@ -426,6 +426,15 @@ def test_bf16_weights_only_where_the_cpu_computes_bf16(monkeypatch: pytest.Monke
     assert not units.Encoder(loaded, cpu, "fp32").bf16_weights
 
 
+def test_a_model_nobody_shares_is_cast_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.encoding import units
+
+    monkeypatch.setattr(units, "cpu_bf16_native", lambda: True)
+    loaded = load(ModelSpec(TINY), torch.device("cpu"))
+    encoder = units.Encoder(loaded, torch.device("cpu"), "bf16", shared=False)
+    assert encoder.model is loaded.model and next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
 def test_encode_in_bf16_through_the_command_matches_fp32(d3: SyntheticD3, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

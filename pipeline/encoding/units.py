@@ -109,10 +109,11 @@ class Encoder:
     cores, 19.4 against 6.4 images per CPU-second (fp32: 9.2), vectors within a cosine of 0.9999 of
     fp32's. Elsewhere (a GPU, or a CPU that emulates bf16)
     bf16 stays autocast. `bf16_weights` forces the choice (the bench keeps the old path measurable).
+    `shared=False` says nobody else uses `loaded`: its model is then cast in place, not copied.
     """
 
     def __init__(self, loaded: LoadedModel, device: torch.device, precision: str,
-                 bf16_weights: bool | None = None) -> None:
+                 bf16_weights: bool | None = None, shared: bool = True) -> None:
         if precision not in PRECISIONS:
             raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}.")
         if precision == "fp16" and device.type == "cpu":
@@ -123,8 +124,9 @@ class Encoder:
         if bf16_weights is None:
             bf16_weights = precision == "bf16" and device.type == "cpu" and cpu_bf16_native()
         self.bf16_weights = bf16_weights and precision == "bf16"
-        # a copy, so that the caller's fp32 model stays as it was for other encoders sharing it
-        self.model = bf16_copy(loaded.model) if self.bf16_weights else loaded.model
+        self.model = loaded.model
+        if self.bf16_weights:  # a copy when shared: other encoders of the caller's model still see fp32
+            self.model = bf16_copy(loaded.model) if shared else loaded.model.to(torch.bfloat16)
         self.image_forward_passes = 0
         self.text_forward_passes = 0
 
@@ -379,7 +381,8 @@ def _plain_normalise(tail: Any) -> tuple[tuple[float, ...], tuple[float, ...]] |
 
 def _encoder(spec: EncodeSpec, loaded: LoadedModel | None) -> Encoder:
     where = resolve_device(spec.device)
-    encoder = Encoder(loaded or load(spec.model, where), where, spec.precision)
+    # a model loaded here is this unit's alone: bf16 casts it in place (no second copy in memory)
+    encoder = Encoder(loaded or load(spec.model, where), where, spec.precision, shared=loaded is not None)
     if encoder.loaded.model_key != spec.model_key:
         raise PipelineError(
             f"{spec.model.name} now loads as {encoder.loaded.model_key}, not {spec.model_key} as the store "
