@@ -16,7 +16,7 @@ Rates are per CPU-second of this process (and its reaped children) and per wall 
 shared, and CPU seconds are what contention distorts least. Each variant is measured `--repeats`
 times, alternating, keeping the best, so that drift between variants does not pass for a speed-up.
 
-    python bench/bench_encode.py [--model ViT-B-32] [--images 128] [--batch-size 32] [--compile]
+    python bench/bench_encode.py [--model ViT-B-32] [--images 128] [--batch-size 32] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -161,7 +161,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure bf16-compile (minutes to compile)")
     parser.add_argument("--no-e2e", action="store_true", help="forward-only and floors only")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's); on a shared box 1 thread shows what the kernels "
+                             "do without other threads spinning at each operation's barrier")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variants = args.variants.split(",") + (["bf16-compile"] if args.compile else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model} RANDOM WEIGHTS; "
           f"batch {args.batch_size}; rates per CPU-second (and per wall second)")

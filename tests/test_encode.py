@@ -451,3 +451,25 @@ def test_encode_in_bf16_through_the_command_matches_fp32(d3: SyntheticD3, tmp_pa
         vectors[precision] = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
     assert vectors["fp32"].shape == vectors["bf16"].shape and len(vectors["fp32"]) > 20
     assert (vectors["fp32"] * vectors["bf16"]).sum(1).min() > 0.99
+
+
+def test_the_cpu_model_runs_on_the_cores_left_idle_and_the_count_is_restored(
+        d3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.engines import local
+
+    limits: list[int] = []
+    seen: list[int] = []
+
+    def choose(limit: int) -> tuple[int, str]:
+        limits.append(limit)
+        return 1, "1 thread: test"
+
+    start = EncodeImages.start
+    monkeypatch.setattr(local, "choose_threads", choose)
+    monkeypatch.setattr(EncodeImages, "start", lambda self, batch: (seen.append(torch.get_num_threads()),
+                                                                     start(self, batch))[1])
+    before = torch.get_num_threads()
+    result = encode(encode_config(d3_store, device="cpu"))
+    assert result.images_encoded > 0 and seen and set(seen) == {1}
+    assert limits and set(limits) == {before}  # never more threads than torch had
+    assert torch.get_num_threads() == before
