@@ -105,9 +105,9 @@ class Encoder:
     bf16, every product accumulating in fp32) rather than fp32 weights under autocast: autocast casts
     every weight on every batch, keeps LayerNorm and the residual stream in fp32 (a cast back and
     forth around every block) and turns off torch's fused attention, which held ViT-B-32 to 23% of
-    the bf16 matrix-product rate. bench/bench_encode.py measures both: ViT-B-32 on 2 shared AMX
-    cores, 19.4 against 6.4 images per CPU-second (fp32: 9.2), vectors within a cosine of 0.9999 of
-    fp32's. Elsewhere (a GPU, or a CPU that emulates bf16)
+    the bf16 matrix-product rate. bench/bench_encode.py measures both: ViT-B-32 on 2 AMX cores,
+    46-52 against 8.4 images per CPU-second (fp32: 10.7), 49-61% of a 4096² bf16 product; vectors
+    within a cosine of 0.9999 of fp32's. Elsewhere (a GPU, or a CPU that emulates bf16)
     bf16 stays autocast. `bf16_weights` forces the choice (the bench keeps the old path measurable).
     `shared=False` says nobody else uses `loaded`: its model is then cast in place, not copied.
     """
