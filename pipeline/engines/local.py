@@ -41,6 +41,7 @@ from pipeline.encoding.units import (
 )
 from pipeline.reporting import Reporter
 from pipeline.store.writes import Committer
+from trainer.threads import choose_threads
 
 PREFETCH = 2  # decoded batches each worker keeps ready (they wait in shared memory)
 
@@ -60,7 +61,8 @@ class LocalEngine:
             device = resolve_device(job.spec.device)
             workers = default_workers(device) if self.workers is None else self.workers
             batches = _decoded(job, workers, pin=device.type == "cuda")
-        with contextlib.closing(batches):  # closing ends the decoding workers, also on an error
+        # closing ends the decoding workers, also on an error
+        with contextlib.closing(batches), _model_threads(job.spec.device):
             return self._run(job, batches, reporter)
 
     def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> JobResult:
@@ -93,6 +95,23 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing to release: the model goes with the engine."""
+
+
+@contextlib.contextmanager
+def _model_threads(device: str) -> Iterator[None]:
+    """On the CPU, the model runs on the cores other processes leave idle (`trainer.threads`' policy),
+    at most the threads torch had; the count is restored afterwards. On a shared machine two threads
+    contending for one free core spin at every operation's barrier: ViT-B-32 in bf16 measured 40-49
+    images per CPU-second on one thread against 19-20 on two (bench/bench_encode.py --threads)."""
+    if resolve_device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(limit=previous)[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def pending_batches(
