@@ -210,9 +210,9 @@ def show_status(result: StoreStatus) -> None:
     render_table(result.by_split_label_generator, "samples by split, label, generator")
     if result.quarantine_by_reason.num_rows:
         render_table(result.quarantine_by_reason, "quarantine")
-    if result.missing_captions:
-        out.print(f"[yellow]{result.missing_captions} samples have no caption[/]: image+text training leaves "
-                  "them out.")
+    if result.without_text:
+        out.print(f"[yellow]{result.without_text} samples have no text[/] (no caption, no imported text vector): "
+                  "image+text training leaves them out.")
     view = Table(title="embeddings by model", header_style="bold", title_justify="left")
     view.add_column("model_key", overflow="fold")
     for col in ("weights", "images done", "pending", "texts done", "pending"):
