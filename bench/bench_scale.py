@@ -116,12 +116,12 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
 
         result = run(TrainJob(store, TrainConfig.from_dict(TRAIN), skip_existing=True))
         (work / "run.json").write_text(json.dumps({"run_id": result.run_id}))
-        return {"skipped": result.skipped, "test_auc": result.metrics.get("test", {}).get("auc")}
+        return {"skipped": result.skipped, "test_auc": result.metrics.test.auc}
     if stage == "sweep":
-        from pipeline.compositions.sweep import SweepConfig, run
+        from pipeline.compositions.sweep import SweepConfig, SweepPoint, run
 
-        configs = tuple({**TRAIN, "seed": s, "steps_per_epoch": 20, "__overrides__": {"seed": s}} for s in (1, 2, 3))
-        result = run(SweepConfig(store, configs))
+        points = tuple(SweepPoint({**TRAIN, "seed": s, "steps_per_epoch": 20}, {"seed": s}) for s in (1, 2, 3))
+        result = run(SweepConfig(store, points))
         return {"runs": len(result.rows), "test_auc": [r.test_auc for r in result.rows]}
     if stage == "score":
         from pipeline.stages.import_features import ImportConfig
