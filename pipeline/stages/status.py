@@ -96,9 +96,7 @@ def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Tabl
     for (split, label, generator, _, _), n in samples.items():
         by_group[(split, label, generator)] += n
     images_total = sum(n for key, n in samples.items() if key[3] is False)  # NULL source_format: not an image
-    # GROUP BY, not count(DISTINCT): its hash table spills to disk beyond DUCKDB_MEMORY (2.3M texts at D3)
-    texts_total = q("SELECT count(*) FROM (SELECT text_hash FROM samples WHERE text_hash IS NOT NULL "
-                    "GROUP BY text_hash)").column(0)[0].as_py()
+    texts_total = q("SELECT count(DISTINCT text_hash) FROM samples").column(0)[0].as_py()
     decode = sum(n for (stage, _), n in quarantine.items() if stage == "decode")
     bad = q("SELECT count(DISTINCT content_hash) FROM quarantine WHERE stage = 'decode'"
             ).column(0)[0].as_py() if decode else 0
