@@ -350,9 +350,9 @@ def show_status(result: StoreStatus) -> None:
     render_table(result.by_split_label_generator, "samples by split, label, generator")
     if result.quarantine_by_reason.num_rows:
         render_table(result.quarantine_by_reason, "quarantine")
-    if result.missing_captions:
-        out.print(f"[yellow]{result.missing_captions} samples have no caption[/]: image+text training leaves "
-                  "them out.")
+    if result.without_text:
+        out.print(f"[yellow]{result.without_text} samples have no text[/] (no caption, no imported text vector): "
+                  "image+text training leaves them out.")
     columns = [Column("model_key", "token"), Column("weights", "token"), *(
         Column(name, "number") for name in ("images done", "images pending", "texts done", "texts pending"))]
     rows = [[m.model_key, Text("random", style="yellow") if m.random_weights else "pretrained",

@@ -34,7 +34,9 @@ from typing import IO, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as fs
 import pyarrow.parquet as pq
 
 from pipeline.choices import SqlFormat
@@ -46,7 +48,7 @@ from pipeline.store import manifest as manifests
 from pipeline.store.atomic import atomic_write
 from pipeline.store.layout import Store
 from pipeline.store.outputs import check_output
-from schemas import TABLES
+from schemas import SCORES, TABLES
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
 # Every page read is checked against its CRC (a few percent of a scan's time, measured in
@@ -396,6 +398,26 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
     empty = ("SELECT NULL::VARCHAR AS model_key, NULL::VARCHAR AS modality, NULL::VARCHAR AS content_hash, "
              "NULL::FLOAT[] AS vector, NULL::FLOAT AS norm WHERE false")
     con.execute(f"CREATE VIEW embeddings AS {' UNION ALL '.join(parts) or empty}")
+    _register_latest(con, root, manifest)
+
+
+def _register_latest(con: duckdb.DuckDBPyConnection, root: Path, manifest: manifests.Manifest) -> None:
+    """`latest_scores` over the newest run's files only, and `scores_of(run)`, which skips other runs'
+    files (see `catalog.LATEST_RUN`): DuckDB pushes no `run_id = (SELECT …)` into an Arrow scan, so
+    without them the natural question reads every run's scores."""
+    shards = manifest.of("scores")
+    if shards:  # each file's run as its partition: a constant `run_id` filter skips other runs' files unopened
+        known = [pc.field("run_id") == run if (run := catalog.run_of(s)) else pc.scalar(True) for s in shards]
+        con.register("_scores", ds.FileSystemDataset.from_paths(
+            [str(root / s.path) for s in shards], schema=SCORES, format=ds.ParquetFileFormat(),
+            filesystem=fs.LocalFileSystem(), partitions=known))
+    latest = catalog.latest_run(con) if shards else None
+    paths = [str(root / s.path) for s in catalog.run_scores(manifest, latest)] if latest else []
+    con.register("_latest_scores", ds.dataset(paths, schema=SCORES, format="parquet") if paths
+                 else SCORES.empty_table())
+    where = f" WHERE run_id = {duck.literal(latest)}" if latest else ""
+    con.execute(f"CREATE VIEW latest_scores AS SELECT * FROM _latest_scores{where}")
+    con.execute(f"CREATE MACRO scores_of(run) AS TABLE {catalog.SCORES_OF}")
 
 
 def _widen(schema: pa.Schema) -> pa.Schema:

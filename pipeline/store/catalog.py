@@ -35,7 +35,7 @@ from pipeline.store.manifest import (
     require_store,
     stat_problem,
 )
-from schemas import ALARMS, TABLES
+from schemas import ALARMS, SCORES, TABLES
 
 
 @dataclass
@@ -211,6 +211,39 @@ def _define_views(con: duckdb.DuckDBPyConnection, store: Store, manifest: Manife
     con.execute(f"CREATE OR REPLACE VIEW samples AS {samples_view(manifest)}")
     con.execute(f"CREATE OR REPLACE VIEW embeddings AS {_embeddings_select(manifest, root, absolute)}")
     con.execute(f"CREATE OR REPLACE VIEW alarms AS {alarms_view()}")
+    latest = latest_run(con) if manifest.of("scores") else None
+    shards = run_scores(manifest, latest) if latest else []
+    paths = [str(root / s.path) if absolute else s.path for s in shards]
+    body = (f"SELECT * FROM ({_select(con, SCORES, paths, shards)}) WHERE run_id = {literal(latest)}"
+            if latest and paths else _empty_select(con, SCORES))
+    con.execute(f"CREATE OR REPLACE VIEW latest_scores AS {body}")
+    con.execute(f"CREATE OR REPLACE MACRO scores_of(run) AS TABLE {SCORES_OF}")
+
+
+# The views and macro that make "the scores of one run" read that run's files only. A filter
+# `run_id = (SELECT … FROM runs …)` is known only while the query runs: DuckDB's own Parquet reader
+# (2.0) skips other runs' row groups with it, but an Arrow dataset (`pipeline sql`) or an older DuckDB
+# opening catalog.duckdb reads every run's scores. `latest_scores` names the newest run's files and
+# its id as a constant; `scores_of('<run_id>')` is a constant filter every reader pushes down.
+LATEST_RUN = "SELECT run_id FROM runs ORDER BY created_at DESC, run_id DESC LIMIT 1"
+SCORES_OF = "SELECT * FROM scores WHERE run_id = run"
+
+
+def latest_run(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The newest run's id (by `created_at`), read through a connection whose `runs` view is defined."""
+    rows = con.execute(LATEST_RUN).fetchall()  # (all: a result left open blocks the connection)
+    return rows[0][0] if rows else None
+
+
+def run_of(shard: Shard) -> str | None:
+    """The run whose scores a scores shard holds, from its manifest counts; None where not known
+    (a manifest from before it counted scores, or an empty file)."""
+    return shard.counts[0][0] if shard.counts is not None and len(shard.counts) == 1 else None
+
+
+def run_scores(manifest: Manifest, run_id: str) -> list[Shard]:
+    """The scores shards that may hold `run_id`'s rows: its own, and any whose run is not known."""
+    return [s for s in manifest.of("scores") if run_of(s) in (run_id, None)]
 
 
 def alarms_view() -> str:

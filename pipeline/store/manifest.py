@@ -40,7 +40,10 @@ COUNTED: dict[str, tuple[str, ...]] = {
     "samples": ("split", "label", "generator", "source_format LIKE 'features:%'", "text IS NULL OR trim(text) = ''"),
     "embeddings": ("modality",),
     "quarantine": ("stage", "reason"),
+    "scores": ("run_id",),  # which run's scores a file holds: readers pick one run's files (`latest_scores`)
 }
+# Columns whose one value per shard the footer's statistics give, so counting those shards reads no row.
+_ONE_PER_SHARD = {"embeddings": "modality", "scores": "run_id"}
 
 
 @dataclass(frozen=True)
@@ -187,11 +190,13 @@ def describe(store: Store, path: Path) -> Shard | str:
 
 def count_rows(path: Path, dataset: str) -> tuple[tuple[Any, ...], ...]:
     """A shard's rows grouped by `COUNTED[dataset]`, each group's values then its count. An
-    embeddings shard holds one modality (its footer's statistics say so): nothing is read."""
+    embeddings shard holds one modality, a scores shard one run (its footer's statistics say so):
+    nothing is read."""
     meta = pq.read_metadata(path)
     names = meta.schema.to_arrow_schema().names
-    if dataset == "embeddings" and "modality" in names:
-        single = _only_value(meta, names.index("modality"))
+    column = _ONE_PER_SHARD.get(dataset)
+    if column in names:
+        single = _only_value(meta, names.index(column))
         if single is not None:
             return ((single, meta.num_rows),)
     if meta.num_rows == 0:
