@@ -7,6 +7,10 @@ printed with rich markup escaped, so a `[` in it is shown, not interpreted.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.stages.neighbors import NeighborResult
     from pipeline.stages.perturb import PerturbResult
     from pipeline.stages.report import ReportResult
+    from pipeline.stages.runs import RunDetail, RunList, RunsRemoved
     from pipeline.stages.score import ScoreResult
     from pipeline.stages.sql import SqlResult
     from pipeline.stages.status import StoreStatus
@@ -143,6 +148,60 @@ def random_banner(random_weights: bool | None) -> None:
 
 def _f(value: float | None, digits: int = 4) -> str:
     return f"{float('nan') if value is None else value:.{digits}f}"
+
+
+def _size(n: int) -> str:
+    """Bytes for people, in powers of 1000 (as `du --si`)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{n:,} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:,.1f} TB"
+
+
+# --- any result as JSON (`--json`) -----------------------------------------------------------
+
+
+def show_json(result: Any) -> None:
+    """Any result as one JSON document on stdout; progress, notes and warnings stay on stderr (and the
+    warnings are in the document too: results carry them). A result's `to_json()` is used where it has
+    one (a typed, versioned form such as `RunMetrics`), else its fields."""
+    out.file.write(json.dumps(plain(result), indent=2, allow_nan=False) + "\n")
+    out.file.flush()
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON data: dataclasses by field (or their `to_json()`), Arrow tables as lists of rows,
+    paths and times as text, NaN and infinities as null, numpy values as numbers."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.store.layout import Store
+
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if callable(getattr(value, "to_json", None)):
+        return plain(value.to_json())
+    if isinstance(value, Store):
+        return str(value.root)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, pa.Table):
+        return plain(value.to_pylist())
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, dict):
+        return {("/".join(map(str, k)) if isinstance(k, tuple) else str(k)): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)  # paths, and whatever else prints as what it is
 
 
 # --- one renderer per result -----------------------------------------------------------------
@@ -383,6 +442,83 @@ def show_verify(result: VerifyResult, store: Path, repair: bool) -> None:
                   "stages named above to restore what they held.")
     else:
         out.print("run `pipeline verify --repair` to move them aside.")
+
+
+def show_runs(result: RunList) -> None:
+    from rich import box
+
+    if not result.runs:
+        out.print("No runs yet: `pipeline train` makes one.")
+        return
+    # Fits 80 columns: the id says when (UTC), one column says what was trained (the pairing when not the
+    # default); `--json` has every field apart.
+    many = f"{len(result.runs)} run{'s' if len(result.runs) != 1 else ''}"
+    view = Table(title=f"{many}, newest first; val and test ROC AUC", header_style="bold",
+                 title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("run_id", "name", "detector", "val", "test", "alarms"):
+        view.add_column(col, justify="right" if col in ("val", "test", "alarms") else "left", overflow="fold",
+                        no_wrap=col == "run_id")  # (an id is copied whole)
+    for r in result.runs:
+        mark = "*" if r.random_weights else ""
+        what = f"{r.detector} {r.features}" + (f" {r.pairing}" if r.pairing != "as-ingested" else "")
+        view.add_row(r.run_id, escape(r.name or "–"), what, _f(r.val_auc) + mark, _f(r.test_auc) + mark,
+                     f"[bold red]{r.alarms}[/]" if r.alarms else "0")
+    out.print(view)
+    if any(r.random_weights for r in result.runs):
+        out.print("[yellow]*[/] random-weight embeddings: these AUCs test the pipeline, they say nothing about CLIP.")
+    out.print("[dim]pipeline runs show RUN · pipeline runs rm RUN …[/]")
+
+
+def show_run(result: RunDetail) -> None:
+    from pipeline.present.html import estimate_text
+    from pipeline.present.names import metric_name
+
+    r, m = result.row, result.metrics
+    out.print(f"[bold]run {r.run_id}[/]" + (f" ({escape(r.name)})" if r.name else "")
+              + f", created {r.created_at:%Y-%m-%d %H:%M} UTC")
+    out.print(f"{r.detector} on {r.features} features of {escape(r.model_key)}, pairing {r.pairing}; {m.chosen}")
+    random_banner(r.random_weights)
+    for text in (a.sentence for a in m.alarms):
+        alarm(text)
+    columns = ("auc", "ap", "balanced_acc", "eer", "tpr_at_fpr_1")
+    for split in ("val", "test"):
+        metrics = m.split(split)
+        if not metrics.n:
+            continue
+        view = Table(title=f"{split}: {metrics.n} samples" + (f", {metrics.groups} groups" if metrics.groups else "")
+                     + " (×100, 95% interval)", header_style="bold", title_justify="left")
+        view.add_column("generator")
+        for key in columns:
+            view.add_column(metric_name(key), justify="right")
+        view.add_column("n", justify="right")
+        for generator in ["all", *metrics.generators]:
+            found = {key: metrics.estimate(key, generator) for key in columns}
+            n = next((e.n for e in found.values() if e is not None), None)
+            texts = (estimate_text(None if e is None else e.as_dict()) for e in found.values())
+            view.add_row(escape(generator), *texts, "–" if n is None else str(n))
+        out.print(view)
+    config = Table(title="config", header_style="bold", title_justify="left", show_header=False)
+    config.add_column("option")
+    config.add_column("value", overflow="fold")
+    for key, value in sorted(result.config.items()):
+        config.add_row(escape(key), escape(cell(value)))
+    out.print(config)
+    files = Table(title=f"files ({_size(result.bytes)})", header_style="bold", title_justify="left")
+    files.add_column("path", overflow="fold")
+    files.add_column("size", justify="right")
+    files.add_column("in views")
+    for f in result.files:
+        files.add_row(escape(f.path), _size(f.bytes), "yes" if f.committed else "")
+    out.print(files)
+    out.print(f"report: {escape(str(result.report))}" if result.report
+              else f"[dim]no report yet: pipeline report --run {r.run_id}[/]")
+
+
+def show_runs_removed(result: RunsRemoved) -> None:
+    rows = ", ".join(f"{n:,} {table}" for table, n in sorted(result.rows.items()))
+    out.print(f"[green]removed[/] {len(result.run_ids)} run{'s' if len(result.run_ids) != 1 else ''} "
+              f"({', '.join(result.run_ids)}): {result.files} files, {_size(result.bytes)}; rows taken out of the "
+              f"views: {rows}.")
 
 
 def demo_intro() -> None:

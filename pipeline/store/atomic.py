@@ -94,15 +94,19 @@ def remove_stale_temps(directory: Path) -> int:
     A temp of a live process on this host is kept; one of another host is kept for a day;
     an untagged one (written before temps carried owners) is a dead writer's.
     """
-    if not directory.exists():
-        return 0
     removed = 0
-    for tmp in (*directory.rglob(".*.tmp"), *directory.rglob(".*.tmp.wal")):  # (.wal: a DuckDB temp's log)
-        if temp_owner_alive(tmp):
-            continue
+    for tmp in stale_temps(directory):
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def stale_temps(directory: Path) -> list[Path]:
+    """The temp files under `directory` whose owner is dead (see `remove_stale_temps`)."""
+    if not directory.exists():
+        return []
+    found = (*directory.rglob(".*.tmp"), *directory.rglob(".*.tmp.wal"))  # (.wal: a DuckDB temp's log)
+    return [tmp for tmp in found if not temp_owner_alive(tmp)]
 
 
 def temp_owner_alive(tmp: Path) -> bool:
