@@ -632,6 +632,29 @@ def runs_rm(
 
 
 @app.command()
+def clean(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go, and remove nothing.")] = False,
+    caches: Annotated[bool, typer.Option("--caches", help="Also every derived cache under STORE/cache (rebuilt "
+                                         "when next needed: costs time, loses nothing).")] = False,
+    reports: Annotated[bool, typer.Option("--reports", help="Also every report under STORE/reports (report and "
+                                          "experiment write them again from the stored numbers).")] = False,
+    wait: WaitOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free space: leftovers of dead processes, files nothing names, stale indexes and caches; says how much.
+
+    By default only what nothing needs. Never removes a file a live process uses: it holds the writer
+    lock, empties a cache only when no reader pins it, and removes temp files of dead processes only."""
+    from pipeline.stages import clean as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.CleanConfig(Store(store), dry_run, caches, reports, wait), reporter)
+    show.show_json(result) if as_json else show.show_clean(result)
+
+
+@app.command()
 def verify(
     ctx: typer.Context,
     store: StoreOpt = DEFAULT_STORE,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.compositions.demo import DemoResult
     from pipeline.compositions.experiment import ExperimentResult
     from pipeline.compositions.sweep import SweepResult
+    from pipeline.stages.clean import CleanResult
     from pipeline.stages.encode import EncodeResult
     from pipeline.stages.import_features import ImportResult
     from pipeline.stages.index import IndexInfo
@@ -519,6 +520,25 @@ def show_runs_removed(result: RunsRemoved) -> None:
     out.print(f"[green]removed[/] {len(result.run_ids)} run{'s' if len(result.run_ids) != 1 else ''} "
               f"({', '.join(result.run_ids)}): {result.files} files, {_size(result.bytes)}; rows taken out of the "
               f"views: {rows}.")
+
+
+def show_clean(result: CleanResult) -> None:
+    verb = "would free" if result.dry_run else "freed"
+    if result.freed:
+        view = Table(header_style="bold", title_justify="left")
+        view.add_column(verb)
+        view.add_column("files", justify="right")
+        view.add_column("size", justify="right")
+        for f in result.freed:
+            view.add_row(escape(f.what), f"{f.files:,}", _size(f.bytes))
+        out.print(view)
+    out.print(f"[green]{verb}[/] {result.files:,} files, {_size(result.bytes)}"
+              + (" (nothing was removed: run without --dry-run to free it)." if result.dry_run else "."))
+    if result.adopted:
+        adopted = "are waiting to be committed by the next writer" if result.dry_run else "were committed"
+        out.print(f"{result.adopted} staged shards of finished workers {adopted} (they are data, not garbage).")
+    for k in (k for k in result.kept if k.files):
+        out.print(f"[dim]kept[/] {escape(k.what)}: {k.files:,} files, {_size(k.bytes)} ({escape(k.note or '')}).")
 
 
 def demo_intro() -> None:

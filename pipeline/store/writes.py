@@ -353,8 +353,8 @@ def _delete_listed(store: Store, listed: dict[str, list[str]]) -> Removed:
     root = store.root.resolve()
     for rel in [*listed["shards"], *listed["others"]]:
         path = store.root / rel
-        if not path.resolve().is_relative_to(root) or path.resolve() == root:
-            continue  # (a journal names paths inside the store only; never follow one out of it)
+        if not path.parent.resolve().is_relative_to(root) or path.resolve() == root:
+            continue  # (a journal names paths inside the store only; a link in it goes, never what it names)
         found = size_of(path)
         delete(path)
         if not (path.exists() or path.is_symlink()):
@@ -363,7 +363,13 @@ def _delete_listed(store: Store, listed: dict[str, list[str]]) -> Removed:
 
 
 def _rel(store: Store, path: Path | str) -> str:
-    return store.relative(Path(path)) if Path(path).is_absolute() else Path(path).as_posix()
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(store.root).as_posix()  # (lexical: a link inside the store is not followed)
+    except ValueError:
+        return store.relative(path)
 
 
 def _require_lock(store: Store) -> None:
