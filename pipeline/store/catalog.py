@@ -164,15 +164,20 @@ def write_catalog_file(store: Store) -> None:
         try:
             # (while it is written the file has a temp name: the views bind against the store named here)
             con.execute(f"SET VARIABLE pipeline_store = {literal(str(store.root.resolve()))}")
+            con.execute("BEGIN")  # one commit (and one fsync of DuckDB's log), not one per statement
             con.execute(STORE_ROOT_MACRO)
             con.execute(
                 "CREATE TABLE shards (path VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, "
                 "model_key VARCHAR, num_rows BIGINT NOT NULL)"
             )
-            rows = [(s.path, s.dataset, s.model_key, s.num_rows) for s in manifest.shards.values()]
-            if rows:
-                con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?)", rows)
+            shards = list(manifest.shards.values())
+            # (one statement of lists: `executemany` measured 7 s for 3,400 rows, this 0.07 s)
+            con.execute("INSERT INTO shards SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), "
+                        "unnest(?::VARCHAR[]), unnest(?::BIGINT[])",
+                        [[s.path for s in shards], [s.dataset for s in shards], [s.model_key for s in shards],
+                         [s.num_rows for s in shards]])
             _define_views(con, store, manifest, relative=True)
+            con.execute("COMMIT")
             con.execute("CHECKPOINT")
         finally:
             con.close()
