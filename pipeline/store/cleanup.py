@@ -111,7 +111,7 @@ def cache_units(store: Store) -> list[Path]:
 
 def stale_cache_units(store: Store, model_keys: set[str]) -> list[Path]:
     """Cache units of models the store no longer holds (their vectors' layouts and training views)."""
-    units = []
+    units: list[Path] = []
     for kind in ("vectors", "views"):
         folder = store.root / "cache" / kind
         for model in sorted(folder.iterdir()) if folder.is_dir() else ():
