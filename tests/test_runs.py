@@ -87,6 +87,25 @@ def test_list_and_show_through_the_command(two_runs: tuple[Store, list[str]]) ->
     assert code == 2 and "names 2 runs" in out and "Traceback" not in out
 
 
+@pytest.mark.parametrize("width", (80, 120))
+def test_list_and_show_fit_the_terminal_and_keep_ids_and_numbers_whole(two_runs: tuple[Store, list[str]],
+                                                                       width: int) -> None:
+    from rich.cells import cell_len
+
+    store, ids = two_runs
+    for args in (["runs", "list"], ["runs", "show", ids[1]]):
+        result = runner.invoke(app, [*args, "--store", str(store.root)], env={"COLUMNS": str(width)})
+        assert result.exit_code == 0, result.output
+        rules = [line for line in result.output.splitlines() if line.strip() and not line.strip(" ─")]
+        assert rules and all(cell_len(line) <= width for line in rules), rules  # each table's rule fits
+        lines = result.output.splitlines()
+        for run_id in ids if args[1] == "list" else ids[1:]:
+            assert any(run_id in line for line in lines), run_id  # whole, on one line
+    auc = catalog.query(store, "SELECT value FROM metrics WHERE run_id = ? AND split = 'test' AND generator = 'all' "
+                        "AND metric = 'auc'", [ids[1]]).column(0)[0].as_py()
+    assert f"{auc * 100:.2f}" in result.output  # the number whole, whatever the width
+
+
 def test_rm_removes_files_and_rows_in_one_commit(store_copy: tuple[Store, list[str]]) -> None:
     store, (a, b) = store_copy
     kept = _state(store, a)
