@@ -36,13 +36,21 @@ def readme_python() -> str:
 
 def test_the_readme_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    planted_store(tmp_path / "data" / "demo", rows=60, dim=8, signal=4.0)  # a small store where the demo puts its
-    monkeypatch.chdir(tmp_path)
-    exec(compile(readme_python(), str(README), "exec"), {})  # noqa: S102 - the README's code, as a user runs it
+    monkeypatch.chdir(tmp_path)  # a project folder, where the README's reader runs `pipeline demo` first
+    demo = runner.invoke(app, ["demo", "--rows", "8", "--workers", "0"])  # (the demo, smaller)
+    assert demo.exit_code == 0, demo.output
+    capsys.readouterr()
+    code = readme_python()
+    exec(compile(code, str(README), "exec"), {})  # noqa: S102 - the README's code, as a user runs it
     printed = capsys.readouterr().out
+    if "Detector.load" in code:  # the Detector line (`pipeline.detector`, from the predict work): one demo image
+        assert "000000.jpg" in printed and "score" in printed
+    status = _cli_json("status", "--store", "data/demo/store")
     runs = _cli_json("runs", "list", "--store", "data/demo/store")["runs"]
-    assert [r["name"] for r in runs] == ["from-python"] and runs[0]["run_id"] in printed
-    assert "300 samples" in printed and "test AUC" in printed
+    ours = [r for r in runs if r["name"] == "from-python"]
+    assert len(ours) == 1 and len(runs) == 2 and ours[0]["run_id"] in printed  # the demo's run, and this one
+    assert f"{status['samples']} samples" in printed and "test AUC" in printed
+    assert f"{ours[0]['test_auc']:.3f}" in printed  # the stored number, as `runs list` reads it
 
 
 def test_import_pipeline_loads_nothing_heavy() -> None:
