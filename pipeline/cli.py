@@ -633,6 +633,7 @@ def runs_rm(
     runs: Annotated[list[str], typer.Argument(help="Whole run ids (`pipeline runs list` shows them).")],
     store: StoreOpt = DEFAULT_STORE,
     wait: WaitOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove runs: their folders, reports, and rows in runs, scores and metrics, in one commit.
 
@@ -641,7 +642,7 @@ def runs_rm(
 
     with _running(ctx) as reporter:
         result = stage.run(stage.RemoveRuns(Store(store), tuple(runs), wait), reporter)
-    show.show_runs_removed(result)
+    show.show_json(result) if as_json else show.show_runs_removed(result)
 
 
 @app.command()

@@ -125,6 +125,9 @@ def test_rm_removes_files_and_rows_in_one_commit(store_copy: tuple[Store, list[s
     code, out = _run("runs", "rm", a, "nope", "--store", str(store.root))
     assert code == 2 and "No run 'nope'" in out and "nothing was removed" in out
     assert _state(store, a) == kept
+    removed = _json("runs", "rm", a, "--store", str(store.root))
+    assert removed["run_ids"] == [a] and removed["rows"] == {"runs": 1, "scores": 600, "metrics": kept["rows"][2]}
+    assert _state(store, a) == {"rows": (0, 0, 0), "files": []}
 
 
 HOOK = """
