@@ -71,11 +71,16 @@ class Store:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def sql(self, query: str, allow_files: bool = False) -> pa.Table:
-        """One read-only query over the store's views, in the sandbox of `pipeline sql`."""
+    def sql(self, query: str, allow_files: bool = False, memory_limit: str | None = None,
+            timeout: float | None = None) -> pa.Table:
+        """One read-only query over the store's views, in the sandbox of `pipeline sql` (its memory limit,
+        a quarter of the machine's by default, and `timeout` in seconds). The whole result is held in
+        memory: bound it with LIMIT (`pipeline sql --output` streams)."""
         from pipeline.stages import sql
 
-        return sql.run_query(self.layout, query, allow_files)
+        limit = memory_limit or sql.DEFAULT_MEMORY_LIMIT
+        sql.check_limits(limit, timeout)
+        return sql.run_query(self.layout, query, allow_files, limit, timeout)
 
     def status(self) -> StoreStatus:
         from pipeline.stages import status

@@ -77,6 +77,8 @@ def test_methods_answer_as_the_commands_do(tmp_path: Path) -> None:
     assert store.sql(query).to_pylist() == [json.loads(line) for line in cli.stdout.splitlines()]
     with pytest.raises(PipelineError, match="read-only"):
         store.sql("COPY samples TO 'x.csv'")  # the sandbox of `pipeline sql`
+    with pytest.raises(PipelineError, match="--memory-limit must look like 4GB"):
+        store.sql(query, memory_limit="lots")  # its bounds too, with the command's sentence
     with pytest.raises(PipelineError, match=r"Store.ingest\(\) has no option colour; it takes .*real_images"):
         store.ingest(str(data.parquet), format="d3", colour="red")
     with pytest.raises(PipelineError, match="--batch-size must be at least 2"):
