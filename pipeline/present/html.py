@@ -163,8 +163,7 @@ def index_reports(reports: Path, written: Path | None = None, kind: str | None =
     if written is not None and kind and written.resolve().is_relative_to(reports.resolve()):
         write_text(_about_path(written), json.dumps({"kind": kind, "run": run, "model": model,
                                                      "written": datetime.now(UTC).isoformat()}))
-    entries = sorted((_entry(reports, path) for path in _report_files(reports)),
-                     key=lambda r: (r.written, r.link), reverse=True)
+    entries = sorted(report_entries(reports), key=lambda r: (r.written, r.link), reverse=True)
     rows = [[f"<a href='{e(r.link)}'>{e(r.kind)}</a>", f"{r.written:%Y-%m-%d %H:%M}",
              "<br>".join(f"<code>{e(run)}</code>" for run in r.runs) or "–",
              f"<code>{e(r.model)}</code>" if r.model else "–"]
@@ -176,6 +175,19 @@ def index_reports(reports: Path, written: Path | None = None, kind: str | None =
             raw_table(["report", "written (UTC)", "run", "model key"], rows, "index") if rows
             else "<p>No reports yet.</p>"]
     return write_text(reports / "index.html", page("Reports", body))
+
+
+def report_entries(reports: Path) -> list[ReportEntry]:
+    """Every report under `reports`, as the index lists it (kind, runs, model, when)."""
+    return [_entry(reports, path) for path in _report_files(reports)]
+
+
+def report_files(reports: Path, entry: ReportEntry) -> list[Path]:
+    """What a report is on disk: its folder, or a top-level figure with its data and its note."""
+    path = reports / entry.link
+    if path.name == "index.html":
+        return [path.parent]
+    return [p for p in (path, path.with_suffix(".json"), _about_path(path)) if p.exists()]
 
 
 def _about_path(report: Path) -> Path:

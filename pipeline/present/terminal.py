@@ -16,8 +16,12 @@ broken; free text is cut with "…"; records when no table fits).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
 import time
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +38,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.compositions.demo import DemoResult
     from pipeline.compositions.experiment import ExperimentResult
     from pipeline.compositions.sweep import SweepResult
+    from pipeline.stages.clean import CleanResult
     from pipeline.stages.encode import EncodeResult
     from pipeline.stages.import_features import ImportResult
     from pipeline.stages.index import IndexInfo
@@ -43,6 +48,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.stages.neighbors import NeighborResult
     from pipeline.stages.perturb import PerturbResult
     from pipeline.stages.report import ReportResult
+    from pipeline.stages.runs import RunDetail, RunList, RunsRemoved
     from pipeline.stages.score import ScoreResult
     from pipeline.stages.sql import SqlResult
     from pipeline.stages.status import StoreStatus
@@ -283,6 +289,60 @@ def random_banner(random_weights: bool | None) -> None:
 
 def _f(value: float | None, digits: int = 4) -> str:
     return f"{float('nan') if value is None else value:.{digits}f}"
+
+
+def _size(n: int) -> str:
+    """Bytes for people, in powers of 1000 (as `du --si`)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{n:,} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:,.1f} TB"
+
+
+# --- any result as JSON (`--json`) -----------------------------------------------------------
+
+
+def show_json(result: Any) -> None:
+    """Any result as one JSON document on stdout; progress, notes and warnings stay on stderr (and the
+    warnings are in the document too: results carry them). A result's `to_json()` is used where it has
+    one (a typed, versioned form such as `RunMetrics`), else its fields."""
+    out.file.write(json.dumps(plain(result), indent=2, allow_nan=False) + "\n")
+    out.file.flush()
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON data: dataclasses by field (or their `to_json()`), Arrow tables as lists of rows,
+    paths and times as text, NaN and infinities as null, numpy values as numbers."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.store.layout import Store
+
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if callable(getattr(value, "to_json", None)):
+        return plain(value.to_json())
+    if isinstance(value, Store):
+        return str(value.root)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, pa.Table):
+        return plain(value.to_pylist())
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, dict):
+        return {("/".join(map(str, k)) if isinstance(k, tuple) else str(k)): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)  # paths, and whatever else prints as what it is
 
 
 # --- one renderer per result -----------------------------------------------------------------
@@ -581,6 +641,102 @@ def show_verify(result: VerifyResult, store: Path, repair: bool) -> None:
                   "stages named above to restore what they held.")
     else:
         out.print("run `pipeline verify --repair` to move them aside.")
+
+
+def show_runs(result: RunList) -> None:
+    if not result.runs:
+        out.print("No runs yet: `pipeline train` makes one.")
+        return
+    # The id says when (UTC); one column says what was trained (the pairing when not the default);
+    # `--json` has every field apart.
+    many = f"{len(result.runs)} run{'s' if len(result.runs) != 1 else ''}"
+    columns = [Column("run_id", "token"), Column("name", "text"), Column("detector", "label"),
+               *(Column(split, "number") for split in ("val", "test")), Column("alarms", "number")]
+    rows = []
+    for r in result.runs:
+        mark = "*" if r.random_weights else ""
+        what = f"{r.detector} {r.features}" + (f" {r.pairing}" if r.pairing != "as-ingested" else "")
+        rows.append([r.run_id, r.name or "–", what, _f(r.val_auc) + mark, _f(r.test_auc) + mark,
+                     Text(str(r.alarms), style="bold red") if r.alarms else "0"])
+    tables.show(out, columns, rows, f"{many}, newest first; val and test ROC AUC")
+    if any(r.random_weights for r in result.runs):
+        out.print("[yellow]*[/] random-weight embeddings: these AUCs test the pipeline, they say nothing about CLIP.")
+    out.print("[dim]pipeline runs show RUN · pipeline runs rm RUN …[/]")
+
+
+def show_run(result: RunDetail) -> None:
+    from pipeline.present.html import NOT_INFORMATIVE, interval, pct
+    from pipeline.present.names import metric_name, short_metric_name
+
+    r, m = result.row, result.metrics
+    out.print(f"[bold]run {r.run_id}[/]" + (f" ({escape(r.name)})" if r.name else "")
+              + f", created {r.created_at:%Y-%m-%d %H:%M} UTC")
+    out.print(f"{r.detector} on {r.features} features of {escape(r.model_key)}, pairing {r.pairing}; {m.chosen}")
+    random_banner(r.random_weights)
+    for text in (a.sentence for a in m.alarms):
+        alarm(text)
+    keys = ("auc", "ap", "balanced_acc", "eer", "tpr_at_fpr_1")
+    degenerate = False
+    for split in ("val", "test"):
+        metrics = m.split(split)
+        if not metrics.n:
+            continue
+        title = (f"{split}: {metrics.n} samples" + (f", {metrics.groups} groups" if metrics.groups else "")
+                 + " (×100, 95% interval)")
+        columns = [Column("generator", "token"), *(Column(short_metric_name(k), "number") for k in keys),
+                   Column("n", "number")]
+        cells = []
+        for generator in ["all", *metrics.generators]:
+            found = [metrics.estimate(k, generator) for k in keys]
+            n = next((e.n for e in found if e is not None), None)
+            texts = []
+            for e in found:
+                bounds = None if e is None else interval(e.lo, e.hi)
+                degenerate |= bounds == NOT_INFORMATIVE
+                texts.append("–" if e is None else pct(e.value) + ("" if bounds is None else " n.i."
+                                                                   if bounds == NOT_INFORMATIVE else f" {bounds}"))
+            cells.append((generator, texts, "–" if n is None else str(n)))
+        out.print(Text(title, style="bold"))
+        for lines in (1, 2, 3):  # the widest layout that fits: a value and its interval apart, then each number
+            rows = [[g, *(_stacked(c, lines).replace(" n.i.", "\nn.i." if lines > 1 else " n.i.") for c in texts), n]
+                    for g, texts, n in cells]
+            if (fitted := tables.grid(columns, rows, out.width)) is not None:
+                out.print(fitted[0])
+                break
+        else:
+            out.print(tables.records(columns, rows))
+    out.print("[dim]" + "; ".join(f"{short_metric_name(k)}: {metric_name(k)}" for k in keys
+                                  if short_metric_name(k) != metric_name(k))
+              + ("; n.i.: interval not informative (every bootstrap replicate gave the same value)" if degenerate
+                 else "") + "[/]")
+    tables.show(out, [Column("option", "token"), Column("value", "text")],
+                [[key, cell(value)] for key, value in sorted(result.config.items())], "config")
+    tables.show(out, [Column("path", "token"), Column("size", "number"), Column("in views", "label")],
+                [[f.path, _size(f.bytes), "yes" if f.committed else ""] for f in result.files],
+                f"files ({_size(result.bytes)})")
+    out.print(f"report: {escape(str(result.report))}" if result.report
+              else f"[dim]no report yet: pipeline report --run {r.run_id}[/]")
+
+
+def show_runs_removed(result: RunsRemoved) -> None:
+    rows = ", ".join(f"{n:,} {table}" for table, n in sorted(result.rows.items()))
+    out.print(f"[green]removed[/] {len(result.run_ids)} run{'s' if len(result.run_ids) != 1 else ''} "
+              f"({', '.join(result.run_ids)}): {result.files} files, {_size(result.bytes)}; rows taken out of the "
+              f"views: {rows}.")
+
+
+def show_clean(result: CleanResult) -> None:
+    verb = "would free" if result.dry_run else "freed"
+    if result.freed:
+        tables.show(out, [Column(verb, "label"), Column("files", "number"), Column("size", "number")],
+                    [[f.what, f"{f.files:,}", _size(f.bytes)] for f in result.freed])
+    out.print(f"[green]{verb}[/] {result.files:,} files, {_size(result.bytes)}"
+              + (" (nothing was removed: run without --dry-run to free it)." if result.dry_run else "."))
+    if result.adopted:
+        adopted = "are waiting to be committed by the next writer" if result.dry_run else "were committed"
+        out.print(f"{result.adopted} staged shards of finished workers {adopted} (they are data, not garbage).")
+    for k in (k for k in result.kept if k.files):
+        out.print(f"[dim]kept[/] {escape(k.what)}: {k.files:,} files, {_size(k.bytes)} ({escape(k.note or '')}).")
 
 
 def demo_intro() -> None:

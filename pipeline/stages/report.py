@@ -100,7 +100,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         intervals = stored.intervals
         n_boot = stored.bootstrap.replicates if stored.bootstrap else 0
         basis = f"as the run recorded them (n = {stored.n} {split} samples when it was trained)"
-    directory = output or store.root / "reports" / f"run-{run_id}"
+    directory = output or store.run_report_dir(run_id)
     result = ReportResult(directory, intervals=intervals)
     rw = metrics.random_weights
     result.files.append(figures.roc(directory / "roc.png", y, p, gens, split, rw))

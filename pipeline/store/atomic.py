@@ -124,13 +124,8 @@ def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = T
     an untagged one (written before temps carried owners) is a dead writer's. `strict=False` (a
     reader sweeping): a temp it may not remove (a read-only store) is left for a writer.
     """
-    if not directory.exists():
-        return 0
     removed = 0
-    walk = directory.rglob if recursive else directory.glob
-    for tmp in (*walk(".*.tmp"), *walk(".*.tmp.wal")):  # (.wal: a DuckDB temp's log)
-        if temp_owner_alive(tmp):
-            continue
+    for tmp in stale_temps(directory, recursive):
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
@@ -139,6 +134,15 @@ def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = T
             continue
         removed += 1
     return removed
+
+
+def stale_temps(directory: Path, recursive: bool = True) -> list[Path]:
+    """The temp files under `directory` (or in it only) whose owner is dead (see `remove_stale_temps`)."""
+    if not directory.exists():
+        return []
+    walk = directory.rglob if recursive else directory.glob
+    found = (*walk(".*.tmp"), *walk(".*.tmp.wal"))  # (.wal: a DuckDB temp's log)
+    return [tmp for tmp in found if not temp_owner_alive(tmp)]
 
 
 def temp_owner_alive(tmp: Path) -> bool:

@@ -13,14 +13,19 @@ file was not removed or replaced), and only `ingest` and `import-features` may m
 
 Distributed writers follow the same rule: workers write complete shards into STORE/staging/ and
 only the lock holder moves them into place and commits them (`commit_staged`).
+
+Committed files leave the store only through `remove`: one commit, finished or undone by the next
+writer after a kill (its journal says which), so a removal is whole or absent, never half.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -33,7 +38,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.reporting import Reporter
 from pipeline.store import catalog, doubled, lock
-from pipeline.store.atomic import remove_stale_temps, write_parquet
+from pipeline.store.atomic import remove_stale_temps, write_parquet, write_text
+from pipeline.store.cleanup import Removed, delete, size_of
 from pipeline.store.doubled import Doubled
 from pipeline.store.layout import Store
 from pipeline.store.manifest import (
@@ -196,6 +202,43 @@ def set_aside(store: Store, rel: str) -> Path | None:
     return target
 
 
+def remove(store: Store, shards: Iterable[Path | str], others: Iterable[Path | str] = ()) -> Removed:
+    """Delete committed shards, and the files or folders of the store that go with them (`others`: a run's
+    checkpoint and folder, its report), in ONE commit. Only the holder of the writer lock may call it.
+
+    Atomic against a kill: a journal naming everything is written first (`STORE/.removing/`), then the
+    manifest drops the shards in one atomic update (the commit: from then on no reader sees them), then
+    the files go, the journal last. The next writer to take the lock finishes a journal whose commit
+    happened (none of its shards left in the manifest) and drops one whose commit did not: the files
+    stay whole or go whole. Cost: one manifest write, a rewrite of `catalog.duckdb`, and a stat and an
+    unlink per file."""
+    _require_lock(store)
+    listed = {"shards": sorted({_rel(store, p) for p in shards}), "others": sorted({_rel(store, p) for p in others})}
+    journal = write_text(store.root / REMOVING / f"{uuid.uuid4().hex}.json", json.dumps(listed))
+    manifest = read_manifest(store)
+    for rel in listed["shards"]:
+        manifest.shards.pop(rel, None)
+        manifest.damaged.pop(rel, None)
+    write_manifest(store, manifest)
+    catalog.write_catalog_file(store)  # before a file goes: no view, catalog.duckdb's included, names one gone
+    removed = _delete_listed(store, listed)
+    journal.unlink()
+    _rmdir_if_empty(journal.parent)
+    return removed
+
+
+def delete_uncommitted(store: Store, paths: Iterable[Path]) -> Removed:
+    """Delete files or folders of the store that no committed shard is (leftovers of dead processes,
+    derived files nothing names): the writer lock excludes every process that could be writing them."""
+    _require_lock(store)
+    manifest = read_manifest(store)
+    rels = sorted({_rel(store, p) for p in paths})
+    committed = [r for r in rels if r in manifest.shards or any(s.startswith(r + "/") for s in manifest.shards)]
+    if committed:
+        raise RuntimeError(f"{committed[0]} is committed: remove it with writes.remove, in a commit")
+    return _delete_listed(store, {"shards": [], "others": rels})
+
+
 def reconcile(store: Store) -> Reconciled:
     """Make the manifest match the files: sweep dead writers' temps, adopt staged and orphan shards,
     drop vanished ones, sweep scores of runs that never committed. Runs when the lock is taken."""
@@ -218,6 +261,7 @@ def rebuild(store: Store, reporter: Reporter | None = None, wait: bool = True) -
 
 
 def _reconcile(store: Store, trust_manifest: bool = True) -> Reconciled:
+    _finish_removals(store)  # first: a finished removal's files must not be adopted back below
     temps = remove_stale_temps(store.root)
     manifest = read_manifest(store) if trust_manifest else Manifest(shards=_missing_of_old_manifest(store))
     adopted = 0
@@ -319,28 +363,87 @@ def _without_committed_vectors(store: Store, manifest: Manifest, staged: Path, f
     return False
 
 
-def _sweep_uncommitted_runs(store: Store, manifest: Manifest) -> int:
-    """A run is committed when its `run.parquet` is (written last); score and metric shards
-    (`scores|metrics/<run_id>[-<part>].parquet`) and folders of any other run are a killed writer's ghosts."""
+def uncommitted_run_files(store: Store) -> list[Path]:
+    """Files of runs that never committed: a run is committed when its `run.parquet` is (written last);
+    score and metric shards (`scores|metrics/<run_id>[-<part>].parquet`) and folders of any other run are
+    a killed writer's ghosts. Cost: a listing of `runs/`, `scores/` and `metrics/`."""
     runs_dir = store.dataset_dir("runs")
     committed = {p.parent.name for p in runs_dir.glob("*/run.parquet")} if runs_dir.exists() else set()
-    swept = 0
+    found: list[Path] = []
     for per_run in (store.dataset_dir("scores"), store.dataset_dir("metrics")):
-        if not per_run.exists():
-            continue
-        for scores in per_run.glob("*.parquet"):
-            stem = scores.stem
-            prefixes = {stem} | {stem[:i] for i, ch in enumerate(stem) if ch == "-"}
-            if not prefixes & committed:
-                manifest.shards.pop(store.relative(scores), None)
-                scores.unlink(missing_ok=True)
-                swept += 1
+        for shard in sorted(per_run.glob("*.parquet")) if per_run.exists() else ():
+            stem = shard.stem
+            if not ({stem} | {stem[:i] for i, ch in enumerate(stem) if ch == "-"}) & committed:
+                found.append(shard)
     if runs_dir.exists():
-        for run in runs_dir.iterdir():
-            if run.is_dir() and run.name not in committed:
-                shutil.rmtree(run, ignore_errors=True)
-                swept += 1
-    return swept
+        found.extend(run for run in sorted(runs_dir.iterdir()) if run.is_dir() and run.name not in committed)
+    return found
+
+
+def _sweep_uncommitted_runs(store: Store, manifest: Manifest) -> int:
+    found = uncommitted_run_files(store)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            manifest.shards.pop(store.relative(path), None)
+            path.unlink(missing_ok=True)
+    return len(found)
+
+
+REMOVING = ".removing"  # journals of `remove`, in the store's root
+
+
+def _finish_removals(store: Store) -> None:
+    """Complete each removal a kill interrupted after its commit; forget those killed before it."""
+    directory = store.root / REMOVING
+    journals = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    if not journals:
+        return
+    try:
+        committed = read_manifest(store).shards
+    except PipelineError:
+        committed = None  # unreadable (a rebuild follows): keep every file, as if no removal had committed
+    for journal in journals:
+        try:
+            listed = json.loads(journal.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            listed = None  # a journal is written atomically: unreadable means not ours to act on
+        if listed is not None and committed is not None and not any(r in committed for r in listed["shards"]):
+            _delete_listed(store, listed)
+        journal.unlink(missing_ok=True)
+    _rmdir_if_empty(directory)
+
+
+def _rmdir_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # not empty (another journal), or gone
+
+
+def _delete_listed(store: Store, listed: dict[str, list[str]]) -> Removed:
+    removed = Removed()
+    root = store.root.resolve()
+    for rel in [*listed["shards"], *listed["others"]]:
+        path = store.root / rel
+        if not path.parent.resolve().is_relative_to(root) or path.resolve() == root:
+            continue  # (a journal names paths inside the store only; a link in it goes, never what it names)
+        found = size_of(path)
+        delete(path)
+        if not (path.exists() or path.is_symlink()):
+            removed += found
+    return removed
+
+
+def _rel(store: Store, path: Path | str) -> str:
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(store.root).as_posix()  # (lexical: a link inside the store is not followed)
+    except ValueError:
+        return store.relative(path)
 
 
 def _require_lock(store: Store) -> None:
