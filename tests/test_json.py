@@ -36,7 +36,7 @@ def test_status_and_train_print_one_document_and_keep_progress_on_stderr(store: 
     run, err = _pipeline("train", "--store", store, "--epochs", "2", "--batch-size", "128", "--name", "j")
     assert "trained 2 epochs" in err and "epochs" in err.splitlines()[-1]  # progress: on stderr, not in the document
     test_samples = sum(r["samples"] for r in status["by_split_label_generator"] if r["split"] == "test")
-    assert run["metrics"]["version"] == 2 and run["metrics"]["test"]["n"] == test_samples > 0
+    assert run["metrics"]["version"] == 3 and run["metrics"]["test"]["n"] == test_samples > 0
     assert run["metrics"]["test"]["intervals"]["all"]["auc"]["lo"] is not None
     assert isinstance(run["alarms"], list) and isinstance(run["warnings"], list)
     listed = runner.invoke(app, ["runs", "list", "--store", store, "--json"])
@@ -55,7 +55,7 @@ def test_sweep_and_experiment_print_one_document(store: str, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
     assert table["table"] == "table2" and table["path"].endswith("table.md") and len(table["rows"]) == 8
-    assert all(row[1]["metrics"]["version"] == 2 for row in table["rows"])
+    assert all(row[1]["metrics"]["version"] == 3 for row in table["rows"])
 
 
 def test_plain_turns_any_result_into_json_data() -> None:
