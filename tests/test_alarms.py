@@ -222,3 +222,9 @@ def test_an_old_run_without_stored_alarms_says_it_was_not_checked(tmp_path: Path
     assert done.exit_code == 0, done.output
     assert "trained before runs stored their shortcut checks" in (out / "index.html").read_text()
     shutil.rmtree(out)
+
+
+def test_a_stored_split_without_a_threshold_reads_as_none() -> None:
+    """A run recorded with `--lr inf` before such settings were refused stored `threshold: null`."""
+    split = SplitMetrics.from_json({"n": 4, "at_val_threshold": {"threshold": None, "metrics": {}}})
+    assert split.at_val_threshold is None

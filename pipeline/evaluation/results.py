@@ -98,9 +98,17 @@ class SplitMetrics:
                                                           str(boot.get("unit", "group_key")),
                                                           tuple(int(s) for s in boot.get("seed") or ())),
             groups=None if data.get("groups") is None else int(data["groups"]),
-            at_val_threshold=None if not chosen else AtThreshold(float(chosen["threshold"]), {
-                m: estimate_from_json(e) for m, e in (chosen.get("metrics") or {}).items()}),
+            at_val_threshold=_at_threshold(chosen),
         )
+
+
+def _at_threshold(chosen: dict[str, Any] | None) -> AtThreshold | None:
+    """The test metrics at val's threshold; None where a run stored none (one recorded with a non-finite
+    setting, before those were refused, has `threshold: null`)."""
+    if not chosen or chosen.get("threshold") is None:
+        return None
+    return AtThreshold(float(chosen["threshold"]), {
+        m: estimate_from_json(e) for m, e in (chosen.get("metrics") or {}).items()})
 
 
 @dataclass(frozen=True)
