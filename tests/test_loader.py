@@ -340,3 +340,44 @@ def test_a_view_that_does_not_fit_its_first_memory_bound_is_built_under_the_next
     table = view.feature_table(store, "m")
     assert tried == [("1MB", "OutOfMemoryException"), ("1GB", "built")]
     assert table.rows == 2000
+
+
+def test_a_view_whose_limit_is_hit_while_its_rows_stream_is_built_under_the_next_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 5M samples DuckDB ran out of the first bound halfway through the sorted rows, and the error came
+    through pyarrow's reader as an OSError, not as `duckdb.OutOfMemoryException`: the view failed instead of
+    being built under the next bound (and train, sweep, score and report with it)."""
+    pytest.importorskip("h5py")
+    import pyarrow as pa
+
+    from pipeline.features import view
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import run as import_features
+    from pipeline.store import duck
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=400, image_dim=8, text_dim=8)
+    store = Store(tmp_path / "store")
+    import_features(ImportConfig(tmp_path / "h5", "h5", store, "m"))
+    streamed = duck.batches
+    calls: list[int] = []
+
+    class HalfThenOutOfMemory:
+        """The first bound's rows: one batch, then DuckDB's error as pyarrow raises it."""
+
+        def __init__(self, reader: pa.RecordBatchReader) -> None:
+            self.reader, self.schema = reader, reader.schema
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield self.reader.read_next_batch()
+            raise OSError("Out of Memory Error: failed to pin block of size 256.0 KiB (244.0 MiB/244.1 MiB used)")
+
+    def batches(rel: Any, rows: int) -> Any:
+        calls.append(rows)
+        reader = streamed(rel, rows)
+        return HalfThenOutOfMemory(reader) if len(calls) == 1 else reader
+
+    monkeypatch.setattr(duck, "batches", batches)
+    table = view.feature_table(store, "m")
+    assert len(calls) == 2 and table.rows == 2000  # the second bound built it, whole
+    assert [p.name for p in table.directory.iterdir() if "part-" in p.name] == [table.parts[0].name]  # no temp left

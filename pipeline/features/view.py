@@ -221,7 +221,9 @@ def _build_part(store: Store, directory: Path, manifest: dict[str, Any], images:
     for memory in DUCKDB_MEMORY[:-1]:
         try:
             return _write_part(store, directory, name, earlier, images, texts, pairing, perturbation, covered, memory)
-        except duckdb.OutOfMemoryException:
+        except (duckdb.OutOfMemoryException, OSError) as exc:  # (OSError: the limit hit while streaming)
+            if not duck.out_of_memory(exc):
+                raise
             continue
     return _write_part(store, directory, name, earlier, images, texts, pairing, perturbation, covered,
                        DUCKDB_MEMORY[-1])

@@ -34,6 +34,16 @@ def limit_memory(con: duckdb.DuckDBPyConnection, memory: str, spill: Path, threa
         con.execute("SET threads = ?", [int(threads)])
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is DuckDB running out of its memory limit. Raised while a query starts, it is a
+    `duckdb.OutOfMemoryException`; raised while its result streams through `batches` (a sort or a join
+    that stops fitting halfway, as the training view at 5M samples), pyarrow hands it on as an `OSError`
+    carrying DuckDB's message."""
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return True
+    return isinstance(exc, OSError) and str(exc).startswith("Out of Memory Error")
+
+
 def batches(rel: Any, rows: int) -> pa.RecordBatchReader:
     """A relation's result as a reader of Arrow record batches of about `rows` rows, streamed (never all
     at once); its `schema` is known before the first batch, even when there is none."""
