@@ -49,7 +49,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import cache, catalog, duck
-from pipeline.store.atomic import write_text
+from pipeline.store.atomic import remove_stale_temps, temp_path, write_text
 from pipeline.store.duck import literal
 from pipeline.store.layout import Store, safe_name
 from pipeline.store.stream import ParquetStream
@@ -233,21 +233,29 @@ def _write_part(store: Store, directory: Path, name: str, earlier: list[Path], i
                 texts: VectorMatrix | None, pairing: str, perturbation: str | None, covered: list[str],
                 memory: str) -> dict[str, Any]:
     spill = store.root / "cache" / "duckdb-tmp"
-    with catalog.connect(store) as con:
-        _limit(con, spill, memory)
-        con.register("image_offsets", images.shard_offsets())
-        if texts is not None:
-            con.register("text_offsets", texts.shard_offsets())
-        sql, params = _view_sql(store, images, texts, pairing, perturbation, earlier)
-        rows = duck.batches(con.sql(sql, params=params), ROW_GROUP_ROWS)
-        kept = pa.schema([rows.schema.field(n) for n in FEATURE_VIEW.names])  # (the digests are not written)
-        digests = {"rows": RowDigest(), "text": RowDigest()}
-        with ParquetStream(directory / name, kept, group_rows=ROW_GROUP_ROWS) as stream:
-            for batch in rows:
-                for which in digests:
-                    digests[which] += RowDigest.of(batch.column(f"_{which}_hi"), batch.column(f"_{which}_lo"))
-                stream.write(pa.Table.from_batches([batch]).select(kept.names))
-            path = stream.finalize()
+    remove_stale_temps(directory, recursive=False, strict=False)  # a killed build's samples-with-images
+    joined = temp_path(directory / "samples-with-images.parquet")
+    try:
+        with catalog.connect(store) as con:
+            _limit(con, spill, memory)
+            con.register("image_offsets", images.shard_offsets())
+            if texts is not None:
+                con.register("text_offsets", texts.shard_offsets())
+            steps = _view_sql(store, images, texts, pairing, perturbation, earlier, joined)
+            for sql, params in steps[:-1]:
+                con.execute(sql, params)
+            sql, params = steps[-1]
+            rows = duck.batches(con.sql(sql, params=params), ROW_GROUP_ROWS)
+            kept = pa.schema([rows.schema.field(n) for n in FEATURE_VIEW.names])  # (the digests are not written)
+            digests = {"rows": RowDigest(), "text": RowDigest()}
+            with ParquetStream(directory / name, kept, group_rows=ROW_GROUP_ROWS) as stream:
+                for batch in rows:
+                    for which in digests:
+                        digests[which] += RowDigest.of(batch.column(f"_{which}_hi"), batch.column(f"_{which}_lo"))
+                    stream.write(pa.Table.from_batches([batch]).select(kept.names))
+                path = stream.finalize()
+    finally:
+        joined.unlink(missing_ok=True)
     meta = pq.read_metadata(path)
     missing = _count_missing_text(path)
     return {"file": name, "rows": meta.num_rows, "missing_text": missing, "shards": covered,
@@ -255,7 +263,13 @@ def _write_part(store: Store, directory: Path, name: str, earlier: list[Path], i
 
 
 def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pairing: str,
-              perturbation: str | None, earlier: list[Path]) -> tuple[str, dict[str, object]]:
+              perturbation: str | None, earlier: list[Path], joined: Path) -> list[tuple[str, dict[str, object]]]:
+    """The statements that make the view's rows: the joins, written unsorted to `joined` (a temp Parquet
+    file), then a query returning that file's rows in the view's order.
+
+    Why two: the joins and the sort in one query ran out of 256 MB and of 512 MB at 5M samples (and 1 GB
+    was then the view's peak), where the joins alone, and a sort alone, each fit in 256 MB: DuckDB
+    spills a join's build side or a sort's runs, not both at once."""
     params: dict[str, object] = {"root": str(store.root.resolve()) + "/",
                                  "image_files": images.shard_offsets().column("path").to_pylist()}
 
@@ -284,7 +298,7 @@ def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pa
     what = "concat_ws('|', s.sample_id, s.label, s.split, s.generator, s.group_key)"
     text_md5 = (f"CASE WHEN t.row IS NULL THEN NULL ELSE md5_number(concat_ws('|', {what}, {text_key})) END"
                 if texts is not None else "NULL::UHUGEINT")
-    sql = f"""
+    joins = f"""
         WITH s AS (
             SELECT DISTINCT ON (sample_id) sample_id, split, label, generator, group_key, text_hash
             FROM samples WHERE {where}
@@ -298,9 +312,10 @@ def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pa
         SELECT sample_id, split, label, generator, group_key, image_row, text_row,
                (rows_md5 >> 64)::UBIGINT AS _rows_hi, (rows_md5 & {_MASK64})::UBIGINT AS _rows_lo,
                (text_md5 >> 64)::UBIGINT AS _text_hi, (text_md5 & {_MASK64})::UBIGINT AS _text_lo
-        FROM v ORDER BY split, hash(sample_id)
+        FROM v
     """
-    return sql, params
+    in_order = "SELECT * FROM read_parquet($joined) ORDER BY split, hash(sample_id)"
+    return [(f"COPY ({joins}) TO {literal(str(joined))} (FORMAT parquet)", params), (in_order, {"joined": str(joined)})]
 
 
 def _count_missing_text(path: Path) -> int:
