@@ -36,6 +36,8 @@ catalog_app = typer.Typer(help="Maintain the DuckDB catalog.", no_args_is_help=T
 app.add_typer(catalog_app, name="catalog")
 index_app = typer.Typer(help="FAISS indexes over cached vectors.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+conflicts_app = typer.Typer(help="Images brought under two labels, and your decision on each.", no_args_is_help=True)
+app.add_typer(conflicts_app, name="conflicts")
 
 # --- options shared by several commands, declared once ------------------------------------------
 
@@ -155,13 +157,17 @@ def ingest(
                                         "manifest's split column).")] = "0.8,0.1,0.1",
     split_seed: Annotated[str, typer.Option(help="Salt of the split hash.")] = "0",
     max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
+    unlabelled: Annotated[bool, typer.Option(
+        "--unlabelled", help="Record the images without a label (split 'unlabelled': never trained on, never in "
+        "conflict); folder: any layout, every image under it; webdataset: no --generator needed.")] = False,
     wait: WaitOpt = True,
 ) -> None:
     """Add the images of SOURCE (with captions, labels, generators) to the store as samples.
 
     Images are identified by the SHA-256 of their bytes: ingesting the same image twice adds it
     once. Unreadable inputs and D3 rows whose real image is missing are counted, recorded in the
-    quarantine table, and reported.
+    quarantine table, and reported. Bytes the store holds under another label keep that label: the
+    claim is listed by `pipeline conflicts list` until you decide.
     """
     from pipeline.stages import ingest as stage
 
@@ -170,6 +176,7 @@ def ingest(
         config = stage.IngestConfig(
             source=source, format=format, store=Store(store), real_images=real_images, generator=generator,
             label_map=label_map, group_by=group_by, split_seed=split_seed, max_bytes=max_bytes, wait=wait,
+            unlabelled=unlabelled,
             split_fractions=(0.8, 0.1, 0.1) if from_source else _fractions(splits),
             splits_from="source" if from_source else "hash", **_names(generators))
         result = stage.run(config, reporter)
@@ -434,6 +441,35 @@ def score_cmd(
     with _running(ctx) as reporter:
         result = stage.run(stage.ScoreConfig(Store(store), run, wait), reporter)
     show.show_score(result)
+
+
+@conflicts_app.command("list")
+def conflicts_list(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Each image brought under two labels: the label training uses, what was stored, what was claimed."""
+    from pipeline.stages import conflicts as stage
+
+    with _errors(ctx):
+        result = stage.run(stage.ConflictsConfig(Store(store)))
+    show.show_conflicts(result)
+
+
+@conflicts_app.command("resolve")
+def conflicts_resolve(
+    ctx: typer.Context,
+    sample: Annotated[str, typer.Argument(help="The sample id (a unique prefix of 6+ characters).")],
+    label: Annotated[c.Decision | None, typer.Option(help="real | generated | none (use it as neither).")] = None,
+    generator: Annotated[str | None, typer.Option(help="With --label generated: its generator (default: the "
+                                                  "one a source named).")] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Reverse this sample's latest decision.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    wait: WaitOpt = True,
+) -> None:
+    """Decide a conflicting sample's label (recorded, never rewritten: --undo reverses it)."""
+    from pipeline.stages import conflicts as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.ConflictsConfig(Store(store), sample, label, generator, undo, wait), reporter)
+    show.show_conflicts(result)
 
 
 @index_app.command("build")

@@ -4,6 +4,7 @@ Build tables with `from_rows` / `from_columns`: a misspelt column is an error, n
 """
 
 from schemas.tables import (
+    DECISIONS,
     EMBEDDING_DTYPES,
     FEATURE_VIEW,
     INDEX_IDS,
@@ -11,6 +12,7 @@ from schemas.tables import (
     LEAKS,
     METRICS,
     MODALITIES,
+    PREDICTIONS,
     QUARANTINE,
     READABLE_VERSIONS,
     RUNS,
@@ -19,7 +21,9 @@ from schemas.tables import (
     SCORES,
     SOURCES,
     SPLITS,
+    TABLE_VERSIONS,
     TABLES,
+    UNLABELLED,
     embeddings_schema,
     encoded_schema,
     from_columns,
@@ -27,9 +31,15 @@ from schemas.tables import (
     schema_problem,
     stamp,
     table_of,
+    version_of,
 )
 
 __all__ = [
+    "DECISIONS",
+    "PREDICTIONS",
+    "TABLE_VERSIONS",
+    "UNLABELLED",
+    "version_of",
     "EMBEDDING_DTYPES",
     "INDEXES",
     "FEATURE_VIEW",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.compositions.demo import DemoResult
     from pipeline.compositions.experiment import ExperimentResult
     from pipeline.compositions.sweep import SweepResult
+    from pipeline.stages.conflicts import ConflictsResult
     from pipeline.stages.encode import EncodeResult
     from pipeline.stages.import_features import ImportResult
     from pipeline.stages.index import IndexInfo
@@ -164,9 +165,12 @@ def show_ingest(result: IngestResult) -> None:
         out.print(f"[yellow]{count} images are already in the store as {escape(repr(there))}[/], named "
                   f"{escape(repr(here))} here: check --generators (D3's gen_0..gen_3 follow the Parquet "
                   "model_gen0..3).")
-    if result.label_conflicts:
-        out.print(f"[yellow]{result.label_conflicts} images appear under two labels[/] and are used as neither "
-                  "(quarantined as label_conflict).")
+    if result.unlabelled:
+        out.print(f"{result.unlabelled} of them unlabelled (split 'unlabelled'): never trained on.")
+    if result.labelled_unlabelled:
+        out.print(f"{result.labelled_unlabelled} unlabelled samples were brought with a label and are now labelled.")
+    for sentence in result.conflict_sentences:
+        alarm(sentence)
     for reason, count in sorted(result.problems.items()):
         out.print(f"[yellow]quarantined[/] {count} × {escape(reason)} "
                   "(see: pipeline sql \"SELECT * FROM quarantine\")")
@@ -231,8 +235,9 @@ def show_import(result: ImportResult) -> None:
               f"as {escape(result.model_key)}; {result.already_present} samples were already present"
               + (f"; {result.units_skipped} unchanged files skipped unread." if result.units_skipped else "."))
     if result.label_conflicts:
-        out.print(f"[yellow]{result.label_conflicts} contents appear under two labels[/] and are used as neither "
-                  "(quarantined as label_conflict).")
+        alarm(f"{result.label_conflicts} contents came under two labels: a content the store held keeps its label, "
+              "one met twice in this import is used as neither. `pipeline conflicts list` shows them; "
+              "`pipeline conflicts resolve SAMPLE --label real|generated|none` decides one (`--undo` reverses it).")
     for reason, count in sorted(result.quarantined.items()):
         out.print(f"[yellow]quarantined[/] {count} × {escape(reason)} "
                   "(see: pipeline sql \"SELECT * FROM quarantine WHERE stage = 'import'\")")
@@ -294,8 +299,22 @@ def show_perturb(result: PerturbResult) -> None:
 
 
 def show_score(result: ScoreResult) -> None:
-    out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
+    unlabelled = f", {result.unlabelled} of them unlabelled" if result.unlabelled else ""
+    out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id}{unlabelled} "
               f"({result.already_scored} already had a score).")
+    for why, n in result.not_scored.items():
+        out.print(f"[yellow]not scored[/] {n} samples: {escape(why)}.")
+
+
+def show_conflicts(result: ConflictsResult) -> None:
+    if result.decided:
+        out.print(f"[green]decided[/]: {escape(result.decided)}")
+    elif not result.conflicts.num_rows:
+        out.print("No label conflicts: no image was brought under two labels.")
+        return
+    shown = result.conflicts.select(["sample_id", "split", "label", "generator", "stored_label", "claimed_label",
+                                     "claimed_generator", "claims", "status"])
+    render_table(short_ids(shown), None if result.decided else "label conflicts (label: as training uses it now)")
 
 
 def show_index(info: IndexInfo, target_recall: float) -> None:

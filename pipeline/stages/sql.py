@@ -167,6 +167,7 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
         con.register(f"_{name}", ds.dataset(paths, schema=schema, format="parquet") if paths else schema.empty_table())
         con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
     con.execute(f"CREATE VIEW samples AS {catalog.samples_view(manifest)}")
+    con.execute(f"CREATE VIEW conflicts AS {catalog.conflicts_view(manifest)}")
     parts = []
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
         paths = [str(root / s.path) for s in manifest.of("embeddings", key)]
