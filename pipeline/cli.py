@@ -472,6 +472,75 @@ def conflicts_resolve(
     show.show_conflicts(result)
 
 
+@app.command()
+def predict(
+    ctx: typer.Context,
+    sources: Annotated[list[Path], typer.Argument(help="Images, folders (any layout, searched recursively), "
+                                                  "webdataset .tar files, or .csv/.parquet lists with a 'path' "
+                                                  "column (and optionally 'caption').")],
+    run: Annotated[str | None, typer.Option("--run", help="A run of the store whose detector scores the images.")]
+    = None,
+    detector: Annotated[Path | None, typer.Option(help="An exported detector folder (`pipeline export`); needs "
+                                                  "no store.")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    output: Annotated[Path | None, typer.Option(help="Write every row to FILE.csv, .json or .parquet (outside "
+                                                "the store); without it the terminal shows the first rows.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Call an image generated when its score is above this "
+                                                    "(default: the run's threshold, chosen on val).")] = None,
+    caption: Annotated[str | None, typer.Option(help="The caption of every image without one of its own "
+                                                "(sidecar .txt, list column): image+text detectors need one.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Add each image's nearest training images, with "
+                                          "their labels and generators (--run only).")] = False,
+    neighbours: Annotated[int, typer.Option(help="How many nearest training images --explain shows.")] = 3,
+    keep: Annotated[bool, typer.Option("--keep", help="Store the new vectors and the images as unlabelled "
+                                       "samples (never trained on), so predicting them again is a lookup.")] = False,
+    device: Annotated[c.Device, typer.Option(help="Where CLIP runs (as encode).")] = "auto",
+    precision: Annotated[c.Precision, typer.Option(help="As encode: fp16 on GPU only.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (0: decode here). Default as encode.")]
+    = None,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels get a reason, not a score.")]
+    = 64_000_000,
+    max_rows: Annotated[int, typer.Option(help="Rows shown in the terminal.")] = 20,
+    wait: WaitOpt = True,
+) -> None:
+    """Score images with a trained detector: score, decision, calibrated probability, out-of-distribution flag.
+
+    Never changes the store's training data. Images the store already encoded with the run's CLIP model
+    are looked up by their SHA-256, the rest are encoded now. An unreadable or hostile file gets a row
+    with the reason, never a crash. The paper's detector reads the caption too (image+text): give one
+    per image, or use an image-only run.
+    """
+    from pipeline.stages import predict as stage
+
+    with _running(ctx) as reporter:
+        config = stage.PredictConfig(
+            tuple(sources), Store(store) if detector is None else None, run, detector, output, threshold, caption,
+            neighbours if explain else 0, keep, device, precision, batch_size, workers, max_bytes, max_pixels,
+            preview_rows=max_rows, wait=wait)
+        result = stage.run(config, reporter)
+    show.show_predict(result)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The run to export.")],
+    output: Annotated[Path, typer.Option(help="The folder to write (Hugging Face Hub layout); outside the store.")],
+    store: StoreOpt = DEFAULT_STORE,
+    force: Annotated[bool, typer.Option("--force", help="Replace the files of a detector already there.")] = False,
+    wait: WaitOpt = True,
+) -> None:
+    """Write a run's detector as a folder that travels alone: model.safetensors, config.json (CLIP model,
+    features, threshold, calibration, OOD sketch), ood.safetensors and a model card (README.md)."""
+    from pipeline.stages import export as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.ExportConfig(Store(store), run, output, force, wait), reporter)
+    show.show_export(result)
+
+
 @index_app.command("build")
 def index_build(
     ctx: typer.Context,

@@ -12,6 +12,7 @@ from schemas.tables import (
     LEAKS,
     METRICS,
     MODALITIES,
+    PREDICT_INPUTS,
     PREDICTIONS,
     QUARANTINE,
     READABLE_VERSIONS,
@@ -36,6 +37,7 @@ from schemas.tables import (
 
 __all__ = [
     "DECISIONS",
+    "PREDICT_INPUTS",
     "PREDICTIONS",
     "TABLE_VERSIONS",
     "UNLABELLED",

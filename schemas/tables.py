@@ -275,6 +275,22 @@ FEATURE_VIEW = stamp(
 )
 
 
+PREDICT_INPUTS = stamp(
+    "predict_inputs",
+    pa.schema(
+        [  # what `pipeline predict` was given, one row per image found (a work file, not stored)
+            pa.field("path", pa.string(), nullable=False),  # as shown: a file, `TAR::member`
+            pa.field("source_uri", pa.string(), nullable=False),  # the file the bytes live in
+            pa.field("source_member", pa.string()),  # tar member
+            pa.field("byte_offset", pa.int64()),  # start of the bytes inside a tar
+            pa.field("byte_length", pa.int64()),
+            pa.field("caption", pa.string()),  # sidecar .txt, a list's caption column, a tar's KEY.txt, --caption
+            pa.field("reason", pa.string()),  # found unreadable before any byte was read (a damaged tar, …)
+            pa.field("detail", pa.string()),
+        ]
+    ),
+)
+
 _NEIGHBOUR = pa.struct([
     pa.field("sample_id", pa.string()),
     pa.field("similarity", pa.float32()),

@@ -55,7 +55,8 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     run = train(planted, TrainConfig.from_dict(FAST))
     result = write_report(ReportConfig(planted, run.run_id, tmp_path / "report"))
     names = {f.name for f in result.files}
-    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png", "learning_curve.png"}
+    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png", "learning_curve.png",
+                     "reliability.png"}
     for f in result.files:
         with Image.open(f) as img:
             img.load()

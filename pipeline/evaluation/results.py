@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.calibration import Calibration
 from trainer.metrics import Estimate
 
 METRICS_VERSION = 2
@@ -152,6 +153,7 @@ class RunMetrics:
     val_auc_by_k: dict[str, float] | None = None
     index: dict[str, Any] | None = None
     alarms: tuple[Alarm, ...] = ()  # computed once, when the run was trained
+    calibration: Calibration | None = None  # fitted on val when trained (None: a run from before it)
     version: int = METRICS_VERSION
 
     def split(self, name: str) -> SplitMetrics:
@@ -178,6 +180,8 @@ class RunMetrics:
                     "excluded_leaks": self.excluded_leaks})
         if self.alarms:
             out["alarms"] = [a.to_json() for a in self.alarms]
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
         return jsonable(out)
 
     @staticmethod
@@ -197,6 +201,7 @@ class RunMetrics:
             skipped_missing_text=data.get("skipped_missing_text"),
             k=data.get("k"), val_auc_by_k=None if by_k is None else {str(k): v for k, v in by_k.items()},
             index=data.get("index"), alarms=tuple(Alarm.from_json(a) for a in data.get("alarms") or ()),
+            calibration=Calibration.from_json(data["calibration"]) if data.get("calibration") else None,
             version=int(data.get("version", 1)),
         )
 

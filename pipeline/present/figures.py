@@ -152,6 +152,27 @@ def confusion(path: Path, matrix: np.ndarray, threshold: float, random_weights: 
     return save_png(draw_confusion(matrix, threshold), path, random_weights)
 
 
+def draw_reliability(before: Any, after: Any, split: str) -> Any:
+    """A reliability diagram (`evaluation.calibration.Reliability` before and after calibration): per bin,
+    the fraction of generated images against the mean probability, × 100; the diagonal is perfect."""
+    fig, ax = figure(f"Reliability, {split} split (ECE {100 * before.ece:.1f} → {100 * after.ece:.1f})")
+    for rel, colour, name in ((before, "tab:red", "score σ(s)"), (after, "tab:blue", "calibrated")):
+        conf, freq = np.array(rel.confidence) * 100, np.array(rel.frequency) * 100
+        filled = np.array(rel.counts) > 0
+        ax.plot(conf[filled], freq[filled], marker="o", ms=4, color=colour,
+                label=f"{name}: ECE {100 * rel.ece:.1f}")
+    ax.plot([0, 100], [0, 100], color="grey", ls=":", lw=1, label="perfectly calibrated")
+    ax.set(xlim=(-2, 102), ylim=(-2, 102))
+    ax.set_xlabel("mean predicted probability of generated × 100 (per bin)", fontsize=LABEL)
+    ax.set_ylabel("fraction generated × 100", fontsize=LABEL)
+    ax.legend(fontsize=SMALL, loc="upper left")
+    return fig
+
+
+def reliability(path: Path, before: Any, after: Any, split: str, random_weights: Any = False) -> Path:
+    return save_png(draw_reliability(before, after, split), path, random_weights)
+
+
 def draw_learning_curve(history: list[dict[str, Any]], best_epoch: Any) -> Any:
     """Training loss and validation AUC (× 100, on the AUC axis of every figure) per epoch; the kept epoch marked."""
     fig, ax = figure("Learning curve")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.compositions.sweep import SweepResult
     from pipeline.stages.conflicts import ConflictsResult
     from pipeline.stages.encode import EncodeResult
+    from pipeline.stages.export import ExportResult
     from pipeline.stages.import_features import ImportResult
     from pipeline.stages.index import IndexInfo
     from pipeline.stages.ingest import IngestResult
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.stages.leaks import LeakResult
     from pipeline.stages.neighbors import NeighborResult
     from pipeline.stages.perturb import PerturbResult
+    from pipeline.stages.predict import PredictResult
     from pipeline.stages.report import ReportResult
     from pipeline.stages.score import ScoreResult
     from pipeline.stages.sql import SqlResult
@@ -435,3 +437,46 @@ def show_demo(result: DemoResult) -> None:
               "confusion)")
     example = "SELECT * FROM samples LIMIT 5"
     out.print(f"Store: {escape(str(root))}  (try: pipeline sql --store {escape(str(root))} \"{example}\")")
+
+
+def show_predict(result: PredictResult) -> None:
+    random_banner(result.random_weights)
+    rows = result.rows
+    if result.output is None and rows.num_rows:
+        shown = rows.select(["path", "score", "generated", "probability", "ood", "reason"])
+        render_table(shown, f"predictions (score > {result.threshold:.3f}: generated)", max_rows=rows.num_rows)
+        if result.inputs > rows.num_rows:
+            out.print(f"[dim]… {result.inputs - rows.num_rows} more rows: --output FILE.csv|json|parquet writes "
+                      "them all[/]")
+        if "neighbours" in rows.column_names and rows.column("neighbours").null_count < rows.num_rows:
+            for row in rows.select(["path", "neighbours"]).to_pylist():
+                near = ", ".join(f"{n['generator'] or 'unlabelled'} ({n['split']}, {n['similarity']:.3f})"
+                                 for n in row["neighbours"] or [])
+                out.print(f"  {escape(row['path'])}: nearest training images {escape(near) or 'none'}")
+    out.print(f"[green]predicted[/] {result.inputs} images with {escape(result.source)} in {result.seconds:.1f} s "
+              f"({result.images_per_second:,.1f} img/s): {result.scored} scored, {result.generated} called "
+              f"generated (score > {result.threshold:.3f}); {result.cached} vectors from the store, "
+              f"{result.encoded} encoded now.")
+    if result.flagged:
+        ood = result.ood
+        rule = f" (similarity below {ood.threshold:.3f}, the {ood.percentile:g}th percentile of validation images)" \
+            if ood is not None else ""
+        out.print(f"[yellow]{result.flagged} images are far from every training image[/]{rule}: their scores are "
+                  "unreliable (column ood).")
+    for reason, n in sorted(result.reasons.items()):
+        out.print(f"[yellow]no score[/] {n} × {escape(reason)} (column reason, detail)")
+    if result.output is not None:
+        out.print(f"[green]wrote[/] {escape(str(result.output))}")
+    if result.kept is not None:
+        k = result.kept
+        out.print(f"[green]kept[/] {k['images']} image and {k['texts']} caption vectors, {k['samples']} images as "
+                  "unlabelled samples (never trained on): predicting them again is a lookup.")
+
+
+def show_export(result: ExportResult) -> None:
+    random_banner(result.random_weights)
+    out.print(f"[green]exported[/] run {escape(result.run_id)} to {escape(str(result.folder))}: "
+              + ", ".join(f.name for f in result.files)
+              + f". `pipeline predict IMAGES --detector {escape(str(result.folder))}` uses it without a store.")
+    for text in result.alarms:
+        alarm(text)
