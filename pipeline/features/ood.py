@@ -145,7 +145,7 @@ def index_reference(store: Store, model_key: str, run_id: str, matrix: VectorMat
         meta = _read_json(directory / "reference.json")
         if meta is None or meta.get("key") != key or meta.get("version") != CACHE_VERSION:
             reference = IndexReference(index, train, OodSpec("index", K, PERCENTILE, math.nan, 0))
-            val = _rows(store, view_sql, run_id, "val", None, matrix.rows, VAL_QUERIES, as_mask=False)
+            val = _rows(store, view_sql, run_id, "val", only, matrix.rows, VAL_QUERIES, as_mask=False)
             stats = np.concatenate([reference.similarity(matrix.gather(part)) for part in _parts(val)]) \
                 if len(val) else np.zeros(0)
             spec = OodSpec("index", K, PERCENTILE, threshold_of(stats), len(val))
@@ -170,7 +170,7 @@ def centroid_sketch(store: Store, run_id: str, matrix: VectorMatrix, view_sql: s
     # float16, as shipped: the threshold is measured with the centroids a user will load
     shipped = unit_rows(centroids).astype(np.float16).astype(np.float32)
     sketch = CentroidSketch(shipped, OodSpec("centroids", 1, PERCENTILE, math.nan, 0, len(shipped)))
-    val = _rows(store, view_sql, run_id, "val", None, matrix.rows, VAL_QUERIES, as_mask=False)
+    val = _rows(store, view_sql, run_id, "val", only, matrix.rows, VAL_QUERIES, as_mask=False)
     stats = np.concatenate([sketch.similarity(matrix.gather(part)) for part in _parts(val)]) if len(val) else \
         np.zeros(0)
     sketch.spec = OodSpec("centroids", 1, PERCENTILE, threshold_of(stats), len(val), len(centroids))

@@ -459,7 +459,7 @@ def show_predict(result: PredictResult) -> None:
               f"{result.encoded} encoded now.")
     if result.flagged:
         ood = result.ood
-        rule = f" (similarity below {ood.threshold:.3f}, the {ood.percentile:g}th percentile of validation images)" \
+        rule = f" (similarity below {ood.threshold:.3f}, percentile {ood.percentile:g} of validation images')" \
             if ood is not None else ""
         out.print(f"[yellow]{result.flagged} images are far from every training image[/]{rule}: their scores are "
                   "unreliable (column ood).")
