@@ -250,3 +250,17 @@ def test_detector_in_python_is_the_cli_and_importing_pipeline_stays_light(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr
+
+
+def test_the_readme_detector_example_runs_as_written(trained: tuple[Store, str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    store, run_id = trained
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("In Python, on the same code path")[1].split("```python\n")[1].split("```")[0]
+    _cli("export", "--run", run_id, "--store", str(store.root), "--output", str(tmp_path / "detector"))
+    real_image(np.random.default_rng(9), 40).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the documented example, as written
+    table = scope["table"]
+    assert table.num_rows == 1 and table.column("score")[0].as_py() is not None  # type: ignore[attr-defined]

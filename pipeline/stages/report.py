@@ -168,7 +168,9 @@ def _calibration_note(calibration: Calibration, fitted_now: bool) -> str:
         return ""
     when = "fitted now from the run's stored val scores (it was trained before calibration was kept)" \
         if fitted_now else "fitted on val when the run was trained"
-    return (f"<p>Calibration (Platt scaling, p̂ = σ({calibration.a:.3f}·s + {calibration.b:.3f}), {when}): "
+    sign = "+" if calibration.b >= 0 else "−"
+    return (f"<p>Calibration (Platt scaling, p̂ = σ({calibration.a:.3f}·s {sign} {abs(calibration.b):.3f}) where s is "
+            f"the logit of the score, {when}): "
             "expected calibration error × 100 in 15 equal-width bins, before and after; test never saw the "
             "fit. Predict and exported detectors report p̂ as <code>probability</code>.</p>"
             + html.table(["split", "n", "ECE before", "ECE after"], rows))
