@@ -179,9 +179,11 @@ def test_keep_stores_unlabelled_samples_and_a_second_predict_is_a_lookup(
     assert (second.encoded, second.cached, second.kept) == (0, 20, {"samples": 0, "images": 0, "texts": 0})
     assert second.rows.column("score").to_pylist() == first.rows.column("score").to_pylist()
     assert all(second.rows.column("cached").to_pylist())
-    # score scores the unlabelled samples too, and says what it could not score
+    # score scores the unlabelled samples too, and says what it could not score and why
+    _cli("ingest", str(_images(tmp_path / "later", 3, seed=30)), "--format", "folder", "--unlabelled",
+         "--store", str(store.root))
     text = _cli("score", "--run", run_id, "--store", str(store.root))
-    assert "20 of them unlabelled" in text
+    assert "20 of them unlabelled" in text and "not scored 3 samples: not encoded yet" in text, text
 
 
 def test_an_image_text_detector_without_captions_refuses_in_one_sentence_naming_an_image_only_run(

@@ -50,6 +50,7 @@ from pipeline.store.writes import Committer, stage_shard, writing
 from schemas import PREDICT_INPUTS, PREDICTIONS
 
 PREVIEW_ROWS = 50
+SHARD_ROWS = 4096  # --keep: rows per staged shard (as encode's default)
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,8 @@ def _tally(result: PredictResult, done: Predicted, shown: list[pa.Table], config
 
 
 class _Keeper:
-    """`--keep`: under the writer lock for the whole run, stage each batch's new vectors and unlabelled
-    samples (those the store lacks: key sets, no scan) and commit them a few shards at a time."""
+    """`--keep`: under the writer lock for the whole run, stage the new vectors and unlabelled samples (those
+    the store lacks: key sets, no scan) in shards of `SHARD_ROWS`, and commit them a few shards at a time."""
 
     def __init__(self, stack: ExitStack, config: PredictConfig, unit: PredictBatch, reporter: Reporter) -> None:
         assert config.store is not None
@@ -258,24 +259,36 @@ class _Keeper:
         }, maintained=("samples", "image", "text")))
         self.committer = Committer(self.store)
         self.kept = Counter({"samples": 0, "images": 0, "texts": 0})
+        self.waiting: dict[str, list[pa.Table]] = {"image": [], "text": [], "samples": []}
 
     def add(self, done: Predicted) -> None:
-        from pipeline.encoding.jobs import stage_encoded
-
-        for name, table in (("image", done.images), ("text", done.texts)):
-            fresh = self._fresh(name, table, "content_hash")
+        for name, table, column in (("image", done.images, "content_hash"), ("text", done.texts, "content_hash"),
+                                    ("samples", done.samples, "sample_id")):
+            fresh = self._fresh(name, table, column)
             if fresh is not None:
-                self.committer.add(stage_encoded(self.store, self.spec, fresh))
-                self.kept[f"{name}s"] += fresh.num_rows
-        samples = self._fresh("samples", done.samples, "sample_id")
-        if samples is not None:
-            final = self.store.new_shard(self.store.dataset_dir("samples"), "predict")
-            self.committer.add([stage_shard(self.store, final, samples)])
-            self.kept["samples"] += samples.num_rows
+                self.waiting[name].append(fresh)
+                if sum(t.num_rows for t in self.waiting[name]) >= SHARD_ROWS:
+                    self._stage(name)
 
     def finish(self) -> dict[str, int]:
+        for name in self.waiting:
+            self._stage(name)
         self.committer.flush()
         return dict(self.kept)
+
+    def _stage(self, name: str) -> None:
+        from pipeline.encoding.jobs import stage_encoded
+
+        if not self.waiting[name]:
+            return
+        table = pa.concat_tables(self.waiting[name])
+        self.waiting[name] = []
+        if name == "samples":
+            final = self.store.new_shard(self.store.dataset_dir("samples"), "predict")
+            self.committer.add([stage_shard(self.store, final, table)])
+        else:
+            self.committer.add(stage_encoded(self.store, self.spec, table))
+        self.kept["samples" if name == "samples" else f"{name}s"] += table.num_rows
 
     def _fresh(self, name: str, table: pa.Table | None, column: str) -> pa.Table | None:
         """The rows whose id the store (and this run so far) lacks, each once; their keys join the set."""

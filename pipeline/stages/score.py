@@ -67,10 +67,10 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
                                [run_id]).fetchall()[0]
             not_scored = _not_scored(con, table, config.features != "image")
             rel = con.sql(
-                f"SELECT v.* FROM {table.parts_sql} v WHERE v.split IN {(*SPLITS, UNLABELLED)} {need_text} "
+                f"SELECT v.* FROM {table.parts_sql} v WHERE v.split IN (SELECT unnest($splits)) {need_text} "
                 "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = $run AND s.sample_id = v.sample_id) "
                 f"ORDER BY v.{'text_row' if config.features == 'text' else 'image_row'}",  # vectors in file order
-                params={"run": run_id},
+                params={"run": run_id, "splits": [*SPLITS, UNLABELLED]},
             )
             stream = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch  # DuckDB 2 / 1
             for record in stream(BATCH_ROWS):
