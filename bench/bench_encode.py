@@ -22,12 +22,13 @@ import torch
 from PIL import Image
 
 from pipeline.encoding.clip import ModelSpec, load
-from pipeline.encoding.units import BF16_EMULATED, Encoder, cpu_bf16_native, default_workers
+from pipeline.encoding.units import Encoder, default_workers
 from pipeline.stages.encode import EncodeConfig
 from pipeline.stages.encode import run as encode
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.ingest import run as ingest
 from pipeline.store.layout import Store
+from trainer.precision import BF16_EMULATED, cpu_bf16_native
 
 GFLOP_PER_IMAGE = 8.8  # ViT-B-32 image tower at 224 px
 

@@ -67,6 +67,13 @@ FeaturesOpt = Annotated[c.Features | None, typer.Option(help="What the detector 
 EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the train split (default 32).")]
 BatchOpt = Annotated[int | None, typer.Option(help="Samples per step (default 2048).")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed of weights, dropout and shuffling (default 0).")]
+PrecisionOpt = Annotated[c.TrainPrecision | None, typer.Option(
+    help="auto (default): bf16 products (bf16 operands, fp32 results) where the CPU or GPU computes bf16 "
+    "natively (AVX512-BF16/AMX, CUDA capability 8.0+), fp32 elsewhere; fp32 | bf16 force one.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    help="torch threads (default: the cores this process may use, less those other processes keep busy). "
+    "A run's numbers do not depend on it where MKL's strict mode is in effect; otherwise the count enters "
+    "its hash.")]
 
 
 @app.callback()
@@ -313,7 +320,8 @@ def train_cmd(
     auc_gamma: Annotated[float | None, typer.Option()] = None,
     sam: Annotated[bool | None, typer.Option("--sam/--no-sam", help="SAM optimiser (radius --sam-rho).")] = None,
     sam_rho: Annotated[float | None, typer.Option()] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 autocast for the MLP.")] = None,
+    precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
     seed: SeedOpt = None,
     detector: Annotated[c.Detector | None, typer.Option(help="mlp (the paper's) | knn (vote of the nearest "
                                                       "training samples, k chosen on val)")] = None,
@@ -339,8 +347,8 @@ def train_cmd(
         options = {**_options(config), **_given(
             model_key=model_key, features=features, pairing=pairing, epochs=epochs, batch_size=batch_size,
             lr=lr, cvar=cvar, cvar_alpha=cvar_alpha, auc=auc, auc_gamma=auc_gamma, sam=sam, sam_rho=sam_rho,
-            bf16=bf16, seed=seed, detector=detector, exclude_leaks=exclude_leaks, leak_threshold=leak_threshold,
-            input_norm=input_norm, steps_per_epoch=steps_per_epoch, name=name)}
+            precision=precision, threads=threads, seed=seed, detector=detector, exclude_leaks=exclude_leaks,
+            leak_threshold=leak_threshold, input_norm=input_norm, steps_per_epoch=steps_per_epoch, name=name)}
         result = stage.run(stage.TrainJob(Store(store), TrainConfig.from_dict(options), wait=wait), reporter)
     show.show_train(result)
 
@@ -384,6 +392,8 @@ def experiment_cmd(
     run_id: Annotated[str | None, typer.Option("--run", help="robustness: the trained run to test.")] = None,
     features: FeaturesOpt = None,
     seed: SeedOpt = None,
+    precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """The paper's tables and the evaluations the field reports, as runs with 95% intervals.
 
@@ -397,7 +407,7 @@ def experiment_cmd(
     with _running(ctx) as reporter:
         base = {**_options(config), **_given(
             model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks,
-            features=features, seed=seed)}
+            features=features, seed=seed, precision=precision, threads=threads)}
         result = experiment.run(experiment.ExperimentConfig(Store(store), table, base, seeds, run_id), reporter)
     show.show_experiment(result)
 

@@ -138,13 +138,16 @@ def test_models_lists_architectures_with_their_pretrained_tags() -> None:
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path) -> None:
-    from pipeline.encoding.units import cpu_bf16_native
     from tests.conftest import planted_store
+    from trainer.precision import cpu_bf16_native
 
     store = str(planted_store(tmp_path, rows=60, dim=8).root)
-    code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "64", "--bf16")
+    code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "64", "--precision", "bf16")
     assert code == 0, out
     assert ("no native bf16" in out) == (not cpu_bf16_native())
+    code, out = _run("train", "--store", store, "--epochs", "1", "--batch-size", "64", "--precision", "auto",
+                     "--threads", "1")
+    assert code == 0 and ("fp32" in out if not cpu_bf16_native() else "bf16 products" in out), out
 
 
 def test_a_no_op_encode_through_the_command_imports_neither_torch_nor_open_clip(tmp_path: Path) -> None:

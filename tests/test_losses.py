@@ -82,3 +82,56 @@ def test_objective_combines_as_the_formula() -> None:
 def test_bce_matches_formula() -> None:
     s, y = torch.tensor([0.3]), torch.tensor([1])
     assert bce(s, y).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3))))
+
+
+def _pairwise(logits: torch.Tensor, labels: torch.Tensor, eta: float, p: float = 2.0) -> torch.Tensor:
+    """The defining formula, every pair formed: 1/(n₊ n₋) Σ_i Σ_j [η − (s_i − s_j)]_+^p."""
+    pos, neg = logits[labels == 1], logits[labels == 0]
+    return torch.clamp(eta - (pos[:, None] - neg[None, :]), min=0.0).pow(p).mean()
+
+
+def test_auc_loss_by_sorting_has_the_pairwise_gradient_hand_worked() -> None:
+    # positives 0.9, 0.2; negatives 0.1, 0.5; η 0.6: margins [η − (s_i − s_j)]_+ per pair
+    #   (0.9, 0.1): 0 | (0.9, 0.5): 0.2 | (0.2, 0.1): 0.5 | (0.2, 0.5): 0.9
+    # ∂L/∂s_i = −2/(n₊n₋) Σ_j m_ij and ∂L/∂s_j = +2/(n₊n₋) Σ_i m_ij, n₊n₋ = 4
+    logits = torch.tensor([0.9, 0.2, 0.1, 0.5], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, 1, 0, 0])
+    loss = auc_loss(logits, labels, eta=0.6, p=2)
+    assert loss.item() == pytest.approx((0 + 0.04 + 0.25 + 0.81) / 4)
+    loss.backward()
+    assert logits.grad.tolist() == pytest.approx([-0.5 * 0.2, -0.5 * 1.4, 0.5 * 0.5, 0.5 * 1.1])
+
+
+def test_auc_loss_by_sorting_counts_a_pair_on_the_margin_as_zero() -> None:
+    logits = torch.tensor([0.7, 0.1], dtype=torch.float64, requires_grad=True)  # η − (0.7 − 0.1) = 0
+    loss = auc_loss(logits, torch.tensor([1, 0]), eta=0.6)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-15) and logits.grad.abs().max().item() < 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(-8, 8, allow_nan=False), st.booleans()), min_size=2, max_size=60),
+    st.floats(0.01, 1.0),
+    st.booleans(),
+)
+def test_auc_loss_by_sorting_equals_the_pairwise_formula_value_and_gradient(
+        pairs: list[tuple[float, bool]], eta: float, ties: bool) -> None:
+    values = [round(v, 1) if ties else v for v, _ in pairs]  # rounding makes ties and margin pairs common
+    labels = torch.tensor([int(y) for _, y in pairs])
+    a = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    got, want = auc_loss(a, labels, eta, 2.0), _pairwise(b, labels, eta)
+    if labels.min() == labels.max():
+        assert got.item() == 0.0
+        return
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_auc_loss_other_powers_go_pair_by_pair() -> None:
+    logits = torch.tensor([0.9, 0.2, 0.1, 0.5])
+    labels = torch.tensor([1, 1, 0, 0])
+    assert auc_loss(logits, labels, eta=0.6, p=3).item() == pytest.approx((0 + 0.008 + 0.125 + 0.729) / 4)

@@ -75,14 +75,17 @@ def test_same_seed_same_metrics_and_a_complete_run_record(planted: Store) -> Non
 
 
 def test_sweep_skips_configs_already_run_and_never_imports_open_clip(planted: Store, tmp_path: Path) -> None:
+    # fp32: the same numbers whatever the thread count, so --jobs 2 (one thread each) and --jobs 1 share
+    # hashes (bf16 runs would not: their hash carries the thread count, tests/test_train_threads.py)
     grid = tmp_path / "grid.toml"
-    grid.write_text('[base]\nepochs = 2\nbatch_size = 256\n[grid]\nsam = [true, false]\nlr = [0.001]\n')
+    grid.write_text('[base]\nepochs = 2\nbatch_size = 256\nprecision = "fp32"\n[grid]\nsam = [true, false]\n'
+                    'lr = [0.001]\n')
     first = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--grid", str(grid), "--store",
                             str(planted.root), "--jobs", "2"], capture_output=True, text=True, check=True,
                            env={**os.environ, "COLUMNS": "200"})
     assert first.stdout.count(" trained ") == 2 and "skipped" not in first.stdout, first.stdout
     assert "open_clip imported by this sweep: no" in first.stdout
-    grid_spec = {"base": {"epochs": 2, "batch_size": 256}, "grid": {"sam": [True, False]}}
+    grid_spec = {"base": {"epochs": 2, "batch_size": 256, "precision": "fp32"}, "grid": {"sam": [True, False]}}
     again = run_sweep(SweepConfig(planted, tuple(expand(grid_spec))))
     assert [r.skipped for r in again.rows] == [True, True]
     assert catalog.query(planted, "SELECT count(DISTINCT config_hash) FROM runs").column(0)[0].as_py() >= 2

@@ -13,7 +13,6 @@ can stop weak trials early (a stopped trial writes no run; the sweep lists it as
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.choices import Engine, Scheduler
 from pipeline.config import Validated, at_least, read_toml
@@ -135,21 +133,22 @@ def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
             rows.append(_row(p, train_one(store.root, p.options, None)))
             reporter.advance("sweep", 1)
     else:
-        threads = max(1, (os.cpu_count() or 2) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             outcomes = list(pool.map(train_one, [store.root] * len(points), [p.options for p in points],
-                                     [threads] * len(points)))
+                                     [None] * len(points), [None] * len(points), [jobs] * len(points)))
         rows = [_row(p, o) for p, o in zip(points, outcomes, strict=True)]
     return SweepResult(rows, open_clip_imported="open_clip" in sys.modules)
 
 
 def train_one(root: Path, options: dict[str, Any], threads: int | None,
-              reporter: Reporter | None = None) -> dict[str, Any]:
+              reporter: Reporter | None = None, jobs: int = 1) -> dict[str, Any]:
     """Train one config of a sweep (or find its run): what the local engine and every Tune trial call.
-    Returns plain data (it crosses process boundaries): run_id, skipped, val_auc, test_auc."""
-    if threads:
-        torch.set_num_threads(threads)
-    result = train.run(train.TrainJob(Store(root), TrainConfig.from_dict(options), skip_existing=True), reporter)
+    `threads`: the CPUs a scheduler gave this trial (Ray); `jobs`: local jobs sharing the cores; the train
+    stage picks the thread count from them (`trainer.threads.choose_threads`). Returns plain data (it
+    crosses process boundaries): run_id, skipped, val_auc, test_auc."""
+    job = train.TrainJob(Store(root), TrainConfig.from_dict(options), skip_existing=True, jobs=jobs,
+                         max_threads=threads)
+    result = train.run(job, reporter)
     return {"run_id": result.run_id, "skipped": result.skipped, "val_auc": result.metrics.val.auc,
             "test_auc": result.metrics.test.auc}
 

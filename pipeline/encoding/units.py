@@ -92,22 +92,6 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(8, cores - 1))
 
 
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
-
-    Without it torch emulates bf16 and a matrix product runs ~70× slower than in fp32 (measured
-    on an AVX2-only EPYC: 0.9 against 67 GFLOP/s), so bf16 there is a trap, not a speed-up.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-BF16_EMULATED = ("this CPU has no native bf16 (AVX512-BF16/AMX): torch emulates it, and bf16 runs far "
-                 "slower than fp32 here")
-
-
 InFlight = tuple[torch.Tensor, Any]  # features (on the host once the event has passed), a CUDA event or None
 
 

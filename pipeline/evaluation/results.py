@@ -121,6 +121,26 @@ class Alarm:
 
 
 @dataclass(frozen=True)
+class Compute:
+    """How a run computed: precision and threads as resolved, each with the sentence saying why."""
+
+    precision: str  # fp32 | bf16
+    precision_why: str
+    threads: int
+    threads_why: str
+    thread_dependent: bool  # the numbers depend on the thread count (no MKL strict mode): the hash includes it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"precision": self.precision, "precision_why": self.precision_why, "threads": self.threads,
+                "threads_why": self.threads_why, "thread_dependent": self.thread_dependent}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Compute:
+        return Compute(str(data["precision"]), str(data.get("precision_why", "")), int(data["threads"]),
+                       str(data.get("threads_why", "")), bool(data.get("thread_dependent", False)))
+
+
+@dataclass(frozen=True)
 class LeftOut:
     """Samples of the store a run could not use, by why."""
 
@@ -148,6 +168,8 @@ class RunMetrics:
     eval_loss: float | None = None  # the objective on the fixed evaluation set (`evaluation.loss`)
     eval_set: dict[str, Any] | None = None  # {"split", "rows"}
     skipped_missing_text: int | None = None
+    compute: Compute | None = None  # precision and threads as resolved
+    timing: dict[str, Any] | None = None  # seconds and samples/s of the fit
     # knn
     k: int | None = None
     val_auc_by_k: dict[str, float] | None = None
@@ -173,7 +195,8 @@ class RunMetrics:
         else:
             out.update({"best_epoch": self.best_epoch, "history": [jsonable(r) for r in self.history],
                         "eval_loss": _num(self.eval_loss), "eval_set": self.eval_set,
-                        "skipped_missing_text": self.skipped_missing_text})
+                        "skipped_missing_text": self.skipped_missing_text,
+                        "compute": self.compute.to_json() if self.compute else None, "timing": self.timing})
         out.update({"train": self.train.to_json(), "val": self.val.to_json(), "test": self.test.to_json(),
                     "left_out": {"no_image_vector": self.left_out.no_image_vector,
                                  "no_text_vector": self.left_out.no_text_vector},
@@ -199,6 +222,7 @@ class RunMetrics:
             best_epoch=data.get("best_epoch"), history=tuple(data.get("history") or ()),
             eval_loss=_float(data.get("eval_loss")), eval_set=data.get("eval_set"),
             skipped_missing_text=data.get("skipped_missing_text"),
+            compute=Compute.from_json(data["compute"]) if data.get("compute") else None, timing=data.get("timing"),
             k=data.get("k"), val_auc_by_k=None if by_k is None else {str(k): v for k, v in by_k.items()},
             index=data.get("index"), alarms=tuple(Alarm.from_json(a) for a in data.get("alarms") or ()),
             calibration=Calibration.from_json(data["calibration"]) if data.get("calibration") else None,

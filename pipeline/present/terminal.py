@@ -258,6 +258,8 @@ def show_train(result: TrainResult) -> None:
               f"AP {_f(m.test.ap)}, accuracy {_f(m.test.accuracy)}")
     for gen, value in m.test.auc_by_generator.items():
         out.print(f"  {escape(gen)}: test AUC {_f(value)}")
+    if result.compute is not None:
+        out.print(f"[dim]{escape(result.compute.precision_why)}; {escape(result.compute.threads_why)}[/]")
     out.print(f'[dim]scores: pipeline sql "SELECT * FROM scores WHERE run_id = \'{result.run_id}\' LIMIT 10"[/]')
     if m.left_out.no_image_vector:
         out.print(f"[yellow]left out[/] {m.left_out.no_image_vector} samples without an image vector for this "

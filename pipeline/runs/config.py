@@ -16,7 +16,8 @@ from pipeline.choices import Detector, Features, InputNorm, Pairing
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
 from pipeline.features.view import FeatureTable
-from trainer.fit import FitConfig
+from trainer.fit import ARITHMETIC, FitConfig
+from trainer.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class TrainConfig(Validated):
     perturbation: str | None = None
     fit: FitConfig = field(default_factory=FitConfig)
     name: str | None = None
+    # torch threads (None: `trainer.threads.choose_threads` decides). Not in the hash as asked: the
+    # count used enters it where the numbers depend on it (no MKL strict mode), see `config_hash`
+    threads: int | None = None
 
     def check(self) -> None:
         within(self, "leak_threshold", 0, 1, low_open=True)
@@ -49,7 +53,10 @@ class TrainConfig(Validated):
             raise PipelineError("--batch-size must be at least 2 (BatchNorm needs two samples).")
         at_least(self, "shuffle_buffer", 1)
         at_least(self, "steps_per_epoch", 1)
+        at_least(self, "threads", 1)
         fit = self.fit
+        if fit.precision not in PRECISIONS:
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, not {fit.precision!r}.")
         at_least(fit, "epochs", 1)
         within(fit, "cvar_alpha", 0, 1, low_open=True)
         within(fit, "auc_gamma", 0, 1)
@@ -65,7 +72,11 @@ class TrainConfig(Validated):
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> TrainConfig:
-        """Flat keys (as in TOML): TrainConfig fields and FitConfig fields side by side."""
+        """Flat keys (as in TOML): TrainConfig fields and FitConfig fields side by side. The former
+        `bf16 = true/false` reads as `precision = "bf16"/"fp32"`."""
+        if "bf16" in data and "precision" not in data:
+            data = {**{k: v for k, v in data.items() if k != "bf16"},
+                    "precision": "bf16" if data["bf16"] else "fp32"}
         own = {f.name for f in dataclasses.fields(TrainConfig)} - {"fit"}
         fit_fields = {f.name for f in dataclasses.fields(FitConfig)}
         unknown = sorted(set(data) - own - fit_fields)
@@ -85,9 +96,17 @@ class TrainConfig(Validated):
         return out
 
 
-def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None) -> str:
+def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None,
+                threads: int | None = None) -> str:
+    """What determines a run's numbers: its config (precision as resolved, not `auto`), the trainer's
+    arithmetic version, the model and data fingerprint, and `threads` where the numbers depend on
+    the thread count (no MKL strict mode; none otherwise)."""
     flat = config.flat()
     flat.pop("name")
+    flat.pop("threads")
+    flat["arithmetic"] = ARITHMETIC
+    if threads is not None:
+        flat["threads"] = threads
     for optional in ("train_generators", "perturbation"):  # absent: runs made before the option keep their hash
         if flat.get(optional) is None:
             flat.pop(optional, None)

@@ -206,8 +206,9 @@ def _run_jobs(
     reporter: Reporter,
 ) -> EncodeResult:
     from pipeline.encoding.jobs import EncodeJob
-    from pipeline.encoding.units import BF16_EMULATED, EncodeSpec, cpu_bf16_native, resolve_device
+    from pipeline.encoding.units import EncodeSpec, resolve_device
     from pipeline.engines.local import LocalEngine
+    from trainer.precision import BF16_EMULATED, cpu_bf16_native
 
     spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels, config.max_bytes,
                                 config.device, config.precision)

@@ -7,6 +7,7 @@ validation epoch, test metrics and one score per sample of every split. It lands
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from collections.abc import Iterator
@@ -17,13 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.allocator import step_buffers_reused
+from pipeline.choices import TrainPrecision
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.evaluation import alarms
 from pipeline.evaluation.bootstrap import summarise_splits, validation_summary
 from pipeline.evaluation.calibration import calibrate
 from pipeline.evaluation.loss import evaluation_loss, evaluation_set
-from pipeline.evaluation.results import LeftOut, RunMetrics
+from pipeline.evaluation.results import Compute, LeftOut, RunMetrics
 from pipeline.evaluation.scores import (
     GroupKeys,
     ScoreCollector,
@@ -42,7 +45,9 @@ from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.writes import writing
 from schemas import SPLITS, UNLABELLED
-from trainer.fit import build_model, fit
+from trainer.fit import GEMM_THREAD_INDEPENDENT, build_model, fit
+from trainer.precision import resolve_precision
+from trainer.threads import choose_threads, numbers_depend_on_threads
 
 KNN_SLICE_ROWS = 65_536  # kNN scores reach the score sinks this many rows at a time
 
@@ -55,6 +60,8 @@ class TrainJob(Validated):
     config: TrainConfig = field(default_factory=TrainConfig)
     skip_existing: bool = False  # a run with the same config hash is returned instead of trained again
     wait: bool = True  # wait for another writer of the store instead of stopping
+    jobs: int = 1  # training jobs running side by side (a sweep's --jobs): they share the cores
+    max_threads: int | None = None  # the CPUs a scheduler gave this job (Ray), if any
 
 
 @dataclass
@@ -65,6 +72,7 @@ class TrainResult:
     skipped: bool = False  # a run with the same config hash already existed
     alarms: list[str] = field(default_factory=list)  # sentences: shortcuts that make the numbers mislead
     warnings: list[str] = field(default_factory=list)  # sentences: how the run was made (e.g. emulated bf16)
+    compute: Compute | None = None  # how this invocation would compute (None for a kNN run)
 
     @property
     def model_key(self) -> str:
@@ -89,10 +97,12 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
                             f"{config.perturbation} --splits train,val,test` and `pipeline encode` first.")
     table = feature_table(store, model_key, config.pairing, config.perturbation)
     excluded, leak_scan = _leaks(store, model_key, config)
-    chash = config_hash(config, model_key, table, leak_scan)
+    config, compute = _resolve_compute(config, job)
+    chash = config_hash(config, model_key, table, leak_scan,
+                        threads=compute.threads if compute and compute.thread_dependent else None)
     random_weights = store.model_info(model_key).get("random_weights")
     if job.skip_existing and (found := existing_run(store, chash)):
-        return _result(store, config, found, chash, run_metrics(store, found), skipped=True)
+        return _result(store, config, found, chash, run_metrics(store, found), compute, skipped=True)
 
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
     # Scores stream to a temp file as they are computed; metrics see numbers only (`ScoreArrays`).
@@ -103,7 +113,14 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         if config.detector == "knn":
             extra, state = _fit_knn(table, config, excluded, sinks)
         else:
-            extra, state = _fit_mlp(table, config, excluded, reporter, sinks)
+            assert compute is not None
+            previous = torch.get_num_threads()
+            torch.set_num_threads(compute.threads)
+            try:
+                extra, state = _fit_mlp(table, config, excluded, reporter, sinks)
+            finally:
+                torch.set_num_threads(previous)
+            extra["compute"] = compute
         scores = collector.arrays()
         scores.group = keys.codes()
         splits = summarise_splits(scores, config.seed)
@@ -121,26 +138,39 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         # have finished the same config meanwhile: then its run stands and this one is not written.
         with writing(store, reporter, job.wait):
             if job.skip_existing and (found := existing_run(store, chash)):
-                return _result(store, config, found, chash, run_metrics(store, found), skipped=True)
+                return _result(store, config, found, chash, run_metrics(store, found), compute, skipped=True)
             write_run(store, run_id, chash, config, metrics, state, writer)
     finally:
         writer.discard()
         keys.discard()
-    return _result(store, config, run_id, chash, metrics)
+    return _result(store, config, run_id, chash, metrics, compute)
+
+
+def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, Compute | None]:
+    """The config with its precision resolved for this machine (`auto` → fp32 or bf16), and how the
+    run will compute. The resolved precision is what the hash and the stored config say."""
+    if config.detector != "mlp":
+        return config, None
+    precision, precision_why = resolve_precision(config.fit.precision, "cpu")
+    depends = numbers_depend_on_threads("cpu", GEMM_THREAD_INDEPENDENT)
+    # torch's own count caps it: physical cores by default, or what OMP_NUM_THREADS (set by a user, or by
+    # Ray for its workers) asked for
+    limit = min(job.max_threads or torch.get_num_threads(), torch.get_num_threads())
+    threads, threads_why = choose_threads(config.threads, job.jobs, depends, limit)
+    used: TrainPrecision = "bf16" if precision == "bf16" else "fp32"
+    resolved = dataclasses.replace(config, fit=dataclasses.replace(config.fit, precision=used))
+    return resolved, Compute(precision, precision_why, threads, threads_why, depends)
 
 
 def _result(store: Store, config: TrainConfig, run_id: str, chash: str, metrics: RunMetrics,
-            skipped: bool = False) -> TrainResult:
+            compute: Compute | None, skipped: bool = False) -> TrainResult:
     """The run with the alarms its numbers need beside them (a text shortcut shown by this run, or by
-    a text-only run on the same embeddings and pairing)."""
+    a text-only run on the same embeddings and pairing), and how it computed."""
     alarm = alarms.text_alarm_for(store, config.features, config.pairing, metrics)
     warnings = []
-    if config.fit.bf16 and not skipped:
-        from pipeline.encoding.units import BF16_EMULATED, cpu_bf16_native
-
-        if not cpu_bf16_native():
-            warnings.append(f"{BF16_EMULATED}; consider --fp32.")
-    return TrainResult(run_id, chash, metrics, skipped, [alarm] if alarm else [], warnings)
+    if compute is not None and compute.precision == "bf16" and "no native bf16" in compute.precision_why:
+        warnings.append(compute.precision_why + "; consider --precision fp32.")
+    return TrainResult(run_id, chash, metrics, skipped, [alarm] if alarm else [], warnings, compute)
 
 
 def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: int) -> LeftOut:
@@ -206,11 +236,12 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
 
     reporter.start("epochs", config.fit.epochs, "epochs")
 
-    def on_epoch(record: dict[str, Any]) -> None:
+    def on_epoch(record: dict[str, Any]) -> None:  # record: the epoch's metrics, samples_per_s, seconds, eta
         reporter.event("epoch", record)
         reporter.advance("epochs", 1)
 
-    fitted = fit(model, train_batches, validate, config.fit, on_epoch)
+    with step_buffers_reused():  # a step's batch-sized tensors come back from the heap, not the kernel
+        fitted = fit(model, train_batches, validate, config.fit, on_epoch)
     model.load_state_dict(fitted.best_state)
     all_splits = FeatureLoader(table, SPLITS, LoaderConfig(config.features, 8192, input_norm=config.input_norm,
                                                             order="rows"))  # vectors read in file order
@@ -219,6 +250,7 @@ def _fit_mlp_seeded(table: FeatureTable, config: TrainConfig, excluded: set[str]
     extra = {
         "best_epoch": fitted.best_epoch,
         "history": tuple(fitted.history),
+        "timing": fitted.timing,
         "eval_loss": evaluation_loss(model, x, y, config.fit),
         "eval_set": {"split": eval_split, "rows": int(len(y))},
         "skipped_missing_text": all_splits.skipped_missing_text,
