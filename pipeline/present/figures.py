@@ -108,12 +108,18 @@ def draw_roc(y: np.ndarray, p: np.ndarray, gens: np.ndarray, split: str) -> Any:
         m = ~y | (gens == g)
         fpr, tpr = roc_curve(y[m], p[m])
         ax.plot(100 * fpr, 100 * tpr, lw=1, label=f"{short(g)} ({pct(roc_auc(y[m], p[m]))})")
-    ax.plot([0, 100], [0, 100], color="grey", ls=":", lw=1, label="chance")
-    ax.set(xlim=(-2, 102), ylim=(-2, 102))
-    ax.set_xlabel("false-positive rate × 100 (real called generated)", fontsize=LABEL)
-    ax.set_ylabel("true-positive rate × 100", fontsize=LABEL)
-    ax.legend(fontsize=SMALL, loc="lower right")
+    _percent_square(ax, "chance", "false-positive rate × 100 (real called generated)", "true-positive rate × 100",
+                    "lower right")
     return fig
+
+
+def _percent_square(ax: Any, diagonal: str, xlabel: str, ylabel: str, legend: str) -> None:
+    """Axes from 0 to 100 on both sides, with the diagonal (chance, or perfect calibration) dotted."""
+    ax.plot([0, 100], [0, 100], color="grey", ls=":", lw=1, label=diagonal)
+    ax.set(xlim=(-2, 102), ylim=(-2, 102))
+    ax.set_xlabel(xlabel, fontsize=LABEL)
+    ax.set_ylabel(ylabel, fontsize=LABEL)
+    ax.legend(fontsize=SMALL, loc=legend)
 
 
 def roc(path: Path, y: np.ndarray, p: np.ndarray, gens: np.ndarray, split: str, random_weights: Any = False) -> Path:
@@ -161,11 +167,8 @@ def draw_reliability(before: Any, after: Any, split: str) -> Any:
         filled = np.array(rel.counts) > 0
         ax.plot(conf[filled], freq[filled], marker="o", ms=4, color=colour,
                 label=f"{name}: ECE {100 * rel.ece:.1f}")
-    ax.plot([0, 100], [0, 100], color="grey", ls=":", lw=1, label="perfectly calibrated")
-    ax.set(xlim=(-2, 102), ylim=(-2, 102))
-    ax.set_xlabel("mean predicted probability of generated × 100 (per bin)", fontsize=LABEL)
-    ax.set_ylabel("fraction generated × 100", fontsize=LABEL)
-    ax.legend(fontsize=SMALL, loc="upper left")
+    _percent_square(ax, "perfectly calibrated", "mean predicted probability of generated × 100 (per bin)",
+                    "fraction generated × 100", "upper left")
     return fig
 
 

@@ -49,7 +49,7 @@ class DetectorSpec:
     hidden: int | None
     depth: int
     dropout: float
-    bf16: bool  # the MLP ran under bf16 autocast when it scored (so does predict)
+    precision: str  # the MLP's products when the run scored (fp32 | bf16, as trained; so does predict)
     threshold: float  # score > threshold: generated (chosen on val for balanced accuracy)
     threshold_source: str
     calibration: Calibration
@@ -66,7 +66,8 @@ class DetectorSpec:
 
     @property
     def fit(self) -> FitConfig:
-        return FitConfig(hidden=self.hidden, depth=self.depth, dropout=self.dropout, bf16=self.bf16)
+        return FitConfig(hidden=self.hidden, depth=self.depth, dropout=self.dropout,
+                         precision=self.precision)  # type: ignore[arg-type]
 
     def encode_spec(self, device: str, precision: str, max_pixels: int, max_bytes: int) -> EncodeSpec:
         info = self.clip
@@ -80,7 +81,7 @@ class DetectorSpec:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "detector": "mlp",
             "mlp": {"in_dim": self.in_dim, "hidden": self.hidden, "depth": self.depth, "dropout": self.dropout,
-                    "bf16_autocast": self.bf16, "output": "logit s; score = sigmoid(s)"},
+                    "precision": self.precision, "output": "logit s; score = sigmoid(s)"},
             "features": self.features, "input_norm": self.input_norm, "vector_dtype": self.vector_dtype,
             "clip": self.clip, "threshold": self.threshold, "threshold_source": self.threshold_source,
             "calibration": self.calibration.to_json(), "ood": None if self.ood is None else self.ood.to_json(),
@@ -98,7 +99,7 @@ class DetectorSpec:
         return DetectorSpec(
             clip=dict(data["clip"]), vector_dtype=str(data["vector_dtype"]), features=str(data["features"]),
             input_norm=str(data["input_norm"]), in_dim=int(mlp["in_dim"]), hidden=mlp.get("hidden"),
-            depth=int(mlp["depth"]), dropout=float(mlp["dropout"]), bf16=bool(mlp.get("bf16_autocast")),
+            depth=int(mlp["depth"]), dropout=float(mlp["dropout"]), precision=str(mlp.get("precision", "fp32")),
             threshold=float(data["threshold"]), threshold_source=str(data.get("threshold_source", "")),
             calibration=Calibration.from_json(data["calibration"]),
             ood=None if not data.get("ood") else OodSpec.from_json(data["ood"]), run=dict(data.get("run") or {}))
@@ -152,7 +153,7 @@ def from_run(store: Store, run_id: str, *, ood: bool = True, wait: bool = True, 
     spec = DetectorSpec(
         clip=_clip_info(info), vector_dtype=str(info.get("dtype") or "float16"), features=config.features,
         input_norm=config.input_norm, in_dim=_in_dim(model), hidden=config.fit.hidden, depth=config.fit.depth,
-        dropout=config.fit.dropout, bf16=config.fit.bf16, threshold=threshold, threshold_source=source,
+        dropout=config.fit.dropout, precision=config.fit.precision, threshold=threshold, threshold_source=source,
         calibration=calibration_of(store, run_id, metrics.calibration), ood=None,
         run={"run_id": run_id, "name": config.name, "model_key": metrics.model_key, "pairing": config.pairing,
              "train_generators": config.train_generators, "random_weights": metrics.random_weights})
@@ -234,3 +235,4 @@ def _in_dim(model: torch.nn.Module) -> int:
 
 def _with_ood(spec: DetectorSpec, ood: OodSpec) -> DetectorSpec:
     return replace(spec, ood=ood)
+
