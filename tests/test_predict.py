@@ -165,6 +165,27 @@ def test_export_then_predict_detector_in_a_fresh_directory_gives_identical_score
         assert alone.column(column).to_pylist() == there.column(column).to_pylist(), column
 
 
+def test_the_model_card_shows_the_alarms_stored_with_the_run(trained: tuple[Store, str]) -> None:
+    from dataclasses import replace
+
+    from pipeline.evaluation.results import Alarm
+    from pipeline.present.card import model_card
+    from pipeline.runs.detector import from_run
+    from pipeline.runs.record import load_run_record
+
+    store, run_id = trained
+    config, metrics = load_run_record(store, run_id)
+    spec = from_run(store, run_id, ood=False).spec
+    fired = (Alarm("text_shortcut", "A text-only run scores 0.97: the captions give the label away."),
+             Alarm("small_test", "The test split has 12 generated images: intervals are wide."))
+    card = model_card(spec, replace(metrics, alarms=fired), run_id, config.flat())
+    alarms = card.split("## Alarms", 1)[1].split("## Limits", 1)[0]
+    assert "**text_shortcut**: A text-only run scores 0.97" in alarms and "**small_test**: The test split" in alarms
+    assert "None fired" not in alarms
+    quiet = model_card(spec, replace(metrics, alarms=()), run_id, config.flat())
+    assert "None fired when the run was trained." in quiet
+
+
 def test_keep_stores_unlabelled_samples_and_a_second_predict_is_a_lookup(
         trained: tuple[Store, str], tmp_path: Path) -> None:
     store, run_id = trained
