@@ -80,8 +80,11 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 def _root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch's line even when the "
+                                          "output is not a terminal (a log, a pipe).")] = False,
 ) -> None:
-    ctx.obj = {"debug": debug}
+    show.configure()
+    ctx.obj = {"debug": debug, "verbose": verbose}
 
 
 @contextmanager
@@ -108,7 +111,7 @@ def _errors(ctx: typer.Context) -> Iterator[None]:
 @contextmanager
 def _running(ctx: typer.Context) -> Iterator[show.RichReporter]:
     """One-sentence errors and progress bars around a stage run."""
-    with _errors(ctx), show.RichReporter() as reporter:
+    with _errors(ctx), show.RichReporter(bool((ctx.find_root().obj or {}).get("verbose"))) as reporter:
         yield reporter
 
 

@@ -47,6 +47,11 @@ class JobResult:
     forward_passes: int = 0
     device: str = ""
 
+    @property
+    def items(self) -> int:
+        """Inputs the job finished with: encoded or quarantined (what its progress bar counted)."""
+        return self.encoded + sum(self.quarantined.values())
+
     def count(self, encoded: pa.Table) -> None:
         """Add the outcomes of a batch of encoded rows (a vector, or a reason)."""
         vectors, reasons = encoded.column("vector"), encoded.column("reason")

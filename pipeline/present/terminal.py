@@ -3,10 +3,18 @@
 Everything the CLI shows goes through here, one `show_*` function per result; stages return data
 and never print. Text that comes from the data or the user (captions, paths, error messages) is
 printed with rich markup escaped, so a `[` in it is shown, not interpreted.
+
+Widths: the consoles are made per command (`configure`), so they read `COLUMNS` or the terminal's
+size when the command starts. Sentences are printed as one line each (`soft_wrap`): the terminal
+wraps them where it must, so a path or a command in them is copied whole, and a log holds one line
+per message. Tables are fitted to the width by `present.tables` (identifiers and numbers are never
+broken; free text is cut with "…"; records when no table fits).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +22,10 @@ import pyarrow as pa
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
+
+from pipeline.present import tables
+from pipeline.present.tables import Column
 
 if TYPE_CHECKING:  # the results rendered here; imported for their types only (a renderer runs no stage)
     from pipeline.compositions.demo import DemoResult
@@ -40,20 +50,43 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.stages.verify import VerifyResult
     from pipeline.store.writes import Reconciled
 
-out = Console()
-err = Console(stderr=True)
+# highlight=False: rich's number highlighting would colour parts of run ids and model keys
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+_alarmed: set[str] = set()  # the alarm sentences this command has printed: each goes out once
+
+
+def configure() -> None:
+    """Fresh consoles for a command: the width (COLUMNS, or the terminal's) is read now, not at import."""
+    global out, err
+    out = Console(soft_wrap=True, highlight=False)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    _alarmed.clear()
 
 
 class _Rate(ProgressColumn):
+    """Items per second on the stage's clock: done over the seconds from the bar's start to its last
+    advance (a bar without a total stops there too), and once the stage has said how long the job took
+    (event `finished`), its own count over its own seconds: the figure its summary prints."""
+
     def render(self, task: Any) -> Text:
         unit = task.fields.get("unit", "it")
-        return Text(f"{task.speed or 0:,.1f} {unit}/s", style="cyan")
+        rate = task.fields.get("rate")
+        last = task.fields.get("last")
+        if rate is None and task.completed and last is not None and task.start_time is not None \
+                and last > task.start_time:
+            rate = task.completed / (last - task.start_time)
+        return Text("–" if rate is None else f"{rate:,.1f} {unit}/s", style="cyan")
 
 
 class RichReporter:
-    """Progress bars for the library's `Reporter` protocol."""
+    """Progress bars for the library's `Reporter` protocol.
 
-    def __init__(self) -> None:
+    Epoch lines are printed on a terminal or with `--verbose`; otherwise a run's epochs are summed up
+    in one line when it ends (a log of 32 lines per run says little that the summary does not).
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description:<8}"),
             BarColumn(),
@@ -62,34 +95,76 @@ class RichReporter:
             TimeRemainingColumn(),
             console=err,
             transient=False,
+            get_time=time.perf_counter,  # the clock the stages time their jobs with
         )
         self.tasks: dict[str, Any] = {}
+        self.epoch_lines = verbose or err.is_terminal
+        self.epochs: list[dict[str, Any]] = []  # this run's epoch records not printed: summed up at its end
+        self.hinted = False
 
     def start(self, task: str, total: int | None, unit: str) -> None:
-        self.tasks[task] = self.progress.add_task(task, total=total, unit=unit)
+        if task == "epochs":
+            self._epochs_summary()
+        if task in self.tasks:  # the same work again (the next run of an experiment): one bar, restarted
+            self.progress.reset(self.tasks[task], total=total, unit=unit, rate=None, last=None)
+        else:
+            self.tasks[task] = self.progress.add_task(task, total=total, unit=unit, rate=None, last=None)
 
     def advance(self, task: str, n: int) -> None:
         if task in self.tasks:
-            self.progress.advance(self.tasks[task], n)
+            self.progress.update(self.tasks[task], advance=n, last=time.perf_counter())
+            if task == "epochs" and self.progress.tasks[self.tasks[task]].finished:
+                self._epochs_summary()  # the run's last epoch: its summary now, before its result
 
     def note(self, message: str) -> None:
         self.progress.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "epoch":
-            val_auc = data.get("val_auc", float("nan"))
-            self.progress.console.print(
-                f"epoch {data['epoch']:>3}  loss {data['train_loss']:.4f}  val auc {val_auc:.4f}", highlight=False)
+            if self.epoch_lines:
+                self.progress.console.print(epoch_line(data))
+            else:
+                self.epochs.append(data)
+        elif kind == "finished" and data.get("task") in self.tasks and data.get("seconds"):
+            self.progress.update(self.tasks[data["task"]], rate=data["items"] / data["seconds"])
         elif kind == "row":
             verb = "reused" if data["skipped"] else "trained"
             self.progress.console.print(f"{escape(data['label'])}: {verb} {data['run_id']}", highlight=False)
+
+    def _epochs_summary(self) -> None:
+        """One line for the epochs not printed (count, time, pace), and forget them."""
+        records, self.epochs = self.epochs, []
+        if not records:
+            return
+        text = f"trained {len(records)} epochs"
+        if all(r.get("seconds") is not None for r in records):
+            seconds = sum(float(r["seconds"]) for r in records)
+            text += f" in {seconds:.1f} s"
+            if all(r.get("samples") is not None for r in records) and seconds > 0:
+                text += f", {sum(r['samples'] for r in records) / seconds:,.0f} samples/s"
+        if not self.hinted:  # once per command
+            text += " (pipeline -v … prints each epoch)"
+            self.hinted = True
+        self.progress.console.print(text)
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._epochs_summary()
         self.progress.stop()
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """An epoch as one line: its loss and validation AUC, and its pace where the trainer measured it."""
+    val_auc = record.get("val_auc", float("nan"))
+    line = f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val auc {val_auc:.4f}"
+    if record.get("samples_per_s") is not None:
+        line += f"  {record['samples_per_s']:,.0f} samples/s"
+    if record.get("seconds") is not None:
+        line += f"  {record['seconds']:.1f} s"
+    return line
 
 
 # --- pieces ----------------------------------------------------------------------------------
@@ -100,22 +175,58 @@ def error(message: str) -> None:
 
 
 def alarm(text: str) -> None:
-    """A banner for a sentence that says the numbers beside it mislead (a shortcut, a tiny test split)."""
+    """A banner for a sentence that says the numbers beside it mislead (a shortcut, a tiny test split).
+
+    Printed with the numbers (stdout: a saved table keeps its alarm), and once per command however
+    many results carry the same sentence."""
+    if text in _alarmed:
+        return
+    _alarmed.add(text)
     label = "SHORTCUT" if text.startswith("Shortcut") else "WARNING"
-    err.print(f"[bold white on red] {label} [/] [bold red]{escape(text)}[/]")
+    out.print(f"[bold white on red] {label} [/] [bold red]{escape(text)}[/]")
 
 
 def warning(text: str) -> None:
     err.print(f"[bold yellow]warning[/]: {escape(text)}")
 
 
-def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50) -> None:
-    view = Table(title=escape(title) if title else None, header_style="bold", title_justify="left")
-    for name in table.column_names:
-        view.add_column(escape(name), overflow="fold")
-    for row in table.slice(0, max_rows).to_pylist():
-        view.add_row(*(escape(cell(v)) for v in row.values()))
-    out.print(view)
+# An identifier column of the store's tables (run_id, sample_id, source_uri, model_key, text_hash,
+# generator, ...): never cut, whatever it holds.
+_IDENTIFIER = re.compile(r"(^|_)(id|ids|uri|key|path|hash|member|generator|checkpoint|fingerprint|shard)($|_)")
+LABEL_MAX = 24  # a string column whose values are all this short is labels, not free text
+
+
+def _kinds(table: pa.Table, cells: list[list[str]]) -> list[tables.Kind]:
+    """What each column of a result holds, from its type (and, for strings, its name and values)."""
+    found: list[tables.Kind] = []
+    for i, field in enumerate(table.schema):
+        t = field.type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        shown = [row[i] for row in cells]
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            found.append("label")  # `[0.1, 0.2, … (768 values)]`: may break between its items
+        elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_temporal(t):
+            found.append("number")
+        elif pa.types.is_boolean(t) or _IDENTIFIER.search(field.name.lower()):
+            found.append("token")
+        elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            found.append("text")  # bytes, structs, maps: shown as text
+        elif all(v.isascii() and not any(ch.isspace() for ch in v) for v in shown):
+            found.append("token")  # one ASCII word each: an id, a name, a URL (a caption in Japanese is text)
+        else:
+            found.append("label" if max(len(v) for v in shown) <= LABEL_MAX else "text")
+    return found
+
+
+def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50,
+                 whole: str = "--format csv or json") -> None:
+    """A result table that fits the terminal (or records); `whole` says where cut text is shown whole."""
+    rows = [[cell(v) for v in row.values()] for row in table.slice(0, max_rows).to_pylist()]
+    columns = [Column(name, kind) for name, kind in zip(table.column_names, _kinds(table, rows), strict=True)]
+    shown = tables.show(out, columns, rows, title)
+    if shown.cut:
+        out.print(f"[dim]… marks text cut to fit {out.width} columns; {escape(whole)} shows it whole[/]")
     if table.num_rows > max_rows:
         out.print(f"[dim]… {table.num_rows - max_rows} more rows (use --format csv --output FILE)[/]")
 
@@ -130,9 +241,11 @@ def short_ids(table: pa.Table, width: int = 16) -> pa.Table:
 
 
 def cell(value: Any) -> str:
-    if isinstance(value, list) and len(value) > 6:
-        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:4])
-        return f"[{head}, … ({len(value)} values)]"
+    if isinstance(value, list):
+        if len(value) > 6:
+            return "[" + ", ".join(f"{v:.4g}" if isinstance(v, float) else cell(v) for v in value[:4]) \
+                + f", … ({len(value)} values)]"
+        return "[" + ", ".join(cell(v) for v in value) + "]"
     if isinstance(value, float):
         return f"{value:.6g}"
     return "NULL" if value is None else str(value)
@@ -219,15 +332,12 @@ def show_status(result: StoreStatus) -> None:
     if result.missing_captions:
         out.print(f"[yellow]{result.missing_captions} samples have no caption[/]: image+text training leaves "
                   "them out.")
-    view = Table(title="embeddings by model", header_style="bold", title_justify="left")
-    view.add_column("model_key", overflow="fold")
-    for col in ("weights", "images done", "pending", "texts done", "pending"):
-        view.add_column(col, justify="right")
-    for m in result.models:
-        weights = "[yellow]random[/]" if m.random_weights else "pretrained"
-        view.add_row(escape(m.model_key), weights, str(m.images_encoded), str(m.images_pending),
-                     str(m.texts_encoded), str(m.texts_pending))
-    out.print(view)
+    columns = [Column("model_key", "token"), Column("weights", "token"), *(
+        Column(name, "number") for name in ("images done", "images pending", "texts done", "texts pending"))]
+    rows = [[m.model_key, Text("random", style="yellow") if m.random_weights else "pretrained",
+             str(m.images_encoded), str(m.images_pending), str(m.texts_encoded), str(m.texts_pending)]
+            for m in result.models]
+    tables.show(out, columns, rows, "embeddings by model")
     if result.derived is not None and result.derived.num_rows:
         render_table(result.derived, "runs (best test AUC), indexes (vectors, recall@10), leak scans")
 
@@ -273,25 +383,72 @@ def show_train(result: TrainResult) -> None:
 
 
 def show_sweep(result: SweepResult) -> None:
-    view = Table(title="sweep", header_style="bold", title_justify="left")
-    for col in ("run_id", "options", "status", "val AUC", "test AUC"):
-        view.add_column(col)
+    columns = [Column("run_id", "token"), Column("options", "label"), Column("status", "label"),
+               Column("val AUC", "number"), Column("test AUC", "number")]
+    rows = []
     for row in result.rows:
-        opts = ", ".join(f"{k}={v}" for k, v in row.overrides.items())
         status = ("skipped (exists)" if row.skipped else "trained" if row.stopped_after is None
                   else f"stopped after {row.stopped_after} reports (asha)")
-        view.add_row(row.run_id, escape(opts), status, cell(row.val_auc), cell(row.test_auc))
-    out.print(view)
+        rows.append([row.run_id, ", ".join(f"{k}={v}" for k, v in row.overrides.items()), status,
+                     cell(row.val_auc), cell(row.test_auc)])
+    tables.show(out, columns, rows, "sweep")
     out.print(f"open_clip imported by this sweep: {'yes' if result.open_clip_imported else 'no'}")
 
 
 def show_experiment(result: ExperimentResult) -> None:
-    from rich.markdown import Markdown
-
-    out.print(Markdown(result.markdown))
+    """The table from its cells (never from its Markdown, which carries the alarms too), alarms once."""
+    out.print(Text(f"{result.table}: test ROC AUC per generator and overall", style="bold"))
+    random_banner(any(run.random_weights for _, run in result.rows))
+    seeds = max((len(v) for v in result.seed_runs.values()), default=1)
+    if result.rows:
+        run0 = result.rows[0][1]
+        out.print(f"Model key {escape(run0.model_key)}, text pairing {escape(str(run0.metrics.pairing))}. Cells: "
+                  + (f"AUC × 100 [95% group-bootstrap interval of the first seed]; mean ± sd over {seeds} seeds."
+                     if seeds > 1 else "AUC × 100 [95% group-bootstrap interval]."))
+        excluded = run0.metrics.excluded_leaks
+        if excluded:
+            out.print(f"Leaking samples left out of the metrics (near-duplicates of an earlier split): "
+                      f"{excluded.get('val', 0)} val, {excluded.get('test', 0)} test.")
+    for note in result.notes:
+        out.print(escape(note.replace("`", "")))
+    _experiment_table(result)
     for text in result.alarms:
         alarm(text)
-    out.print(f"[green]wrote[/] {escape(str(result.path))} and {escape(str(result.page))} ({result.seconds:.1f} s)")
+    runs = [r for seeded in result.seed_runs.values() for r in seeded]
+    out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
+              f"in {result.seconds:.1f} s.")
+    out.print(f"[green]wrote[/] {escape(str(result.path))} and {escape(str(result.page))}")
+
+
+def _experiment_table(result: ExperimentResult) -> None:
+    """The widest layout that fits: cells on one line, then a value over its interval, then the interval's
+    ends on lines of their own; each first with the run ids in a column, then with them listed below.
+    Records when none fits. No layout cuts a number or a run id."""
+    from pipeline.compositions.experiment import cell_text
+
+    columns = [Column("perturbation" if result.table == "robustness" else "method", "label"),
+               *(Column("overall" if c == "all" else c, "number") for c in result.columns), Column("run", "token")]
+    for lines in (1, 2, 3):
+        rows = [[label, *(_stacked(cell_text(result, label, i), lines) for i in range(len(result.columns))),
+                 run.run_id] for label, run in result.rows]
+        if (fitted := tables.grid(columns, rows, out.width)) is not None:
+            out.print(fitted[0])
+            return
+        if (fitted := tables.grid(columns[:-1], [r[:-1] for r in rows], out.width)) is not None:
+            out.print(fitted[0])
+            for label, run in result.rows:  # the run ids whole, below the table they did not fit in
+                out.print(f"  {escape(label)}: {run.run_id}")
+            return
+    out.print(tables.records(columns, rows))
+
+
+def _stacked(cell: str, lines: int) -> str:
+    """`80.00 [45.42, 100.00]; 80.12 ± 1.23` on one line, on one line per part, or with each number
+    of the interval and spread on its own line."""
+    if lines == 1:
+        return cell
+    cell = cell.replace(" [", "\n[").replace("; ", "\n")
+    return cell if lines == 2 else cell.replace(", ", ",\n").replace(" ± ", "\n± ")
 
 
 def show_perturb(result: PerturbResult) -> None:
@@ -318,7 +475,8 @@ def show_conflicts(result: ConflictsResult) -> None:
         return
     shown = result.conflicts.select(["sample_id", "split", "label", "generator", "stored_label", "claimed_label",
                                      "claimed_generator", "claims", "status"])
-    render_table(short_ids(shown), None if result.decided else "label conflicts (label: as training uses it now)")
+    render_table(short_ids(shown), None if result.decided else "label conflicts (label: as training uses it now)",
+                 whole="pipeline sql \"SELECT * FROM conflicts\"")
 
 
 def show_index(info: IndexInfo, target_recall: float) -> None:
@@ -341,10 +499,14 @@ def show_index(info: IndexInfo, target_recall: float) -> None:
                   "larger --max-memory lets auto keep more of each vector.")
 
 
+_WHOLE_TEXT = 'pipeline sql "SELECT sample_id, text FROM samples WHERE sample_id LIKE \'PREFIX%\'"'
+
+
 def show_neighbors(result: NeighborResult, k: int, modality: str) -> None:
     random_banner(result.random_weights)
     render_table(short_ids(result.rows), title=f"{k} nearest {modality} neighbours of {result.query} "
-                                               f"({result.index_kind} index, {result.model_key})")
+                                               f"({result.index_kind} index, {result.model_key})",
+                 whole=_WHOLE_TEXT)
 
 
 def show_leaks(result: LeakResult) -> None:
@@ -374,12 +536,9 @@ def show_landscape(result: LandscapeResult) -> None:
 
 
 def show_models(tags: dict[str, list[str]]) -> None:
-    view = Table(header_style="bold")
-    view.add_column("architecture")
-    view.add_column("pretrained tags")
-    for name, found in tags.items():
-        view.add_row(name, ", ".join(found) or "[dim](random weights / local checkpoint)[/]")
-    out.print(view)
+    rows = [[name, ", ".join(found) or Text("(random weights / local checkpoint)", style="dim")]
+            for name, found in tags.items()]
+    tables.show(out, [Column("architecture", "token"), Column("pretrained tags", "label")], rows)
 
 
 def show_rebuild(result: Reconciled) -> None:
@@ -434,7 +593,8 @@ def show_demo(result: DemoResult) -> None:
     nb = result.neighbours
     out.print(f"[dim]$ pipeline neighbors --store {escape(str(root))} --sample-id {nb.query[:12]} -k 3 "
               f"--run {run.run_id}[/]")
-    render_table(short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)")
+    render_table(short_ids(nb.rows), f"nearest images of a test sample ({nb.index_kind} FAISS index)",
+                 whole=_WHOLE_TEXT)
     out.print(f"[green]report[/]: {escape(str(result.report.page))} (ROC, AUC per generator, score histograms, "
               "confusion)")
     example = "SELECT * FROM samples LIMIT 5"
@@ -446,7 +606,8 @@ def show_predict(result: PredictResult) -> None:
     rows = result.rows
     if result.output is None and rows.num_rows:
         shown = rows.select(["path", "score", "generated", "probability", "ood", "reason"])
-        render_table(shown, f"predictions (score > {result.threshold:.3f}: generated)", max_rows=rows.num_rows)
+        render_table(shown, f"predictions (score > {result.threshold:.3f}: generated)", max_rows=rows.num_rows,
+                     whole="--output FILE.csv|json|parquet")
         if result.inputs > rows.num_rows:
             out.print(f"[dim]… {result.inputs - rows.num_rows} more rows: --output FILE.csv|json|parquet writes "
                       "them all[/]")

@@ -113,7 +113,7 @@ class EncodeResult:
     def images_per_second(self) -> float:
         if not self.images or not self.images.seconds:
             return 0.0
-        return (self.images.encoded + sum(self.images.quarantined.values())) / self.images.seconds
+        return self.images.items / self.images.seconds
 
 
 def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
@@ -230,6 +230,8 @@ def _run_jobs(
             return None
         done: JobResult = engine.run(EncodeJob(config.store, spec, modality, path, rows, batch_size,
                                                config.shard_rows), reporter)
+        # the bar then shows this job's rate as the summary does: the same count over the same seconds
+        reporter.event("finished", {"task": f"{modality}s", "items": done.items, "seconds": done.seconds})
         result.device = done.device or result.device
         return done
 

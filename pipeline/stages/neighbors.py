@@ -159,7 +159,7 @@ def _neighbours(q: NeighborQuery, index: OpenIndex, vector: np.ndarray, own: str
     sql = f"""
         WITH hit AS (SELECT DISTINCT ON ({key}) * FROM samples WHERE {key} IN (SELECT content_hash FROM found))
         SELECT n.rank, s.sample_id, round(n.similarity, 4) AS similarity, s.label, s.generator, s.split,
-               {score}, left(s.text, 40) AS text
+               {score}, s.text
         FROM found n
         LEFT JOIN hit s ON s.{key} = n.content_hash
         {score_join}
