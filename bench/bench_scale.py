@@ -104,7 +104,7 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         else:
             sid = json.loads((work / "probe.json").read_text())["sample_id"]
             sql = f"SELECT sample_id, split, label, generator FROM samples WHERE sample_id = '{sid}'"
-        return {"rows": run(SqlConfig(store, sql)).num_rows}
+        return {"rows": run(SqlConfig(store, sql)).rows}
     if stage == "view":
         from pipeline.features.view import feature_table
 

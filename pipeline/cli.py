@@ -96,16 +96,22 @@ def _errors(ctx: typer.Context) -> Iterator[None]:
         if debug:
             raise
         show.error(str(exc))
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         show.err.print("[yellow]interrupted[/]: everything written so far is kept; run again to resume.")
         raise typer.Exit(130) from None
     except Exception as exc:  # a full disk, from Python or from DuckDB's spill: one sentence, not a traceback
-        if not _disk_full(exc) or debug:
+        if debug:
             raise
-        show.error(f"the disk is full ({exc}). Free some space and run the command again: every file is "
-                   "written whole or not at all, so nothing written before this is lost.")
-        raise typer.Exit(1) from None
+        if _disk_full(exc):
+            show.error(f"the disk is full ({exc}). Free some space and run the command again: every file is "
+                       "written whole or not at all, so nothing written before this is lost.")
+            raise typer.Exit(1) from None
+        sentence = _refused_write(exc)
+        if sentence is None:
+            raise
+        show.error(sentence)
+        raise typer.Exit(2) from None
 
 
 @contextmanager
@@ -117,6 +123,23 @@ def _running(ctx: typer.Context) -> Iterator[show.RichReporter]:
 
 def _disk_full(exc: BaseException) -> bool:
     return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def _refused_write(exc: BaseException) -> str | None:
+    """A write the system refused (from Python or from DuckDB, which gives only text), as one sentence:
+    a file-size limit (`ulimit -f`), a read-only filesystem, a permission. None for anything else."""
+    text = str(exc)
+    code = exc.errno if isinstance(exc, OSError) else None
+    name = getattr(exc, "filename", None) or "a file"
+    kept = "every file is written whole or not at all, so nothing written before this is lost."
+    if code == errno.EFBIG or "File too large" in text:
+        return (f"{name} reached this process's file-size limit (`ulimit -f` shows it): raise the limit and run the "
+                f"command again; {kept}")
+    if code == errno.EROFS or "Read-only file system" in text:
+        return f"{name} lies on a read-only filesystem: run the command where it can write; {kept}"
+    if isinstance(exc, OSError) and code in (errno.EACCES, errno.EPERM):
+        return f"{name}: {exc.strerror}. Run the command as a user who may read and write it; {kept}"
+    return None
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -196,7 +219,9 @@ def ingest(
 @app.command()
 def encode(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, Tiny-ViT-16.")],
+    model: Annotated[str | None, typer.Option(help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, Tiny-ViT-16. "
+                                              "Default: the model the store was encoded with (its only one).")]
+    = None,
     pretrained: Annotated[str | None, typer.Option(
         help="open_clip tag (openai, laion2b_s34b_b79k, …) or a local checkpoint file. "
         "Omit for random weights (testing only).")] = None,
@@ -233,8 +258,11 @@ def encode(
     from pipeline.stages import encode as stage
 
     with _running(ctx) as reporter:
+        if model is None and pretrained is not None:
+            raise PipelineError("--pretrained needs --model (the architecture its weights belong to).")
         config = stage.EncodeConfig(
-            store=Store(store), model=ModelSpec(model, pretrained, seed), device=device, precision=precision,
+            store=Store(store), model=ModelSpec(model, pretrained, seed) if model else None, device=device,
+            precision=precision,
             batch_size=batch_size, workers=workers, dtype=dtype, shard_rows=shard_rows, max_pixels=max_pixels,
             max_bytes=max_bytes,
             retry_quarantined=retry_quarantined, engine=engine, ray_address=ray_address, actors=actors,
@@ -254,15 +282,24 @@ def sql(
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
     allow_files: Annotated[bool, typer.Option("--allow-files", help="Let a plain SELECT read files "
                                               "outside the store too (still nothing can be written).")] = False,
+    memory_limit: Annotated[str, typer.Option(help="Memory DuckDB's joins, sorts and aggregates may use before "
+                                              "they spill to disk: 4GB, 512MiB, or a share of RAM like 25%.")]
+    = "25%",
+    timeout: Annotated[float | None, typer.Option(help="Stop the query after this many seconds (Ctrl-C stops "
+                                                  "it at any time).")] = None,
 ) -> None:
     """Run a read-only SQL query over the store's views (samples, embeddings, quarantine, runs, scores,
     indexes, leaks) and print or export the result. Nothing the query says can write a file or reach
-    the network."""
+    the network. The table shows control characters in the data escaped (\\x1b); csv, json and parquet
+    keep the data as it is."""
+    import sys
+
     from pipeline.stages import sql as stage
 
     with _errors(ctx):
-        result = stage.run(stage.SqlConfig(Store(store), query, allow_files, format, output))
-    show.show_sql(result, max_rows)
+        result = stage.run(stage.SqlConfig(Store(store), query, allow_files, format, output, memory_limit, timeout,
+                                           max_rows, sink=sys.stdout.buffer))
+    show.show_sql(result)
 
 
 @app.command()

@@ -1,14 +1,15 @@
 """Stage configs are frozen dataclasses checked when they are built, not deep inside a stage.
 
-`Validated.__post_init__` checks every `Literal[...]` field against its allowed values and then
-calls the class's own `check()` for ranges; a bad value raises `PipelineError` with a sentence that
-names the field as the CLI flag (`batch_size` → `--batch-size`), so library users and CLI users
-read the same message.
+`Validated.__post_init__` checks every `Literal[...]` field against its allowed values and every
+number for being finite, then calls the class's own `check()` for ranges; a bad value raises
+`PipelineError` with a sentence that names the field as the CLI flag (`batch_size` →
+`--batch-size`), so library users and CLI users read the same message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 from pathlib import Path
@@ -27,6 +28,7 @@ class Validated:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        check_finite(self)
         self.check()
 
     def check(self) -> None:
@@ -43,6 +45,19 @@ def check_literals(config: Any) -> None:
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)
             raise PipelineError(f"{flag(f.name)} must be one of {shown}, not {value!r}.")
+
+
+def check_finite(config: Any) -> None:
+    """Every number of a config (and of the dataclasses it holds) is finite: NaN compares false with
+    every bound, so range checks alone would let `--lr nan` through, and infinity is no setting."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_finite(value)
+            continue
+        for number in value if isinstance(value, tuple) else (value,):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise PipelineError(f"{flag(f.name)} must be a finite number, not {number}.")
 
 
 def literal_values(hint: Any) -> tuple[Any, ...] | None:

@@ -4,6 +4,14 @@
 class PipelineError(Exception):
     """A failure the user can act on; the CLI prints its message without a traceback."""
 
+    exit_code = 2  # what the command exits with after printing the sentence
+
+
+class Stopped(PipelineError):
+    """The user stopped the command (Ctrl-C): one sentence saying what was kept, and the shell's code 130."""
+
+    exit_code = 130
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without its final full stop (for use inside a sentence)."""

@@ -74,9 +74,15 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
     if grid is not None:
         keys = sorted(grid)
         values = [v if isinstance(v, list) else [v] for v in (grid[k] for k in keys)]
+        empty = [k for k, v in zip(keys, values, strict=True) if not v]
+        if empty:  # a crossed empty list leaves no config at all: a sweep that would do nothing, quietly
+            raise PipelineError(f"The grid's {', '.join(empty)} list is empty: give each [grid] list at least "
+                                "one value (its lists are crossed, so an empty one leaves no config to run).")
         overrides = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
     else:
         overrides = list(runs or [])
+        if not overrides:
+            raise PipelineError("The grid file's [[runs]] list is empty: give at least one run.")
     points = [SweepPoint({**base, **o}, o) for o in overrides]
     for p in points:  # validate every config before running any
         _ = p.config

@@ -20,6 +20,9 @@ import logging
 import os
 import shutil
 import socket
+import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -61,21 +64,164 @@ def import_ray() -> Any:
 
 
 def connect(options: RayOptions) -> bool:
-    """Join the cluster at `options.address`, or start a local instance; True if this call started Ray."""
+    """Join the cluster at `options.address`, or start a local instance; True if this call started Ray
+    (then `disconnect(True)` takes it down whole)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
+    if options.address:
+        check_address(options.address)
+    # Ray's C++ core writes its log lines to this process's stderr: a `core_worker.cc … max_restarts` error
+    # for every actor pool of Ray Data (which restarts actors on purpose), and, once the level is set, a
+    # line saying so while Ray starts (hence the start with stderr set aside). What goes wrong reaches us
+    # as an exception anyway; a user who wants Ray's lines sets RAY_BACKEND_LOG_LEVEL themselves.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
                               "configure_logging": True}
     try:
-        if options.address:
-            ray.init(address=options.address, **kwargs)
-        else:
-            ray.init(num_cpus=options.num_cpus, **kwargs)
+        with _stderr_set_aside():
+            if options.address:
+                ray.init(address=options.address, **kwargs)
+            else:  # "local": a new instance of our own, never a cluster someone started on this machine
+                ray.init(address="local", num_cpus=options.num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = options.address or "a local instance"
         raise PipelineError(f"Could not connect to the Ray cluster at {where}: {exc}".rstrip(".") + ".") from exc
     return True
+
+
+def disconnect(started: bool) -> None:
+    """Take down the Ray instance this process started (a cluster it joined keeps running): wait for its
+    processes, end any worker that outlives its raylet (an actor would otherwise run on for a minute,
+    holding its model), and remove the instance's session folder (Ray keeps every session's logs and
+    sockets under /tmp/ray otherwise, one folder a run)."""
+    if not started:
+        return
+    ray = import_ray()
+    session, processes = _instance()
+    ray.shutdown(wait_for_processes=True)
+    _end(processes)
+    if session is not None:
+        _remove_session(session)
+
+
+@contextlib.contextmanager
+def _stderr_set_aside() -> Iterator[None]:
+    """Send this process's file descriptor 2 to a throw-away file for the duration (C++ libraries write
+    there directly, past Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as aside:
+            os.dup2(aside.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse within seconds a HOST:PORT where no Ray cluster answers; Ray itself retries for minutes.
+
+    A Ray head's GCS is a gRPC server: it answers the HTTP/2 connection preface with a SETTINGS frame.
+    Nothing listening, a host that does not answer, or a server of another kind, is one sentence.
+    `auto` (and ray:// client addresses) are left to Ray, which settles those quickly itself."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PipelineError(f"--ray-address {address} must be auto or HOST:PORT (the head node's GCS port, 6379 "
+                            "unless `ray start --head --port` said otherwise).")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(_H2_PREFACE)
+            frame = conn.recv(9)
+    except OSError as exc:
+        raise PipelineError(f"No Ray cluster answers at --ray-address {address} ({exc.strerror or exc}): start one "
+                            "there (`ray start --head --port PORT`), or leave --ray-address out to start Ray on "
+                            "this machine.") from exc
+    if len(frame) < 9 or frame[3] != 0x4:  # the frame type of SETTINGS
+        raise PipelineError(f"The server at --ray-address {address} is not a Ray cluster's head (it does not speak "
+                            "gRPC): give the port of the head's GCS (6379 unless `ray start --head --port` said "
+                            "otherwise).")
+
+
+def _instance() -> tuple[Path | None, list[tuple[int, str]]]:
+    """The session folder of the Ray instance this process started, and every process of it (its raylet,
+    GCS and agents, and their children: the workers), each as (pid, start time) so a reused pid is never
+    taken for one of them. Read from Ray's private node object: where that changed, nothing is cleaned."""
+    try:
+        from ray._private import worker
+
+        node: Any = worker._global_node
+        session = Path(node.get_session_dir_path())
+        roots = {info.process.pid for infos in node.all_processes.values() for info in infos}
+    except Exception:  # a Ray whose internals moved: leave the cleaning to Ray
+        return None, []
+    return session, [(pid, started) for pid in _tree(roots) if (started := _start_time(pid))]
+
+
+def _tree(roots: set[int]) -> set[int]:
+    """`roots` and all their descendants, from /proc (Linux; elsewhere just the roots)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _end(processes: list[tuple[int, str]], grace: float = 5.0) -> None:
+    """Kill whichever of `processes` still run (the same process: pid and start time) and wait them out."""
+    import signal
+
+    deadline = time.monotonic() + grace
+    alive = [(pid, t) for pid, t in processes if _start_time(pid) == t]
+    for pid, _ in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    while alive and time.monotonic() < deadline:
+        alive = [(pid, t) for pid, t in alive if _start_time(pid) == t and not _zombie(pid)]
+        time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_session(session: Path) -> None:
+    """Remove this instance's session folder, and Ray's `session_latest` link when it names it."""
+    latest = session.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+            latest.unlink()
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def check_store_visible(store: Store) -> None:
@@ -93,6 +239,7 @@ def check_store_visible(store: Store) -> None:
         blind = [host for ok, host in ray.get(refs, timeout=120) if not ok]
     finally:
         probe.unlink(missing_ok=True)
+        _remove_empty(probe.parent)
     if blind:
         raise PipelineError(
             f"Ray node(s) {', '.join(sorted(blind))} cannot see the store at {store.root.resolve()}: put the "
@@ -116,7 +263,7 @@ class RayEngine:
             check_store_visible(job.store)
             self.checked = True
         try:
-            with _quiet("ray.data"):  # its INFO lines would interleave with the CLI's progress bars
+            with _quiet("ray.data"):  # its INFO and WARNING lines would interleave with the CLI's progress bars
                 return self._run(ray, job, reporter)
         except Exception as exc:  # a sentence raised in a worker comes back wrapped by Ray: unwrap it
             sentence = _pipeline_error(exc)
@@ -126,9 +273,8 @@ class RayEngine:
 
     def close(self) -> None:
         """Shut down the Ray instance this engine started (a cluster it joined keeps running)."""
-        if self.started_ray:
-            import_ray().shutdown()
-            self.started_ray = False
+        disconnect(self.started_ray)
+        self.started_ray = False
 
     def _run(self, ray: Any, job: EncodeJob, reporter: Reporter) -> JobResult:
         import ray.data
@@ -180,10 +326,10 @@ class RayEngine:
 
 @contextlib.contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
-    """Raise a library logger to WARNING for the duration, then restore it (no lasting change)."""
+    """Raise a library logger to ERROR for the duration, then restore it (no lasting change)."""
     logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -286,19 +432,20 @@ def tune_sweep(store: Store, configs: list[dict[str, Any]], trial: Trial, option
                                  threads=max(1, int(options.cpus_per_trial))),
             {"cpu": options.cpus_per_trial},
         )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"i": tune.grid_search(list(range(len(configs))))},
-            tune_config=tune.TuneConfig(metric="val_auc", mode="max", scheduler=scheduler),
-            run_config=tune.RunConfig(storage_path=str(storage), name="sweep", verbose=0,
-                                      callbacks=[_progress(reporter)]),
-        )
-        with contextlib.redirect_stdout(io.StringIO()):  # Tune prints tables; a stage never prints
-            results = tuner.fit()
+        with _progress(reporter) as callback:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"i": tune.grid_search(list(range(len(configs))))},
+                tune_config=tune.TuneConfig(metric="val_auc", mode="max", scheduler=scheduler),
+                run_config=tune.RunConfig(storage_path=str(storage), name="sweep", verbose=0, callbacks=[callback]),
+            )
+            # Tune prints tables and logs; a stage never prints
+            with contextlib.redirect_stdout(io.StringIO()), _quiet("ray.tune"):
+                results = tuner.fit()
     finally:
         shutil.rmtree(storage, ignore_errors=True)
-        if started_ray:
-            import_ray().shutdown()
+        _remove_empty(storage.parent, store.work_dir / "probes", store.work_dir)
+        disconnect(started_ray)
     outcomes: list[dict[str, Any]] = [{} for _ in configs]
     for k in range(len(results)):
         result = results[k]
@@ -332,18 +479,51 @@ class _TuneReporter(Silent):
             tune.report({"val_auc": _nan(data.get("val_auc")), "epoch": data.get("epoch")})
 
 
-def _progress(reporter: Reporter) -> Any:
-    """A Tune callback that advances the sweep's progress as each trial ends (Tune is imported late)."""
+@contextlib.contextmanager
+def _progress(reporter: Reporter) -> Iterator[Any]:
+    """A Tune callback that counts finished trials into the sweep's progress bar.
+
+    Tune pickles its callbacks with the experiment's state, and a reporter (a terminal, its locks) does
+    not pickle: the callback holds only a Ray queue (an actor handle, which pickles), and a thread of
+    this process moves what arrives there to the reporter."""
     from ray import tune
+    from ray.util.queue import Empty, Queue
 
     class Progress(tune.Callback):  # type: ignore[misc]
+        def __init__(self, finished: Queue) -> None:
+            self.finished = finished
+
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            reporter.advance("sweep", 1)
+            self.finished.put_nowait(1)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            reporter.advance("sweep", 1)
+            self.finished.put_nowait(1)
 
-    return Progress()
+    finished = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def forward() -> None:
+        while not done.is_set():
+            with contextlib.suppress(Empty):
+                reporter.advance("sweep", finished.get(timeout=0.5))
+        for n in finished.get_nowait_batch(finished.qsize()):  # what arrived as the sweep ended
+            reporter.advance("sweep", n)
+
+    thread = threading.Thread(target=forward, name="sweep-progress", daemon=True)
+    thread.start()
+    try:
+        yield Progress(finished)
+    finally:
+        done.set()
+        thread.join()
+        finished.shutdown()
+
+
+def _remove_empty(*folders: Path) -> None:
+    """Remove each folder if it is empty (scratch folders a run made; a folder in use is left alone)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _nan(value: float | None) -> float:

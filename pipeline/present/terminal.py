@@ -1,8 +1,11 @@
 """The terminal: rich progress bars behind the `Reporter` protocol, tables, and every stage result as text.
 
 Everything the CLI shows goes through here, one `show_*` function per result; stages return data
-and never print. Text that comes from the data or the user (captions, paths, error messages) is
-printed with rich markup escaped, so a `[` in it is shown, not interpreted.
+and never print. Text that comes from the data or the user (captions, paths, error messages) goes
+through `escape`: its control characters are shown as `\\x1b`-style escapes (a caption holding an
+escape sequence would otherwise retitle, recolour or clear the user's terminal) and its rich markup
+is escaped, so a `[` in it is shown, not interpreted. Exports (csv, json, parquet) keep the data as
+it is: they are data, not terminal output.
 
 Widths: the consoles are made per command (`configure`), so they read `COLUMNS` or the terminal's
 size when the command starts. Sentences are printed as one line each (`soft_wrap`): the terminal
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -62,6 +65,21 @@ def configure() -> None:
     out = Console(soft_wrap=True, highlight=False)
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     _alarmed.clear()
+
+
+# C0 controls but tab and newline, DEL, and C1 controls (0x9b alone starts a sequence on some terminals)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character shown as its escape (ESC as \\x1b): nothing from the data
+    reaches the terminal as a command."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def escape(text: str) -> str:
+    """Text from the data or the user, safe to print: control characters shown, rich markup escaped."""
+    return escape_markup(printable(text))
 
 
 class _Rate(ProgressColumn):
@@ -222,9 +240,11 @@ def _kinds(table: pa.Table, cells: list[list[str]]) -> list[tables.Kind]:
 def render_table(table: pa.Table, title: str | None = None, max_rows: int = 50,
                  whole: str = "--format csv or json") -> None:
     """A result table that fits the terminal (or records); `whole` says where cut text is shown whole."""
-    rows = [[cell(v) for v in row.values()] for row in table.slice(0, max_rows).to_pylist()]
-    columns = [Column(name, kind) for name, kind in zip(table.column_names, _kinds(table, rows), strict=True)]
-    shown = tables.show(out, columns, rows, title)
+    # cells go to rich as Text (no markup), so only their control characters need showing as escapes
+    rows = [[printable(cell(v)) for v in row.values()] for row in table.slice(0, max_rows).to_pylist()]
+    columns = [Column(printable(name), kind) for name, kind in zip(table.column_names, _kinds(table, rows),
+                                                                     strict=True)]
+    shown = tables.show(out, columns, rows, printable(title) if title else None)
     if shown.cut:
         out.print(f"[dim]… marks text cut to fit {out.width} columns; {escape(whole)} shows it whole[/]")
     if table.num_rows > max_rows:
@@ -248,6 +268,10 @@ def cell(value: Any) -> str:
         return "[" + ", ".join(cell(v) for v in value) + "]"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, bytes):  # as DuckDB shows a BLOB (and as csv and json write it)
+        from pipeline.stages.sql import blob_text
+
+        return blob_text(value)
     return "NULL" if value is None else str(value)
 
 
@@ -314,14 +338,14 @@ def show_encode(result: EncodeResult) -> None:
         out.print(f"[yellow]quarantined[/] {count} × {escape(reason)}")
 
 
-def show_sql(result: SqlResult, max_rows: int) -> None:
+def show_sql(result: SqlResult) -> None:
     if result.written is not None:
-        err.print(f"[green]wrote[/] {result.table.num_rows} rows to {escape(str(result.written))}")
-    elif result.text is not None:
-        out.file.write(result.text)
-        out.file.flush()
-    else:
-        render_table(result.table, max_rows=max_rows)
+        err.print(f"[green]wrote[/] {result.rows} rows to {escape(str(result.written))}")
+    elif result.table is not None:  # (csv and json went to stdout as they streamed)
+        render_table(result.table, max_rows=result.table.num_rows)
+        if result.more:
+            out.print("[dim]… more rows not shown (--max-rows N shows more; --format csv --output FILE "
+                      "exports them all)[/]")
 
 
 def show_status(result: StoreStatus) -> None:

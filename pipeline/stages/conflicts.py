@@ -23,7 +23,7 @@ from pipeline.sources.ledger import LABEL_NAMES
 from pipeline.store import catalog, writes
 from pipeline.store.atomic import write_parquet
 from pipeline.store.layout import Store
-from pipeline.store.writes import writing
+from pipeline.store.writes import require_writable, writing
 from schemas import DECISIONS, from_rows
 
 UNDO = "undo"  # the note of a decision that reverses the one before it
@@ -64,6 +64,7 @@ def run(config: ConflictsConfig, reporter: Reporter | None = None) -> ConflictsR
     store = config.store
     if config.sample_id is None:
         return ConflictsResult(catalog.query(store, "SELECT * FROM conflicts"))
+    require_writable(store, "conflicts resolve", "the decision, in decisions/")
     with writing(store, reporter, config.wait):
         row = _conflict(store, config.sample_id)
         sample = row["sample_id"]

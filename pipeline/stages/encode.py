@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +29,7 @@ from pipeline.sources.reading import DEFAULT_MAX_BYTES
 from pipeline.store import catalog, duck
 from pipeline.store.layout import Store
 from pipeline.store.stream import ParquetStream
-from pipeline.store.writes import writing
+from pipeline.store.writes import remove_empty_scratch, writing
 
 if TYPE_CHECKING:
     from pipeline.encoding.jobs import JobResult
@@ -43,7 +43,7 @@ _LOCATION = ("sample_id", "source_uri", "source_member", "source_row", "byte_off
 @dataclass(frozen=True)
 class EncodeConfig(Validated):
     store: Store
-    model: ModelSpec
+    model: ModelSpec | None  # None: the one model the store's vectors were encoded with
     device: Device = "auto"
     precision: Precision = "fp32"
     batch_size: int = 64
@@ -59,6 +59,13 @@ class EncodeConfig(Validated):
     ray_address: str | None = None  # None: start a local Ray instance; "auto" or HOST:PORT
     actors: int | None = None  # Ray encode actors (None: one per GPU, else one per node's spare cores)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model to encode with (`run` puts in the store's own where none was named)."""
+        if self.model is None:
+            raise RuntimeError("EncodeConfig.model is filled in by encode.run before it is used")
+        return self.model
 
     def check(self) -> None:
         for name in ("batch_size", "shard_rows", "text_batch_size", "max_pixels", "max_bytes", "actors"):
@@ -122,13 +129,38 @@ def run(config: EncodeConfig, reporter: Reporter | None = None) -> EncodeResult:
     store = config.store
     if not store.exists():
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` first.")
-    info = recorded_info(_model_infos(store), config.model)
+    if config.model is None:
+        config = replace(config, model=store_model(store))
+    if config.engine == "ray" and config.ray_address:  # before loading a model: a dead address is said at once
+        from pipeline.engines.ray import check_address
+
+        check_address(config.ray_address)
+    info = recorded_info(_model_infos(store), config.spec)
     if info is not None:  # a model encoded before: whether anything is pending needs no lock and no weights
         store.record_model(info["model_key"], {**info, "dtype": config.dtype})  # (compares: refuses a new dtype)
         if not _anything_pending(store, config, info["model_key"]):
-            return EncodeResult(info["model_key"], config.model.random_weights, config.device, engine=config.engine)
+            return EncodeResult(info["model_key"], config.spec.random_weights, config.device, engine=config.engine)
     with writing(store, reporter, config.wait):
-        return _encode(config, reporter)
+        try:
+            return _encode(config, reporter)
+        finally:
+            remove_empty_scratch(store)  # the staging/ and .encode/ folders this run made and emptied
+
+
+def store_model(store: Store) -> ModelSpec:
+    """The model the store's vectors were encoded with, as model.json recorded it (architecture, weights tag
+    or checkpoint, seed), when there is exactly one: `encode` after `ingest` or `perturb` needs no --model.
+    Imported features name no model that could encode, so they do not count."""
+    encoded = [i for i in _model_infos(store) if i.get("architecture")]
+    if len(encoded) == 1:
+        info = encoded[0]
+        return ModelSpec(info["architecture"], info.get("pretrained"), int(info.get("seed") or 0))
+    if not encoded:
+        raise PipelineError("No model has encoded this store yet: give --model (an open_clip architecture, e.g. "
+                            "ViT-L-14) and --pretrained (e.g. openai).")
+    named = "; ".join(f"--model {i['architecture']}" + (f" --pretrained {i['pretrained']}" if i.get("pretrained")
+                                                        else f" --seed {i.get('seed') or 0}") for i in encoded)
+    raise PipelineError(f"The store holds vectors of {len(encoded)} models: say which to encode with ({named}).")
 
 
 def pending_texts_sql() -> str:
@@ -182,14 +214,14 @@ def pending_dir(store: Store) -> Path:
 def _encode(config: EncodeConfig, reporter: Reporter) -> EncodeResult:
     store = config.store
     _sweep_pending(store)  # we hold the lock: any pending file left is a dead run's
-    info = recorded_info(_model_infos(store), config.model)
+    info = recorded_info(_model_infos(store), config.spec)
     jobs: dict[str, tuple[Path, int]] = {}
     loaded: LoadedModel | None = None
     if info is not None:
         store.record_model(info["model_key"], {**info, "dtype": config.dtype})  # refuses a dtype change
         jobs = _pending(store, config, info["model_key"])
         if not any(n for _, n in jobs.values()):
-            return EncodeResult(info["model_key"], config.model.random_weights, config.device, engine=config.engine)
+            return EncodeResult(info["model_key"], config.spec.random_weights, config.device, engine=config.engine)
     try:
         if info is None:  # first encode with this model: load it once to learn its key
             loaded = _load(config)
@@ -210,9 +242,9 @@ def _run_jobs(
     from pipeline.engines.local import LocalEngine
     from trainer.precision import BF16_EMULATED, cpu_bf16_native
 
-    spec = EncodeSpec.from_info(config.model, info, config.dtype, config.max_pixels, config.max_bytes,
+    spec = EncodeSpec.from_info(config.spec, info, config.dtype, config.max_pixels, config.max_bytes,
                                 config.device, config.precision)
-    result = EncodeResult(info["model_key"], config.model.random_weights, config.device,
+    result = EncodeResult(info["model_key"], config.spec.random_weights, config.device,
                           engine=config.engine, model_loaded=True)
     if config.precision == "bf16" and config.engine == "local" and resolve_device(config.device).type == "cpu" \
             and not cpu_bf16_native():
@@ -287,7 +319,7 @@ def _load(config: EncodeConfig) -> LoadedModel:
 
     # the Ray driver only needs the key: load on the CPU and leave the devices to the actors
     device = resolve_device("cpu" if config.engine == "ray" else config.device)
-    return load(config.model, device)
+    return load(config.spec, device)
 
 
 def _sweep_pending(store: Store) -> None:

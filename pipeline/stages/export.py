@@ -25,6 +25,7 @@ from pipeline.runs.detector import CONFIG, export, from_run
 from pipeline.runs.record import load_run_record
 from pipeline.store import catalog
 from pipeline.store.layout import Store
+from pipeline.store.writes import require_writable
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def run(config: ExportConfig, reporter: Reporter | None = None) -> ExportResult:
     reporter = reporter or Silent()
     store = config.store
     catalog.snapshot(store)
+    require_writable(store, "export", "the caches it reads the training images through")
     detector = from_run(store, config.run_id, ood=False)
     run_config, metrics = load_run_record(store, config.run_id)
     table = feature_table(store, metrics.model_key, run_config.pairing, reporter=reporter)

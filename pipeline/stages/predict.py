@@ -46,7 +46,7 @@ from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store
 from pipeline.store.outputs import OutputStream, check_output
 from pipeline.store.stream import ParquetStream
-from pipeline.store.writes import Committer, stage_shard, writing
+from pipeline.store.writes import Committer, require_writable, stage_shard, writing
 from schemas import PREDICT_INPUTS, PREDICTIONS
 
 PREVIEW_ROWS = 50
@@ -151,6 +151,8 @@ def _detector(config: PredictConfig, reporter: Reporter) -> Detector:
         return from_folder(config.detector)
     assert config.store is not None and config.run_id is not None
     catalog.snapshot(config.store)  # (no store there: one sentence, before anything else)
+    require_writable(config.store, "predict --run", "the caches it looks vectors and neighbours up in, and with "
+                     "--keep the new vectors; `pipeline export` makes a detector that needs no store")
     return from_run(config.store, config.run_id, wait=config.wait, reporter=reporter)
 
 

@@ -37,6 +37,7 @@ from pipeline.sources.reading import Expected
 from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
+from pipeline.store.writes import require_writable
 from trainer.metrics import METRICS, Estimate, confusion
 
 GALLERY = 6  # false positives and as many false negatives
@@ -70,6 +71,8 @@ class ReportConfig(Validated):
 def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
     store, run_id, output, split, threshold = cfg.store, cfg.run_id, cfg.output, cfg.split, cfg.threshold
     config, metrics = load_run_record(store, run_id)
+    require_writable(store, "report", "a temp file of the score groups, its caches, and the page unless --output "
+                     "names another folder")
     leaking: set[str] = set()
     if cfg.exclude_leaks:
         leaking, _ = leaking_ids(store, metrics.model_key, config.leak_threshold)

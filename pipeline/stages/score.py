@@ -18,7 +18,7 @@ from pipeline.reporting import Reporter, Silent
 from pipeline.runs.record import load_run
 from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
-from pipeline.store.writes import writing
+from pipeline.store.writes import require_writable, writing
 from schemas import SPLITS, UNLABELLED
 from trainer.fit import predict
 
@@ -51,6 +51,7 @@ def run(cfg: ScoreConfig, reporter: Reporter | None = None) -> ScoreResult:
     reporter = reporter or Silent()
     store, run_id = cfg.store, cfg.run_id
     config, model, metrics = load_run(store, run_id)
+    require_writable(store, "score", "the scores and the caches it reads vectors through")
     model_key = metrics.model_key
     if model_key not in catalog.model_keys(store):
         raise PipelineError(f"Run {run_id} needs embeddings of {model_key}, which this store lacks.")

@@ -43,7 +43,7 @@ from pipeline.runs.config import TrainConfig, config_hash
 from pipeline.runs.record import existing_run, run_metrics, write_run
 from pipeline.store import catalog
 from pipeline.store.layout import Store
-from pipeline.store.writes import writing
+from pipeline.store.writes import require_writable, writing
 from schemas import SPLITS, UNLABELLED
 from trainer.fit import GEMM_THREAD_INDEPENDENT, build_model, fit
 from trainer.precision import resolve_precision
@@ -89,6 +89,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
     store, config = job.store, job.config
     if not store.exists():
         raise PipelineError(f"No store at {store.root}: run `pipeline ingest` and `pipeline encode` first.")
+    require_writable(store, "train", "the run, its scores and the caches it trains from")
     model_key = resolve_model_key(store, config.model_key)
     _check_generators(store, config)
     if config.perturbation is not None and not catalog.query(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import duckdb
@@ -94,10 +94,23 @@ def read_manifest(store: Store) -> Manifest:
                 f"format {MANIFEST_FORMAT}; use a pipeline release that matches the store."
             )
         shards = {p: Shard.from_json(p, d) for p, d in data.get("shards", {}).items()}
-        return Manifest(shards, dict(data.get("damaged", {})))
+        damaged = dict(data.get("damaged", {}))
+        _refuse_outside(path, [*shards, *damaged])
+        return Manifest(shards, damaged)
     if store.catalog_path.exists():
         return _legacy_manifest(store)
     return Manifest()
+
+
+def _refuse_outside(manifest: Path, paths: Iterable[str]) -> None:
+    """Every path a manifest names is a relative path inside the store: a store reads (and `verify --repair`
+    moves) only its own files, whatever an edited or hostile manifest says."""
+    for rel in paths:
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+            raise PipelineError(f"The store's manifest {manifest} names {rel!r}, a path outside the store, which reads "
+                                "only its own files: run `pipeline catalog rebuild` to list the store's own shards "
+                                "again.")
 
 
 def exists(store: Store) -> bool:

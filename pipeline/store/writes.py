@@ -14,6 +14,7 @@ only the lock holder moves them into place and commits them (`commit_staged`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -285,6 +286,35 @@ def _unstage(store: Store, staged: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, final)
     return final
+
+
+def require_writable(store: Store, command: str, writes: str) -> None:
+    """Refuse with a sentence, before anything is written, a store this process cannot write into (a
+    read-only mount, another user's folder): `pipeline {command}` writes `writes` there."""
+    if os.access(store.root, os.W_OK):  # false on a read-only filesystem too, for root as well
+        return
+    try:
+        read_only = bool(os.statvfs(store.root).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "is on a read-only filesystem" if read_only else "cannot be written by this user"
+    raise PipelineError(f"The store {store.root} {why}, and `pipeline {command}` writes into it ({writes}): "
+                        "run it on a copy of the store that you can write.")
+
+
+def remove_empty_scratch(store: Store) -> None:
+    """Remove the empty folders left under `STORE/staging/` and the lock holder's `STORE/.encode/` (each
+    run makes its own); a folder with a file in it stays. The lock holder only: nobody else writes there."""
+    _require_lock(store)
+    for root in (store.staging_dir, store.work_dir):
+        if not root.is_dir():
+            continue
+        for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()),
+                             key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty
+                folder.rmdir()
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def _staged_files(store: Store) -> list[Path]:
