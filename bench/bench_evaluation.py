@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.compositions import experiment
 from pipeline.compositions.demo import DEMO_MODEL
 from pipeline.compositions.experiment import ExperimentConfig
 from pipeline.encoding.clip import ModelSpec
 from pipeline.runs.config import TrainConfig
-from pipeline.stages import encode, experiment, ingest, perturb, report, train
+from pipeline.stages import encode, ingest, perturb, report, train
 from pipeline.stages.encode import EncodeConfig
 from pipeline.stages.ingest import IngestConfig
 from pipeline.stages.perturb import PerturbConfig

@@ -1,13 +1,16 @@
-"""SIGKILL soak: kill ingest, encode, train, index build and catalog rebuild at random moments,
-rerun, and check the store against an uninterrupted run: nothing lost, nothing doubled, vectors
-bit-identical.
+"""SIGKILL soak: kill ingest, encode (2 decoding workers), train, sweep (2 worker processes), index
+build, report and catalog rebuild at random moments, rerun, and check the store against an
+uninterrupted run: nothing lost, nothing doubled, vectors and scores bit-identical, no temp file left,
+and no process of the killed one left running (its workers must die with it).
 
-    python bench/bench_kill.py --kills 20 [--stages ingest,encode,train,index,rebuild] [--seed 0]
+    python bench/bench_kill.py --kills 20 [--stages ingest,encode,train,sweep,index,report,rebuild] [--seed 0]
 
 Each stage runs in a child process on a copy of a tiny store made just before that stage. The child
-imports everything, prints START, and runs the stage; the parent kills it with SIGKILL after a random
-delay drawn over the stage's measured working time (so kills land in the work, not in imports), then
-reruns the stage to completion in a fresh child and compares. Not a test: it takes minutes.
+imports everything, prints START, and runs the stage; the parent kills it (alone: its workers are
+not signalled) with SIGKILL after a random delay drawn over the stage's measured working time (so
+kills land in the work, not in imports), counts the killed child's descendants still running 5 s
+later, then reruns the stage to completion in a fresh child and compares. Not a test: it takes minutes.
+A new stage (predict, when it lands) is one entry in RUNNERS and its place in STAGES.
 """
 
 from __future__ import annotations
@@ -28,43 +31,68 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.children import alive, descendants  # noqa: E402 - this tree's pipeline
+
 CHILD = r"""
 import sys, json
 from pathlib import Path
 stage, store_dir, parquet, real = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 from pipeline.store.layout import Store
 store = Store(store_dir)
-if stage == "ingest":
-    from pipeline.stages import ingest
-    cfg = ingest.IngestConfig(parquet, "d3", store, real_images=real, shard_rows=8)
-    run = lambda: ingest.run(cfg)
-elif stage == "encode":
-    from pipeline.encoding.clip import ModelSpec
-    from pipeline.stages import encode
-    cfg = encode.EncodeConfig(store, ModelSpec("Tiny-ViT-16"), workers=0, batch_size=4, shard_rows=8)
-    run = lambda: encode.run(cfg)
-elif stage == "train":
-    from pipeline.runs.config import TrainConfig
-    from pipeline.stages import train
-    cfg = train.TrainJob(store, TrainConfig.from_dict({"epochs": 2, "batch_size": 16}), skip_existing=True)
-    run = lambda: train.run(cfg)
-elif stage == "index":
-    from pipeline.stages import index
-    cfg = index.IndexConfig(store)
-    run = lambda: index.run(cfg)
-elif stage == "rebuild":
-    from pipeline.store import catalog, writes
-    run = lambda: writes.rebuild(store)
+exec(RUNNERS[stage])  # defines run()
 print("START", flush=True)
 run()
 print("DONE", flush=True)
 """
-
-STAGES = ("ingest", "encode", "train", "index", "rebuild")
+# Each stage's code for the child: it defines `run()` (imports and setup are done before START).
+RUNNERS = {
+    "ingest": """
+from pipeline.stages import ingest
+cfg = ingest.IngestConfig(parquet, "d3", store, real_images=real, shard_rows=8)
+run = lambda: ingest.run(cfg)
+""",
+    "encode": """
+from pipeline.encoding.clip import ModelSpec
+from pipeline.stages import encode
+cfg = encode.EncodeConfig(store, ModelSpec("Tiny-ViT-16"), workers=2, batch_size=4, shard_rows=8)
+run = lambda: encode.run(cfg)
+""",
+    "train": """
+from pipeline.runs.config import TrainConfig
+from pipeline.stages import train
+cfg = train.TrainJob(store, TrainConfig.from_dict({"epochs": 2, "batch_size": 16}), skip_existing=True)
+run = lambda: train.run(cfg)
+""",
+    "sweep": """
+from pipeline.compositions import sweep
+points = tuple(sweep.SweepPoint({"epochs": 3, "batch_size": 16, "seed": s}, {"seed": s}) for s in (1, 2, 3))
+cfg = sweep.SweepConfig(store, points, jobs=2)
+run = lambda: sweep.run(cfg)
+""",
+    "index": """
+from pipeline.stages import index
+cfg = index.IndexConfig(store)
+run = lambda: index.run(cfg)
+""",
+    "report": """
+from pipeline.stages import report
+from pipeline.store import catalog
+run_id = catalog.query(store, "SELECT min(run_id) FROM runs").column(0)[0].as_py()
+cfg = report.ReportConfig(store, run_id)
+run = lambda: report.run(cfg)
+""",
+    "rebuild": """
+from pipeline.store import writes
+run = lambda: writes.rebuild(store)
+""",
+    # "predict": the predict engineer's runner goes here (and "predict" into STAGES, after "report").
+}
+STAGES = ("ingest", "encode", "train", "sweep", "index", "report", "rebuild")
 
 
 def child(stage: str, store: Path, src: tuple[Path, Path]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", CHILD, stage, str(store), *map(str, src)], cwd=ROOT,
+    code = f"RUNNERS = {RUNNERS!r}\n{CHILD}"
+    return subprocess.Popen([sys.executable, "-c", code, stage, str(store), *map(str, src)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -81,16 +109,26 @@ def run_to_end(stage: str, store: Path, src: tuple[Path, Path]) -> float:
     return time.monotonic() - t0
 
 
-def kill_at_random(stage: str, store: Path, src: tuple[Path, Path], delay: float) -> bool:
-    """Start the stage, SIGKILL it `delay` s after START; True if it was still running then."""
+def kill_at_random(stage: str, store: Path, src: tuple[Path, Path], delay: float) -> tuple[bool, int]:
+    """Start the stage, SIGKILL it alone `delay` s after START; (whether it was still running then, how
+    many of its descendants still run 5 s after the kill: they are then killed too)."""
     p = child(stage, store, src)
     assert p.stdout is not None
     p.stdout.readline()  # START
-    time.sleep(delay)
-    alive = p.poll() is None
+    family: set[int] = set()
+    until = time.monotonic() + delay
+    while time.monotonic() < until and p.poll() is None:
+        family |= descendants(p.pid)
+        time.sleep(0.05)
+    family |= descendants(p.pid)
+    mid_run = p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.communicate()
-    return alive
+    time.sleep(5)
+    left = [q for q in family if alive(q)]
+    for q in left:
+        os.kill(q, signal.SIGKILL)
+    return mid_run, len(left)
 
 
 def snapshot(store_dir: Path) -> dict[str, object]:
@@ -116,7 +154,9 @@ def snapshot(store_dir: Path) -> dict[str, object]:
     }
     vectors = catalog.query(store, "SELECT modality, content_hash, vector FROM embeddings ORDER BY 1, 2")
     snap["vector_digest"] = hashlib.sha256(json.dumps(vectors.to_pylist()).encode()).hexdigest()[:16]
-    scores = catalog.query(store, "SELECT sample_id, score FROM scores ORDER BY 1")
+    # runs are named by time: order by what they are (their config) so that reruns compare equal
+    scores = catalog.query(store, "SELECT r.config_hash, s.sample_id, s.score FROM scores s JOIN runs r "
+                           "USING (run_id) ORDER BY 1, 2")
     snap["score_digest"] = hashlib.sha256(json.dumps(scores.to_pylist()).encode()).hexdigest()[:16]
     leftovers = sorted(str(p.parent.relative_to(store_dir)) for p in store_dir.rglob(".*.tmp"))
     snap["temps_left"] = ",".join(leftovers) or 0  # folders holding a leftover temp (a dead writer's)
@@ -155,7 +195,7 @@ def main() -> None:
     before: dict[str, Path] = {}
     ref_store = work / "ref"
     timings: dict[str, float] = {}
-    for stage in ("ingest", "encode", "train", "index", "rebuild"):
+    for stage in STAGES:
         before[stage] = work / f"before-{stage}"
         if ref_store.exists():
             shutil.copytree(ref_store, before[stage])
@@ -168,18 +208,19 @@ def main() -> None:
         run_to_end(stage, done, src)
         reference[stage] = snapshot(done)
     print(f"work dir {work}; stage working times (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
-    print(f"{'stage':8} {'kills':>5} {'mid-run':>7} {'survived':>8} {'lost':>5} {'doubled':>7}  other")
-    total = {"kills": 0, "lost": 0, "doubled": 0}
+    print(f"{'stage':8} {'kills':>5} {'mid-run':>7} {'survived':>8} {'lost':>5} {'doubled':>7} {'orphans':>7}  other")
+    total = {"kills": 0, "lost": 0, "doubled": 0, "orphans": 0}
     for stage in args.stages.split(","):
-        killed_mid = survived = lost = doubled = 0
+        killed_mid = survived = lost = doubled = orphans = 0
         other: list[str] = []
         for i in range(args.kills):
             store = work / f"kill-{stage}-{i}"
             if before[stage].exists():
                 shutil.copytree(before[stage], store)
             delay = rng.uniform(0, timings[stage] * 1.1)
-            mid = kill_at_random(stage, store, src, delay)
+            mid, left = kill_at_random(stage, store, src, delay)
             killed_mid += mid
+            orphans += left
             if not mid:  # it had finished: the box is faster now than when timed, aim earlier
                 timings[stage] = max(0.2, 0.8 * delay)
             if stage == "rebuild":  # the store must read at once, before anything repairs it
@@ -192,14 +233,16 @@ def main() -> None:
             lost += lo
             doubled += do
             other.extend(f"kill {i} at {delay:.2f}s: {d}" for d in diffs)
-            survived += lo == 0 and do == 0 and not diffs
+            survived += lo == 0 and do == 0 and not diffs and not left
             shutil.rmtree(store, ignore_errors=True)
         total["kills"] += args.kills
         total["lost"] += lost
         total["doubled"] += doubled
-        print(f"{stage:8} {args.kills:5d} {killed_mid:7d} {survived:8d} {lost:5d} {doubled:7d}  "
+        total["orphans"] += orphans
+        print(f"{stage:8} {args.kills:5d} {killed_mid:7d} {survived:8d} {lost:5d} {doubled:7d} {orphans:7d}  "
               f"{'; '.join(other[:3]) or '-'}", flush=True)
-    print(f"total: {total['kills']} kills, {total['lost']} rows lost, {total['doubled']} rows doubled")
+    print(f"total: {total['kills']} kills, {total['lost']} rows lost, {total['doubled']} rows doubled, "
+          f"{total['orphans']} processes left running after their parent's kill")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,8 +9,9 @@ Each stage then runs in its own process, so its peak memory is its own:
     import, import again (the same files: skipped unread), status, sql (aggregate, point), view
     (the training view, built once), train (a fixed number of steps on the view), train again (the
     same config: found, nothing recomputed), sweep (3 configs), score (after importing 500 new
-    samples), index build (default 4 GB budget), leaks, neighbours, report, and a no-op encode on a
-    store that also holds real image samples.
+    samples), the newest run's scores by generator (written with a subquery on `scores`, then
+    through `latest_scores`), index build (default 4 GB budget; `index rebuild` builds it again on a
+    kept store), leaks, neighbours, report, and a no-op encode on a store that also holds real image samples.
 
 Peak RSS is the kernel's high-water mark (it counts pages of the memory-mapped vectors the stage
 touched, which the kernel can drop at will); peak anon is sampled anonymous memory (what the
@@ -44,7 +45,13 @@ CENTRES = 2000
 STEPS = 50
 TRAIN = {"model_key": KEY, "epochs": 1, "steps_per_epoch": STEPS, "hidden": 256, "batch_size": 2048}
 STAGES = ("import", "import again", "status", "sql aggregate", "sql point", "view", "train", "train again", "sweep",
-          "score", "index build", "leaks", "neighbours", "report", "encode no-op")
+          "score", "sql latest by subquery", "sql latest_scores", "index build", "leaks", "neighbours", "report",
+          "encode no-op")
+# the newest run's test scores by generator: as people write it (every run's files are read where the
+# filter is not pushed down), and through the `latest_scores` view (the newest run's files only)
+LATEST = ("SELECT generator, count(*) AS n, avg(score) AS mean FROM {} WHERE split = 'test' {}GROUP BY ALL")
+SUBQUERY = "AND run_id = (SELECT run_id FROM runs ORDER BY created_at DESC LIMIT 1) "
+ON_REQUEST = ("index rebuild",)  # run only when --stages names them
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -101,6 +108,10 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
 
         if stage == "sql aggregate":
             sql = "SELECT split, label, generator, count(*) AS n FROM samples GROUP BY ALL"
+        elif stage == "sql latest by subquery":
+            sql = LATEST.format("scores", SUBQUERY)
+        elif stage == "sql latest_scores":
+            sql = LATEST.format("latest_scores", "")
         else:
             sid = json.loads((work / "probe.json").read_text())["sample_id"]
             sql = f"SELECT sample_id, split, label, generator FROM samples WHERE sample_id = '{sid}'"
@@ -116,12 +127,12 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
 
         result = run(TrainJob(store, TrainConfig.from_dict(TRAIN), skip_existing=True))
         (work / "run.json").write_text(json.dumps({"run_id": result.run_id}))
-        return {"skipped": result.skipped, "test_auc": result.metrics.get("test", {}).get("auc")}
+        return {"skipped": result.skipped, "test_auc": result.metrics.test.auc}
     if stage == "sweep":
-        from pipeline.compositions.sweep import SweepConfig, run
+        from pipeline.compositions.sweep import SweepConfig, SweepPoint, run
 
-        configs = tuple({**TRAIN, "seed": s, "steps_per_epoch": 20, "__overrides__": {"seed": s}} for s in (1, 2, 3))
-        result = run(SweepConfig(store, configs))
+        points = tuple(SweepPoint({**TRAIN, "seed": s, "steps_per_epoch": 20}, {"seed": s}) for s in (1, 2, 3))
+        result = run(SweepConfig(store, points))
         return {"runs": len(result.rows), "test_auc": [r.test_auc for r in result.rows]}
     if stage == "score":
         from pipeline.stages.import_features import ImportConfig
@@ -132,11 +143,11 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         added = import_features(ImportConfig(work / "new", "h5", store, KEY)).samples_added
         result = run(ScoreConfig(store, json.loads((work / "run.json").read_text())["run_id"]))
         return {"new_samples": added, "scored": result.scored, "already": result.already_scored}
-    if stage == "index build":
+    if stage in ("index build", "index rebuild"):  # rebuild: even where these vectors have one (--keep stores)
         from pipeline.features.ann.build import IndexConfig
         from pipeline.stages.index import run
 
-        info = run(IndexConfig(store, KEY))
+        info = run(IndexConfig(store, KEY, force=stage == "index rebuild"))
         return {"kind": info.kind, "factory": info.params.get("factory"), "recall_at_10": info.recall_at_10,
                 "nprobe": info.params.get("nprobe"), "rerank": info.params.get("rerank")}
     if stage == "leaks":
@@ -148,7 +159,8 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         from pipeline.stages.neighbors import NeighborQuery, run
 
         sid = json.loads((work / "probe.json").read_text())["sample_id"]
-        return {"rows": run(NeighborQuery(store, sample_id=sid, k=10, model_key=KEY)).rows.num_rows}
+        result = run(NeighborQuery(store, sample_id=sid, k=10, model_key=KEY))
+        return {"rows": result.rows.num_rows, "index": result.index_kind, "note": result.note}
     if stage == "report":
         from pipeline.stages.report import ReportConfig, run
 
@@ -311,7 +323,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="build the store here and keep it")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("SMALL", "LARGE"))
     parser.add_argument("--stages", help="comma-separated subset to run again on a --keep store "
-                        f"(default: all, from import): {', '.join(STAGES)}")
+                        f"(default: all, from import): {', '.join(STAGES)}; or {', '.join(ON_REQUEST)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -322,7 +334,7 @@ def main() -> None:
         compare(*args.compare)
     else:
         stages = STAGES if not args.stages else tuple(x.strip() for x in args.stages.split(","))
-        if unknown := set(stages) - set(STAGES):
+        if unknown := set(stages) - set(STAGES) - set(ON_REQUEST):
             parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
         if "import" not in stages and args.keep is None:
             parser.error("--stages without import needs --keep DIR (a store built before)")

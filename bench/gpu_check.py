@@ -3,15 +3,23 @@ trainer reach there. Without a CUDA GPU it stops with one sentence (exit code 2)
 
 ViT-L-14 with random weights (the FLOPs of the real model), on 20k generated JPEGs:
 1. forward-only images/s on ready tensors, fp16 and bf16 (the ceiling);
-2. end-to-end `pipeline encode` images/s (read, re-hash, decode in worker processes, forward,
+2. what feeds the model: JPEG decode + resize + crop images/s with PIL and with torchvision's
+   decode_jpeg on N CPU worker processes, against nvJPEG (`decode_jpeg(device="cuda")`) in batches;
+   how far the nvJPEG path's pictures differ from the pipeline's; and the model's images/s fed by each
+   path (decoding overlapped with the forward pass): where the wall between one GPU and 4,000
+   ViT-L-14 images a second stands;
+3. end-to-end `pipeline encode` images/s (read, re-hash, decode in worker processes, forward,
    normalise, write and commit shards), fp16 and bf16, and its ratio to forward-only; with where the
    time went: the model's construction (outside the stage's own figure), the wait for the first
    decoded batch (worker start-up), the steady rate after it, and one process's decode rate (the
    decode ceiling is about that times the workers);
-3. text encode/s (EncodeTexts, fp16);
-4. trainer step samples/s, bf16 autocast, batch 2048, 1536-d, CVaR+AUC+SAM: ours (`train_step`) vs a
+4. text encode/s (EncodeTexts, fp16);
+5. trainer step samples/s, bf16 autocast, batch 2048, 1536-d, CVaR+AUC+SAM: ours (`train_step`) vs a
    loop written the way the reference code is (torch Dropout, λ by scipy's fminbound each step);
-5. peak GPU memory of each part.
+6. peak GPU memory of each part.
+
+`--cpu-smoke` runs every part on the CPU at tiny sizes (Tiny-ViT-16, 64 images; nvJPEG replaced by
+decode_jpeg on the CPU) to check the script itself in under a minute: its figures measure nothing.
 
     python bench/gpu_check.py [--images 20000] [--batch-size 256] [--workers N]
 """
@@ -33,6 +41,7 @@ from typing import Any
 import numpy as np
 
 DEVICE, HALF, SMOKE = "cuda", "fp16", False  # --cpu-smoke: "cpu", "bf16", True
+_NVJPEG = "nvJPEG on the GPU (decode_jpeg(device='cuda'), batched)"
 
 
 def _sync() -> None:
@@ -69,8 +78,9 @@ def main() -> int:
     import torch
 
     if args.cpu_smoke:
-        global DEVICE, HALF, SMOKE
+        global DEVICE, HALF, SMOKE, _NVJPEG
         DEVICE, HALF, SMOKE = "cpu", "bf16", True
+        _NVJPEG = "decode_jpeg on the CPU in one process (the smoke run's stand-in for nvJPEG)"
         args.images, args.batch_size, args.model = min(args.images, 64), min(args.batch_size, 16), "Tiny-ViT-16"
     elif not torch.cuda.is_available():
         print("gpu_check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() is False here).",
@@ -93,6 +103,16 @@ def main() -> int:
         per_process = decode_rate(template, info, args)
         print(f"decode (read + re-hash + decode + resize), one process: {per_process:6.0f} img/s; "
               f"× {workers} workers ≈ {per_process * workers:6.0f} img/s ceiling")
+        paths = sorted(str(p) for p in (root / "src" / "real").glob("*.jpg"))[: min(args.images, 10_000)]
+        size = _picture_size(info)
+        for name, rate in decode_paths(paths, size, args.batch_size, workers).items():
+            print(f"decode + resize + crop to {size}², {name}: {rate:7.0f} img/s")
+        mean_diff, max_diff = picture_agreement(paths[:32], size)
+        print(f"pictures, PIL path against the {_NVJPEG.split(' (')[0]} path: mean |difference| {mean_diff:.2f}, "
+              f"largest {max_diff:.0f} of 255 (a different decoder is a different model key)")
+        fwd = forward[HALF][0]
+        for name, rate in fed_forward(paths, info, args, workers, HALF).items():
+            print(f"{HALF} {args.model} fed by {name}: {rate:7.0f} img/s ({rate / fwd:.2f} of forward-only)")
         for precision in (HALF, "bf16"):
             e2e, peak, clock = end_to_end(template, root, precision, args, workers)
             fwd, fwd_peak = forward[precision]
@@ -366,6 +386,185 @@ def _fminbound(f: Any, low: float, high: float) -> float:
             else:
                 a = c
         return (a + b) / 2
+
+
+# --- what feeds the model: JPEG decoding on CPU workers against nvJPEG on the GPU ------------------
+
+
+def _picture_size(info: dict[str, Any]) -> int:
+    size = info["preprocess"]["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _feed_init() -> None:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)  # one core per decoding process: the pool is the parallelism
+    warnings.filterwarnings("ignore", module="torchvision")  # decode_jpeg's deprecation notice
+
+
+def _decode_pil(paths: list[str], size: int) -> np.ndarray:
+    """The pipeline's own decoding: PIL, then resize and centre-crop as open_clip's eval transform."""
+    from pipeline.encoding.clip import picture_transform
+    from pipeline.sources.images import decode_rgb
+
+    to_picture = picture_transform({"size": size, "interpolation": "bicubic", "resize_mode": "shortest"})
+    return np.stack([np.asarray(to_picture(decode_rgb(Path(p).read_bytes())), np.uint8) for p in paths])
+
+
+def _decode_torchvision(paths: list[str], size: int) -> np.ndarray:
+    """torchvision.io.decode_jpeg on the CPU (libjpeg-turbo), then the same resize and crop on tensors."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    pictures = [decode_jpeg(torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8), ImageReadMode.RGB)
+                for p in paths]
+    return _resize_crop(pictures, size).permute(0, 2, 3, 1).numpy()
+
+
+def _resize_crop(pictures: list[Any], size: int) -> Any:
+    """C×H×W uint8 pictures → N×C×size×size uint8: shortest side to `size` (bicubic, antialiased), centre crop."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    out = [F.center_crop(F.resize(p, [size], interpolation=F.InterpolationMode.BICUBIC, antialias=True), [size])
+           for p in pictures]
+    return torch.stack(out)
+
+
+class _GpuDecoder:
+    """Files → N×C×H×W uint8 pictures on the device: bytes read by threads, decoded by nvJPEG in batches
+    (`decode_jpeg(list, device="cuda")`), resized and cropped there. In the CPU smoke run the same
+    calls decode on the CPU."""
+
+    def __init__(self, size: int, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.size = size
+        self.pool = ThreadPoolExecutor(threads)
+
+    def read(self, paths: list[str]) -> Any:
+        return self.pool.submit(lambda: [Path(p).read_bytes() for p in paths])
+
+    def decode(self, blobs: list[bytes]) -> Any:
+        import warnings
+
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+            pictures = decode_jpeg(data, ImageReadMode.RGB, device=DEVICE)
+        return _resize_crop(pictures, self.size)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def _batches(paths: list[str], batch: int) -> list[list[str]]:
+    return [paths[i:i + batch] for i in range(0, len(paths), batch)]
+
+
+def decode_paths(paths: list[str], size: int, batch: int, workers: int) -> dict[str, float]:
+    """Images/s of each way to decode, resize and crop: PIL and torchvision on `workers` processes,
+    nvJPEG on the GPU (one process, reads on threads)."""
+    rates = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_feed_init) as pool:
+        for name, fn in (("PIL", _decode_pil), ("torchvision CPU", _decode_torchvision)):
+            pool.starmap(fn, [(b, size) for b in _batches(paths[: workers * 4], 4)])  # warm-up: imports
+            t = time.perf_counter()
+            for _ in pool.starmap(fn, [(b, size) for b in _batches(paths, batch)], chunksize=1):
+                pass
+            rates[f"{name} × {workers} processes"] = len(paths) / (time.perf_counter() - t)
+    gpu = _GpuDecoder(size, threads=4)
+    try:
+        gpu.decode(gpu.read(paths[:batch]).result())  # warm-up: nvJPEG's handles and buffers
+        _sync()
+        t = time.perf_counter()
+        pending = gpu.read(paths[:batch])
+        for next_batch in _batches(paths, batch)[1:] + [None]:
+            blobs = pending.result()
+            if next_batch is not None:
+                pending = gpu.read(next_batch)
+            gpu.decode(blobs)
+        _sync()
+        rates[_NVJPEG] = len(paths) / (time.perf_counter() - t)
+    finally:
+        gpu.close()
+    return rates
+
+
+def fed_forward(paths: list[str], info: dict[str, Any], args: argparse.Namespace, workers: int,
+                precision: str) -> dict[str, float]:
+    """Images/s of the model fed by each decoding path, decoding overlapped with the forward pass:
+    worker processes decode the next batches while the model runs (PIL, torchvision CPU), or threads
+    read the next batch's bytes while nvJPEG and the model share the GPU."""
+    import torch
+
+    from pipeline.encoding.clip import ModelSpec, load
+    from pipeline.encoding.units import Encoder
+
+    device = torch.device(DEVICE)
+    encoder = Encoder(load(ModelSpec(args.model), device), device, precision)
+    mean = torch.tensor(info["preprocess"].get("mean") or (0.48145466, 0.4578275, 0.40821073), device=device)
+    std = torch.tensor(info["preprocess"].get("std") or (0.26862954, 0.26130258, 0.27577711), device=device)
+    size = _picture_size(info)
+
+    def forward(pictures: Any) -> None:  # N×C×H×W uint8 on the device
+        encoder.images((pictures.float().div(255) - mean[:, None, None]) / std[:, None, None])
+
+    rates = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_feed_init) as pool:
+        for name, fn in (("PIL", _decode_pil), ("torchvision CPU", _decode_torchvision)):
+            pool.starmap(fn, [(b, size) for b in _batches(paths[: workers * 4], 4)])
+            forward(torch.zeros(args.batch_size, 3, size, size, dtype=torch.uint8, device=device))
+            _sync()
+            t = time.perf_counter()
+            for pictures in pool.imap(_decode_star, [(fn, b, size) for b in _batches(paths, args.batch_size)]):
+                host = torch.from_numpy(pictures).permute(0, 3, 1, 2)
+                forward(host.pin_memory().to(device, non_blocking=True) if DEVICE == "cuda" else host)
+            rates[f"{name} × {workers} processes"] = len(paths) / (time.perf_counter() - t)
+    gpu = _GpuDecoder(size, threads=4)
+    try:
+        forward(gpu.decode(gpu.read(paths[: args.batch_size]).result()))
+        _sync()
+        t = time.perf_counter()
+        batches = _batches(paths, args.batch_size)
+        pending = gpu.read(batches[0])
+        for next_batch in batches[1:] + [None]:
+            blobs = pending.result()
+            if next_batch is not None:
+                pending = gpu.read(next_batch)
+            forward(gpu.decode(blobs))
+        rates[_NVJPEG] = len(paths) / (time.perf_counter() - t)
+    finally:
+        gpu.close()
+    return rates  # the model goes with this frame; main's next part empties the GPU cache
+
+
+def _decode_star(job: tuple[Any, list[str], int]) -> np.ndarray:
+    fn, paths, size = job
+    return fn(paths, size)
+
+
+def picture_agreement(paths: list[str], size: int) -> tuple[float, float]:
+    """Mean and largest |difference| in pixel values between the pipeline's PIL pictures and the nvJPEG
+    path's: decoders and resize kernels round differently, so a GPU path would be a new model key."""
+    import torch
+
+    ours = torch.from_numpy(_decode_pil(paths, size)).permute(0, 3, 1, 2).int()
+    gpu = _GpuDecoder(size, threads=1)
+    try:
+        theirs = gpu.decode(gpu.read(paths).result()).cpu().int()
+    finally:
+        gpu.close()
+    diff = (ours - theirs).abs().float()
+    return float(diff.mean()), float(diff.max())
 
 
 if __name__ == "__main__":

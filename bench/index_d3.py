@@ -55,6 +55,7 @@ def main() -> None:
     from pipeline.features.ann import build as ann_build
     from pipeline.features.ann import plan as ann_plan
     from pipeline.features.ann import search as ann_search
+    from pipeline.features.ann.coarse import train_coarse
     from pipeline.reporting import Silent
     from pipeline.store.layout import Store
 
@@ -113,7 +114,7 @@ def main() -> None:
     x = ann_search.unit_rows(sample(plan.train_rows, rng)[1])
     t_sample = time.perf_counter() - t
     t = time.perf_counter()
-    centroids = ann_build.coarse_centroids(x, plan.nlist or 1, 0, faiss)
+    centroids = train_coarse(x, plan.nlist or 1, 0, faiss).centroids
     t_kmeans = time.perf_counter() - t
     del x, centroids
     started = time.perf_counter()
@@ -151,7 +152,6 @@ def main() -> None:
 def search(index: object, params: dict, n: int, gather: object, queries: np.ndarray, args: argparse.Namespace,
            faiss: object) -> None:
     """Queries a CPU second and recall@10 (against exact search over the file) at several breadths."""
-    from pipeline.features.ann import build as ann_build
     from pipeline.features.ann import search as ann_search
 
     vectors = np.load(args.work / f"index_d3-{n}.f16", mmap_mode="r")
@@ -162,7 +162,7 @@ def search(index: object, params: dict, n: int, gather: object, queries: np.ndar
     for nprobe in breadths:
         ann_search.apply_breadth(index, "ivf-pq", {**params, "nprobe": nprobe}, faiss)
         line = f"nprobe {nprobe:>4}:"
-        for rerank in (0, ann_build.RERANK):
+        for rerank in sorted({0, params.get("rerank") or 0}):  # the codes' own ranking, then the tuned re-ranking
             c0, t0 = time.process_time(), time.perf_counter()
             if rerank:
                 found = ann_search.reranked_search(index, queries, ann_search.RECALL_K, rerank, gather)[1]

@@ -39,6 +39,7 @@ def main() -> None:
     from pipeline.features.ann import build as ann_build
     from pipeline.features.ann import plan as ann_plan
     from pipeline.features.ann import search as ann_search
+    from pipeline.features.ann.coarse import train_coarse
     from pipeline.store.layout import Store
 
     n, d = args.rows, args.dim
@@ -53,7 +54,7 @@ def main() -> None:
     queries = x[own]
     truth = faiss.knn(queries, x, ann_search.RECALL_K + 1, faiss.METRIC_INNER_PRODUCT)[1]
     sample = x[rng.choice(n, min(n, plan.train_rows), replace=False)]
-    centroids = ann_build.coarse_centroids(sample, plan.nlist, 0, faiss)
+    centroids = train_coarse(sample, plan.nlist, 0, faiss).centroids
     gather = lambda rows: x[rows]  # noqa: E731
     breadths = sorted({b for b in (1, 4, 16, 64, plan.nlist // 4) if b <= plan.nlist})
     print(f"{n} vectors, {d}-d, {len(centres)} clusters, {plan.nlist} lists, {args.queries} queries")

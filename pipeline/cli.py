@@ -38,6 +38,8 @@ index_app = typer.Typer(help="FAISS indexes over cached vectors.", no_args_is_he
 app.add_typer(index_app, name="index")
 conflicts_app = typer.Typer(help="Images brought under two labels, and your decision on each.", no_args_is_help=True)
 app.add_typer(conflicts_app, name="conflicts")
+runs_app = typer.Typer(help="The runs a store holds: list them, show one, remove some.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 # --- options shared by several commands, declared once ------------------------------------------
 
@@ -67,6 +69,8 @@ FeaturesOpt = Annotated[c.Features | None, typer.Option(help="What the detector 
 EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the train split (default 32).")]
 BatchOpt = Annotated[int | None, typer.Option(help="Samples per step (default 2048).")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed of weights, dropout and shuffling (default 0).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout "
+                                       "(progress and warnings stay on stderr).")]
 PrecisionOpt = Annotated[c.TrainPrecision | None, typer.Option(
     help="auto (default): bf16 products (bf16 operands, fp32 results) where the CPU or GPU computes bf16 "
     "natively (AVX512-BF16/AMX, CUDA capability 8.0+), fp32 elsewhere; fp32 | bf16 force one.")]
@@ -303,13 +307,13 @@ def sql(
 
 
 @app.command()
-def status(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
+def status(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Counts by split, label and generator; per model, encoded vs pending."""
     from pipeline.stages import status as stage
 
     with _errors(ctx):
         result = stage.run(stage.StatusConfig(Store(store)))
-    show.show_status(result)
+    show.show_json(result) if as_json else show.show_status(result)
 
 
 @app.command("import-features")
@@ -374,6 +378,7 @@ def train_cmd(
                                                         "(default: the whole train split).")] = None,
     name: Annotated[str | None, typer.Option(help="A label for the run (not part of its hash).")] = None,
     wait: WaitOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fit the detector (MLP, CVaR + AUC loss, SAM) on cached embeddings; record a run and its scores.
 
@@ -390,7 +395,7 @@ def train_cmd(
             precision=precision, threads=threads, seed=seed, detector=detector, exclude_leaks=exclude_leaks,
             leak_threshold=leak_threshold, input_norm=input_norm, steps_per_epoch=steps_per_epoch, name=name)}
         result = stage.run(stage.TrainJob(Store(store), TrainConfig.from_dict(options), wait=wait), reporter)
-    show.show_train(result)
+    show.show_json(result) if as_json else show.show_train(result)
 
 
 @app.command("sweep")
@@ -406,6 +411,7 @@ def sweep_cmd(
     scheduler: Annotated[c.Scheduler, typer.Option(help="Ray Tune scheduler: fifo | asha (stops weak trials "
                                                  "early on per-epoch val AUC).")] = "fifo",
     ray_address: RayAddressOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train many configs over the same cached features; configs already run are skipped."""
     from pipeline.compositions import sweep
@@ -414,7 +420,7 @@ def sweep_cmd(
         config = sweep.SweepConfig(Store(store), tuple(sweep.grid_points(grid)), jobs, engine=engine,
                                    samples=samples, seed=seed, scheduler=scheduler, ray_address=ray_address)
         result = sweep.run(config, reporter)
-    show.show_sweep(result)
+    show.show_json(result) if as_json else show.show_sweep(result)
 
 
 @app.command("experiment")
@@ -432,6 +438,7 @@ def experiment_cmd(
     run_id: Annotated[str | None, typer.Option("--run", help="robustness: the trained run to test.")] = None,
     features: FeaturesOpt = None,
     seed: SeedOpt = None,
+    as_json: JsonOpt = False,
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -449,7 +456,7 @@ def experiment_cmd(
             model_key=model_key, pairing=pairing, epochs=epochs, batch_size=batch_size, exclude_leaks=exclude_leaks,
             features=features, seed=seed, precision=precision, threads=threads)}
         result = experiment.run(experiment.ExperimentConfig(Store(store), table, base, seeds, run_id), reporter)
-    show.show_experiment(result)
+    show.show_json(result) if as_json else show.show_experiment(result)
 
 
 @app.command("perturb")
@@ -629,14 +636,14 @@ def neighbors(
     run: Annotated[str | None, typer.Option("--run", help="Show this run's score of each neighbour.")] = None,
     vectors: Annotated[c.Modality, typer.Option(help="Which vectors to compare.")] = "image",
     max_bytes: Annotated[int, typer.Option(help="Largest --image file read.")] = DEFAULT_MAX_BYTES,
-    wait: WaitOpt = True,
 ) -> None:
-    """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split."""
+    """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split.
+    A reader: it never waits for a writer and never builds an index."""
     from pipeline.stages import neighbors as stage
 
     with _running(ctx) as reporter:
         result = stage.run(stage.NeighborQuery(Store(store), sample_id, image, k, model_key, run, vectors,
-                                               wait=wait, max_bytes=max_bytes), reporter)
+                                               max_bytes=max_bytes), reporter)
     show.show_neighbors(result, k, vectors)
 
 
@@ -735,6 +742,72 @@ def catalog_rebuild(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE, wait: W
     with _running(ctx) as reporter:
         result = stage.run(stage.RebuildConfig(Store(store), wait), reporter)
     show.show_rebuild(result)
+
+
+@runs_app.command("list")
+def runs_list(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """Every run, newest first: id, name, when, detector, features, pairing, val and test AUC, alarms."""
+    from pipeline.stages import runs as stage
+
+    with _errors(ctx):
+        result = stage.run(stage.ListRuns(Store(store)))
+    show.show_json(result) if as_json else show.show_runs(result)
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="A run id, or the start of one that names a single run.")],
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """One run: its metrics with 95% intervals per generator, alarms, config, files and report."""
+    from pipeline.stages import runs as stage
+
+    with _errors(ctx):
+        result = stage.run(stage.ShowRun(Store(store), run))
+    show.show_json(result) if as_json else show.show_run(result)
+
+
+@runs_app.command("rm")
+def runs_rm(
+    ctx: typer.Context,
+    runs: Annotated[list[str], typer.Argument(help="Whole run ids (`pipeline runs list` shows them).")],
+    store: StoreOpt = DEFAULT_STORE,
+    wait: WaitOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove runs: their folders, reports, and rows in runs, scores and metrics, in one commit.
+
+    A killed rm leaves every run whole or gone, never half: the next writer finishes or undoes it."""
+    from pipeline.stages import runs as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.RemoveRuns(Store(store), tuple(runs), wait), reporter)
+    show.show_json(result) if as_json else show.show_runs_removed(result)
+
+
+@app.command()
+def clean(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go, and remove nothing.")] = False,
+    caches: Annotated[bool, typer.Option("--caches", help="Also every derived cache under STORE/cache (rebuilt "
+                                         "when next needed: costs time, loses nothing).")] = False,
+    reports: Annotated[bool, typer.Option("--reports", help="Also every report under STORE/reports (report and "
+                                          "experiment write them again from the stored numbers).")] = False,
+    wait: WaitOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free space: leftovers of dead processes, files nothing names, stale indexes and caches; says how much.
+
+    By default only what nothing needs. Never removes a file a live process uses: it holds the writer
+    lock, empties a cache only when no reader pins it, and removes temp files of dead processes only."""
+    from pipeline.stages import clean as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.CleanConfig(Store(store), dry_run, caches, reports, wait), reporter)
+    show.show_json(result) if as_json else show.show_clean(result)
 
 
 @app.command()

@@ -4,6 +4,7 @@ Build tables with `from_rows` / `from_columns`: a misspelt column is an error, n
 """
 
 from schemas.tables import (
+    ALARMS,
     DECISIONS,
     EMBEDDING_DTYPES,
     FEATURE_VIEW,
@@ -36,6 +37,7 @@ from schemas.tables import (
 )
 
 __all__ = [
+    "ALARMS",
     "DECISIONS",
     "PREDICT_INPUTS",
     "PREDICTIONS",

@@ -183,7 +183,9 @@ METRICS = stamp(
             pa.field("value", pa.float64()),
             pa.field("lo", pa.float64()),  # 95% group-bootstrap interval
             pa.field("hi", pa.float64()),
-            pa.field("n", pa.int64(), nullable=False),  # samples behind the value
+            pa.field("n", pa.int64(), nullable=False),  # samples the value is over (real_acc: the real ones, …)
+            pa.field("n_real", pa.int64()),  # real images behind it (NULL: a run from before these were recorded)
+            pa.field("n_fake", pa.int64()),  # generated images behind it
         ]
     ),
 )
@@ -315,6 +317,18 @@ PREDICTIONS = stamp(
             pa.field("reason", pa.string()),  # why there is no score: unreadable, not_an_image, …
             pa.field("detail", pa.string()),
             pa.field("neighbours", pa.list_(_NEIGHBOUR)),  # --explain: the nearest training images
+        ]
+    ),
+)
+
+ALARMS = stamp(
+    "alarms",
+    pa.schema(
+        [  # the `alarms` view: one row per alarm a run stored in its metrics (read from `runs.metrics_json`)
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),  # text_shortcut | text_undecided | format_shortcut | …
+            pa.field("sentence", pa.string(), nullable=False),
+            pa.field("evidence", pa.string()),  # JSON: the numbers behind the sentence
         ]
     ),
 )

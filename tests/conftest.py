@@ -98,10 +98,10 @@ def train_run(store: Store, config: object, skip_existing: bool = False) -> obje
 
 
 def locked(store: Store) -> object:
-    """The store's writer lock, for tests that change the catalog directly."""
+    """The store's writer lock, for tests that change the catalog directly (may make a new store)."""
     from pipeline.store.writes import writing
 
-    return writing(store)
+    return writing(store, create=True)
 
 
 def kill_when(proc: object, ready: object, timeout: float) -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.stages.encode import run as encode
 from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
@@ -43,8 +44,12 @@ def test_orphan_shards_are_registered_and_temps_removed(d3_store: Store) -> None
     assert not stale.exists()
     assert _counts(d3_store)[0] == 2 * before[0]  # the views see the orphan's rows
     with locked(d3_store):
-        copy.unlink()
-        assert writes.reconcile(d3_store).dropped == 1
+        copy.unlink()  # a committed shard deleted behind the pipeline's back: damage, not forgotten
+        assert writes.reconcile(d3_store).missing == 1
+    with pytest.raises(PipelineError, match="samples-orphan.parquet is damaged .the file is missing.*verify --repair"):
+        _counts(Store(d3_store.root))
+    with locked(d3_store):
+        writes.forget(d3_store, [copy])
     assert _counts(d3_store) == before
 
 
@@ -55,6 +60,42 @@ def test_store_can_be_moved(d3_store: Store, tmp_path: Path) -> None:
     shutil.copytree(d3_store.root, moved.root)
     shutil.rmtree(d3_store.root)
     assert _counts(moved) == before
+
+
+def _own_duckdb(path: str, cwd: Path) -> tuple:
+    """The counts as a person's own DuckDB session reads them from `catalog.duckdb`, run in `cwd`."""
+    import subprocess
+    import sys
+
+    code = f"import duckdb; print(duckdb.connect({path!r}, read_only=True).sql({COUNTS!r}).fetchall()[0])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return tuple(int(n) for n in done.stdout.strip("()\n").split(","))
+
+
+def test_catalog_file_opens_from_any_folder_and_after_the_store_moved(d3_store: Store, tmp_path: Path) -> None:
+    """The issue's case: `duckdb.connect("data/store/catalog.duckdb")` from the project root failed with
+    "No files found that match the pattern samples/...parquet" (the views held store-relative paths)."""
+    encode(encode_config(d3_store))
+    before = _counts(d3_store)
+    project = d3_store.root.parent  # the store is `project/store`
+    assert _own_duckdb("store/catalog.duckdb", cwd=project) == before  # a relative path, from above
+    assert _own_duckdb(str(d3_store.catalog_path), cwd=Path("/")) == before  # absolute, from elsewhere
+    assert _own_duckdb("catalog.duckdb", cwd=d3_store.root) == before  # from inside the store
+    moved = tmp_path / "elsewhere" / "store"
+    moved.parent.mkdir()
+    d3_store.root.rename(moved)  # no pipeline command runs after the move
+    assert _own_duckdb(str(moved / "catalog.duckdb"), cwd=Path("/")) == before
+    assert _own_duckdb("store/catalog.duckdb", cwd=moved.parent) == before
+
+
+def test_catalog_file_attached_elsewhere_reads_the_store_the_variable_names(d3_store: Store) -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{d3_store.catalog_path}' AS store (READ_ONLY)")
+    con.execute("SET VARIABLE pipeline_store = ?", [str(d3_store.root)])
+    assert con.sql("SELECT count(*) FROM store.samples").fetchall()[0][0] == _counts(d3_store)[0]
 
 
 def test_empty_store_has_typed_empty_views(tmp_path: Path) -> None:

@@ -384,3 +384,92 @@ def test_each_model_key_has_its_own_cache(d3_store: Store) -> None:
     ).to_pylist()
     assert [r["n"] for r in per_key] == [first.images_encoded + first.texts_encoded] * 2
     assert sorted(catalog.model_keys(d3_store)) == sorted([first.model_key, other.model_key])
+
+
+def _tiny_pixels(loaded, n: int = 4) -> torch.Tensor:
+    size = loaded.info["preprocess"]["image_size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+TEXTS = ["a photo of a cat", "a red city at night", "x", "a portrait of a dog at sunset, oil painting"]
+
+
+@pytest.mark.parametrize("bf16_weights", [True, False])
+def test_bf16_vectors_agree_with_fp32_and_leave_the_fp32_model_alone(bf16_weights: bool) -> None:
+    from pipeline.encoding.units import Encoder
+
+    cpu = torch.device("cpu")
+    loaded = load(ModelSpec(TINY), cpu)
+    pixels = _tiny_pixels(loaded)
+    fp32 = Encoder(loaded, cpu, "fp32")
+    before, texts_before = fp32.images(pixels), fp32.texts(TEXTS)
+    bf16 = Encoder(loaded, cpu, "bf16", bf16_weights=bf16_weights)
+    assert bf16.bf16_weights is bf16_weights
+    assert next(bf16.model.parameters()).dtype == (torch.bfloat16 if bf16_weights else torch.float32)
+    cosines = np.concatenate([(bf16.images(pixels) * before).sum(1), (bf16.texts(TEXTS) * texts_before).sum(1)])
+    assert cosines.min() > 0.99 and cosines.max() < 1 + 1e-3
+    # the shared model is still fp32, bit for bit: an fp32 encoder made afterwards gives the same vectors
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    assert np.array_equal(Encoder(loaded, cpu, "fp32").images(pixels), before)
+
+
+def test_bf16_weights_only_where_the_cpu_computes_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.encoding import units
+
+    cpu = torch.device("cpu")
+    loaded = load(ModelSpec(TINY), cpu)
+    monkeypatch.setattr(units, "cpu_bf16_native", lambda: False)
+    assert not units.Encoder(loaded, cpu, "bf16").bf16_weights  # emulated bf16: autocast, as before
+    monkeypatch.setattr(units, "cpu_bf16_native", lambda: True)
+    assert units.Encoder(loaded, cpu, "bf16").bf16_weights
+    assert not units.Encoder(loaded, cpu, "fp32").bf16_weights
+
+
+def test_a_model_nobody_shares_is_cast_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.encoding import units
+
+    monkeypatch.setattr(units, "cpu_bf16_native", lambda: True)
+    loaded = load(ModelSpec(TINY), torch.device("cpu"))
+    encoder = units.Encoder(loaded, torch.device("cpu"), "bf16", shared=False)
+    assert encoder.model is loaded.model and next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_encode_in_bf16_through_the_command_matches_fp32(d3: SyntheticD3, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    vectors = {}
+    for precision in ("fp32", "bf16"):
+        store = Store(tmp_path / precision)
+        ingest(IngestConfig(d3.parquet, "d3", store, real_images=d3.real_images))
+        done = CliRunner().invoke(app, ["encode", "--model", TINY, "--store", str(store.root), "--workers", "0",
+                                        "--precision", precision])
+        assert done.exit_code == 0, done.output
+        table = catalog.query(store, "SELECT content_hash, vector FROM embeddings ORDER BY modality, content_hash")
+        vectors[precision] = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert vectors["fp32"].shape == vectors["bf16"].shape and len(vectors["fp32"]) > 20
+    assert (vectors["fp32"] * vectors["bf16"]).sum(1).min() > 0.99
+
+
+def test_the_cpu_model_runs_on_the_cores_left_idle_and_the_count_is_restored(
+        d3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.engines import local
+
+    limits: list[int] = []
+    seen: list[int] = []
+
+    def choose(limit: int) -> tuple[int, str]:
+        limits.append(limit)
+        return 1, "1 thread: test"
+
+    start = EncodeImages.start
+    monkeypatch.setattr(local, "choose_threads", choose)
+    monkeypatch.setattr(EncodeImages, "start", lambda self, batch: (seen.append(torch.get_num_threads()),
+                                                                     start(self, batch))[1])
+    before = torch.get_num_threads()
+    result = encode(encode_config(d3_store, device="cpu"))
+    assert result.images_encoded > 0 and seen and set(seen) == {1}
+    assert limits and set(limits) == {before}  # never more threads than torch had
+    assert torch.get_num_threads() == before

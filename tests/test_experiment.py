@@ -11,43 +11,67 @@ from pipeline.compositions.experiment import ExperimentConfig, seed_spread
 from pipeline.compositions.experiment import run as run_exp
 from pipeline.errors import PipelineError
 from pipeline.evaluation import alarms as shortcuts
-from pipeline.evaluation.results import SplitMetrics
+from pipeline.evaluation.results import RunMetrics, SplitMetrics
 from pipeline.runs.config import TrainConfig
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
 from tests.conftest import train_run as train
+from trainer.metrics import Estimate
 
 FAST = {"epochs": 3, "batch_size": 128, "lr": 1e-2}
 
 
-def _cell(value: float, lo: float, hi: float) -> SplitMetrics:
-    return SplitMetrics.from_json({"intervals": {"all": {"auc": {"value": value, "lo": lo, "hi": hi, "n": 100}}},
-                                   "auc": value, "n": 100})
+def _est(value: float, lo: float, hi: float) -> Estimate:
+    return Estimate(value, lo, hi, 100, 20, 80)
 
 
-def test_text_alarm_rules() -> None:
-    method = _cell(0.97, 0.95, 0.99)
-    assert shortcuts.text_alarm(_cell(0.93, 0.90, 0.96), method) is not None  # high on its own
-    assert shortcuts.text_alarm(_cell(0.80, 0.70, 0.96), method) is not None  # overlaps the method
-    assert shortcuts.text_alarm(_cell(0.55, 0.45, 0.65), method) is None  # chance-level text
-    assert shortcuts.text_alarm(_cell(0.52, 0.30, 0.70), _cell(0.6, 0.4, 0.75)) is None  # not above chance
-    sentence = shortcuts.text_alarm(_cell(0.99, 0.98, 1.0))
-    assert sentence and "--pairing shared" in sentence and "99.0 [98.0, 100.0]" in sentence
+def test_text_alarm_rules_as_the_readme_states_them() -> None:
+    method = _est(0.97, 0.95, 0.99)
+    assert shortcuts.text_verdict(_est(0.93, 0.90, 0.96), method) == "text_shortcut"  # high on its own
+    assert shortcuts.text_verdict(_est(0.80, 0.70, 0.96), method) == "text_shortcut"  # above chance, reaches the run
+    assert shortcuts.text_verdict(_est(0.55, 0.45, 0.65), method) is None  # chance-level text
+    assert shortcuts.text_verdict(_est(0.80, 0.70, 0.90), method) is None  # text helps, the run does far better
+    # a text AUC of 76.1 whose interval includes chance yet reaches the run's: not ruled out, said so
+    assert shortcuts.text_verdict(_est(0.761, 0.45, 0.98), _est(0.9, 0.8, 1.0)) == "text_undecided"
+    assert shortcuts.text_verdict(_est(0.761, 0.45, 0.98), None) == "text_undecided"  # a text-only run
+    assert shortcuts.text_verdict(_est(0.6, 0.45, 0.8), None) is None
 
 
-def test_caption_shortcut_alarm_from_runs_fires_on_a_planted_store_only(tmp_path: Path) -> None:
-    """The rule `train` and `report` apply: the newest text-only run against this run's test AUC."""
+def test_advice_fits_the_data() -> None:
+    assert "rerun with --pairing shared" in shortcuts.pairing_advice("as-ingested", 0.99)
+    none = shortcuts.pairing_advice("as-ingested", 0.0)
+    assert "cannot help" in none and "--features image" in none and "rerun with --pairing shared" not in none
+    assert "only the 20% of groups" in shortcuts.pairing_advice("as-ingested", 0.2)
+    assert "already on" in shortcuts.pairing_advice("shared", 0.0)
+
+
+def _metrics(features: str, test: SplitMetrics) -> RunMetrics:
+    return RunMetrics("m", True, "mlp", features, "as-ingested", SplitMetrics(), SplitMetrics(), test)
+
+
+def test_a_text_only_run_alarms_on_its_own_numbers_and_an_image_only_run_never_on_text() -> None:
+    test = SplitMetrics.from_json({"intervals": {"all": {"auc": {"value": 0.99, "lo": 0.98, "hi": 1.0, "n": 100}}},
+                                   "auc": 0.99, "n": 100, "groups": 40})
+    alarm = shortcuts.text_alarm(_metrics("text", test), {"ran": True, "mixed_groups": 1.0})
+    assert alarm is not None and alarm.kind == "text_shortcut" and "--pairing shared" in alarm.sentence
+    assert "99.00 [98.00, 100.00]" in alarm.sentence and alarm.evidence["source"] == "run"
+    assert shortcuts.text_alarm(_metrics("image", test), {"ran": True}) is None
+
+
+def test_caption_shortcut_alarm_is_stored_by_the_run_on_a_planted_store_only(tmp_path: Path) -> None:
+    """An image+text run probes the text it reads and stores the alarm: no text-only run needed."""
     options = {**FAST, "epochs": 6}
     for name, shortcut, expected in (("planted", 4.0, True), ("clean", 0.0, False)):
         store = planted_store(tmp_path / name, rows=300, dim=16, signal=3.0, text_shortcut=shortcut)
         method = train(store, TrainConfig.from_dict(options))
-        train(store, TrainConfig.from_dict({**options, "features": "text"}))
-        found = shortcuts.text_only_summary(store, method.model_key, "as-ingested")
-        assert found is not None
-        alarm = shortcuts.text_alarm(found[1], method.metrics.test)
-        assert (alarm is not None) == expected, (name, found[1].auc, alarm)
-    assert shortcuts.text_only_summary(store, method.model_key, "shared") is None
+        kinds = {a.kind for a in method.metrics.alarms}
+        probe = method.metrics.checks["text"]
+        assert probe["ran"] and ("text_shortcut" in kinds) == expected, (name, probe["auc"], kinds)
+        assert (probe["auc"]["value"] > 0.9) == expected
+        stored = catalog.query(store, "SELECT kind FROM alarms WHERE run_id = ?", [method.run_id]).column(0)
+        assert ("text_shortcut" in stored.to_pylist()) == expected
+    assert "format" in method.metrics.checks and not method.metrics.checks["format"]["ran"]  # features: no bytes
 
 
 def test_a_run_trained_on_one_generator_drops_on_an_unlike_one(tmp_path: Path) -> None:
@@ -67,8 +91,10 @@ def test_planted_caption_shortcut_triggers_the_alarm_and_a_clean_store_does_not(
     base = {**FAST, "epochs": 2}
     planted = planted_store(tmp_path / "shortcut", rows=300, dim=16, signal=3.0, text_shortcut=4.0)
     alarmed = run_exp(ExperimentConfig(planted, "table1", base, seeds=2))
-    assert any("captions alone" in a for a in alarmed.alarms)
+    assert sum("captions alone" in a for a in alarmed.alarms) == 1  # once, with the rows that raised it
     assert "**Shortcut: the captions alone" in alarmed.markdown and 'class="alarm"' in alarmed.page.read_text()
+    raised = next(a for a in alarmed.alarms if "captions alone" in a)
+    assert "Baseline 1" not in raised and "Baseline 2" in raised and "Text only" in raised  # rows reading text
     assert all(len(runs) == 2 for runs in alarmed.seed_runs.values())
     spread = seed_spread(alarmed, "Baseline 1: image, BCE", len(alarmed.columns) - 1)
     assert spread is not None and spread[1] >= 0 and " ± " in alarmed.markdown
@@ -80,6 +106,9 @@ def test_planted_caption_shortcut_triggers_the_alarm_and_a_clean_store_does_not(
     quiet = run_exp(ExperimentConfig(clean, "table1", base))
     assert not any("captions alone" in a for a in quiet.alarms)
     assert "Format probe not run" in quiet.markdown  # imported features carry no image bytes
+    assert "5 runs trained, 0 reused" in quiet.markdown
+    again = run_exp(ExperimentConfig(clean, "table1", base))
+    assert "all 5 runs reused" in again.markdown and "cost nothing" not in again.markdown
 
 
 def test_run_metrics_are_in_sql_with_intervals_and_a_val_threshold(tmp_path: Path) -> None:
@@ -151,10 +180,29 @@ def test_unknown_train_generator_is_a_sentence(tmp_path: Path) -> None:
         ExperimentConfig(store, "robustness")
 
 
-def test_format_probe_reads_headers_and_sees_the_png_fakes(d3_store: Store) -> None:
-    """Synthetic D3: real images are JPEG, half the generators write PNG, so format alone says something."""
-    probe = shortcuts.format_probe(d3_store, per_split=500)
-    assert probe.read > 0 and probe.auc is not None
-    assert 0.6 < probe.auc.value <= 1.0 and probe.auc.lo <= probe.auc.value <= probe.auc.hi
-    assert "Format probe" in probe.sentence()
-    assert (probe.alarm is not None) == (probe.auc.value >= shortcuts.PROBE_AUC_ALARM)
+def test_format_probe_reads_the_runs_rows_and_alarms_on_any_single_cue(d3_store: Store) -> None:
+    """Synthetic D3: real images are noisy JPEGs, generated ones smooth PNGs or JPEGs: format alone says
+    something, bytes per pixel says everything."""
+    from pipeline.evaluation import probes
+    from pipeline.features.view import feature_table
+    from pipeline.stages.encode import run as encode
+    from tests.conftest import encode_config
+
+    encode(encode_config(d3_store))
+    table = feature_table(d3_store, catalog.model_keys(d3_store)[0])
+    probe = probes.format_probe(d3_store, table, seed=0, limit=500)
+    assert probe["ran"] and probe["read"] > 0
+    cues = {name: e["value"] for name, e in probe["cues"].items()}
+    assert set(cues) == {"file format", "JPEG quality", "image size", "format, quality and size together",
+                         "bytes per pixel", "file size"}
+    assert 0.5 < cues["file format"] < 0.9 and cues["bytes per pixel"] >= 0.9
+    alarm = shortcuts.format_alarm(probe)
+    assert alarm is not None and alarm.kind == "format_shortcut" and "bytes per pixel alone" in alarm.sentence
+    assert "file format alone" not in alarm.sentence  # only the cues that separate are named
+    assert probes.format_probe(d3_store, table, seed=0, limit=500) == probe  # deterministic
+    # the sample comes in runs of rows that lie together in a source file (a Parquet row group read once)
+    rows = probes._files_sample(d3_store, table, "train", 40)
+    blocks = {(r["source_uri"], r["source_member"], None if r["source_row"] is None
+               else r["source_row"] // probes.BUCKET_ROWS) for r in rows}
+    assert len(rows) == 40 and len(blocks) < len(rows) / 2, (len(rows), blocks)
+    assert rows == probes._files_sample(d3_store, table, "train", 40)  # chosen by content: the same rows again

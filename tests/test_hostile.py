@@ -187,7 +187,7 @@ def test_missing_and_empty_captions_are_counted(tmp_path: Path) -> None:
     code, out = _run("ingest", str(manifest), "--format", "manifest", "--store", str(tmp_path / "s"))
     assert code == 0 and "2 new samples have no caption" in out, out
     code, out = _run("status", "--store", str(tmp_path / "s"))
-    assert code == 0 and "2 samples have no caption" in out, out
+    assert code == 0 and "2 samples have no text" in out, out
 
 
 def test_train_says_how_many_samples_each_feature_set_left_out(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def _commit_samples(store: Store, ids: list[str]) -> None:
     now = datetime.now(UTC)
     rows = [{"sample_id": i, "label": 0, "generator": "real", "split": "train", "group_key": i,
              "source_format": "folder", "source_uri": "/x", "ingested_at": now} for i in ids]
-    with writing(store):
+    with writing(store, create=True):
         writes.commit(store, [write_parquet(from_rows(SAMPLES, rows),
                                              store.new_shard(store.dataset_dir("samples"), "t"))])
 

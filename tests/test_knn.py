@@ -97,7 +97,7 @@ def test_an_approximate_index_votes_as_the_exact_one(tmp_path: Path, monkeypatch
     store, _, _ = knn_store(tmp_path)
     exact_rows, exact = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
     monkeypatch.setattr("pipeline.features.ann.plan.EXACT_BELOW", 0)
-    monkeypatch.setattr("pipeline.features.ann.plan.LIST_ROWS", 64)  # 25 lists over 1,600 training rows
+    monkeypatch.setattr("pipeline.features.ann.plan.LISTS_PER_ROOT", 0.625)  # 25 lists over 1,600 training rows
     rows, approx = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
     assert approx.index_params["factory"].startswith("IVF25,") and approx.index_params["nprobe"] <= KNN_NPROBE
     assert rows.column("sample_id").to_pylist() == exact_rows.column("sample_id").to_pylist()
@@ -110,11 +110,11 @@ def test_a_compressed_index_votes_with_exact_similarities(tmp_path: Path, monkey
     store, _, _ = knn_store(tmp_path)
     exact_rows, exact = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
     monkeypatch.setattr("pipeline.features.ann.plan.EXACT_BELOW", 0)
-    monkeypatch.setattr("pipeline.features.ann.plan.LIST_ROWS", 64)
+    monkeypatch.setattr("pipeline.features.ann.plan.LISTS_PER_ROOT", 0.625)
     monkeypatch.setattr("pipeline.features.knn.plan_index",
                         lambda n, dim, kind, memory, **kw: plan_index(n, dim, "ivf-pq", memory, **kw))
     rows, approx = knn_scores(feature_table(store, "knn"), "image", SPLITS, set(), ks=(5,))
-    assert approx.index_params["factory"].endswith("x4fs") and approx.index_params["rerank"] > 0
+    assert approx.index_params["factory"].endswith("x4") and approx.index_params["rerank"] > 0
     assert rows.column("sample_id").to_pylist() == exact_rows.column("sample_id").to_pylist()
     # neighbours re-scored exactly: where the lists searched (recall@10 0.91) hold the exact ones, the votes
     # are the same to 1e-4

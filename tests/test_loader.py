@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import ROW_GROUP_ROWS, feature_table
 from pipeline.store import catalog
+from pipeline.store.layout import Store
 from tests.conftest import planted_store
 
 SPLITS = ("train", "val", "test")
@@ -120,7 +122,8 @@ def test_new_samples_append_a_part_and_vectors_are_laid_out_once(tmp_path: Path)
     assert feature_table(store, "planted").parts == first.parts  # nothing changed: reused as is
     planted_store(tmp_path, rows=30, dim=4, seed=1, file_name="0001.h5")  # more samples
     second = feature_table(store, "planted")
-    assert second.fingerprint != first.fingerprint
+    for features in ("image", "text"):
+        assert second.data_fingerprint(features) != first.data_fingerprint(features)
     assert second.parts[0] == first.parts[0] and len(second.parts) == 2  # appended, not rebuilt
     assert second.rows == 250 + 150 and second.images.rows == 400  # one vector row per image, never copied
     ids = np.concatenate([b.sample_id for b in FeatureLoader(second, SPLITS, LoaderConfig()).epoch(0)])
@@ -307,3 +310,33 @@ def test_two_trainers_build_the_same_view_while_an_import_appends(tmp_path: Path
         t.join(timeout=600)
     assert not errors, errors
     assert len(seen) == 8 and feature_table(Store(store.root), "planted").rows == 5 * (40 + 3 * 10)
+
+
+def test_a_view_that_does_not_fit_its_first_memory_bound_is_built_under_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("h5py")
+    from pipeline.features import view
+    from pipeline.stages.import_features import ImportConfig
+    from pipeline.stages.import_features import run as import_features
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=400, image_dim=8, text_dim=8)
+    store = Store(tmp_path / "store")
+    import_features(ImportConfig(tmp_path / "h5", "h5", store, "m"))
+    tried: list[tuple[str, str]] = []
+    write_part = view._write_part
+
+    def spy(*args: Any) -> dict[str, Any]:
+        try:
+            part = write_part(*args)
+        except Exception as exc:
+            tried.append((args[-1], type(exc).__name__))
+            raise
+        tried.append((args[-1], "built"))
+        return part
+
+    monkeypatch.setattr(view, "_write_part", spy)
+    monkeypatch.setattr(view, "DUCKDB_MEMORY", ("1MB", "1GB"))
+    table = view.feature_table(store, "m")
+    assert tried == [("1MB", "OutOfMemoryException"), ("1GB", "built")]
+    assert table.rows == 2000

@@ -113,7 +113,7 @@ def test_two_ingests_at_once_double_nothing(tmp_path: Path, d3: SyntheticD3) -> 
 
 def test_the_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
-    with writing(store):
+    with writing(store, create=True):
         with writing(store):
             assert lock.holds(store)
         assert lock.holds(store)
@@ -198,3 +198,106 @@ def test_a_no_op_encode_never_waits_for_another_writer(d3_store: Store) -> None:
     finally:
         holder.kill()
         holder.communicate()
+
+
+# --- the lock file is the store's own (issue 19, items 2 and 3) --------------------------------------
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_a_lock_file_that_is_a_link_or_a_fifo_is_refused_and_nothing_written_through_it(
+        d3_store: Store, tmp_path: Path) -> None:
+    precious = tmp_path / "bashrc"
+    precious.write_text("export PATH=/usr/bin\n")
+    d3_store.lock_path.unlink()  # (left by the ingest that made the store)
+    d3_store.lock_path.symlink_to(precious)  # as a store received in a tar may hold
+    rc, out = _cli("verify", "--repair", "--store", str(d3_store.root))
+    assert rc == 2 and "is a symbolic link" in out, out
+    assert precious.read_text() == "export PATH=/usr/bin\n" and d3_store.lock_path.is_symlink()
+    d3_store.lock_path.unlink()
+    os.mkfifo(d3_store.lock_path)
+    rc, out = _cli("verify", "--repair", "--store", str(d3_store.root))  # (no hang on the FIFO either)
+    assert rc == 2 and "is not a regular file" in out, out
+
+
+def test_a_holder_whose_lock_file_was_removed_commits_nothing_more(d3_store: Store) -> None:
+    shard = catalog.shard_paths(d3_store, "samples")[0]
+    with writing(d3_store):
+        d3_store.lock_path.unlink()  # (another writer could now create and lock a new one)
+        copy = write_samples_copy(shard)
+        with pytest.raises(PipelineError, match=r"lock file .*\.lock was removed while this process held it"):
+            writes.commit(d3_store, [copy])
+        assert not copy.exists()  # a file it could not commit is not left for a reconcile to adopt
+    with writing(d3_store):  # the next writer makes a new lock file and goes on
+        pass
+    assert _samples_count(Store(d3_store.root)) == 59
+
+
+def write_samples_copy(shard: Path) -> Path:
+    import shutil
+
+    copy = shard.with_name("samples-9999999999999-00000000.parquet")
+    shutil.copy(shard, copy)
+    return copy
+
+
+PAUSED_ENCODE = """
+import sys
+from pathlib import Path
+from pipeline.encoding.clip import ModelSpec
+from pipeline.errors import PipelineError
+from pipeline.stages import encode
+from pipeline.store import writes
+from pipeline.store.layout import Store
+
+writes.COMMIT_EVERY_SHARDS = 2
+original, calls = writes.commit_staged, []
+def paused(store, staged):  # the second commit waits for the test: the first went through
+    calls.append(1)
+    if len(calls) == 2:
+        print("PAUSED", flush=True)
+        sys.stdin.readline()
+    return original(store, staged)
+writes.commit_staged = paused
+try:
+    encode.run(encode.EncodeConfig(Store(Path(sys.argv[1])), ModelSpec("Tiny-ViT-16"), workers=0,
+                                   batch_size=4, shard_rows=4))
+except PipelineError as exc:
+    print("STOPPED", exc, flush=True)
+"""
+
+
+def test_two_encodes_with_the_lock_file_removed_between_them_double_nothing(d3_store: Store) -> None:
+    """Issue 19 item 3: an encode holds the lock, `.lock` is deleted, a second encode starts. Before,
+    both encoded everything (1,796 rows for 900 hashes); now the first stops at its next commit."""
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_ENCODE, str(d3_store.root)], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert first.stdout is not None and first.stdin is not None
+    try:
+        assert first.stdout.readline().strip() == "PAUSED", first.stderr.read() if first.stderr else ""
+        d3_store.lock_path.unlink()
+        rc, out = _cli("encode", "--model", "Tiny-ViT-16", "--workers", "0", "--store", str(d3_store.root),
+                       "--no-wait")
+        assert rc == 0, out
+        out_first, err_first = first.communicate("go\n", timeout=120)
+    finally:
+        first.kill()
+    assert "STOPPED" in out_first and "was replaced while this process held it" in out_first, (out_first, err_first)
+    hashes = catalog.query(Store(d3_store.root), "SELECT count(DISTINCT text_hash) + count(DISTINCT sample_id) "
+                           "FILTER (WHERE sample_id NOT IN (SELECT content_hash FROM quarantine WHERE stage = "
+                           "'decode')) FROM samples").column(0)[0].as_py()  # (one image of the fixture is truncated)
+    rows = catalog.query(Store(d3_store.root), "SELECT count(*) AS n, count(DISTINCT (modality, content_hash)) "
+                         "AS d FROM embeddings").to_pylist()[0]
+    assert rows == {"n": hashes, "d": hashes}
+    rc, out = _cli("encode", "--model", "Tiny-ViT-16", "--workers", "0", "--store", str(d3_store.root))
+    assert rc == 0 and "nothing to encode" in out, out  # the first one's leftovers adopted without doubling
+    rc, out = _cli("verify", "--store", str(d3_store.root))
+    assert rc == 0 and "no damage found" in out, out

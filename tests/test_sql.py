@@ -70,3 +70,55 @@ def test_float16_vectors_read_in_the_sandbox(d3_store: Store) -> None:
 
     inside = catalog.query(d3_store, "SELECT vector FROM embeddings ORDER BY content_hash LIMIT 1").to_pylist()[0]
     assert direct == inside
+
+
+def test_latest_scores_reads_the_newest_runs_files_only(tmp_path: Path) -> None:
+    """`latest_scores` and `scores_of(run)` answer from one run's score files: through `pipeline sql`,
+    with every other run's files unreadable (their footers broken, size and time kept, so no stat check
+    notices) they still answer, while the natural subquery cannot; the catalog's view names one run's files."""
+    pytest.importorskip("h5py")
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.store import catalog
+    from pipeline.store import manifest as manifests
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=12, image_dim=8, text_dim=8)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+
+    def sql(query: str) -> tuple[int, list[dict]]:
+        done = runner.invoke(app, ["sql", query, "--store", store, "--format", "json"])
+        return done.exit_code, [json.loads(line) for line in done.stdout.splitlines() if done.exit_code == 0]
+
+    assert runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
+                               "--model-key", "m"]).exit_code == 0
+    for seed in (1, 2, 3):
+        trained = runner.invoke(app, ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam",
+                                      "--features", "image", "--seed", str(seed)])
+        assert trained.exit_code == 0, trained.output
+    _, runs = sql("SELECT run_id FROM runs ORDER BY created_at")
+    newest = runs[-1]["run_id"]
+    subquery = "WHERE run_id = (SELECT run_id FROM runs ORDER BY created_at DESC LIMIT 1)"
+    _, expected = sql(f"SELECT run_id, sample_id, score FROM scores {subquery} ORDER BY sample_id")
+    assert expected and {r["run_id"] for r in expected} == {newest}
+    ordered = "SELECT run_id, sample_id, score FROM {} ORDER BY sample_id"
+    assert sql(ordered.format("latest_scores")) == (0, expected)
+    first = runs[0]["run_id"]
+    code, of_first = sql(ordered.format(f"scores_of('{first}')"))
+    assert code == 0 and of_first and {r["run_id"] for r in of_first} == {first}
+
+    # the catalog's own view (and catalog.duckdb's) names the newest run's files only
+    shards = manifests.read_manifest(Store(Path(store))).of("scores")
+    assert {catalog.run_of(s) for s in shards} == {r["run_id"] for r in runs}
+    view = catalog.query(Store(Path(store)), "SELECT sql FROM duckdb_views() WHERE view_name = 'latest_scores'"
+                         ).column(0)[0].as_py()
+    assert [s.path for s in shards if s.path in view] == [s.path for s in shards if catalog.run_of(s) == newest]
+    catalog_rows = catalog.query(Store(Path(store)), ordered.format("latest_scores")).to_pylist()
+    assert [{**r, "score": pytest.approx(r["score"])} for r in catalog_rows] == expected
+
+    # (Breaking the other runs' files to show they are not read no longer works: since readers check
+    # what was committed, a shard changed in place is damage every command names. The file list above
+    # is the proof that the view reads the newest run's files only.)

@@ -45,7 +45,7 @@ def _scanned(store: Store) -> dict[str, Any]:
         "quarantine": catalog.query(store, "SELECT stage, reason, count(*) AS inputs FROM quarantine "
                                     "GROUP BY ALL ORDER BY stage, reason").to_pylist(),
         "models": models,
-        "missing_captions": one("SELECT count(*) FROM samples WHERE text IS NULL OR trim(text) = ''"),
+        "without_text": one("SELECT count(*) FROM samples WHERE text_hash IS NULL"),
     }
 
 
@@ -56,7 +56,7 @@ def _shown(result: StoreStatus) -> dict[str, Any]:
         "quarantine": result.quarantine_by_reason.to_pylist(),
         "models": [(m.model_key, m.images_encoded, m.images_pending, m.texts_encoded, m.texts_pending)
                    for m in result.models],
-        "missing_captions": result.missing_captions,
+        "without_text": result.without_text,
     }
 
 
@@ -89,7 +89,7 @@ def test_status_counts_are_what_a_scan_of_every_row_gives(
     assert catalog.query(store, f"SELECT count(DISTINCT content_hash) FROM ({conflicts})").column(0)[0].as_py() == 2
     expected = _scanned(store)
     assert expected["models"][1][2] > 0  # images are pending for the encoded model
-    assert expected["missing_captions"] >= 1
+    assert expected["without_text"] >= 1
     assert _shown(status(StatusConfig(store))) == expected
     # the counts come from the manifest: no shard is read to count it
     monkeypatch.setattr(manifests, "count_rows", lambda *a: pytest.fail("a shard was read to count it"))
@@ -119,3 +119,34 @@ def test_a_manifest_without_counts_is_counted_from_the_shards_then_filled_in(tmp
                if s.dataset in manifests.COUNTED)
     assert _shown(status(StatusConfig(store))) == _scanned(store)
     assert np.sum([g["samples"] for g in _scanned(store)["groups"]]) == 40
+
+
+def test_status_counts_samples_without_text_not_captions(tmp_path: Path) -> None:
+    """Imported features carry a text vector (and its hash) but no caption: image+text training uses
+    them, so `pipeline status` does not say they have no text; a sample with no caption at all it does."""
+    pytest.importorskip("h5py")
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=6, image_dim=8, text_dim=8)
+    store = tmp_path / "store"
+    runner = CliRunner()
+    imported = runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5",
+                                   "--store", str(store), "--model-key", "m"])
+    assert imported.exit_code == 0, imported.output
+    assert catalog.query(Store(store), "SELECT count(*) FROM samples WHERE text IS NULL").column(0)[0].as_py() == 30
+    shown = runner.invoke(app, ["status", "--store", str(store)])
+    assert shown.exit_code == 0, shown.output
+    assert "30 samples" in shown.output and "no text" not in shown.output and "no caption" not in shown.output
+    folder = tmp_path / "more" / "real"
+    folder.mkdir(parents=True)
+    (folder / "mute.jpg").write_bytes(jpeg((9, 9, 9)))  # no caption file: no text at all
+    (folder / "said.jpg").write_bytes(jpeg((1, 9, 9)))
+    (folder / "said.txt").write_text("a caption")
+    assert runner.invoke(app, ["ingest", str(tmp_path / "more"), "--format", "folder",
+                               "--store", str(store)]).exit_code == 0
+    shown = runner.invoke(app, ["status", "--store", str(store)])
+    assert shown.exit_code == 0, shown.output
+    assert "1 samples have no text" in " ".join(shown.output.split())

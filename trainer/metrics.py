@@ -133,17 +133,33 @@ LOWER_IS_BETTER = frozenset({"eer"})
 CELLS_PER_CHUNK = 4_000_000  # replicates x samples held at once (float64: 32 MB per array)
 
 
+# The samples a metric's value is a rate over: real_acc counts real images, fake_acc and TPR generated ones
+# (TPR at a low FPR also rests on the real images that set the operating point: `n_real` says how many).
+_OVER = {"real_acc": "real", "fake_acc": "fake", "tpr_at_fpr_1": "fake", "tpr_at_fpr_5": "fake"}
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A metric's value on the data, its 95% group-bootstrap interval and the samples behind it."""
+    """A metric's value on the data, its 95% group-bootstrap interval and the samples behind it.
+
+    `n` is the samples the value is computed over (all of them; for real_acc the real images, for
+    fake_acc and TPR the generated ones); `n_real` and `n_fake` count each class (None: not recorded)."""
 
     value: float
     lo: float
     hi: float
     n: int
+    n_real: int | None = None
+    n_fake: int | None = None
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n}
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n, "n_real": self.n_real,
+                "n_fake": self.n_fake}
+
+
+def samples_behind(metric: str, n_real: int, n_fake: int) -> int:
+    """`Estimate.n` of `metric`: the samples its value is a rate over."""
+    return {"real": n_real, "fake": n_fake}.get(_OVER.get(metric, ""), n_real + n_fake)
 
 
 def evaluate(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None,
@@ -159,7 +175,7 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None =
     scores = np.asarray(scores)
     n = int(labels.size)
     if n == 0:
-        return {m: Estimate(float("nan"), float("nan"), float("nan"), 0) for m in METRICS}
+        return {m: Estimate(float("nan"), float("nan"), float("nan"), 0, 0, 0) for m in METRICS}
     order = np.argsort(scores, kind="mergesort")  # (the order of the scores as float64: the same)
     boot: dict[str, np.ndarray] = {m: np.zeros(0) for m in METRICS}
     sampled = rng is not None and n_boot > 0
@@ -183,13 +199,14 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None =
             parts.append(_weighted_metrics(y, called, starts, counts[:, codes]))
         boot = {m: np.concatenate([p[m] for p in parts]) for m in METRICS}
     tail = 100 * (1 - level) / 2
+    n_fake = int(np.count_nonzero(labels))
     out = {}
     for m in METRICS:
         value = float(point[m][0])
         finite = boot[m][np.isfinite(boot[m])]
         lo, hi = (np.percentile(finite, [tail, 100 - tail]) if finite.size >= 10 and np.isfinite(value)
                   else (float("nan"), float("nan")))
-        out[m] = Estimate(value, float(lo), float(hi), n)
+        out[m] = Estimate(value, float(lo), float(hi), samples_behind(m, n - n_fake, n_fake), n - n_fake, n_fake)
     return out
 
 

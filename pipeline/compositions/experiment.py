@@ -2,7 +2,7 @@
 
 - table1: Baseline 1 (image features, BCE), Baseline 2 (image+text, BCE), the method (image+text,
   CVaR + AUC + SAM), a text-only row that exposes caption/prompt shortcuts and a kNN-vote row (a
-  cheap baseline the paper lacks); beside it the shortcut alarms (text, file format).
+  cheap baseline the paper lacks).
 - table2: every combination of CVaR, AUC loss and SAM on image+text.
 - generalization: train on one generator's images (with every real image), test on each generator;
   then leave one generator out. A matrix of test AUC with intervals and a heat map.
@@ -10,8 +10,10 @@
   AUC per perturbation x generator with intervals, and a figure of AUC against strength.
 
 Cells are test ROC AUC (each generator against all real test images, and overall) with the 95%
-group-bootstrap interval of the run; with `seeds` > 1 also mean ± sd over seeds. Runs that already
-exist are reused.
+group-bootstrap interval of the run; with `seeds` > 1 the mean ± sd over seeds leads the cell. Runs
+that already exist are reused. Every table shows the alarms its runs stored when they were trained
+(shortcuts, a small test split, numbers on too few images), each once with the rows that raised it;
+nothing here recomputes an alarm or an interval.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline.choices import Experiment
 from pipeline.config import Validated, at_least
 from pipeline.errors import PipelineError
 from pipeline.evaluation import alarms, bootstrap
+from pipeline.evaluation.numbers import estimate_text
 from pipeline.evaluation.scores import GroupKeys, ScoreCollector, score_batches
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import feature_table
@@ -45,6 +48,8 @@ from pipeline.store.layout import Store
 from trainer.metrics import Estimate
 
 BCE_ONLY = {"cvar": False, "auc": False, "sam": False}
+ALARMS_STORED = 3  # the RunMetrics version from which runs store their alarms and checks
+KIND_ORDER = ("text_shortcut", "text_undecided", "format_shortcut", "small_test", "too_few")  # shown in this order
 TABLES = ("table1", "table2", "generalization", "robustness")
 TEXT_ROW = "Text only, BCE (shortcut check)"
 METHOD_ROW = "Method: image+text, CVaR+AUC+SAM"
@@ -60,7 +65,8 @@ class ExperimentResult:
     cells: dict[str, list[Cell | None]] = field(default_factory=dict)  # row -> a cell per column
     curves: dict[str, dict[str, list[tuple[float, Cell]]]] = field(default_factory=dict)  # robustness
     trained: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # generalization: row -> its generators
-    alarms: list[str] = field(default_factory=list)  # shortcut sentences
+    alarms: list[str] = field(default_factory=list)  # shortcuts: the runs' stored ones, each once (rows raising it)
+    warnings: list[str] = field(default_factory=list)  # the runs' stored small-test / too-few alarms, each once
     notes: list[str] = field(default_factory=list)  # other sentences (format probe, what is missing)
     seconds: float = 0.0
     markdown: str = ""
@@ -91,7 +97,6 @@ class ExperimentConfig(Validated):
     base: dict[str, Any] = field(default_factory=dict)  # training options every row shares
     seeds: int = 1  # table1/table2/generalization: runs per row with seeds base, base+1, …
     run_id: str | None = None  # robustness: the trained run that scores the perturbed samples
-    format_probe: bool = True  # table1: also probe file format / JPEG quality / size
 
     def check(self) -> None:
         at_least(self, "seeds", 1)
@@ -110,8 +115,9 @@ def run(config: ExperimentConfig, reporter: Reporter | None = None) -> Experimen
     else:
         result = _paper_table(config, reporter)
     result.seconds = time.perf_counter() - started
-    if result.rows and (small := alarms.small_sample_note(result.rows[0][1].metrics.test)):
-        result.alarms.append(small)
+    stored = _stored_alarms(result)
+    result.alarms = [*result.alarms, *stored[0]]  # (this experiment's own first: robustness and the text)
+    result.warnings = [*result.warnings, *stored[1]]
     result.markdown = to_markdown(result)
     stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     key = result.rows[0][1].model_key if result.rows else (config.run_id or "none")
@@ -134,17 +140,44 @@ def _paper_table(config: ExperimentConfig, reporter: Reporter) -> ExperimentResu
     result.columns = [*_generators(result), "all"]
     for label, run in result.rows:
         result.cells[label] = [_auc(run, g) for g in result.columns]
-    if config.table == "table1":
-        runs = dict(result.rows)
-        alarm = alarms.text_alarm(runs[TEXT_ROW].metrics.test, runs[METHOD_ROW].metrics.test)
-        if alarm:
-            result.alarms.append(alarm)
-        if config.format_probe:
-            probe = alarms.format_probe(config.store, seed=int(config.base.get("seed", 0)))
-            if probe.alarm:
-                result.alarms.append(probe.alarm)
-            result.notes.append(probe.sentence())
+    probed = next((run.metrics.checks["format"] for _, run in result.rows if "format" in run.metrics.checks), None)
+    if (summary := alarms.format_summary(probed)) is not None:
+        result.notes.append(summary)
     return result
+
+
+def _stored_alarms(result: ExperimentResult) -> tuple[list[str], list[str]]:
+    """The alarms the table's runs stored, each kind once: its first sentence, then the rows that raised it
+    (each row's own numbers differ; the sentence quotes the first one's). Shortcuts, then warnings (runs
+    from before alarms were stored are named among the warnings)."""
+    if result.table == "robustness":  # every row is the one run
+        runs = {label: [run] for label, run in result.rows[:1]}
+    else:
+        runs = result.seed_runs
+    by_kind: dict[str, tuple[str, list[str]]] = {}
+    unchecked: list[str] = []
+    for label, seeded in runs.items():
+        for run in seeded:
+            if run.metrics.version < ALARMS_STORED and label not in unchecked:
+                unchecked.append(label)
+            for a in run.metrics.alarms:
+                raised = by_kind.setdefault(a.kind, (a.sentence, []))[1]
+                if label not in raised:
+                    raised.append(label)
+    kinds = sorted(by_kind, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER))
+    out: tuple[list[str], list[str]] = ([], [])
+    for kind in kinds:
+        sentence, rows = by_kind[kind]
+        if result.table != "robustness":
+            who = "every row" if len(rows) == len(runs) > 1 else "; ".join(rows)
+            # (a text alarm quotes its run's own AUC: say whose; the other kinds' numbers are the rows' common data)
+            quoted = f"; the run AUC quoted is {rows[0]}'s" if len(rows) > 1 and kind.startswith("text_") else ""
+            sentence += f" (Raised by {who}{quoted}.)"
+        out[0 if kind in alarms.SHORTCUT_KINDS else 1].append(sentence)
+    if unchecked:
+        out[1].append(f"Not checked for shortcuts: {'; '.join(unchecked)} (trained before runs stored their alarms; "
+                      "train again to check).")
+    return out
 
 
 def _train_seeds(config: ExperimentConfig, options: dict[str, Any], label: str,
@@ -251,6 +284,12 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
     result.notes.append(f"Run `{run_id}` ({train_config.features}, pairing {train_config.pairing}) scores the "
                         "test split as ingested (row none: the run's own numbers) and each perturbation's copies "
                         "of it; AUC × 100 [95% group-bootstrap interval].")
+    if train_config.features != "image":
+        result.alarms.append(
+            f"This run reads text ({train_config.features}), and the perturbations change only the images, not the "
+            "captions and prompts it reads: where the text carries the decision, AUC stays flat under every "
+            "perturbation, which says nothing about how robust its image evidence is. Test an image-only run "
+            "(--features image) for robustness.")
     return result
 
 
@@ -293,15 +332,15 @@ def seed_spread(result: ExperimentResult, label: str, column: int) -> tuple[floa
 
 
 def cell_text(result: ExperimentResult, label: str, column: int) -> str:
+    """A Markdown cell: the value and its interval ('interval not informative' when the bootstrap could not
+    vary it: `evaluation.numbers`, the rule pages use); with seeds, the mean ± sd first, in bold."""
     cell = result.cells[label][column]
     if cell is None or cell.get("value") is None:
         return "–"
-    text = _pct(cell["value"])
-    if cell.get("lo") is not None and cell.get("hi") is not None:
-        text += f" [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
+    text = estimate_text(cell)
     spread = seed_spread(result, label, column)
     if spread:
-        text += f"; {_pct(spread[0])} ± {_pct(spread[1])}"
+        text = f"**{_pct(spread[0])} ± {_pct(spread[1])}**; first seed {text}"
     return text
 
 
@@ -319,11 +358,12 @@ def to_markdown(result: ExperimentResult) -> str:
     if random:
         lines += ["**Embeddings from a CLIP with RANDOM weights: these numbers test the pipeline, "
                   "they are not results about CLIP.**", ""]
-    lines += [f"**{a}**" for a in result.alarms] + ([""] if result.alarms else [])
+    lines += [line for a in result.alarms for line in (f"**{a}**", "")]  # (a paragraph each)
+    lines += [line for w in result.warnings for line in (f"Warning: {w}", "")]
     if result.rows:
         run0 = result.rows[0][1]
         lines += [f"Model key `{run0.model_key}`, text pairing `{run0.metrics.pairing}`. Cells: AUC × 100 "
-                  + (f"[95% group-bootstrap interval of the first seed]; mean ± sd over {seeds} seeds."
+                  + (f"as mean ± sd over {seeds} seeds, then the first seed's value [95% group-bootstrap interval]."
                      if seeds > 1 else "[95% group-bootstrap interval]."), ""]
         excluded = run0.metrics.excluded_leaks
         if excluded:
@@ -336,8 +376,21 @@ def to_markdown(result: ExperimentResult) -> str:
     for label, run in result.rows:
         cells = [cell_text(result, label, i) for i in range(len(result.columns))]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | `{run.run_id}` |")
-    lines += ["", f"Took {result.seconds:.1f} s (runs reused from earlier invocations cost nothing)."]
+    lines += ["", f"Took {result.seconds:.1f} s{_work_done(result)}."]
     return "\n".join(lines) + "\n"
+
+
+def _work_done(result: ExperimentResult) -> str:
+    """What the time went on: runs trained, and runs found by their config hash (same config, same data)."""
+    if result.table == "robustness":
+        return ""
+    runs = [run for runs in result.seed_runs.values() for run in runs]
+    reused = sum(run.skipped for run in runs)
+    if not runs:
+        return ""
+    if reused == len(runs):
+        return f": all {reused} runs reused (found by their config hash: the same config on the same rows)"
+    return f": {len(runs) - reused} runs trained, {reused} reused (found by their config hash)"
 
 
 def _page(result: ExperimentResult, directory: Path) -> ReportResult:
@@ -358,14 +411,15 @@ def _page(result: ExperimentResult, directory: Path) -> ReportResult:
     body = [
         f"<h1>{html.e(result.table)}</h1>", html.banner(random),
         *(f'<p class="alarm">{html.e(a)}</p>' for a in result.alarms),
+        *(f'<p class="warn">{html.e(w)}</p>' for w in result.warnings),
         *(f"<p>{html.e(n.replace('`', ''))}</p>" for n in result.notes),
-        "<p>Cells: test ROC AUC × 100; below it the 95% group-bootstrap interval"
-        + ("; in blue the mean ± sd over seeds." if any(len(v) > 1 for v in result.seed_runs.values()) else ".")
-        + "</p>",
+        ("<p>Cells: test ROC AUC × 100 as the mean ± sd over seeds (bold, blue); below it the first seed's value "
+         "and its 95% group-bootstrap interval.</p>" if any(len(v) > 1 for v in result.seed_runs.values()) else
+         "<p>Cells: test ROC AUC × 100; below it the 95% group-bootstrap interval.</p>"),
         html.raw_table(["method" if result.table != "robustness" else "perturbation", *columns, "run"], rows),
         *(f'<img class="wide{" broad" if f.stem == "robustness" else ""}" src="{f.name}" alt="{f.stem}">'
           for f in out.files),
-        f"<p>Took {result.seconds:.1f} s.</p>",
+        f"<p>Took {result.seconds:.1f} s{html.e(_work_done(result))}.</p>",
     ]
     write_text(out.page, html.page(result.table, body))
     return out

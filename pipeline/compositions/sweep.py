@@ -13,6 +13,7 @@ can stop weak trials early (a stopped trial writes no run; the sweep lists it as
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.children import die_with
 from pipeline.choices import Engine, Scheduler
 from pipeline.config import Validated, at_least, read_toml
 from pipeline.errors import PipelineError
@@ -139,7 +141,9 @@ def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
             rows.append(_row(p, train_one(store.root, p.options, None)))
             reporter.advance("sweep", 1)
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        # each worker ends with this process, also when it is killed (else they train on, ~800 MB each)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with,
+                                 initargs=(os.getpid(),)) as pool:
             outcomes = list(pool.map(train_one, [store.root] * len(points), [p.options for p in points],
                                      [None] * len(points), [None] * len(points), [jobs] * len(points)))
         rows = [_row(p, o) for p, o in zip(points, outcomes, strict=True)]

@@ -14,7 +14,9 @@ back, so the GPU always has the next batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Generator, Iterator
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.children import die_with
 from pipeline.encoding.clip import LoadedModel
 from pipeline.encoding.jobs import EncodeJob, JobResult, stage_encoded
 from pipeline.encoding.units import (
@@ -38,6 +41,7 @@ from pipeline.encoding.units import (
 )
 from pipeline.reporting import Reporter
 from pipeline.store.writes import Committer
+from trainer.threads import choose_threads
 
 PREFETCH = 2  # decoded batches each worker keeps ready (they wait in shared memory)
 
@@ -57,7 +61,8 @@ class LocalEngine:
             device = resolve_device(job.spec.device)
             workers = default_workers(device) if self.workers is None else self.workers
             batches = _decoded(job, workers, pin=device.type == "cuda")
-        with contextlib.closing(batches):  # closing ends the decoding workers, also on an error
+        # closing ends the decoding workers, also on an error
+        with contextlib.closing(batches), _model_threads(job.spec.device):
             return self._run(job, batches, reporter)
 
     def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> JobResult:
@@ -90,6 +95,23 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing to release: the model goes with the engine."""
+
+
+@contextlib.contextmanager
+def _model_threads(device: str) -> Iterator[None]:
+    """On the CPU, the model runs on the cores other processes leave idle (`trainer.threads`' policy),
+    at most the threads torch had; the count is restored afterwards. On a shared machine two threads
+    contending for one free core spin at every operation's barrier: ViT-B-32 in bf16 measured 40-49
+    images per CPU-second on one thread against 19-20 on two (bench/bench_encode.py --threads)."""
+    if resolve_device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(limit=previous)[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def pending_batches(
@@ -134,7 +156,8 @@ def decoded_batches(pending: Path, batch_size: int, decode: DecodeImages, worker
     loader = torch.utils.data.DataLoader(
         _DecodedBatches(pending, batch_size, decode, _fits_in_shared_memory(workers * (PREFETCH + 1) * picture_bytes)),
         batch_size=None, num_workers=workers, prefetch_factor=PREFETCH, pin_memory=pin,
-        worker_init_fn=_single_threaded_worker, collate_fn=_identity, multiprocessing_context=context,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()), collate_fn=_identity,
+        multiprocessing_context=context,
     )
     return _owning(iter(loader))  # iter() starts the workers now
 
@@ -174,5 +197,8 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _single_threaded_worker(_: int) -> None:
+def _worker_init(owner: int, _: int) -> None:
+    # A worker is forked by the forkserver, not by `owner`: it must end when `owner` does, or it and
+    # the forkserver (which waits for its workers) run on, orphaned, after a kill (575 MB measured).
+    die_with(owner)
     torch.set_num_threads(1)  # decoding workers must not compete with the model's threads

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.evaluation.calibration import Calibration
 from trainer.metrics import Estimate
 
-METRICS_VERSION = 2
+METRICS_VERSION = 3  # 3: `n` per metric (real_acc: real images; fake_acc, TPR: generated), n_real, n_fake; checks
 NAN = float("nan")
 
 
@@ -73,7 +73,7 @@ class SplitMetrics:
         out: dict[str, Any] = {"auc": _num(self.auc), "ap": _num(self.ap), "accuracy": _num(self.accuracy),
                                "n": self.n, "auc_by_generator": {g: _num(v) for g, v in self.auc_by_generator.items()}}
         if self.intervals:
-            out["intervals"] = {g: {m: _estimate_json(e) for m, e in d.items()} for g, d in self.intervals.items()}
+            out["intervals"] = {g: {m: estimate_json(e) for m, e in d.items()} for g, d in self.intervals.items()}
         if self.bootstrap is not None:
             b = self.bootstrap
             out["bootstrap"] = {"replicates": b.replicates, "level": b.level, "unit": b.unit, "seed": list(b.seed)}
@@ -81,7 +81,7 @@ class SplitMetrics:
             out["groups"] = self.groups
         if self.at_val_threshold is not None:
             out["at_val_threshold"] = {"threshold": self.at_val_threshold.threshold, "metrics": {
-                m: _estimate_json(e) for m, e in self.at_val_threshold.metrics.items()}}
+                m: estimate_json(e) for m, e in self.at_val_threshold.metrics.items()}}
         return out
 
     @staticmethod
@@ -93,14 +93,23 @@ class SplitMetrics:
             n=int(data.get("n") or 0),
             auc=_float(data.get("auc")), ap=_float(data.get("ap")), accuracy=_float(data.get("accuracy")),
             auc_by_generator={g: _nan(v) for g, v in (data.get("auc_by_generator") or {}).items()},
-            intervals={g: {m: _estimate(e) for m, e in d.items()} for g, d in (data.get("intervals") or {}).items()},
+            intervals={g: {m: estimate_from_json(e) for m, e in d.items()}
+                       for g, d in (data.get("intervals") or {}).items()},
             bootstrap=None if boot is None else Bootstrap(int(boot["replicates"]), float(boot.get("level", 0.95)),
                                                           str(boot.get("unit", "group_key")),
                                                           tuple(int(s) for s in boot.get("seed") or ())),
             groups=None if data.get("groups") is None else int(data["groups"]),
-            at_val_threshold=None if not chosen else AtThreshold(float(chosen["threshold"]), {
-                m: _estimate(e) for m, e in (chosen.get("metrics") or {}).items()}),
+            at_val_threshold=_at_threshold(chosen),
         )
+
+
+def _at_threshold(chosen: dict[str, Any] | None) -> AtThreshold | None:
+    """The test metrics at val's threshold; None where a run stored none (one recorded with a non-finite
+    setting, before those were refused, has `threshold: null`)."""
+    if not chosen or chosen.get("threshold") is None:
+        return None
+    return AtThreshold(float(chosen["threshold"]), {
+        m: estimate_from_json(e) for m, e in (chosen.get("metrics") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class Alarm:
     """A sentence that says a run's numbers mislead, with the evidence behind it (stored with the run,
     shown wherever its numbers are)."""
 
-    kind: str  # e.g. text_shortcut, format_shortcut, small_test
+    kind: str  # text_shortcut, text_undecided, format_shortcut, small_test, too_few (`evaluation.alarms`)
     sentence: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
@@ -176,6 +185,8 @@ class RunMetrics:
     index: dict[str, Any] | None = None
     alarms: tuple[Alarm, ...] = ()  # computed once, when the run was trained
     calibration: Calibration | None = None  # fitted on val when trained (None: a run from before it)
+    # what the shortcut checks measured on the run's data, alarm or not (`evaluation.probes`): "text", "format"
+    checks: dict[str, Any] = field(default_factory=dict)
     version: int = METRICS_VERSION
 
     def split(self, name: str) -> SplitMetrics:
@@ -205,6 +216,8 @@ class RunMetrics:
             out["alarms"] = [a.to_json() for a in self.alarms]
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_json()
+        if self.checks:
+            out["checks"] = self.checks
         return jsonable(out)
 
     @staticmethod
@@ -226,16 +239,23 @@ class RunMetrics:
             k=data.get("k"), val_auc_by_k=None if by_k is None else {str(k): v for k, v in by_k.items()},
             index=data.get("index"), alarms=tuple(Alarm.from_json(a) for a in data.get("alarms") or ()),
             calibration=Calibration.from_json(data["calibration"]) if data.get("calibration") else None,
-            version=int(data.get("version", 1)),
+            checks=dict(data.get("checks") or {}), version=int(data.get("version", 1)),
         )
 
 
-def _estimate(data: dict[str, Any]) -> Estimate:
-    return Estimate(_nan(data.get("value")), _nan(data.get("lo")), _nan(data.get("hi")), int(data.get("n") or 0))
+def estimate_from_json(data: dict[str, Any]) -> Estimate:
+    return Estimate(_nan(data.get("value")), _nan(data.get("lo")), _nan(data.get("hi")), int(data.get("n") or 0),
+                    _count(data.get("n_real")), _count(data.get("n_fake")))
 
 
-def _estimate_json(e: Estimate) -> dict[str, Any]:
-    return {"value": _num(e.value), "lo": _num(e.lo), "hi": _num(e.hi), "n": e.n}
+def estimate_json(e: Estimate) -> dict[str, Any]:
+    """An estimate as JSON (NaN as null), as metrics.json, the `metrics` view and alarms' evidence hold it."""
+    return {"value": _num(e.value), "lo": _num(e.lo), "hi": _num(e.hi), "n": e.n, "n_real": e.n_real,
+            "n_fake": e.n_fake}
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _float(value: Any) -> float | None:

@@ -25,7 +25,7 @@ from pipeline.store.stream import ParquetStream
 from schemas import SCORES, SPLITS
 from trainer.fit import FitConfig, predict
 
-DUCKDB_MEMORY = "1GB"  # queries over every score of a run (group codes, unscored rows) spill beyond this
+DUCKDB_MEMORY = "256MB"  # queries over every sample or score of a run (counts, group codes) spill beyond this
 
 
 class ScoreSink(Protocol):

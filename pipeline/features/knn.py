@@ -6,8 +6,9 @@ split's features (image, text or both, L2-normalised after concatenation). Each 
 weighting of Wu et al. (2018); k is chosen by validation AUC.
 
 Bounded memory, whatever the number of rows: the index is planned by `pipeline index build`'s
-memory budget (exact, IVF, SQ8 or fast-scan PQ, with lists of constant size searched at most
-KNN_NPROBE wide, so a query costs the same at any size) and filled in chunks from the feature stream; the
+memory budget (exact, IVF, SQ8 or 4-bit PQ scanned in a fast-scan copy, with 4√n lists searched at
+most KNN_NPROBE wide, each query's found in two levels: its cost grows like √n, `ann.plan`) and
+filled in chunks from the feature stream; the
 validation split is searched first to choose k (its labels and a score per k stay in memory: what
 its AUC needs); then every split is searched a chunk at a time and each row's identity and chosen
 score stream to a temporary Arrow file (scores to a raw one), both returned memory-mapped. What
@@ -34,7 +35,7 @@ import pyarrow.compute as pc
 from pipeline.choices import Features, InputNorm
 from pipeline.features.ann.build import IndexConfig, build_in_memory
 from pipeline.features.ann.plan import DEFAULT_MAX_MEMORY, plan_index
-from pipeline.features.ann.search import exact_scores
+from pipeline.features.ann.search import Bulk, exact_scores
 from pipeline.features.loader import Batch, FeatureLoader, LoaderConfig
 from pipeline.features.vectors import normalise
 from pipeline.features.view import FeatureTable
@@ -72,7 +73,7 @@ def knn_scores(table: FeatureTable, features: Features, splits: tuple[str, ...],
     the process' own memory, and vanishes with its last reference."""
     probe = FeatureLoader(table, ("train",), LoaderConfig(features, input_norm=input_norm))
     n_train, in_dim = probe.count(), probe.in_dim
-    plan = plan_index(n_train, in_dim, "auto", max_memory, mappable=False)  # in memory: fast-scan
+    plan = plan_index(n_train, in_dim, "auto", max_memory, in_memory=True)
 
     def loader(split: str) -> FeatureLoader:
         return FeatureLoader(table, (split,), LoaderConfig(features, plan.chunk_rows, input_norm=input_norm))
@@ -114,14 +115,15 @@ def knn_scores(table: FeatureTable, features: Features, splits: tuple[str, ...],
     index, params = build_in_memory(plan, in_dim, chunks, sample, n_train,
                                     IndexConfig(Store(Path(".")), seed=seed, max_memory=max_memory),
                                     max_breadth=KNN_NPROBE, exact=gather if compressed else None)
+    bulk = Bulk(index, params)  # every sample is a query: lists found in two levels, codes packed for fast scan
     k_max = max(1, min(max(ks), n_train - 1))
     candidates = sorted({min(k, k_max) for k in ks})
 
     def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not compressed:
-            sims, found = index.search(queries, k_max + 1)
+            sims, found = bulk.search(queries, k_max + 1)
             return sims, found
-        found = index.search(queries, min(n_train, 2 * (k_max + 1)))[1]
+        found = bulk.search(queries, min(n_train, 2 * (k_max + 1)))[1]
         sims = exact_scores(queries, found, gather)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k_max + 1]
         sims, found = np.take_along_axis(sims, order, 1), np.take_along_axis(found, order, 1)

@@ -6,23 +6,21 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+# the one rule for rates and intervals, shared with Markdown, the terminal and alarm sentences (re-exported)
+from pipeline.evaluation.numbers import NOT_INFORMATIVE, NOT_INFORMATIVE_WHY, interval, pct
+from pipeline.evaluation.numbers import degenerate as degenerate
+from pipeline.evaluation.numbers import estimate_text as estimate_text
 from pipeline.evaluation.results import RunMetrics, SplitMetrics
 from pipeline.present.names import PERCENT_KEYS, metric_name
 from pipeline.store.atomic import write_text
 
 RANDOM_NOTE = ("Embeddings from a CLIP with RANDOM weights (and, in the demo, synthetic images): these "
                "figures test the pipeline; they are not results about CLIP.")
-NOT_INFORMATIVE = "interval not informative"
-NOT_INFORMATIVE_WHY = ("Every bootstrap replicate gave the same value (for AUC 100: no resample mixes the "
-                       "classes), so this interval says nothing about how uncertain the value is.")
 
 # Tables sit in a horizontally scrolling box (a phone scrolls the table, not the page) with the row
 # label column pinned; figures never grow beyond their own pixels (blurry) nor beyond the screen.
@@ -56,7 +54,7 @@ img.wide,img.wide.broad{display:block;margin:1em 0;width:auto;max-width:100%}
 .pair img,.nothumb{width:calc(50% - 2px);max-width:160px;aspect-ratio:1;height:auto;object-fit:contain;
 background:#eee}
 .nothumb{display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
-.ci{font-size:12px;color:#555}.sd{font-size:12px;color:#1f5fa0}
+.ci{font-size:12px;color:#555}.sd{font-size:12px;color:#1f5fa0}.mean{color:#1f5fa0}
 .na{font-style:italic;color:#8a6d00;display:inline-block;white-space:normal;max-width:7.5em;line-height:1.2}
 .index td,.index th{text-align:left}.index code{overflow-wrap:normal;font-size:13px}
 code.run{font-size:11px;color:#666}
@@ -98,42 +96,18 @@ def raw_table(header: list[str], rows: list[list[str]], css_class: str = "result
 # --- numbers ---------------------------------------------------------------------------------------
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def degenerate(lo: Any, hi: Any, digits: int = 2) -> bool:
-    """An interval of zero width at the precision shown: the bootstrap could not vary the value."""
-    return not (_missing(lo) or _missing(hi)) and pct(lo, digits) == pct(hi, digits)
-
-
-def interval(lo: Any, hi: Any, digits: int = 2) -> str | None:
-    """'[lo, hi]' × 100, 'interval not informative' for a degenerate one, None without one."""
-    if _missing(lo) or _missing(hi):
-        return None
-    return NOT_INFORMATIVE if degenerate(lo, hi, digits) else f"[{pct(lo, digits)}, {pct(hi, digits)}]"
-
-
-def estimate_text(estimate: Mapping[str, Any] | None, digits: int = 2) -> str:
-    """Plain text of an estimate {value, lo, hi}: '82.61 [50.00, 100.00]' or '100.00 (interval not informative)'."""
-    if not estimate or _missing(estimate.get("value")):
-        return "–"
-    text = pct(estimate["value"], digits)
-    bounds = interval(estimate.get("lo"), estimate.get("hi"), digits)
-    return text if bounds is None else f"{text} ({bounds})" if bounds == NOT_INFORMATIVE else f"{text} {bounds}"
-
-
 def estimate(value: Any, lo: Any = None, hi: Any = None, spread: tuple[float, float] | None = None) -> str:
-    """A cell: the value, its interval below it in small type, and mean ± sd over seeds if given."""
-    out = f"<b>{pct(value)}</b>"
+    """A cell: the value in bold, its interval below it in small type. With seeds (`spread`: mean, sd) the
+    mean ± sd is what the cell says, in bold, and the first seed's value and interval follow in small type."""
     bounds = interval(lo, hi)
     if bounds == NOT_INFORMATIVE:
-        out += f"<br><span class='ci na' title='{e(NOT_INFORMATIVE_WHY)}'>{NOT_INFORMATIVE}</span>"
-    elif bounds is not None:
-        out += f"<br><span class='ci'>{bounds}</span>"
+        ci = f"<span class='ci na' title='{e(NOT_INFORMATIVE_WHY)}'>{NOT_INFORMATIVE}</span>"
+    else:
+        ci = "" if bounds is None else f"<span class='ci'>{bounds}</span>"
     if spread is not None:
-        out += f"<br><span class='sd'>{pct(spread[0])} ± {pct(spread[1])}</span>"
-    return out
+        first = f"<span class='ci'>first seed {pct(value)}</span>"
+        return f"<b class='mean'>{pct(spread[0])} ± {pct(spread[1])}</b><br>{first}" + (f"<br>{ci}" if ci else "")
+    return f"<b>{pct(value)}</b>" + (f"<br>{ci}" if ci else "")
 
 
 def metric_row(name: str, m: SplitMetrics) -> list[Any]:
@@ -152,10 +126,6 @@ def history(metrics: RunMetrics) -> str:
 
 def e(value: Any) -> str:
     return html.escape("–" if value is None else str(value))
-
-
-def pct(value: Any, digits: int = 2) -> str:
-    return "–" if _missing(value) else f"{100 * float(value):.{digits}f}"
 
 
 def num(value: Any) -> str:
@@ -193,8 +163,7 @@ def index_reports(reports: Path, written: Path | None = None, kind: str | None =
     if written is not None and kind and written.resolve().is_relative_to(reports.resolve()):
         write_text(_about_path(written), json.dumps({"kind": kind, "run": run, "model": model,
                                                      "written": datetime.now(UTC).isoformat()}))
-    entries = sorted((_entry(reports, path) for path in _report_files(reports)),
-                     key=lambda r: (r.written, r.link), reverse=True)
+    entries = sorted(report_entries(reports), key=lambda r: (r.written, r.link), reverse=True)
     rows = [[f"<a href='{e(r.link)}'>{e(r.kind)}</a>", f"{r.written:%Y-%m-%d %H:%M}",
              "<br>".join(f"<code>{e(run)}</code>" for run in r.runs) or "–",
              f"<code>{e(r.model)}</code>" if r.model else "–"]
@@ -206,6 +175,19 @@ def index_reports(reports: Path, written: Path | None = None, kind: str | None =
             raw_table(["report", "written (UTC)", "run", "model key"], rows, "index") if rows
             else "<p>No reports yet.</p>"]
     return write_text(reports / "index.html", page("Reports", body))
+
+
+def report_entries(reports: Path) -> list[ReportEntry]:
+    """Every report under `reports`, as the index lists it (kind, runs, model, when)."""
+    return [_entry(reports, path) for path in _report_files(reports)]
+
+
+def report_files(reports: Path, entry: ReportEntry) -> list[Path]:
+    """What a report is on disk: its folder, or a top-level figure with its data and its note."""
+    path = reports / entry.link
+    if path.name == "index.html":
+        return [path.parent]
+    return [p for p in (path, path.with_suffix(".json"), _about_path(path)) if p.exists()]
 
 
 def _about_path(report: Path) -> Path:

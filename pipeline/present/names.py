@@ -25,6 +25,14 @@ PERCENT_KEYS = frozenset({"auc", "ap", "acc", "accuracy", "real_acc", "fake_acc"
                           "tpr_at_fpr_1", "tpr_at_fpr_5", "val_auc", "val_ap"})
 
 
+# Column headers where a table of five metrics must fit 80 columns; `metric_name` says the rest below it.
+SHORT_NAMES = {"ap": "AP", "balanced_acc": "bal. acc", "eer": "EER", "tpr_at_fpr_1": "TPR@1%FPR"}
+
+
+def short_metric_name(key: str) -> str:
+    return SHORT_NAMES.get(key) or metric_name(key)
+
+
 def metric_name(key: str) -> str:
     """The reader's name of a metric key; an unknown key with its underscores as spaces."""
     return METRIC_NAMES.get(key, key.replace("_", " "))

@@ -16,8 +16,12 @@ broken; free text is cut with "…"; records when no table fits).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
 import time
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +38,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.compositions.demo import DemoResult
     from pipeline.compositions.experiment import ExperimentResult
     from pipeline.compositions.sweep import SweepResult
+    from pipeline.stages.clean import CleanResult
     from pipeline.stages.conflicts import ConflictsResult
     from pipeline.stages.encode import EncodeResult
     from pipeline.stages.export import ExportResult
@@ -46,6 +51,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.stages.perturb import PerturbResult
     from pipeline.stages.predict import PredictResult
     from pipeline.stages.report import ReportResult
+    from pipeline.stages.runs import RunDetail, RunList, RunsRemoved
     from pipeline.stages.score import ScoreResult
     from pipeline.stages.sql import SqlResult
     from pipeline.stages.status import StoreStatus
@@ -255,8 +261,11 @@ def short_ids(table: pa.Table, width: int = 16) -> pa.Table:
     """Sample ids cut to a prefix that `--sample-id` still accepts, so tables fit a terminal."""
     if "sample_id" not in table.column_names:
         return table
+    import pyarrow.compute as pc
+
     i = table.column_names.index("sample_id")
-    short = pa.array([None if v is None else v[:width] for v in table.column(i).to_pylist()], pa.string())
+    # in Arrow, not through a Python list: pyarrow's first array made from Python imports pandas (0.2-0.5 CPU-s)
+    short = pc.utf8_slice_codeunits(table.column(i).cast(pa.string()), 0, width)
     return table.set_column(i, "sample_id", short)
 
 
@@ -283,6 +292,60 @@ def random_banner(random_weights: bool | None) -> None:
 
 def _f(value: float | None, digits: int = 4) -> str:
     return f"{float('nan') if value is None else value:.{digits}f}"
+
+
+def _size(n: int) -> str:
+    """Bytes for people, in powers of 1000 (as `du --si`)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{n:,} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:,.1f} TB"
+
+
+# --- any result as JSON (`--json`) -----------------------------------------------------------
+
+
+def show_json(result: Any) -> None:
+    """Any result as one JSON document on stdout; progress, notes and warnings stay on stderr (and the
+    warnings are in the document too: results carry them). A result's `to_json()` is used where it has
+    one (a typed, versioned form such as `RunMetrics`), else its fields."""
+    out.file.write(json.dumps(plain(result), indent=2, allow_nan=False) + "\n")
+    out.file.flush()
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON data: dataclasses by field (or their `to_json()`), Arrow tables as lists of rows,
+    paths and times as text, NaN and infinities as null, numpy values as numbers."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.store.layout import Store
+
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if callable(getattr(value, "to_json", None)):
+        return plain(value.to_json())
+    if isinstance(value, Store):
+        return str(value.root)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, pa.Table):
+        return plain(value.to_pylist())
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, dict):
+        return {("/".join(map(str, k)) if isinstance(k, tuple) else str(k)): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)  # paths, and whatever else prints as what it is
 
 
 # --- one renderer per result -----------------------------------------------------------------
@@ -353,9 +416,9 @@ def show_status(result: StoreStatus) -> None:
     render_table(result.by_split_label_generator, "samples by split, label, generator")
     if result.quarantine_by_reason.num_rows:
         render_table(result.quarantine_by_reason, "quarantine")
-    if result.missing_captions:
-        out.print(f"[yellow]{result.missing_captions} samples have no caption[/]: image+text training leaves "
-                  "them out.")
+    if result.without_text:
+        out.print(f"[yellow]{result.without_text} samples have no text[/] (no caption, no imported text vector): "
+                  "image+text training leaves them out.")
     columns = [Column("model_key", "token"), Column("weights", "token"), *(
         Column(name, "number") for name in ("images done", "images pending", "texts done", "texts pending"))]
     rows = [[m.model_key, Text("random", style="yellow") if m.random_weights else "pretrained",
@@ -436,7 +499,7 @@ def show_experiment(result: ExperimentResult) -> None:
     for note in result.notes:
         out.print(escape(note.replace("`", "")))
     _experiment_table(result)
-    for text in result.alarms:
+    for text in [*result.alarms, *result.warnings]:  # shortcuts, then how far the numbers can be read
         alarm(text)
     runs = [r for seeded in result.seed_runs.values() for r in seeded]
     out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
@@ -546,8 +609,8 @@ def show_leaks(result: LeakResult) -> None:
 
 
 def show_report(result: ReportResult) -> None:
-    if result.alarm:
-        alarm(result.alarm)
+    for text in [*result.alarms, *result.warnings]:
+        alarm(text)
     out.print(f"[green]wrote[/] {escape(str(result.page))} with {', '.join(f.name for f in result.files)}")
 
 
@@ -570,12 +633,23 @@ def show_rebuild(result: Reconciled) -> None:
     for rel in result.ignored:
         out.print(f"[yellow]left out[/] {escape(rel)}: it is not a readable shard of this pipeline; "
                   "`pipeline verify` says why and `pipeline verify --repair` moves it aside.")
+    for d in result.doubled:
+        out.print(f"[red]doubled[/]: {d.rows} rows of {escape(d.table)} repeat a key an earlier row holds (two "
+                  f"writers at once), in {len(d.shards)} shards; `pipeline verify --repair` keeps one of each.")
 
 
 def show_verify(result: VerifyResult, store: Path, repair: bool) -> None:
     out.print(f"checked {result.shards_checked} shards, {result.rows_checked} rows.")
     if result.healthy:
         out.print("[green]no damage found[/]")
+        return
+    for d in result.doubled:
+        done = (f"kept one of each: {len(d.shards)} shards rewritten without the copies (the originals moved "
+                "to damaged/)" if repair else "run `pipeline verify --repair` to keep one of each")
+        out.print(f"[red]doubled[/]: {d.rows} rows of {escape(d.table)} repeat a key an earlier row holds (two "
+                  f"writers at once), in {', '.join(escape(s) for s in d.shards[:3])}"
+                  f"{' …' if len(d.shards) > 3 else ''}; {done}.")
+    if not result.damaged:
         return
     render_table(pa.table({
         "shard": [d.path for d in result.damaged],
@@ -589,6 +663,102 @@ def show_verify(result: VerifyResult, store: Path, repair: bool) -> None:
                   "stages named above to restore what they held.")
     else:
         out.print("run `pipeline verify --repair` to move them aside.")
+
+
+def show_runs(result: RunList) -> None:
+    if not result.runs:
+        out.print("No runs yet: `pipeline train` makes one.")
+        return
+    # The id says when (UTC); one column says what was trained (the pairing when not the default);
+    # `--json` has every field apart.
+    many = f"{len(result.runs)} run{'s' if len(result.runs) != 1 else ''}"
+    columns = [Column("run_id", "token"), Column("name", "text"), Column("detector", "label"),
+               *(Column(split, "number") for split in ("val", "test")), Column("alarms", "number")]
+    rows = []
+    for r in result.runs:
+        mark = "*" if r.random_weights else ""
+        what = f"{r.detector} {r.features}" + (f" {r.pairing}" if r.pairing != "as-ingested" else "")
+        rows.append([r.run_id, r.name or "–", what, _f(r.val_auc) + mark, _f(r.test_auc) + mark,
+                     Text(str(r.alarms), style="bold red") if r.alarms else "0"])
+    tables.show(out, columns, rows, f"{many}, newest first; val and test ROC AUC")
+    if any(r.random_weights for r in result.runs):
+        out.print("[yellow]*[/] random-weight embeddings: these AUCs test the pipeline, they say nothing about CLIP.")
+    out.print("[dim]pipeline runs show RUN · pipeline runs rm RUN …[/]")
+
+
+def show_run(result: RunDetail) -> None:
+    from pipeline.present.html import NOT_INFORMATIVE, interval, pct
+    from pipeline.present.names import metric_name, short_metric_name
+
+    r, m = result.row, result.metrics
+    out.print(f"[bold]run {r.run_id}[/]" + (f" ({escape(r.name)})" if r.name else "")
+              + f", created {r.created_at:%Y-%m-%d %H:%M} UTC")
+    out.print(f"{r.detector} on {r.features} features of {escape(r.model_key)}, pairing {r.pairing}; {m.chosen}")
+    random_banner(r.random_weights)
+    for text in (a.sentence for a in m.alarms):
+        alarm(text)
+    keys = ("auc", "ap", "balanced_acc", "eer", "tpr_at_fpr_1")
+    degenerate = False
+    for split in ("val", "test"):
+        metrics = m.split(split)
+        if not metrics.n:
+            continue
+        title = (f"{split}: {metrics.n} samples" + (f", {metrics.groups} groups" if metrics.groups else "")
+                 + " (×100, 95% interval)")
+        columns = [Column("generator", "token"), *(Column(short_metric_name(k), "number") for k in keys),
+                   Column("n", "number")]
+        cells = []
+        for generator in ["all", *metrics.generators]:
+            found = [metrics.estimate(k, generator) for k in keys]
+            n = next((e.n for e in found if e is not None), None)
+            texts = []
+            for e in found:
+                bounds = None if e is None else interval(e.lo, e.hi)
+                degenerate |= bounds == NOT_INFORMATIVE
+                texts.append("–" if e is None else pct(e.value) + ("" if bounds is None else " n.i."
+                                                                   if bounds == NOT_INFORMATIVE else f" {bounds}"))
+            cells.append((generator, texts, "–" if n is None else str(n)))
+        out.print(Text(title, style="bold"))
+        for lines in (1, 2, 3):  # the widest layout that fits: a value and its interval apart, then each number
+            rows = [[g, *(_stacked(c, lines).replace(" n.i.", "\nn.i." if lines > 1 else " n.i.") for c in texts), n]
+                    for g, texts, n in cells]
+            if (fitted := tables.grid(columns, rows, out.width)) is not None:
+                out.print(fitted[0])
+                break
+        else:
+            out.print(tables.records(columns, rows))
+    out.print("[dim]" + "; ".join(f"{short_metric_name(k)}: {metric_name(k)}" for k in keys
+                                  if short_metric_name(k) != metric_name(k))
+              + ("; n.i.: interval not informative (every bootstrap replicate gave the same value)" if degenerate
+                 else "") + "[/]")
+    tables.show(out, [Column("option", "token"), Column("value", "text")],
+                [[key, cell(value)] for key, value in sorted(result.config.items())], "config")
+    tables.show(out, [Column("path", "token"), Column("size", "number"), Column("in views", "label")],
+                [[f.path, _size(f.bytes), "yes" if f.committed else ""] for f in result.files],
+                f"files ({_size(result.bytes)})")
+    out.print(f"report: {escape(str(result.report))}" if result.report
+              else f"[dim]no report yet: pipeline report --run {r.run_id}[/]")
+
+
+def show_runs_removed(result: RunsRemoved) -> None:
+    rows = ", ".join(f"{n:,} {table}" for table, n in sorted(result.rows.items()))
+    out.print(f"[green]removed[/] {len(result.run_ids)} run{'s' if len(result.run_ids) != 1 else ''} "
+              f"({', '.join(result.run_ids)}): {result.files} files, {_size(result.bytes)}; rows taken out of the "
+              f"views: {rows}.")
+
+
+def show_clean(result: CleanResult) -> None:
+    verb = "would free" if result.dry_run else "freed"
+    if result.freed:
+        tables.show(out, [Column(verb, "label"), Column("files", "number"), Column("size", "number")],
+                    [[f.what, f"{f.files:,}", _size(f.bytes)] for f in result.freed])
+    out.print(f"[green]{verb}[/] {result.files:,} files, {_size(result.bytes)}"
+              + (" (nothing was removed: run without --dry-run to free it)." if result.dry_run else "."))
+    if result.adopted:
+        adopted = "are waiting to be committed by the next writer" if result.dry_run else "were committed"
+        out.print(f"{result.adopted} staged shards of finished workers {adopted} (they are data, not garbage).")
+    for k in (k for k in result.kept if k.files):
+        out.print(f"[dim]kept[/] {escape(k.what)}: {k.files:,} files, {_size(k.bytes)} ({escape(k.note or '')}).")
 
 
 def demo_intro() -> None:
@@ -610,6 +780,8 @@ def show_demo(result: DemoResult) -> None:
     out.print(f"[green]train[/] (CVaR + AUC + SAM on image+text, from the cache, no CLIP call): run {run.run_id}, "
               f"test AUC {_f(run.metrics.test.auc, 3)} "
               "[yellow](random-weight CLIP on synthetic images: a pipeline check, not a result)[/]")
+    for text in run.alarms:  # the run's stored alarms (the report page shows them too)
+        alarm(text)
     show_status(result.status)
     for title, query, table in result.queries:
         out.print(f"[dim]$ pipeline sql --store {escape(str(root))} \"{escape(query)}\"[/]")

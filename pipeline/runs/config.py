@@ -1,7 +1,10 @@
 """What defines a run: `TrainConfig` (every field but `name` enters the hash) and `config_hash`.
 
 A run's identity is its config plus a fingerprint of the data it read, so the same config on the
-same data is found again (`record.existing_run`) instead of trained twice.
+same data is found again (`record.existing_run`) instead of trained twice. The fingerprint names the
+rows the run reads by their content (`FeatureTable.data_fingerprint`), never the store's files: the
+same data in another store gets the same hash, and samples the run does not read (those `perturb`
+derives) leave it unchanged. An image-only run reads no text, so its text pairing is not part of it.
 """
 
 from __future__ import annotations
@@ -98,12 +101,15 @@ class TrainConfig(Validated):
 
 def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_scan: str | None = None,
                 threads: int | None = None) -> str:
-    """What determines a run's numbers: its config (precision as resolved, not `auto`), the trainer's
-    arithmetic version, the model and data fingerprint, and `threads` where the numbers depend on
-    the thread count (no MKL strict mode; none otherwise)."""
+    """What determines a run's numbers: its config (less `name`, less `pairing` for image features, and
+    precision as resolved, not `auto`), the trainer's arithmetic version, the model key, the content
+    fingerprint of the rows it reads and, with --exclude-leaks, of the samples it leaves out, and
+    `threads` where the numbers depend on the thread count (no MKL strict mode; none otherwise)."""
     flat = config.flat()
     flat.pop("name")
     flat.pop("threads")
+    if config.features == "image":  # the pairing changes which text a row gets: an image-only run reads none
+        flat.pop("pairing")
     flat["arithmetic"] = ARITHMETIC
     if threads is not None:
         flat["threads"] = threads
@@ -115,7 +121,7 @@ def config_hash(config: TrainConfig, model_key: str, table: FeatureTable, leak_s
     if flat.get("steps_per_epoch") is None:
         flat.pop("steps_per_epoch", None)
     flat["model_key"] = model_key
-    flat["data"] = table.fingerprint
+    flat["data"] = table.data_fingerprint(config.features)
     if leak_scan:
         flat["leak_scan"] = leak_scan
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()

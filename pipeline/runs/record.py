@@ -23,8 +23,21 @@ from pipeline.runs.config import TrainConfig
 from pipeline.store import catalog, writes
 from pipeline.store.atomic import atomic_write, write_parquet, write_text
 from pipeline.store.layout import Store
+from pipeline.store.manifest import Manifest, Shard
 from schemas import METRICS, RUNS, from_rows
 from trainer.fit import build_model
+
+
+def run_shards(manifest: Manifest, run_id: str) -> list[Shard]:
+    """A run's committed shards: `runs/<id>/run.parquet` and every per-run shard, named for the run
+    (`<dataset>/<id>.parquet` or `<dataset>/<id>-<part>.parquet`: its scores, its metrics)."""
+    def of_run(rel: str) -> bool:
+        if rel.startswith(f"runs/{run_id}/"):
+            return True
+        stem = Path(rel).stem
+        return rel.count("/") == 1 and (stem == run_id or stem.startswith(f"{run_id}-"))
+
+    return [s for rel, s in sorted(manifest.shards.items()) if of_run(rel)]
 
 
 def existing_run(store: Store, chash: str) -> str | None:

@@ -169,7 +169,7 @@ class _Chunk:
 def run(config: ImportConfig, reporter: Reporter | None = None) -> ImportResult:
     """Add the source's samples and vectors the store lacks, one shard set per slice of a file."""
     reporter = reporter or Silent()
-    with writing(config.store, reporter, config.wait):
+    with writing(config.store, reporter, config.wait, create=True):
         return _import(config, reporter)
 
 

@@ -175,7 +175,7 @@ def run(config: IngestConfig, reporter: Reporter | None = None) -> IngestResult:
     """Read the source, add samples the store lacks, quarantine what cannot be read."""
     reporter = reporter or Silent()
     source = open_source(config)  # a source that cannot be read stops before the store is touched
-    with writing(config.store, reporter, config.wait):
+    with writing(config.store, reporter, config.wait, create=True):
         return _ingest(config, source, reporter)
 
 

@@ -28,6 +28,7 @@ from pipeline.reporting import Reporter, Silent
 from pipeline.runs.record import load_run
 from pipeline.store.atomic import write_text
 from pipeline.store.layout import Store
+from pipeline.store.outputs import check_output
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class LandscapeConfig(Validated):
         at_least(self, "steps", 3)
         if self.span <= 0:
             raise PipelineError("--span must be positive.")
+        if self.output is not None:  # the PNG and the JSON of its numbers beside it
+            check_output(self.store, self.output, "file", own="reports", beside=[self.output.with_suffix(".json")])
 
 
 @dataclass

@@ -44,7 +44,7 @@ from pipeline.sources.reading import DEFAULT_MAX_BYTES
 from pipeline.store import catalog
 from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store
-from pipeline.store.outputs import OutputStream, check_output
+from pipeline.store.outputs import OutputStream, check_output, output_format
 from pipeline.store.stream import ParquetStream
 from pipeline.store.writes import Committer, require_writable, stage_shard, writing
 from schemas import PREDICT_INPUTS, PREDICTIONS
@@ -96,7 +96,8 @@ class PredictConfig(Validated):
         if self.workers is not None and self.workers < 0:
             raise PipelineError("--workers must be 0 (decode in this process) or more.")
         if self.output is not None:
-            check_output(self.output, self.store.root if self.store is not None and self.run_id else None)
+            check_output(self.store if self.run_id else None, self.output)  # outside the store, new or regular
+            output_format(self.output)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def _predict(config: PredictConfig, detector: Detector, pending: Path, count: in
     with ExitStack() as stack:
         out = None
         if config.output is not None:
-            out = OutputStream(config.output, PREDICTIONS, check_output(config.output))
+            out = OutputStream(config.output, PREDICTIONS, output_format(config.output))
             stack.callback(out.discard)
         keeper = _Keeper(stack, config, unit, reporter) if config.keep else None
         reporter.start("predict", count, "img")

@@ -22,6 +22,7 @@ class RebuildConfig(Validated):
             raise PipelineError(f"--store {self.store.root} is a file, not a store directory.")
         if not self.store.root.is_dir():
             raise PipelineError(f"No store at {self.store.root}: nothing to rebuild.")
+        # (a folder that is not a store is refused by `writes.rebuild`, before anything is written)
 
 
 def run(config: RebuildConfig, reporter: Reporter | None = None) -> writes.Reconciled:

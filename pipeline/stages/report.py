@@ -1,7 +1,8 @@
 """`pipeline report`: a run (or an experiment) as a static HTML page with PNG figures.
 
-Run page: the shortcut alarm (when a text-only run on the same embeddings separates the classes),
-every metric with its 95% group-bootstrap interval, ROC curves, AUC per generator as bars with
+Run page: the alarms the run stored when it was trained (shortcuts, a small test split, numbers on
+too few images) and what its shortcut probes measured, every metric with its 95% group-bootstrap
+interval (a number resting on too few images marked, with why), ROC curves, AUC per generator as bars with
 intervals, score histograms, the confusion matrix, the learning curve, an error gallery (thumbnails
 of the top false positives and false negatives at the val-chosen threshold, from the original
 bytes, with caption, generator, score and nearest training neighbour), the run's config. Everything
@@ -37,6 +38,7 @@ from pipeline.sources.reading import Expected
 from pipeline.store import catalog, duck
 from pipeline.store.atomic import write_bytes, write_text
 from pipeline.store.layout import Store
+from pipeline.store.outputs import check_output
 from pipeline.store.writes import require_writable
 from trainer.metrics import METRICS, Estimate, confusion
 
@@ -47,7 +49,8 @@ GALLERY = 6  # false positives and as many false negatives
 class ReportResult:
     directory: Path
     files: list[Path] = field(default_factory=list)
-    alarm: str | None = None  # the text-shortcut sentence, when there is one
+    alarms: list[str] = field(default_factory=list)  # the run's stored shortcut alarms (sentences)
+    warnings: list[str] = field(default_factory=list)  # its other stored alarms: small test, too few images
     intervals: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # shown: generator -> metric -> estimate
 
     @property
@@ -66,6 +69,8 @@ class ReportConfig(Validated):
 
     def check(self) -> None:
         within(self, "threshold", 0, 1, low_open=True, high_open=True)
+        if self.output is not None:  # outside the store, or a folder of its own under STORE/reports/
+            check_output(self.store, self.output, "directory", own="reports")
 
 
 def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
@@ -96,7 +101,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         intervals = stored.intervals
         n_boot = stored.bootstrap.replicates if stored.bootstrap else 0
         basis = f"as the run recorded them (n = {stored.n} {split} samples when it was trained)"
-    directory = output or store.root / "reports" / f"run-{run_id}"
+    directory = output or store.run_report_dir(run_id)
     result = ReportResult(directory, intervals=intervals)
     rw = metrics.random_weights
     result.files.append(figures.roc(directory / "roc.png", y, p, gens, split, rw))
@@ -116,16 +121,19 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         result.files.append(figures.reliability(directory / "reliability.png", before, after, shown, rw))
     chosen_at = metrics.test.at_val_threshold
     chosen = chosen_at.threshold if chosen_at else threshold
-    alarm = result.alarm = alarms.text_alarm_for(store, config.features, config.pairing, metrics)
+    result.alarms = [a.sentence for a in metrics.alarms if a.kind in alarms.SHORTCUT_KINDS]
+    result.warnings = [a.sentence for a in metrics.alarms if a.kind not in alarms.SHORTCUT_KINDS]
     n_fp, n_fn = int(np.sum(~y & (p > chosen))), int(np.sum(y & (p <= chosen)))
     gallery = _gallery(store, config, metrics, fp + fn, len(fp), (n_fp, n_fn), directory, chosen)
     then = stored.n  # the split's samples when the run was trained
     overall = intervals.get("all", {})
+    notes: list[str] = []  # why a marked number rests on too few images (`alarms.caveat`), numbered
     body = [
         f"<h1>Run <code>{html.e(run_id)}</code></h1>",
         html.banner(metrics.random_weights),
-        f'<p class="alarm">{html.e(alarm)}</p>' if alarm else "",
-        f'<p class="alarm">{html.e(small)}</p>' if (small := alarms.small_sample_note(metrics.test)) else "",
+        *(f'<p class="alarm">{html.e(sentence)}</p>' for sentence in result.alarms),
+        *(f'<p class="warn">{html.e(sentence)}</p>' for sentence in result.warnings),
+        _unchecked(metrics),
         f"<p>Model key <code>{html.e(metrics.model_key)}</code>; detector {html.e(config.detector)}; "
         f"features {html.e(config.features)}; text pairing {html.e(config.pairing)}. Figures on the "
         f"<b>{html.e(split)}</b> split ({len(y)} samples).</p>",
@@ -133,8 +141,9 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
         f"<p>× 100, with 95% group-bootstrap intervals ({n_boot} replicates; a real image and the images "
         f"generated from its caption are resampled together), {html.e(basis)}. Thresholded metrics at 0.5; "
         f"the confusion matrix at {threshold}.</p>",
-        html.table(["metric", f"{split}"],
-                   [[html.metric_name(m), _cell(overall[m].as_dict())] for m in METRICS if m in overall]),
+        html.table(["metric", f"{split}", "n"],
+                   [[html.metric_name(m), _marked(m, overall[m], notes), overall[m].n]
+                    for m in METRICS if m in overall]),
         _threshold_note(metrics),
         _calibration_note(calibration, metrics.calibration is None),
         f"<p>The figures also count the {len(y) - then} {html.e(split)} samples scored since by "
@@ -143,11 +152,12 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
                    [html.metric_row(name, metrics.split(name)) for name in ("train", "val", "test")]),
         "<h2>Per generator</h2>",
         html.table(["generator", "n", f"{split} ROC AUC", "AP", "EER", "TPR @ 1% FPR"],
-                   [[g, intervals[g]["auc"].n, _cell(intervals[g]["auc"].as_dict()),
-                     _cell(intervals[g]["ap"].as_dict()), _cell(intervals[g]["eer"].as_dict()),
-                     _cell(intervals[g]["tpr_at_fpr_1"].as_dict())]
+                   [[g, intervals[g]["auc"].n, *(_marked(m, intervals[g][m], notes)
+                                                 for m in ("auc", "ap", "eer", "tpr_at_fpr_1"))]
                     for g in [*names, "all"] if g in intervals]),
+        _notes(notes),
         '<div class="figs">' + "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in result.files) + "</div>",
+        "<h2>Shortcut checks</h2>" + _checks(metrics),
         "<h2>Errors</h2>" + gallery,
         "<h2>History</h2>" + html.history(metrics),
         "<h2>Config</h2>",
@@ -177,6 +187,48 @@ def _calibration_note(calibration: Calibration, fitted_now: bool) -> str:
             "expected calibration error × 100 in 15 equal-width bins, before and after; test never saw the "
             "fit. Predict and exported detectors report p̂ as <code>probability</code>.</p>"
             + html.table(["split", "n", "ECE before", "ECE after"], rows))
+
+
+def _marked(metric: str, e: Estimate, notes: list[str]) -> str:
+    """The cell of an estimate, with a numbered mark when its operating point cannot be resolved on these
+    real images (`alarms.unresolved`; numbers on few images of a class are said once, by the warning and
+    the n columns, not on every cell)."""
+    why = alarms.unresolved(metric, e)
+    if why is None:
+        return _cell(e.as_dict())
+    text = f"{html.metric_name(metric)}: {why}"
+    if text not in notes:
+        notes.append(text)
+    return f"{_cell(e.as_dict())} ({notes.index(text) + 1})"
+
+
+def _notes(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    return ("<p>Marked numbers cannot be read at the rate they name:</p><ol>"
+            + "".join(f"<li>{html.e(n)}</li>" for n in notes) + "</ol>")
+
+
+def _unchecked(metrics: RunMetrics) -> str:
+    if metrics.checks or metrics.alarms:
+        return ""
+    return ('<p class="warn">This run was trained before runs stored their shortcut checks and alarms: none '
+            "are shown. Train it again (the same config) to check it.</p>")
+
+
+def _checks(metrics: RunMetrics) -> str:
+    """What the probes of the run's rows measured, alarm or not (stored with the run)."""
+    text = metrics.checks.get("text")
+    lines = []
+    if text and text.get("ran"):
+        lines.append(f"Text alone ({html.e(text['method'])}, {text['test_rows']} test rows of "
+                     f"{text['test_groups']} groups): test AUC {_cell(text['auc'])}; "
+                     f"{100 * text['mixed_groups']:.0f}% of sampled groups hold both a real and a generated image.")
+    elif text:
+        lines.append(f"Text probe not run: {html.e(text.get('why'))}.")
+    if (summary := alarms.format_summary(metrics.checks.get("format"))) is not None:
+        lines.append(html.e(summary))
+    return "".join(f"<p>{line}</p>" for line in lines) or "<p>none stored</p>"
 
 
 def _threshold_note(metrics: RunMetrics) -> str:

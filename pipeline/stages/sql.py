@@ -34,7 +34,9 @@ from typing import IO, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as fs
 import pyarrow.parquet as pq
 
 from pipeline.choices import SqlFormat
@@ -45,9 +47,14 @@ from pipeline.store import catalog, duck
 from pipeline.store import manifest as manifests
 from pipeline.store.atomic import atomic_write
 from pipeline.store.layout import Store
-from schemas import TABLES
+from pipeline.store.outputs import check_output
+from schemas import SCORES, TABLES
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
+# Every page read is checked against its CRC (a few percent of a scan's time, measured in
+# bench/bench_snapshot.py): a bit flipped in a data page stops the query instead of changing a value.
+_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 DEFAULT_MEMORY_LIMIT = "25%"  # of the memory DuckDB finds (the machine's, or its cgroup's if lower)
 BATCH_ROWS = 65536  # rows per streamed batch
 _ALLOWED = {"SELECT", "EXPLAIN"}
@@ -73,7 +80,7 @@ class SqlConfig(Validated):
         check_limits(self.memory_limit, self.timeout)
         at_least(self, "max_rows", 0)
         if self.output is not None:
-            check_output(self.store, self.output)
+            check_output(self.store, self.output)  # outside the store, a new or regular file
 
 
 @dataclass
@@ -267,21 +274,6 @@ def sandbox(allow_files: bool = False, memory_limit: str = DEFAULT_MEMORY_LIMIT)
         raise PipelineError(f"--memory-limit {memory_limit}: {first_line(exc)}.") from exc
 
 
-def check_output(store: Store, path: Path) -> None:
-    """Refuse an export path inside the store, a directory, or a folder that cannot be written."""
-    target = path.expanduser().resolve()
-    root = store.root.expanduser().resolve()
-    if target == root or root in target.parents:
-        raise PipelineError(f"--output {path} is inside the store {store.root}; write the result elsewhere.")
-    if target.is_dir():
-        raise PipelineError(f"--output {path} is a directory; give a file name.")
-    parent = target.parent
-    if not parent.is_dir():
-        raise PipelineError(f"--output {path}: the folder {parent} does not exist.")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise PipelineError(f"--output {path} cannot be written (permission denied).")
-
-
 def export(table: pa.Table, path: Path, fmt: str) -> Path:
     """Write a table (already in memory) to `path` as csv, json or parquet, atomically."""
     export_batches(table.schema, table.to_batches(BATCH_ROWS), path, fmt)
@@ -391,21 +383,42 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
     root = store.root.resolve()
     for name, schema in TABLES.items():
         paths = [str(root / s.path) for s in manifest.of(name)]
-        con.register(f"_{name}", ds.dataset(paths, schema=schema, format="parquet") if paths else schema.empty_table())
+        con.register(f"_{name}", ds.dataset(paths, schema=schema, format=_PARQUET) if paths else schema.empty_table())
         con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
     con.execute(f"CREATE VIEW samples AS {catalog.samples_view(manifest)}")
     con.execute(f"CREATE VIEW conflicts AS {catalog.conflicts_view(manifest)}")
+    con.execute(f"CREATE VIEW alarms AS {catalog.alarms_view()}")  # (from runs.metrics_json)
     parts = []
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
         paths = [str(root / s.path) for s in manifest.of("embeddings", key)]
         newest = _widen(pq.read_schema(paths[-1]))  # shards named by time: the newest has every column
-        con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format="parquet"))
+        con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format=_PARQUET))
         norm = "norm" if "norm" in newest.names else "NULL::FLOAT AS norm"
         parts.append(f"SELECT model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector, {norm} "
                      f"FROM _embeddings_{i}")
     empty = ("SELECT NULL::VARCHAR AS model_key, NULL::VARCHAR AS modality, NULL::VARCHAR AS content_hash, "
              "NULL::FLOAT[] AS vector, NULL::FLOAT AS norm WHERE false")
     con.execute(f"CREATE VIEW embeddings AS {' UNION ALL '.join(parts) or empty}")
+    _register_latest(con, root, manifest)
+
+
+def _register_latest(con: duckdb.DuckDBPyConnection, root: Path, manifest: manifests.Manifest) -> None:
+    """`latest_scores` over the newest run's files only, and `scores_of(run)`, which skips other runs'
+    files (see `catalog.LATEST_RUN`): DuckDB pushes no `run_id = (SELECT …)` into an Arrow scan, so
+    without them the natural question reads every run's scores."""
+    shards = manifest.of("scores")
+    if shards:  # each file's run as its partition: a constant `run_id` filter skips other runs' files unopened
+        known = [pc.field("run_id") == run if (run := catalog.run_of(s)) else pc.scalar(True) for s in shards]
+        con.register("_scores", ds.FileSystemDataset.from_paths(
+            [str(root / s.path) for s in shards], schema=SCORES, format=ds.ParquetFileFormat(),
+            filesystem=fs.LocalFileSystem(), partitions=known))
+    latest = catalog.latest_run(con) if shards else None
+    paths = [str(root / s.path) for s in catalog.run_scores(manifest, latest)] if latest else []
+    con.register("_latest_scores", ds.dataset(paths, schema=SCORES, format="parquet") if paths
+                 else SCORES.empty_table())
+    where = f" WHERE run_id = {duck.literal(latest)}" if latest else ""
+    con.execute(f"CREATE VIEW latest_scores AS SELECT * FROM _latest_scores{where}")
+    con.execute(f"CREATE MACRO scores_of(run) AS TABLE {catalog.SCORES_OF}")
 
 
 def _widen(schema: pa.Schema) -> pa.Schema:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
@@ -25,7 +26,7 @@ from pipeline.store import manifest as manifests
 from pipeline.store.layout import Store
 from schemas import SAMPLES
 
-DUCKDB_MEMORY = "1GB"  # the one row-scanning count (distinct texts) spills beyond this
+DUCKDB_MEMORY = "64MB"  # the one row-scanning count (distinct texts) spills beyond this: 2.3M texts fit
 
 
 @dataclass
@@ -45,7 +46,9 @@ class StoreStatus:
     quarantine_by_reason: pa.Table
     models: list[ModelStatus] = field(default_factory=list)
     derived: pa.Table | None = None  # runs, indexes and leak scans per model
-    missing_captions: int = 0  # samples whose caption is missing or empty: image+text training leaves them out
+    # samples with no text at all (no caption, no imported text vector: `text_hash` is NULL), whom every
+    # model's image+text training leaves out; a text not encoded yet shows as a model's `texts_pending`
+    without_text: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
 def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Table]) -> StoreStatus:
     """Counts are sums of the manifest's per-shard counts; rows are read only where they cannot be:
     the distinct texts, and the few samples whose rows the `samples` view changes (relabelled or left
-    out by a decision, an unlabelled copy superseded by a labelled one, an old label conflict).
+    out by a decision, an unlabelled copy superseded by a labelled one, an old label conflict). The
+    samples without text come from each samples shard's footer (its `text_hash` NULL count).
 
     Every writer keeps a sample id once in `samples` (an unlabelled one may gain a labelled row) and a
     vector once per model, modality and hash, and writes a vector only for a sample of the store (its
@@ -130,9 +134,13 @@ def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Tabl
         ORDER BY 1, 2
         """
     )
-    no_caption = sum(n for key, n in samples.items() if key[4])
+    without_text = sum(_nulls(store.root / shard.path, "text_hash") for shard in manifest.of("samples"))
+    if touched and without_text:  # the touched samples as stored, replaced by what the view makes of them
+        for sign, view in ((-1, "samples_all"), (1, "samples")):
+            without_text += sign * q(f"SELECT count(*) FROM {view} WHERE sample_id IN ({_TOUCHED}) "
+                                     "AND text_hash IS NULL").column(0)[0].as_py()
     return StoreStatus(sum(samples.values()), _groups_table(by_group), _quarantine_table(quarantine), models,
-                       derived, no_caption)
+                       derived, without_text)
 
 
 # samples whose rows the `samples` view may change: decided on, or claimed under another label
@@ -160,6 +168,21 @@ def _sum(store: Store, manifest: manifests.Manifest, dataset: str, model_key: st
         for *key, n in counts:
             total[tuple(key)] += n
     return total
+
+
+def _nulls(path: Path, column: str) -> int:
+    """The NULLs of one column of a shard, from its footer's statistics (a file written without them
+    has that column read). Imported features carry a text hash without a caption, so the hash, not
+    the caption, says whether a sample has a text vector."""
+    meta = pq.read_metadata(path)
+    names = meta.schema.to_arrow_schema().names
+    if column not in names:
+        return meta.num_rows  # an older shard without the column: every row NULL in the view
+    col = names.index(column)
+    stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
+    if all(s is not None and s.has_null_count for s in stats):
+        return sum(s.null_count for s in stats)
+    return pq.read_table(path, columns=[column]).column(0).null_count
 
 
 def _unresolved(quarantine: Counter[tuple[Any, ...]]) -> Counter[tuple[Any, ...]]:

@@ -2,16 +2,19 @@
 
 A run (see `pipeline.runs`) is its config and hash, per-epoch metrics, the weights of the best
 validation epoch, test metrics and one score per sample of every split. It lands in
-`runs/<run_id>/` and `scores/`, visible in the views. CLIP is never loaded here.
+`runs/<run_id>/` and `scores/`, visible in the views. CLIP is never loaded here. Before it is
+written, the shortcut probes of its own rows run and its alarms are computed (`evaluation.probes`,
+`evaluation.alarms`): stored with it, never recomputed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +25,7 @@ from pipeline.allocator import step_buffers_reused
 from pipeline.choices import TrainPrecision
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
-from pipeline.evaluation import alarms
+from pipeline.evaluation import alarms, probes
 from pipeline.evaluation.bootstrap import summarise_splits, validation_summary
 from pipeline.evaluation.calibration import calibrate
 from pipeline.evaluation.loss import evaluation_loss, evaluation_set
@@ -70,7 +73,7 @@ class TrainResult:
     config_hash: str
     metrics: RunMetrics
     skipped: bool = False  # a run with the same config hash already existed
-    alarms: list[str] = field(default_factory=list)  # sentences: shortcuts that make the numbers mislead
+    alarms: list[str] = field(default_factory=list)  # the sentences of the run's stored alarms (`metrics.alarms`)
     warnings: list[str] = field(default_factory=list)  # sentences: how the run was made (e.g. emulated bf16)
     compute: Compute | None = None  # how this invocation would compute (None for a kNN run)
 
@@ -135,6 +138,8 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
                              val=splits["val"], test=splits["test"],
                              left_out=_left_out(store, table, config, writer.rows),
                              excluded_leaks=excluded_counts, calibration=calibration, **extra)
+        checks = probes.checks(store, table, config.features, config.seed, config.input_norm)
+        metrics = replace(metrics, checks=checks, alarms=alarms.run_alarms(metrics, checks))
         # Fitting needs no lock (it reads immutable files); committing does. A parallel sweep job may
         # have finished the same config meanwhile: then its run stands and this one is not written.
         with writing(store, reporter, job.wait):
@@ -165,13 +170,11 @@ def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, C
 
 def _result(store: Store, config: TrainConfig, run_id: str, chash: str, metrics: RunMetrics,
             compute: Compute | None, skipped: bool = False) -> TrainResult:
-    """The run with the alarms its numbers need beside them (a text shortcut shown by this run, or by
-    a text-only run on the same embeddings and pairing), and how it computed."""
-    alarm = alarms.text_alarm_for(store, config.features, config.pairing, metrics)
+    """The run with the alarms it stored beside its numbers, and how it computed."""
     warnings = []
     if compute is not None and compute.precision == "bf16" and "no native bf16" in compute.precision_why:
         warnings.append(compute.precision_why + "; consider --precision fp32.")
-    return TrainResult(run_id, chash, metrics, skipped, [alarm] if alarm else [], warnings, compute)
+    return TrainResult(run_id, chash, metrics, skipped, [a.sentence for a in metrics.alarms], warnings, compute)
 
 
 def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: int) -> LeftOut:
@@ -192,11 +195,14 @@ def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: in
 
 
 def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str], str | None]:
+    """The val/test samples left out as leaks, and their digest for the config hash: which samples,
+    not which scan file found them (the same data in another store gets the same hash)."""
     if not config.exclude_leaks:
         return set(), None
     from pipeline.features.leaks import leaking_ids
 
-    return leaking_ids(store, model_key, config.leak_threshold)
+    ids, _ = leaking_ids(store, model_key, config.leak_threshold)
+    return ids, hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def _fit_mlp(table: FeatureTable, config: TrainConfig, excluded: set[str], reporter: Reporter,

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Validated
 from pipeline.reporting import Reporter, Silent
+from pipeline.store import doubled, writes
 from pipeline.store import manifest as manifests
-from pipeline.store import writes
 from pipeline.store.atomic import write_parquet
+from pipeline.store.doubled import Doubled
 from pipeline.store.layout import Store
 from pipeline.store.writes import writing
 from schemas import QUARANTINE, from_rows, schema_problem
@@ -63,10 +64,12 @@ class VerifyResult:
     rows_checked: int = 0
     damaged: list[Damage] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # relative paths moved to damaged/
+    doubled: list[Doubled] = field(default_factory=list)  # tables holding a key twice (two writers at once)
+    rewritten: list[str] = field(default_factory=list)  # new shards holding what doubled ones held once
 
     @property
     def healthy(self) -> bool:
-        return not self.damaged
+        return not self.damaged and not self.doubled
 
 
 def run(config: VerifyConfig, reporter: Reporter | None = None) -> VerifyResult:
@@ -128,6 +131,7 @@ def _check(store: Store, reporter: Reporter) -> VerifyResult:
         if problem or why:
             result.damaged.append(Damage(rel, rel.split("/", 1)[0], False, problem or _short(why),
                                          None, "not in any view; moved aside by --repair"))
+    result.doubled = doubled.find(store, manifest, skip=frozenset(d.path for d in result.damaged))
     return result
 
 
@@ -156,6 +160,11 @@ def _repair(store: Store, result: VerifyResult) -> None:
         path = write_parquet(from_rows(QUARANTINE, quarantined),
                              store.new_shard(store.dataset_dir("quarantine"), "verify"))
         writes.commit(store, [path])
+    if result.doubled:  # each key's first row kept; the shards holding later copies rewritten without them
+        written, replaced = doubled.drop(store, manifests.read_manifest(store), result.doubled)
+        writes.swap(store, written, replaced)
+        moved.extend(replaced)
+        result.rewritten = [store.relative(p) for p in written]
     result.repaired = moved
 
 

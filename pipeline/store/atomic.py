@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.children import alive as pid_alive
+from pipeline.errors import PipelineError
 from pipeline.store import parquet_vectors
 
 PARQUET_COMPRESSION = "zstd"
@@ -29,18 +32,44 @@ _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)~(?P<pid>\d+)~[0-9a-f]{8}\.tm
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure."""
+    """Call `write(tmp)` then move `tmp` to `path` atomically; the temp file never survives a failure.
+    Only a regular file (or nothing) at `path` is replaced: a device, FIFO, socket, link or directory
+    there stops the write with a sentence, checked before writing and again just before the rename."""
+    refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        refuse_non_regular(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def refuse_non_regular(path: Path) -> None:
+    """Stop with a sentence if something other than a regular file sits at `path` (a rename would
+    replace a device node, a FIFO or a symbolic link itself, and fail on a directory)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise PipelineError(f"{path} is {not_regular(mode)}; the pipeline replaces only regular files, so it "
+                            "writes nothing there.")
+
+
+def not_regular(mode: int) -> str:
+    """What a non-regular file is, as a noun phrase ("a FIFO")."""
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 def temp_path(path: Path) -> Path:
@@ -88,21 +117,32 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def remove_stale_temps(directory: Path) -> int:
+def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = True) -> int:
     """Delete temp files left by dead writers under `directory`; returns how many were removed.
 
     A temp of a live process on this host is kept; one of another host is kept for a day;
-    an untagged one (written before temps carried owners) is a dead writer's.
+    an untagged one (written before temps carried owners) is a dead writer's. `strict=False` (a
+    reader sweeping): a temp it may not remove (a read-only store) is left for a writer.
     """
-    if not directory.exists():
-        return 0
     removed = 0
-    for tmp in (*directory.rglob(".*.tmp"), *directory.rglob(".*.tmp.wal")):  # (.wal: a DuckDB temp's log)
-        if temp_owner_alive(tmp):
+    for tmp in stale_temps(directory, recursive):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            if strict:
+                raise
             continue
-        tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def stale_temps(directory: Path, recursive: bool = True) -> list[Path]:
+    """The temp files under `directory` (or in it only) whose owner is dead (see `remove_stale_temps`)."""
+    if not directory.exists():
+        return []
+    walk = directory.rglob if recursive else directory.glob
+    found = (*walk(".*.tmp"), *walk(".*.tmp.wal"))  # (.wal: a DuckDB temp's log)
+    return [tmp for tmp in found if not temp_owner_alive(tmp)]
 
 
 def temp_owner_alive(tmp: Path) -> bool:
@@ -116,26 +156,6 @@ def temp_owner_alive(tmp: Path) -> bool:
         except OSError:
             return False
     return pid_alive(int(match["pid"]))
-
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def _host() -> str:

@@ -12,6 +12,7 @@ import commits shards), so they carry their own rules:
   exclusive lock on the file, without waiting); a pinned one stays until a later build after its
   readers are gone.
 Pins are released when their holder closes them, is garbage-collected, or its process ends.
+`clear` empties a cache folder on the same terms (`pipeline clean --caches`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,48 @@ def sweep(candidates: Iterable[Path], keep: set[str]) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def clear(directory: Path, dry_run: bool = False) -> tuple[int, int] | None:
+    """Remove every file of a cache folder but its `.lock` (a waiting builder holds it); return the files
+    and bytes removed (`dry_run`: that would be), or None when a builder is at work (the build lock is
+    tried, never waited for) or a reader pins any of its files. Holding the build lock, no new pin can
+    be taken; each file is locked exclusively before anything is deleted, so the folder goes whole or
+    stays whole. A folder without a `.lock` (a cache only the writer builds) is the writer-lock holder's
+    to clear."""
+    lock = directory / ".lock"
+    held: list[int] = []
+    try:
+        if lock.exists():
+            held.append(_open(lock, os.O_RDONLY))
+            if not _try_exclusive(held[-1]):
+                return None
+        files = sorted(p for p in directory.rglob("*") if p != lock and (p.is_symlink() or p.is_file()))
+        for path in files:
+            try:
+                held.append(_open(path, os.O_RDONLY))
+            except (FileNotFoundError, PipelineError):  # gone, or a link: unlinking a link frees it alone
+                continue
+            if not _try_exclusive(held[-1]):
+                return None
+        freed = sum(p.lstat().st_size for p in files if p.exists() or p.is_symlink())
+        if not dry_run:
+            for path in files:
+                path.unlink(missing_ok=True)
+            for folder in sorted((p for p in directory.rglob("*") if p.is_dir()), reverse=True):
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+        return len(files), freed
+    finally:
+        _close(held)
+
+
+def _try_exclusive(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _open(path: Path, flags: int) -> int:

@@ -23,7 +23,13 @@ def limit_memory(con: duckdb.DuckDBPyConnection, memory: str, spill: Path, threa
     """Hold a DuckDB connection's sorts, joins and aggregates to `memory`, spilling to `spill`."""
     spill.mkdir(parents=True, exist_ok=True)
     con.execute("SET memory_limit = ?", [memory])
-    con.execute("SET temp_directory = ?", [str(spill)])
+    try:
+        con.execute("SET temp_directory = ?", [str(spill)])
+    except duckdb.NotImplementedException:
+        # A database that has spilled keeps its temp directory (DuckDB refuses to switch it, even to the
+        # same path): a second bounded query on a command's snapshot connection spills there too.
+        if not con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]:
+            raise
     if threads is not None:
         con.execute("SET threads = ?", [int(threads)])
 

@@ -90,6 +90,14 @@ class Store:
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def run_report_dir(self, run_id: str) -> Path:
+        """Where `pipeline report` writes a run's page unless told otherwise."""
+        return self.reports_dir / f"run-{run_id}"
+
     def new_shard(self, directory: Path, prefix: str) -> Path:
         """A fresh, sortable, collision-free shard name: prefix-<ms timestamp>-<random>.parquet."""
         return directory / f"{prefix}-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet"

@@ -3,14 +3,23 @@
 `held(store)` is re-entrant within a process (an experiment that trains five runs may hold it
 around all of them). A second writer waits (saying who holds it) or, with `wait=False`, stops with
 a sentence. Readers never take it: they read the manifest, which the holder replaces atomically.
-What a writer does once it holds the lock (reconcile, commit) is `pipeline.store.commit`'s.
+What a writer does once it holds the lock (reconcile, commit) is `pipeline.store.writes`'.
+
+The lock file is opened without following a link (a store received as a tar, or a shared folder,
+may hold `.lock -> ~/.bashrc`) and only if it is a regular file. An flock belongs to the file, not
+to its name: if `.lock` is removed or replaced, a second writer creates and locks a new file while
+the first still holds the old one. So the holder checks, after locking and again before every
+commit (`check`), that the file at STORE/.lock is the one it locked (device and inode), and stops
+with a sentence when it is not.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +36,7 @@ from pipeline.store.layout import Store
 class _Held:
     fd: int
     depth: int
+    identity: tuple[int, int]  # (device, inode) of the file locked
 
 
 # Locks this process holds, by store root: process-wide by nature (an fcntl lock belongs to the
@@ -40,9 +50,10 @@ def owner() -> str:
 
 
 @contextmanager
-def held(store: Store, reporter: Reporter | None = None, wait: bool = True) -> Iterator[bool]:
+def held(store: Store, reporter: Reporter | None = None, wait: bool = True, create: bool = False) -> Iterator[bool]:
     """Hold the store's writer lock; yields True when this call took it afresh, False when this
-    process already held it (the lock is re-entrant within a process)."""
+    process already held it (the lock is re-entrant within a process). `create`: the store's folder
+    may be made (ingest's first run); otherwise it must exist."""
     key = _key(store)
     outer = _HELD.get(key)
     if outer is not None:
@@ -54,12 +65,14 @@ def held(store: Store, reporter: Reporter | None = None, wait: bool = True) -> I
         return
     if store.root.exists() and not store.root.is_dir():
         raise PipelineError(f"--store {store.root} is a file, not a store directory.")
+    if not create and not store.root.is_dir():
+        raise PipelineError(f"No store at {store.root}: run `pipeline ingest` first, or point --store at a store.")
     try:
         store.root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"Cannot create the store {store.root} ({exc.strerror or exc}).") from exc
-    fd = _acquire(store, reporter or Silent(), wait)
-    _HELD[_key(store)] = _Held(fd, 1)
+    fd, identity = _acquire(store, reporter or Silent(), wait)
+    _HELD[_key(store)] = _Held(fd, 1, identity)
     try:
         yield True
     finally:
@@ -73,17 +86,37 @@ def holds(store: Store) -> bool:
     return _key(store) in _HELD
 
 
+def check(store: Store) -> None:
+    """Stop with a sentence if the lock this process holds is no longer the file at STORE/.lock
+    (removed or replaced since it was taken: another writer may have taken a new one)."""
+    held_now = _HELD.get(_key(store))
+    if held_now is None:
+        return
+    try:
+        st = os.lstat(store.lock_path)
+        now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        now = None
+    if now != held_now.identity:
+        what = "removed" if now is None else "replaced"
+        raise PipelineError(
+            f"The store's lock file {store.lock_path} was {what} while this process held it, so another "
+            "writer may be changing the store: this command stops without committing more. What it "
+            "committed before is kept; run it again to finish."
+        )
+
+
 def holder(store: Store) -> str | None:
     """Who holds the store's lock now (as it wrote itself into the lock file), or None if free."""
-    path = store.lock_path
-    if not path.exists():
+    try:
+        fd = _open(store.lock_path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, PipelineError):
         return None
-    fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _describe(path)
+            return _describe(fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -94,37 +127,69 @@ def _key(store: Store) -> Path:
     return store.root.resolve() if store.root.exists() else store.root.absolute()
 
 
-def _acquire(store: Store, reporter: Reporter, wait: bool) -> int:
+def _acquire(store: Store, reporter: Reporter, wait: bool) -> tuple[int, tuple[int, int]]:
+    """Lock STORE/.lock; return its descriptor and (device, inode). Retried when the file was
+    removed or replaced between opening and locking it (the lock would be on a file nobody sees)."""
     path = store.lock_path
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise PipelineError(f"Cannot write to the store {store.root} ({exc.strerror or exc}).") from exc
+    while True:
+        try:
+            fd = _open(path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise PipelineError(f"Cannot write to the store {store.root} ({exc.strerror or exc}).") from exc
+        try:
+            _lock(fd, store, reporter, wait)
+            st = os.fstat(fd)
+            try:
+                there = os.lstat(path)
+            except FileNotFoundError:
+                there = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if there is not None and (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            break
+        os.close(fd)  # the file we locked left its name while we waited: lock the one there now
+    os.ftruncate(fd, 0)
+    command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:4]))
+    os.pwrite(fd, f"{owner()}\n{time.strftime('%Y-%m-%dT%H:%M:%S')}\n{command}\n".encode(), 0)
+    return fd, (st.st_dev, st.st_ino)
+
+
+def _lock(fd: int, store: Store, reporter: Reporter, wait: bool) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        who = _describe(path)
+        who = _describe(fd)
         if not wait:
-            os.close(fd)
             raise PipelineError(
                 f"Another process ({who}) is writing to {store.root}; wait for it, or run again "
                 "with --wait to queue behind it."
             ) from None
         reporter.note(f"waiting for {who} to finish writing to {store.root} (Ctrl-C to give up) …")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-    os.ftruncate(fd, 0)
-    command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:4]))
-    os.pwrite(fd, f"{owner()}\n{time.strftime('%Y-%m-%dT%H:%M:%S')}\n{command}\n".encode(), 0)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _open(path: Path, flags: int) -> int:
+    """Open the lock file itself: never through a link, and only a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PipelineError(f"The store's lock file {path} is a symbolic link; the pipeline never writes "
+                                "through one: remove it (a writer makes a new one).") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PipelineError(f"The store's lock file {path} is not a regular file; remove it (a writer makes "
+                            "a new one).")
     return fd
 
 
-def _describe(path: Path) -> str:
+def _describe(fd: int) -> str:
+    """Who holds the lock, as the holder wrote itself into the file (read from our descriptor: the
+    name may point elsewhere by now)."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").splitlines()
     except OSError:
         lines = []
     if not lines or ":" not in lines[0]:

@@ -1,13 +1,17 @@
-"""Files written for the user outside the store (`predict --output`): checked, streamed, published whole.
+"""Where a command may write what the user asked for (`--output`): the one check every output path passes.
 
-`check_output` refuses, before any work, a path inside the store, a directory, a symbolic link, a
-device, FIFO or socket (writing to one could block or reach hardware), a folder that does not exist
-or cannot be written, and a suffix other than .csv, .json or .parquet. `OutputStream` writes batch
-after batch to a hidden temp file beside the target and renames it into place at the end (`finalize`):
-memory is one batch, and a run that fails leaves no half-written file (nor a changed old one).
+The store touches only itself: an output named by the user lies outside the store, or inside the
+store's own `reports/` folder where a command allows it (`own="reports"`), never on a file the store
+holds (its manifest, a shard, a dataset folder). And it replaces only a regular file: a device, a
+FIFO, a socket, a symbolic link or a directory at the path is refused, so `--output /dev/null` run as
+root leaves /dev/null a device. `atomic.atomic_write` refuses the same things at the moment it
+renames, so a path that changed after this check is still never replaced by a file.
 
-CSV and JSON hold lists as text: a list column (predict's `neighbours`) becomes a JSON string in CSV;
-JSON is one array of row objects, written as the rows come.
+`output_format` names the format a file output's suffix asks for (.csv, .json or .parquet), and
+`OutputStream` writes batch after batch to a hidden temp file beside the target and renames it into
+place at the end (`finalize`): memory is one batch, and a run that fails leaves no half-written file
+(nor a changed old one). CSV and JSON hold lists as text: a list column (predict's `neighbours`)
+becomes a JSON string in CSV; JSON is one array of row objects, written as the rows come.
 """
 
 from __future__ import annotations
@@ -15,46 +19,101 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write, temp_path
+from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write, not_regular, temp_path
+from pipeline.store.layout import Store
+
+# Names the store writes itself inside a folder that takes outputs: an output never replaces them.
+_OWN_NAMES = {"reports": ("index.html",)}
+
+
+def check_output(store: Store | None, path: Path, kind: Literal["file", "directory"] = "file",
+                 own: str | None = None, flag: str = "--output", beside: Iterable[Path] = ()) -> Path:
+    """Refuse `path` as an output with one sentence, or return it as an absolute path.
+
+    `kind`: a file the command writes (its folder must exist), or a directory it writes files into
+    (created if missing). `own`: the store folder (e.g. "reports") that may take the output; elsewhere
+    inside `store` is refused. `beside`: other files the command writes next to `path` (landscape's
+    JSON), checked the same way. `store` None: a command without a store (a detector folder)."""
+    target = _absolute(path)
+    for checked in (target, *(_absolute(p) for p in beside)):
+        shown = path if checked == target else checked  # (a file beside is named as it is)
+        _refuse_inside(store, checked, shown, own, flag)
+        _refuse_special(checked, shown, kind if checked == target else "file", flag)
+    if kind == "file":
+        parent = target.parent
+        if not parent.is_dir():
+            raise PipelineError(f"{flag} {path}: the folder {parent} does not exist.")
+        if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise PipelineError(f"{flag} {path} cannot be written (permission denied).")
+    else:
+        existing = next((p for p in (target, *target.parents) if os.path.lexists(p)), None)
+        if existing is not None and not existing.is_dir():
+            raise PipelineError(f"{flag} {path}: {existing} is not a directory.")
+        if existing is not None and not os.access(existing, os.W_OK):
+            raise PipelineError(f"{flag} {path} cannot be written (permission denied).")
+    return target
+
+
+def _absolute(path: Path) -> Path:
+    """The path with its folder resolved (links followed) but its last name kept as given, so a link
+    at the path itself is seen and refused rather than followed."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    return path.parent.resolve() / path.name if path.name else path
+
+
+def _refuse_inside(store: Store | None, target: Path, given: Path, own: str | None, flag: str) -> None:
+    if store is None:
+        return
+    root = store.root.expanduser().resolve()
+    if target != root and root not in target.parents:
+        return
+    if own is not None:
+        folder = root / own
+        inside = target.relative_to(folder).parts if folder in target.parents else ()
+        if inside and not (len(inside) == 1 and inside[0] in _OWN_NAMES.get(own, ())):
+            return
+        raise PipelineError(f"{flag} {given} is inside the store {store.root}: write it outside the store, "
+                            f"or under {store.root / own}/ in a name of your own.")
+    raise PipelineError(f"{flag} {given} is inside the store {store.root}; the store holds only its own "
+                        "files: write it elsewhere.")
+
+
+def _refuse_special(target: Path, given: Path, kind: str, flag: str) -> None:
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise PipelineError(f"{flag} {given} cannot be checked ({exc.strerror or exc}).") from exc
+    if kind == "directory":
+        if stat.S_ISDIR(st.st_mode):
+            return
+        what = "a file" if stat.S_ISREG(st.st_mode) else not_regular(st.st_mode)
+        raise PipelineError(f"{flag} {given} is {what}, not a directory; give a folder to write into.")
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise PipelineError(f"{flag} {given} is a directory; give a file name.")
+    raise PipelineError(f"{flag} {given} is {not_regular(st.st_mode)}; the pipeline replaces only a regular "
+                        "file: give the name of a new or regular file.")
 
 FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 
 
-def check_output(path: Path, store_root: Path | None = None) -> str:
-    """The format of `path` (from its suffix), or a sentence saying why it cannot be written."""
-    target = Path(os.path.abspath(path.expanduser()))
-    if store_root is not None:
-        root = store_root.expanduser().resolve()
-        real = target.parent.resolve() / target.name
-        if real == root or root in real.parents:
-            raise PipelineError(f"--output {path} is inside the store {store_root}; write it elsewhere.")
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise PipelineError(f"--output {path} cannot be checked ({exc.strerror or exc}).") from exc
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise PipelineError(f"--output {path} is a symbolic link; give the file itself.")
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise PipelineError(f"--output {path} is a directory; give a file name.")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise PipelineError(f"--output {path} is a device, FIFO or socket, not a file; give a file name.")
-    if not target.parent.is_dir():
-        raise PipelineError(f"--output {path}: the folder {target.parent} does not exist.")
-    if not os.access(target.parent, os.W_OK):
-        raise PipelineError(f"--output {path} cannot be written (permission denied).")
-    fmt = FORMATS.get(target.suffix.lower())
+def output_format(path: Path, flag: str = "--output") -> str:
+    """The format `path`'s suffix names, or a sentence saying which suffixes are known."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise PipelineError(f"--output {path} must end in .csv, .json or .parquet (the format follows the suffix).")
+        raise PipelineError(f"{flag} {path} must end in .csv, .json or .parquet (the format follows the suffix).")
     return fmt
 
 

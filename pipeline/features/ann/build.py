@@ -1,9 +1,9 @@
 """`pipeline index build`: a FAISS index over one model's cached vectors, trained, filled, tuned and
 written within the memory budget its plan (`ann.plan`) fits.
 
-The centroids come from spherical k-means in two levels (√nlist clusters, then each split up),
-which costs rows × 2√nlist × dim instead of rows × nlist × dim, on a random sample of at most half
-the budget.
+The centroids come from spherical k-means in two levels (√nlist groups, then each split up,
+`ann.coarse`), on a random sample of at most half the budget, and each vector finds its list
+among the lists of its nearest groups: both cost about 2√nlist products a vector, not nlist.
 
 Memory bounded by the budget: vectors are streamed from the memory-mapped matrix
 (`features.vectors`) in chunks, twice. The first pass finds each vector's list (4 bytes a vector)
@@ -28,12 +28,12 @@ the embedding shards, so an index is rebuilt exactly when the embeddings change.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ import pyarrow.parquet as pq
 from pipeline.choices import IndexKind, Modality
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
-from pipeline.features.ann.plan import DEFAULT_MAX_MEMORY, Plan, plan_index
+from pipeline.features.ann.coarse import Coarse, faiss_threads, train_coarse
+from pipeline.features.ann.lookup import write_lookup
+from pipeline.features.ann.plan import CODEC_TRAIN_ROWS, DEFAULT_MAX_MEMORY, Plan, plan_index
 from pipeline.features.ann.search import (
     RECALL_K,
     Gather,
@@ -62,13 +64,11 @@ from pipeline.features.ann.search import (
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.reporting import Reporter, Silent
-from pipeline.store import writes
+from pipeline.store import catalog, writes
 from pipeline.store.atomic import atomic_write, write_parquet
 from pipeline.store.layout import Store
 from schemas import INDEX_IDS, INDEXES, from_rows
 
-TWO_LEVEL_FROM = 256  # lists: above this many, k-means in two levels
-KMEANS_ITERATIONS = 20
 # candidates a store's PQ index may re-score exactly (from the memory-mapped vectors) for each query; the
 # tuning keeps the fewest that reach the recall of the deepest. On clustered vectors (bench/index_d3.py)
 # 100 reach the recall of exact scores over the same lists. On clusters of 5,750 vectors around a centre
@@ -78,6 +78,9 @@ KMEANS_ITERATIONS = 20
 # longer to build: 0.83 / 0.98 / 1.0). The tuning chose nprobe 8, 400 candidates: 0.958. The same codes
 # packed for fast-scan, whose distances are rounded to 8 bits, rank worse: 0.38 / 0.70 / 0.95.
 RERANKS = (100, 200, 400, 800, 1600, 3200)
+# 8-bit codes rank almost as exact scores do: on bench_scale's stores (1M and 2M vectors) re-ranking 100
+# candidates reached the recall@10 of 3,200. Tuning with 400 at most spares the gathers of the deeper ones.
+SQ8_RERANK = 400
 PLATEAU = 0.002  # recall@10 gained by doubling the breadth below which a wider search is not tried
 
 
@@ -87,7 +90,7 @@ class IndexConfig(Validated):
     model_key: str | None = None
     kind: IndexKind = "auto"
     modality: Modality = "image"
-    nlist: int | None = None  # IVF lists; default n / LIST_ROWS, fewer if the training sample must be smaller
+    nlist: int | None = None  # IVF lists; default 4√n (plan.LISTS_PER_ROOT), fewer if the sample must be smaller
     hnsw_m: int = 32
     target_recall: float = 0.95
     recall_queries: int = 1000
@@ -95,11 +98,13 @@ class IndexConfig(Validated):
     seed: int = 0
     max_memory: int = DEFAULT_MAX_MEMORY  # bytes the build and the search may hold
     wait: bool = True  # wait for another writer of the store instead of stopping
+    threads: int | None = None  # FAISS threads for the big products; None: the cores free now (free_cores)
 
     def check(self) -> None:
         within(self, "target_recall", 0, 1, low_open=True)
         at_least(self, "nlist", 1)
         at_least(self, "recall_queries", 1)
+        at_least(self, "threads", 1)
         if self.max_memory < 2**24:
             raise PipelineError("--max-memory must be at least 16MB.")
 
@@ -132,10 +137,15 @@ def build_index(config: IndexConfig, reporter: Reporter | None = None) -> IndexI
     index, params = build_in_memory(plan, matrix.dim, lambda: (c for _, c in matrix.chunks(plan.chunk_rows)),
                                     sample, matrix.rows, config, reporter, faiss, exact=matrix.gather)
     seconds = time.perf_counter() - started
-    if directory.exists():
+    if directory.exists():  # (--force): its record leaves the catalog first, so no reader meets a missing shard
+        writes.forget(store, [directory / "index.parquet"])
         shutil.rmtree(directory)
-    atomic_write(directory / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
+    atomic_write(directory / "index.faiss", partial(_write_index, index=index, faiss=faiss))
+    del index  # written: its memory goes back before the lookup sorts its keys
     atomic_write(directory / "ids.arrow", lambda tmp: _write_ids(matrix, store, tmp))
+    reporter.start("index: lookup", None, "")
+    ids = pa.ipc.open_file(pa.memory_map(str(directory / "ids.arrow"))).read_all().column(0)
+    write_lookup(store, directory, ids, config.modality, catalog.shard_paths(store, "samples"))
     params["matrix"] = matrix.generation  # row r of the index is row r of this layout of the vectors
     recall = params.pop("recall_at_10")
     by_breadth = params.pop("recall_by_breadth")
@@ -169,24 +179,43 @@ def open_index(store: Store, model_key: str | None, modality: Modality = "image"
 def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarray]], sample: Sampler, n: int,
                     config: IndexConfig, reporter: Reporter | None = None, faiss: Any = None,
                     max_breadth: int | None = None, exact: Gather | None = None) -> tuple[Any, dict[str, Any]]:
-    """An index over n vectors given in row order as chunks (streamed twice at most; fast-scan: once).
+    """An index over n vectors given in row order as chunks (streamed twice at most).
 
     `sample(count, rng)` gives `count` random rows: their row numbers and vectors (to train on, and
     to query for the recall estimate). The search breadth is tuned up to `max_breadth` at most.
-    Given `exact` (the vectors of any rows), a PQ index re-ranks its best `params["rerank"]` candidates
-    by exact inner product, in tuning as in searches (`OpenIndex.search`); how many is tuned.
+    Given `exact` (the vectors of any rows), a compressed index (PQ, SQ8) re-ranks its best
+    `params["rerank"]` candidates by exact inner product, in tuning as in searches (`OpenIndex.search`);
+    how many is tuned.
 
     Returns the index (search breadth tuned) and its params, with `recall_at_10` and
     `recall_by_breadth` added. Vectors are L2-normalised as they are added.
     """
     if faiss is None:
         import faiss
-    reporter = reporter or Silent()
+    with faiss_threads(faiss, config.threads or free_cores()):
+        return _build(plan, dim, chunks, sample, n, config, reporter or Silent(), faiss, max_breadth, exact)
+
+
+def free_cores() -> int:
+    """Cores not busy now (the count less the last minute's load average), at least one: FAISS'
+    threads on a core another process holds wait for each other spinning (see `coarse.faiss_threads`)."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+
+
+def _build(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarray]], sample: Sampler, n: int,
+           config: IndexConfig, reporter: Reporter, faiss: Any, max_breadth: int | None,
+           exact: Gather | None) -> tuple[Any, dict[str, Any]]:
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     params = plan.params()
+    coarse = None
     if plan.train_rows:
         training = unit_rows(sample(plan.train_rows, np.random.default_rng(config.seed))[1])
-        _train(index, plan, training, config.seed, faiss)
+        coarse = _train(index, plan, training, config.seed, faiss)
+        del training
+        if len(coarse.sizes) > 1:
+            params["groups"] = coarse.sizes  # where each group of lists starts (ann.coarse)
     if plan.kind == "hnsw":
         index.hnsw.efConstruction = max(40, 2 * config.hnsw_m)
         params.update(M=config.hnsw_m, efConstruction=index.hnsw.efConstruction)
@@ -196,11 +225,12 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
         count = min(n, config.recall_queries, max(200, int(2e11 / max(1, n * dim))))
         own, queries = sample(count, np.random.default_rng(config.seed + 1))
         truth = TopK(unit_rows(queries), RECALL_K + 1, faiss)
-    if plan.kind == "ivf-pq" and exact is not None:
-        params["rerank"] = RERANKS[-1]  # the tuning keeps the fewest that do as well
-    if plan.kind.startswith("ivf") and not plan.factory.endswith("fs"):
-        _add_in_two_passes(index, chunks, n, truth, reporter, faiss)
-    else:  # flat, or fast-scan lists (which two passes would break)
+    if plan.kind in ("ivf-pq", "ivf-sq8") and exact is not None:
+        # the tuning keeps the fewest that do as well as the deepest
+        params["rerank"] = RERANKS[-1] if plan.kind == "ivf-pq" else SQ8_RERANK
+    if coarse is not None:
+        _add_in_two_passes(index, coarse, chunks, n, truth, reporter, faiss)
+    else:  # flat, or a graph
         _add_appending(index, chunks, n, truth, reporter)
     if truth is None:
         params.update(recall_at_10=1.0, recall_by_breadth={})
@@ -211,61 +241,39 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
     return index, params
 
 
-def coarse_centroids(x: np.ndarray, nlist: int, seed: int = 0, faiss: Any = None) -> np.ndarray:
-    """`nlist` unit centroids of the unit rows of x by spherical k-means (float32 [nlist, dim]).
-
-    Above TWO_LEVEL_FROM lists, in two levels (as FAISS' `two_level_clustering`): √nlist centroids,
-    then the rows of each split among that many centroids as it has rows. An iteration then costs
-    rows × 2√nlist × dim instead of rows × nlist × dim: ten thousand lists train in seconds, not hours."""
-    if faiss is None:
-        import faiss
-    dim = x.shape[1]
-
-    def kmeans(rows: np.ndarray, k: int, s: int) -> np.ndarray:
-        km = faiss.Kmeans(dim, k, niter=KMEANS_ITERATIONS, spherical=True, seed=s,
-                          max_points_per_centroid=256, min_points_per_centroid=1)
-        km.train(np.ascontiguousarray(rows))
-        return np.asarray(km.centroids, np.float32)
-
-    if nlist <= TWO_LEVEL_FROM:
-        return kmeans(x, nlist, seed)
-    top = kmeans(x, round(math.sqrt(nlist)), seed)
-    group = faiss.knn(x, top, 1, faiss.METRIC_INNER_PRODUCT)[1][:, 0]
-    shares = _shares(nlist, np.bincount(group, minlength=len(top)))
-    return np.concatenate([kmeans(x[group == g], int(k), seed + 1 + g) for g, k in enumerate(shares) if k])
-
-
 # --- private -------------------------------------------------------------------------------
 
 
-def _shares(total: int, sizes: np.ndarray) -> np.ndarray:
-    """`total` split among groups in proportion to their sizes (largest remainders), none above its size."""
-    exact = total * sizes / max(1, sizes.sum())
-    shares = np.minimum(np.floor(exact).astype(np.int64), sizes)
-    while shares.sum() < total:
-        room = sizes - shares
-        ahead = np.argsort(-np.where(room > 0, exact - shares, -np.inf), kind="stable")
-        ahead = ahead[room[ahead] > 0][: total - shares.sum()]
-        shares[ahead] += 1
-    return shares
-
-
-def _train(index: Any, plan: Plan, sample: np.ndarray, seed: int, faiss: Any) -> None:
-    """Centroids from the sample into the coarse quantiser; then FAISS trains the codec (SQ ranges, PQ
-    codebooks) on the sample's residuals, and finds the quantiser already full."""
+def _train(index: Any, plan: Plan, sample: np.ndarray, seed: int, faiss: Any) -> Coarse:
+    """Centroids from the sample (in two levels) into the coarse quantiser; then the codec (SQ ranges,
+    PQ codebooks) trains on the residuals of CODEC_TRAIN_ROWS rows of the sample to their lists."""
     assert plan.nlist is not None
     ivf = faiss.extract_index_ivf(index)
-    ivf.quantizer.add(coarse_centroids(sample, plan.nlist, seed, faiss))
+    coarse = train_coarse(sample, plan.nlist, seed, faiss)
+    ivf.quantizer.add(coarse.centroids)
     codec = faiss.downcast_index(ivf)
     if isinstance(codec, faiss.IndexIVFPQ):
         codec.do_polysemous_training = False  # FAISS' default, for Hamming filtering we never do: 5× the time
-    index.train(sample)
+    # the codec's ranges or codebooks from residuals to lists found in two levels: FAISS' own `train`
+    # would find them by a scan of every centroid, for every row of the sample
+    rows = np.ascontiguousarray(sample[np.linspace(0, len(sample) - 1, min(len(sample), CODEC_TRAIN_ROWS)).astype(int)])
+    assign = np.ascontiguousarray(coarse.nearest(rows, 1, faiss)[1][:, 0])
+    if ivf.by_residual:
+        rows = rows - coarse.centroids[assign]
+    ivf.train_encoder(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(assign) if ivf.by_residual else None)
+    ivf.is_trained = True
+    index.is_trained = True
+    if isinstance(codec, faiss.IndexIVFPQ):
+        # codebooks laid out per code as well: encoding 768-d vectors into 384 4-bit codes, what adding
+        # costs (FAISS: 18 µs a vector, 102 of the 209 CPU-s of a 5M build), takes a quarter less
+        codec.pq.sync_transposed_centroids()
+    return coarse
 
 
 def _add_appending(index: Any, chunks: Callable[[], Iterator[np.ndarray]], n: int, truth: TopK | None,
                    reporter: Reporter) -> None:
-    """One pass: each chunk's vectors join their lists (ids: row numbers), and the recall queries'
-    exact neighbours are updated. Fast-scan lists grow by whole blocks (measured: 15% above the codes)."""
+    """One pass (flat, HNSW): each chunk's vectors join the index (ids: row numbers), and the recall
+    queries' exact neighbours are updated."""
     reporter.start("index: add", n, "vectors")
     at = 0
     for chunk in chunks():
@@ -277,9 +285,10 @@ def _add_appending(index: Any, chunks: Callable[[], Iterator[np.ndarray]], n: in
         reporter.advance("index: add", len(x))
 
 
-def _add_in_two_passes(index: Any, chunks: Callable[[], Iterator[np.ndarray]], n: int, truth: TopK | None,
-                       reporter: Reporter, faiss: Any) -> None:
-    """Find every vector's list (and the recall queries' exact neighbours), size each list once, then add.
+def _add_in_two_passes(index: Any, coarse: Coarse, chunks: Callable[[], Iterator[np.ndarray]], n: int,
+                       truth: TopK | None, reporter: Reporter, faiss: Any) -> None:
+    """Find every vector's list in two levels (and the recall queries' exact neighbours), size each
+    list once, then add.
 
     Appending chunk after chunk grows each list by doubling: measured, a third more memory than
     the codes. Sized first, the lists hold exactly their codes; the price is a second read of the
@@ -290,7 +299,7 @@ def _add_in_two_passes(index: Any, chunks: Callable[[], Iterator[np.ndarray]], n
     at = 0
     for chunk in chunks():
         x = unit_rows(chunk)
-        lists[at:at + len(x)] = ivf.quantizer.search(x, 1)[1][:, 0]
+        lists[at:at + len(x)] = coarse.nearest(x, 1, faiss)[1][:, 0]
         if truth is not None:
             truth.update(x, at)
         at += len(x)
@@ -376,6 +385,10 @@ def _tune(index: Any, plan: Plan, queries: np.ndarray, own: np.ndarray, exact: n
         best = by_depth[depth]
     apply_breadth(index, plan.kind, params, faiss)
     return best, by_breadth
+
+
+def _write_index(tmp: Path, index: Any, faiss: Any) -> None:
+    faiss.write_index(index, str(tmp))
 
 
 def _write_ids(matrix: VectorMatrix, store: Store, tmp: Path) -> None:

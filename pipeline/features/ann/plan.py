@@ -9,10 +9,13 @@ registers once they are packed in its fast-scan layout (`IndexIVFPQFastScan`): m
 vectors (bench/index_d3.py), 10-30× the queries a second of 8-bit codes of the same bytes,
 codebooks trained in a tenth of the time.
 
-Time linear in rows: IVF lists hold about `LIST_ROWS` vectors whatever the store's size (up to the
-lists a bounded training sample can place), so a query that scans a fixed number of lists costs
-the same at 100k vectors as at 11.5M; from `HNSW_QUANTISER_FROM` lists on, the lists are found
-through a graph over the centroids instead of a scan of them.
+Lists grow like √n: `LISTS_PER_ROOT`·√n of them (the low end of FAISS' guidance, 4√n to 16√n),
+up to what a bounded training sample can place. A search scans the centroids and a few lists of
+√n / 4 vectors, so its cost grows like √n. A build finds each vector's list among the lists of its
+nearest groups of lists (`ann.coarse`: about 2·√lists products, not one per list), so it costs
+about rows × n^¼: with a list per 1,024 vectors, found by a scan of every centroid, as before, a
+build cost rows × rows / 1,024. From `HNSW_QUANTISER_FROM` lists on (16.7M vectors), a single
+query finds its lists through a graph over the centroids instead of a scan of them.
 
 Memory bounded by the budget: `plan_index` estimates the peak of every phase of the build (the
 training sample, the chunks in flight, the built index with a list number per vector) and of a
@@ -21,6 +24,7 @@ bulk search (a fast-scan copy); the plan must fit.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -32,10 +36,10 @@ KINDS: tuple[str, ...] = get_args(IndexKind)
 EXACT_BELOW = 100_000
 DEFAULT_MAX_MEMORY = 4 * 2**30
 ADD_ROWS = 32768  # most vectors converted to float32 and added at a time
-LIST_ROWS = 1024  # vectors per IVF list aimed at: the work of scanning one list stays the same as rows grow
+LISTS_PER_ROOT = 4.0  # IVF lists per √n: 4,000 lists of 250 vectors at 1M, 13,565 of 848 at 11.5M
 MAX_LISTS = 65536
 MIN_TRAIN_PER_LIST = 32  # k-means rows per centroid at least (FAISS advises 39; the sample caps the lists)
-TRAIN_PER_LIST = 64
+TRAIN_PER_LIST = 40  # k-means rows per centroid aimed at (FAISS warns below 39)
 CODEC_TRAIN_ROWS = 65536  # PQ codebooks need 256 rows per code at least: train on this many whatever nlist
 # lists: from this many a graph finds a vector's lists instead of a scan of every centroid. Measured
 # (768-d unit queries near 10,922 random unit centroids, batches of 4,000, 2 shared cores): to add, a
@@ -84,10 +88,12 @@ def parse_memory(text: str) -> int:
 
 
 def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
-               nlist: int | None = None, hnsw_m: int = 32, mappable: bool = True) -> Plan:
+               nlist: int | None = None, hnsw_m: int = 32, in_memory: bool = False) -> Plan:
     """The index for n vectors within `max_memory`: the requested kind, or (auto) the most exact that fits.
-    PQ codes are in FAISS' fast-scan layout unless the index is to be written and mapped (`mappable`):
-    then in the plain layout, and packed when searched in bulk (`OpenIndex`)."""
+
+    4-bit PQ codes are built in the plain layout, which a written index maps, and packed in FAISS'
+    fast-scan layout when searched in bulk (`search.Bulk`). An index kept `in_memory` by its
+    builder (the kNN detector) holds both at once, so both count."""
     chunk = _chunk_rows(dim, max_memory)
     buffers = 3 * chunk * dim * 4  # a float32 chunk, its unit copy, FAISS' residuals of it
     if kind == "flat" or (kind == "auto" and n < EXACT_BELOW and 2 * n * dim * 4 <= max_memory * _INDEX_SHARE):
@@ -103,19 +109,17 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int = DEFAULT_M
     training = 2 * train_rows * dim * 4 + centroids  # the sample and FAISS' residuals of it
     codecs = [("ivf", "Flat", dim * 4), ("ivf-sq8", "SQ8", dim)]
     # 4 bits a sub-quantiser, so m sub-quantisers take m / 2 bytes
-    codecs += [("ivf-pq", f"PQ{m}x4" + ("" if mappable else "fs"), (m + 1) // 2) for m in _pq_sizes(dim)]
+    codecs += [("ivf-pq", f"PQ{m}x4", (m + 1) // 2) for m in _pq_sizes(dim)]
     wanted = [c for c in codecs if kind in ("auto", c[0])]
     plans = []
     for name, codec, per_vector in wanted:
-        # codes and 8-byte ids in the lists, the centroids; fast-scan lists hold blocks of 32 codes
-        fast_scan = codec.endswith("fs")
-        size = n * (per_vector + 8) + centroids + (lists * 32 * per_vector if fast_scan else 0)
-        # two passes hold the list number of every vector; fast-scan lists, appended to in one pass,
-        # grow in steps (measured: 15% above their codes)
-        held = int(1.15 * size) if fast_scan else size + n * 4
-        # a bulk search of a written 4-bit index holds its fast-scan copy: blocks of 32 codes, ids
+        size = n * (per_vector + 8) + centroids  # codes and 8-byte ids in the lists, the centroids
+        held = size + n * 4  # two passes hold the list number of every vector
+        # a bulk search of 4-bit codes holds their fast-scan copy: blocks of 32 codes, ids
         searched = int(1.15 * (size + lists * 32 * per_vector)) if codec.endswith("x4") else size
-        build = max(training, held + buffers)
+        if in_memory and codec.endswith("x4"):
+            searched += size  # beside the plain codes it was packed from
+        build = max(training, held + buffers, searched if in_memory else 0)
         plans.append(Plan(name, f"{quantiser},{codec}", lists, train_rows, size, build, chunk))
         if build <= max_memory * _USABLE and max(held, searched) <= max_memory * _INDEX_SHARE:
             return plans[-1]
@@ -134,10 +138,10 @@ def _fits(plan: Plan, max_memory: int) -> Plan:
 
 
 def _lists(n: int, dim: int, max_memory: int, nlist: int | None) -> tuple[int, int]:
-    """IVF list count and training-sample size: about LIST_ROWS vectors a list, as long as the sample
+    """IVF list count and training-sample size: LISTS_PER_ROOT·√n lists, as long as the sample
     (≥ MIN_TRAIN_PER_LIST rows a list, with its residuals) fits its share of the budget."""
     fit_rows = max(1, int(max_memory * _TRAIN_SHARE) // (2 * dim * 4))
-    lists = nlist or min(MAX_LISTS, max(1, n // LIST_ROWS))
+    lists = nlist or min(MAX_LISTS, max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     lists = max(1, min(lists, n // MIN_TRAIN_PER_LIST or 1, fit_rows // MIN_TRAIN_PER_LIST or 1))
     return lists, min(n, fit_rows, max(TRAIN_PER_LIST * lists, CODEC_TRAIN_ROWS))
 

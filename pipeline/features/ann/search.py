@@ -7,7 +7,9 @@ takes seconds at D3's size. A store's PQ index scores its best `params["rerank"]
 by exact inner product with the vectors themselves (memory-mapped, `features.vectors`).
 
 Row r of the index is row r of the model's vector matrix; `ids.arrow` (uncompressed, mapped) holds
-the content hash of each row.
+the content hash of each row, and the lookup beside it (`ann.lookup`) finds rows and samples by id.
+Writers open an index with `build.open_index`, which builds one where none is current; readers
+with `open_for_reading`, which never builds, and takes an index that misses vectors added since.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.features.ann.coarse import Coarse
+from pipeline.features.ann.lookup import Lookup, open_lookup
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix, shards_of
 from pipeline.features.view import resolve_model_key
 from pipeline.store.layout import Store
 
 RECALL_K = 10
-# queries in one search from which a 4-bit PQ index is searched through a fast-scan copy, packed in
-# memory once (0.03 s for 200k vectors); fewer scan the mapped codes (~0.3 µs a code: 0.5 s for 1,365
-# lists of D3's index), without reading the whole index for a few queries. Fast-scan ranks worse (above):
-# its one bulk user, the leak scan, scores every hit again exactly, and near-duplicates stand far apart.
+# queries in one search from which an IVF index is searched in bulk (`Bulk`): lists found in two levels,
+# 4-bit PQ codes scanned in a fast-scan copy packed in memory once (0.03 s for 200k vectors); fewer scan
+# the mapped codes (~0.3 µs a code: 0.5 s for 1,365 lists of D3's index), without reading the whole index
+# for a few queries. Fast-scan ranks worse (build.RERANKS): its bulk users, the leak scan and the kNN
+# detector, score every hit again exactly.
 FAST_SCAN_FROM = 64
 
 Gather = Callable[[np.ndarray], np.ndarray]  # row numbers → their unit vectors (float32)
@@ -55,24 +60,64 @@ class IndexInfo:
 
 
 @dataclass
+class Bulk:
+    """Searches of many queries at once. Through an IVF index, each query's lists are found in two
+    levels (`ann.coarse`: about 2√lists products, where a scan of every centroid costs as much as
+    adding the vector did), and 4-bit PQ codes are scanned in a fast-scan copy, packed at the first
+    search (0.03 s for 200k vectors). Any other index is searched as it is."""
+
+    index: Any  # faiss.Index
+    params: dict[str, Any]
+    fast: Any = None  # the fast-scan copy of 4-bit PQ codes, once packed
+    coarse: Coarse | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and row numbers of the k nearest rows of each query (by the codes)."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, np.float32)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is None:
+            return self.index.search(queries, k)
+        if self.coarse is None:
+            self.fast = fast_scan_copy(self.index)
+            self.coarse = Coarse.of_index(self.index, self.params, faiss)
+        sims, lists = self.coarse.nearest(queries, ivf.nprobe, faiss)
+        return (self.fast or self.index).search_preassigned(queries, k, lists, sims)
+
+
+@dataclass
 class OpenIndex:
     info: IndexInfo
     index: Any  # faiss.Index
     ids: pa.ChunkedArray  # content hash of each row, memory-mapped
     matrix: VectorMatrix | None = None  # the vectors of the rows (same layout), for exact scores
-    fast: Any = None  # a fast-scan copy of a 4-bit PQ index, packed at its first search of many queries
+    lookup: Lookup | None = None  # rows by id (ann.lookup), where the index has one
+    bulk: Bulk = field(init=False)  # how searches of FAST_SCAN_FROM queries or more go
+
+    def __post_init__(self) -> None:
+        self.bulk = Bulk(self.index, self.info.params)
+
+    @property
+    def fast(self) -> Any:
+        """The fast-scan copy of a 4-bit PQ index, packed at its first search of many queries (else None)."""
+        return self.bulk.fast
 
     def search(self, queries: np.ndarray, k: int, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Similarities and row numbers of the k nearest rows ([-1] where fewer exist). An index built
         to re-rank (`params["rerank"]`) scores that many candidates again exactly, unless `rerank` is False."""
         k = max(1, min(k, self.index.ntotal))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        index = self._searcher(len(queries))
+        searcher = self.bulk if len(queries) >= FAST_SCAN_FROM else self.index
         candidates = self.info.params.get("rerank") if rerank and self.matrix is not None else None
         if candidates:
             assert self.matrix is not None
-            return reranked_search(index, queries, k, candidates, self.matrix.gather)
-        sims, rows = index.search(queries, k)
+            return reranked_search(searcher, queries, k, candidates, self.matrix.gather)
+        sims, rows = searcher.search(queries, k)
         return sims, rows
 
     def search_among(self, queries: np.ndarray, k: int, selector: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +140,7 @@ class OpenIndex:
         import faiss
 
         name = "nprobe" if self.info.kind.startswith("ivf") else "efSearch"
-        for index in (self.index, self.fast):
+        for index in (self.index, self.bulk.fast):
             if index is not None:
                 apply_breadth(index, self.info.kind, {**self.info.params, name: breadth}, faiss)
 
@@ -106,12 +151,14 @@ class OpenIndex:
         return exact_scores(np.ascontiguousarray(queries, np.float32), rows, self.matrix.gather)
 
     def hashes(self, rows: np.ndarray) -> list[str]:
-        return self.ids.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
-
-    def _searcher(self, queries: int) -> Any:
-        if queries >= FAST_SCAN_FROM and self.fast is None:
-            self.fast = fast_scan_copy(self.index)
-        return self.fast if queries >= FAST_SCAN_FROM and self.fast is not None else self.index
+        """The content hash of each row. Few rows are taken from their chunks one by one: a `take`
+        across the chunks of the mapped file would first copy every hash (measured: 0.07 s at 2M)."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) > FAST_SCAN_FROM:
+            return self.ids.take(pa.array(rows)).to_pylist()
+        starts = np.cumsum([0] + [len(c) for c in self.ids.chunks])
+        chunk = np.searchsorted(starts, rows, "right") - 1
+        return [self.ids.chunks[c][r - starts[c]].as_py() for r, c in zip(rows.tolist(), chunk.tolist(), strict=True)]
 
 
 def fast_scan_copy(index: Any) -> Any:
@@ -127,18 +174,34 @@ def fast_scan_copy(index: Any) -> Any:
     return fast
 
 
-def open_built(store: Store, info: IndexInfo, modality: str) -> OpenIndex:
-    """An index already built, ready to search. The index file is memory-mapped, not read: a search holds
-    only the lists it scans, as page cache the kernel may drop."""
+def open_built(store: Store, info: IndexInfo, modality: str, matrix: VectorMatrix | None = None) -> OpenIndex:
+    """An index already built, ready to search, with its lookup (`ann.lookup`) where it has one. The index
+    file is memory-mapped, not read: a search holds only the lists it scans, as page cache the kernel may
+    drop. `matrix`: the vectors' matrix, if the caller has it open."""
     import faiss
 
     index = faiss.read_index(str(info.directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
     apply_breadth(index, info.kind, info.params, faiss)
     # chunks left as written: combining them would copy every hash into the process' memory
     ids = pa.ipc.open_file(pa.memory_map(str(info.directory / "ids.arrow"))).read_all().column(0)
-    matrix = open_matrix(store, info.model_key, modality)
+    matrix = matrix or open_matrix(store, info.model_key, modality)
     # rows laid out anew since the build: row r of the matrix is no longer row r of the index
-    return OpenIndex(info, index, ids, matrix if info.params.get("matrix") == matrix.generation else None)
+    same = info.params.get("matrix") == matrix.generation
+    return OpenIndex(info, index, ids, matrix if same else None, open_lookup(store, info.directory))
+
+
+def open_for_reading(store: Store, model_key: str, modality: str, matrix: VectorMatrix) -> OpenIndex | None:
+    """The index a reader searches, never building one: the one over exactly the current vectors,
+    else the one over the most of them whose rows are still the first rows of `matrix` (vectors
+    were added since, by an encode that may still be running); None if there is neither."""
+    found = current(store, model_key, modality, "auto")
+    if found is None:
+        older = [info for info in _infos(store, model_key, modality)
+                 if info.params.get("matrix") == matrix.generation and info.vectors <= matrix.rows]
+        found = max(older, key=lambda info: info.vectors, default=None)
+    elif found.params.get("matrix") != matrix.generation:
+        found = None
+    return None if found is None else open_built(store, found, modality, matrix)
 
 
 def exact_scores(queries: np.ndarray, rows: np.ndarray, gather: Gather, block: int = 256) -> np.ndarray:
@@ -162,7 +225,9 @@ def exact_scores(queries: np.ndarray, rows: np.ndarray, gather: Gather, block: i
 
 def reranked_search(index: Any, queries: np.ndarray, k: int, candidates: int,
                     gather: Gather, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of the index's `candidates` nearest rows, by exact inner product."""
+    """The k best of the index's `candidates` nearest rows, by exact inner product (`index`: a FAISS
+    index, or anything with its `search` and `ntotal`, such as `Bulk`; `params`: FAISS search
+    parameters, such as an `IDSelector` restriction)."""
     n = max(k, min(candidates, index.ntotal))
     rows = (index.search(queries, n) if params is None else index.search(queries, n, params=params))[1]
     sims = exact_scores(queries, rows, gather)
@@ -173,7 +238,10 @@ def reranked_search(index: Any, queries: np.ndarray, k: int, candidates: int,
 
 
 def read_info(path: Path) -> IndexInfo:
-    row = pq.read_table(path).to_pylist()[0]
+    # not read_table (it imports pyarrow.dataset), nor created_at (a zoned time to Python imports pandas)
+    columns = ["index_id", "model_key", "modality", "kind", "params_json", "vectors", "dim", "fingerprint",
+               "recall_at_10", "build_seconds"]
+    row = pq.ParquetFile(path).read(columns=columns).to_pylist()[0]
     return IndexInfo(row["index_id"], row["model_key"], row["modality"], row["kind"],
                      json.loads(row["params_json"]), row["vectors"], row["dim"], row["fingerprint"],
                      row["recall_at_10"], row["build_seconds"], path.parent)
@@ -238,10 +306,13 @@ def _selecting(index: Any, info: IndexInfo, selector: Any, faiss: Any) -> Any:
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """x as float32 with rows scaled to unit norm, in place when x is already float32."""
-    x = np.asarray(x, np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(x)
+    """x as contiguous float32 with rows scaled to unit norm (zero rows stay zero), in place when x is
+    already that. By FAISS in one pass: a third of numpy's `linalg.norm` and division (measured)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, np.float32)
+    faiss.normalize_L2(x)
+    return x
 
 
 # --- private -------------------------------------------------------------------------------
@@ -251,9 +322,18 @@ def current(store: Store, model_key: str | None, modality: str, kind: str) -> In
     """An index of this kind (`auto`: any) over exactly the current vectors of this modality, if one was built."""
     key = resolve_model_key(store, model_key)
     fp = fingerprint(store, shards_of(store, key, modality), modality)
-    for record in sorted((store.dataset_dir("indexes") / key).glob(f"{modality}-*/index.parquet")):
-        info = read_info(record)
-        if info.fingerprint == fp and kind in ("auto", info.kind) and (record.parent / "ids.arrow").exists():
-            info.built = False
+    for info in _infos(store, key, modality):
+        if info.fingerprint == fp and kind in ("auto", info.kind):
             return info
     return None
+
+
+def _infos(store: Store, model_key: str, modality: str) -> list[IndexInfo]:
+    """Every complete index of this model and modality in the store (found, not built: `built` False)."""
+    infos = []
+    for record in sorted((store.dataset_dir("indexes") / model_key).glob(f"{modality}-*/index.parquet")):
+        if (record.parent / "ids.arrow").exists():
+            info = read_info(record)
+            info.built = False
+            infos.append(info)
+    return infos
