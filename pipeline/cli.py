@@ -559,8 +559,9 @@ def predict(
     max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels get a reason, not a score.")]
     = 64_000_000,
-    max_rows: Annotated[int, typer.Option(help="Rows shown in the terminal.")] = 20,
+    max_rows: Annotated[int, typer.Option(help="Rows shown in the terminal (and in --json's rows).")] = 20,
     wait: WaitOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Score images with a trained detector: score, decision, calibrated probability, out-of-distribution flag.
 
@@ -577,7 +578,7 @@ def predict(
             neighbours if explain else 0, keep, device, precision, batch_size, workers, max_bytes, max_pixels,
             preview_rows=max_rows, wait=wait)
         result = stage.run(config, reporter)
-    show.show_predict(result)
+    show.show_json(result) if as_json else show.show_predict(result)
 
 
 @app.command()
@@ -588,6 +589,7 @@ def export(
     store: StoreOpt = DEFAULT_STORE,
     force: Annotated[bool, typer.Option("--force", help="Replace the files of a detector already there.")] = False,
     wait: WaitOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write a run's detector as a folder that travels alone: model.safetensors, config.json (CLIP model,
     features, threshold, calibration, OOD sketch), ood.safetensors and a model card (README.md)."""
@@ -595,7 +597,7 @@ def export(
 
     with _running(ctx) as reporter:
         result = stage.run(stage.ExportConfig(Store(store), run, output, force, wait), reporter)
-    show.show_export(result)
+    show.show_json(result) if as_json else show.show_export(result)
 
 
 @index_app.command("build")

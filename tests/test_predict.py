@@ -242,6 +242,12 @@ def test_lists_tars_and_explain(trained: tuple[Store, str], tmp_path: Path) -> N
     for r in rows:
         assert len(r["neighbours"]) == 2 and all(n["split"] == "train" for n in r["neighbours"])
         assert {n["generator"] for n in r["neighbours"]} <= {"real", "sd-xl"}
+    result = runner.invoke(app, ["predict", str(listing), "--run", run_id, "--store", str(store.root), "--json",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # one JSON document on stdout, progress on stderr
+    assert (doc["inputs"], doc["scored"], len(doc["rows"])) == (6, 6, 6)
+    assert [r["score"] for r in doc["rows"]] == [r["score"] for r in rows[:6]]
 
 
 def test_output_paths_that_are_not_plain_files_are_refused(trained: tuple[Store, str], tmp_path: Path) -> None:
@@ -250,7 +256,7 @@ def test_output_paths_that_are_not_plain_files_are_refused(trained: tuple[Store,
     os.mkfifo(tmp_path / "fifo.csv")
     (tmp_path / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
     (tmp_path / "dir.csv").mkdir()
-    for target, why in ((tmp_path / "fifo.csv", "device, FIFO or socket"), (tmp_path / "link.csv", "symbolic link"),
+    for target, why in ((tmp_path / "fifo.csv", "is a FIFO"), (tmp_path / "link.csv", "symbolic link"),
                         (tmp_path / "dir.csv", "directory"), (store.root / "x.csv", "inside the store"),
                         (tmp_path / "x.txt", "must end in .csv, .json or .parquet")):
         text = _cli("predict", str(images), "--run", run_id, "--store", str(store.root), "--output", str(target),
@@ -287,3 +293,23 @@ def test_the_readme_detector_example_runs_as_written(trained: tuple[Store, str],
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the documented example, as written
     table = scope["table"]
     assert table.num_rows == 1 and table.column("score")[0].as_py() is not None  # type: ignore[attr-defined]
+
+
+def test_runs_rm_and_clean_take_the_ood_reference_of_a_removed_run(trained: tuple[Store, str], tmp_path: Path) -> None:
+    store, _ = trained
+    other = train_run(Store(store.root), TrainConfig.from_dict({**FAST, "seed": 5}))
+    images = _images(tmp_path / "new", 2, seed=11)
+    _cli("predict", str(images), "--run", other.run_id, "--store", str(store.root), "--workers", "0")  # type: ignore[attr-defined]
+    [reference] = list((store.root / "cache" / "ood").glob(f"*/{other.run_id}"))  # type: ignore[attr-defined]
+    assert any(p.name != ".lock" for p in reference.iterdir())
+    _cli("runs", "rm", other.run_id, "--store", str(store.root))  # type: ignore[attr-defined]
+    assert [p.name for p in reference.iterdir()] == [".lock"]
+    # one left behind (a predict held it while the run was removed): `clean` names it and takes it
+    planted = reference.parent / "20200101-000000-deadbeef-0000"
+    planted.mkdir()
+    (planted / ".lock").touch()
+    (planted / "reference.json").write_text("{}")
+    planned = _cli("clean", "--dry-run", "--store", str(store.root))
+    assert "caches of models or runs no longer in the store 1 " in planned, planned
+    _cli("clean", "--store", str(store.root))
+    assert not (planted / "reference.json").exists()

@@ -62,7 +62,7 @@ class LocalEngine:
             workers = default_workers(device) if self.workers is None else self.workers
             batches = _decoded(job, workers, pin=device.type == "cuda")
         # closing ends the decoding workers, also on an error
-        with contextlib.closing(batches), _model_threads(job.spec.device):
+        with contextlib.closing(batches), model_threads(job.spec.device):
             return self._run(job, batches, reporter)
 
     def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> JobResult:
@@ -98,7 +98,7 @@ class LocalEngine:
 
 
 @contextlib.contextmanager
-def _model_threads(device: str) -> Iterator[None]:
+def model_threads(device: str) -> Iterator[None]:
     """On the CPU, the model runs on the cores other processes leave idle (`trainer.threads`' policy),
     at most the threads torch had; the count is restored afterwards. On a shared machine two threads
     contending for one free core spin at every operation's barrier: ViT-B-32 in bf16 measured 40-49

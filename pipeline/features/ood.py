@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
-from pipeline.features.ann.build import IndexConfig, build_index, coarse_centroids
+from pipeline.features.ann.build import IndexConfig, build_index
+from pipeline.features.ann.coarse import train_coarse
 from pipeline.features.ann.search import OpenIndex, open_built, read_info, unit_rows
 from pipeline.features.vectors import VectorMatrix
 from pipeline.reporting import Reporter, Silent
@@ -166,7 +167,7 @@ def centroid_sketch(store: Store, run_id: str, matrix: VectorMatrix, view_sql: s
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(train, min(len(train), KMEANS_SAMPLE), replace=False))
     vectors = unit_rows(matrix.gather(sample))
-    centroids = coarse_centroids(vectors, count, seed, faiss) if count > 1 else vectors.mean(0, keepdims=True)
+    centroids = train_coarse(vectors, count, seed, faiss).centroids if count > 1 else vectors.mean(0, keepdims=True)
     # float16, as shipped: the threshold is measured with the centroids a user will load
     shipped = unit_rows(centroids).astype(np.float16).astype(np.float32)
     sketch = CentroidSketch(shipped, OodSpec("centroids", 1, PERCENTILE, math.nan, 0, len(shipped)))

@@ -799,6 +799,8 @@ def show_demo(result: DemoResult) -> None:
 
 def show_predict(result: PredictResult) -> None:
     random_banner(result.random_weights)
+    for text in result.warnings:
+        warning(text)
     rows = result.rows
     if result.output is None and rows.num_rows:
         shown = rows.select(["path", "score", "generated", "probability", "ood", "reason"])

@@ -118,6 +118,7 @@ class PredictResult:
     output: Path | None = None
     kept: dict[str, int] | None = None  # --keep: samples, image and text vectors stored
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -185,7 +186,7 @@ def _no_caption(config: PredictConfig, detector: Detector, path: str) -> str:
 def _predict(config: PredictConfig, detector: Detector, pending: Path, count: int,
              reporter: Reporter) -> PredictResult:
     from pipeline.encoding.units import default_workers, resolve_device
-    from pipeline.engines.local import decoded_batches
+    from pipeline.engines.local import decoded_batches, model_threads
 
     spec = detector.spec
     options = PredictOptions(config.device, config.precision, config.max_bytes, config.max_pixels, config.threshold,
@@ -196,6 +197,11 @@ def _predict(config: PredictConfig, detector: Detector, pending: Path, count: in
                            output=config.output)
     device = resolve_device(config.device)
     workers = default_workers(device) if config.workers is None else config.workers
+    if config.precision == "bf16" and device.type == "cpu":
+        from trainer.precision import BF16_EMULATED, cpu_bf16_native
+
+        if not cpu_bf16_native():
+            result.warnings.append(f"{BF16_EMULATED}; consider --precision fp32.")
     shown: list[pa.Table] = []
     with ExitStack() as stack:
         out = None
@@ -207,6 +213,7 @@ def _predict(config: PredictConfig, detector: Detector, pending: Path, count: in
         started_at = time.perf_counter()
         batches = stack.enter_context(closing(decoded_batches(pending, config.batch_size, unit.identify, workers,
                                                                pin=device.type == "cuda")))  # ends the workers
+        stack.enter_context(model_threads(config.device))  # the cores others leave free, as encode
         waiting = None
         now = datetime.now(UTC)
         for decoded in itertools.chain(batches, [None]):  # (None: read back the last batch)
