@@ -313,3 +313,20 @@ def test_runs_rm_and_clean_take_the_ood_reference_of_a_removed_run(trained: tupl
     assert "caches of models or runs no longer in the store 1 " in planned, planned
     _cli("clean", "--store", str(store.root))
     assert not (planted / "reference.json").exists()
+
+
+def test_a_killed_predicts_temp_beside_its_output_is_swept_by_the_next_one(
+        trained: tuple[Store, str], tmp_path: Path) -> None:
+    from pipeline.store.atomic import temp_path
+
+    store, run_id = trained
+    images = _images(tmp_path / "new", 2, seed=12)
+    out = tmp_path / "out.csv"
+    host = temp_path(out).name.split(".")[3].split("~")[0]
+    dead = out.with_name(f".out.csv.{host}~999999999~deadbeef.tmp")  # this host, a pid that does not run
+    dead.write_text("half a file")
+    other = tmp_path / ".notes.txt.tmp"  # the user's own hidden file: never swept
+    other.write_text("mine")
+    _cli("predict", str(images), "--run", run_id, "--store", str(store.root), "--output", str(out), "--workers", "0")
+    assert not dead.exists() and other.exists() and out.exists()
+    assert [p.name for p in tmp_path.glob(".out.csv*")] == []

@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write, not_regular, temp_path
+from pipeline.store.atomic import PARQUET_COMPRESSION, atomic_write, not_regular, remove_stale_temps_of, temp_path
 from pipeline.store.layout import Store
 
 # Names the store writes itself inside a folder that takes outputs: an output never replaces them.
@@ -122,6 +122,7 @@ class OutputStream:
 
     def __init__(self, path: Path, schema: pa.Schema, fmt: str) -> None:
         self.path, self.schema, self.fmt = path, schema, fmt
+        remove_stale_temps_of(Path(os.path.abspath(path)))  # a killed predict's, into this same file
         self.tmp = temp_path(Path(os.path.abspath(path)))
         self.rows = 0
         self._file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed by finalize/discard
