@@ -1,16 +1,17 @@
 """SIGKILL soak: kill ingest, encode (2 decoding workers), train, sweep (2 worker processes), index
-build, report and catalog rebuild at random moments, rerun, and check the store against an
+build, report, predict and catalog rebuild at random moments, rerun, and check the store against an
 uninterrupted run: nothing lost, nothing doubled, vectors and scores bit-identical, no temp file left,
 and no process of the killed one left running (its workers must die with it).
 
-    python bench/bench_kill.py --kills 20 [--stages ingest,encode,train,sweep,index,report,rebuild] [--seed 0]
+    python bench/bench_kill.py --kills 20 [--stages ingest,encode,train,sweep,index,report,predict,rebuild] [--seed 0]
 
 Each stage runs in a child process on a copy of a tiny store made just before that stage. The child
 imports everything, prints START, and runs the stage; the parent kills it (alone: its workers are
 not signalled) with SIGKILL after a random delay drawn over the stage's measured working time (so
 kills land in the work, not in imports), counts the killed child's descendants still running 5 s
 later, then reruns the stage to completion in a fresh child and compares. Not a test: it takes minutes.
-A new stage (predict, when it lands) is one entry in RUNNERS and its place in STAGES.
+A new stage is one entry in RUNNERS and its place in STAGES. Predict (`--keep`, `--output` beside the
+store) is checked for its store rows and for its output file: whole, every image once, no temp left.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pipeline.children import alive, descendants  # noqa: E402 - this tree's pip
 CHILD = r"""
 import sys, json
 from pathlib import Path
+PREDICTIONS = lambda root: root.parent / f"{root.name}-predictions.parquet"
 stage, store_dir, parquet, real = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 from pipeline.store.layout import Store
 store = Store(store_dir)
@@ -85,9 +87,33 @@ run = lambda: report.run(cfg)
 from pipeline.store import writes
 run = lambda: writes.rebuild(store)
 """,
-    # "predict": the predict engineer's runner goes here (and "predict" into STAGES, after "report").
+    # new images (made once, beside the stores, folder renamed into place whole), predicted with --keep
+    # (vectors and unlabelled samples into the store) and --output (a file outside it, published whole)
+    "predict": """
+import os, shutil, numpy as np
+from pipeline.stages import predict
+from pipeline.store import catalog
+from pipeline.synthetic import generated_image, real_image
+new = store.root.parent / "predict-images"
+if not new.exists():
+    tmp = store.root.parent / f".predict-images-{os.getpid()}"
+    tmp.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(24):
+        (real_image(rng, 32) if i % 2 else generated_image(rng, i % 4, 32)).save(tmp / f"new{i:02d}.jpg")
+    os.rename(tmp, new)
+run_id = catalog.query(store, "SELECT min(run_id) FROM runs").column(0)[0].as_py()
+cfg = predict.PredictConfig((new,), store, run_id, output=PREDICTIONS(store.root), caption="a photo", keep=True,
+                            workers=2, batch_size=4)
+run = lambda: predict.run(cfg)
+""",
 }
-STAGES = ("ingest", "encode", "train", "sweep", "index", "report", "rebuild")
+STAGES = ("ingest", "encode", "train", "sweep", "index", "report", "predict", "rebuild")
+
+
+def PREDICTIONS(store_dir: Path) -> Path:  # noqa: N802 - (a name the child's code reads as a constant)
+    """Where the predict stage writes its rows: beside the store, outside it."""
+    return store_dir.parent / f"{store_dir.name}-predictions.parquet"
 
 
 def child(stage: str, store: Path, src: tuple[Path, Path]) -> subprocess.Popen[str]:
@@ -158,7 +184,15 @@ def snapshot(store_dir: Path) -> dict[str, object]:
     scores = catalog.query(store, "SELECT r.config_hash, s.sample_id, s.score FROM scores s JOIN runs r "
                            "USING (run_id) ORDER BY 1, 2")
     snap["score_digest"] = hashlib.sha256(json.dumps(scores.to_pylist()).encode()).hexdigest()[:16]
+    predictions = PREDICTIONS(store_dir)
+    if predictions.exists():  # predict's output, outside the store: whole, every image once
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(predictions, columns=["path", "sha256", "score"]).to_pylist()
+        rows = sorted((Path(r["path"]).name, r["sha256"], r["score"]) for r in rows)
+        snap["prediction_digest"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
     leftovers = sorted(str(p.parent.relative_to(store_dir)) for p in store_dir.rglob(".*.tmp"))
+    leftovers += [p.name for p in store_dir.parent.glob(f".{predictions.name}*")]  # its temp, beside it
     snap["temps_left"] = ",".join(leftovers) or 0  # folders holding a leftover temp (a dead writer's)
     return snap
 
@@ -172,8 +206,8 @@ def compare(ref: dict[str, object], got: dict[str, object]) -> tuple[int, int, l
         assert isinstance(r, dict) and isinstance(g, dict)
         lost += max(0, r["n"] - g["n"])
         doubled += g["doubled"] + max(0, g["n"] - r["n"]) + g.get("orphans", 0)
-    for key in ("vector_digest", "score_digest", "temps_left"):
-        if ref[key] != got[key]:
+    for key in ("vector_digest", "score_digest", "prediction_digest", "temps_left"):
+        if ref.get(key) != got.get(key):
             diffs.append(f"{key}: {ref[key]} → {got[key]}")
     return lost, doubled, diffs
 

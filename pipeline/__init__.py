@@ -1,13 +1,14 @@
 """Embedding-cache pipeline: ingest image collections, encode them once with CLIP, query with SQL.
 
-`from pipeline import Store` is the Python API (`pipeline.api`): the stages the `pipeline` command runs.
+The Python API: `from pipeline import Store` (`pipeline.api`: the stages the `pipeline` command runs)
+and `from pipeline import Detector` (`pipeline.detector`: a trained detector that scores new images).
 """
 
 from typing import Any
 
 from pipeline.errors import PipelineError
 
-__all__ = ["PipelineError", "Store"]
+__all__ = ["Detector", "PipelineError", "Store"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from pipeline.api import Store
 
         return Store
+    if name == "Detector":
+        from pipeline.detector import Detector
+
+        return Detector
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

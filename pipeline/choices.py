@@ -27,3 +27,4 @@ Experiment = Literal["table1", "table2", "generalization", "robustness"]
 IndexKind = Literal["auto", "flat", "ivf", "ivf-sq8", "ivf-pq", "hnsw"]
 SqlFormat = Literal["table", "csv", "json", "parquet"]
 LandscapeDims = Literal[1, 2]
+Decision = Literal["real", "generated", "none"]  # `conflicts resolve --label`: none uses a sample as neither

@@ -36,6 +36,8 @@ catalog_app = typer.Typer(help="Maintain the DuckDB catalog.", no_args_is_help=T
 app.add_typer(catalog_app, name="catalog")
 index_app = typer.Typer(help="FAISS indexes over cached vectors.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+conflicts_app = typer.Typer(help="Images brought under two labels, and your decision on each.", no_args_is_help=True)
+app.add_typer(conflicts_app, name="conflicts")
 runs_app = typer.Typer(help="The runs a store holds: list them, show one, remove some.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
@@ -192,13 +194,17 @@ def ingest(
                                         "manifest's split column).")] = "0.8,0.1,0.1",
     split_seed: Annotated[str, typer.Option(help="Salt of the split hash.")] = "0",
     max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
+    unlabelled: Annotated[bool, typer.Option(
+        "--unlabelled", help="Record the images without a label (split 'unlabelled': never trained on, never in "
+        "conflict); folder: any layout, every image under it; webdataset: no --generator needed.")] = False,
     wait: WaitOpt = True,
 ) -> None:
     """Add the images of SOURCE (with captions, labels, generators) to the store as samples.
 
     Images are identified by the SHA-256 of their bytes: ingesting the same image twice adds it
     once. Unreadable inputs and D3 rows whose real image is missing are counted, recorded in the
-    quarantine table, and reported.
+    quarantine table, and reported. Bytes the store holds under another label keep that label: the
+    claim is listed by `pipeline conflicts list` until you decide.
     """
     from pipeline.stages import ingest as stage
 
@@ -207,6 +213,7 @@ def ingest(
         config = stage.IngestConfig(
             source=source, format=format, store=Store(store), real_images=real_images, generator=generator,
             label_map=label_map, group_by=group_by, split_seed=split_seed, max_bytes=max_bytes, wait=wait,
+            unlabelled=unlabelled,
             split_fractions=(0.8, 0.1, 0.1) if from_source else _fractions(splits),
             splits_from="source" if from_source else "hash", **_names(generators))
         result = stage.run(config, reporter)
@@ -491,6 +498,106 @@ def score_cmd(
     with _running(ctx) as reporter:
         result = stage.run(stage.ScoreConfig(Store(store), run, wait), reporter)
     show.show_score(result)
+
+
+@conflicts_app.command("list")
+def conflicts_list(ctx: typer.Context, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Each image brought under two labels: the label training uses, what was stored, what was claimed."""
+    from pipeline.stages import conflicts as stage
+
+    with _errors(ctx):
+        result = stage.run(stage.ConflictsConfig(Store(store)))
+    show.show_conflicts(result)
+
+
+@conflicts_app.command("resolve")
+def conflicts_resolve(
+    ctx: typer.Context,
+    sample: Annotated[str, typer.Argument(help="The sample id (a unique prefix of 6+ characters).")],
+    label: Annotated[c.Decision | None, typer.Option(help="real | generated | none (use it as neither).")] = None,
+    generator: Annotated[str | None, typer.Option(help="With --label generated: its generator (default: the "
+                                                  "one a source named).")] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Reverse this sample's latest decision.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    wait: WaitOpt = True,
+) -> None:
+    """Decide a conflicting sample's label (recorded, never rewritten: --undo reverses it)."""
+    from pipeline.stages import conflicts as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.ConflictsConfig(Store(store), sample, label, generator, undo, wait), reporter)
+    show.show_conflicts(result)
+
+
+@app.command()
+def predict(
+    ctx: typer.Context,
+    sources: Annotated[list[Path], typer.Argument(help="Images, folders (any layout, searched recursively), "
+                                                  "webdataset .tar files, or .csv/.parquet lists with a 'path' "
+                                                  "column (and optionally 'caption').")],
+    run: Annotated[str | None, typer.Option("--run", help="A run of the store whose detector scores the images.")]
+    = None,
+    detector: Annotated[Path | None, typer.Option(help="An exported detector folder (`pipeline export`); needs "
+                                                  "no store.")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    output: Annotated[Path | None, typer.Option(help="Write every row to FILE.csv, .json or .parquet (outside "
+                                                "the store); without it the terminal shows the first rows.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Call an image generated when its score is above this "
+                                                    "(default: the run's threshold, chosen on val).")] = None,
+    caption: Annotated[str | None, typer.Option(help="The caption of every image without one of its own "
+                                                "(sidecar .txt, list column): image+text detectors need one.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Add each image's nearest training images, with "
+                                          "their labels and generators (--run only).")] = False,
+    neighbours: Annotated[int, typer.Option(help="How many nearest training images --explain shows.")] = 3,
+    keep: Annotated[bool, typer.Option("--keep", help="Store the new vectors and the images as unlabelled "
+                                       "samples (never trained on), so predicting them again is a lookup.")] = False,
+    device: Annotated[c.Device, typer.Option(help="Where CLIP runs (as encode).")] = "auto",
+    precision: Annotated[c.Precision, typer.Option(help="As encode: fp16 on GPU only.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (0: decode here). Default as encode.")]
+    = None,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_BYTES,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels get a reason, not a score.")]
+    = 64_000_000,
+    max_rows: Annotated[int, typer.Option(help="Rows shown in the terminal (and in --json's rows).")] = 20,
+    wait: WaitOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score images with a trained detector: score, decision, calibrated probability, out-of-distribution flag.
+
+    Never changes the store's training data. Images the store already encoded with the run's CLIP model
+    are looked up by their SHA-256, the rest are encoded now. An unreadable or hostile file gets a row
+    with the reason, never a crash. The paper's detector reads the caption too (image+text): give one
+    per image, or use an image-only run.
+    """
+    from pipeline.stages import predict as stage
+
+    with _running(ctx) as reporter:
+        config = stage.PredictConfig(
+            tuple(sources), Store(store) if detector is None else None, run, detector, output, threshold, caption,
+            neighbours if explain else 0, keep, device, precision, batch_size, workers, max_bytes, max_pixels,
+            preview_rows=max_rows, wait=wait)
+        result = stage.run(config, reporter)
+    show.show_json(result) if as_json else show.show_predict(result)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Option("--run", help="The run to export.")],
+    output: Annotated[Path, typer.Option(help="The folder to write (Hugging Face Hub layout); outside the store.")],
+    store: StoreOpt = DEFAULT_STORE,
+    force: Annotated[bool, typer.Option("--force", help="Replace the files of a detector already there.")] = False,
+    wait: WaitOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a run's detector as a folder that travels alone: model.safetensors, config.json (CLIP model,
+    features, threshold, calibration, OOD sketch), ood.safetensors and a model card (README.md)."""
+    from pipeline.stages import export as stage
+
+    with _running(ctx) as reporter:
+        result = stage.run(stage.ExportConfig(Store(store), run, output, force, wait), reporter)
+    show.show_json(result) if as_json else show.show_export(result)
 
 
 @index_app.command("build")

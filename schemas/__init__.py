@@ -5,6 +5,7 @@ Build tables with `from_rows` / `from_columns`: a misspelt column is an error, n
 
 from schemas.tables import (
     ALARMS,
+    DECISIONS,
     EMBEDDING_DTYPES,
     FEATURE_VIEW,
     INDEX_IDS,
@@ -12,6 +13,8 @@ from schemas.tables import (
     LEAKS,
     METRICS,
     MODALITIES,
+    PREDICT_INPUTS,
+    PREDICTIONS,
     QUARANTINE,
     READABLE_VERSIONS,
     RUNS,
@@ -20,7 +23,9 @@ from schemas.tables import (
     SCORES,
     SOURCES,
     SPLITS,
+    TABLE_VERSIONS,
     TABLES,
+    UNLABELLED,
     embeddings_schema,
     encoded_schema,
     from_columns,
@@ -28,10 +33,17 @@ from schemas.tables import (
     schema_problem,
     stamp,
     table_of,
+    version_of,
 )
 
 __all__ = [
     "ALARMS",
+    "DECISIONS",
+    "PREDICT_INPUTS",
+    "PREDICTIONS",
+    "TABLE_VERSIONS",
+    "UNLABELLED",
+    "version_of",
     "EMBEDDING_DTYPES",
     "INDEXES",
     "FEATURE_VIEW",

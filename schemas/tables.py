@@ -12,19 +12,29 @@ from typing import Any
 import pyarrow as pa
 
 SCHEMA_VERSION = 2  # 2: nullable columns may be added; files of version 1 still read (missing columns NULL)
-READABLE_VERSIONS = (1, 2)
+# Tables whose meaning changed since, each stamped with its own version (the others keep SCHEMA_VERSION, so
+# fingerprints of their files do not move). 3: `label` and `generator` may be NULL (unlabelled samples, split
+# `unlabelled`, and their scores): a reader of version 2 would take NULL for a label, so it must refuse them.
+TABLE_VERSIONS = {"samples": 3, "scores": 3, "decisions": 3}
+READABLE_VERSIONS = (1, 2, 3)
 _KEY_TABLE = b"pipeline.table"
 _KEY_VERSION = b"pipeline.schema_version"
 
 MODALITIES = ("image", "text")
-SPLITS = ("train", "val", "test")  # the only split names; ordered: a later split must not leak into an earlier
+SPLITS = ("train", "val", "test")  # where a detector learns and is measured; a later must not leak into an earlier
+UNLABELLED = "unlabelled"  # the split of samples without a label (`ingest --unlabelled`, `predict --keep`)
 EMBEDDING_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
+def version_of(name: str) -> int:
+    """The schema version files of table `name` are written with."""
+    return TABLE_VERSIONS.get(name, SCHEMA_VERSION)
+
+
 def stamp(name: str, schema: pa.Schema) -> pa.Schema:
-    """Attach the table name and schema version to a schema's metadata."""
+    """Attach the table name and its schema version to a schema's metadata."""
     meta = dict(schema.metadata or {})
-    meta.update({_KEY_TABLE: name.encode(), _KEY_VERSION: str(SCHEMA_VERSION).encode()})
+    meta.update({_KEY_TABLE: name.encode(), _KEY_VERSION: str(version_of(name)).encode()})
     return schema.with_metadata(meta)
 
 
@@ -35,10 +45,10 @@ SAMPLES = stamp(
     pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),  # sha256 of the image bytes
-            pa.field("label", pa.int8(), nullable=False),  # 0 real, 1 generated
-            pa.field("generator", pa.string(), nullable=False),  # "real" for label 0
+            pa.field("label", pa.int8()),  # 0 real, 1 generated; NULL: unlabelled (split `unlabelled`)
+            pa.field("generator", pa.string()),  # "real" for label 0; NULL when unlabelled
             pa.field("generator_original", pa.string()),  # the name the source gave (canonical above)
-            pa.field("split", pa.string(), nullable=False),  # train | val | test
+            pa.field("split", pa.string(), nullable=False),  # train | val | test | unlabelled
             pa.field("group_key", pa.string(), nullable=False),  # split unit (D3: prompt row)
             pa.field("text", pa.string()),  # caption (real) or prompt (generated)
             pa.field("text_hash", pa.string()),  # sha256 of the text's UTF-8 bytes
@@ -67,6 +77,26 @@ QUARANTINE = stamp(
             pa.field("source_member", pa.string()),
             pa.field("source_row", pa.int64()),
             pa.field("recorded_at", _UTC_MS, nullable=False),
+            # reason label_conflict: the label and generator this input claimed (NULL in rows written before
+            # they were kept: such a conflict still keeps its sample out of `samples` until resolved)
+            pa.field("label", pa.int8()),
+            pa.field("generator", pa.string()),
+        ]
+    ),
+)
+
+DECISIONS = stamp(
+    "decisions",
+    pa.schema(
+        [  # label decisions, appended, never rewritten: the latest user decision per sample holds
+            pa.field("sample_id", pa.string(), nullable=False),
+            # relabel: use `label`/`generator` | exclude: use as neither | restore: as ingested (an undo) |
+            # labelled: ingest gave an unlabelled sample a label (its unlabelled row is hidden)
+            pa.field("action", pa.string(), nullable=False),
+            pa.field("label", pa.int8()),
+            pa.field("generator", pa.string()),
+            pa.field("note", pa.string()),  # the command that decided, for the record
+            pa.field("decided_at", _UTC_MS, nullable=False),
         ]
     ),
 )
@@ -97,8 +127,8 @@ SCORES = stamp(
             pa.field("run_id", pa.string(), nullable=False),
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("split", pa.string(), nullable=False),
-            pa.field("label", pa.int8(), nullable=False),
-            pa.field("generator", pa.string(), nullable=False),
+            pa.field("label", pa.int8()),  # NULL: an unlabelled sample
+            pa.field("generator", pa.string()),
             pa.field("score", pa.float32(), nullable=False),  # probability of "generated"
         ]
     ),
@@ -191,6 +221,7 @@ TABLES: dict[str, pa.Schema] = {
     "leaks": LEAKS,
     "metrics": METRICS,
     "sources": SOURCES,
+    "decisions": DECISIONS,
 }
 
 
@@ -246,6 +277,50 @@ FEATURE_VIEW = stamp(
 )
 
 
+PREDICT_INPUTS = stamp(
+    "predict_inputs",
+    pa.schema(
+        [  # what `pipeline predict` was given, one row per image found (a work file, not stored)
+            pa.field("path", pa.string(), nullable=False),  # as shown: a file, `TAR::member`
+            pa.field("source_uri", pa.string(), nullable=False),  # the file the bytes live in
+            pa.field("source_member", pa.string()),  # tar member
+            pa.field("byte_offset", pa.int64()),  # start of the bytes inside a tar
+            pa.field("byte_length", pa.int64()),
+            pa.field("caption", pa.string()),  # sidecar .txt, a list's caption column, a tar's KEY.txt, --caption
+            pa.field("reason", pa.string()),  # found unreadable before any byte was read (a damaged tar, …)
+            pa.field("detail", pa.string()),
+        ]
+    ),
+)
+
+_NEIGHBOUR = pa.struct([
+    pa.field("sample_id", pa.string()),
+    pa.field("similarity", pa.float32()),
+    pa.field("label", pa.int8()),
+    pa.field("generator", pa.string()),
+    pa.field("split", pa.string()),
+])
+
+PREDICTIONS = stamp(
+    "predictions",
+    pa.schema(
+        [  # what `pipeline predict` writes (a file outside the store), one row per input
+            pa.field("path", pa.string(), nullable=False),  # the input: a file, `TAR::member`, a list's path
+            pa.field("sha256", pa.string()),  # of the bytes read (NULL: they could not be read)
+            pa.field("score", pa.float32()),  # the detector's probability of "generated", as in `scores`
+            pa.field("generated", pa.bool_()),  # score > threshold
+            pa.field("threshold", pa.float32()),  # the run's val-chosen threshold, or --threshold
+            pa.field("probability", pa.float32()),  # the score calibrated on validation
+            pa.field("ood", pa.bool_()),  # far from every training image: the score is unreliable
+            pa.field("similarity", pa.float32()),  # what the OOD flag compares (see the detector's config)
+            pa.field("cached", pa.bool_()),  # the image vector came from the store, not a forward pass
+            pa.field("reason", pa.string()),  # why there is no score: unreadable, not_an_image, …
+            pa.field("detail", pa.string()),
+            pa.field("neighbours", pa.list_(_NEIGHBOUR)),  # --explain: the nearest training images
+        ]
+    ),
+)
+
 ALARMS = stamp(
     "alarms",
     pa.schema(
@@ -279,10 +354,11 @@ def schema_problem(metadata: dict[bytes, bytes] | None, expected_table: str, whe
         return f"{where} carries no pipeline schema stamp; it was not written by this pipeline."
     if table != expected_table:
         return f"{where} holds the '{table}' table, not '{expected_table}'."
-    if version not in {str(v) for v in READABLE_VERSIONS}:
+    newest = version_of(table)
+    if version not in {str(v) for v in READABLE_VERSIONS if v <= newest}:
         return (
             f"{where} was written with schema version {version} of '{table}', but this pipeline "
-            f"reads version {SCHEMA_VERSION}; use a pipeline release that matches the store."
+            f"reads version {newest}; use a pipeline release that matches the store."
         )
     return None
 

@@ -80,7 +80,7 @@ def test_dry_run_says_what_goes_and_clean_frees_exactly_that(littered: tuple[Sto
     kinds = {f["what"]: f for f in planned["freed"]}
     assert set(kinds) == {"leftovers of dead processes", "files of runs that never committed",
                           "index folders no committed index names", "stale indexes", "reports whose runs are gone",
-                          "caches of models no longer in the store"}
+                          "caches of models or runs no longer in the store"}
     listed = {p for f in planned["freed"] for p in f["paths"]}
     for name in ("dead temp", "ghost scores", "encode's pending list"):
         assert paths[name].relative_to(store.root).as_posix() in listed, name

@@ -142,7 +142,7 @@ def test_commands_on_a_missing_store_refuse_and_create_nothing(tmp_path: Path) -
     assert not missing.exists()
 
 
-def test_same_bytes_under_two_labels_are_used_as_neither(tmp_path: Path) -> None:
+def test_same_bytes_under_two_labels_keep_the_first_label_and_list_the_claim(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     (root / "real").mkdir(parents=True)
     (root / "sdxl").mkdir()
@@ -152,18 +152,19 @@ def test_same_bytes_under_two_labels_are_used_as_neither(tmp_path: Path) -> None
     (root / "sdxl" / "c.jpg").write_bytes(jpeg((200, 9, 9)))
     store = tmp_path / "store"
     code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
-    assert code == 0 and "1 images appear under two labels" in out, out
+    assert code == 0 and "1 image came labelled generated (sd-xl), but the first copy read was kept" in out, out
     s = Store(store)
     conflicts = catalog.query(s, "SELECT detail FROM quarantine WHERE reason = 'label_conflict'").column(0)
-    assert len(conflicts) == 2 and all("a.jpg" in d and "b.jpg" in d for d in conflicts.to_pylist())
-    assert _count(s) == 1  # only c.jpg; the conflicted bytes are in no split
-    # a later copy under a third name conflicts with nothing new and adds nothing
+    assert len(conflicts) == 1 and all("a.jpg" in d and "b.jpg" in d for d in conflicts.to_pylist())
+    assert _count(s) == 2  # a.jpg (real, read first) and c.jpg
+    assert catalog.query(s, "SELECT label FROM conflicts").column(0).to_pylist() == [0]
+    # a later copy under a third name is one more claim and adds nothing
     (root / "sdxl" / "d.jpg").write_bytes(same)
     code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
-    assert code == 0 and _count(s) == 1
+    assert code == 0 and _count(s) == 2
 
 
-def test_a_later_conflict_hides_the_sample_already_in_the_store(tmp_path: Path) -> None:
+def test_a_later_conflict_never_hides_the_sample_already_in_the_store(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     (root / "real").mkdir(parents=True)
     same = jpeg((9, 9, 9))
@@ -174,8 +175,8 @@ def test_a_later_conflict_hides_the_sample_already_in_the_store(tmp_path: Path) 
     (root / "sdxl").mkdir()
     (root / "sdxl" / "a.jpg").write_bytes(same)
     code, out = _run("ingest", str(root), "--format", "folder", "--store", str(store))
-    assert code == 0 and "two labels" in out
-    assert _count(Store(store)) == 0
+    assert code == 0 and "the store holds it as real and keeps that label" in out
+    assert _count(Store(store)) == 1
 
 
 def test_missing_and_empty_captions_are_counted(tmp_path: Path) -> None:

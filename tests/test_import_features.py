@@ -174,7 +174,7 @@ def test_an_unchanged_file_is_not_opened_and_a_changed_one_adds_only_new_rows(
     assert touched.already_present == 15
     # rewritten with two more rows: only those are new. The file is one random stream, so its new
     # `real` rows 3-4 are the vectors the old file had as image_gen0 rows 0-1: the same content labelled
-    # real and generated, quarantined as label_conflict (the stored twins leave the samples view too)
+    # real and generated, quarantined as label_conflict (the stored twins keep their label)
     opened.clear()
     _h5(src / "0001.h5", rows=5, image_dim=8, text_dim=8, seed=1)
     grown = import_features(ImportConfig(src, "h5", store, "m"))
@@ -182,7 +182,8 @@ def test_an_unchanged_file_is_not_opened_and_a_changed_one_adds_only_new_rows(
     assert grown.label_conflicts == 2 and grown.quarantined == {"label_conflict": 2}
     assert _count(store, "SELECT count(*) FROM samples_all") == 55
     assert _count(store, "SELECT count(*) FROM samples") == _count(
-        store, "SELECT count(DISTINCT sample_id) FROM samples") == 53
+        store, "SELECT count(DISTINCT sample_id) FROM samples") == 55
+    assert _count(store, "SELECT count(*) FROM conflicts WHERE status = 'open' AND label IS NOT NULL") == 2
 
 
 def test_the_store_is_scanned_once_per_run_not_once_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,11 +361,11 @@ def test_a_vector_under_both_labels_is_a_conflict_across_slices_and_runs(
     store = Store(tmp_path / "store")
     first = import_features(ImportConfig(tmp_path / "a", "h5", store, "m"))
     assert first.label_conflicts == 1 and first.quarantined == {"label_conflict": 1}
-    assert first.samples_added == 19  # the generated copy is not added, and the real one leaves the view
+    assert first.samples_added == 19  # the generated copy is not added; the real one keeps its label
     conflict = catalog.query(store, "SELECT * FROM quarantine").to_pylist()[0]
     assert (conflict["stage"], conflict["source_member"], conflict["source_row"]) == ("import", "image_gen2", 3)
     assert "labelled generated" in conflict["detail"] and "and real at" in conflict["detail"]
-    assert _count(store, "SELECT count(*) FROM samples") == 18
+    assert _count(store, "SELECT count(*) FROM samples") == 19
     # another file brings a stored generated image as a real one: a conflict with the store
     (tmp_path / "b").mkdir()
     with h5py.File(tmp_path / "b" / "0001.h5", "w") as h:
@@ -372,7 +373,7 @@ def test_a_vector_under_both_labels_is_a_conflict_across_slices_and_runs(
             h[name] = values[1:2] if name != "real" else sets["image_gen0"][2:3]
     second = import_features(ImportConfig(tmp_path / "b", "h5", store, "m"))
     assert second.label_conflicts == 1 and second.already_present == 4
-    assert _count(store, "SELECT count(*) FROM samples") == 17
+    assert _count(store, "SELECT count(*) FROM samples") == 19
     # nothing of what was left out has a vector: status counts vectors as encoded samples
     assert _count(store, "SELECT count(*) FROM embeddings WHERE modality = 'image' AND content_hash NOT IN "
                   "(SELECT sample_id FROM samples_all)") == 0

@@ -55,7 +55,8 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     run = train(planted, TrainConfig.from_dict(FAST))
     result = write_report(ReportConfig(planted, run.run_id, tmp_path / "report"))
     names = {f.name for f in result.files}
-    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png", "learning_curve.png"}
+    assert names == {"roc.png", "auc_by_generator.png", "scores.png", "confusion.png", "learning_curve.png",
+                     "reliability.png"}
     for f in result.files:
         with Image.open(f) as img:
             img.load()
@@ -67,6 +68,13 @@ def test_run_report_writes_decodable_pngs_and_a_page_that_only_references_them(p
     assert not re.search(r"<td>(tpr_at_fpr_1|real_acc|balanced_acc)</td>", text)  # keys get their readers' names
     assert "no image bytes" in text  # imported features: the gallery says so instead of a broken image
     assert "scored since" not in text  # every figure counts the same samples
+    # calibration: its ECE before and after on val and test, as the run stored them
+    cal = run.metrics.calibration
+    assert cal is not None and "fitted on val when the run was trained" in text
+    for split in ("val", "test"):
+        before, after = cal.reliability[split]
+        assert f"<td>{split}</td><td>{before.n}</td><td>{100 * before.ece:.2f}</td><td>{100 * after.ece:.2f}</td>" \
+            in text.replace("\n", ""), split
     with pytest.raises(PipelineError, match="--split must be one of train, val, test"):
         write_report(ReportConfig(planted, run.run_id, tmp_path / "r2", split="nope"))
 

@@ -7,7 +7,7 @@ import pytest
 from pipeline.stages import verify
 from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
-from schemas import SAMPLES, SCHEMA_VERSION, embeddings_schema, schema_problem
+from schemas import SAMPLES, embeddings_schema, schema_problem, version_of
 from tests.conftest import locked
 
 
@@ -15,7 +15,7 @@ def test_every_written_shard_carries_table_and_version(d3_store: Store) -> None:
     for path in catalog.shard_paths(d3_store, "samples"):
         meta = pq.read_schema(path).metadata
         assert meta[b"pipeline.table"] == b"samples"
-        assert meta[b"pipeline.schema_version"] == str(SCHEMA_VERSION).encode()
+        assert meta[b"pipeline.schema_version"] == str(version_of("samples")).encode()
         assert pq.read_schema(path).names == SAMPLES.names
 
 
@@ -33,7 +33,7 @@ def test_reader_refuses_an_unknown_schema_version(d3_store: Store, tmp_path: Pat
     assert result.ignored == (d3_store.relative(future),)
     assert catalog.query(d3_store, "SELECT count(*) FROM samples").column(0)[0].as_py() == before
     (damage,) = verify.run(verify.VerifyConfig(d3_store)).damaged
-    assert "schema version 99 of 'samples'" in damage.problem and "reads version 2" in damage.problem
+    assert "schema version 99 of 'samples'" in damage.problem and "reads version 3" in damage.problem
 
 
 def test_schema_problem_names_foreign_files() -> None:

@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages import encode, verify
 from pipeline.store import catalog, writes
 from pipeline.store.layout import Store
-from schemas import SCHEMA_VERSION
+from schemas import version_of
 from tests.conftest import encode_config
 
 
@@ -77,7 +77,7 @@ def test_damaged_embedding_shard_is_named_and_repair_recomputes_exactly_it(d3_st
 
 def test_shard_of_another_schema_version_is_named(d3_store: Store) -> None:
     shard = catalog.shard_paths(d3_store, "samples")[0]
-    _restamp(shard, version=SCHEMA_VERSION + 1)
+    _restamp(shard, version=version_of("samples") + 1)
     with pytest.raises(PipelineError, match=r"schema version .*pipeline verify --repair"):
         catalog.query(Store(d3_store.root), "SELECT count(*) FROM samples")  # (a new command)
     damaged = verify.run(verify.VerifyConfig(d3_store)).damaged

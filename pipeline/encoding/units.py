@@ -238,7 +238,7 @@ class DecodeImages:
                 pictures[i], ok[i] = picture, True
             reasons.append(reason)
             details.append(detail)
-        return Decoded(_encoded_rows(self.spec, "image", rows, reasons, details), pictures, ok)
+        return Decoded(encoded_rows(self.spec, "image", rows, reasons, details), pictures, ok)
 
     def _decode(self, row: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None, str | None]:
         assert self.reader is not None
@@ -320,7 +320,7 @@ class EncodeTexts:
 
     def start(self, rows: pa.Table) -> Started:
         n = rows.num_rows
-        table = _encoded_rows(self.spec, "text", rows, [None] * n, [None] * n)
+        table = encoded_rows(self.spec, "text", rows, [None] * n, [None] * n)
         if not n:
             return Started(table, np.zeros(0, bool), None)
         return Started(table, np.ones(n, bool), self.encoder.start_texts(rows.column("text").to_pylist()))
@@ -391,7 +391,7 @@ def _encoder(spec: EncodeSpec, loaded: LoadedModel | None) -> Encoder:
     return encoder
 
 
-def _encoded_rows(
+def encoded_rows(
     spec: EncodeSpec, modality: str, rows: pa.Table, reasons: list[str | None], details: list[str | None]
 ) -> pa.Table:
     """Encoded-schema rows with no vectors yet: identity, location and any failure reason."""

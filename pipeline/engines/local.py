@@ -62,7 +62,7 @@ class LocalEngine:
             workers = default_workers(device) if self.workers is None else self.workers
             batches = _decoded(job, workers, pin=device.type == "cuda")
         # closing ends the decoding workers, also on an error
-        with contextlib.closing(batches), _model_threads(job.spec.device):
+        with contextlib.closing(batches), model_threads(job.spec.device):
             return self._run(job, batches, reporter)
 
     def _run(self, job: EncodeJob, batches: Iterator[Any], reporter: Reporter) -> JobResult:
@@ -98,7 +98,7 @@ class LocalEngine:
 
 
 @contextlib.contextmanager
-def _model_threads(device: str) -> Iterator[None]:
+def model_threads(device: str) -> Iterator[None]:
     """On the CPU, the model runs on the cores other processes leave idle (`trainer.threads`' policy),
     at most the threads torch had; the count is restored afterwards. On a shared machine two threads
     contending for one free core spin at every operation's barrier: ViT-B-32 in bf16 measured 40-49
@@ -137,18 +137,24 @@ def _one_ahead(unit: EncodeImages | EncodeTexts, batches: Iterator[Any]) -> Iter
 
 
 def _decoded(job: EncodeJob, workers: int, pin: bool) -> Generator[Decoded, None, None]:
+    return decoded_batches(job.pending, job.batch_size, DecodeImages(job.spec), workers, pin)
+
+
+def decoded_batches(pending: Path, batch_size: int, decode: DecodeImages, workers: int,
+                    pin: bool) -> Generator[Decoded, None, None]:
+    """The batches of a pending-rows file, each through `decode` (a `DecodeImages`, or a unit built on it
+    such as predict's `IdentifyImages`: picklable, no model), in `workers` processes (0: here), in order."""
     if workers == 0:
-        decode = DecodeImages(job.spec)
-        return (decode.decode(b) for b in pending_batches(job.pending, job.batch_size))
+        return (decode.decode(b) for b in pending_batches(pending, batch_size))
     # forkserver, not fork: a forked worker would inherit the writer lock's descriptor and, orphaned
     # by a killed run, keep the store locked. The server imports this module once and the workers
     # fork from it ready, instead of each importing torch and pyarrow (seconds each when 15 start at
     # once); only the first server a process starts takes the list.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])
-    picture_bytes = int(np.prod(job.spec.picture_shape)) * job.batch_size
+    picture_bytes = int(np.prod(decode.spec.picture_shape)) * batch_size
     loader = torch.utils.data.DataLoader(
-        _DecodedBatches(job, _fits_in_shared_memory(workers * (PREFETCH + 1) * picture_bytes)),
+        _DecodedBatches(pending, batch_size, decode, _fits_in_shared_memory(workers * (PREFETCH + 1) * picture_bytes)),
         batch_size=None, num_workers=workers, prefetch_factor=PREFETCH, pin_memory=pin,
         worker_init_fn=functools.partial(_worker_init, os.getpid()), collate_fn=_identity,
         multiprocessing_context=context,
@@ -173,16 +179,15 @@ def _fits_in_shared_memory(nbytes: int) -> bool:
 class _DecodedBatches(torch.utils.data.IterableDataset):
     """Worker k of n decodes every n-th batch of the pending file, from the k-th."""
 
-    def __init__(self, job: EncodeJob, shared_memory: bool) -> None:
-        self.job = job
+    def __init__(self, pending: Path, batch_size: int, decode: DecodeImages, shared_memory: bool) -> None:
+        self.pending, self.batch_size, self.decode = pending, batch_size, decode
         self.shared_memory = shared_memory
 
     def __iter__(self) -> Iterator[Decoded]:
         info = torch.utils.data.get_worker_info()
         shard, shards = (info.id, info.num_workers) if info else (0, 1)
-        decode = DecodeImages(self.job.spec)
-        for batch in pending_batches(self.job.pending, self.job.batch_size, shard, shards):
-            decoded = decode.decode(batch)
+        for batch in pending_batches(self.pending, self.batch_size, shard, shards):
+            decoded = self.decode.decode(batch)
             if self.shared_memory:  # a tensor crosses to the main process in shared memory, not pickled
                 decoded = Decoded(decoded.rows, torch.from_numpy(decoded.pictures), decoded.ok)
             yield decoded

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.calibration import Calibration
 from trainer.metrics import Estimate
 
 METRICS_VERSION = 3  # 3: `n` per metric (real_acc: real images; fake_acc, TPR: generated), n_real, n_fake; checks
@@ -183,6 +184,7 @@ class RunMetrics:
     val_auc_by_k: dict[str, float] | None = None
     index: dict[str, Any] | None = None
     alarms: tuple[Alarm, ...] = ()  # computed once, when the run was trained
+    calibration: Calibration | None = None  # fitted on val when trained (None: a run from before it)
     # what the shortcut checks measured on the run's data, alarm or not (`evaluation.probes`): "text", "format"
     checks: dict[str, Any] = field(default_factory=dict)
     version: int = METRICS_VERSION
@@ -212,6 +214,8 @@ class RunMetrics:
                     "excluded_leaks": self.excluded_leaks})
         if self.alarms:
             out["alarms"] = [a.to_json() for a in self.alarms]
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
         if self.checks:
             out["checks"] = self.checks
         return jsonable(out)
@@ -234,6 +238,7 @@ class RunMetrics:
             compute=Compute.from_json(data["compute"]) if data.get("compute") else None, timing=data.get("timing"),
             k=data.get("k"), val_auc_by_k=None if by_k is None else {str(k): v for k, v in by_k.items()},
             index=data.get("index"), alarms=tuple(Alarm.from_json(a) for a in data.get("alarms") or ()),
+            calibration=Calibration.from_json(data["calibration"]) if data.get("calibration") else None,
             checks=dict(data.get("checks") or {}), version=int(data.get("version", 1)),
         )
 

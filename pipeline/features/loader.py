@@ -206,7 +206,8 @@ class FeatureLoader:
             assert self.table.texts is not None
             parts.append(self.table.texts.gather(rows.column("text_row").to_numpy(), raw))
         x = torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-        y = torch.from_numpy(rows.column("label").to_numpy().astype(np.int64))
+        # -1: an unlabelled sample (split `unlabelled`), which only a scoring pass ever reads
+        y = torch.from_numpy(pc.fill_null(rows.column("label"), -1).to_numpy().astype(np.int64))
         return Batch(x, y, rows)
 
     def _row_groups_of(self, splits: tuple[str, ...]) -> list[tuple[int, int]]:

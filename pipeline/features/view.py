@@ -160,6 +160,7 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
         raise PipelineError(f"--pairing must be one of {', '.join(PAIRINGS)}.")
     reporter = reporter or Silent()
     samples = catalog.shard_paths(store, "samples")
+    decisions = catalog.shard_paths(store, "decisions")  # a label decided changes rows: the view is rebuilt
     vectors = catalog.shard_paths(store, "embeddings", model_key)
     image_shards = [p for p in vectors if p.name.startswith("image-")]
     text_shards = [p for p in vectors if p.name.startswith("text-")]
@@ -169,7 +170,7 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
     texts = open_matrix(store, model_key, "text", reporter) if text_shards else None
     name = pairing if perturbation is None else f"{pairing}@{safe_name(perturbation)}"
     directory = store.root / "cache" / "views" / model_key / name
-    covered = {store.relative(p) for p in samples + vectors}
+    covered = {store.relative(p) for p in samples + decisions + vectors}
     layout = {"image": images.segment_names, "text": texts.segment_names if texts else []}
     with cache.building(directory):  # one builder of this view at a time; its readers pin their parts
         found = _read_manifest(directory)
@@ -206,6 +207,8 @@ def _extendable(manifest: dict[str, Any], directory: Path, covered: set[str], la
     known = {p for part in manifest["parts"] for p in part["shards"]}
     if not known <= covered or len(manifest["parts"]) >= MAX_PARTS:
         return False
+    if any(p.startswith("decisions/") for p in covered - known):
+        return False  # a decision changes rows already in the view (a label, a sample left out)
     if not all((directory / p["file"]).exists() for p in manifest["parts"]):
         return False
     new_texts = {store.relative(p) for p in text_shards} - known

@@ -108,12 +108,18 @@ def draw_roc(y: np.ndarray, p: np.ndarray, gens: np.ndarray, split: str) -> Any:
         m = ~y | (gens == g)
         fpr, tpr = roc_curve(y[m], p[m])
         ax.plot(100 * fpr, 100 * tpr, lw=1, label=f"{short(g)} ({pct(roc_auc(y[m], p[m]))})")
-    ax.plot([0, 100], [0, 100], color="grey", ls=":", lw=1, label="chance")
-    ax.set(xlim=(-2, 102), ylim=(-2, 102))
-    ax.set_xlabel("false-positive rate × 100 (real called generated)", fontsize=LABEL)
-    ax.set_ylabel("true-positive rate × 100", fontsize=LABEL)
-    ax.legend(fontsize=SMALL, loc="lower right")
+    _percent_square(ax, "chance", "false-positive rate × 100 (real called generated)", "true-positive rate × 100",
+                    "lower right")
     return fig
+
+
+def _percent_square(ax: Any, diagonal: str, xlabel: str, ylabel: str, legend: str) -> None:
+    """Axes from 0 to 100 on both sides, with the diagonal (chance, or perfect calibration) dotted."""
+    ax.plot([0, 100], [0, 100], color="grey", ls=":", lw=1, label=diagonal)
+    ax.set(xlim=(-2, 102), ylim=(-2, 102))
+    ax.set_xlabel(xlabel, fontsize=LABEL)
+    ax.set_ylabel(ylabel, fontsize=LABEL)
+    ax.legend(fontsize=SMALL, loc=legend)
 
 
 def roc(path: Path, y: np.ndarray, p: np.ndarray, gens: np.ndarray, split: str, random_weights: Any = False) -> Path:
@@ -150,6 +156,24 @@ def draw_confusion(matrix: np.ndarray, threshold: float) -> Any:
 
 def confusion(path: Path, matrix: np.ndarray, threshold: float, random_weights: Any = False) -> Path:
     return save_png(draw_confusion(matrix, threshold), path, random_weights)
+
+
+def draw_reliability(before: Any, after: Any, split: str) -> Any:
+    """A reliability diagram (`evaluation.calibration.Reliability` before and after calibration): per bin,
+    the fraction of generated images against the mean probability, × 100; the diagonal is perfect."""
+    fig, ax = figure(f"Reliability, {split} split (ECE {100 * before.ece:.1f} → {100 * after.ece:.1f})")
+    for rel, colour, name in ((before, "tab:red", "score σ(s)"), (after, "tab:blue", "calibrated")):
+        conf, freq = np.array(rel.confidence) * 100, np.array(rel.frequency) * 100
+        filled = np.array(rel.counts) > 0
+        ax.plot(conf[filled], freq[filled], marker="o", ms=4, color=colour,
+                label=f"{name}: ECE {100 * rel.ece:.1f}")
+    _percent_square(ax, "perfectly calibrated", "mean predicted probability of generated × 100 (per bin)",
+                    "fraction generated × 100", "upper left")
+    return fig
+
+
+def reliability(path: Path, before: Any, after: Any, split: str, random_weights: Any = False) -> Path:
+    return save_png(draw_reliability(before, after, split), path, random_weights)
 
 
 def draw_learning_curve(history: list[dict[str, Any]], best_epoch: Any) -> Any:

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from rich.console import Console
 from rich.markup import escape as escape_markup
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from pipeline.present import tables
@@ -39,7 +47,9 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.compositions.experiment import ExperimentResult
     from pipeline.compositions.sweep import SweepResult
     from pipeline.stages.clean import CleanResult
+    from pipeline.stages.conflicts import ConflictsResult
     from pipeline.stages.encode import EncodeResult
+    from pipeline.stages.export import ExportResult
     from pipeline.stages.import_features import ImportResult
     from pipeline.stages.index import IndexInfo
     from pipeline.stages.ingest import IngestResult
@@ -47,6 +57,7 @@ if TYPE_CHECKING:  # the results rendered here; imported for their types only (a
     from pipeline.stages.leaks import LeakResult
     from pipeline.stages.neighbors import NeighborResult
     from pipeline.stages.perturb import PerturbResult
+    from pipeline.stages.predict import PredictResult
     from pipeline.stages.report import ReportResult
     from pipeline.stages.runs import RunDetail, RunList, RunsRemoved
     from pipeline.stages.score import ScoreResult
@@ -108,12 +119,13 @@ class RichReporter:
     """
 
     def __init__(self, verbose: bool = False) -> None:
+        # On a terminal, live bars with the time left; in a log or a pipe (where rich prints each bar once,
+        # as the command ends) one line per task: its count, rate and time taken, no row of bar glyphs.
+        columns = (BarColumn(), MofNCompleteColumn(), _Rate(), TimeRemainingColumn()) if err.is_terminal else \
+            (MofNCompleteColumn(), _Rate(), TextColumn("in"), TimeElapsedColumn())
         self.progress = Progress(
             TextColumn("[bold]{task.description:<8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _Rate(),
-            TimeRemainingColumn(),
+            *columns,
             console=err,
             transient=False,
             get_time=time.perf_counter,  # the clock the stages time their jobs with
@@ -364,9 +376,12 @@ def show_ingest(result: IngestResult) -> None:
         out.print(f"[yellow]{count} images are already in the store as {escape(repr(there))}[/], named "
                   f"{escape(repr(here))} here: check --generators (D3's gen_0..gen_3 follow the Parquet "
                   "model_gen0..3).")
-    if result.label_conflicts:
-        out.print(f"[yellow]{result.label_conflicts} images appear under two labels[/] and are used as neither "
-                  "(quarantined as label_conflict).")
+    if result.unlabelled:
+        out.print(f"{result.unlabelled} of them unlabelled (split 'unlabelled'): never trained on.")
+    if result.labelled_unlabelled:
+        out.print(f"{result.labelled_unlabelled} unlabelled samples were brought with a label and are now labelled.")
+    for sentence in result.conflict_sentences:
+        alarm(sentence)
     for reason, count in sorted(result.problems.items()):
         out.print(f"[yellow]quarantined[/] {count} × {escape(reason)} "
                   "(see: pipeline sql \"SELECT * FROM quarantine\")")
@@ -428,8 +443,9 @@ def show_import(result: ImportResult) -> None:
               f"as {escape(result.model_key)}; {result.already_present} samples were already present"
               + (f"; {result.units_skipped} unchanged files skipped unread." if result.units_skipped else "."))
     if result.label_conflicts:
-        out.print(f"[yellow]{result.label_conflicts} contents appear under two labels[/] and are used as neither "
-                  "(quarantined as label_conflict).")
+        alarm(f"{result.label_conflicts} contents came under two labels: a content the store held keeps its label, "
+              "one met twice in this import is used as neither. `pipeline conflicts list` shows them; "
+              "`pipeline conflicts resolve SAMPLE --label real|generated|none` decides one (`--undo` reverses it).")
     for reason, count in sorted(result.quarantined.items()):
         out.print(f"[yellow]quarantined[/] {count} × {escape(reason)} "
                   "(see: pipeline sql \"SELECT * FROM quarantine WHERE stage = 'import'\")")
@@ -495,8 +511,14 @@ def show_experiment(result: ExperimentResult) -> None:
     for text in [*result.alarms, *result.warnings]:  # shortcuts, then how far the numbers can be read
         alarm(text)
     runs = [r for seeded in result.seed_runs.values() for r in seeded]
-    out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
-              f"in {result.seconds:.1f} s.")
+    if result.table == "robustness":  # one run, which trained nothing here: it scored the perturbed copies
+        scored = sum(label != "none" for label, _ in result.rows)
+        out.print(f"run {escape(result.rows[0][1].run_id) if result.rows else '-'} scored {scored} "
+                  f"perturbation{'' if scored == 1 else 's'} of its test split in {result.seconds:.1f} s "
+                  "(no run trained).")
+    else:
+        out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
+                  f"in {result.seconds:.1f} s.")
     out.print(f"[green]wrote[/] {escape(str(result.path))} and {escape(str(result.page))}")
 
 
@@ -540,8 +562,23 @@ def show_perturb(result: PerturbResult) -> None:
 
 
 def show_score(result: ScoreResult) -> None:
-    out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id} "
+    unlabelled = f", {result.unlabelled} of them unlabelled" if result.unlabelled else ""
+    out.print(f"[green]scored[/] {result.scored} samples with run {result.run_id}{unlabelled} "
               f"({result.already_scored} already had a score).")
+    for why, n in result.not_scored.items():
+        out.print(f"[yellow]not scored[/] {n} samples: {escape(why)}.")
+
+
+def show_conflicts(result: ConflictsResult) -> None:
+    if result.decided:
+        out.print(f"[green]decided[/]: {escape(result.decided)}")
+    elif not result.conflicts.num_rows:
+        out.print("No label conflicts: no image was brought under two labels.")
+        return
+    shown = result.conflicts.select(["sample_id", "split", "label", "generator", "stored_label", "claimed_label",
+                                     "claimed_generator", "claims", "status"])
+    render_table(short_ids(shown), None if result.decided else "label conflicts (label: as training uses it now)",
+                 whole="pipeline sql \"SELECT * FROM conflicts\"")
 
 
 def show_index(info: IndexInfo, target_recall: float) -> None:
@@ -773,3 +810,49 @@ def show_demo(result: DemoResult) -> None:
               "confusion)")
     example = "SELECT * FROM samples LIMIT 5"
     out.print(f"Store: {escape(str(root))}  (try: pipeline sql --store {escape(str(root))} \"{example}\")")
+
+
+def show_predict(result: PredictResult) -> None:
+    random_banner(result.random_weights)
+    for text in result.warnings:
+        warning(text)
+    rows = result.rows
+    if result.output is None and rows.num_rows:
+        shown = rows.select(["path", "score", "generated", "probability", "ood", "reason"])
+        render_table(shown, f"predictions (score > {result.threshold:.3f}: generated)", max_rows=rows.num_rows,
+                     whole="--output FILE.csv|json|parquet")
+        if result.inputs > rows.num_rows:
+            out.print(f"[dim]… {result.inputs - rows.num_rows} more rows: --output FILE.csv|json|parquet writes "
+                      "them all[/]")
+        if "neighbours" in rows.column_names and rows.column("neighbours").null_count < rows.num_rows:
+            for row in rows.select(["path", "neighbours"]).to_pylist():
+                near = ", ".join(f"{n['generator'] or 'unlabelled'} ({n['split']}, {n['similarity']:.3f})"
+                                 for n in row["neighbours"] or [])
+                out.print(f"  {escape(row['path'])}: nearest training images {escape(near) or 'none'}")
+    out.print(f"[green]predicted[/] {result.inputs} images with {escape(result.source)} in {result.seconds:.1f} s "
+              f"({result.images_per_second:,.1f} img/s): {result.scored} scored, {result.generated} called "
+              f"generated (score > {result.threshold:.3f}); {result.cached} vectors from the store, "
+              f"{result.encoded} encoded now.")
+    if result.flagged:
+        ood = result.ood
+        rule = f" (similarity below {ood.threshold:.3f}, percentile {ood.percentile:g} of validation images')" \
+            if ood is not None else ""
+        out.print(f"[yellow]{result.flagged} images are far from every training image[/]{rule}: their scores are "
+                  "unreliable (column ood).")
+    for reason, n in sorted(result.reasons.items()):
+        out.print(f"[yellow]no score[/] {n} × {escape(reason)} (column reason, detail)")
+    if result.output is not None:
+        out.print(f"[green]wrote[/] {escape(str(result.output))}")
+    if result.kept is not None:
+        k = result.kept
+        out.print(f"[green]kept[/] {k['images']} image and {k['texts']} caption vectors, {k['samples']} images as "
+                  "unlabelled samples (never trained on): predicting them again is a lookup.")
+
+
+def show_export(result: ExportResult) -> None:
+    random_banner(result.random_weights)
+    out.print(f"[green]exported[/] run {escape(result.run_id)} to {escape(str(result.folder))}: "
+              + ", ".join(f.name for f in result.files)
+              + f". `pipeline predict IMAGES --detector {escape(str(result.folder))}` uses it without a store.")
+    for text in result.alarms:
+        alarm(text)

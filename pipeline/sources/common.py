@@ -74,8 +74,8 @@ class Candidate:
     sample_id: str  # sha256 of the bytes
     size: int
     location: Location
-    label: int
-    generator: str
+    label: int | None  # None: unlabelled (`ingest --unlabelled`)
+    generator: str | None
     group_key: str
     text: str | None
     split: str | None = None  # a split declared by the source (used with --splits source)

@@ -1,4 +1,5 @@
 """`root/<class>/…`: class `real` → label 0, any other class name → label 1 with that generator.
+Unlabelled (`ingest --unlabelled`): a folder of any layout, every image under it, with no label.
 
 Captions come from a sidecar `.txt` with the image's stem, or from `root/captions.csv`
 (columns `path` relative to root, or `file`/`filename`, and `caption`). Group key: the file stem
@@ -26,12 +27,14 @@ GROUP_BY = ("stem", "image")
 
 
 class FolderSource:
-    def __init__(self, root: Path, group_by: str, limits: Limits) -> None:
+    def __init__(self, root: Path, group_by: str, limits: Limits, unlabelled: bool = False) -> None:
         if not root.is_dir():
             raise PipelineError(f"{root} is not a directory of class folders (real/, <generator>/).")
-        self.classes = sorted(p for p in root.iterdir() if p.is_dir())
+        self.unlabelled = unlabelled
+        self.classes = [root] if unlabelled else sorted(p for p in root.iterdir() if p.is_dir())
         if not self.classes:
-            raise PipelineError(f"{root} has no class folders; expected real/ and one per generator.")
+            raise PipelineError(f"{root} has no class folders; expected real/ and one per generator "
+                                "(or --unlabelled for images without labels, in any layout).")
         self.root, self.group_by, self.limits = root, group_by, limits
         self.captions = _captions_csv(root)
 
@@ -41,7 +44,8 @@ class FolderSource:
             digest = reading.hash_file(csv_path, Limits(sys.maxsize))[0] if csv_path.exists() else None
         except Unreadable as exc:
             raise PipelineError(f"{exc.detail}: captions.csv must be a readable file.") from exc
-        return {"group_by": self.group_by, "captions_csv": digest}
+        # (the key only when set: folders ingested before the option keep their ledger rows)
+        return {"group_by": self.group_by, "captions_csv": digest, **({"unlabelled": True} if self.unlabelled else {})}
 
     def growing(self) -> list[Path]:
         return []  # each image is a unit: a grown folder costs its new files already
@@ -54,7 +58,6 @@ class FolderSource:
 
     def items(self, unit: Unit) -> Items:
         class_name = text_of(unit.payload)
-        label = 0 if class_name.lower() == REAL else 1
         hashed = hash_file(unit.path, self.limits)
         if not isinstance(hashed, tuple):
             yield hashed
@@ -62,6 +65,10 @@ class FolderSource:
         sample_id, size, loc = hashed
         rel = unit.path.relative_to(self.root).as_posix()
         text = self.captions.get(rel) or self.captions.get(unit.path.name) or _sidecar(unit.path)
+        if self.unlabelled:  # no class, no group: an unlabelled image splits nothing
+            yield Candidate(sample_id, size, loc, None, None, "", text)
+            return None
+        label = 0 if class_name.lower() == REAL else 1
         group = f"stem:{text_of(unit.path.stem)}" if self.group_by == "stem" else ""
         generator = REAL if label == 0 else canonical(class_name)
         yield Candidate(sample_id, size, loc, label, generator, group, text, None,

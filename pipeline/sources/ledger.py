@@ -128,11 +128,12 @@ PROBLEM_KEY = ("concat_ws(chr(0), reason, coalesce(source_uri, chr(1)), coalesce
 def conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetime,
                  stage: str = "ingest") -> dict[str, Any]:
     """The quarantine row of a sample row whose bytes are labelled `other_label` at place `other`
-    (import-features writes them too, as stage `import`)."""
+    (import-features writes them too, as stage `import`): the claim of `row`, with its label and
+    generator, which the `conflicts` view lists; the sample stored as `other_label` stays as it is."""
     here = where(row["source_uri"], row["source_member"], row["source_row"])
-    names = {0: "real", 1: "generated"}
-    detail = (f"the same bytes are labelled {names[int(row['label'])]} ({row['generator']}) at {here} "
-              f"and {names[other_label]} at {other}; neither copy is used")
+    detail = (f"the same bytes are labelled {LABEL_NAMES[int(row['label'])]} ({row['generator']}) at {here} "
+              f"and {LABEL_NAMES[other_label]} at {other}; the store keeps the label it had until "
+              "`pipeline conflicts resolve` says otherwise")
     return {
         "content_hash": row["sample_id"],
         "stage": stage,
@@ -142,7 +143,12 @@ def conflict_row(row: dict[str, Any], other: str, other_label: int, now: datetim
         "source_member": row["source_member"],
         "source_row": row["source_row"],
         "recorded_at": now,
+        "label": int(row["label"]),
+        "generator": row["generator"],
     }
+
+
+LABEL_NAMES = {0: "real", 1: "generated"}
 
 
 def where(uri: str | None, member: str | None, row: int | None) -> str:

@@ -1,7 +1,8 @@
 """img2dataset output: `*.tar` shards holding `KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`.
 
 Label and generator come from `--generator NAME` (`real` → label 0) for the whole source, or from
-a mapping file (CSV with columns `key`, `label`, `generator`), which wins where it names a key.
+a mapping file (CSV with columns `key`, `label`, `generator`), which wins where it names a key;
+or there are none (`ingest --unlabelled`).
 Each tar is one unit; a tar appended to (`tar -r`) is read from where the last read stopped.
 """
 
@@ -37,18 +38,22 @@ from pipeline.sources.reading import ensure_regular
 
 
 class WebdatasetSource:
-    def __init__(self, source: Path, generator: str | None, label_map: Path | None, limits: Limits) -> None:
+    def __init__(self, source: Path, generator: str | None, label_map: Path | None, limits: Limits,
+                 unlabelled: bool = False) -> None:
         self.tars = [source] if source.is_file() else sorted(source.glob("**/*.tar"))
         if not self.tars:
             raise PipelineError(f"{source} holds no .tar shards.")
+        if unlabelled and (generator is not None or label_map is not None):
+            raise PipelineError("--unlabelled records images without labels: leave out --generator and --label-map.")
         self.mapping = _read_label_map(label_map) if label_map else {}
-        if generator is None and not self.mapping:
-            raise PipelineError("webdataset sources need --generator NAME (or 'real') or --label-map FILE.")
-        self.generator, self.label_map, self.limits = generator, label_map, limits
+        if generator is None and not self.mapping and not unlabelled:
+            raise PipelineError("webdataset sources need --generator NAME (or 'real') or --label-map FILE "
+                                "(or --unlabelled).")
+        self.generator, self.label_map, self.limits, self.unlabelled = generator, label_map, limits, unlabelled
 
     def options(self) -> dict[str, object]:
         digest = hashlib.sha256(self.label_map.read_bytes()).hexdigest() if self.label_map else None
-        return {"generator": self.generator, "label_map": digest}
+        return {"generator": self.generator, "label_map": digest, **({"unlabelled": True} if self.unlabelled else {})}
 
     def growing(self) -> list[Path]:
         return self.tars
@@ -71,8 +76,10 @@ class WebdatasetSource:
             if member is None:
                 continue  # a key with only metadata (img2dataset keeps failed downloads' json)
             short_key = entry.key.rpartition("/")[2]
-            label_gen = self.mapping.get(short_key) or self.mapping.get(entry.key)
-            if label_gen is None:
+            label_gen: tuple[int | None, str | None] | None = self.mapping.get(short_key) or self.mapping.get(entry.key)
+            if self.unlabelled:
+                label_gen = (None, None)
+            elif label_gen is None:
                 if self.generator is None:
                     yield Problem(
                         "unlabelled",
@@ -87,7 +94,10 @@ class WebdatasetSource:
                 yield got
                 continue
             sample_id, size, loc = got
-            yield Candidate(sample_id, size, loc, label, REAL if label == 0 else canonical(gen),
+            if label is None:
+                yield Candidate(sample_id, size, loc, None, None, "", tar_text(tf, entry, "txt"))
+                continue
+            yield Candidate(sample_id, size, loc, label, REAL if label == 0 else canonical(gen or ""),
                             f"key:{short_key}", tar_text(tf, entry, "txt"), None,
                             None if label == 0 else gen)
         return entries.value

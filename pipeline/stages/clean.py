@@ -30,7 +30,7 @@ from pipeline.store.cleanup import Removed
 from pipeline.store.layout import Store
 from pipeline.store.writes import writing
 
-STALE_CACHES = "caches of models no longer in the store"
+STALE_CACHES = "caches of models or runs no longer in the store"
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _plan(store: Store, config: CleanConfig, writer_free: bool) -> _Plan:
     if not config.reports:
         rest = [p for e in reports if e not in old for p in html.report_files(store.reports_dir, e)]
         plan.kept.append(_kept("other reports", rest, "pass --reports to remove them", store))
-    stale = cleanup.stale_cache_units(store, set(catalog.model_keys(store)))
+    stale = cleanup.stale_cache_units(store, set(catalog.model_keys(store)), runs)
     plan.caches[STALE_CACHES] = stale
     others = [u for u in cleanup.cache_units(store) if u not in stale]
     if config.caches:

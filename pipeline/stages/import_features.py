@@ -18,8 +18,9 @@ What a features file says is checked, not trusted:
   a bad image vector keeps its sample out, a bad text vector leaves its samples without text. The
   test is on the norms the normalising pass computes anyway: no second pass over the vectors.
 - The same content under both labels is quarantined as `label_conflict`, as ingest does (and with
-  its rows), whether the twin is in the same slice or already in the store; the `samples` view then
-  leaves that content out.
+  its rows, which keep the label claimed), whether the twin is in the same slice or already in the
+  store: a stored sample keeps its label (the `conflicts` view lists the claim until `pipeline
+  conflicts resolve`); contents met twice in one slice are stored as neither.
 - Arrays that are not 2-D float (a 1-D `.npy`, strings, objects) or do not line up stop the import
   with one sentence naming the file.
 

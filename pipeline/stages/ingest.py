@@ -3,8 +3,14 @@
 `sample_id` is the SHA-256 of the image bytes (hashed while streaming, never held whole), so
 re-ingesting adds nothing. The split comes from hashing the group key, so related images (a real
 photo and the images generated from its caption) always share one; `--splits source` keeps the
-split the source declares instead. Inputs that cannot become samples are quarantined with a reason,
-and so are the same bytes given two labels (`label_conflict`, both sources named).
+split the source declares instead. Inputs that cannot become samples are quarantined with a reason.
+`--unlabelled` records images with no label (split `unlabelled`): never trained on, never in conflict.
+
+The same bytes under another label never change the store's training data: the sample keeps the
+label it was stored with (within one read, the first copy read), and the other claim is recorded in
+quarantine (`label_conflict`, with the label it claimed), listed by the `conflicts` view and
+reported in a sentence; only `pipeline conflicts resolve` changes a label (and can undo it). An
+unlabelled sample brought again with a label becomes a labelled one (a `decisions` row says so).
 
 Bookkeeping works in bounded chunks: each unit of the source (a file, or a manifest row) is checked
 against the `sources` ledger and skipped when it was read before, unchanged and with the same
@@ -58,6 +64,7 @@ from pipeline.sources.d3 import DEFAULT_GENERATORS, REAL_MISSING, D3Source
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.generators import canonical
 from pipeline.sources.ledger import (
+    LABEL_NAMES,
     PROBLEM_KEY,
     assign_split,
     conflict_row,
@@ -75,7 +82,7 @@ from pipeline.store.atomic import write_parquet
 from pipeline.store.keys import KeyQuery, StoreKeys, first_occurrence, keys_of
 from pipeline.store.layout import Store
 from pipeline.store.writes import writing
-from schemas import QUARANTINE, SAMPLES, SOURCES, from_rows
+from schemas import DECISIONS, QUARANTINE, SAMPLES, SOURCES, UNLABELLED, from_rows
 
 FORMATS: tuple[str, ...] = get_args(SourceFormat)
 _UNIT_CHUNK = 65_536  # units checked against the ledger at a time
@@ -99,10 +106,14 @@ class IngestConfig(Validated):
     max_bytes: int = DEFAULT_MAX_BYTES
     shard_rows: int = 50_000
     wait: bool = True  # wait for another writer of the store instead of stopping
+    unlabelled: bool = False  # record every image with no label, split `unlabelled` (folder: any layout)
 
     def check(self) -> None:
         if not self.source.exists():
             raise PipelineError(f"Source {self.source} does not exist.")
+        if self.unlabelled and self.format not in ("folder", "webdataset"):
+            raise PipelineError(f"--unlabelled reads a folder (any layout) or webdataset tars, not a {self.format} "
+                                "source, whose rows carry labels.")
         fractions = self.split_fractions
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
             raise PipelineError("--splits needs three non-negative fractions (train,val,test) summing to 1, "
@@ -118,7 +129,11 @@ class IngestResult:
     added: int = 0
     already_in_store: int = 0
     duplicates_in_source: int = 0
-    label_conflicts: int = 0
+    label_conflicts: int = 0  # contents brought under another label than the store's: recorded, not applied
+    # (stored label or None: a twin in this read, claimed label, claimed generator) → contents
+    conflicts: Counter[tuple[int | None, int, str]] = field(default_factory=Counter)
+    labelled_unlabelled: int = 0  # unlabelled samples this ingest brought with a label (now labelled)
+    unlabelled: int = 0  # of `added`: samples without a label
     missing_captions: int = 0  # added samples whose caption is missing or empty
     units_read: int = 0
     units_skipped: int = 0  # read before, unchanged, same options: not opened again
@@ -134,6 +149,19 @@ class IngestResult:
     # D3: sentences where the --generators order disagrees with the Parquet rows read or the store's
     # other D3 forms (also noted through the reporter as found); see `pipeline.sources.d3_order`
     generator_warnings: list[str] = field(default_factory=list)
+
+    @property
+    def conflict_sentences(self) -> list[str]:
+        """What the label conflicts of this ingest did, loudly: one sentence per kind of claim."""
+        out = []
+        for (stored, claimed, generator), n in sorted(self.conflicts.items(), key=lambda kv: -kv[1]):
+            claim = f"{LABEL_NAMES[claimed]} ({generator})" if claimed else LABEL_NAMES[claimed]
+            kept = (f"the store holds {'it' if n == 1 else 'them'} as {LABEL_NAMES[stored]} and keeps that label"
+                    if stored is not None else "the first copy read was kept with its own label")
+            out.append(f"{n} image{'s' if n != 1 else ''} came labelled {claim}, but {kept}: training data is "
+                       "unchanged. `pipeline conflicts list` shows them; `pipeline conflicts resolve SAMPLE --label "
+                       "real|generated|none` decides one (`--undo` reverses it).")
+        return out
 
 
 class Source(Protocol):
@@ -157,9 +185,9 @@ def open_source(config: IngestConfig) -> Source:
         return D3Source(config.source, config.real_images, config.generators, limits,
                         config.store.root / "cache" / "real-images")
     if config.format == "folder":
-        return FolderSource(config.source, config.group_by, limits)
+        return FolderSource(config.source, config.group_by, limits, config.unlabelled)
     if config.format == "webdataset":
-        return WebdatasetSource(config.source, config.generator, config.label_map, limits)
+        return WebdatasetSource(config.source, config.generator, config.label_map, limits, config.unlabelled)
     return ManifestSource(config.source, limits)
 
 
@@ -209,6 +237,7 @@ def _ingest(config: IngestConfig, source: Source, reporter: Reporter) -> IngestR
         if isinstance(source, D3Source) and folder is not None and unread([folder], known):
             _recheck_real_images(config, source, folder, digest, now, result, known, reporter)
     result.added = sum(result.by_split.values())
+    result.unlabelled = result.by_split[UNLABELLED]
     return result
 
 
@@ -293,12 +322,15 @@ def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime,
     samples, quarantine and the ledger rows of units finished (ledger last, so a kill re-reads)."""
     if not (pending.samples or pending.problems or pending.units):
         return
-    samples, problems = _classify(store, pending.samples, now, result, known)
+    samples, problems, decisions = _classify(store, pending.samples, now, result, known)
     problems, problem_keys = _new_problems(store, pending.problems + problems, result, known)
     written = []
     if samples:
         written.append(write_parquet(from_rows(SAMPLES, samples),
                                      store.new_shard(store.dataset_dir("samples"), "samples")))
+    if decisions:
+        written.append(write_parquet(from_rows(DECISIONS, decisions),
+                                     store.new_shard(store.dataset_dir("decisions"), "ingest")))
     if problems:
         written.append(write_parquet(from_rows(QUARANTINE, problems),
                                      store.new_shard(store.dataset_dir("quarantine"), "ingest")))
@@ -317,13 +349,17 @@ def _flush(store: Store, pending: _Pending, result: IngestResult, now: datetime,
     pending.units.clear()
 
 
-def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: IngestResult,
-              known: StoreKeys) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split a chunk into new samples and label conflicts; count duplicates. One query per chunk;
-    it reads the store's rows only for the ids its key set holds (duplicates, rare unless a changed
-    source is read again)."""
+def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: IngestResult, known: StoreKeys
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a chunk into new samples, label-conflict claims and `labelled` decisions (an unlabelled
+    sample brought with a label); count duplicates. One query per chunk; it reads the store's rows
+    only for the ids its key set holds (duplicates, rare unless a changed source is read again).
+
+    A content's first labelled copy wins: the store's, else the first read in this chunk; a copy under
+    the other label becomes a claim (quarantine, `label_conflict`) and changes nothing. Unlabelled
+    copies never conflict: they are duplicates of any copy there is."""
     if not rows:
-        return [], []
+        return [], [], []
     ids = pa.array([r["sample_id"] for r in rows], pa.string())
     stored_ids = np.zeros(len(rows), bool)
     if catalog.shard_paths(store, "samples"):
@@ -336,56 +372,64 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: I
     })
     has_samples = bool(stored_ids.any())
     stored = """
-        LEFT JOIN (SELECT sample_id, any_value(label) AS label, any_value(source_uri) AS uri,
-                          any_value(source_member) AS member, bool_or(ingested_at = ?) AS this_run,
-                          any_value(generator) AS generator
+        LEFT JOIN (SELECT sample_id, any_value(label) FILTER (WHERE label IS NOT NULL) AS label,
+                          any_value(source_uri) AS uri, any_value(source_member) AS member,
+                          bool_or(ingested_at = ?) AS this_run, true AS present,
+                          any_value(generator) FILTER (WHERE label IS NOT NULL) AS generator
                    FROM samples_all WHERE sample_id IN (SELECT sample_id FROM c WHERE stored) GROUP BY sample_id) s
         USING (sample_id)
     """ if has_samples else "LEFT JOIN (SELECT NULL::VARCHAR AS sample_id, NULL::TINYINT AS label, " \
-        "NULL::VARCHAR AS uri, NULL::VARCHAR AS member, NULL::BOOLEAN AS this_run, NULL::VARCHAR AS generator) s " \
-        "USING (sample_id)"
+        "NULL::VARCHAR AS uri, NULL::VARCHAR AS member, NULL::BOOLEAN AS this_run, NULL::BOOLEAN AS present, " \
+        "NULL::VARCHAR AS generator) s USING (sample_id)"
     table = catalog.query_with(store, f"""
-        SELECT c.i, row_number() OVER (PARTITION BY c.sample_id ORDER BY c.i) = 1 AS first,
-               count(DISTINCT c.label) OVER (PARTITION BY c.sample_id) AS labels,
+        SELECT c.i, row_number() OVER (PARTITION BY c.sample_id ORDER BY c.label IS NULL, c.i) = 1 AS first,
                s.label AS stored_label, s.uri AS stored_uri, s.member AS stored_member, s.this_run,
-               s.generator AS stored_generator
+               coalesce(s.present, false) AS present, s.generator AS stored_generator
         FROM c {stored}
         ORDER BY c.i
     """, {"c": chunk}, [now] if has_samples else None)
     new: list[dict[str, Any]] = []
     conflicts: list[dict[str, Any]] = []
-    first_of: dict[str, dict[str, Any]] = {}
-    for info in table.to_pylist():
+    decisions: list[dict[str, Any]] = []
+    infos = table.to_pylist()
+    # the copy of each content this chunk keeps: its first labelled one, else its first
+    first_of = {rows[info["i"]]["sample_id"]: rows[info["i"]] for info in infos if info["first"]}
+    for info in infos:
         row = rows[info["i"]]
-        if info["stored_label"] is not None:
-            if info["stored_label"] == row["label"] and info["labels"] == 1:
+        twin = first_of[row["sample_id"]]
+        if info["stored_label"] is not None or (info["present"] and row["label"] is None):
+            if row["label"] is None or info["stored_label"] == row["label"]:
                 if info["this_run"]:
                     result.duplicates_in_source += 1
                 else:
                     result.already_in_store += 1
-                    if canonical(info["stored_generator"] or "") != row["generator"]:  # not just an old spelling
-                        result.generator_mismatches[(row["generator"], info["stored_generator"])] += 1
+                    stored_gen = info["stored_generator"]
+                    if row["label"] is not None and canonical(stored_gen or "") != row["generator"]:
+                        result.generator_mismatches[(row["generator"], stored_gen)] += 1  # not an old spelling
                 continue
             other = where(info["stored_uri"], info["stored_member"], None)
             conflicts.append(conflict_row(row, other, int(info["stored_label"]), now))
+            result.conflicts[(int(info["stored_label"]), int(row["label"]), row["generator"])] += 1
             continue
-        if info["labels"] > 1:
-            twin = first_of.setdefault(row["sample_id"], row)
-            if twin is not row:
+        if twin is not row:  # a later copy in this chunk
+            if row["label"] is not None and row["label"] != twin["label"]:
                 conflicts.append(conflict_row(row, where(twin["source_uri"], twin["source_member"],
                                                          twin["source_row"]), int(twin["label"]), now))
-                conflicts.append(conflict_row(twin, where(row["source_uri"], row["source_member"],
-                                                          row["source_row"]), int(row["label"]), now))
-            continue
-        if not info["first"]:
-            result.duplicates_in_source += 1
+                result.conflicts[(None, int(row["label"]), row["generator"])] += 1
+            else:
+                result.duplicates_in_source += 1
             continue
         new.append(row)
         result.by_split[row["split"]] += 1
+        if row["label"] is not None and info["present"]:  # stored unlabelled: its labelled row takes over
+            decisions.append({"sample_id": row["sample_id"], "action": "labelled", "label": row["label"],
+                              "generator": row["generator"], "note": f"ingest {row['source_uri']}",
+                              "decided_at": now})
+            result.labelled_unlabelled += 1
         if not row["text"]:
             result.missing_captions += 1
     result.label_conflicts += len({c["content_hash"] for c in conflicts})
-    return new, conflicts
+    return new, conflicts, decisions
 
 
 def _new_problems(store: Store, rows: list[dict[str, Any]], result: IngestResult,
@@ -420,13 +464,14 @@ def _sample_row(item: Candidate, config: IngestConfig, now: datetime) -> dict[st
     group = item.group_key or f"image:{item.sample_id}"
     loc = item.location
     declared = item.split if config.splits_from == "source" else None
+    unlabelled = config.unlabelled or item.label is None
     return {
         "sample_id": item.sample_id,
-        "label": item.label,
-        "generator": item.generator,
-        "generator_original": item.generator_original,
-        "split": declared or _manifest_split(item, config) or assign_split(group, config.split_fractions,
-                                                                          config.split_seed),
+        "label": None if unlabelled else item.label,
+        "generator": None if unlabelled else item.generator,
+        "generator_original": None if unlabelled else item.generator_original,
+        "split": UNLABELLED if unlabelled else (declared or _manifest_split(item, config) or assign_split(
+            group, config.split_fractions, config.split_seed)),
         "group_key": group,
         "text": item.text,
         "text_hash": text_hash(item.text) if item.text else None,

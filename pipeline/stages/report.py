@@ -24,6 +24,7 @@ from pipeline.choices import Split
 from pipeline.config import Validated, within
 from pipeline.errors import PipelineError
 from pipeline.evaluation import alarms, bootstrap
+from pipeline.evaluation.calibration import Calibration, calibration_of
 from pipeline.evaluation.results import RunMetrics
 from pipeline.evaluation.scores import GroupKeys, ScoreArrays, ScoreCollector
 from pipeline.features.leaks import leaking_ids
@@ -113,6 +114,11 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
     if metrics.history:
         result.files.append(figures.learning_curve(directory / "learning_curve.png", list(metrics.history),
                                                    metrics.best_epoch, rw))
+    calibration = calibration_of(store, run_id, metrics.calibration)
+    shown = next((s for s in ("test", "val") if (calibration.reliability or {}).get(s)), None)
+    if shown is not None:
+        before, after = (calibration.reliability or {})[shown]
+        result.files.append(figures.reliability(directory / "reliability.png", before, after, shown, rw))
     chosen_at = metrics.test.at_val_threshold
     chosen = chosen_at.threshold if chosen_at else threshold
     result.alarms = [a.sentence for a in metrics.alarms if a.kind in alarms.SHORTCUT_KINDS]
@@ -139,6 +145,7 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
                    [[html.metric_name(m), _marked(m, overall[m], notes), overall[m].n]
                     for m in METRICS if m in overall]),
         _threshold_note(metrics),
+        _calibration_note(calibration, metrics.calibration is None),
         f"<p>The figures also count the {len(y) - then} {html.e(split)} samples scored since by "
         "<code>pipeline score</code>; the tables do not.</p>" if 0 < then < len(y) and not recomputed else "",
         html.table(["split", "n", "ROC AUC", "AP", "accuracy @ 0.5"],
@@ -163,6 +170,23 @@ def run(cfg: ReportConfig, reporter: Reporter | None = None) -> ReportResult:
 
 def _cell(cell: dict[str, Any]) -> str:
     return html.estimate_text(cell)
+
+
+def _calibration_note(calibration: Calibration, fitted_now: bool) -> str:
+    """Calibration's ECE before and after, as the run stored it (or, for a run from before, as fitted now)."""
+    pairs = calibration.reliability or {}
+    rows = [[split, before.n, f"{100 * before.ece:.2f}", f"{100 * after.ece:.2f}"]
+            for split, (before, after) in sorted(pairs.items(), key=lambda kv: kv[0] != "val")]
+    if not rows:
+        return ""
+    when = "fitted now from the run's stored val scores (it was trained before calibration was kept)" \
+        if fitted_now else "fitted on val when the run was trained"
+    sign = "+" if calibration.b >= 0 else "−"
+    return (f"<p>Calibration (Platt scaling, p̂ = σ({calibration.a:.3f}·s {sign} {abs(calibration.b):.3f}) where s is "
+            f"the logit of the score, {when}): "
+            "expected calibration error × 100 in 15 equal-width bins, before and after; test never saw the "
+            "fit. Predict and exported detectors report p̂ as <code>probability</code>.</p>"
+            + html.table(["split", "n", "ECE before", "ECE after"], rows))
 
 
 def _marked(metric: str, e: Estimate, notes: list[str]) -> str:

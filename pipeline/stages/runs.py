@@ -21,7 +21,7 @@ from pipeline.evaluation.results import RunMetrics
 from pipeline.present import html
 from pipeline.reporting import Reporter
 from pipeline.runs.record import run_metrics, run_shards
-from pipeline.store import catalog, writes
+from pipeline.store import catalog, cleanup, writes
 from pipeline.store import manifest as manifests
 from pipeline.store.cleanup import size_of
 from pipeline.store.layout import Store
@@ -176,6 +176,9 @@ def _remove(config: RemoveRuns, reporter: Reporter | None) -> RunsRemoved:
         for s in shards:
             rows[s.dataset] = rows.get(s.dataset, 0) + s.num_rows
         removed = writes.remove(store, [s.path for s in shards], folders)
+        for run_id in config.run_ids:  # its out-of-distribution reference (predict's), unless read right now
+            for unit in sorted((store.root / "cache" / "ood").glob(f"*/{run_id}")):
+                cleanup.clear_cache(unit)  # (None: a predict pins it; `pipeline clean` takes it later)
         if reports:
             html.index_reports(store.reports_dir)  # the index lists what is left
     return RunsRemoved(list(dict.fromkeys(config.run_ids)), removed.files, removed.bytes, rows)

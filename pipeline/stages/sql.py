@@ -386,6 +386,7 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
         con.register(f"_{name}", ds.dataset(paths, schema=schema, format=_PARQUET) if paths else schema.empty_table())
         con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
     con.execute(f"CREATE VIEW samples AS {catalog.samples_view(manifest)}")
+    con.execute(f"CREATE VIEW conflicts AS {catalog.conflicts_view(manifest)}")
     con.execute(f"CREATE VIEW alarms AS {catalog.alarms_view()}")  # (from runs.metrics_json)
     parts = []
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):

@@ -77,21 +77,25 @@ def run(config: StatusConfig, reporter: Reporter | None = None) -> StoreStatus:
 
 def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Table]) -> StoreStatus:
     """Counts are sums of the manifest's per-shard counts; rows are read only where they cannot be:
-    the distinct texts, and the samples that a label conflict takes out of the `samples` view. The
+    the distinct texts, and the few samples whose rows the `samples` view changes (relabelled or left
+    out by a decision, an unlabelled copy superseded by a labelled one, an old label conflict). The
     samples without text come from each samples shard's footer (its `text_hash` NULL count).
 
-    Every writer keeps a sample id once in `samples` and a vector once per model, modality and
-    hash, and writes a vector only for a sample of the store (its image, or its text): so the
-    vectors of a model, less those of the conflicting samples, are the encoded samples."""
+    Every writer keeps a sample id once in `samples` (an unlabelled one may gain a labelled row) and a
+    vector once per model, modality and hash, and writes a vector only for a sample of the store (its
+    image, or its text): so the vectors of a model, less those of the samples left out, are the
+    encoded samples."""
     samples = _sum(store, manifest, "samples")
     quarantine = _unresolved(_sum(store, manifest, "quarantine"))
     conflicts = sum(n for (_, reason), n in quarantine.items() if reason == "label_conflict")
-    if conflicts:
-        excluded = q(f"SELECT {', '.join(manifests.COUNTED['samples'])}, count(*) FROM samples_all "
-                     f"WHERE sample_id IN ({_CONFLICTS}) GROUP BY ALL").to_pylist()
-        for row in excluded:
-            *key, n = row.values()
-            samples[tuple(key)] -= n
+    touched = bool(conflicts or manifest.of("decisions"))
+    if touched:  # the rows of the touched samples as stored, replaced by what the view makes of them
+        counted = ', '.join(manifests.COUNTED['samples'])
+        for sign, view in ((-1, "samples_all"), (1, "samples")):
+            for row in q(f"SELECT {counted}, count(*) FROM {view} WHERE sample_id IN ({_TOUCHED}) "
+                         "GROUP BY ALL").to_pylist():
+                *key, n = row.values()
+                samples[tuple(key)] += sign * n
     by_group: Counter[tuple[Any, ...]] = Counter()
     for (split, label, generator, _, _), n in samples.items():
         by_group[(split, label, generator)] += n
@@ -104,9 +108,9 @@ def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Tabl
     for key in catalog.model_keys(store):
         vectors = _sum(store, manifest, "embeddings", key)
         images, texts = vectors[("image",)], vectors[("text",)]
-        if conflicts:
+        if touched:
             images -= q(f"SELECT count(DISTINCT content_hash) FROM embeddings WHERE model_key = ? "
-                        f"AND modality = 'image' AND content_hash IN ({_CONFLICTS})", [key]).column(0)[0].as_py()
+                        f"AND modality = 'image' AND content_hash IN ({_LEFT_OUT})", [key]).column(0)[0].as_py()
             texts -= q(_ORPHAN_TEXTS, [key]).column(0)[0].as_py()
         info = store.model_info(key)
         models.append(
@@ -131,18 +135,23 @@ def _status(store: Store, manifest: manifests.Manifest, q: Callable[..., pa.Tabl
         """
     )
     without_text = sum(_nulls(store.root / shard.path, "text_hash") for shard in manifest.of("samples"))
-    if conflicts and without_text:
-        without_text -= q(f"SELECT count(*) FROM samples_all WHERE sample_id IN ({_CONFLICTS}) "
-                          "AND text_hash IS NULL").column(0)[0].as_py()
+    if touched and without_text:  # the touched samples as stored, replaced by what the view makes of them
+        for sign, view in ((-1, "samples_all"), (1, "samples")):
+            without_text += sign * q(f"SELECT count(*) FROM {view} WHERE sample_id IN ({_TOUCHED}) "
+                                     "AND text_hash IS NULL").column(0)[0].as_py()
     return StoreStatus(sum(samples.values()), _groups_table(by_group), _quarantine_table(quarantine), models,
                        derived, without_text)
 
 
-_CONFLICTS = "SELECT content_hash FROM quarantine WHERE reason = 'label_conflict' AND content_hash IS NOT NULL"
-# text vectors whose only samples are conflicting ones: not the text of any sample in the view
+# samples whose rows the `samples` view may change: decided on, or claimed under another label
+_TOUCHED = ("SELECT sample_id FROM decisions UNION SELECT content_hash FROM quarantine "
+            "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL")
+# of those, the ones the view leaves out altogether
+_LEFT_OUT = f"SELECT sample_id FROM ({_TOUCHED}) EXCEPT SELECT sample_id FROM samples WHERE sample_id IN ({_TOUCHED})"
+# text vectors whose only samples are left out: not the text of any sample in the view
 _ORPHAN_TEXTS = f"""
     WITH c AS (SELECT DISTINCT text_hash FROM samples_all
-               WHERE sample_id IN ({_CONFLICTS}) AND text_hash IS NOT NULL)
+               WHERE sample_id IN ({_LEFT_OUT}) AND text_hash IS NOT NULL)
     SELECT count(*) FROM c
     WHERE text_hash NOT IN (SELECT text_hash FROM samples WHERE text_hash IN (SELECT text_hash FROM c))
       AND text_hash IN (SELECT content_hash FROM embeddings WHERE model_key = ? AND modality = 'text')

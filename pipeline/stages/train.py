@@ -27,6 +27,7 @@ from pipeline.config import Validated
 from pipeline.errors import PipelineError
 from pipeline.evaluation import alarms, probes
 from pipeline.evaluation.bootstrap import summarise_splits, validation_summary
+from pipeline.evaluation.calibration import calibrate
 from pipeline.evaluation.loss import evaluation_loss, evaluation_set
 from pipeline.evaluation.results import Compute, LeftOut, RunMetrics
 from pipeline.evaluation.scores import (
@@ -46,7 +47,7 @@ from pipeline.runs.record import existing_run, run_metrics, write_run
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from pipeline.store.writes import require_writable, writing
-from schemas import SPLITS
+from schemas import SPLITS, UNLABELLED
 from trainer.fit import GEMM_THREAD_INDEPENDENT, build_model, fit
 from trainer.precision import resolve_precision
 from trainer.threads import choose_threads, numbers_depend_on_threads
@@ -127,6 +128,8 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         scores = collector.arrays()
         scores.group = keys.codes()
         splits = summarise_splits(scores, config.seed)
+        calibration = calibrate({split: (scores.label[m], scores.score[m]) for split in ("val", "test")
+                                 if (m := scores.of(split)).any()})
         excluded_counts = {split: int(np.sum((scores.split == SPLITS.index(split)) & scores.excluded))
                            for split in ("val", "test")} if config.exclude_leaks else None
         del scores, collector
@@ -134,7 +137,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
                              features=config.features, pairing=config.pairing, train=splits["train"],
                              val=splits["val"], test=splits["test"],
                              left_out=_left_out(store, table, config, writer.rows),
-                             excluded_leaks=excluded_counts, **extra)
+                             excluded_leaks=excluded_counts, calibration=calibration, **extra)
         checks = probes.checks(store, table, config.features, config.seed, config.input_norm)
         metrics = replace(metrics, checks=checks, alarms=alarms.run_alarms(metrics, checks))
         # Fitting needs no lock (it reads immutable files); committing does. A parallel sweep job may
@@ -182,9 +185,13 @@ def _left_out(store: Store, table: FeatureTable, config: TrainConfig, scored: in
     params: list[object] = [] if config.perturbation is None else [config.perturbation]
     with catalog.connect(store) as con:
         bound_memory(con, store)  # (a count of distinct ids holds every id: let DuckDB spill)
-        total = con.execute(f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which}", params).fetchall()[0][0]
-    return LeftOut(no_image_vector=max(0, int(total) - table.rows),
-                   no_text_vector=max(0, table.rows - scored) if config.features != "image" else 0)
+        total = con.execute(f"SELECT count(DISTINCT sample_id) FROM samples WHERE {which} AND label IS NOT NULL",
+                            params).fetchall()[0][0]
+        # unlabelled samples are in the view (to be scored) but never in a run: not "left out"
+        labelled = table.rows - con.execute(f"SELECT count(*) FROM {table.parts_sql} WHERE split = ?",
+                                            [UNLABELLED]).fetchall()[0][0]
+    return LeftOut(no_image_vector=max(0, int(total) - labelled),
+                   no_text_vector=max(0, labelled - scored) if config.features != "image" else 0)
 
 
 def _leaks(store: Store, model_key: str, config: TrainConfig) -> tuple[set[str], str | None]:

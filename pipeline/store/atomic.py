@@ -136,6 +136,16 @@ def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = T
     return removed
 
 
+def remove_stale_temps_of(path: Path) -> int:
+    """Delete the temps of `path` alone (beside it) that dead writers left: a killed `--output` file's,
+    in a folder of the user's where nothing else may be swept."""
+    prefix = f".{path.name}."
+    stale = [t for t in stale_temps(path.parent, recursive=False) if t.name.startswith(prefix)]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
+
+
 def stale_temps(directory: Path, recursive: bool = True) -> list[Path]:
     """The temp files under `directory` (or in it only) whose owner is dead (see `remove_stale_temps`)."""
     if not directory.exists():

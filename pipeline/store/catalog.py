@@ -230,6 +230,7 @@ def _define_views(con: duckdb.DuckDBPyConnection, store: Store, manifest: Manife
         name = "samples_all" if dataset == "samples" else dataset
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
     con.execute(f"CREATE OR REPLACE VIEW samples AS {samples_view(manifest)}")
+    con.execute(f"CREATE OR REPLACE VIEW conflicts AS {conflicts_view(manifest)}")
     con.execute(f"CREATE OR REPLACE VIEW embeddings AS {_embeddings_select(manifest, files)}")
     con.execute(f"CREATE OR REPLACE VIEW alarms AS {alarms_view()}")
     latest = latest_run(con) if manifest.of("scores") else None
@@ -302,12 +303,81 @@ _LAMBDA = "lambda p:" if tuple(int(x) for x in duckdb.__version__.split(".")[:2]
 
 
 def samples_view(manifest: Manifest) -> str:
-    """`samples` is `samples_all` less the images quarantined as `label_conflict`: the same bytes
-    under two labels are used as neither."""
-    if not manifest.of("quarantine"):
+    """`samples`: `samples_all` as training sees it. Rows are never rewritten; what changes a sample's
+    label is a row of `decisions`, written only by a command a user runs (and reversed by another):
+
+    - the same bytes brought again under another label do not touch the sample: the claim is kept in
+      `quarantine` (reason `label_conflict`, with the claimed label) and listed in `conflicts`;
+    - `pipeline conflicts resolve` relabels a sample (`relabel`), leaves it out (`exclude`) or puts it
+      back as ingested (`restore`, its undo); the latest of these per sample holds;
+    - an unlabelled sample that a later ingest brought with a label keeps its labelled row only;
+    - a conflict recorded before claims kept their label (its `label` is NULL) still leaves its sample
+      out, as it did then, until resolved.
+
+    Each clause is added only when the store holds what it reads: a plain store reads `samples_all`."""
+    decided = bool(manifest.of("decisions"))
+    quarantined = bool(manifest.of("quarantine"))
+    if not decided and not quarantined:
         return "SELECT * FROM samples_all"
-    return ("SELECT * FROM samples_all WHERE sample_id NOT IN (SELECT content_hash FROM quarantine "
-            "WHERE reason = 'label_conflict' AND content_hash IS NOT NULL)")
+    where = []
+    source = "samples_all s"
+    columns = "s.*"
+    if decided:
+        source += f" LEFT JOIN ({LATEST_DECISION}) d ON d.sample_id = s.sample_id"
+        columns = ("s.* REPLACE (CASE WHEN d.action = 'relabel' THEN d.label ELSE s.label END AS label, "
+                   "CASE WHEN d.action = 'relabel' THEN d.generator ELSE s.generator END AS generator)")
+        where.append("d.action IS DISTINCT FROM 'exclude'")
+        where.append("NOT (s.label IS NULL AND s.sample_id IN "
+                     "(SELECT sample_id FROM decisions WHERE action = 'labelled'))")
+    if quarantined:
+        undecided = "coalesce(d.action, 'restore') = 'restore' AND " if decided else ""
+        where.append(f"NOT ({undecided}s.sample_id IN ({LEGACY_CONFLICTS}))")
+    return f"SELECT {columns} FROM {source} WHERE {' AND '.join(where)}"
+
+
+# The user's latest label decision per sample (`pipeline conflicts resolve`); ingest's `labelled` rows are not one.
+LATEST_DECISION = ("SELECT sample_id, action, label, generator, decided_at FROM decisions "
+                   "WHERE action IN ('relabel', 'exclude', 'restore') "
+                   "QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY decided_at DESC, action) = 1")
+# Conflicts recorded before claims kept their label: their samples stay out until resolved, as they were.
+LEGACY_CONFLICTS = ("SELECT content_hash FROM quarantine WHERE reason = 'label_conflict' AND label IS NULL "
+                    "AND content_hash IS NOT NULL")
+
+
+def conflicts_view(manifest: Manifest) -> str:
+    """`conflicts`: one row per content brought under two labels: the label training uses now (`label`,
+    NULL when the sample is left out), what was stored first, what the other source(s) claimed, and
+    whether a user resolved it (`status`: open | relabelled | excluded | left out (recorded before
+    claims kept their label))."""
+    decided = f"LEFT JOIN ({LATEST_DECISION}) d ON d.sample_id = c.sample_id" if manifest.of("decisions") else \
+        "LEFT JOIN (SELECT NULL::VARCHAR AS sample_id, NULL::VARCHAR AS action) d ON false"
+    return f"""
+        WITH c AS (
+            SELECT content_hash AS sample_id, count(*) AS claims,
+                   any_value(label) FILTER (WHERE label IS NOT NULL) AS claimed_label,
+                   any_value(generator) FILTER (WHERE label IS NOT NULL) AS claimed_generator,
+                   bool_or(label IS NULL) AS legacy, min(recorded_at) AS first_claimed,
+                   any_value(source_uri) AS claimed_at, any_value(detail) AS detail
+            FROM quarantine WHERE reason = 'label_conflict' AND content_hash IS NOT NULL GROUP BY 1
+        ), stored AS (
+            SELECT sample_id, arg_min(label, ingested_at) AS label, arg_min(generator, ingested_at) AS generator,
+                   arg_min(split, ingested_at) AS split, arg_min(source_uri, ingested_at) AS source_uri
+            FROM samples_all WHERE label IS NOT NULL AND sample_id IN (SELECT sample_id FROM c) GROUP BY 1
+        ), used AS (
+            SELECT sample_id, any_value(label) AS label, any_value(generator) AS generator FROM samples
+            WHERE sample_id IN (SELECT sample_id FROM c) GROUP BY 1
+        )
+        SELECT c.sample_id, st.split, u.label, u.generator, st.label AS stored_label,
+               st.generator AS stored_generator, st.source_uri AS stored_at, c.claimed_label,
+               c.claimed_generator, c.claimed_at, c.claims,
+               CASE WHEN d.action = 'relabel' THEN 'relabelled' WHEN d.action = 'exclude' THEN 'excluded'
+                    WHEN c.legacy THEN 'left out (recorded before claims kept their label)' ELSE 'open' END
+                   AS status,
+               c.first_claimed, c.detail
+        FROM c LEFT JOIN stored st ON st.sample_id = c.sample_id LEFT JOIN used u ON u.sample_id = c.sample_id
+        {decided}
+        ORDER BY c.first_claimed, c.sample_id
+    """
 
 
 def _select(con: duckdb.DuckDBPyConnection, schema: pa.Schema, files: str, shards: list[Shard]) -> str:

@@ -109,14 +109,19 @@ def cache_units(store: Store) -> list[Path]:
     return [*locked, *writer_only]
 
 
-def stale_cache_units(store: Store, model_keys: set[str]) -> list[Path]:
-    """Cache units of models the store no longer holds (their vectors' layouts and training views)."""
+def stale_cache_units(store: Store, model_keys: set[str], run_ids: set[str]) -> list[Path]:
+    """Cache units of models the store no longer holds (their vectors' layouts, training views and key
+    lookups), and the out-of-distribution references of runs it no longer holds (`cache/ood/<model>/<run>`)."""
     units: list[Path] = []
-    for kind in ("vectors", "views"):
+    for kind in ("vectors", "views", "rowkeys", "ood"):
         folder = store.root / "cache" / kind
         for model in sorted(folder.iterdir()) if folder.is_dir() else ():
-            if model.is_dir() and model.name not in model_keys:
+            if not model.is_dir():
+                continue
+            if model.name not in model_keys:
                 units.extend(u for u in cache_units(store) if u.is_relative_to(model))
+            elif kind == "ood":
+                units.extend(u for u in cache_units(store) if u.parent == model and u.name not in run_ids)
     return units
 
 

@@ -243,7 +243,7 @@ def keys_of(ids: pa.Array | pa.ChunkedArray | pa.Table, expression: str = "id") 
         con.execute("SET threads = 2")
         con.register("ids", table)
         out = con.sql(f"SELECT {key_sql(expression)} FROM ids").to_arrow_table().column(0).combine_chunks()
-    return _keys(out)
+    return binary_keys(out)
 
 
 def hex_keys(digests: list[bytes]) -> tuple[pa.Array, np.ndarray]:
@@ -294,11 +294,11 @@ def _scan(query: KeyQuery, paths: list[Path], scratch: Path) -> Path:
             f"WHERE ({query.where}) AND ({query.expression}) IS NOT NULL ORDER BY k").to_arrow_reader(1 << 16)
         with open(out, "wb") as f:
             for batch in reader:
-                f.write(_keys(batch.column(0)).tobytes())
+                f.write(binary_keys(batch.column(0)).tobytes())
     return out
 
 
-def _keys(column: pa.Array) -> np.ndarray:
+def binary_keys(column: pa.Array) -> np.ndarray:
     """A binary column of 16-byte values as a numpy array of keys (no copy)."""
     if len(column) == 0:
         return np.empty(0, KEY)

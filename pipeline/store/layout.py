@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_STORE = Path("data/store")
-DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", "leaks", "metrics", "sources")
+DATASETS = ("samples", "embeddings", "quarantine", "runs", "scores", "indexes", "leaks", "metrics", "sources",
+            "decisions")
 
 
 @dataclass(frozen=True)

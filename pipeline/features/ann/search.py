@@ -120,6 +120,21 @@ class OpenIndex:
         sims, rows = searcher.search(queries, k)
         return sims, rows
 
+    def search_among(self, queries: np.ndarray, k: int, selector: Any) -> tuple[np.ndarray, np.ndarray]:
+        """`search`, among the rows a FAISS `IDSelector` lets through only (exact rows, not approximately
+        filtered after: the index skips the others while it scans), at the index's tuned breadth."""
+        import faiss
+
+        k = max(1, min(k, self.index.ntotal))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        params = _selecting(self.index, self.info, selector, faiss)
+        candidates = self.info.params.get("rerank") if self.matrix is not None else None
+        if candidates:
+            assert self.matrix is not None
+            return reranked_search(self.index, queries, k, candidates, self.matrix.gather, params)
+        sims, rows = self.index.search(queries, k, params=params)
+        return sims, rows
+
     def set_breadth(self, breadth: int) -> None:
         """Search this many IVF lists (HNSW: candidates) from now on."""
         import faiss
@@ -209,10 +224,12 @@ def exact_scores(queries: np.ndarray, rows: np.ndarray, gather: Gather, block: i
 
 
 def reranked_search(index: Any, queries: np.ndarray, k: int, candidates: int,
-                    gather: Gather) -> tuple[np.ndarray, np.ndarray]:
+                    gather: Gather, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The k best of the index's `candidates` nearest rows, by exact inner product (`index`: a FAISS
-    index, or anything with its `search` and `ntotal`, such as `Bulk`)."""
-    rows = index.search(queries, max(k, min(candidates, index.ntotal)))[1]
+    index, or anything with its `search` and `ntotal`, such as `Bulk`; `params`: FAISS search
+    parameters, such as an `IDSelector` restriction)."""
+    n = max(k, min(candidates, index.ntotal))
+    rows = (index.search(queries, n) if params is None else index.search(queries, n, params=params))[1]
     sims = exact_scores(queries, rows, gather)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     sims, rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
@@ -277,6 +294,15 @@ def apply_breadth(index: Any, kind: str, params: dict[str, Any], faiss: Any) -> 
             quantiser.hnsw.efSearch = max(64, 2 * params["nprobe"])
     elif kind == "hnsw":
         index.hnsw.efSearch = params["efSearch"]
+
+
+def _selecting(index: Any, info: IndexInfo, selector: Any, faiss: Any) -> Any:
+    """Search parameters of this kind of index that restrict it to `selector`'s rows, at its tuned breadth."""
+    if info.kind.startswith("ivf"):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(info.params["nprobe"]))
+    if info.kind == "hnsw":
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(info.params["efSearch"]))
+    return faiss.SearchParameters(sel=selector)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
