@@ -47,7 +47,11 @@ Order = Literal["view", "rows"]
 # 2048-row batches of image+text) a batch took 214-226 ms to gather against a SAM step's 94 ms; a
 # step with its loading took 268-293 ms made in turn, 199-203 ms made ahead (the disk is the bound).
 AHEAD = 2
-SORT_MEMORY = "256MB"  # DuckDB's sort of the view's rows (order "rows") spills beyond this
+# DuckDB's sort of the view's rows (order "rows") spills beyond this. At 1M samples the sort fits in 256 MB
+# and so used it; at 5M it filled it: report's peak anon grew 1000 -> 1100 MB, train's 1050 -> 1163 MB.
+# Under 128 MB (2 threads): report 904 -> 981 MB at the same CPU (11.5 / 51.0 s), train 973 -> 1021 MB;
+# the sort alone of 5M rows: 323 -> 200 MB.
+SORT_MEMORY = "128MB"
 
 
 @dataclass
