@@ -541,7 +541,8 @@ def predict(
                                                   "no store.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     output: Annotated[Path | None, typer.Option(help="Write every row to FILE.csv, .json or .parquet (outside "
-                                                "the store); without it the terminal shows the first rows.")] = None,
+                                                "the store), or to a folder DIR/ of Parquet parts that a rerun "
+                                                "resumes; without it the terminal shows the first rows.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Call an image generated when its score is above this "
                                                     "(default: the run's threshold, chosen on val).")] = None,
     caption: Annotated[str | None, typer.Option(help="The caption of every image without one of its own "
@@ -560,6 +561,15 @@ def predict(
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels get a reason, not a score.")]
     = 64_000_000,
     max_rows: Annotated[int, typer.Option(help="Rows shown in the terminal (and in --json's rows).")] = 20,
+    engine: Annotated[c.Engine, typer.Option(help="local: this machine | ray: a Ray actor pool, each actor "
+                                             "loading the detector and CLIP once (needs --output DIR/).")] = "local",
+    ray_address: RayAddressOpt = None,
+    actors: Annotated[int | None, typer.Option(help="Ray actors. Default: one per GPU, else one per 4 CPUs.")]
+    = None,
+    shard_rows: Annotated[int, typer.Option(help="--output DIR/: images per Parquet part (the unit of resume).")]
+    = 4096,
+    force: Annotated[bool, typer.Option("--force", help="--output DIR/ holding another command's parts: replace "
+                                        "them.")] = False,
     wait: WaitOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -576,7 +586,8 @@ def predict(
         config = stage.PredictConfig(
             tuple(sources), Store(store) if detector is None else None, run, detector, output, threshold, caption,
             neighbours if explain else 0, keep, device, precision, batch_size, workers, max_bytes, max_pixels,
-            preview_rows=max_rows, wait=wait)
+            preview_rows=max_rows, wait=wait, engine=engine, ray_address=ray_address, actors=actors,
+            shard_rows=shard_rows, force=force)
         result = stage.run(config, reporter)
     show.show_json(result) if as_json else show.show_predict(result)
 
