@@ -401,7 +401,11 @@ class _TableActor:
     def __init__(self, build: Callable[[], Callable[[pa.Table], Any]], threads: int) -> None:
         import torch
 
-        torch.set_num_threads(threads)
+        from trainer.threads import choose_threads
+
+        # at most its share of the node, less the cores other processes keep busy (the local engine's
+        # policy, `engines.local.model_threads`): threads contending for a busy core spin at every barrier
+        torch.set_num_threads(choose_threads(limit=threads)[0])
         self.function = build()
 
     def run(self, tag: Any, table: pa.Table) -> tuple[Any, Any]:
