@@ -16,7 +16,8 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.runs import predicting
 from pipeline.store.layout import Store
-from pipeline.store.parts import COMMAND_FILE
+from pipeline.store.parts import COMMAND_FILE, PartsFolder
+from schemas import PREDICTIONS
 from tests.test_predict import _cli, _images, trained  # noqa: F401 - `trained` is a fixture
 
 
@@ -82,7 +83,7 @@ def test_a_crash_after_two_parts_then_a_rerun_gives_every_input_exactly_once(
     said = _predict(store, run_id, str(images), "--output", str(folder), code=2)
     assert "simulated crash" in said
     assert sorted(p.name for p in folder.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
-    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the half-done part left no temp
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # the half-done part left no temp
     assert json.loads((folder / COMMAND_FILE).read_text())["complete"] is False
     stamps = _stamps(folder)
 
@@ -102,6 +103,11 @@ def test_folder_output_refusals_are_sentences(trained: tuple[Store, str], tmp_pa
     (folder / "part-00000.parquet").write_bytes(b"someone's")
     said = _predict(store, run_id, str(images), "--output", str(folder), code=2)
     assert "no command of this pipeline recorded" in said, said
+    busy = tmp_path / "busy"
+    with PartsFolder(busy, PREDICTIONS, {"another": "command"}):  # a command writing there now
+        said = _predict(store, run_id, str(images), "--output", str(busy), code=2)
+    assert "is being written by another command now" in said, said
+    assert "predicted 2 images" in _predict(store, run_id, str(images), "--output", str(busy), "--force")
     said = _predict(store, run_id, str(images), "--engine", "ray", "--keep", "--output", str(tmp_path / "o"), code=2)
     assert "--keep cannot go with --engine ray" in said, said
     said = _predict(store, run_id, str(images), "--engine", "ray", "--output", str(tmp_path / "o.csv"), code=2)

@@ -15,7 +15,7 @@ caption vectors, and the images as unlabelled samples (split `unlabelled`, never
 second predict of them is a lookup. An image+text detector needs a caption per image; without one,
 predict stops before any work, naming an image-only run of the store if there is one.
 
-`--output DIR/` (a folder: no .csv/.json/.parquet suffix, or one that exists) takes any number of
+`--output DIR/` (a folder: a name without a suffix, or a folder that exists) takes any number of
 inputs: the ordered inputs are cut into units of `shard_rows`, each written as one Parquet part
 (`store.parts.PartsFolder`: atomic, keyed by a digest of the unit's inputs). A rerun of the same
 command skips the units whose part is there, so a killed run resumes with no row lost or doubled;
@@ -140,8 +140,11 @@ class PredictConfig(Validated):
 
     @property
     def directory(self) -> bool:
-        """--output names a folder of parts: one that exists, or a name without a file format's suffix."""
-        return self.output is not None and (self.output.is_dir() or self.output.suffix.lower() not in FORMATS)
+        """--output names a folder of parts: a name without a suffix (`DIR/`), or a folder that exists. A name
+        with a file format's suffix is a file, always (a folder there is refused, as any path not a file)."""
+        if self.output is None or self.output.suffix.lower() in FORMATS:
+            return False
+        return not self.output.suffix or self.output.is_dir()
 
 
 @dataclass
@@ -295,7 +298,12 @@ def _predict_parts(config: PredictConfig, detector: Detector, pending: Path, wor
     """`--output DIR/`: the inputs cut into units of `shard_rows`; the units without a part of the same key
     (all, the first time) are listed into a work file and run by the engine; each becomes one part."""
     assert config.output is not None
-    parts = PartsFolder(config.output, PREDICTIONS, _command(config, detector), config.force)
+    with PartsFolder(config.output, PREDICTIONS, _command(config, detector), config.force) as parts:
+        return _fill(config, detector, pending, work, parts, reporter)
+
+
+def _fill(config: PredictConfig, detector: Detector, pending: Path, work: Path, parts: PartsFolder,
+          reporter: Reporter) -> PredictResult:
     todo = work / "todo.parquet"
     units: list[tuple[int, str, int]] = []
     count = resumed = total = 0

@@ -9,7 +9,8 @@ be updated after it (no log to rewrite, no order between two writes to get wrong
 folder: a rerun of the same command skips every unit whose part holds the same key and redoes the
 others; a different command is refused in one sentence unless `force`, which empties the folder's
 parts first. `finish` removes the parts of units the inputs no longer have and stamps the file
-complete, with the row count.
+complete, with the row count. One command writes into a folder at a time: it holds an flock on
+`DIR/.lock` (a second is refused in one sentence) until `close`.
 
 Cost: one footer read per existing part when the folder is opened (thousands at 11.5M images: a
 second), a set of (index, key) pairs in memory: O(units), never O(rows).
@@ -17,6 +18,7 @@ second), a set of (index, key) pairs in memory: O(units), never O(rows).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -58,8 +60,18 @@ class PartsFolder:
                  flag: str = "--output") -> None:
         self.folder, self.schema = Path(folder), schema
         self.command = command
+        self._lock: int | None = None
         self.digest = hashlib.sha256(json.dumps(command, sort_keys=True).encode("utf-8")).hexdigest()[:32]
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.folder, flag)
+        try:
+            self._open(force, flag)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, force: bool, flag: str) -> None:
+        folder = self.folder
         found = self._read_command()
         if found is not None and found.get("digest") != self.digest:
             if not force:
@@ -75,8 +87,20 @@ class PartsFolder:
             self._remove_parts(self._parts())
         self._sweep_temps()
         write_text(self.folder / COMMAND_FILE, json.dumps({
-            "format": FORMAT, "digest": self.digest, "command": command, "complete": False}, indent=1))
+            "format": FORMAT, "digest": self.digest, "command": self.command, "complete": False}, indent=1))
         self.done = self._committed()
+
+    def close(self) -> None:
+        """Let another command write into the folder."""
+        if self._lock is not None:
+            os.close(self._lock)  # (closing the descriptor releases its flock)
+            self._lock = None
+
+    def __enter__(self) -> PartsFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def is_done(self, index: int, key: str) -> bool:
         return self.done.get(index) == key
@@ -147,6 +171,21 @@ class PartsFolder:
                  and (m := re.match(r"part-\d{5,}\.parquet", e.name[1:]))}
         for name in names:
             remove_stale_temps_of(self.folder / name)
+
+
+def _lock(folder: Path, flag: str) -> int:
+    """An exclusive flock on FOLDER/.lock (opened without following a link), or a sentence if held."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise PipelineError(f"{flag} {folder}/.lock cannot be opened ({exc.strerror or exc}).") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PipelineError(f"{flag} {folder} is being written by another command now; wait for it to end (a "
+                            "rerun then resumes where it stopped).") from None
+    return fd
 
 
 def _describe(command: Any) -> str:
