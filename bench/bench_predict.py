@@ -101,15 +101,20 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, args: argparse.Namespace) -> None:
-    options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
+def trained_store(work: Path, args: argparse.Namespace, options: dict[str, Any]) -> tuple[Store, str]:
+    """A store of `--train-images` real and generated JPEGs, encoded, and an image-only run trained on it."""
     base = Store(work / "store")
     ingest.run(ingest.IngestConfig(jpeg_folder(work / "train", args.train_images, 0, True), "folder", base,
                                    group_by="image"))
     encode.run(encode.EncodeConfig(base, ModelSpec(MODEL), **options))
     trained = train.run(train.TrainJob(base, TrainConfig.from_dict({"epochs": 3, "batch_size": 64, "lr": 1e-2,
                                                                      "features": "image"})))
-    run_id = trained.run_id
+    return base, trained.run_id
+
+
+def run(work: Path, args: argparse.Namespace) -> None:
+    options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
+    base, run_id = trained_store(work, args, options)
     new = jpeg_folder(work / "new", args.images, 1, False)
     one = jpeg_folder(work / "one", 1, 2, False)
     _, first_seconds, _ = timed(lambda: predict.run(predict.PredictConfig((one,), base, run_id, **options)))
@@ -159,14 +164,9 @@ def run(work: Path, args: argparse.Namespace) -> None:
 def engines(work: Path, args: argparse.Namespace) -> None:
     """`--engines`: predict into a folder on the local engine and on Ray (each actor count), alternately."""
     options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
-    base = Store(work / "store")
-    ingest.run(ingest.IngestConfig(jpeg_folder(work / "train", args.train_images, 0, True), "folder", base,
-                                   group_by="image"))
-    encode.run(encode.EncodeConfig(base, ModelSpec(MODEL), **options))
-    trained = train.run(train.TrainJob(base, TrainConfig.from_dict({"epochs": 3, "batch_size": 64, "lr": 1e-2,
-                                                                     "features": "image"})))
+    base, run_id = trained_store(work, args, options)
     new = jpeg_folder(work / "new", args.images, 1, False)
-    predict.run(predict.PredictConfig((jpeg_folder(work / "one", 1, 2, False),), base, trained.run_id, **options))
+    predict.run(predict.PredictConfig((jpeg_folder(work / "one", 1, 2, False),), base, run_id, **options))
     kinds = [("local", None)] + [("ray", a) for a in args.actors]
     best: dict[str, tuple[float, float, float, float]] = {}
     scores: dict[str, list[float]] = {}
@@ -174,7 +174,7 @@ def engines(work: Path, args: argparse.Namespace) -> None:
         for engine, actors in kinds:
             name = engine if actors is None else f"ray {actors} actor{'s' * (actors > 1)}"
             out = work / f"out-{r}-{engine}-{actors}"
-            config = {"store": str(base.root), "run_id": trained.run_id, "sources": [str(new)], "output": str(out),
+            config = {"store": str(base.root), "run_id": run_id, "sources": [str(new)], "output": str(out),
                       "engine": engine, "actors": actors, "shard_rows": args.shard_rows, **options}
             before = _children_cpu()
             t0 = time.perf_counter()

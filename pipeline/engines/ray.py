@@ -341,6 +341,7 @@ class TablePool:
         self.started_ray = False
         self.actors: list[Any] = []
         self.described = "ray"
+        self.gpus = 0.0  # GPUs of the cluster (each actor takes one when there are any)
 
     def __enter__(self) -> TablePool:
         ray = import_ray()
@@ -348,7 +349,7 @@ class TablePool:
         try:
             if self.store is not None:
                 check_store_visible(self.store)
-            gpus = float(ray.cluster_resources().get("GPU", 0))
+            gpus = self.gpus = float(ray.cluster_resources().get("GPU", 0))
             cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             count = self.options.actors or (int(gpus) if gpus else max(_nodes(ray), int(cpus) // 4))
             share = 0 if gpus else max(1, int(cpus) // count)

@@ -242,7 +242,8 @@ class PredictWorker:
     """What a worker elsewhere (a Ray actor) needs to predict units of input rows: where the detector is
     (a run of a store, or an exported folder) and the options. Plain data, so it pickles; calling it
     loads the detector there, once, and returns the function an actor maps over units. (A `PredictBatch`
-    is not sent instead: its detector holds the store's open memory maps and FAISS index.)"""
+    is not sent instead: its detector holds the store's memory-mapped vectors and its FAISS index, which
+    would travel whole, if at all.)"""
 
     store: str | None  # the run's store, as every node sees it
     run_id: str | None

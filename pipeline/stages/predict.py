@@ -347,6 +347,10 @@ def _predict_ray(config: PredictConfig, detector: Detector, todo: Path, sink: _U
     with TablePool(worker, RayOptions(config.ray_address, config.actors, num_cpus=config.ray_cpus),
                    config.store if config.run_id is not None else None) as pool:
         result.engine = pool.described
+        if not pool.gpus and config.device == "cuda":
+            raise PipelineError("--device cuda was asked for, but the Ray cluster has no GPUs.")
+        if not pool.gpus and config.precision == "fp16":
+            raise PipelineError("--precision fp16 needs GPU actors; on CPU actors use bf16 or fp32.")
         reporter.start("predict", sum(n for _, _, n in sink.pending), "img")
         started_at = time.perf_counter()
         for index, done in pool.map(tagged):
