@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -93,6 +98,29 @@ def test_a_crash_after_two_parts_then_a_rerun_gives_every_input_exactly_once(
     assert {k: v for k, v in _stamps(folder).items() if k in stamps} == stamps  # the two parts kept as they were
     paths = _parts(folder).column("path").to_pylist()
     assert sorted(paths) == sorted(str(p) for p in images.iterdir()) and len(set(paths)) == 30
+
+
+def test_a_killed_predict_resumes_where_it_stopped(trained: tuple[Store, str], tmp_path: Path) -> None:  # noqa: F811
+    store, run_id = trained
+    images = _images(tmp_path / "new", 64, seed=8)
+    folder = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.cli", "predict", str(images), "--run", run_id, "--store",
+               str(store.root), "--output", str(folder), "--workers", "0", "--batch-size", "2", "--shard-rows", "4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        deadline = time.monotonic() + 300
+        while len(list(folder.glob("part-*.parquet"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    written = len(list(folder.glob("part-*.parquet")))
+    assert proc.returncode == -signal.SIGKILL and 3 <= written < 16, (proc.returncode, written)
+    text = _cli("predict", str(images), "--run", run_id, "--store", str(store.root), "--output", str(folder),
+                "--workers", "0", "--batch-size", "2", "--shard-rows", "4")
+    assert f"predicted {64 - 4 * written} images" in text, text
+    assert f"{4 * written} images were in parts of an earlier run, skipped" in text, text
+    paths = _parts(folder).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in images.iterdir()) and len(paths) == 64
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # the killed run's temp was swept
 
 
 def test_folder_output_refusals_are_sentences(trained: tuple[Store, str], tmp_path: Path) -> None:  # noqa: F811
