@@ -211,6 +211,7 @@ def test_perturb_encode_and_the_robustness_and_generalization_experiments_from_t
     assert _run("encode", "--model", "Tiny-ViT-16", "--workers", "0", *store)[0] == 0
     code, out = _run("experiment", "robustness", "--run", run_id, *store)
     assert code == 0 and "jpeg:50" in out and "wrote" in out, out
+    assert f"run {run_id} scored 1 perturbation of its test split" in " ".join(out.split()), out
     code, out = _run("experiment", "generalization", "--epochs", "1", "--batch-size", "32", *store)
     assert code == 0 and "train on" in out and "wrote" in out, out
     code, out = _run("experiment", "robustness", *store)

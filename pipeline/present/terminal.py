@@ -502,8 +502,14 @@ def show_experiment(result: ExperimentResult) -> None:
     for text in [*result.alarms, *result.warnings]:  # shortcuts, then how far the numbers can be read
         alarm(text)
     runs = [r for seeded in result.seed_runs.values() for r in seeded]
-    out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
-              f"in {result.seconds:.1f} s.")
+    if result.table == "robustness":  # one run, which trained nothing here: it scored the perturbed copies
+        scored = sum(label != "none" for label, _ in result.rows)
+        out.print(f"run {escape(result.rows[0][1].run_id) if result.rows else '-'} scored {scored} "
+                  f"perturbation{'' if scored == 1 else 's'} of its test split in {result.seconds:.1f} s "
+                  "(no run trained).")
+    else:
+        out.print(f"{sum(not r.skipped for r in runs)} runs trained, {sum(r.skipped for r in runs)} reused, "
+                  f"in {result.seconds:.1f} s.")
     out.print(f"[green]wrote[/] {escape(str(result.path))} and {escape(str(result.page))}")
 
 
