@@ -69,6 +69,8 @@ def test_the_demo_at_80_columns_keeps_ids_whole_and_prints_no_epoch_lines(demo: 
     summary = re.search(r"encoded \d+ images .*\(([\d,.]+) img/s\)", out)
     bar = re.search(r"^images .* ([\d,.]+) img/s", out, re.M)
     assert summary and bar and summary.group(1) == bar.group(1), out
+    assert "━" not in out  # in a log, a task is a line of figures, not a row of bar glyphs
+    assert re.search(r"^images +\d+/\d+ +[\d,.]+ img/s +in \d+:\d\d:\d\d$", out, re.M), out
     texts = re.search(r"^texts .* ([\d,.]+) texts/s", out, re.M)
     assert texts and float(texts.group(1).replace(",", "")) > 0, out  # a job done before the first tick
 

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -257,7 +256,7 @@ def _cached(store: Store, key: list[Any], compute: Callable[[], dict[str, Any]])
     directory = store.root / "cache" / "probes"
     name = hashlib.sha256(json.dumps([PROBE_VERSION, *key], default=str).encode()).hexdigest()[:24]
     path = directory / f"{name}.json"
-    found = _read(path)
+    found = cache.read_json(path)
     if found is not None:
         return found
     result = compute()
@@ -265,10 +264,3 @@ def _cached(store: Store, key: list[Any], compute: Callable[[], dict[str, Any]])
         write_text(path, json.dumps(result))
     return result
 
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

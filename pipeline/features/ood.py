@@ -26,7 +26,6 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,7 +142,7 @@ def index_reference(store: Store, model_key: str, run_id: str, matrix: VectorMat
     index = _covering_index(store, model_key, matrix, train, reporter, wait)
     key = f"{index.info.index_id}-{matrix.generation}"
     with cache.building(directory):  # the threshold: measured through this index
-        meta = _read_json(directory / "reference.json")
+        meta = cache.read_json(directory / "reference.json")
         if meta is None or meta.get("key") != key or meta.get("version") != CACHE_VERSION:
             reference = IndexReference(index, train, OodSpec("index", K, PERCENTILE, math.nan, 0))
             val = _rows(store, view_sql, run_id, "val", only, matrix.rows, VAL_QUERIES, as_mask=False)
@@ -241,11 +240,4 @@ def _parts(rows: np.ndarray, size: int = 1024) -> Iterator[np.ndarray]:
     for start in range(0, len(rows), size):
         yield rows[start:start + size]
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 

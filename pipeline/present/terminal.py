@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from rich.console import Console
 from rich.markup import escape as escape_markup
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from pipeline.present import tables
@@ -111,12 +119,13 @@ class RichReporter:
     """
 
     def __init__(self, verbose: bool = False) -> None:
+        # On a terminal, live bars with the time left; in a log or a pipe (where rich prints each bar once,
+        # as the command ends) one line per task: its count, rate and time taken, no row of bar glyphs.
+        columns = (BarColumn(), MofNCompleteColumn(), _Rate(), TimeRemainingColumn()) if err.is_terminal else \
+            (MofNCompleteColumn(), _Rate(), TextColumn("in"), TimeElapsedColumn())
         self.progress = Progress(
             TextColumn("[bold]{task.description:<8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _Rate(),
-            TimeRemainingColumn(),
+            *columns,
             console=err,
             transient=False,
             get_time=time.perf_counter,  # the clock the stages time their jobs with

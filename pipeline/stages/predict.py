@@ -68,6 +68,11 @@ SHARD_ROWS = 4096  # --keep: rows per staged shard (as encode's default); --outp
 UNIT_COLUMNS = ("path", "source_uri", "source_member", "byte_offset", "byte_length", "caption")  # a unit's key
 
 
+# rows per row group of the listed inputs (read back in batches of --batch-size): a footer entry per
+# batch grew memory with the inputs
+INPUT_ROW_GROUP = 1024
+
+
 @dataclass(frozen=True)
 class PredictConfig(Validated):
     sources: tuple[Path, ...]
@@ -218,7 +223,7 @@ def _list_inputs(config: PredictConfig, detector: Detector, work: Path) -> tuple
     """The inputs, listed into a work file; an image+text detector stops at the first image without a
     caption (before any image is read)."""
     path = work / "inputs.parquet"
-    with ParquetStream(path, PREDICT_INPUTS, group_rows=config.batch_size) as stream:
+    with ParquetStream(path, PREDICT_INPUTS, group_rows=max(config.batch_size, INPUT_ROW_GROUP)) as stream:
         for batch in inputs(list(config.sources), config.caption):
             if detector.spec.needs_text:
                 missing = pc.and_(pc.is_null(batch.column("caption")), pc.is_null(batch.column("reason")))

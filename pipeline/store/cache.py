@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -144,3 +146,13 @@ def _close(fds: list[int]) -> None:
         except OSError:
             pass
     fds.clear()
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A cache's JSON record (an object), or None where there is none or it does not parse: the cache
+    is then rebuilt, never trusted half-written or from another version."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
