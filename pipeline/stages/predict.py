@@ -312,7 +312,7 @@ def _fill(config: PredictConfig, detector: Detector, pending: Path, work: Path, 
     todo = work / "todo.parquet"
     units: list[tuple[int, str, int]] = []
     count = resumed = total = 0
-    with ParquetStream(todo, PREDICT_INPUTS, group_rows=config.batch_size) as stream:
+    with ParquetStream(todo, PREDICT_INPUTS, group_rows=max(config.batch_size, INPUT_ROW_GROUP)) as stream:
         for index, rows in enumerate(_units_of(pending, config.shard_rows)):
             key, total, count = unit_key(rows, UNIT_COLUMNS), index + 1, count + rows.num_rows
             if parts.is_done(index, key):
