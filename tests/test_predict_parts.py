@@ -163,6 +163,37 @@ def test_the_python_api_predicts_into_a_folder_and_resumes(trained: tuple[Store,
     assert _parts(tmp_path / "out").column("sha256").equals(table.column("sha256"))
 
 
+def test_what_a_ray_actor_runs_gives_the_rows_of_predict(trained: tuple[Store, str],  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    """`PredictWorker` pickles, builds its detector where it is called (a run, or an exported folder) and
+    predicts a unit in batches with decoding a batch ahead: the rows `predict` gives, in order."""
+    import pickle
+
+    from pipeline.runs.predicting import PredictOptions, PredictWorker
+    from pipeline.sources.inputs import inputs
+    from pipeline.stages.predict import _units_of
+
+    store, run_id = trained
+    images = _images(tmp_path / "new", 10, seed=9)
+    (images / "broken.png").write_bytes(b"\x89PNG broken")
+    _cli("export", "--run", run_id, "--store", str(store.root), "--output", str(tmp_path / "exported"))
+    for where, args in (("run", ("--run", run_id, "--store", str(store.root))),
+                        ("folder", ("--detector", str(tmp_path / "exported")))):
+        want = tmp_path / f"{where}.parquet"
+        _cli("predict", str(images), *args, "--output", str(want), "--workers", "0")
+        worker = PredictWorker(str(store.root) if where == "run" else None, run_id if where == "run" else None,
+                               str(tmp_path / "exported") if where == "folder" else None, PredictOptions(), 3)
+        listed = tmp_path / f"{where}-inputs.parquet"
+        pq.write_table(pa.concat_tables(inputs([images])), listed)
+        unit = pickle.loads(pickle.dumps(worker))()
+        done = [unit(rows) for rows in _units_of(listed, 8)]  # units of 8 rows, batches of 3
+        got, expected = pa.concat_tables([d.rows for d in done]), pq.read_table(want)
+        assert got.column("path").equals(expected.column("path")), where
+        assert got.column("score").to_pylist() == pytest.approx(expected.column("score").to_pylist(), nan_ok=True)
+        assert got.column("reason").to_pylist() == expected.column("reason").to_pylist()
+        assert sum(d.encoded + d.cached for d in done) == 10
+
+
 @pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed")
 def test_ray_engine_gives_the_local_engines_rows_and_resumes_them(
