@@ -98,7 +98,6 @@ class PredictConfig(Validated):
     actors: int | None = None  # None: one per GPU, else one per 4 CPUs of the cluster
     shard_rows: int = SHARD_ROWS  # --output DIR/: inputs per part (the unit of resuming)
     force: bool = False  # --output DIR/ of another command: replace its parts
-    ray_cpus: int | None = None  # CPUs of a local Ray instance (None: all); benchmarks and tests set it
 
     def check(self) -> None:
         if not self.sources:
@@ -349,7 +348,7 @@ def _predict_ray(config: PredictConfig, detector: Detector, todo: Path, sink: _U
                            options, config.batch_size)
     tagged = zip((index for index, _, _ in sink.pending), _units_of(todo, config.shard_rows), strict=False)
     shown: list[pa.Table] = []
-    with TablePool(worker, RayOptions(config.ray_address, config.actors, num_cpus=config.ray_cpus),
+    with TablePool(worker, RayOptions(config.ray_address, config.actors),
                    config.store if config.run_id is not None else None) as pool:
         result.engine = pool.described
         if not pool.gpus and config.device == "cuda":
