@@ -278,7 +278,7 @@ def encode(
 @app.command()
 def sql(
     ctx: typer.Context,
-    query: Annotated[str, typer.Argument(help="One SELECT over samples, embeddings, quarantine, runs, scores.")],
+    query: Annotated[str, typer.Argument(help="One SELECT (or EXPLAIN) over the views above, e.g. SELECT generator, count(*) FROM samples GROUP BY 1.")],
     store: StoreOpt = DEFAULT_STORE,
     format: Annotated[c.SqlFormat, typer.Option("--format", help="table: for the terminal; csv and json go to "
                                               "stdout (or --output); parquet needs --output.")] = "table",
@@ -292,10 +292,12 @@ def sql(
     timeout: Annotated[float | None, typer.Option(help="Stop the query after this many seconds (Ctrl-C stops "
                                                   "it at any time).")] = None,
 ) -> None:
-    """Run a read-only SQL query over the store's views (samples, embeddings, quarantine, runs, scores,
-    indexes, leaks) and print or export the result. Nothing the query says can write a file or reach
-    the network. The table shows control characters in the data escaped (\\x1b); csv, json and parquet
-    keep the data as it is."""
+    """Run a read-only SQL query over the store's views and print or export the result.
+
+    The views: samples, embeddings, quarantine, runs, scores, metrics, alarms, latest_scores (and the
+    macro scores_of(run)), indexes, leaks, conflicts, decisions. Nothing the query says can write a
+    file or reach the network. The table shows control characters in the data escaped (\\x1b); csv,
+    json and parquet keep the data as it is."""
     import sys
 
     from pipeline.stages import sql as stage
@@ -602,8 +604,11 @@ def export(
     wait: WaitOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a run's detector as a folder that travels alone: model.safetensors, config.json (CLIP model,
-    features, threshold, calibration, OOD sketch), ood.safetensors and a model card (README.md)."""
+    """Write a run's detector as a folder that travels alone (Hugging Face Hub layout).
+
+    model.safetensors, config.json (CLIP model, features, threshold, calibration, OOD rule),
+    ood.safetensors (the OOD sketch) and a model card (README.md); `pipeline predict --detector DIR`
+    uses it on any machine, without a store."""
     from pipeline.stages import export as stage
 
     with _running(ctx) as reporter:
@@ -651,6 +656,7 @@ def neighbors(
     max_bytes: Annotated[int, typer.Option(help="Largest --image file read.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split.
+
     A reader: it never waits for a writer and never builds an index."""
     from pipeline.stages import neighbors as stage
 
