@@ -278,7 +278,8 @@ def encode(
 @app.command()
 def sql(
     ctx: typer.Context,
-    query: Annotated[str, typer.Argument(help="One SELECT (or EXPLAIN) over the views above, e.g. SELECT generator, count(*) FROM samples GROUP BY 1.")],
+    query: Annotated[str, typer.Argument(help="One SELECT (or EXPLAIN) over the views above, e.g. "
+                                         "SELECT generator, count(*) FROM samples GROUP BY 1.")],
     store: StoreOpt = DEFAULT_STORE,
     format: Annotated[c.SqlFormat, typer.Option("--format", help="table: for the terminal; csv and json go to "
                                               "stdout (or --output); parquet needs --output.")] = "table",
