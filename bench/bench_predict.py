@@ -15,14 +15,28 @@ machine may be shared). A first predict on one image builds the store's FAISS in
 reference once; that is reported apart. Wall seconds and this process' CPU seconds are printed.
 
     python bench/bench_predict.py [--images 256] [--rounds 2] [--device cpu] [--workers N]
+
+`--engines` measures instead `predict --output DIR/ --engine ray` against `--engine local` on the same
+cores (a local Ray instance of `os.cpu_count()` CPUs; the local engine on the same machine), on the
+same new images with the same run, each run in a process of its own. CPU seconds: for local, all that
+the process and its decoding workers used (they are reaped, so RUSAGE_CHILDREN holds them); for Ray,
+the driver's own plus every process of the Ray instance (raylet, GCS, agents, actors: read from /proc
+just before the pool ends them, as Ray's workers are not reaped by the driver). Best of `--rounds`
+alternating rounds:
+
+    python bench/bench_predict.py --engines [--images 256] [--shard-rows 32] [--actors 1 2] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -72,23 +86,35 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--engines", action="store_true", help="ray against local, --output DIR/")
+    parser.add_argument("--shard-rows", type=int, default=32)
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="Ray actor counts to measure")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one measured run (JSON of its PredictConfig)
     args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     try:
-        run(work, args)
+        engines(work, args) if args.engines else run(work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, args: argparse.Namespace) -> None:
-    options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
+def trained_store(work: Path, args: argparse.Namespace, options: dict[str, Any]) -> tuple[Store, str]:
+    """A store of `--train-images` real and generated JPEGs, encoded, and an image-only run trained on it."""
     base = Store(work / "store")
     ingest.run(ingest.IngestConfig(jpeg_folder(work / "train", args.train_images, 0, True), "folder", base,
                                    group_by="image"))
     encode.run(encode.EncodeConfig(base, ModelSpec(MODEL), **options))
     trained = train.run(train.TrainJob(base, TrainConfig.from_dict({"epochs": 3, "batch_size": 64, "lr": 1e-2,
                                                                      "features": "image"})))
-    run_id = trained.run_id
+    return base, trained.run_id
+
+
+def run(work: Path, args: argparse.Namespace) -> None:
+    options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
+    base, run_id = trained_store(work, args, options)
     new = jpeg_folder(work / "new", args.images, 1, False)
     one = jpeg_folder(work / "one", 1, 2, False)
     _, first_seconds, _ = timed(lambda: predict.run(predict.PredictConfig((one,), base, run_id, **options)))
@@ -133,6 +159,120 @@ def run(work: Path, args: argparse.Namespace) -> None:
           f"({p_loop:.1f} vs {e_loop:.1f} img/s; predict's includes loading CLIP, encode's does not)")
     print(f"second --keep / first: {keep_second / keep_first:.3f}; kept {k1.kept}")
     print(f"first predict on the store (1 image: builds the FAISS index and the OOD reference): {first_seconds:.2f} s")
+
+
+def engines(work: Path, args: argparse.Namespace) -> None:
+    """`--engines`: predict into a folder on the local engine and on Ray (each actor count), alternately."""
+    options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
+    base, run_id = trained_store(work, args, options)
+    new = jpeg_folder(work / "new", args.images, 1, False)
+    predict.run(predict.PredictConfig((jpeg_folder(work / "one", 1, 2, False),), base, run_id, **options))
+    kinds = [("local", None)] + [("ray", a) for a in args.actors]
+    best: dict[str, tuple[float, float, float, float]] = {}
+    scores: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for engine, actors in kinds:
+            name = engine if actors is None else f"ray {actors} actor{'s' * (actors > 1)}"
+            out = work / f"out-{r}-{engine}-{actors}"
+            config = {"store": str(base.root), "run_id": run_id, "sources": [str(new)], "output": str(out),
+                      "engine": engine, "actors": actors, "shard_rows": args.shard_rows, **options}
+            before = _children_cpu()
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True,
+                                  text=True, check=False)
+            wall, cpu = time.perf_counter() - t0, _children_cpu() - before
+            if done.returncode:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+            said = json.loads(done.stdout.strip().splitlines()[-1])
+            assert said["inputs"] == args.images and said["scored"] == args.images, said
+            if engine == "ray":  # (the process' RUSAGE_CHILDREN misses Ray's workers: see the docstring)
+                print(f"{name}: process tree as reaped {cpu:.1f} CPU s; driver {said['driver_cpu']:.1f} + Ray "
+                      f"instance {said['ray_tree_cpu']:.1f}", flush=True)
+                cpu = said["driver_cpu"] + said["ray_tree_cpu"]
+            if name not in best or cpu < best[name][1]:
+                best[name] = (wall, cpu, said["seconds"], said["steady"])
+            scores[name] = _scores(out)
+    reference = scores["local"]
+    for name, got in scores.items():  # the same rows whatever the engine (float32 sums may differ in order)
+        assert len(got) == len(reference) and max(abs(a - b) for a, b in zip(got, reference, strict=True)) < 1e-5, name
+    n = args.images
+    print(f"\n{n} new 224-px JPEGs, {MODEL} random weights, predict --output DIR/ (parts of {args.shard_rows}), "
+          f"device {args.device}, batch {args.batch_size}, {os.cpu_count()} cores (machine possibly shared), best "
+          f"of {args.rounds} rounds by CPU seconds; each run a process of its own, its CPU seconds those of every "
+          "process it started\n")
+    print("| engine | wall s (process) | CPU s (all) | loop s | img/s (wall) | img/s (loop) | img/s (steady) | "
+          "img/CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (wall, cpu, loop, steady) in best.items():
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {loop:.1f} | {n / wall:.1f} | {n / loop:.1f} | {steady:.1f} | "
+              f"{n / cpu:.2f} |")
+    lw, lc, ll, ls = best["local"]
+    for name, (wall, cpu, loop, steady) in best.items():
+        if name != "local":
+            print(f"\n{name} / local: wall {wall / lw:.2f}x, CPU seconds {cpu / lc:.2f}x, images/s in the loop "
+                  f"{ll / loop:.2f}x, steady images/s {steady / ls:.2f}x (loop: from the first unit sent to the last "
+                  "part written, after Ray started; steady: past the first 20% of the images)")
+    print("\nrows: every engine's scores equal the local engine's within 1e-5 (checked)")
+
+
+def child(config: dict[str, Any]) -> None:
+    """One measured run: predict into a folder; prints what it did and the CPU seconds it can see."""
+    store = Store(Path(config.pop("store")))
+    seen = {"ray_tree_cpu": 0.0, "driver_cpu": 0.0}
+    if config["engine"] == "ray":  # a second count: Ray's process tree just before the pool ends it
+        from pipeline.engines import ray as engine
+
+        leave = engine.TablePool.__exit__
+
+        def measured(self: Any, *exc: object) -> None:
+            _, processes = engine._instance()
+            seen["ray_tree_cpu"] = sum(_tree_cpu(pid) for pid, _ in processes)
+            leave(self, *exc)
+
+        engine.TablePool.__exit__ = measured  # type: ignore[method-assign]
+    from bench_ray import Clock  # (bench/ is on the path of a script run from it)
+
+    clock = Clock()
+    result = predict.run(predict.PredictConfig(tuple(Path(p) for p in config.pop("sources")), store,
+                                               config.pop("run_id"), output=Path(config.pop("output")), **config),
+                         clock)
+    seen["steady"] = _steady(clock.marks, result.inputs)
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined] # reaps the local engine's decoders
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    seen["driver_cpu"] = own.ru_utime + own.ru_stime
+    print(json.dumps({"inputs": result.inputs, "scored": result.scored, "seconds": result.seconds,
+                      "engine": result.engine, **seen}))
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a live process and of its children it reaped (utime, stime, cutime, cstime)."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _steady(marks: list[tuple[float, int]], n: int) -> float:
+    """Images/s once the pipeline is full: from the first mark past 20% of the images to the last."""
+    start = next((m for m in marks if m[1] >= 0.2 * n), None)
+    if start is None or marks[-1][0] <= start[0]:
+        return float("nan")
+    return (marks[-1][1] - start[1]) / (marks[-1][0] - start[0])
+
+
+def _children_cpu() -> float:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
+def _scores(folder: Path) -> list[float]:
+    import pyarrow.parquet as pq
+
+    parts = sorted(folder.glob("part-*.parquet"))
+    return [s for p in parts for s in pq.read_table(p, columns=["score"]).column("score").to_pylist()]
 
 
 if __name__ == "__main__":

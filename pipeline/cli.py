@@ -278,7 +278,8 @@ def encode(
 @app.command()
 def sql(
     ctx: typer.Context,
-    query: Annotated[str, typer.Argument(help="One SELECT over samples, embeddings, quarantine, runs, scores.")],
+    query: Annotated[str, typer.Argument(help="One SELECT (or EXPLAIN) over the views above, e.g. "
+                                         "SELECT generator, count(*) FROM samples GROUP BY 1.")],
     store: StoreOpt = DEFAULT_STORE,
     format: Annotated[c.SqlFormat, typer.Option("--format", help="table: for the terminal; csv and json go to "
                                               "stdout (or --output); parquet needs --output.")] = "table",
@@ -292,10 +293,12 @@ def sql(
     timeout: Annotated[float | None, typer.Option(help="Stop the query after this many seconds (Ctrl-C stops "
                                                   "it at any time).")] = None,
 ) -> None:
-    """Run a read-only SQL query over the store's views (samples, embeddings, quarantine, runs, scores,
-    indexes, leaks) and print or export the result. Nothing the query says can write a file or reach
-    the network. The table shows control characters in the data escaped (\\x1b); csv, json and parquet
-    keep the data as it is."""
+    """Run a read-only SQL query over the store's views and print or export the result.
+
+    The views: samples, embeddings, quarantine, runs, scores, metrics, alarms, latest_scores (and the
+    macro scores_of(run)), indexes, leaks, conflicts, decisions. Nothing the query says can write a
+    file or reach the network. The table shows control characters in the data escaped (\\x1b); csv,
+    json and parquet keep the data as it is."""
     import sys
 
     from pipeline.stages import sql as stage
@@ -541,7 +544,8 @@ def predict(
                                                   "no store.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     output: Annotated[Path | None, typer.Option(help="Write every row to FILE.csv, .json or .parquet (outside "
-                                                "the store); without it the terminal shows the first rows.")] = None,
+                                                "the store), or to a folder DIR/ of Parquet parts that a rerun "
+                                                "resumes; without it the terminal shows the first rows.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Call an image generated when its score is above this "
                                                     "(default: the run's threshold, chosen on val).")] = None,
     caption: Annotated[str | None, typer.Option(help="The caption of every image without one of its own "
@@ -560,6 +564,15 @@ def predict(
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels get a reason, not a score.")]
     = 64_000_000,
     max_rows: Annotated[int, typer.Option(help="Rows shown in the terminal (and in --json's rows).")] = 20,
+    engine: Annotated[c.Engine, typer.Option(help="local: this machine | ray: a Ray actor pool, each actor "
+                                             "loading the detector and CLIP once (needs --output DIR/).")] = "local",
+    ray_address: RayAddressOpt = None,
+    actors: Annotated[int | None, typer.Option(help="Ray actors. Default: one per GPU, else one per 4 CPUs.")]
+    = None,
+    shard_rows: Annotated[int, typer.Option(help="--output DIR/: images per Parquet part (the unit of resume).")]
+    = 4096,
+    force: Annotated[bool, typer.Option("--force", help="--output DIR/ holding another command's parts: replace "
+                                        "them.")] = False,
     wait: WaitOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -576,7 +589,8 @@ def predict(
         config = stage.PredictConfig(
             tuple(sources), Store(store) if detector is None else None, run, detector, output, threshold, caption,
             neighbours if explain else 0, keep, device, precision, batch_size, workers, max_bytes, max_pixels,
-            preview_rows=max_rows, wait=wait)
+            preview_rows=max_rows, wait=wait, engine=engine, ray_address=ray_address, actors=actors,
+            shard_rows=shard_rows, force=force)
         result = stage.run(config, reporter)
     show.show_json(result) if as_json else show.show_predict(result)
 
@@ -591,8 +605,11 @@ def export(
     wait: WaitOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a run's detector as a folder that travels alone: model.safetensors, config.json (CLIP model,
-    features, threshold, calibration, OOD sketch), ood.safetensors and a model card (README.md)."""
+    """Write a run's detector as a folder that travels alone (Hugging Face Hub layout).
+
+    model.safetensors, config.json (CLIP model, features, threshold, calibration, OOD rule),
+    ood.safetensors (the OOD sketch) and a model card (README.md); `pipeline predict --detector DIR`
+    uses it on any machine, without a store."""
     from pipeline.stages import export as stage
 
     with _running(ctx) as reporter:
@@ -640,6 +657,7 @@ def neighbors(
     max_bytes: Annotated[int, typer.Option(help="Largest --image file read.")] = DEFAULT_MAX_BYTES,
 ) -> None:
     """Top-k nearest samples of a sample or an image file, with similarity, label, generator, split.
+
     A reader: it never waits for a writer and never builds an index."""
     from pipeline.stages import neighbors as stage
 

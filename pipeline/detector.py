@@ -7,7 +7,8 @@
 `predict` runs the `predict` stage (`pipeline.stages.predict`) with the rows collected, and returns
 them as a `pyarrow.Table` (`schemas.PREDICTIONS`: path, sha256, score, generated, threshold,
 probability, ood, similarity, cached, reason, detail, neighbours). For more images than fit in memory
-use `pipeline predict … --output FILE`, which streams.
+use `predict_to(folder, paths)` (`pipeline predict … --output DIR/`): Parquet parts written as they
+are done, resumed by a rerun, on this machine or a Ray cluster (`engine="ray"`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +74,25 @@ class Detector:
                 device=device, precision=precision, batch_size=batch_size, workers=workers,  # type: ignore[arg-type]
                 collect=True)
             return stage.run(config).rows
+
+    def predict_to(self, folder: str | Path, paths: Sequence[str | Path], *, engine: str = "local",
+                   actors: int | None = None, ray_address: str | None = None, shard_rows: int = 4096,
+                   force: bool = False, threshold: float | None = None, device: str = "auto",
+                   precision: str = "fp32", batch_size: int = 64, workers: int | None = 0) -> Any:
+        """Predict every image of `paths` into `folder` as Parquet parts (`part-NNNNN.parquet`, schema
+        PREDICTIONS), `shard_rows` images each; a rerun after a crash skips the parts already there. Read
+        them back with `pyarrow.dataset.dataset(folder)` or DuckDB's `read_parquet('folder/*.parquet')`.
+        Returns the stage's `PredictResult` (counts, parts, images resumed), not the rows."""
+        from pipeline.stages import predict as stage
+
+        config = stage.PredictConfig(
+            tuple(Path(p) for p in paths), self.store, self.run_id, self.folder, output=Path(folder),
+            threshold=threshold, device=device, precision=precision, batch_size=batch_size,  # type: ignore[arg-type]
+            workers=workers, engine=engine, actors=actors, ray_address=ray_address,  # type: ignore[arg-type]
+            shard_rows=shard_rows, force=force)
+        if not config.directory:
+            raise PipelineError(f"predict_to writes a folder of Parquet parts: {folder} names a file; give a folder.")
+        return stage.run(config)
 
     def __repr__(self) -> str:
         where = f"folder {self.folder}" if self.folder is not None else f"run {self.run_id} of {self.store}"

@@ -114,6 +114,9 @@ def test_unlabelled_folder_of_any_layout_is_never_trained_and_never_conflicts(tm
                          "(SELECT sample_id FROM samples_all WHERE split = 'unlabelled')").to_pylist()
     assert len(rows) == 1 and rows[0]["label"] == 1 and rows[0]["generator"] == "midjourney"
     assert status(StatusConfig(Store(store.root))).samples == 11
+    (plain / "z.jpg").write_bytes(jpeg((3, 5, 7)))  # no caption: no line about training (never trained on)
+    out = _cli("ingest", str(tmp_path / "plain"), "--format", "folder", "--unlabelled", "--store", str(store.root))
+    assert "ingested 1 new samples" in out and "no caption" not in out, out
 
 
 def test_within_one_source_the_first_copy_wins_and_the_other_is_a_claim(tmp_path: Path) -> None:

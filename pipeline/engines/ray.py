@@ -324,6 +324,95 @@ class RayEngine:
         return result
 
 
+class TablePool:
+    """Tables mapped over a pool of Ray actors, each of which builds its function once (a model loaded
+    once per actor): `with TablePool(build, options, store) as pool: for tag, out in pool.map(items)`.
+
+    `build` is plain data (it pickles) whose call, in the actor, returns the function `table -> result`.
+    Items are read from the iterator only as actors free up (two in flight per actor), so memory holds
+    a few tables whatever their number; results come back as they finish, with the tag they were given.
+    Actors get one GPU each where the cluster has GPUs, else the cluster's CPUs shared between them
+    (their torch threads set to their share). The pool connects to `options.address` (or starts a local
+    instance) and leaves nothing behind: its actors are killed and a Ray it started is shut down."""
+
+    def __init__(self, build: Callable[[], Callable[[pa.Table], Any]], options: RayOptions,
+                 store: Store | None = None) -> None:
+        self.build, self.options, self.store = build, options, store
+        self.started_ray = False
+        self.actors: list[Any] = []
+        self.described = "ray"
+        self.gpus = 0.0  # GPUs of the cluster (each actor takes one when there are any)
+
+    def __enter__(self) -> TablePool:
+        ray = import_ray()
+        self.started_ray = connect(self.options)
+        try:
+            if self.store is not None:
+                check_store_visible(self.store)
+            gpus = self.gpus = float(ray.cluster_resources().get("GPU", 0))
+            cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+            count = self.options.actors or (int(gpus) if gpus else max(_nodes(ray), int(cpus) // 4))
+            share = 0 if gpus else max(1, int(cpus) // count)
+            actor = ray.remote(num_cpus=share, num_gpus=1 if gpus else 0)(_TableActor)
+            self.actors = [actor.remote(self.build, max(1, share or 1)) for _ in range(count)]
+            self.described = f"ray:{count}x{'cuda' if gpus else 'cpu'}"
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def map(self, items: Iterator[tuple[Any, pa.Table]]) -> Iterator[tuple[Any, Any]]:
+        ray = import_ray()
+        busy: dict[Any, int] = {}  # result ref -> the actor computing it
+        load = [0] * len(self.actors)
+        todo = iter(items)
+        try:
+            while True:
+                while min(load) < 2:
+                    item = next(todo, None)
+                    if item is None:
+                        break
+                    k = load.index(min(load))
+                    busy[self.actors[k].run.remote(*item)] = k
+                    load[k] += 1
+                if not busy:
+                    return
+                ready, _ = ray.wait(list(busy), num_returns=1)
+                load[busy.pop(ready[0])] -= 1
+                yield ray.get(ready[0])
+        except Exception as exc:  # a sentence raised in an actor comes back wrapped by Ray: unwrap it
+            sentence = _pipeline_error(exc)
+            if sentence is None:
+                raise
+            raise PipelineError(str(sentence)) from exc
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            ray = import_ray()
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors = []
+        disconnect(self.started_ray)
+        self.started_ray = False
+
+
+class _TableActor:
+    """A Ray actor's body: builds its function once, then maps the tables it is sent."""
+
+    def __init__(self, build: Callable[[], Callable[[pa.Table], Any]], threads: int) -> None:
+        import torch
+
+        from trainer.threads import choose_threads
+
+        # at most its share of the node, less the cores other processes keep busy (the local engine's
+        # policy, `engines.local.model_threads`): threads contending for a busy core spin at every barrier
+        torch.set_num_threads(choose_threads(limit=threads)[0])
+        self.function = build()
+
+    def run(self, tag: Any, table: pa.Table) -> tuple[Any, Any]:
+        return tag, self.function(table)
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
     """Raise a library logger to ERROR for the duration, then restore it (no lasting change)."""

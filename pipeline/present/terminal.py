@@ -841,7 +841,11 @@ def show_predict(result: PredictResult) -> None:
                   "unreliable (column ood).")
     for reason, n in sorted(result.reasons.items()):
         out.print(f"[yellow]no score[/] {n} × {escape(reason)} (column reason, detail)")
-    if result.output is not None:
+    if result.output is not None and result.parts:
+        resumed = f"; {result.resumed} images were in parts of an earlier run, skipped" if result.resumed else ""
+        out.print(f"[green]wrote[/] {escape(str(result.output))}/: {result.parts} Parquet parts on {result.engine}"
+                  f"{resumed}")
+    elif result.output is not None:
         out.print(f"[green]wrote[/] {escape(str(result.output))}")
     if result.kept is not None:
         k = result.kept

@@ -15,8 +15,10 @@ Vectors are the cache's: unit vectors rounded to the stored dtype (a fresh one i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,6 +235,58 @@ class PredictBatch:
                              "generator": info[r]["generator"], "split": info[r]["split"]}
                             for s, r in zip(row_sims, row_found, strict=True) if r >= 0 and r in info]
         return pa.array(lists, PREDICTIONS.field("neighbours").type)
+
+
+@dataclass(frozen=True)
+class PredictWorker:
+    """What a worker elsewhere (a Ray actor) needs to predict units of input rows: where the detector is
+    (a run of a store, or an exported folder) and the options. Plain data, so it pickles; calling it
+    loads the detector there, once, and returns the function an actor maps over units. (A `PredictBatch`
+    is not sent instead: its detector holds the store's memory-mapped vectors and its FAISS index, which
+    would travel whole, if at all.)"""
+
+    store: str | None  # the run's store, as every node sees it
+    run_id: str | None
+    folder: str | None  # an exported detector
+    options: PredictOptions
+    batch_size: int
+
+    def __call__(self) -> Callable[[pa.Table], Predicted]:
+        from pipeline.runs.detector import from_folder, from_run
+        from pipeline.store.layout import Store
+
+        if self.folder is not None:
+            detector = from_folder(Path(self.folder))
+        else:
+            assert self.store is not None and self.run_id is not None
+            detector = from_run(Store(Path(self.store)), self.run_id)  # (the driver built its OOD reference)
+        unit = PredictBatch(detector, self.options)
+        return lambda rows: predict_rows(unit, rows, self.batch_size)
+
+
+def predict_rows(unit: PredictBatch, rows: pa.Table, batch_size: int) -> Predicted:
+    """Every row of `rows` through `unit`, `batch_size` at a time, in order. The next batch is read and
+    decoded in a thread while the model runs on this one (decoding and torch both release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [rows.slice(i, batch_size) for i in range(0, rows.num_rows, batch_size)]
+    done: list[Predicted] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        future = pool.submit(unit.identify.decode, batches[0]) if batches else None
+        waiting = None
+        for k in range(len(batches)):
+            assert future is not None
+            decoded = future.result()
+            if k + 1 < len(batches):
+                future = pool.submit(unit.identify.decode, batches[k + 1])
+            started = unit.start(decoded)
+            if waiting is not None:
+                done.append(unit.finish(waiting))
+            waiting = started
+        if waiting is not None:
+            done.append(unit.finish(waiting))
+    return Predicted(pa.concat_tables([d.rows for d in done]) if done else PREDICTIONS.empty_table(),
+                     encoded=sum(d.encoded for d in done), cached=sum(d.cached for d in done))
 
 
 def _has(store: Any, model_key: str, modality: str) -> bool:

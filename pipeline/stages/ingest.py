@@ -134,7 +134,7 @@ class IngestResult:
     conflicts: Counter[tuple[int | None, int, str]] = field(default_factory=Counter)
     labelled_unlabelled: int = 0  # unlabelled samples this ingest brought with a label (now labelled)
     unlabelled: int = 0  # of `added`: samples without a label
-    missing_captions: int = 0  # added samples whose caption is missing or empty
+    missing_captions: int = 0  # added labelled samples whose caption is missing or empty
     units_read: int = 0
     units_skipped: int = 0  # read before, unchanged, same options: not opened again
     units_resumed: int = 0  # of units_read: grown files read from where the last read stopped
@@ -426,7 +426,7 @@ def _classify(store: Store, rows: list[dict[str, Any]], now: datetime, result: I
                               "generator": row["generator"], "note": f"ingest {row['source_uri']}",
                               "decided_at": now})
             result.labelled_unlabelled += 1
-        if not row["text"]:
+        if not row["text"] and row["label"] is not None:  # (an unlabelled sample is never trained on)
             result.missing_captions += 1
     result.label_conflicts += len({c["content_hash"] for c in conflicts})
     return new, conflicts, decisions
