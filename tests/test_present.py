@@ -92,6 +92,19 @@ def test_per_generator_bars_keep_numbers_off_the_intervals() -> None:
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels == ["sd-xl\n55.0 [10.0, 90.0]", "sd-1.4\n100.0 (interval not informative)",
                       "overall\n70.0 [50.0, 90.0]"]
+    # with long names the axes are narrow: the title and axis label still lie inside the figure
+    fig = figures.draw_bars_ci(cells, "test ROC AUC per generator (each against all real)")
+    fig.set_layout_engine("tight")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    box = fig.bbox
+    ax = fig.axes[0]
+    for text in (ax.title, ax._right_title, ax.xaxis.label):  # noqa: SLF001 - the right-aligned title
+        if text.get_text():
+            extent = text.get_window_extent(renderer)
+            assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, (text.get_text(), extent, box)
 
 
 def test_learning_curve_puts_val_auc_on_the_same_axis() -> None:

@@ -215,6 +215,12 @@ def draw_bars_ci(cells: Mapping[str, Mapping[str, Any] | None], title: str) -> A
     ax.invert_yaxis()
     auc_axis(ax, "x", "ROC AUC × 100 (orange: 95% group-bootstrap interval)")
     ax.grid(axis="x", lw=0.4, alpha=0.5)
+    # The bar names with their numbers take the left of the figure, so the axes are narrow: a title or
+    # axis label centred on them ran off the figure's right edge. Ending both at the axes' right edge,
+    # they run leftwards over the names' column, inside the figure.
+    ax.set_title(title, fontsize=TITLE, loc="right")
+    ax.set_title("", loc="center")
+    ax.set_xlabel(ax.get_xlabel(), fontsize=LABEL, loc="right")
     return fig
 
 
