@@ -258,7 +258,8 @@ def test_output_paths_that_are_not_plain_files_are_refused(trained: tuple[Store,
     (tmp_path / "dir.csv").mkdir()
     for target, why in ((tmp_path / "fifo.csv", "is a FIFO"), (tmp_path / "link.csv", "symbolic link"),
                         (tmp_path / "dir.csv", "directory"), (store.root / "x.csv", "inside the store"),
-                        (tmp_path / "x.txt", "must end in .csv, .json or .parquet")):
+                        (tmp_path / "x.txt", "is not a file format (.csv, .json, .parquet)"),
+                        (tmp_path / "scores.d", "for a folder of Parquet parts, give a name without a suffix")):
         text = _cli("predict", str(images), "--run", run_id, "--store", str(store.root), "--output", str(target),
                     code=2)
         assert why in text, text

@@ -140,7 +140,11 @@ class PredictConfig(Validated):
                 check_output(store, self.output, kind="directory")
             else:
                 check_output(store, self.output)
-                output_format(self.output)
+                if self.output.suffix.lower() not in FORMATS:  # e.g. `scores.d/`: the shell's `/` does not reach us
+                    raise PipelineError(
+                        f"--output {self.output}: {self.output.suffix} is not a file format (.csv, .json, .parquet) "
+                        "and no folder of that name exists; for a folder of Parquet parts, give a name without a "
+                        "suffix or create the folder first.")
 
     @property
     def directory(self) -> bool:
