@@ -253,13 +253,8 @@ def _predict(config: PredictConfig, detector: Detector, pending: Path, count: in
     from pipeline.encoding.units import default_workers, resolve_device
     from pipeline.engines.local import decoded_batches, model_threads
 
-    spec = detector.spec
-    options = PredictOptions(config.device, config.precision, config.max_bytes, config.max_pixels, config.threshold,
-                             config.explain)
+    result, options = _begin(config, detector)
     unit = PredictBatch(detector, options)
-    result = PredictResult(detector.source, spec.model_key, spec.clip.get("random_weights"),
-                           config.threshold if config.threshold is not None else spec.threshold, spec.ood,
-                           output=config.output)
     device = resolve_device(config.device)
     workers = default_workers(device) if config.workers is None else config.workers
     if config.precision == "bf16" and device.type == "cpu":
@@ -336,17 +331,23 @@ def _fill(config: PredictConfig, detector: Detector, pending: Path, work: Path, 
     return result
 
 
-def _predict_ray(config: PredictConfig, detector: Detector, todo: Path, sink: _Units,
-                 reporter: Reporter) -> PredictResult:
-    """The units of `todo` on a Ray actor pool; this process writes each part as its unit comes back."""
-    from pipeline.engines.ray import RayOptions, TablePool
-
+def _begin(config: PredictConfig, detector: Detector) -> tuple[PredictResult, PredictOptions]:
+    """The result a run fills in (threshold: --threshold, else the detector's) and the options each batch takes."""
     spec = detector.spec
     result = PredictResult(detector.source, spec.model_key, spec.clip.get("random_weights"),
                            config.threshold if config.threshold is not None else spec.threshold, spec.ood,
                            output=config.output)
     options = PredictOptions(config.device, config.precision, config.max_bytes, config.max_pixels, config.threshold,
                              config.explain)
+    return result, options
+
+
+def _predict_ray(config: PredictConfig, detector: Detector, todo: Path, sink: _Units,
+                 reporter: Reporter) -> PredictResult:
+    """The units of `todo` on a Ray actor pool; this process writes each part as its unit comes back."""
+    from pipeline.engines.ray import RayOptions, TablePool
+
+    result, options = _begin(config, detector)
     worker = PredictWorker(None if config.run_id is None or config.store is None else str(config.store.root.resolve()),
                            config.run_id, None if config.detector is None else str(config.detector.resolve()),
                            options, config.batch_size)
