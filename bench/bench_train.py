@@ -61,6 +61,7 @@ from trainer.fit import GEMM_THREAD_INDEPENDENT, FitConfig, build_model, build_o
 from trainer.losses import bce, cvar  # noqa: E402
 from trainer.model import MLP  # noqa: E402
 from trainer.precision import BF16_EMULATED, cpu_bf16_native  # noqa: E402
+from trainer.products import BF16_PRODUCTS  # noqa: E402
 from trainer.sam import SAM, running_stats  # noqa: E402
 
 
@@ -228,7 +229,7 @@ def step_table() -> None:
     fp32, bf16 = Floor(torch.float32), Floor(torch.bfloat16) if cpu_bf16_native() else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); step: batch {BATCH}, "
           f"{2 * DIM}-d, hidden {2 * DIM}, SAM + CVaR + AUC: {flops / 1e6:.1f} MFLOP per sample")
-    print(f"MKL products thread-independent (strict CNR): {GEMM_THREAD_INDEPENDENT}")
+    print(f"MKL products thread-independent (strict CNR): {GEMM_THREAD_INDEPENDENT}; bf16 products: {BF16_PRODUCTS}")
     print(f"floor: fp32 {FLOOR_N}² product {fp32.rate():.0f} GFLOP/CPU-s"
           + (f", bf16 {bf16.rate():.0f}" if bf16 else f"; bf16: {BF16_EMULATED}"))
     fix_mmap_threshold()  # the CLI's setting; `after` lifts it for the steps, as the train stage does

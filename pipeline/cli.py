@@ -72,12 +72,12 @@ SeedOpt = Annotated[int | None, typer.Option(help="Seed of weights, dropout and 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout "
                                        "(progress and warnings stay on stderr).")]
 PrecisionOpt = Annotated[c.TrainPrecision | None, typer.Option(
-    help="auto (default): bf16 products (bf16 operands, fp32 results) where the CPU or GPU computes bf16 "
+    help="auto (default): bf16 products (bf16 operands, fp32 accumulation) where the CPU or GPU computes bf16 "
     "natively (AVX512-BF16/AMX, CUDA capability 8.0+), fp32 elsewhere; fp32 | bf16 force one.")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     help="torch threads (default: the cores this process may use, less those other processes keep busy). "
-    "A run's numbers do not depend on it where MKL's strict mode is in effect; otherwise the count enters "
-    "its hash.")]
+    "A run's numbers do not depend on it where MKL's strict mode is in effect (and, for bf16, on Intel "
+    "CPUs); otherwise the count enters its hash.")]
 
 
 @app.callback()

@@ -9,7 +9,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.runs.config import TrainConfig
 from trainer import precision
-from trainer.precision import BF16_EMULATED, _linux_cpu_flags, resolve_precision
+from trainer.precision import BF16_EMULATED, _cpuinfo_field, _linux_cpu_flags, resolve_precision
 
 
 @pytest.fixture
@@ -44,6 +44,14 @@ def test_cpu_flags_come_from_the_kernel(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
     assert "bf16" in (_linux_cpu_flags(cpuinfo) or set())
     assert _linux_cpu_flags(tmp_path / "missing") is None
+
+
+def test_the_cpu_vendor_comes_from_the_kernel(tmp_path: Path) -> None:
+    """(It picks the bf16 products: MKL's on Intel, oneDNN's elsewhere: `trainer.products`.)"""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx512_bf16\n")
+    assert (_cpuinfo_field(("vendor_id",), cpuinfo) or "").strip() == "AuthenticAMD"
+    assert _cpuinfo_field(("vendor_id",), tmp_path / "missing") is None
 
 
 def test_importing_the_probe_does_not_import_torch() -> None:

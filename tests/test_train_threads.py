@@ -101,3 +101,18 @@ def test_the_same_config_through_the_command_with_one_and_two_threads(store: Sto
         assert hashes[0] != hashes[1]
     else:
         assert hashes[0] == hashes[1] and aucs[0] == pytest.approx(aucs[1], abs=1e-6)
+
+
+def test_bf16_products_outside_mkl_make_a_bf16_run_carry_its_thread_count(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where bf16 products go to oneDNN (a CPU other than Intel's: `trainer.products`), a bf16 run's
+    numbers may change with its threads, so its hash says how many; an fp32 run's does not."""
+    from pipeline.stages import train as stage
+
+    monkeypatch.setattr(stage, "BF16_THREAD_INDEPENDENT", False)
+    config = {**SIZE, "epochs": 1, "precision": "bf16"}
+    one = train(store, TrainConfig.from_dict({**config, "threads": 1}))
+    two = train(store, TrainConfig.from_dict({**config, "threads": 2}))
+    assert one.compute.thread_dependent and one.config_hash != two.config_hash
+    fp32 = train(store, TrainConfig.from_dict({**config, "precision": "fp32", "threads": 1}))
+    assert not fp32.compute.thread_dependent or not stage.GEMM_THREAD_INDEPENDENT

@@ -29,7 +29,8 @@ __all__ = ["GEMM_THREAD_INDEPENDENT", "ARITHMETIC", "FitConfig", "FitResult", "b
 # The version of the arithmetic below (a run's hash includes it): bump it when a change alters the
 # numbers a config gives. 2: fused blocks, MKL products in strict mode (bf16 ones with fp32 results),
 # AUC by sorting, 16-bit dropout draws (numpy SFC64), fused AdamW, SAM norms in a fixed order.
-ARITHMETIC = 2
+# 3: bf16 products through oneDNN (bf16 results) on CPUs other than Intel's, where MKL's are slow.
+ARITHMETIC = 3
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 

@@ -40,8 +40,8 @@ class MLP(nn.Module):
 
     With the paper's defaults (hidden = input width, depth 3, dropout 0.335, slope 0.01). In training
     each block runs as one fused autograd node (`trainer.fused`); evaluation runs the modules. Under
-    autocast the products take operands in its dtype (bf16) through `trainer.products` (fp32 results,
-    the same whatever the thread count); statistics, activations and gradients stay in fp32.
+    autocast the products take operands in its dtype (bf16) through `trainer.products` (fp32 accumulation,
+    the same whatever the thread count where MKL computes them); statistics, activations and gradients stay in fp32.
     """
 
     def __init__(

@@ -58,7 +58,7 @@ def resolve_precision(requested: str, device_type: str = "cpu") -> tuple[str, st
     if requested == "bf16":
         return "bf16", ("bf16, as asked" if native else f"bf16, as asked, but {where}")
     if native:
-        return "bf16", f"bf16 products (fp32 results): {where}; --precision fp32 turns it off"
+        return "bf16", f"bf16 products (fp32 accumulation): {where}; --precision fp32 turns it off"
     return "fp32", f"fp32: {where}"
 
 
@@ -77,14 +77,27 @@ def _native_bf16(device_type: str) -> tuple[bool, str]:
     return False, BF16_EMULATED
 
 
+@functools.cache
+def cpu_vendor() -> str | None:
+    """The first processor's vendor (`GenuineIntel`, `AuthenticAMD`, …) where the kernel says it, else None."""
+    value = _cpuinfo_field(("vendor_id",))
+    return value.strip() if value else None
+
+
 def _linux_cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str] | None:
     """The first processor's flags (x86 `flags`, Arm `Features`), or None where there is no such file."""
+    value = _cpuinfo_field(("flags", "Features"), path)
+    return None if value is None else set(value.split())
+
+
+def _cpuinfo_field(keys: tuple[str, ...], path: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first processor's value for the first of `keys` found, or None."""
     try:
         text = path.read_text()
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
+        if key.strip() in keys:
+            return value
     return None

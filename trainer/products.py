@@ -7,7 +7,10 @@ fp32 product differs between 1 and 3 threads, a 1536 × 2048 by 2048 × 1536 bf1
 trainer's large products; it can be switched on only before MKL's first call in the process, so
 this module does it when it is imported. bf16 products then go to MKL too (`cblas_gemm_bf16bf16f32`,
 called directly: bf16 operands, fp32 accumulation and fp32 result, thread-independent under strict
-CNR), instead of oneDNN, which offers no such mode.
+CNR), instead of oneDNN, which offers no such mode. That holds on Intel CPUs only: elsewhere MKL's
+bf16 product runs at its fp32 rate (an AMD EPYC with AVX512-BF16, one core, 2048 × 1536 by
+1536 × 1536: 83 GFLOP/s, against oneDNN's 185 and MKL's fp32 80), so there bf16 products go to
+torch's own (oneDNN: bf16 results, widened to fp32) and `BF16_THREAD_INDEPENDENT` is False.
 
 Where MKL is missing (other BLAS builds) or was already used, nothing is promised:
 `THREAD_INDEPENDENT` is False and a run's hash carries its thread count (`trainer.threads`).
@@ -20,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from trainer.precision import cpu_vendor
 
 _MKL_CBWR_ALL = -1  # mkl_cbwr_get(MKL_CBWR_ALL): the branch and the strict flag
 _MKL_CBWR_AUTO_STRICT = 0x10002  # MKL_CBWR_AUTO | MKL_CBWR_STRICT: best code path, thread-independent
@@ -75,14 +80,24 @@ def _mkl_bf16_gemm(lib: ctypes.CDLL | None) -> Callable[..., None] | None:
 
 _LIB = _torch_mkl()
 THREAD_INDEPENDENT = reproducible_gemm(_LIB)  # (at import: before anything multiplies)
-_BF16_GEMM = _mkl_bf16_gemm(_LIB) if THREAD_INDEPENDENT else None
+# MKL's bf16 kernels are native on Intel only (see the module docstring)
+_BF16_GEMM = _mkl_bf16_gemm(_LIB) if THREAD_INDEPENDENT and cpu_vendor() == "GenuineIntel" else None
+BF16_THREAD_INDEPENDENT = _BF16_GEMM is not None
+BF16_PRODUCTS = ("MKL (bf16 operands, fp32 results; thread-independent)" if BF16_THREAD_INDEPENDENT
+                 else "torch's oneDNN (bf16 operands and results)")
+
+
+def thread_independent(precision: str) -> bool:
+    """Whether the trainer's products at `precision` (`fp32` or `bf16`) round the same whatever the
+    thread count on this machine."""
+    return THREAD_INDEPENDENT and (precision != "bf16" or BF16_THREAD_INDEPENDENT)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b for 2-D a and b, operands rounded to `dtype`, the result in fp32 (fp64 for fp64).
 
-    bf16 on the CPU goes to MKL (thread-independent; transposed views cost no copy), elsewhere to
-    torch (`torch.mm` in bf16, then widened).
+    bf16 on an Intel CPU goes to MKL (thread-independent; transposed views cost no copy), elsewhere
+    to torch (`torch.mm` in bf16, then widened).
     """
     if dtype != torch.bfloat16:
         return torch.mm(a.to(dtype), b.to(dtype))

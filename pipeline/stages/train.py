@@ -50,6 +50,7 @@ from pipeline.store.writes import require_writable, writing
 from schemas import SPLITS, UNLABELLED
 from trainer.fit import GEMM_THREAD_INDEPENDENT, build_model, fit
 from trainer.precision import resolve_precision
+from trainer.products import BF16_THREAD_INDEPENDENT
 from trainer.threads import choose_threads, numbers_depend_on_threads
 
 KNN_SLICE_ROWS = 65_536  # kNN scores reach the score sinks this many rows at a time
@@ -158,7 +159,9 @@ def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, C
     if config.detector != "mlp":
         return config, None
     precision, precision_why = resolve_precision(config.fit.precision, "cpu")
-    depends = numbers_depend_on_threads("cpu", GEMM_THREAD_INDEPENDENT)
+    # bf16 products are thread-independent only where they go to MKL (Intel: `trainer.products`)
+    depends = numbers_depend_on_threads("cpu", GEMM_THREAD_INDEPENDENT and (precision != "bf16"
+                                                                            or BF16_THREAD_INDEPENDENT))
     # torch's own count caps it: physical cores by default, or what OMP_NUM_THREADS (set by a user, or by
     # Ray for its workers) asked for
     limit = min(job.max_threads or torch.get_num_threads(), torch.get_num_threads())
