@@ -1,6 +1,7 @@
 """The training view and the feature stream: an index into memory-mapped vectors, bounded memory."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import ROW_GROUP_ROWS, feature_table
+from pipeline.reporting import Silent
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
@@ -337,9 +339,52 @@ def test_a_view_that_does_not_fit_its_first_memory_bound_is_built_under_the_next
 
     monkeypatch.setattr(view, "_write_part", spy)
     monkeypatch.setattr(view, "DUCKDB_MEMORY", ("1MB", "1GB"))
-    table = view.feature_table(store, "m")
+    notes: list[str] = []
+
+    class Notes(Silent):
+        def note(self, message: str) -> None:
+            notes.append(message)
+
+    table = view.feature_table(store, "m", reporter=Notes())
     assert tried == [("1MB", "OutOfMemoryException"), ("1GB", "built")]
     assert table.rows == 2000
+    # the retry is said, never silent: one sentence, to the reporter as it happens and in the result
+    assert notes == list(table.retries) and len(notes) == 1
+    assert notes[0].startswith("The training view did not fit in DuckDB's 1MB (Out of Memory Error")
+    assert notes[0].endswith("built again under 1GB.")
+    assert view.feature_table(store, "m").retries == ()  # found built: nothing tried again
+
+
+def test_train_says_in_one_line_that_its_view_was_built_again_under_a_larger_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI: the view's retry is a warning line on the terminal and in `--json`'s warnings."""
+    pytest.importorskip("h5py")
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.features import view
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=40, image_dim=8, text_dim=8)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    assert runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
+                               "--model-key", "m"]).exit_code == 0
+    monkeypatch.setattr(view, "DUCKDB_MEMORY", ("1MB", "1GB"))
+    train = ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam", "--features", "image"]
+    done = runner.invoke(app, [*train, "--json"])
+    assert done.exit_code == 0, done.output
+    warnings = json.loads(done.stdout)["warnings"]
+    assert [w for w in warnings if "training view" in w] == [
+        next(w for w in warnings if w.startswith("The training view did not fit in DuckDB's 1MB"))]
+    assert "built again under 1GB." in warnings[0]
+    shown = runner.invoke(app, [*train, "--seed", "2"])  # the view is built: nothing to say
+    assert shown.exit_code == 0 and "training view" not in shown.output
+    shutil.rmtree(tmp_path / "store" / "cache" / "views")
+    shown = runner.invoke(app, [*train, "--seed", "3"])
+    assert shown.exit_code == 0, shown.output
+    lines = [line for line in shown.output.splitlines() if "training view did not fit" in line]
+    assert len(lines) == 1 and "1MB" in lines[0]
 
 
 def test_a_view_whose_limit_is_hit_while_its_rows_stream_is_built_under_the_next_bound(

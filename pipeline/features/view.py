@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import cache, catalog, duck
@@ -112,6 +112,7 @@ class FeatureTable:
     row_digest: RowDigest = field(default_factory=RowDigest)  # every row: sample, label, split, generator, group
     text_digest: RowDigest = field(default_factory=RowDigest)  # rows with a text vector, with the text they get
     perturbation: str | None = None  # the samples `perturb` derived by this operation; None: the samples as ingested
+    retries: tuple[str, ...] = ()  # sentences: the memory bounds this call's build ran out of, and what it did then
     pins: cache.Pins | None = field(default=None, compare=False, repr=False)  # its parts, kept while it lives
 
     def data_fingerprint(self, features: str) -> str:
@@ -178,8 +179,10 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
         if found is not None and _extendable(found, directory, covered, layout, text_shards, store):
             manifest = found
         known = {p for part in manifest["parts"] for p in part["shards"]}
+        retries: list[str] = []
         if covered - known:
-            part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered))
+            part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered),
+                               retries, reporter)
             manifest["parts"].append(part)
             manifest["layout"] = layout
             write_text(directory / "view.json", json.dumps(manifest))
@@ -190,7 +193,7 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
     row_digest = sum((RowDigest.from_json(p["digest_rows"]) for p in manifest["parts"]), RowDigest())
     text_digest = sum((RowDigest.from_json(p["digest_text"]) for p in manifest["parts"]), RowDigest())
     return FeatureTable(directory, parts, model_key, pairing, images, texts, rows, row_digest, text_digest,
-                        perturbation, pins)
+                        perturbation, tuple(retries), pins)
 
 
 # --- private -------------------------------------------------------------------------------
@@ -218,16 +221,20 @@ def _extendable(manifest: dict[str, Any], directory: Path, covered: set[str], la
 
 def _build_part(store: Store, directory: Path, manifest: dict[str, Any], images: VectorMatrix,
                 texts: VectorMatrix | None, pairing: str, perturbation: str | None,
-                covered: list[str]) -> dict[str, Any]:
+                covered: list[str], retries: list[str], reporter: Reporter) -> dict[str, Any]:
+    """Write the part under the first memory bound it fits in; each bound it ran out of is a sentence in
+    `retries`, noted to `reporter` as it happens (a retry is never silent: it costs memory and time)."""
     earlier = [directory / p["file"] for p in manifest["parts"]]
     name = f"part-{fingerprint(store, [store.root / c for c in covered], pairing, len(earlier))}.parquet"
-    for memory in DUCKDB_MEMORY[:-1]:
+    for memory, larger in zip(DUCKDB_MEMORY, DUCKDB_MEMORY[1:], strict=False):
         try:
             return _write_part(store, directory, name, earlier, images, texts, pairing, perturbation, covered, memory)
         except (duckdb.OutOfMemoryException, OSError) as exc:  # (OSError: the limit hit while streaming)
             if not duck.out_of_memory(exc):
                 raise
-            continue
+            retries.append(f"The training view did not fit in DuckDB's {memory} ({first_line(exc)}); "
+                           f"built again under {larger}.")
+            reporter.note(retries[-1])
     return _write_part(store, directory, name, earlier, images, texts, pairing, perturbation, covered,
                        DUCKDB_MEMORY[-1])
 
