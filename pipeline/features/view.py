@@ -360,7 +360,7 @@ def _buckets(joined: Path) -> list[tuple[str, dict[str, object]]]:
     def value(folder: Path) -> str:
         return unquote(folder.name.partition("=")[2])
 
-    found = []
+    found: list[tuple[str, dict[str, object]]] = []
     for split in sorted((d for d in joined.iterdir() if d.is_dir()), key=value) if joined.is_dir() else ():
         for bucket in sorted((d for d in split.iterdir() if d.is_dir()), key=lambda d: int(value(d))):
             files = sorted(str(f) for f in bucket.glob("*.parquet"))
