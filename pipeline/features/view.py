@@ -71,8 +71,9 @@ DUCKDB_THREADS = 2
 # Rows (about) of one bucket of the view's sort: the joined rows are written in buckets of (split, a
 # range of hash(sample_id)) and each bucket is sorted alone, so the sort holds one bucket, whatever the
 # view's size. Measured at 2M samples, 256 MB, 2 threads: one sort of every row 365 MB peak anon (323 at
-# 1M, and sometimes out of the bound: the silent 1 GB retry behind the view's 714 MB); 1M-row buckets
-# 328 MB; 250k-row buckets 252 MB, below the joins' own ~335 MB, at less CPU (1.5 against 3.0 s).
+# 1M; at 1M it ran out of 160 MB where the joins fit); 1M-row buckets 328 MB; 250k-row buckets 252 MB,
+# below the joins' own ~335 MB, at less CPU (1.5 against 3.0 s). The whole build (bench_scale.py's
+# `view rebuild`): 351 MB at 1M in one sort; in buckets 326 MB at 1M, 339 MB at 2M.
 BUCKET_ROWS = 262_144
 
 
