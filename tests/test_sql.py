@@ -127,8 +127,8 @@ def test_latest_scores_reads_the_newest_runs_files_only(tmp_path: Path) -> None:
 def test_duckdb_scans_every_table_with_bounded_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DuckDB builds a registered dataset's scanner itself (pyarrow's defaults read about 2M rows of a score
     file ahead): through `pipeline sql`, `latest_scores`, `scores` and `samples` are scanned through
-    `_Bounded.scanner`, whose batches are at most READ_AHEAD's size, with each run's scores still its
-    own partition (other runs' files skipped unopened)."""
+    `_Bounded.scanner`, whose batches are at most READ_AHEAD's size, not pre-buffered, with each run's
+    scores still its own partition (other runs' files skipped unopened)."""
     pytest.importorskip("h5py")
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
@@ -159,6 +159,9 @@ def test_duckdb_scans_every_table_with_bounded_read_ahead(tmp_path: Path, monkey
     def spy(self: sql_stage._Bounded, **kwargs: object) -> object:
         sizes = [b.num_rows for b in original(self, **kwargs).to_batches()]  # (a second scan, to look at)
         scanned.append(([Path(f).parent.name for f in self.files], sizes))
+        # no pre-buffering either (it reads ahead a file's column chunks), and every page's CRC checked
+        options = [f.format.default_fragment_scan_options for f in self.get_fragments()]
+        assert options and all(not o.pre_buffer and o.page_checksum_verification for o in options)
         return original(self, **kwargs)
 
     monkeypatch.setattr(sql_stage._Bounded, "scanner", spy)
@@ -174,7 +177,7 @@ def test_duckdb_scans_every_table_with_bounded_read_ahead(tmp_path: Path, monkey
     # each run's file keeps its run as its partition: a constant filter skips the other run's file unopened
     shards = manifests.read_manifest(Store(Path(store))).of("scores")
     partitioned = ds.FileSystemDataset.from_paths(
-        [str(Path(store).resolve() / s.path) for s in shards], schema=SCORES, format=ds.ParquetFileFormat(),
+        [str(Path(store).resolve() / s.path) for s in shards], schema=SCORES, format=sql_stage._PARQUET,
         filesystem=fs.LocalFileSystem(), partitions=[pc.field("run_id") == catalog.run_of(s) for s in shards])
     bounded = sql_stage._bounded(partitioned)
     for shard in shards:
