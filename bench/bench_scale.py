@@ -11,7 +11,8 @@ Each stage then runs in its own process, so its peak memory is its own:
     same config: found, nothing recomputed), sweep (3 configs), score (after importing 500 new
     samples), the newest run's scores by generator (written with a subquery on `scores`, then
     through `latest_scores`), index build (default 4 GB budget; `index rebuild` builds it again on a
-    kept store), leaks, neighbours, report, and a no-op encode on a store that also holds real image samples.
+    kept store, as `view rebuild` does the training view), leaks, neighbours, report, and a no-op
+    encode on a store that also holds real image samples.
 
 Peak RSS is the kernel's high-water mark (it counts pages of the memory-mapped vectors the stage
 touched, which the kernel can drop at will); peak anon is sampled anonymous memory (what the
@@ -51,7 +52,7 @@ STAGES = ("import", "import again", "status", "sql aggregate", "sql point", "vie
 # filter is not pushed down), and through the `latest_scores` view (the newest run's files only)
 LATEST = ("SELECT generator, count(*) AS n, avg(score) AS mean FROM {} WHERE split = 'test' {}GROUP BY ALL")
 SUBQUERY = "AND run_id = (SELECT run_id FROM runs ORDER BY created_at DESC LIMIT 1) "
-ON_REQUEST = ("index rebuild",)  # run only when --stages names them
+ON_REQUEST = ("index rebuild", "view rebuild")  # run only when --stages names them
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -116,11 +117,13 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
             sid = json.loads((work / "probe.json").read_text())["sample_id"]
             sql = f"SELECT sample_id, split, label, generator FROM samples WHERE sample_id = '{sid}'"
         return {"rows": run(SqlConfig(store, sql)).rows}
-    if stage == "view":
+    if stage in ("view", "view rebuild"):  # rebuild: the view of a kept store dropped and built again, whole
         from pipeline.features.view import feature_table
 
+        if stage == "view rebuild":
+            shutil.rmtree(store_dir / "cache" / "views" / KEY, ignore_errors=True)
         table = feature_table(store, KEY)
-        return {"rows": table.rows, "parts": len(table.parts)}
+        return {"rows": table.rows, "parts": len(table.parts), **({"retries": table.retries} if table.retries else {})}
     if stage.startswith("train"):
         from pipeline.runs.config import TrainConfig
         from pipeline.stages.train import TrainJob, run

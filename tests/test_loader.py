@@ -1,6 +1,8 @@
 """The training view and the feature stream: an index into memory-mapped vectors, bounded memory."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import ROW_GROUP_ROWS, feature_table
+from pipeline.reporting import Silent
 from pipeline.store import catalog
 from pipeline.store.layout import Store
 from tests.conftest import planted_store
@@ -337,9 +340,52 @@ def test_a_view_that_does_not_fit_its_first_memory_bound_is_built_under_the_next
 
     monkeypatch.setattr(view, "_write_part", spy)
     monkeypatch.setattr(view, "DUCKDB_MEMORY", ("1MB", "1GB"))
-    table = view.feature_table(store, "m")
+    notes: list[str] = []
+
+    class Notes(Silent):
+        def note(self, message: str) -> None:
+            notes.append(message)
+
+    table = view.feature_table(store, "m", reporter=Notes())
     assert tried == [("1MB", "OutOfMemoryException"), ("1GB", "built")]
     assert table.rows == 2000
+    # the retry is said, never silent: one sentence, to the reporter as it happens and in the result
+    assert notes == list(table.retries) and len(notes) == 1
+    assert notes[0].startswith("The training view did not fit in DuckDB's 1MB (Out of Memory Error")
+    assert notes[0].endswith("built again under 1GB.")
+    assert view.feature_table(store, "m").retries == ()  # found built: nothing tried again
+
+
+def test_train_says_in_one_line_that_its_view_was_built_again_under_a_larger_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI: the view's retry is a warning line on the terminal and in `--json`'s warnings."""
+    pytest.importorskip("h5py")
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.features import view
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=40, image_dim=8, text_dim=8)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    assert runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
+                               "--model-key", "m"]).exit_code == 0
+    monkeypatch.setattr(view, "DUCKDB_MEMORY", ("1MB", "1GB"))
+    train = ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam", "--features", "image"]
+    done = runner.invoke(app, [*train, "--json"])
+    assert done.exit_code == 0, done.output
+    warnings = json.loads(done.stdout)["warnings"]
+    assert [w for w in warnings if "training view" in w] == [
+        next(w for w in warnings if w.startswith("The training view did not fit in DuckDB's 1MB"))]
+    assert "built again under 1GB." in warnings[0]
+    shown = runner.invoke(app, [*train, "--seed", "2"])  # the view is built: nothing to say
+    assert shown.exit_code == 0 and "training view" not in shown.output
+    shutil.rmtree(tmp_path / "store" / "cache" / "views")
+    shown = runner.invoke(app, [*train, "--seed", "3"])
+    assert shown.exit_code == 0, shown.output
+    lines = [line for line in shown.output.splitlines() if "training view did not fit" in line]
+    assert len(lines) == 1 and "1MB" in lines[0]
 
 
 def test_a_view_whose_limit_is_hit_while_its_rows_stream_is_built_under_the_next_bound(
@@ -379,6 +425,76 @@ def test_a_view_whose_limit_is_hit_while_its_rows_stream_is_built_under_the_next
 
     monkeypatch.setattr(duck, "batches", batches)
     table = view.feature_table(store, "m")
-    assert len(calls) == 2 and table.rows == 2000  # the second bound built it, whole
+    # the first bound failed in its first bucket; the second bound read every bucket (one a split) and built it, whole
+    assert len(calls) == 1 + 3 and table.rows == 2000
     assert [p.name for p in table.directory.iterdir() if "part-" in p.name] == [table.parts[0].name]
     assert not list(table.directory.glob(".*.tmp"))  # the joined rows' temp file is gone with the failed try
+
+
+def test_a_view_sorted_in_buckets_has_the_rows_of_one_sort_in_the_same_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The view's sort runs one bucket (split, range of hash(sample_id)) at a time, so its memory does not
+    grow with the rows: many buckets give the same part, row for row, as one sort of every row."""
+    pytest.importorskip("h5py")
+    import pyarrow.parquet as pq
+
+    from pipeline.features import view
+
+    store = planted_store(tmp_path / "s", rows=300, dim=4)
+    one = feature_table(store, "planted")
+    assert view._bucket_bits(one.rows) == 0  # (one bucket a split)
+    whole = pq.read_table(one.parts[0])
+    monkeypatch.setattr(view, "BUCKET_ROWS", 64)  # 1,500 samples: 32 hash ranges, each split in each
+    shutil.rmtree(one.directory)
+    many = feature_table(store, "planted")
+    assert view._bucket_bits(1500) == 5
+    bucketed = pq.read_table(many.parts[0])
+    assert bucketed.num_rows == 1500 and bucketed.equals(whole)
+    assert (many.row_digest, many.text_digest) == (one.row_digest, one.text_digest)
+    order = bucketed.column("split").to_pylist()
+    assert order == sorted(order) and len(set(order)) == 3  # split by split, as before
+
+
+def test_a_killed_view_builds_bucket_folder_is_removed_by_the_next_build(tmp_path: Path) -> None:
+    """The joined rows are a temp folder (a subfolder a bucket): one a killed build left is removed whole
+    by the next build, as a temp file was (a temp folder used to be skipped: it cannot be unlinked)."""
+    pytest.importorskip("h5py")
+    from pipeline.store.atomic import temp_path
+
+    store = planted_store(tmp_path / "s", rows=20, dim=4)
+    directory = store.root / "cache" / "views" / "planted" / "as-ingested"
+    left = temp_path(directory / "samples-with-images")
+    (left / "split=train" / "_bucket=0").mkdir(parents=True)
+    (left / "split=train" / "_bucket=0" / "data_0.parquet").write_bytes(b"rows of a killed build")
+    dead = left.with_name(left.name.replace(f"~{os.getpid()}~", "~999999999~"))  # an owner no longer alive
+    left.rename(dead)
+    table = feature_table(store, "planted")
+    assert table.rows == 100 and not dead.exists()
+    assert not list(directory.glob(".*.tmp"))
+
+
+def test_train_on_a_view_sorted_in_many_buckets_gives_the_same_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI: the same store trained with a view sorted in one bucket a split and in 32 gives the
+    same numbers (the same rows in the same order, so the same batches)."""
+    pytest.importorskip("h5py")
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.features import view
+
+    planted_store(tmp_path / "a", rows=300, dim=4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    runner = CliRunner()
+
+    def train(folder: str) -> dict[str, Any]:
+        done = runner.invoke(app, ["train", "--store", str(tmp_path / folder / "store"), "--epochs", "1",
+                                   "--batch-size", "64", "--no-sam", "--threads", "1", "--json"])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.stdout)["metrics"]
+
+    one = train("a")
+    monkeypatch.setattr(view, "BUCKET_ROWS", 64)
+    many = train("b")
+    assert view._bucket_bits(1500) == 5
+    assert one["test"] == many["test"] and one["val"] == many["val"] and one["test"]["auc"] is not None

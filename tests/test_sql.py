@@ -122,3 +122,64 @@ def test_latest_scores_reads_the_newest_runs_files_only(tmp_path: Path) -> None:
     # (Breaking the other runs' files to show they are not read no longer works: since readers check
     # what was committed, a shard changed in place is damage every command names. The file list above
     # is the proof that the view reads the newest run's files only.)
+
+
+def test_duckdb_scans_every_table_with_bounded_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB builds a registered dataset's scanner itself (pyarrow's defaults read about 2M rows of a score
+    file ahead): through `pipeline sql`, `latest_scores`, `scores` and `samples` are scanned through
+    `_Bounded.scanner`, whose batches are at most READ_AHEAD's size, not pre-buffered, with each run's
+    scores still its own partition (other runs' files skipped unopened)."""
+    pytest.importorskip("h5py")
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.fs as fs
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.stages import sql as sql_stage
+    from pipeline.store import catalog
+    from pipeline.store import manifest as manifests
+    from schemas import SCORES
+    from tests.test_import_features import _h5
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=12, image_dim=8, text_dim=8)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    assert runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
+                               "--model-key", "m"]).exit_code == 0
+    for seed in (1, 2):
+        trained = runner.invoke(app, ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam",
+                                      "--features", "image", "--seed", str(seed)])
+        assert trained.exit_code == 0, trained.output
+
+    monkeypatch.setitem(sql_stage.READ_AHEAD, "batch_size", 7)  # smaller than any file's row group here
+    scanned: list[tuple[list[str], list[int]]] = []
+    original = sql_stage._Bounded.scanner
+
+    def spy(self: sql_stage._Bounded, **kwargs: object) -> object:
+        sizes = [b.num_rows for b in original(self, **kwargs).to_batches()]  # (a second scan, to look at)
+        scanned.append(([Path(f).parent.name for f in self.files], sizes))
+        # no pre-buffering either (it reads ahead a file's column chunks), and every page's CRC checked
+        options = [f.format.default_fragment_scan_options for f in self.get_fragments()]
+        assert options and all(not o.pre_buffer and o.page_checksum_verification for o in options)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(sql_stage._Bounded, "scanner", spy)
+    for table, folder, files in (("latest_scores", "scores", 1), ("scores", "scores", 2), ("samples", "samples", 1)):
+        scanned.clear()
+        done = runner.invoke(app, ["sql", f"SELECT count(*) AS n FROM {table}", "--store", store, "--format", "json"])
+        assert done.exit_code == 0, done.output
+        n = json.loads(done.stdout.splitlines()[0])["n"]
+        read = [sizes for folders, sizes in scanned if folders == [folder] * files]  # (`runs` is read too)
+        assert len(read) == 1 and sum(read[0]) == n > 7
+        assert scanned and all(0 < size <= 7 for _, sizes in scanned for size in sizes)
+
+    # each run's file keeps its run as its partition: a constant filter skips the other run's file unopened
+    shards = manifests.read_manifest(Store(Path(store))).of("scores")
+    partitioned = ds.FileSystemDataset.from_paths(
+        [str(Path(store).resolve() / s.path) for s in shards], schema=SCORES, format=sql_stage._PARQUET,
+        filesystem=fs.LocalFileSystem(), partitions=[pc.field("run_id") == catalog.run_of(s) for s in shards])
+    bounded = sql_stage._bounded(partitioned)
+    for shard in shards:
+        kept = list(bounded.get_fragments(filter=pc.field("run_id") == catalog.run_of(shard)))
+        assert [Path(f.path).name for f in kept] == [Path(shard.path).name]

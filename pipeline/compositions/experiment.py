@@ -252,7 +252,7 @@ def _robustness(config: ExperimentConfig, reporter: Reporter) -> ExperimentResul
                              if (c := _cell(metrics.test.estimate("auc", g))) is not None}
     reporter.start("robustness", len(names), "perturbations")
     for name in names:
-        table = feature_table(store, model_key, train_config.pairing, name)
+        table = feature_table(store, model_key, train_config.pairing, name, reporter=reporter)
         loader_config = LoaderConfig(train_config.features, 8192, input_norm=train_config.input_norm, order="rows")
         # scored batch by batch like a run's scores: numbers and group keys kept, no vector or id per row
         collected, groups = ScoreCollector(1 << 16), GroupKeys(store, f"{run_id}-robustness")

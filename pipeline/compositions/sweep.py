@@ -128,7 +128,7 @@ def run(config: SweepConfig, reporter: Reporter | None = None) -> SweepResult:
     # build each feature table once, here, so parallel jobs never race to build it
     for p in points:
         cfg = p.config
-        feature_table(store, resolve_model_key(store, cfg.model_key), cfg.pairing)
+        feature_table(store, resolve_model_key(store, cfg.model_key), cfg.pairing, reporter=reporter)  # (retries noted)
     if config.engine == "ray":
         from pipeline.engines.ray import TuneOptions, tune_sweep
 

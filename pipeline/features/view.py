@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import duckdb
 import numpy as np
@@ -45,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.features.vectors import VectorMatrix, fingerprint, open_matrix
 from pipeline.reporting import Reporter, Silent
 from pipeline.store import cache, catalog, duck
@@ -65,6 +68,13 @@ MAX_PARTS = 16  # more appended parts than this and the view is rebuilt as one
 # is tried again under the next bound rather than failed.
 DUCKDB_MEMORY = ("256MB", "1GB")
 DUCKDB_THREADS = 2
+# Rows (about) of one bucket of the view's sort: the joined rows are written in buckets of (split, a
+# range of hash(sample_id)) and each bucket is sorted alone, so the sort holds one bucket, whatever the
+# view's size. Measured at 2M samples, 256 MB, 2 threads: one sort of every row 365 MB peak anon (323 at
+# 1M; at 1M it ran out of 160 MB where the joins fit); 1M-row buckets 328 MB; 250k-row buckets 252 MB,
+# below the joins' own ~335 MB, at less CPU (1.5 against 3.0 s). The whole build (bench_scale.py's
+# `view rebuild`): 351 MB at 1M in one sort; in buckets 326 MB at 1M, 339 MB at 2M.
+BUCKET_ROWS = 262_144
 
 
 _MASK64 = "18446744073709551615::UHUGEINT"  # the low 64 bits of an MD5 number
@@ -112,6 +122,7 @@ class FeatureTable:
     row_digest: RowDigest = field(default_factory=RowDigest)  # every row: sample, label, split, generator, group
     text_digest: RowDigest = field(default_factory=RowDigest)  # rows with a text vector, with the text they get
     perturbation: str | None = None  # the samples `perturb` derived by this operation; None: the samples as ingested
+    retries: tuple[str, ...] = ()  # sentences: the memory bounds this call's build ran out of, and what it did then
     pins: cache.Pins | None = field(default=None, compare=False, repr=False)  # its parts, kept while it lives
 
     def data_fingerprint(self, features: str) -> str:
@@ -178,8 +189,10 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
         if found is not None and _extendable(found, directory, covered, layout, text_shards, store):
             manifest = found
         known = {p for part in manifest["parts"] for p in part["shards"]}
+        retries: list[str] = []
         if covered - known:
-            part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered))
+            part = _build_part(store, directory, manifest, images, texts, pairing, perturbation, sorted(covered),
+                               retries, reporter)
             manifest["parts"].append(part)
             manifest["layout"] = layout
             write_text(directory / "view.json", json.dumps(manifest))
@@ -190,7 +203,7 @@ def feature_table(store: Store, model_key: str, pairing: str = "as-ingested", pe
     row_digest = sum((RowDigest.from_json(p["digest_rows"]) for p in manifest["parts"]), RowDigest())
     text_digest = sum((RowDigest.from_json(p["digest_text"]) for p in manifest["parts"]), RowDigest())
     return FeatureTable(directory, parts, model_key, pairing, images, texts, rows, row_digest, text_digest,
-                        perturbation, pins)
+                        perturbation, tuple(retries), pins)
 
 
 # --- private -------------------------------------------------------------------------------
@@ -218,16 +231,20 @@ def _extendable(manifest: dict[str, Any], directory: Path, covered: set[str], la
 
 def _build_part(store: Store, directory: Path, manifest: dict[str, Any], images: VectorMatrix,
                 texts: VectorMatrix | None, pairing: str, perturbation: str | None,
-                covered: list[str]) -> dict[str, Any]:
+                covered: list[str], retries: list[str], reporter: Reporter) -> dict[str, Any]:
+    """Write the part under the first memory bound it fits in; each bound it ran out of is a sentence in
+    `retries`, noted to `reporter` as it happens (a retry is never silent: it costs memory and time)."""
     earlier = [directory / p["file"] for p in manifest["parts"]]
     name = f"part-{fingerprint(store, [store.root / c for c in covered], pairing, len(earlier))}.parquet"
-    for memory in DUCKDB_MEMORY[:-1]:
+    for memory, larger in zip(DUCKDB_MEMORY, DUCKDB_MEMORY[1:], strict=False):
         try:
             return _write_part(store, directory, name, earlier, images, texts, pairing, perturbation, covered, memory)
         except (duckdb.OutOfMemoryException, OSError) as exc:  # (OSError: the limit hit while streaming)
             if not duck.out_of_memory(exc):
                 raise
-            continue
+            retries.append(f"The training view did not fit in DuckDB's {memory} ({first_line(exc)}); "
+                           f"built again under {larger}.")
+            reporter.note(retries[-1])
     return _write_part(store, directory, name, earlier, images, texts, pairing, perturbation, covered,
                        DUCKDB_MEMORY[-1])
 
@@ -237,42 +254,59 @@ def _write_part(store: Store, directory: Path, name: str, earlier: list[Path], i
                 memory: str) -> dict[str, Any]:
     spill = store.root / "cache" / "duckdb-tmp"
     remove_stale_temps(directory, recursive=False, strict=False)  # a killed build's samples-with-images
-    joined = temp_path(directory / "samples-with-images.parquet")
+    joined = temp_path(directory / "samples-with-images")  # a folder: one subfolder per bucket
     try:
         with catalog.connect(store) as con:
             _limit(con, spill, memory)
             con.register("image_offsets", images.shard_offsets())
             if texts is not None:
                 con.register("text_offsets", texts.shard_offsets())
-            steps = _view_sql(store, images, texts, pairing, perturbation, earlier, joined)
-            for sql, params in steps[:-1]:
-                con.execute(sql, params)
-            sql, params = steps[-1]
-            rows = duck.batches(con.sql(sql, params=params), ROW_GROUP_ROWS)
-            kept = pa.schema([rows.schema.field(n) for n in FEATURE_VIEW.names])  # (the digests are not written)
+            joins, params = _view_sql(store, images, texts, pairing, perturbation, earlier, _bucket_bits(images.rows))
+            con.execute(f"COPY ({joins}) TO {literal(str(joined))} "
+                        "(FORMAT parquet, PARTITION_BY (split, _bucket), WRITE_PARTITION_COLUMNS true)", params)
+            buckets = _buckets(joined)
+            if not buckets:  # no row: the schema alone
+                buckets = [(f"SELECT * FROM ({joins}) LIMIT 0", params)]
             digests = {"rows": RowDigest(), "text": RowDigest()}
-            with ParquetStream(directory / name, kept, group_rows=ROW_GROUP_ROWS) as stream:
-                for batch in rows:
-                    for which in digests:
-                        digests[which] += RowDigest.of(batch.column(f"_{which}_hi"), batch.column(f"_{which}_lo"))
-                    stream.write(pa.Table.from_batches([batch]).select(kept.names))
+            stream: ParquetStream | None = None
+            try:
+                for sql, bucket_params in buckets:
+                    rows = duck.batches(con.sql(sql, params=bucket_params), ROW_GROUP_ROWS)
+                    if stream is None:  # (the digests and the bucket are not written)
+                        kept = pa.schema([rows.schema.field(n) for n in FEATURE_VIEW.names])
+                        stream = ParquetStream(directory / name, kept, group_rows=ROW_GROUP_ROWS)
+                    for batch in rows:
+                        for which in digests:
+                            digests[which] += RowDigest.of(batch.column(f"_{which}_hi"), batch.column(f"_{which}_lo"))
+                        stream.write(pa.Table.from_batches([batch]).select(kept.names))
+                assert stream is not None
                 path = stream.finalize()
+            finally:
+                if stream is not None:
+                    stream.discard()
     finally:
-        joined.unlink(missing_ok=True)
+        shutil.rmtree(joined, ignore_errors=True)
     meta = pq.read_metadata(path)
     missing = _count_missing_text(path)
     return {"file": name, "rows": meta.num_rows, "missing_text": missing, "shards": covered,
             "digest_rows": digests["rows"].to_json(), "digest_text": digests["text"].to_json()}
 
 
-def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pairing: str,
-              perturbation: str | None, earlier: list[Path], joined: Path) -> list[tuple[str, dict[str, object]]]:
-    """The statements that make the view's rows: the joins, written unsorted to `joined` (a temp Parquet
-    file), then a query returning that file's rows in the view's order.
+def _bucket_bits(rows: int) -> int:
+    """How many high bits of hash(sample_id) name a bucket of the sort, for buckets of about BUCKET_ROWS."""
+    return max(0, math.ceil(math.log2(max(rows, 1) / BUCKET_ROWS)))
 
-    Why two: the joins and the sort in one query ran out of 256 MB and of 512 MB at 5M samples (and 1 GB
-    was then the view's peak), where the joins alone, and a sort alone, each fit in 256 MB: DuckDB
-    spills a join's build side or a sort's runs, not both at once."""
+
+def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pairing: str,
+              perturbation: str | None, earlier: list[Path], bits: int) -> tuple[str, dict[str, object]]:
+    """The query of the view's rows, unsorted, each with its `_bucket` (the top `bits` bits of
+    hash(sample_id)); `_write_part` writes them partitioned by (split, _bucket), then reads each bucket
+    sorted, in order (`_buckets`): (split, bucket, hash) is the view's order, (split, hash).
+
+    Why not one query: the joins and the sort together ran out of 256 MB and of 512 MB at 5M samples (and
+    1 GB was then the view's peak), where the joins alone, and a sort alone, each fit in 256 MB: DuckDB
+    spills a join's build side or a sort's runs, not both at once. Why buckets: one sort of every row grew
+    with the rows (see BUCKET_ROWS)."""
     params: dict[str, object] = {"root": str(store.root.resolve()) + "/",
                                  "image_files": images.shard_offsets().column("path").to_pylist()}
 
@@ -314,11 +348,26 @@ def _view_sql(store: Store, images: VectorMatrix, texts: VectorMatrix | None, pa
         )
         SELECT sample_id, split, label, generator, group_key, image_row, text_row,
                (rows_md5 >> 64)::UBIGINT AS _rows_hi, (rows_md5 & {_MASK64})::UBIGINT AS _rows_lo,
-               (text_md5 >> 64)::UBIGINT AS _text_hi, (text_md5 & {_MASK64})::UBIGINT AS _text_lo
+               (text_md5 >> 64)::UBIGINT AS _text_hi, (text_md5 & {_MASK64})::UBIGINT AS _text_lo,
+               {f"hash(sample_id) >> {64 - bits}" if bits else "0::UBIGINT"} AS _bucket
         FROM v
     """
-    in_order = "SELECT * FROM read_parquet($joined) ORDER BY split, hash(sample_id)"
-    return [(f"COPY ({joins}) TO {literal(str(joined))} (FORMAT parquet)", params), (in_order, {"joined": str(joined)})]
+    return joins, params
+
+
+def _buckets(joined: Path) -> list[tuple[str, dict[str, object]]]:
+    """A query per bucket folder DuckDB wrote under `joined` (`split=…/_bucket=…/`), in the view's order:
+    split, then bucket (a range of hashes), each bucket's rows by hash(sample_id)."""
+    def value(folder: Path) -> str:
+        return unquote(folder.name.partition("=")[2])
+
+    found: list[tuple[str, dict[str, object]]] = []
+    for split in sorted((d for d in joined.iterdir() if d.is_dir()), key=value) if joined.is_dir() else ():
+        for bucket in sorted((d for d in split.iterdir() if d.is_dir()), key=lambda d: int(value(d))):
+            files = sorted(str(f) for f in bucket.glob("*.parquet"))
+            found.append(("SELECT * EXCLUDE (_bucket) FROM read_parquet($files, hive_partitioning = false) "
+                          "ORDER BY hash(sample_id)", {"files": files}))
+    return found
 
 
 def _count_missing_text(path: Path) -> int:

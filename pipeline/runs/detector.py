@@ -159,7 +159,7 @@ def from_run(store: Store, run_id: str, *, ood: bool = True, wait: bool = True, 
              "train_generators": config.train_generators, "random_weights": metrics.random_weights})
     reference, view = None, None
     if ood:
-        table = feature_table(store, metrics.model_key, config.pairing)
+        table = feature_table(store, metrics.model_key, config.pairing, reporter=reporter)
         matrix = open_matrix(store, metrics.model_key, "image")
         reference = index_reference(store, metrics.model_key, run_id, matrix, table.parts_sql,
                                     config.train_generators, reporter, wait)

@@ -115,7 +115,7 @@ def run(config: LandscapeConfig, reporter: Reporter | None = None) -> LandscapeR
     reporter.start("landscape", len(config.runs) * steps**config.dims, "points")
     for run_id in config.runs:
         run_config, model, metrics = load_run(config.store, run_id)
-        table = feature_table(config.store, metrics.model_key, run_config.pairing)
+        table = feature_table(config.store, metrics.model_key, run_config.pairing, reporter=reporter)
         x, y, _ = evaluation_set(table, run_config.features, run_config.input_norm)
         gen = torch.Generator().manual_seed(config.seed)
         directions = [filter_normalised_direction(model, gen) for _ in range(config.dims)]

@@ -108,7 +108,7 @@ def _find_leaks(config: LeakConfig, reporter: Reporter) -> LeakResult:
     if index.info.params.get("matrix") != matrix.generation:  # rows laid out anew since: rows differ
         index = open_index(store, model_key, "image", kind, reporter, config.max_memory, force=True)
     _set_breadth(index, config.nprobe)
-    split_of_row = _split_codes(feature_table(store, model_key), matrix.rows)
+    split_of_row = _split_codes(feature_table(store, model_key, reporter=reporter), matrix.rows)
     queries = int(np.count_nonzero(split_of_row > 0))
     directory = store.dataset_dir("leaks") / model_key
     prefix = f"image-t{config.threshold:.4f}-"

@@ -53,10 +53,24 @@ from schemas import SCORES, TABLES
 EXPORT_FORMATS = ("csv", "json", "parquet")
 # Every page read is checked against its CRC (a few percent of a scan's time, measured in
 # bench/bench_snapshot.py): a bit flipped in a data page stops the query instead of changing a value.
+# No pre-buffering: it reads ahead the column chunks of a file's row groups, more the larger the file
+# (a remote store's need; here files are local). See READ_AHEAD for the figures.
 _PARQUET = ds.ParquetFileFormat(
-    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True, pre_buffer=False))
 DEFAULT_MEMORY_LIMIT = "25%"  # of the memory DuckDB finds (the machine's, or its cgroup's if lower)
 BATCH_ROWS = 65536  # rows per streamed batch
+# How far ahead an Arrow scan decodes. DuckDB builds a registered dataset's scanner itself, as
+# `type(dataset).scanner(dataset, columns=…, filter=…)`, so pyarrow's defaults held: 16 batches of 131,072
+# rows and 4 files ahead, about 2M rows decoded before DuckDB asks for them, so a query over one big file
+# (the newest run's scores) grew with its rows until that was full. `_Bounded` reads 4 batches of 16,384
+# rows ahead, one file ahead, without pre-buffering (`_PARQUET`). Measured on one score file, 2 threads,
+# 1M -> 5M rows: peak anon 162 -> 238 MB (at 3M) under the defaults; 4 batches of 65,536 but pre-buffered
+# 142 -> 170 MB; the same without pre-buffering 148 -> 148 MB, at less CPU (0.85 against 1.07 s at 5M);
+# no pre-buffering alone 246 MB at 5M. Smaller row groups did not help (16,384 rows, 1M -> 3M: 155 -> 250
+# MB): the read-ahead is counted in batches. Through `pipeline sql` (bench/bench_scale.py's `sql
+# latest_scores`), 1M -> 5M samples: 195 -> 325 MB before; 165 -> 177 MB in batches of 65,536, 136 -> 146
+# MB in batches of 16,384, at the same CPU.
+READ_AHEAD = {"batch_size": 16_384, "batch_readahead": 4, "fragment_readahead": 1}
 _ALLOWED = {"SELECT", "EXPLAIN"}
 # DuckDB's own memory syntax (4GB, 512MiB, 1.5GiB) or a share of the machine's memory (25%).
 _MEMORY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(%|[KMGT]i?B)\s*", re.IGNORECASE)
@@ -383,7 +397,8 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
     root = store.root.resolve()
     for name, schema in TABLES.items():
         paths = [str(root / s.path) for s in manifest.of(name)]
-        con.register(f"_{name}", ds.dataset(paths, schema=schema, format=_PARQUET) if paths else schema.empty_table())
+        con.register(f"_{name}", _bounded(ds.dataset(paths, schema=schema, format=_PARQUET)) if paths
+                     else schema.empty_table())
         con.execute(f"CREATE VIEW {'samples_all' if name == 'samples' else name} AS SELECT * FROM _{name}")
     con.execute(f"CREATE VIEW samples AS {catalog.samples_view(manifest)}")
     con.execute(f"CREATE VIEW conflicts AS {catalog.conflicts_view(manifest)}")
@@ -392,7 +407,7 @@ def _register(con: duckdb.DuckDBPyConnection, store: Store, manifest: manifests.
     for i, key in enumerate(sorted({s.model_key for s in manifest.of("embeddings") if s.model_key})):
         paths = [str(root / s.path) for s in manifest.of("embeddings", key)]
         newest = _widen(pq.read_schema(paths[-1]))  # shards named by time: the newest has every column
-        con.register(f"_embeddings_{i}", ds.dataset(paths, schema=newest, format=_PARQUET))
+        con.register(f"_embeddings_{i}", _bounded(ds.dataset(paths, schema=newest, format=_PARQUET)))
         norm = "norm" if "norm" in newest.names else "NULL::FLOAT AS norm"
         parts.append(f"SELECT model_key, modality, content_hash, CAST(vector AS FLOAT[]) AS vector, {norm} "
                      f"FROM _embeddings_{i}")
@@ -409,16 +424,30 @@ def _register_latest(con: duckdb.DuckDBPyConnection, root: Path, manifest: manif
     shards = manifest.of("scores")
     if shards:  # each file's run as its partition: a constant `run_id` filter skips other runs' files unopened
         known = [pc.field("run_id") == run if (run := catalog.run_of(s)) else pc.scalar(True) for s in shards]
-        con.register("_scores", ds.FileSystemDataset.from_paths(
-            [str(root / s.path) for s in shards], schema=SCORES, format=ds.ParquetFileFormat(),
-            filesystem=fs.LocalFileSystem(), partitions=known))
+        con.register("_scores", _bounded(ds.FileSystemDataset.from_paths(
+            [str(root / s.path) for s in shards], schema=SCORES, format=_PARQUET,
+            filesystem=fs.LocalFileSystem(), partitions=known)))
     latest = catalog.latest_run(con) if shards else None
     paths = [str(root / s.path) for s in catalog.run_scores(manifest, latest)] if latest else []
-    con.register("_latest_scores", ds.dataset(paths, schema=SCORES, format="parquet") if paths
+    con.register("_latest_scores", _bounded(ds.dataset(paths, schema=SCORES, format=_PARQUET)) if paths
                  else SCORES.empty_table())
     where = f" WHERE run_id = {duck.literal(latest)}" if latest else ""
     con.execute(f"CREATE VIEW latest_scores AS SELECT * FROM _latest_scores{where}")
     con.execute(f"CREATE MACRO scores_of(run) AS TABLE {catalog.SCORES_OF}")
+
+
+class _Bounded(ds.FileSystemDataset):
+    """A file dataset whose every scan reads ahead at most `READ_AHEAD`, whoever builds the scanner
+    (DuckDB passes only the columns and the filter)."""
+
+    def scanner(self, **kwargs: Any) -> ds.Scanner:
+        return super().scanner(**{**READ_AHEAD, **kwargs})
+
+
+def _bounded(dataset: ds.Dataset) -> _Bounded:
+    """The same files, schema, format and partitions, scanned with bounded read-ahead."""
+    assert isinstance(dataset, ds.FileSystemDataset)
+    return _Bounded(list(dataset.get_fragments()), dataset.schema, dataset.format, dataset.filesystem)
 
 
 def _widen(schema: pa.Schema) -> pa.Schema:

@@ -107,7 +107,7 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
                         threads=compute.threads if compute and compute.thread_dependent else None)
     random_weights = store.model_info(model_key).get("random_weights")
     if job.skip_existing and (found := existing_run(store, chash)):
-        return _result(store, config, found, chash, run_metrics(store, found), compute, skipped=True)
+        return _result(store, config, found, chash, run_metrics(store, found), compute, table.retries, skipped=True)
 
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{chash[:8]}-{uuid.uuid4().hex[:4]}"
     # Scores stream to a temp file as they are computed; metrics see numbers only (`ScoreArrays`).
@@ -145,12 +145,13 @@ def run(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
         # have finished the same config meanwhile: then its run stands and this one is not written.
         with writing(store, reporter, job.wait):
             if job.skip_existing and (found := existing_run(store, chash)):
-                return _result(store, config, found, chash, run_metrics(store, found), compute, skipped=True)
+                return _result(store, config, found, chash, run_metrics(store, found), compute, table.retries,
+                               skipped=True)
             write_run(store, run_id, chash, config, metrics, state, writer)
     finally:
         writer.discard()
         keys.discard()
-    return _result(store, config, run_id, chash, metrics, compute)
+    return _result(store, config, run_id, chash, metrics, compute, table.retries)
 
 
 def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, Compute | None]:
@@ -172,9 +173,10 @@ def _resolve_compute(config: TrainConfig, job: TrainJob) -> tuple[TrainConfig, C
 
 
 def _result(store: Store, config: TrainConfig, run_id: str, chash: str, metrics: RunMetrics,
-            compute: Compute | None, skipped: bool = False) -> TrainResult:
-    """The run with the alarms it stored beside its numbers, and how it computed."""
-    warnings = []
+            compute: Compute | None, view_retries: tuple[str, ...] = (), skipped: bool = False) -> TrainResult:
+    """The run with the alarms it stored beside its numbers, and how it computed (how its training view was
+    built, where that took a retry under a larger memory bound)."""
+    warnings = list(view_retries)
     if compute is not None and compute.precision == "bf16" and "no native bf16" in compute.precision_why:
         warnings.append(compute.precision_why + "; consider --precision fp32.")
     return TrainResult(run_id, chash, metrics, skipped, [a.sentence for a in metrics.alarms], warnings, compute)

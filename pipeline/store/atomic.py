@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import stat
 import time
@@ -118,7 +119,8 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = True) -> int:
-    """Delete temp files left by dead writers under `directory`; returns how many were removed.
+    """Delete temp files (and temp folders) left by dead writers under `directory`; returns how many were
+    removed.
 
     A temp of a live process on this host is kept; one of another host is kept for a day;
     an untagged one (written before temps carried owners) is a dead writer's. `strict=False` (a
@@ -127,7 +129,10 @@ def remove_stale_temps(directory: Path, recursive: bool = True, strict: bool = T
     removed = 0
     for tmp in stale_temps(directory, recursive):
         try:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():  # a temp folder (the training view's buckets)
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
         except OSError:
             if strict:
                 raise
