@@ -84,6 +84,21 @@ def test_clip_retrieval_layout(tmp_path: Path) -> None:
     assert (changed.units_read, changed.samples_added, changed.vectors_added) == (1, 1, 1)  # b's id is its vector's
 
 
+def cli_imported_store(tmp_path: Path, rows: int) -> str:
+    """A store made as a user would: `pipeline import-features` of one HDF5 file of `rows` D3 rows
+    (8-d vectors, model key `m`). Returns the store's path."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _h5(tmp_path / "h5" / "0000.h5", rows=rows, image_dim=8, text_dim=8)
+    store = str(tmp_path / "store")
+    done = CliRunner().invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
+                                    "--model-key", "m"])
+    assert done.exit_code == 0, done.output
+    return store
+
+
 def _h5(path: Path, rows: int, image_dim: int, text_dim: int, seed: int = 0) -> None:
     import h5py
 

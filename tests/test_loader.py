@@ -364,13 +364,10 @@ def test_train_says_in_one_line_that_its_view_was_built_again_under_a_larger_bou
 
     from pipeline.cli import app
     from pipeline.features import view
-    from tests.test_import_features import _h5
+    from tests.test_import_features import cli_imported_store
 
-    _h5(tmp_path / "h5" / "0000.h5", rows=40, image_dim=8, text_dim=8)
-    store = str(tmp_path / "store")
+    store = cli_imported_store(tmp_path, rows=40)
     runner = CliRunner()
-    assert runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
-                               "--model-key", "m"]).exit_code == 0
     monkeypatch.setattr(view, "DUCKDB_MEMORY", ("1MB", "1GB"))
     train = ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam", "--features", "image"]
     done = runner.invoke(app, [*train, "--json"])

@@ -140,13 +140,10 @@ def test_duckdb_scans_every_table_with_bounded_read_ahead(tmp_path: Path, monkey
     from pipeline.store import catalog
     from pipeline.store import manifest as manifests
     from schemas import SCORES
-    from tests.test_import_features import _h5
+    from tests.test_import_features import cli_imported_store
 
-    _h5(tmp_path / "h5" / "0000.h5", rows=12, image_dim=8, text_dim=8)
-    store = str(tmp_path / "store")
+    store = cli_imported_store(tmp_path, rows=12)
     runner = CliRunner()
-    assert runner.invoke(app, ["import-features", str(tmp_path / "h5"), "--layout", "h5", "--store", store,
-                               "--model-key", "m"]).exit_code == 0
     for seed in (1, 2):
         trained = runner.invoke(app, ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam",
                                       "--features", "image", "--seed", str(seed)])
