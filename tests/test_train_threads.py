@@ -116,3 +116,23 @@ def test_bf16_products_outside_mkl_make_a_bf16_run_carry_its_thread_count(
     assert one.compute.thread_dependent and one.config_hash != two.config_hash
     fp32 = train(store, TrainConfig.from_dict({**config, "precision": "fp32", "threads": 1}))
     assert not fp32.compute.thread_dependent or not stage.GEMM_THREAD_INDEPENDENT
+
+
+def test_through_the_cli_a_bf16_run_outside_mkl_carries_its_thread_count_in_its_hash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pipeline train --precision bf16 --threads 1`, then `--threads 2`: where bf16 products go to
+    oneDNN the two runs' hashes differ (each carries its threads), and the JSON says they depend on it."""
+    pytest.importorskip("h5py")
+    from pipeline.stages import train as stage
+    from tests.test_import_features import cli_imported_store
+
+    monkeypatch.setattr(stage, "BF16_THREAD_INDEPENDENT", False)
+    store = cli_imported_store(tmp_path, rows=40)
+    runner = CliRunner()
+    runs = []
+    for threads in ("1", "2"):
+        done = runner.invoke(app, ["train", "--store", store, "--epochs", "1", "--batch-size", "16", "--no-sam",
+                                   "--features", "image", "--precision", "bf16", "--threads", threads, "--json"])
+        assert done.exit_code == 0, done.output
+        runs.append(json.loads(done.stdout))
+    assert runs[0]["config_hash"] != runs[1]["config_hash"]
