@@ -22,12 +22,13 @@ times, alternating, keeping the best, so that drift between variants does not pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,20 @@ def end_to_end(src: Path, model: str, precision: str, batch: int, workers: int) 
         shutil.rmtree(store.root)
 
 
+@contextlib.contextmanager
+def decoding(mode: str) -> Iterator[None]:
+    """With 0 workers, decode `inline` (between forward passes, as before) rather than in a thread."""
+    from pipeline.engines import local
+
+    threaded = local.ahead_in_thread
+    if mode == "inline":
+        local.ahead_in_thread = lambda items, ahead=1: items  # type: ignore[assignment,return-value]
+    try:
+        yield
+    finally:
+        local.ahead_in_thread = threaded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32")
@@ -161,6 +176,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure bf16-compile (minutes to compile)")
     parser.add_argument("--no-e2e", action="store_true", help="forward-only and floors only")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--inline-too", action="store_true",
+                        help="with 0 workers, also measure end to end with decoding inline, between forward passes "
+                             "(the path before decoding moved to a thread), alternating with the thread")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's); on a shared box 1 thread shows what the kernels "
                              "do without other threads spinning at each operation's barrier")
@@ -221,16 +239,22 @@ def main() -> None:
         workers = default_workers(cpu) if args.workers is None else args.workers
         for precision in [p for p in ("fp32", "bf16") if p in best]:
             # alternate with forward-only and keep the best of each (wall clock: the stage's own figure)
-            fwd, e2e = 0.0, 0.0
+            modes = ["thread", "inline"] if args.inline_too and workers == 0 else ["thread" if workers == 0 else ""]
+            fwd, e2e = 0.0, dict.fromkeys(modes, 0.0)
             for _ in range(args.repeats):
                 def run(forward: Callable[[torch.Tensor], object] = forwards[precision]) -> None:
                     for _ in range(batches):
                         forward(pixels)
                 fwd = max(fwd, Rate.of(batches * args.batch_size, run).per_wall)
-                rate, n = end_to_end(src, args.model, precision, args.batch_size, workers)
-                e2e = max(e2e, rate)
-            print(f"{precision}: end-to-end encode {e2e:6.2f} img/s ({n} images, {workers} workers) against "
-                  f"forward-only {fwd:6.2f} img/s: ratio {e2e / fwd:.2f}")
+                for mode in modes:
+                    with decoding(mode):
+                        per_second, n = end_to_end(src, args.model, precision, args.batch_size, workers)
+                    e2e[mode] = max(e2e[mode], per_second)
+            for mode, per_second in e2e.items():
+                how = f"{workers} workers" + (f", decoding in {'a thread' if mode == 'thread' else 'line'}"
+                                              if mode else "")
+                print(f"{precision}: end-to-end encode {per_second:6.2f} img/s ({n} images, {how}) against "
+                      f"forward-only {fwd:6.2f} img/s: ratio {per_second / fwd:.2f}")
     finally:
         shutil.rmtree(src)
 
