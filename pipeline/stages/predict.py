@@ -137,7 +137,8 @@ class PredictConfig(Validated):
         if self.output is not None:  # outside the store, new or regular (a folder: new or a folder)
             store = self.store if self.run_id else None
             if self.directory:
-                check_output(store, self.output, kind="directory")
+                check_output(store, self.output, kind="directory", instead="give a file ending in .csv, .json or "
+                             ".parquet, or a folder (DIR/) for Parquet parts")
             else:
                 check_output(store, self.output)
                 if self.output.suffix.lower() not in FORMATS:  # e.g. `scores.d/`: the shell's `/` does not reach us

@@ -36,18 +36,20 @@ _OWN_NAMES = {"reports": ("index.html",)}
 
 
 def check_output(store: Store | None, path: Path, kind: Literal["file", "directory"] = "file",
-                 own: str | None = None, flag: str = "--output", beside: Iterable[Path] = ()) -> Path:
+                 own: str | None = None, flag: str = "--output", beside: Iterable[Path] = (),
+                 instead: str = "give a folder to write into") -> Path:
     """Refuse `path` as an output with one sentence, or return it as an absolute path.
 
     `kind`: a file the command writes (its folder must exist), or a directory it writes files into
     (created if missing). `own`: the store folder (e.g. "reports") that may take the output; elsewhere
     inside `store` is refused. `beside`: other files the command writes next to `path` (landscape's
-    JSON), checked the same way. `store` None: a command without a store (a detector folder)."""
+    JSON), checked the same way. `store` None: a command without a store (a detector folder). `instead`:
+    what to give, where a directory is asked for and `path` is something else."""
     target = _absolute(path)
     for checked in (target, *(_absolute(p) for p in beside)):
         shown = path if checked == target else checked  # (a file beside is named as it is)
         _refuse_inside(store, checked, shown, own, flag)
-        _refuse_special(checked, shown, kind if checked == target else "file", flag)
+        _refuse_special(checked, shown, kind if checked == target else "file", flag, instead)
     if kind == "file":
         parent = target.parent
         if not parent.is_dir():
@@ -87,7 +89,7 @@ def _refuse_inside(store: Store | None, target: Path, given: Path, own: str | No
                         "files: write it elsewhere.")
 
 
-def _refuse_special(target: Path, given: Path, kind: str, flag: str) -> None:
+def _refuse_special(target: Path, given: Path, kind: str, flag: str, instead: str) -> None:
     try:
         st = os.lstat(target)
     except FileNotFoundError:
@@ -98,7 +100,7 @@ def _refuse_special(target: Path, given: Path, kind: str, flag: str) -> None:
         if stat.S_ISDIR(st.st_mode):
             return
         what = "a file" if stat.S_ISREG(st.st_mode) else not_regular(st.st_mode)
-        raise PipelineError(f"{flag} {given} is {what}, not a directory; give a folder to write into.")
+        raise PipelineError(f"{flag} {given} is {what}, not a directory; {instead}.")
     if stat.S_ISREG(st.st_mode):
         return
     if stat.S_ISDIR(st.st_mode):
