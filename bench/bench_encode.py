@@ -157,13 +157,13 @@ def decoding(mode: str) -> Iterator[None]:
     """With 0 workers, decode `inline` (between forward passes, as before) rather than in a thread."""
     from pipeline.engines import local
 
-    threaded = local.ahead_in_thread
+    threaded = local.in_thread
     if mode == "inline":
-        local.ahead_in_thread = lambda items, ahead=1: items  # type: ignore[assignment,return-value]
+        local.in_thread = lambda source, depth=1, name="": source  # type: ignore[assignment,return-value]
     try:
         yield
     finally:
-        local.ahead_in_thread = threaded
+        local.in_thread = threaded
 
 
 def main() -> None:

@@ -234,31 +234,3 @@ def test_cli_engine_flags_are_checked_with_a_sentence(d3_store: Store) -> None:
     assert result.exit_code == 2 and "'spark' is not one of" in result.output
     assert "--ray-address" in runner.invoke(app, ["encode", "--help"]).output
 
-
-def test_decoding_one_batch_ahead_in_a_thread_keeps_order_raises_in_place_and_stops_when_closed() -> None:
-    import threading
-
-    from pipeline.engines.local import ahead_in_thread
-
-    def failing() -> Iterator[int]:
-        yield from range(10)
-        raise ValueError("corrupt batch")
-
-    got: list[int] = []
-    with pytest.raises(ValueError, match="corrupt batch"):
-        for item in ahead_in_thread(failing()):
-            got.append(item)
-    assert got == list(range(10))  # every item before the error, in order
-
-    made: list[int] = []
-
-    def endless() -> Iterator[int]:
-        for i in range(10**9):
-            made.append(i)
-            yield i
-
-    batches = ahead_in_thread(endless())
-    assert [next(batches) for _ in range(3)] == [0, 1, 2]
-    batches.close()
-    assert not [t for t in threading.enumerate() if t.name == "decode-ahead"]  # the thread ended with it
-    assert len(made) <= 3 + 2  # at most one queued and one being made when it was closed

@@ -233,7 +233,9 @@ def test_view_build_and_epoch_memory_stay_flat_when_rows_grow_tenfold(tmp_path: 
 
 
 def test_batches_made_ahead_keep_their_order_raise_their_errors_and_stop_with_the_consumer() -> None:
-    from pipeline.features.loader import _ahead
+    import threading
+
+    from pipeline.ahead import in_thread as _ahead
 
     closed = []
 
@@ -253,6 +255,19 @@ def test_batches_made_ahead_keep_their_order_raise_their_errors_and_stop_with_th
     assert [next(first) for _ in range(3)] == [0, 1, 2]
     first.close()  # the consumer leaves early: the producer stops and its source is closed
     assert len(closed) == 3
+    assert not [t for t in threading.enumerate() if t.name == "ahead"]  # and its thread has ended
+
+    made: list[int] = []
+
+    def endless():
+        for i in range(10**9):
+            made.append(i)
+            yield i
+
+    second = _ahead(endless(), 1)
+    assert [next(second) for _ in range(3)] == [0, 1, 2]
+    second.close()
+    assert len(made) <= 3 + 2  # at most one waiting and one being made when it was closed
 
 
 def test_a_rebuilt_view_keeps_the_parts_a_live_table_reads_and_drops_them_once_it_is_gone(

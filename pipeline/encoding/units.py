@@ -88,7 +88,7 @@ def default_workers(device: torch.device) -> int:
     core busy and decoding costs ~1 ms of a ~28 ms ViT-B-32 image, so on a small machine a worker
     process only oversubscribes the cores (measured on 2 cores: 0.90 of forward-only with one worker,
     0.99 decoding in the main process; bench/bench_encode.py). With 0 workers decoding runs in a
-    thread, one batch ahead (`engines.local.ahead_in_thread`): bf16 on 2 cores, 0.90-0.93 of
+    thread, one batch ahead (`pipeline.ahead.in_thread`): bf16 on 2 cores, 0.90-0.93 of
     forward-only against 0.81-0.84 decoding between the forward passes.
     """
     cores = os.cpu_count() or 2

@@ -18,9 +18,7 @@ import contextlib
 import functools
 import multiprocessing
 import os
-import queue
 import shutil
-import threading
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.ahead import in_thread
 from pipeline.children import die_with
 from pipeline.encoding.clip import LoadedModel
 from pipeline.encoding.jobs import EncodeJob, JobResult, stage_encoded
@@ -149,7 +148,9 @@ def decoded_batches(pending: Path, batch_size: int, decode: DecodeImages, worker
     such as predict's `IdentifyImages`: picklable, no model), in `workers` processes (0: in a thread of
     this process, one batch ahead), in order."""
     if workers == 0:
-        return ahead_in_thread(decode.decode(b) for b in pending_batches(pending, batch_size))
+        # a thread one batch ahead (measured on 2 cores, ViT-B-32 in bf16: end to end 0.90-0.93 of
+        # forward-only, against 0.81-0.84 decoding between the passes; bench/bench_encode.py --inline-too)
+        return in_thread((decode.decode(b) for b in pending_batches(pending, batch_size)), 1, "decode-ahead")
     # forkserver, not fork: a forked worker would inherit the writer lock's descriptor and, orphaned
     # by a killed run, keep the store locked. The server imports this module once and the workers
     # fork from it ready, instead of each importing torch and pyarrow (seconds each when 15 start at
@@ -164,52 +165,6 @@ def decoded_batches(pending: Path, batch_size: int, decode: DecodeImages, worker
         multiprocessing_context=context,
     )
     return _owning(iter(loader))  # iter() starts the workers now
-
-
-def ahead_in_thread(items: Iterator[Any], ahead: int = 1) -> Generator[Any, None, None]:
-    """Yield `items`, computed in a thread up to `ahead` beyond the one being used; an error there is
-    raised here, in order. Decoding overlaps the forward pass this way without a process: Pillow,
-    file reads and numpy release the GIL, and torch's threads leave the cores idle at their barriers
-    (measured on 2 cores, ViT-B-32 in bf16: end to end 0.90-0.93 of forward-only here against
-    0.81-0.84 decoding between the passes; `bench/bench_encode.py --inline-too`). Closing this stops
-    the thread after the item it is computing."""
-    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not _put(ready, (True, item), stop):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            _put(ready, (False, exc), stop)
-            return
-        _put(ready, (False, None), stop)
-
-    thread = threading.Thread(target=produce, name="decode-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            more, item = ready.get()
-            if not more:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _put(ready: queue.Queue[tuple[bool, Any]], entry: tuple[bool, Any], stop: threading.Event) -> bool:
-    """Put `entry` once there is room, unless `stop` is set first; whether it was put."""
-    while not stop.is_set():
-        try:
-            ready.put(entry, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 def _owning(batches: Iterator[Decoded]) -> Generator[Decoded, None, None]:

@@ -19,14 +19,12 @@ to gather from disk, consecutive ones 0.025-0.07 s (`vectors.PREFETCH_FROM`).
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import tempfile
-import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.ahead import in_thread
 from pipeline.choices import Features, InputNorm
 from pipeline.config import Validated
 from pipeline.errors import PipelineError
@@ -128,7 +127,7 @@ class FeatureLoader:
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, made `AHEAD` batches ahead in a thread of their own, so that
         gathering vectors from disk overlaps the work done with the last batch."""
-        return _ahead(self._epoch(epoch), AHEAD)
+        return in_thread(self._epoch(epoch), AHEAD, "loader-ahead")
 
     def _epoch(self, epoch: int) -> Iterator[Batch]:
         cfg = self.config
@@ -240,45 +239,3 @@ def _spill_directory(directory: Path) -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix=f"sort-{os.getpid()}-", dir=directory)
 
 
-def _ahead(source: Iterator[T], depth: int) -> Iterator[T]:
-    """The items of `source`, produced up to `depth` ahead by a background thread; its errors are
-    raised here. Leaving early (a generator closed) stops the thread and closes `source` in it."""
-    ready: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in source:
-                if not put(("item", item)):
-                    break
-            else:
-                put(("done", None))
-        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
-            put(("error", exc))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="loader-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = ready.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
