@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("schemas", "trainer")),
     ("core", ("pipeline.errors", "pipeline.config", "pipeline.choices", "pipeline.reporting",
-              "pipeline.allocator", "pipeline.children")),
+              "pipeline.allocator", "pipeline.children", "pipeline.ahead")),
     ("store", ("pipeline.store",)),
     ("sources", ("pipeline.sources", "pipeline.synthetic")),
     ("features", ("pipeline.features",)),
