@@ -148,8 +148,7 @@ def decoded_batches(pending: Path, batch_size: int, decode: DecodeImages, worker
     such as predict's `IdentifyImages`: picklable, no model), in `workers` processes (0: in a thread of
     this process, one batch ahead), in order."""
     if workers == 0:
-        # a thread one batch ahead (measured on 2 cores, ViT-B-32 in bf16: end to end 0.90-0.93 of
-        # forward-only, against 0.81-0.84 decoding between the passes; bench/bench_encode.py --inline-too)
+        # one batch ahead in a thread: why and what it measured, see `default_workers`
         return in_thread((decode.decode(b) for b in pending_batches(pending, batch_size)), 1, "decode-ahead")
     # forkserver, not fork: a forked worker would inherit the writer lock's descriptor and, orphaned
     # by a killed run, keep the store locked. The server imports this module once and the workers
