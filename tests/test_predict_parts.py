@@ -138,6 +138,8 @@ def test_folder_output_refusals_are_sentences(trained: tuple[Store, str], tmp_pa
     said = _predict(store, run_id, str(images), "--output", os.devnull, code=2)  # no suffix: taken as a folder
     assert "is a character device, not a directory; give a file ending in .csv, .json or .parquet, or a " \
            "folder (DIR/)" in said and "Traceback" not in said, said
+    said = _predict(store, run_id, str(images), "--output", f"{os.devnull}/x.csv", code=2)  # under a device
+    assert f"{os.devnull} is a character device, not a folder to write into." in said and "Traceback" not in said
     assert "predicted 2 images" in _predict(store, run_id, str(images), "--output", str(busy), "--force")
     said = _predict(store, run_id, str(images), "--engine", "ray", "--keep", "--output", str(tmp_path / "o"), code=2)
     assert "--keep cannot go with --engine ray" in said, said

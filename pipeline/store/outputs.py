@@ -94,6 +94,11 @@ def _refuse_special(target: Path, given: Path, kind: str, flag: str, instead: st
         st = os.lstat(target)
     except FileNotFoundError:
         return
+    except NotADirectoryError as exc:  # a folder on the way is something else (/dev/null/x.csv)
+        blocking = next((p for p in target.parents if os.path.lexists(p)), None)
+        what = "a file" if blocking is not None and blocking.is_file() else (
+            not_regular(os.lstat(blocking).st_mode) if blocking is not None else "not a folder")
+        raise PipelineError(f"{flag} {given}: {blocking} is {what}, not a folder to write into.") from exc
     except OSError as exc:
         raise PipelineError(f"{flag} {given} cannot be checked ({exc.strerror or exc}).") from exc
     if kind == "directory":
