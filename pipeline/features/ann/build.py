@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.allocator import step_buffers_reused
 from pipeline.choices import IndexKind, Modality
 from pipeline.config import Validated, at_least, within
 from pipeline.errors import PipelineError
@@ -192,7 +193,9 @@ def build_in_memory(plan: Plan, dim: int, chunks: Callable[[], Iterator[np.ndarr
     """
     if faiss is None:
         import faiss
-    with faiss_threads(faiss, config.threads or free_cores()):
+    # chunk-sized buffers (a float32 chunk, FAISS' residuals and product blocks) are freed and made again
+    # for every chunk: kept on the heap, not mapped and zeroed afresh each time (see `allocator`)
+    with faiss_threads(faiss, config.threads or free_cores()), step_buffers_reused():
         return _build(plan, dim, chunks, sample, n, config, reporter or Silent(), faiss, max_breadth, exact)
 
 

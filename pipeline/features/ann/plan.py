@@ -35,7 +35,11 @@ from pipeline.errors import PipelineError
 KINDS: tuple[str, ...] = get_args(IndexKind)
 EXACT_BELOW = 100_000
 DEFAULT_MAX_MEMORY = 4 * 2**30
-ADD_ROWS = 32768  # most vectors converted to float32 and added at a time
+# most vectors converted to float32 and added at a time: at 768-d a 48 MB chunk, under the 64 MB up to which
+# the build keeps freed buffers on the heap (`allocator.step_buffers_reused`), so chunk after chunk reuses
+# them instead of mapping and zeroing new pages (32,768 rows and pages mapped afresh: 70 / 231 CPU-s at
+# 2M / 5M; 16,384 and reused: 52 / 163, bench_scale `index rebuild`)
+ADD_ROWS = 16384
 LISTS_PER_ROOT = 4.0  # IVF lists per √n: 4,000 lists of 250 vectors at 1M, 13,565 of 848 at 11.5M
 MAX_LISTS = 65536
 MIN_TRAIN_PER_LIST = 32  # k-means rows per centroid at least (FAISS advises 39; the sample caps the lists)
