@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,8 @@ STAGES = ("import", "import again", "status", "sql aggregate", "sql point", "vie
 LATEST = ("SELECT generator, count(*) AS n, avg(score) AS mean FROM {} WHERE split = 'test' {}GROUP BY ALL")
 SUBQUERY = "AND run_id = (SELECT run_id FROM runs ORDER BY created_at DESC LIMIT 1) "
 ON_REQUEST = ("index rebuild", "view rebuild")  # run only when --stages names them
+INDEX_OPTIONS: dict[str, Any] = {}  # `index rebuild`'s --index-kind and --index-memory
+INDEX_FLAGS: list[str] = []  # the same, passed on to the stage's process
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -150,7 +153,11 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         from pipeline.features.ann.build import IndexConfig
         from pipeline.stages.index import run
 
-        info = run(IndexConfig(store, KEY, force=stage == "index rebuild"))
+        if stage == "index rebuild":  # the vectors in page cache first (`warm_vectors`), one FAISS thread
+            config = IndexConfig(store, KEY, force=True, threads=1, **INDEX_OPTIONS)
+        else:
+            config = IndexConfig(store, KEY)
+        info = run(config)
         return {"kind": info.kind, "factory": info.params.get("factory"), "recall_at_10": info.recall_at_10,
                 "nprobe": info.params.get("nprobe"), "rerank": info.params.get("rerank")}
     if stage == "leaks":
@@ -177,6 +184,18 @@ def run_stage(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
         result = run(EncodeConfig(store, ModelSpec("Tiny-ViT-16"), workers=0))
         return {"encoded": getattr(result, "images_encoded", None)}
     raise SystemExit(f"unknown stage {stage!r}")
+
+
+def warm_vectors(store_dir: Path) -> None:
+    """Every vector file read once into the page cache, before the timed work: `index rebuild` then
+    measures the build, not the disk. Its CPU then compares across sizes and runs (one FAISS
+    thread: two spin against each other on a shared box, see `coarse.faiss_threads`); a cold
+    cache adds the kernel's reads (measured: 30-40 CPU-s of system time at 5M)."""
+    for path in sorted((store_dir / "embeddings").rglob("image-*.parquet")) + sorted(
+            (store_dir / "cache" / "vectors").rglob("*.npy")):
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
 
 
 def _status_kb(field: str) -> int:
@@ -208,6 +227,8 @@ def worker(stage: str, store_dir: Path, work: Path) -> None:
             time.sleep(0.01)
 
     threading.Thread(target=sample, daemon=True).start()
+    if stage == "index rebuild":
+        warm_vectors(store_dir)  # untimed
     started, cpu = time.perf_counter(), time.process_time()
     info = run_stage(stage, store_dir, work)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -217,7 +238,7 @@ def worker(stage: str, store_dir: Path, work: Path) -> None:
 
 
 def in_process(stage: str, store_dir: Path, work: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", stage, "--store", str(store_dir), "--work", str(work)]
+    cmd = [sys.executable, __file__, "--worker", stage, "--store", str(store_dir), "--work", str(work), *INDEX_FLAGS]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         return {"stage": stage, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
@@ -305,8 +326,9 @@ def compare(a: Path, b: Path) -> None:
     small, large = json.loads(a.read_text()), json.loads(b.read_text())
     ratio = large["rows"] / small["rows"]
     print(f"{small['rows']:,} → {large['rows']:,} samples (×{ratio:g}; linear time would be ×{ratio:g})")
-    print(f"{'stage':<14} {'s small':>8} {'s large':>8} {'growth':>7} {'cpu growth':>10} {'RSS MB':>14} "
-          f"{'anon MB':>14}")
+    doublings = math.log2(ratio)
+    print(f"{'stage':<14} {'s small':>8} {'s large':>8} {'growth':>7} {'cpu growth':>10} {'per doubling':>12} "
+          f"{'RSS MB':>14} {'anon MB':>14}")
     by_stage = {r["stage"]: r for r in small["stages"]}
     for r in large["stages"]:
         s = by_stage.get(r["stage"])
@@ -315,7 +337,9 @@ def compare(a: Path, b: Path) -> None:
             continue
         growth = r["seconds"] / max(s["seconds"], 1e-9)
         cpu_growth = r.get("cpu_s", 0) / max(s.get("cpu_s", 0), 1e-9)
+        per_doubling = cpu_growth ** (1 / doublings) if doublings > 0 and cpu_growth > 0 else float("nan")
         print(f"{r['stage']:<14} {s['seconds']:8.1f} {r['seconds']:8.1f} {growth:7.2f} {cpu_growth:10.2f} "
+              f"{per_doubling:12.2f} "
               f"{s['peak_rss_mb']:6.0f}→{r['peak_rss_mb']:<6.0f} {s['peak_anon_mb']:6.0f}→{r['peak_anon_mb']:<6.0f}")
 
 
@@ -327,10 +351,20 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("SMALL", "LARGE"))
     parser.add_argument("--stages", help="comma-separated subset to run again on a --keep store "
                         f"(default: all, from import): {', '.join(STAGES)}; or {', '.join(ON_REQUEST)}")
+    parser.add_argument("--index-kind", help="index rebuild: this kind (ivf-sq8, ivf-pq, ...) instead of auto")
+    parser.add_argument("--index-memory", help="index rebuild: this budget (e.g. 8GB) instead of 4GB")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.index_kind:
+        INDEX_OPTIONS["kind"] = args.index_kind
+        INDEX_FLAGS.extend(["--index-kind", args.index_kind])
+    if args.index_memory:
+        from pipeline.features.ann.plan import parse_memory
+
+        INDEX_OPTIONS["max_memory"] = parse_memory(args.index_memory)
+        INDEX_FLAGS.extend(["--index-memory", args.index_memory])
     if args.worker:
         worker(args.worker, args.store, args.work)
     elif args.compare:
