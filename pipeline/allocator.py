@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
+import threading
 from collections.abc import Iterator
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
@@ -50,14 +51,24 @@ def step_buffers_reused(after: int = THRESHOLD_BYTES) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    libc.mallopt(M_MMAP_THRESHOLD, STEP_THRESHOLD_BYTES)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    with _depth_lock:
+        _depth[0] += 1
+        if _depth[0] == 1:  # the outermost sets and puts back (a leak scan that builds its index: both use it)
+            libc.mallopt(M_MMAP_THRESHOLD, STEP_THRESHOLD_BYTES)
+            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     try:
         yield True
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, after)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)  # glibc's default
-        libc.malloc_trim(0)
+        with _depth_lock:
+            _depth[0] -= 1
+            if _depth[0] == 0:
+                libc.mallopt(M_MMAP_THRESHOLD, after)
+                libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)  # glibc's default
+                libc.malloc_trim(0)
+
+
+_depth = [0]  # step_buffers_reused contexts open in this process
+_depth_lock = threading.Lock()
 
 
 def _glibc() -> ctypes.CDLL | None:

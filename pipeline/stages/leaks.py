@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.allocator import step_buffers_reused
 from pipeline.choices import IndexKind
 from pipeline.config import Validated, at_least, within
 from pipeline.features.ann.build import open_index
@@ -94,7 +95,9 @@ class LeakResult:
 def run(config: LeakConfig, reporter: Reporter | None = None) -> LeakResult:
     """Scan every val/test image for near-duplicates in an earlier split; replace the scan at this threshold."""
     reporter = reporter or Silent()
-    with writing(config.store, reporter, config.wait):
+    # query-sized buffers (gathered vectors, candidates, their exact scores) made and freed for every chunk
+    # of queries: kept on the heap, not mapped and zeroed afresh each time (see `allocator`)
+    with writing(config.store, reporter, config.wait), step_buffers_reused():
         return _find_leaks(config, reporter)
 
 
