@@ -95,23 +95,27 @@ def _refuse_special(target: Path, given: Path, kind: str, flag: str, instead: st
     except FileNotFoundError:
         return
     except NotADirectoryError as exc:  # a folder on the way is something else (/dev/null/x.csv)
-        blocking = next((p for p in target.parents if os.path.lexists(p)), None)
-        what = "a file" if blocking is not None and blocking.is_file() else (
-            not_regular(os.lstat(blocking).st_mode) if blocking is not None else "not a folder")
-        raise PipelineError(f"{flag} {given}: {blocking} is {what}, not a folder to write into.") from exc
+        blocking = next(p for p in target.parents if os.path.lexists(p))  # (the root, at worst)
+        raise PipelineError(f"{flag} {given}: {blocking} is {_noun(os.lstat(blocking).st_mode)}, not a folder "
+                            "to write into.") from exc
     except OSError as exc:
         raise PipelineError(f"{flag} {given} cannot be checked ({exc.strerror or exc}).") from exc
     if kind == "directory":
         if stat.S_ISDIR(st.st_mode):
             return
-        what = "a file" if stat.S_ISREG(st.st_mode) else not_regular(st.st_mode)
-        raise PipelineError(f"{flag} {given} is {what}, not a directory; {instead}.")
+        raise PipelineError(f"{flag} {given} is {_noun(st.st_mode)}, not a directory; {instead}.")
     if stat.S_ISREG(st.st_mode):
         return
     if stat.S_ISDIR(st.st_mode):
         raise PipelineError(f"{flag} {given} is a directory; give a file name.")
     raise PipelineError(f"{flag} {given} is {not_regular(st.st_mode)}; the pipeline replaces only a regular "
                         "file: give the name of a new or regular file.")
+
+
+def _noun(mode: int) -> str:
+    """What a file of this mode is, as a noun phrase ("a file", "a character device")."""
+    return "a file" if stat.S_ISREG(mode) else not_regular(mode)
+
 
 FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 OUTPUT_GROUP_ROWS = 65_536  # rows per row group of a Parquet output
