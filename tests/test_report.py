@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -217,6 +218,9 @@ def test_report_and_landscape_commands_write_phone_readable_pages_listed_in_the_
     assert "<meta name='viewport' content='width=device-width, initial-scale=1'>" in page
     assert page.count("<table") == page.count("<div class='scroll'><table") > 3  # every table scrolls sideways
     assert "TPR @ 1% FPR" in page and "balanced accuracy" in page
+    # each card's right image is its sample's nearest training image: the cosine shown is one of those
+    shown = re.findall(r"nearest training image \([^,]*, cosine (-?[0-9.]+)\)", page)
+    assert shown and set(shown) <= {f"{cos:.3f}" for _, cos in _nearest_by_brute_force(planted).values()}
     assert "[100.00, 100.00]" not in page  # a bootstrap that cannot vary is called what it is
     index = (reports / "index.html").read_text()
     assert "name='viewport'" in index
@@ -225,3 +229,44 @@ def test_report_and_landscape_commands_write_phone_readable_pages_listed_in_the_
     assert links["landscape (1-D)"].endswith("-1d.png") and (reports / links["landscape (1-D)"]).is_file()
     row = index.split(f"run-{run.run_id}/index.html")[1].split("</tr>")[0]
     assert f"<code>{run.run_id}</code>" in row and "<code>planted</code>" in row  # its run and model key
+
+
+def _nearest_by_brute_force(store: Store) -> dict[str, tuple[str, float]]:
+    """Every val and test sample's most similar training image, over every pair (a tie: the earlier
+    matrix row, then sample id)."""
+    table = feature_table(store, "planted")
+    with duckdb.connect() as con:
+        rows = con.sql(f"SELECT sample_id, split, image_row FROM {table.parts_sql} "
+                       "ORDER BY image_row, sample_id").fetchall()
+    train_rows = [(sid, row) for sid, split, row in rows if split == "train"]
+    x = table.images.gather(np.array([row for _, row in train_rows]))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nearest = {}
+    for sid, split, row in rows:
+        if split in ("val", "test"):
+            q = table.images.gather(np.array([row]))[0]
+            sims = x @ (q / np.linalg.norm(q))
+            j = int(np.argmax(sims))
+            nearest[sid] = (train_rows[j][0], float(sims[j]))
+    return nearest
+
+
+@pytest.mark.parametrize("candidates", [64, 1])
+def test_a_gallery_samples_nearest_training_image_is_exact_with_or_without_the_second_pass(
+        planted: Store, monkeypatch: pytest.MonkeyPatch, candidates: int) -> None:
+    import pipeline.stages.report as report
+
+    truth = _nearest_by_brute_force(planted)
+    picked = sorted(truth)[::max(1, len(truth) // 12)]
+    config = TrainConfig.from_dict(FAST)
+    run = train(planted, config)
+    # one candidate: each query's own row, which is not a training row, so every one takes the second pass
+    monkeypatch.setattr(report, "NEAREST_CANDIDATES", candidates)
+    second = []
+    among = report._among_training
+    monkeypatch.setattr(report, "_among_training", lambda *a: second.append(len(a[1])) or among(*a))
+    found = report._nearest_training(planted, config, run.metrics, picked)
+    assert sorted(found) == sorted(picked)
+    for sid in picked:
+        assert found[sid][0] == truth[sid][0] and found[sid][1] == pytest.approx(truth[sid][1], abs=1e-5)
+    assert second == ([] if candidates > 1 else [len(picked)])
