@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.features.loader as loader_module
 from pipeline.errors import PipelineError
 from pipeline.features.loader import FeatureLoader, LoaderConfig
 from pipeline.features.view import ROW_GROUP_ROWS, feature_table
@@ -61,8 +62,14 @@ def test_batches_mix_classes_and_carry_the_stored_vectors(table) -> None:
         assert np.allclose(x[:8], images[sid], atol=1e-3) and np.allclose(x[8:], texts[text_of[sid]], atol=1e-3)
 
 
-def test_a_pass_in_row_order_yields_every_row_once_sorted_by_matrix_row(table) -> None:
+@pytest.mark.parametrize("bucket_rows", [None, 512])
+def test_a_pass_in_row_order_yields_every_row_once_sorted_by_matrix_row(table, monkeypatch, bucket_rows) -> None:
     store, ft = table
+    if bucket_rows:  # the 10,000-row matrices sorted in 20 buckets of 512 matrix rows: the same rows, same order
+        whole = [b.sample_id for b in FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300, order="rows")).epoch(0)]
+        monkeypatch.setattr(loader_module, "ORDER_BUCKET_ROWS", bucket_rows)
+        bucketed = [b.sample_id for b in FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300, order="rows")).epoch(0)]
+        assert ft.images.rows > 16 * bucket_rows and np.array_equal(np.concatenate(whole), np.concatenate(bucketed))
     view = FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300))
     rows = FeatureLoader(ft, SPLITS, LoaderConfig(batch_size=300, order="rows"))
     by_view = {sid: (x, y) for b in view.epoch(0)
@@ -510,3 +517,17 @@ def test_train_on_a_view_sorted_in_many_buckets_gives_the_same_run(
     many = train("b")
     assert view._bucket_bits(1500) == 5
     assert one["test"] == many["test"] and one["val"] == many["val"] and one["test"]["auc"] is not None
+
+
+def test_train_scores_every_sample_when_its_scoring_pass_sorts_in_buckets(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    store = planted_store(tmp_path, rows=600, dim=8)
+    monkeypatch.setattr(loader_module, "ORDER_BUCKET_ROWS", 256)  # 3,000 images: 12 buckets
+    done = CliRunner().invoke(app, ["train", "--store", str(store.root), "--epochs", "1", "--batch-size", "256"])
+    assert done.exit_code == 0, done.output
+    scored = catalog.query(store, "SELECT count(*), count(DISTINCT sample_id) FROM scores").to_pylist()[0]
+    samples = catalog.query(store, "SELECT count(*) FROM samples").to_pylist()[0]
+    assert list(scored.values()) == [samples["count_star()"]] * 2

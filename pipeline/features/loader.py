@@ -51,6 +51,13 @@ AHEAD = 2
 # Under 128 MB (2 threads): report 904 -> 981 MB at the same CPU (11.5 / 51.0 s), train 973 -> 1021 MB;
 # the sort alone of 5M rows: 323 -> 200 MB.
 SORT_MEMORY = "128MB"
+# Matrix rows a bucket of that sort covers, on a matrix of more: one sort of every row grew with them
+# (DuckDB pins a block of each sorted run to merge them): at 11.5M samples it failed to pin one in 128 MB,
+# where 5M fitted (bench_scale.py, train's scoring pass).
+ORDER_BUCKET_ROWS = 1 << 20
+# Rows the partitioned write of those buckets holds per thread before writing them out. DuckDB's default
+# (524,288) did not fit in SORT_MEMORY at 11.5M samples (11 buckets); 65,536 and 16,384 both did.
+PARTITION_FLUSH_ROWS = 65_536
 
 
 @dataclass
@@ -154,14 +161,19 @@ class FeatureLoader:
             yield from self._drain(pa.concat_tables(buffer), rng, keep_tail=False)
 
     def _in_row_order(self) -> Iterator[Batch]:
-        """Every row of the splits, sorted by the matrix row of its image (text: of its text), in batches."""
+        """Every row of the splits, sorted by the matrix row of its image (text: of its text), in batches.
+
+        A matrix of more than ORDER_BUCKET_ROWS rows is sorted in buckets of that many matrix rows: the
+        rows are written once partitioned by bucket, then each bucket is sorted alone, in order."""
         import duckdb
 
         from pipeline.store import duck
 
         key = "text_row" if self.config.features == "text" else "image_row"
+        matrix = self.table.texts if key == "text_row" else self.table.images
         rows = f"FROM {self.table.parts_sql} WHERE split IN (SELECT unnest($splits))"
         splits = {"splits": list(self.splits)}
+        columns = ", ".join(_SCHEMA.names)
         with _spill_directory(self.table.directory) as spill, duckdb.connect() as con:
             duck.limit_memory(con, SORT_MEMORY, Path(spill))
             self.skipped_missing_text = 0
@@ -169,12 +181,23 @@ class FeatureLoader:
                 self.skipped_missing_text = int(
                     con.execute(f"SELECT count(*) {rows} AND text_row IS NULL", splits).fetchall()[0][0])
                 rows += " AND text_row IS NOT NULL"
-            sorted_rows = con.sql(f"SELECT {', '.join(_SCHEMA.names)} {rows} ORDER BY {key}, sample_id", params=splits)
+            order = f"ORDER BY {key}, sample_id"
+            if matrix is None or matrix.rows <= ORDER_BUCKET_ROWS:
+                sorts = [(f"SELECT {columns} {rows} {order}", splits)]
+            else:
+                buckets = Path(spill) / "buckets"
+                con.execute(f"SET partitioned_write_flush_threshold = {PARTITION_FLUSH_ROWS}")
+                con.execute(f"COPY (SELECT {columns}, coalesce({key} // {ORDER_BUCKET_ROWS}, 0) AS _bucket {rows}) "
+                            f"TO {duck.literal(str(buckets))} (FORMAT parquet, PARTITION_BY (_bucket))", splits)
+                folders = sorted(buckets.glob("_bucket=*"), key=lambda d: int(d.name.partition("=")[2]))
+                sorts = [(f"SELECT {columns} FROM read_parquet($files, hive_partitioning = false) {order}",
+                          {"files": sorted(str(f) for f in folder.glob("*.parquet"))}) for folder in folders]
             rest = _SCHEMA.empty_table()
             unused = np.random.default_rng(0)  # (_drain shuffles only when the config does: never here)
-            for record in sorted_rows.to_arrow_reader(self.config.batch_size):
-                rows_now = pa.concat_tables([rest, pa.Table.from_batches([record]).cast(_SCHEMA)])
-                rest = yield from self._drain(rows_now, unused, keep_tail=True)
+            for sql, params in sorts:
+                for record in con.sql(sql, params=params).to_arrow_reader(self.config.batch_size):
+                    rows_now = pa.concat_tables([rest, pa.Table.from_batches([record]).cast(_SCHEMA)])
+                    rest = yield from self._drain(rows_now, unused, keep_tail=True)
             if rest.num_rows:
                 yield from self._drain(rest, unused, keep_tail=False)
 
