@@ -131,10 +131,10 @@ def format_probe(store: Store, table: FeatureTable, seed: int, limit: int = FORM
     for split in ("train", "test"):
         found[split] = []
         for row in _files_sample(store, table, split, limit):  # (in location order: row groups read once)
-            cues = _header_features(reader, row)
-            unreadable += cues is None
-            if cues is not None:
-                found[split].append((cues, int(row["label"]), str(row["group_key"])))
+            header = _header_features(reader, row)
+            unreadable += header is None
+            if header is not None:
+                found[split].append((header, int(row["label"]), str(row["group_key"])))
     read = sum(len(v) for v in found.values())
     if any(len({label for _, label, _ in found[s]}) < 2 for s in found):
         return {"ran": False, "read": read, "unreadable": unreadable,

@@ -74,7 +74,7 @@ def open_rowkeys(store: Store, matrix: VectorMatrix, modality: str) -> RowKeys:
     directory = store.root / "cache" / "rowkeys" / matrix.directory.parent.name / modality
     with cache.building(directory):
         meta = _read(directory)
-        if not _extendable(meta, matrix, directory):
+        if meta is None or not _extendable(meta, matrix, directory):
             meta = {"generation": matrix.generation, "rows": 0, "parts": []}
         if meta["rows"] < matrix.rows:
             meta["parts"].append(_build_part(store, directory, matrix, meta["rows"]))

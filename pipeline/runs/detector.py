@@ -119,8 +119,9 @@ class Detector:
 
     def features(self, images: np.ndarray | None, texts: np.ndarray | None) -> torch.Tensor:
         """The MLP's input from image and text features (each already as `input_norm` makes them)."""
-        parts = [p for p, used in ((images, self.spec.features != "text"), (texts, self.spec.needs_text)) if used]
-        if any(p is None for p in parts):
+        wanted = [p for p, used in ((images, self.spec.features != "text"), (texts, self.spec.needs_text)) if used]
+        parts = [p for p in wanted if p is not None]
+        if len(parts) < len(wanted):
             raise PipelineError(f"Detector {self.source} needs {self.spec.features} features.")
         x = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return torch.from_numpy(np.ascontiguousarray(x, np.float32))

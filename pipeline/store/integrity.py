@@ -213,7 +213,9 @@ class Checked:
         if self._known is None:
             self._known = self._read()
         known = self._known.get(rel)
-        return known[1] if isinstance(known, list) and len(known) == 5 and known[0] == digest else None
+        if not (isinstance(known, list) and len(known) == 5 and known[0] == digest):
+            return None
+        return known[1] if isinstance(known[1], int) else None
 
     def add(self, rel: str, digest: str | None, stat: Stat) -> None:
         self.found[rel] = [digest, *stat]
