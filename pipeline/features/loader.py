@@ -53,10 +53,12 @@ AHEAD = 2
 SORT_MEMORY = "128MB"
 # Matrix rows a bucket of that sort covers, on a matrix of more: one sort of every row grew with them
 # (DuckDB pins a block of each sorted run to merge them): at 11.5M samples it failed to pin one in 128 MB,
-# where 5M fitted (bench_scale.py, train's scoring pass).
-ORDER_BUCKET_ROWS = 1 << 20
+# where 5M fitted (bench_scale.py, train's scoring pass). Writing the buckets costs a pass: the order of
+# 5M rows took 18 CPU-s in buckets against 9 in one sort; a matrix of up to this many rows (2M samples)
+# keeps the one sort.
+ORDER_BUCKET_ROWS = 1 << 21
 # Rows the partitioned write of those buckets holds per thread before writing them out. DuckDB's default
-# (524,288) did not fit in SORT_MEMORY at 11.5M samples (11 buckets); 65,536 and 16,384 both did.
+# (524,288) did not fit in SORT_MEMORY at 11.5M samples; 65,536 and 16,384 both did.
 PARTITION_FLUSH_ROWS = 65_536
 
 
