@@ -19,21 +19,24 @@ import threading
 from collections.abc import Iterator
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
+M_TRIM_THRESHOLD = -1  # <malloc.h>
 THRESHOLD_BYTES = 4 << 20
 
 
 def fix_mmap_threshold(threshold: int = THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold (which also stops it rising); False where there is no glibc."""
-    if not sys.platform.startswith("linux"):
+    """Fix glibc's mmap threshold (which also stops it rising), and keep up to twice that free at the top
+    of the heap (glibc's own rule while the thresholds move); False where there is no glibc.
+
+    Fixing one threshold fixes both, and the trim threshold then stays at glibc's 128 KB: a block between
+    128 KB and 4 MB freed at the top of the heap gave its pages back, and the next one faulted them in and
+    zeroed them again. Measured: FAISS reading a 10,922-list index took 0.9 s and 372k page faults in
+    the CLI (`neighbors` at 11.5M samples), 0.03 s and 7.6k with this."""
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold))
 
 
-M_TRIM_THRESHOLD = -1  # <malloc.h>
 STEP_THRESHOLD_BYTES = 64 << 20
 
 
@@ -63,7 +66,7 @@ def step_buffers_reused(after: int = THRESHOLD_BYTES) -> Iterator[bool]:
             _depth[0] -= 1
             if _depth[0] == 0:
                 libc.mallopt(M_MMAP_THRESHOLD, after)
-                libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)  # glibc's default
+                libc.mallopt(M_TRIM_THRESHOLD, 2 * after)  # as fix_mmap_threshold leaves it
                 libc.malloc_trim(0)
 
 
