@@ -356,6 +356,8 @@ def _nearest_training(store: Store, config: Any, metrics: RunMetrics,
     similar rows, whatever their split; the first of them a training sample holds is the answer, as
     every row more similar holds none. A sample whose candidates hold no training row (many near
     copies outside train) is looked for again among the training rows alone (`_among_training`)."""
+    import faiss
+
     try:
         table = feature_table(store, metrics.model_key, config.pairing)
     except PipelineError:
@@ -369,10 +371,8 @@ def _nearest_training(store: Store, config: Any, metrics: RunMetrics,
         return {}
     names = [name for name, _ in queries]
     q = unit_rows(table.images.gather(np.array([row for _, row in queries], np.int64)))
-    import faiss
-
     top = TopK(q, min(NEAREST_CANDIDATES, table.images.rows), faiss)
-    with faiss_threads(faiss, 1), step_buffers_reused():  # 24 queries: a product too small for threads
+    with faiss_threads(faiss, 1), step_buffers_reused():  # a dozen queries: products too small for threads
         for start, chunk in table.images.chunks(NEAREST_CHUNK_ROWS):
             top.update(unit_rows(chunk), start)
     with duckdb.connect() as con:  # a matrix row held by several training samples: the first by id
