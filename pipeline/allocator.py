@@ -32,9 +32,7 @@ def fix_mmap_threshold(threshold: int = THRESHOLD_BYTES) -> bool:
     zeroed them again. Measured: FAISS reading a 10,922-list index took 0.9 s and 372k page faults in
     the CLI (`neighbors` at 11.5M samples), 0.03 s and 7.6k with this."""
     libc = _glibc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold))
+    return libc is not None and _fix(libc, threshold)
 
 
 STEP_THRESHOLD_BYTES = 64 << 20
@@ -65,13 +63,17 @@ def step_buffers_reused(after: int = THRESHOLD_BYTES) -> Iterator[bool]:
         with _depth_lock:
             _depth[0] -= 1
             if _depth[0] == 0:
-                libc.mallopt(M_MMAP_THRESHOLD, after)
-                libc.mallopt(M_TRIM_THRESHOLD, 2 * after)  # as fix_mmap_threshold leaves it
+                _fix(libc, after)
                 libc.malloc_trim(0)
 
 
 _depth = [0]  # step_buffers_reused contexts open in this process
 _depth_lock = threading.Lock()
+
+
+def _fix(libc: ctypes.CDLL, threshold: int) -> bool:
+    """The mmap threshold at `threshold`, the trim threshold at twice it (see fix_mmap_threshold)."""
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold))
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -367,18 +367,18 @@ def _nearest_training(store: Store, config: Any, metrics: RunMetrics,
         con.register("picked", _id_table(picked))
         queries = con.sql(f"SELECT sample_id, image_row {rows} split IN ('val', 'test') "
                           "AND sample_id IN (SELECT sample_id FROM picked) ORDER BY sample_id").fetchall()
-    if not queries:
-        return {}
-    names = [name for name, _ in queries]
-    q = unit_rows(table.images.gather(np.array([row for _, row in queries], np.int64)))
-    top = TopK(q, min(NEAREST_CANDIDATES, table.images.rows), faiss)
-    with faiss_threads(faiss, 1), step_buffers_reused():  # a dozen queries: products too small for threads
-        for start, chunk in table.images.chunks(NEAREST_CHUNK_ROWS):
-            top.update(unit_rows(chunk), start)
-    with duckdb.connect() as con:  # a matrix row held by several training samples: the first by id
+        if not queries:
+            return {}
+        q = unit_rows(table.images.gather(np.array([row for _, row in queries], np.int64)))
+        top = TopK(q, min(NEAREST_CANDIDATES, table.images.rows), faiss)
+        with faiss_threads(faiss, 1), step_buffers_reused():  # a dozen queries: products too small for threads
+            for start, chunk in table.images.chunks(NEAREST_CHUNK_ROWS):
+                top.update(unit_rows(chunk), start)
+        # a matrix row held by several training samples: the first by id
         holders = dict(con.sql(f"SELECT image_row, min(sample_id) {rows} split = 'train' "
                                "AND image_row IN (SELECT unnest($rows)) GROUP BY image_row",
                                params={"rows": np.unique(top.rows[top.rows >= 0]).tolist()}).fetchall())
+    names = [name for name, _ in queries]
     nearest: dict[str, tuple[str, float]] = {}
     for i, name in enumerate(names):
         order = np.lexsort((top.rows[i], -top.sims[i]))  # most similar first; a tie to the earlier row
